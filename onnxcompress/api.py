@@ -1,0 +1,294 @@
+"""The Python API: ``optimize`` (the main job) and ``inspect``.
+
+Data flows one way: load -> clean-up/fusion (each pass checked against the model before
+it) -> pruning -> quantization -> validation by ONNX Runtime -> gates -> atomic write ->
+report. Nothing here prints; progress goes through an optional callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from . import __version__
+from .data import input_specs, load_npz, random_samples, split_holdout
+from .errors import DataError, GateFailedError, OnnxCompressError
+from .inspect import summarize
+from .model_io import load_model, save_model, to_bytes
+from .opset import upgrade_opset
+from .passes.base import PassContext, PassReport, run_passes
+from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,
+                             LiftConstantsPass)
+from .passes.fusion import FoldBatchNormPass, MatMulAddToGemmPass
+from .passes.prune import MagnitudePrunePass
+from .passes.quantize import DynamicQuantizePass, StaticQuantizePass
+from .passes.quantize.calibrate import METHODS
+from .passes.quantize.policy import TARGETS
+from .runtime import cpu_features, resolve_providers
+from .validate import compare
+
+logger = logging.getLogger("onnxcompress")
+
+QUANTIZE_MODES = ("dynamic", "static")
+
+
+@dataclass
+class OptimizeOptions:
+    """What ``optimize`` should do.
+
+    Attributes:
+        fuse: clean-up and fusion passes.
+        prune: target unstructured sparsity in [0, 1) (``None``: no pruning).
+        prune_scope: ``layer`` (each tensor to the target) or ``global`` (one threshold).
+        prune_min_size: tensors with fewer elements stay dense.
+        prune_skip_first_last: keep the first and last prunable layer dense.
+        quantize: ``None``, ``"dynamic"`` or ``"static"``.
+        calibration / validation: ``.npz`` paths (see :mod:`onnxcompress.data`).
+        calibration_method: ``minmax``, ``percentile``, ``entropy`` or ``mse``.
+        max_calibration_samples: cap on samples used to calibrate.
+        target: int8 target (``auto`` = this CPU; see :mod:`.passes.quantize.policy`).
+        per_channel: per-channel weight scales.
+        min_sqnr_db: per-node fallback threshold (dB); ``None`` disables it.
+        exclude_nodes / exclude_op_types: never pruned or quantized.
+        providers: execution providers to validate on (``cpu``, ``cuda``, ``tensorrt``).
+        max_rel_error / min_cosine / min_top1_agreement: gates (``None`` = off); relative
+            error as a fraction, cosine in [-1, 1], agreement in %.
+        external_data: write weights to ``<out>.data`` (``None``: only over 2 GB).
+        latency: measure median latency in validation.
+    """
+
+    fuse: bool = True
+    prune: float | None = None
+    prune_scope: str = "layer"
+    prune_min_size: int = 64
+    prune_skip_first_last: bool = False
+    quantize: str | None = None
+    calibration: str | Path | None = None
+    validation: str | Path | None = None
+    calibration_method: str = "minmax"
+    max_calibration_samples: int = 256
+    target: str = "auto"
+    per_channel: bool = True
+    min_sqnr_db: float | None = 20.0
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ("cpu",)
+    max_rel_error: float | None = None
+    min_cosine: float | None = None
+    min_top1_agreement: float | None = None
+    external_data: bool | None = None
+    latency: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`OnnxCompressError` for inconsistent options."""
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise OnnxCompressError(f"--quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        if self.calibration_method not in METHODS:
+            raise OnnxCompressError(f"--calibration-method must be one of {METHODS}, got {self.calibration_method!r}")
+        if self.target not in TARGETS:
+            raise OnnxCompressError(f"--target must be one of {TARGETS}, got {self.target!r}")
+        if self.prune is not None and not 0.0 <= self.prune < 1.0:
+            raise OnnxCompressError(f"--prune must be a sparsity in [0, 1), got {self.prune}")
+        if self.prune_scope not in ("layer", "global"):
+            raise OnnxCompressError(f"--prune-scope must be layer or global, got {self.prune_scope!r}")
+
+
+@dataclass
+class OptimizeResult:
+    """Outcome of :func:`optimize`; ``report`` is JSON-ready."""
+
+    output: Path | None
+    report: dict[str, Any] = field(default_factory=dict)
+    passed: bool = True
+
+
+def _load_data(model: ir.Model, opts: OptimizeOptions):
+    specs = input_specs(model)
+    notes = []
+    labels = None
+    if opts.calibration:
+        calib, extras = load_npz(opts.calibration, specs, what="calibration")
+    else:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            calib = random_samples(specs, 16)
+        notes.extend(str(x.message) for x in w)
+        extras = {}
+    if opts.validation:
+        val, vextras = load_npz(opts.validation, specs, what="validation")
+        labels = vextras.get("labels")
+        notes.append(f"validation on {len(val)} held-out samples from {opts.validation}")
+    else:
+        calib, val = split_holdout(calib)
+        if calib is val:
+            notes.append("only one sample: validation uses the calibration sample (nothing held out)")
+        else:
+            notes.append(f"validation on {len(val)} samples held out of the calibration data "
+                         f"(never used to calibrate); calibration uses the other {len(calib)}")
+    if len(calib) > opts.max_calibration_samples:
+        calib = calib[: opts.max_calibration_samples]
+    return calib, val, labels, notes
+
+
+def optimize(
+    input_path: str | Path,
+    output_path: str | Path,
+    options: OptimizeOptions | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> OptimizeResult:
+    """Optimize one ONNX model and write the result (the main job).
+
+    Args:
+        input_path: the ``.onnx`` model (never modified).
+        output_path: where to write; written atomically, only after the model passed
+            ``onnx.checker``, loaded in ONNX Runtime and met every gate.
+        options: see :class:`OptimizeOptions`.
+        progress: callback receiving a short stage description.
+
+    Returns:
+        :class:`OptimizeResult` with the report: ``before``/``after`` summaries (size in bytes,
+        nodes, op histogram), ``passes`` (one :class:`PassReport` each), ``validation``
+        (per-provider, per-output metrics, accuracy when labels exist, latency in ms),
+        ``gates`` and ``notes``.
+
+    Raises:
+        ModelLoadError, DataError, ModelWriteError, InvalidModelError, ConversionError: bad input or output.
+        GateFailedError: a gate was missed; nothing is written (the report is attached as ``.report``).
+    """
+    opts = options or OptimizeOptions()
+    opts.check()
+    say = progress or (lambda s: None)
+    t0 = time.perf_counter()
+    inp, out = Path(input_path), Path(output_path)
+    if out.exists() and out.resolve() == inp.resolve():
+        raise OnnxCompressError(f"{out}: output path is the input model; refusing to overwrite it")
+    say("loading model")
+    original = load_model(inp)
+    original_bytes = to_bytes(original)
+    model = ir.from_proto(ir.to_proto(original))
+    calib, val, labels, notes = _load_data(model, opts)
+    check_samples = calib[:4]
+    before = summarize(original, inp)
+    report: dict[str, Any] = {
+        "tool": {"name": "onnxcompress", "version": __version__},
+        "input": str(inp), "output": str(out), "options": _jsonable(asdict(opts)),
+        "cpu": {"arch": cpu_features().arch, "int8_target": cpu_features().int8_target,
+                "avx2": cpu_features().avx2, "avx512": cpu_features().avx512, "vnni": cpu_features().vnni},
+        "before": before, "passes": [], "notes": notes,
+    }
+    reports: list[PassReport] = []
+
+    ctx = PassContext(calibration=calib, check_samples=check_samples)
+    stage = [InitializerInputsPass(ctx), LiftConstantsPass(ctx)]
+    if opts.fuse:
+        say("clean-up and fusion")
+        stage = [InitializerInputsPass(ctx), ConstantFoldingPass(ctx), LiftConstantsPass(ctx),
+                 IdentityDropoutPass(ctx), FoldBatchNormPass(ctx), MatMulAddToGemmPass(ctx), DeadCodePass(ctx)]
+    model, reps = run_passes(model, stage, check_samples)
+    reports += reps
+
+    if opts.prune:
+        say(f"magnitude pruning to {opts.prune:.0%}")
+        pctx = PassContext(calibration=calib, options={
+            "sparsity": opts.prune, "scope": opts.prune_scope, "min_size": opts.prune_min_size,
+            "skip_first_last": opts.prune_skip_first_last, "exclude_nodes": opts.exclude_nodes,
+            "exclude_op_types": opts.exclude_op_types})
+        model, reps = run_passes(model, [MagnitudePrunePass(pctx)], check_samples)
+        reports += reps
+
+    if opts.quantize:
+        opset = model.opset_imports.get("", 1)
+        if opset < 13:
+            say(f"upgrading opset {opset} -> 13")
+            model, info = upgrade_opset(model, 13, check_samples)
+            report["opset_upgrade"] = info
+        say(f"{opts.quantize} int8 quantization")
+        qctx = PassContext(calibration=calib, options={
+            "calibration_method": opts.calibration_method, "target": opts.target,
+            "per_channel": opts.per_channel, "min_sqnr_db": opts.min_sqnr_db,
+            "exclude_nodes": opts.exclude_nodes, "exclude_op_types": opts.exclude_op_types})
+        qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)
+        model, reps = run_passes(model, [qpass, DeadCodePass(qctx)], check_samples)
+        reports += reps
+        if qpass.report.reverted:
+            notes.append(f"quantization failed and was reverted: {qpass.report.reverted}")
+
+    report["passes"] = [r.to_dict() for r in reports]
+    say("validating with ONNX Runtime")
+    cand_bytes = to_bytes(model)
+    providers, skipped = resolve_providers(list(opts.providers))
+    notes.extend(skipped)
+    validation = []
+    for prov in providers:
+        comp = compare(original_bytes, cand_bytes, val, labels=labels, provider=prov, latency=opts.latency)
+        validation.append(_jsonable(asdict(comp)))
+    report["validation"] = validation
+    after = summarize(model)
+    report["after"] = after
+    gates = _gates(opts, validation)
+    report["gates"] = gates
+    passed = all(g["passed"] for g in gates)
+    if not passed:
+        report["written"] = False
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        err = GateFailedError("; ".join(f"{g['gate']} {g['value']:.4g} misses {g['limit']:g} on {g['provider']}"
+                                        for g in gates if not g["passed"]) + f" -- {out} not written")
+        err.report = report  # type: ignore[attr-defined]
+        raise err
+    say(f"writing {out}")
+    size = save_model(model, out, external_data=opts.external_data, protect=(inp,))
+    after["file_bytes"] = size
+    raw = out.read_bytes()
+    after["compressed_bytes"] = len(zlib.compress(raw, 6))
+    report["before"]["compressed_bytes"] = len(zlib.compress(inp.read_bytes(), 6)) if inp.stat().st_size < 2**31 else None
+    report["written"] = True
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return OptimizeResult(out, report, True)
+
+
+def _gates(opts: OptimizeOptions, validation: list[dict]) -> list[dict]:
+    gates = []
+    for v in validation:
+        outs = v["outputs"]
+        if opts.max_rel_error is not None:
+            worst = max(o["max_rel_err"] for o in outs)
+            gates.append({"gate": "max-rel-error", "provider": v["provider"], "value": worst,
+                          "limit": opts.max_rel_error, "passed": worst <= opts.max_rel_error})
+        if opts.min_cosine is not None:
+            worst = min(o["cosine"] for o in outs)
+            gates.append({"gate": "min-cosine", "provider": v["provider"], "value": worst,
+                          "limit": opts.min_cosine, "passed": worst >= opts.min_cosine})
+        if opts.min_top1_agreement is not None:
+            vals = [o["top1_agreement"] for o in outs if o["top1_agreement"] is not None]
+            if not vals:
+                gates.append({"gate": "min-top1-agreement", "provider": v["provider"], "value": float("nan"),
+                              "limit": opts.min_top1_agreement, "passed": False,
+                              "why": "no output looks like class scores"})
+            else:
+                worst = min(vals)
+                gates.append({"gate": "min-top1-agreement", "provider": v["provider"], "value": worst,
+                              "limit": opts.min_top1_agreement, "passed": worst >= opts.min_top1_agreement})
+    return gates
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj

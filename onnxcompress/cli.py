@@ -1,0 +1,218 @@
+"""Command line: a thin typer layer over the Python API (parse, call, render)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .api import OptimizeOptions, optimize as api_optimize
+from .errors import GateFailedError, OnnxCompressError
+from .inspect import inspect_model
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Make trained ONNX models smaller and faster, validated by ONNX Runtime.")
+console = Console(stderr=True)
+out_console = Console()
+_state = {"debug": False}
+
+
+class _RichWarnings(logging.Handler):
+    def emit(self, record):  # warnings naming skipped nodes, reverted passes
+        console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False)
+
+
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("onnxcompress")
+    log.handlers[:] = []
+    log.propagate = False
+    if not quiet:
+        log.addHandler(_RichWarnings())
+    log.setLevel(logging.WARNING)
+
+
+def _fail(exc: Exception) -> None:
+    if _state["debug"]:
+        raise exc
+    console.print(f"[red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(getattr(exc, "exit_code", 2))
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+):
+    """onnxcompress: fusion, pruning and int8 quantization of ONNX models."""
+    _state["debug"] = debug
+    if version:
+        out_console.print(__version__)
+        raise typer.Exit(0)
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="ONNX model to describe."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Describe a model: I/O, opset, op histogram, parameters, weights, subgraphs, sparsity."""
+    try:
+        info = inspect_model(model)
+    except OnnxCompressError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"{model}", show_header=False)
+    t.add_row("opsets", ", ".join(f"{k or 'ai.onnx'}={v}" for k, v in info["opsets"].items()))
+    t.add_row("IR version", str(info["ir_version"]))
+    t.add_row("producer", info["producer"] or "-")
+    for io in ("inputs", "outputs"):
+        for v in info[io]:
+            t.add_row(io[:-1], f"{v['name']}  {v['dtype']}  {v['shape']}")
+    t.add_row("nodes", str(info["n_nodes"]))
+    t.add_row("parameters", f"{info['parameters']:,}")
+    t.add_row("size", _fmt_bytes(info.get("file_bytes", info["size_bytes"])))
+    w = info["weights"]
+    t.add_row("weights", f"{w['initializers']['count']} initializers ({_fmt_bytes(w['initializers']['bytes'])}), "
+                         f"{w['constant_nodes']['count']} Constant nodes ({_fmt_bytes(w['constant_nodes']['bytes'])})")
+    t.add_row("int8 initializers", str(info["int8_initializers"]))
+    t.add_row("weight sparsity", f"{info['sparsity_pct']} %")
+    t.add_row("subgraphs", ", ".join(f"{s['op_type']} '{s['node']}'.{s['attribute']} ({s['nodes']} nodes)" for s in info["subgraphs"]) or "none")
+    t.add_row("ops", ", ".join(f"{k}×{v}" for k, v in info["op_histogram"].items()))
+    out_console.print(t)
+
+
+@app.command()
+def optimize(
+    model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the optimized model."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Int8 quantization: dynamic or static."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data (.npz; see README)."),
+    validation: Optional[Path] = typer.Option(None, "--validation", help="Held-out validation data (.npz). Default: a held-out split of the calibration data."),
+    calibration_method: str = typer.Option("minmax", "--calibration-method", help="minmax, percentile, entropy or mse."),
+    target: str = typer.Option("auto", "--target", help="Int8 target: auto (this CPU), avx2, avx512, vnni, arm64, cuda, tensorrt."),
+    per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Per-channel weight scales."),
+    min_sqnr: float = typer.Option(20.0, "--min-node-sqnr", help="Keep a node in float when its int8 output SQNR is below this (dB); 0 disables."),
+    prune: Optional[float] = typer.Option(None, "--prune", help="Unstructured magnitude pruning to this sparsity (0..1)."),
+    prune_scope: str = typer.Option("layer", "--prune-scope", help="layer (each tensor) or global (one threshold)."),
+    prune_skip_first_last: bool = typer.Option(False, "--prune-skip-first-last", help="Keep the first and last layer dense."),
+    no_fuse: bool = typer.Option(False, "--no-fuse", help="Skip clean-up and fusion passes."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Node name or op type never pruned or quantized (repeatable)."),
+    providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on: cpu,cuda,tensorrt."),
+    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", help="Gate: max |Δ|/max|ref| per output (fraction)."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
+    min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: minimum top-1 agreement (%)."),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--inline-data", help="Store weights in OUT.data (default: only over 2 GB)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+):
+    """Clean up and fuse, prune, quantize, validate with ONNX Runtime, then write OUT atomically."""
+    _setup_logging(quiet)
+    op_types = {e for e in exclude if e[:1].isupper() and "/" not in e and "." not in e}
+    opts = OptimizeOptions(
+        fuse=not no_fuse, prune=prune, prune_scope=prune_scope, prune_skip_first_last=prune_skip_first_last,
+        quantize=quantize, calibration=calibration, validation=validation, calibration_method=calibration_method,
+        target=target, per_channel=per_channel, min_sqnr_db=min_sqnr or None,
+        exclude_nodes=tuple(exclude), exclude_op_types=tuple(op_types),
+        providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+        max_rel_error=max_rel_error, min_cosine=min_cosine, min_top1_agreement=min_top1_agreement,
+        external_data=external_data,
+    )
+    try:
+        if quiet:
+            result = api_optimize(model, output, opts)
+        else:
+            with console.status("optimizing") as status:
+                result = api_optimize(model, output, opts, progress=lambda s: status.update(s))
+    except GateFailedError as exc:
+        rep = getattr(exc, "report", None)
+        if rep is not None:
+            if not quiet:
+                _render(rep)
+            if report:
+                _write_json(report, rep)
+        _fail(exc)
+    except OnnxCompressError as exc:
+        _fail(exc)
+    if report:
+        _write_json(report, result.report)
+    if not quiet:
+        _render(result.report)
+        console.print(f"[green]wrote[/] {result.output}")
+
+
+def _write_json(path: Path, rep: dict) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(rep, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))
+
+
+def _render(rep: dict) -> None:
+    b, a = rep["before"], rep["after"]
+    t = Table(title="onnxcompress: before / after")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_column("ratio", justify="right")
+    sb, sa = b.get("file_bytes", b["size_bytes"]), a.get("file_bytes", a["size_bytes"])
+    t.add_row("size", _fmt_bytes(sb), _fmt_bytes(sa), f"{sb / max(sa, 1):.2f}× smaller")
+    if a.get("compressed_bytes") and b.get("compressed_bytes"):
+        t.add_row("size (zlib)", _fmt_bytes(b["compressed_bytes"]), _fmt_bytes(a["compressed_bytes"]),
+                  f"{b['compressed_bytes'] / max(a['compressed_bytes'], 1):.2f}× smaller")
+    t.add_row("nodes", str(b["n_nodes"]), str(a["n_nodes"]), "")
+    t.add_row("weight sparsity", f"{b['sparsity_pct']} %", f"{a['sparsity_pct']} %", "")
+    for v in rep.get("validation", []):
+        lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
+        prov = v["provider"].replace("ExecutionProvider", "")
+        if lr and lc:
+            t.add_row(f"latency {prov} (median, ms)", f"{lr:.3f}", f"{lc:.3f}", f"{lr / lc:.2f}× faster")
+        if v.get("accuracy_reference") is not None:
+            t.add_row(f"accuracy {prov}", f"{v['accuracy_reference']:.2f} %", f"{v['accuracy_candidate']:.2f} %",
+                      f"{v['accuracy_candidate'] - v['accuracy_reference']:+.2f} pp")
+        for o in v["outputs"]:
+            desc = f"rel {float(o['max_rel_err']):.3g}, cos {float(o['cosine']):.5f}, SQNR {float(o['sqnr_db']):.1f} dB"
+            if o.get("top1_agreement") is not None:
+                desc += f", top-1 {o['top1_agreement']:.1f} %"
+            t.add_row(f"fidelity {o['name']} ({prov}, n={v['n_samples']})", "", desc, "")
+    out_console.print(t)
+    p = Table(title="passes")
+    p.add_column("pass")
+    p.add_column("result")
+    p.add_column("changes")
+    for r in rep["passes"]:
+        status = "reverted: " + r["reverted"] if r["reverted"] else ("changed" if r["changed"] else "no change")
+        counts = {k: v for k, v in r["counts"].items() if not isinstance(v, (dict, list))}
+        extra = f"; {len(r['skipped'])} skipped" if r["skipped"] else ""
+        p.add_row(r["name"], status, ", ".join(f"{k}={v}" for k, v in counts.items()) + extra)
+    out_console.print(p)
+    for g in rep.get("gates", []):
+        mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
+        console.print(f"gate {g['gate']} on {g['provider']}: {g['value']:.4g} (limit {g['limit']:g}) {mark}")
+    for n in rep.get("notes", []):
+        console.print(f"[dim]note:[/] {n}", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

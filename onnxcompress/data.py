@@ -1,0 +1,204 @@
+"""Calibration and validation data.
+
+Format (``.npz``), documented in README:
+
+* ``<input name>`` -> array whose first axis indexes samples; sample ``i`` is
+  ``arr[i:i+1]`` when the model's input has a batch axis of the same rank, or ``arr[i]``
+  when the array has one more axis than the input (e.g. a scalar input ``sr`` stored as
+  shape ``[N]``).
+* for ragged samples (sentences of different lengths): ``<i>__<input name>`` -> the full
+  value of that input for sample ``i``.
+
+Both forms may not be mixed for one input. Optional extra keys (e.g. ``labels``) are
+ignored by the samplers and returned separately by :func:`load_npz`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from .errors import DataError
+
+_RAGGED = re.compile(r"^(\d+)__(.+)$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and shape (``int`` or ``str`` for symbolic/unknown dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The model's real inputs (initializer-backed inputs of IR<4 models excluded)."""
+    specs = []
+    for v in model.graph.inputs:
+        if v.const_value is not None or v.name in model.graph.initializers:
+            continue
+        dtype = np.dtype(v.dtype.numpy()) if v.dtype is not None else np.dtype(np.float32)
+        shape = None
+        if v.shape is not None:
+            shape = tuple(d if isinstance(d, int) else (d.value if hasattr(d, "value") else None) for d in v.shape)
+        specs.append(InputSpec(v.name, dtype, shape))
+    return specs
+
+
+def load_npz(path: str | Path, specs: list[InputSpec], *, what: str = "calibration") -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Read samples from an ``.npz`` file and check them against the model's inputs.
+
+    Returns:
+        ``(samples, extras)``: a list of feed dicts (one per sample, each array with the
+        model input's rank) and the arrays whose keys are not model inputs (e.g. ``labels``).
+
+    Raises:
+        DataError: file missing or unreadable, an input missing, unknown-only keys, zero
+            samples, sample counts that disagree, wrong rank/static dims, a dtype that cannot
+            be cast safely, or NaN/Inf values.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{what} data {p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise DataError(f"{what} data {p}: not a readable .npz file ({exc})") from None
+    return samples_from_arrays(arrays, specs, source=str(p), what=what)
+
+
+def samples_from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], *, source: str = "data", what: str = "calibration"):
+    """Like :func:`load_npz` for arrays already in memory."""
+    names = {s.name for s in specs}
+    stacked: dict[str, np.ndarray] = {}
+    ragged: dict[str, dict[int, np.ndarray]] = {}
+    extras: dict[str, np.ndarray] = {}
+    for key, arr in arrays.items():
+        m = _RAGGED.match(key)
+        if m and m.group(2) in names:
+            ragged.setdefault(m.group(2), {})[int(m.group(1))] = arr
+        elif key in names:
+            stacked[key] = arr
+        else:
+            extras[key] = arr
+    missing = [s.name for s in specs if s.name not in stacked and s.name not in ragged]
+    if missing:
+        raise DataError(
+            f"{what} data {source}: no array for model input(s) {missing}; "
+            f"found keys {sorted(arrays)[:10]}; expected {sorted(names)}"
+        )
+    per_input: dict[str, list[np.ndarray]] = {}
+    for s in specs:
+        if s.name in stacked and s.name in ragged:
+            raise DataError(f"{what} data {source}: input '{s.name}' given both stacked and as '<i>__{s.name}' keys")
+        if s.name in ragged:
+            idx = sorted(ragged[s.name])
+            if idx != list(range(len(idx))):
+                raise DataError(f"{what} data {source}: '<i>__{s.name}' keys must be numbered 0..{len(idx) - 1}")
+            per_input[s.name] = [ragged[s.name][i] for i in idx]
+        else:
+            per_input[s.name] = _split_stacked(stacked[s.name], s, source, what)
+    counts = {k: len(v) for k, v in per_input.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"{what} data {source}: inputs have different sample counts {counts}")
+    n_samples = next(iter(counts.values()))
+    if n_samples == 0:
+        raise DataError(f"{what} data {source}: zero samples")
+    samples: list[dict[str, np.ndarray]] = [dict() for _ in range(n_samples)]
+    for s in specs:
+        for i, v in enumerate(per_input[s.name]):
+            samples[i][s.name] = _check_value(v, s, source, what, i)
+    return samples, extras
+
+
+def _split_stacked(arr: np.ndarray, s: InputSpec, source: str, what: str) -> list[np.ndarray]:
+    """Cut a stacked array into samples along its first axis.
+
+    Same rank as the input: rows are samples; when the input's first dimension is a fixed
+    ``D > 1`` each sample is ``D`` consecutive rows. One more axis than the input: axis 0
+    indexes samples. A rank-0 array for a rank-0 input is one sample.
+    """
+    rank = len(s.shape) if s.shape is not None else arr.ndim
+    if arr.ndim == rank + 1:
+        return [arr[i] for i in range(arr.shape[0])]
+    if arr.ndim == rank == 0:
+        return [arr]
+    if arr.ndim == rank:
+        d0 = s.shape[0] if s.shape else None
+        step = d0 if isinstance(d0, int) and d0 > 1 else 1
+        if arr.shape[0] % step:
+            raise DataError(f"{what} data {source}: input '{s.name}' has a fixed first dimension {step}, "
+                            f"but the array's first axis ({arr.shape[0]}) is not a multiple of it")
+        return [arr[i:i + step] for i in range(0, arr.shape[0], step)]
+    raise DataError(
+        f"{what} data {source}: input '{s.name}' expects rank {rank} "
+        f"(shape {list(s.shape)}), got an array of shape {list(arr.shape)}"
+    )
+
+
+def _check_value(v: np.ndarray, s: InputSpec, source: str, what: str, i: int) -> np.ndarray:
+    v = np.asarray(v)
+    if s.shape is not None:
+        if v.ndim != len(s.shape):
+            raise DataError(f"{what} data {source}: sample {i} of '{s.name}' has shape {list(v.shape)}, "
+                            f"the model expects rank {len(s.shape)} ({list(s.shape)})")
+        for d_have, d_want in zip(v.shape, s.shape):
+            if isinstance(d_want, int) and d_want > 0 and d_have != d_want:
+                raise DataError(f"{what} data {source}: sample {i} of '{s.name}' has shape {list(v.shape)}, "
+                                f"the model expects {list(s.shape)}")
+    if v.dtype != s.dtype:
+        if not (np.can_cast(v.dtype, s.dtype, casting="same_kind") or
+                (v.dtype.kind in "iu" and s.dtype.kind in "iu")):
+            raise DataError(f"{what} data {source}: '{s.name}' has dtype {v.dtype}, the model expects {s.dtype}")
+        v = v.astype(s.dtype)
+    if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+        raise DataError(f"{what} data {source}: sample {i} of '{s.name}' contains NaN or Inf")
+    return v
+
+
+def random_samples(specs: list[InputSpec], n: int = 8, *, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict[str, np.ndarray]]:
+    """Synthesize ``n`` samples from the input spec (symbolic dims -> 1, or ``shapes``).
+
+    Emits a ``UserWarning``: ranges calibrated on random data rarely match real inputs.
+    """
+    warnings.warn("no data given: using RANDOM inputs; int8 ranges and fidelity figures "
+                  "from random data do not reflect real inputs", UserWarning, stacklevel=2)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        feed = {}
+        for s in specs:
+            shape = (shapes or {}).get(s.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in (s.shape or ()))
+            if s.dtype.kind == "f":
+                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
+            elif s.dtype.kind == "b":
+                feed[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
+            else:
+                feed[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
+        out.append(feed)
+    return out
+
+
+def split_holdout(samples: list[dict[str, np.ndarray]], fraction: float = 0.25, *, min_holdout: int = 1) -> tuple[list, list]:
+    """Split samples into (calibration, held-out validation) deterministically.
+
+    Every k-th sample goes to validation, so both halves cover the whole file. With a
+    single sample both lists contain it (there is nothing to hold out; the report says so).
+    """
+    n = len(samples)
+    if n < 2:
+        return samples, samples
+    k = max(2, int(round(1 / fraction)))
+    val_idx = set(range(k - 1, n, k)) or {n - 1}
+    if len(val_idx) < min_holdout:
+        val_idx = {n - 1}
+    calib = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return calib, val

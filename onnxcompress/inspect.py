@@ -1,0 +1,104 @@
+"""Describe a model: I/O, opset, op histogram, parameters, size, where weights live, sparsity."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from .model_io import load_model, model_size_bytes
+
+
+def _shape(v: ir.Value):
+    if v.shape is None:
+        return None
+    return [d if isinstance(d, int) else (str(d.value) if getattr(d, "value", None) else "?") for d in v.shape]
+
+
+def summarize(model: ir.Model, path: str | Path | None = None) -> dict:
+    """A JSON-ready summary of ``model``.
+
+    Keys: inputs/outputs (name, dtype, shape), opsets, ir_version, op_histogram (subgraphs
+    included), n_nodes, parameters (elements of float initializers and Constant tensors),
+    size_bytes (serialized, weights inline; plus file size when ``path`` is given),
+    weights {initializers: {count, bytes}, constant_nodes: {count, bytes}}, subgraphs
+    (nodes carrying graph attributes and their node counts), sparsity (share of exact zeros
+    among float weights of >= 64 elements, in %), quantized (int8/uint8 initializers).
+    """
+    hist: Counter[str] = Counter()
+    const_count = const_bytes = 0
+    params = zeros = counted = 0
+    subgraphs = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        hist[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
+        if node.op_type == "Constant" and "value" in node.attributes:
+            t = node.attributes["value"].value
+            arr = t.numpy()
+            const_count += 1
+            const_bytes += arr.nbytes
+            if arr.dtype.kind == "f":
+                params += arr.size
+                if arr.size >= 64:
+                    zeros += int(np.sum(arr == 0)); counted += arr.size
+        for a in node.attributes.values():
+            if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                gs = [a.value] if a.type == ir.AttributeType.GRAPH else list(a.value)
+                subgraphs.append({"node": node.name, "op_type": node.op_type, "attribute": a.name,
+                                  "nodes": sum(len(list(ir.traversal.RecursiveGraphIterator(g))) for g in gs)})
+    init_bytes = 0
+    int8 = 0
+    inits = list(model.graph.initializers.values())
+    for sg in _subgraph_list(model.graph):
+        inits.extend(sg.initializers.values())
+    for v in inits:
+        if v.const_value is None:
+            continue
+        arr = v.const_value.numpy()
+        init_bytes += arr.nbytes
+        if arr.dtype in (np.int8, np.uint8):
+            int8 += 1
+        if arr.dtype.kind == "f":
+            params += arr.size
+            if arr.size >= 64:
+                zeros += int(np.sum(arr == 0)); counted += arr.size
+    out = {
+        "inputs": [{"name": v.name, "dtype": str(v.dtype.name) if v.dtype else None, "shape": _shape(v)}
+                   for v in model.graph.inputs if v.name not in model.graph.initializers],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype.name) if v.dtype else None, "shape": _shape(v)} for v in model.graph.outputs],
+        "opsets": dict(model.opset_imports),
+        "ir_version": model.ir_version,
+        "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x),
+        "n_nodes": sum(hist.values()),
+        "op_histogram": dict(hist.most_common()),
+        "parameters": int(params),
+        "size_bytes": model_size_bytes(model),
+        "weights": {"initializers": {"count": len(inits), "bytes": int(init_bytes)},
+                    "constant_nodes": {"count": const_count, "bytes": int(const_bytes)}},
+        "subgraphs": subgraphs,
+        "sparsity_pct": round(100.0 * zeros / counted, 2) if counted else 0.0,
+        "int8_initializers": int8,
+    }
+    if path is not None:
+        p = Path(path)
+        out["file_bytes"] = p.stat().st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + ".data"))
+    return out
+
+
+def _subgraph_list(graph: ir.Graph):
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for a in node.attributes.values():
+            if a.type == ir.AttributeType.GRAPH:
+                yield a.value
+            elif a.type == ir.AttributeType.GRAPHS:
+                yield from a.value
+
+
+def inspect_model(path: str | Path) -> dict:
+    """Load ``path`` and return :func:`summarize` of it.
+
+    Raises:
+        ModelLoadError: see :func:`onnxcompress.model_io.load_model`.
+    """
+    return summarize(load_model(path), path)

@@ -1,0 +1,220 @@
+"""Model input/output: load with external data, check, and write atomically.
+
+The input file is never modified. Outputs are written to a temporary file in the target
+folder and renamed into place only after ``onnx.checker`` (at the written model's own
+opset and IR version) and an ONNX Runtime session have accepted them, so a failed run
+leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from .errors import InvalidModelError, ModelLoadError, ModelWriteError
+
+#: Protobuf's hard limit; larger models must keep their weights as external data.
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model (with its external data) into onnx-ir.
+
+    Args:
+        path: path of a ``.onnx`` file; external data files are resolved relative to it.
+
+    Returns:
+        The model as an ``onnx_ir.Model``; external tensors are read eagerly so that the
+        model no longer depends on the input folder.
+
+    Raises:
+        ModelLoadError: the path is missing, is a directory, is not a valid ONNX protobuf,
+            or names an external data file that does not exist.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
+        raise ModelLoadError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelLoadError(f"{p}: not an ONNX model (no graph found)")
+    _check_external_files(proto, p.parent)
+    try:
+        onnx.load_external_data_for_model(proto, str(p.parent))
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: cannot read external data ({exc})") from None
+    try:
+        return ir.from_proto(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{p}: cannot convert to onnx-ir ({type(exc).__name__}: {exc})") from None
+
+
+def _check_external_files(proto: onnx.ModelProto, base: Path) -> None:
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if not loc or not target.is_file():
+            raise ModelLoadError(
+                f"initializer '{tensor.name}' keeps its data in '{loc}', "
+                f"which does not exist next to the model ({base})"
+            )
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize an onnx-ir model to a ``ModelProto`` (weights inline).
+
+    Intermediate ``value_info`` (shape annotations of inner tensors) is dropped: runtimes
+    re-infer it, and stale entries after a rewrite can only mislead them.
+    """
+    proto = ir.to_proto(model)
+    del proto.graph.value_info[:]
+    return proto
+
+
+def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
+    """Serialize a model to protobuf bytes for an ONNX Runtime session.
+
+    Raises:
+        InvalidModelError: the model is over protobuf's 2 GB limit (validate it from a file
+            written with external data instead).
+    """
+    proto = to_proto(model) if isinstance(model, ir.Model) else model
+    if proto.ByteSize() >= PROTOBUF_LIMIT:
+        raise InvalidModelError("model is over 2 GB; it can only be checked from a file with external data")
+    return proto.SerializeToString()
+
+
+def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> None:
+    """Check a model with ``onnx.checker`` at its own opset/IR version, then load it in ORT.
+
+    Raises:
+        InvalidModelError: with the checker's or ONNX Runtime's message.
+    """
+    proto = to_proto(model) if isinstance(model, ir.Model) else model
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except Exception as exc:
+        raise InvalidModelError(f"onnx.checker rejected the model: {exc}") from None
+    if runtime:
+        from .runtime import make_session
+
+        try:
+            make_session(to_bytes(proto), optimize=True)
+        except Exception as exc:
+            raise InvalidModelError(f"ONNX Runtime refused to load the model: {exc}") from None
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+    check: bool = True,
+) -> int:
+    """Write a model atomically, after checking it.
+
+    Args:
+        model: the model to write.
+        path: destination ``.onnx`` path.
+        external_data: store initializers in ``<name>.data`` beside the model; ``None``
+            chooses it when the model is over 2 GB.
+        protect: paths that must never be overwritten (the input model).
+        check: run :func:`check_model` first.
+
+    Returns:
+        The size in bytes of the written files (model plus external data).
+
+    Raises:
+        ModelWriteError: destination equals a protected path, its folder is missing or not
+            writable, or the disk is full; nothing is left at ``path`` in that case.
+        InvalidModelError: the model failed the checks; nothing is written.
+    """
+    dest = Path(path)
+    for prot in protect:
+        if dest.resolve() == Path(prot).resolve():
+            raise ModelWriteError(f"{dest}: output path is the input model; refusing to overwrite it")
+    if dest.is_dir():
+        raise ModelWriteError(f"{dest}: is a directory")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelWriteError(f"{folder}: output folder does not exist")
+    proto = to_proto(model)
+    if check:
+        check_model(proto)
+    if external_data is None:
+        external_data = proto.ByteSize() >= PROTOBUF_LIMIT
+    tmp_model = tmp_data = None
+    data_name = dest.name + ".data"
+    try:
+        fd, tmp_model = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+        if external_data:
+            tmp_data = str(folder / ("." + data_name + ".tmp"))
+            # onnx writes external data at `location` relative to the model's folder: write it
+            # under a temporary name, then rename both.
+            onnx.save_model(
+                proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                location=Path(tmp_data).name, size_threshold=1024,
+            )
+            # point the tensors at the final data file name
+            final = onnx.load(tmp_model, load_external_data=False)
+            for t in _all_tensors(final.graph):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            with open(tmp_model, "wb") as f:
+                f.write(final.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_data, folder / data_name)
+            tmp_data = None
+        else:
+            with open(tmp_model, "wb") as f:
+                f.write(proto.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp_model, dest)
+        tmp_model = None
+    except OSError as exc:
+        raise ModelWriteError(f"{dest}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        for t in (tmp_model, tmp_data):
+            if t:
+                with contextlib.suppress(OSError):
+                    os.unlink(t)
+    size = dest.stat().st_size
+    if external_data:
+        size += (folder / data_name).stat().st_size
+    return size
+
+
+def model_size_bytes(model: ir.Model | onnx.ModelProto) -> int:
+    """Size in bytes of the serialized model with weights inline."""
+    proto = to_proto(model) if isinstance(model, ir.Model) else model
+    return proto.ByteSize()

@@ -1,0 +1,176 @@
+"""One interface for every pass, and the runner that checks each one.
+
+A pass is an onnx-ir :class:`onnx_ir.passes.InPlacePass` that also fills a
+:class:`PassReport` (what it changed, what it skipped and why). :func:`run_passes` runs a
+list of passes; for passes marked ``checked`` it runs the model before and after in ONNX
+Runtime (optimizations off) on sample inputs and *reverts* a pass whose outputs moved by
+more than its tolerance, naming it in the report. A pass never writes files or prints.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger("onnxcompress")
+
+
+@dataclass
+class PassReport:
+    """What one pass did.
+
+    Attributes:
+        name: the pass name.
+        changed: whether the model was modified (and kept).
+        counts: what changed, e.g. ``{"batchnorm_folded": 3}``.
+        skipped: ``{"node": ..., "reason": ...}`` for every candidate left alone.
+        reverted: why the pass was undone (``None`` when kept).
+        max_abs_err / max_rel_err: for checked passes, the worst output deviation measured
+            against the model before the pass (relative = max|Δ| / max|ref| per output).
+    """
+
+    name: str
+    changed: bool = False
+    counts: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    reverted: str | None = None
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+
+    def skip(self, node: str, reason: str) -> None:
+        """Record a candidate node left untouched, and log a warning naming it."""
+        self.skipped.append({"node": node, "reason": reason})
+        logger.warning("%s: skipped node '%s': %s", self.name, node, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PassContext:
+    """Data a pass may use.
+
+    Attributes:
+        calibration: feed dicts (input name -> array) for statistics.
+        check_samples: a few feed dicts used to check passes numerically.
+        options: free-form options of the run.
+    """
+
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    check_samples: list[dict[str, np.ndarray]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class CompressionPass(ir.passes.InPlacePass):
+    """Base class of onnxcompress passes.
+
+    Subclasses set ``name``, implement :meth:`apply` (return whether the model changed) and
+    may set ``checked`` (compare outputs before/after) and ``rtol`` (allowed
+    max|Δ|/max|ref| per output).
+    """
+
+    name: ClassVar[str] = "pass"
+    checked: ClassVar[bool] = True
+    rtol: ClassVar[float] = 1e-4
+
+    def __init__(self, context: PassContext | None = None) -> None:
+        super().__init__()
+        self.context = context or PassContext()
+        self.report = PassReport(self.name)
+
+    def apply(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        changed = bool(self.apply(model))
+        self.report.changed = changed
+        return ir.passes.PassResult(model, modified=changed)
+
+
+def output_errors(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """Worst (max abs error, max relative error) over samples and outputs.
+
+    Relative error of an output = max|got - ref| / max(max|ref|, 1e-12). Shape or output-set
+    mismatches count as infinite error.
+    """
+    worst_abs = worst_rel = 0.0
+    for r, g in zip(ref, got):
+        if set(r) - set(g):
+            return float("inf"), float("inf")
+        for name, a in r.items():
+            b = g[name]
+            if a.shape != b.shape:
+                return float("inf"), float("inf")
+            if a.dtype.kind not in "fc":
+                if not np.array_equal(a, b):
+                    return float("inf"), float("inf")
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            if not np.array_equal(np.isfinite(a64), np.isfinite(b64)):
+                return float("inf"), float("inf")
+            fin = np.isfinite(a64)
+            if not fin.any():
+                continue
+            d = float(np.max(np.abs(a64[fin] - b64[fin]))) if a64.size else 0.0
+            scale = max(float(np.max(np.abs(a64[fin]))), 1e-12)
+            worst_abs = max(worst_abs, d)
+            worst_rel = max(worst_rel, d / scale)
+    return worst_abs, worst_rel
+
+
+def reference_outputs(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs of ``model`` on ``samples`` under ORT with all graph optimizations off."""
+    from ..model_io import to_bytes
+    from ..runtime import make_session, run_samples
+
+    sess = make_session(to_bytes(model), optimize=False)
+    return run_samples(sess, samples)
+
+
+def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]]) -> tuple[ir.Model, list[PassReport]]:
+    """Run passes in order, checking each ``checked`` pass on ``samples``.
+
+    A checked pass whose outputs deviate beyond its ``rtol`` from the model before it, that
+    raises, or that leaves a model ONNX Runtime cannot run, is reverted; the report says why.
+
+    Returns:
+        ``(model, reports)``; ``model`` may be a new object when a pass was reverted.
+    """
+    reports = []
+    ref = reference_outputs(model, samples) if samples and any(p.checked for p in passes) else None
+    for p in passes:
+        snapshot = ir.to_proto(model)
+        try:
+            p(model)
+        except Exception as exc:  # a pass bug must not cost the user the run
+            logger.warning("pass %s failed and was reverted: %s", p.name, exc)
+            p.report.reverted = f"raised {type(exc).__name__}: {exc}"
+            p.report.changed = False
+            model = ir.from_proto(snapshot)
+            reports.append(p.report)
+            continue
+        if not p.checked and p.report.changed and samples:
+            # later checked passes compare against the model as this pass left it
+            ref = reference_outputs(model, samples)
+            reports.append(p.report)
+            continue
+        if p.checked and p.report.changed and ref is not None:
+            try:
+                got = reference_outputs(model, samples)
+                abs_err, rel_err = output_errors(ref, got)
+            except Exception as exc:
+                abs_err = rel_err = float("inf")
+                p.report.reverted = f"ONNX Runtime could not run the result: {exc}"
+            p.report.max_abs_err, p.report.max_rel_err = abs_err, rel_err
+            if rel_err > p.rtol:
+                p.report.reverted = p.report.reverted or (
+                    f"outputs moved by {rel_err:.3g} relative (tolerance {p.rtol:g})")
+                logger.warning("pass %s reverted: %s", p.name, p.report.reverted)
+                p.report.changed = False
+                model = ir.from_proto(snapshot)
+        reports.append(p.report)
+    return model, reports

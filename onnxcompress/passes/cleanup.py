@@ -1,0 +1,111 @@
+"""Clean-up passes: initializer inputs (IR < 4), constant folding, Constant-node weights
+lifted to initializers, Identity/Dropout removal, dead code and unused initializers.
+
+All are thin wrappers over onnx-ir's common passes and onnxscript's optimizer/rewriter;
+what is ours is the reporting and the checks around them.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.optimizer import fold_constants
+from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter.rules.common import dropout_inference_rule, dropout_zero_rule
+
+from .base import CompressionPass
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+class InitializerInputsPass(CompressionPass):
+    """IR < 4 models list every initializer as a graph input too (an overridable default).
+
+    Weights cannot be folded or quantized while a caller may override them, so this pass
+    treats them as constants: it removes them from ``graph.input`` and raises the IR version
+    to at least 4, with a warning in the report (policy of shared/cases case14). Inputs the
+    user may really feed are the non-initializer inputs, which are kept.
+    """
+
+    name = "initializer-inputs"
+
+    def apply(self, model: ir.Model) -> bool:
+        inits = set(model.graph.initializers)
+        dup = [v.name for v in model.graph.inputs if v.name in inits]
+        if not dup:
+            return False
+        common.RemoveInitializersFromInputsPass()(model)
+        if model.ir_version < 4:
+            self.report.counts["ir_version_raised"] = f"{model.ir_version} -> 4"
+            model.ir_version = 4
+        self.report.counts["inputs_made_constant"] = len(dup)
+        self.report.skip(
+            ",".join(dup[:5]) + ("..." if len(dup) > 5 else ""),
+            "initializer(s) listed as graph inputs (IR<4 overridable defaults) are treated as "
+            "constants and removed from the model inputs",
+        )
+        return True
+
+
+class ConstantFoldingPass(CompressionPass):
+    """Evaluate nodes whose inputs are all constant (onnxscript's constant folder)."""
+
+    name = "constant-folding"
+
+    def apply(self, model: ir.Model) -> bool:
+        before = _count_nodes(model)
+        result = fold_constants(model)
+        common.RemoveUnusedNodesPass()(model)
+        after = _count_nodes(model)
+        self.report.counts["nodes_removed"] = before - after
+        return bool(result.modified) or before != after
+
+
+class LiftConstantsPass(CompressionPass):
+    """Move tensor-valued ``Constant`` nodes (e.g. Paddle's weights) into initializers.
+
+    Quantizers and folders look for weights among initializers; a weight left in a
+    ``Constant`` node stays fp32 in most tools. Works inside subgraphs too.
+    """
+
+    name = "lift-constants"
+
+    def apply(self, model: ir.Model) -> bool:
+        before = sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "Constant")
+        common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
+        after = sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "Constant")
+        self.report.counts["constants_lifted"] = before - after
+        return before != after
+
+
+class IdentityDropoutPass(CompressionPass):
+    """Remove ``Identity`` nodes and inference-mode ``Dropout`` (outputs kept by name)."""
+
+    name = "identity-dropout"
+
+    def apply(self, model: ir.Model) -> bool:
+        before = _count_nodes(model)
+        n_drop = RewriteRuleSet([dropout_inference_rule, dropout_zero_rule]).apply_to_model(model)
+        common.IdentityEliminationPass()(model)
+        common.RemoveUnusedNodesPass()(model)
+        removed = before - _count_nodes(model)
+        self.report.counts["dropout_removed"] = int(n_drop)
+        self.report.counts["nodes_removed"] = removed
+        return removed > 0
+
+
+class DeadCodePass(CompressionPass):
+    """Remove nodes whose outputs are never used and initializers nobody reads."""
+
+    name = "dead-code"
+
+    def apply(self, model: ir.Model) -> bool:
+        n_before = _count_nodes(model)
+        i_before = len(model.graph.initializers)
+        common.RemoveUnusedNodesPass()(model)
+        common.RemoveUnusedFunctionsPass()(model)
+        self.report.counts["nodes_removed"] = n_before - _count_nodes(model)
+        self.report.counts["initializers_removed"] = i_before - len(model.graph.initializers)
+        return bool(self.report.counts["nodes_removed"] or self.report.counts["initializers_removed"])

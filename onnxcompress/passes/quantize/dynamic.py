@@ -1,0 +1,209 @@
+"""Dynamic int8 quantization of MatMul / Gemm weights.
+
+Weights are stored int8 (per output column, symmetric) and activations are quantized at
+run time to uint8 by ``DynamicQuantizeLinear``; the product runs in ``MatMulInteger``
+(ONNX spec) and is rescaled by ``x_scale * w_scale``:
+
+    x -> DynamicQuantizeLinear -> (xq, xs, xzp)
+    MatMulInteger(xq, Wq, xzp, Wzp) -> Cast(float) -> Mul(xs * Ws) [-> Add(bias)]
+
+ONNX Runtime's optimizer fuses this into its ``DynamicQuantizeMatMul`` kernel. Gemm is
+handled with ``transB`` applied to the stored weight and ``alpha``/``beta`` folded into
+the scale and the bias. Nodes inside ``If``/``Loop`` bodies are quantized too (their
+weights are outer-scope initializers). Conv is left in float: ``ConvInteger`` is several
+times slower than fp32 on ONNX Runtime's x86 CPU provider (the report says so). Nodes in
+the main graph pass a one-node SQNR check on recorded activations or stay in float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..base import CompressionPass
+from ..fusion import all_value_names, unique_name
+from . import params
+from .policy import resolve_policy
+from .sensitivity import node_sqnr
+from .static import FLOAT, _attr, _is_const, add_initializer
+
+
+def fake_dynamic_quant(x: np.ndarray) -> np.ndarray:
+    """Simulate ``DynamicQuantizeLinear`` + dequantize (uint8, range including 0)."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale, zp = params.activation_params(lo, hi)
+    return params.fake_quant_activation(x, float(scale), int(zp))
+
+
+class DynamicQuantizePass(CompressionPass):
+    """Dynamic int8 quantization (see module docstring).
+
+    Context options: ``target``, ``per_channel`` (default True), ``exclude_nodes``,
+    ``exclude_op_types``, ``min_sqnr_db`` (default 20 dB, ``None`` disables the check).
+    """
+
+    name = "quantize-dynamic"
+    checked = False
+
+    def apply(self, model: ir.Model) -> bool:
+        opts = self.context.options
+        policy = resolve_policy(opts.get("target", "auto"))
+        per_channel = opts.get("per_channel", True)
+        min_sqnr = opts.get("min_sqnr_db", 20.0)
+        excl_nodes = set(opts.get("exclude_nodes", ()))
+        excl_ops = set(opts.get("exclude_op_types", ()))
+        taken = all_value_names(model)
+        self.report.counts["target"] = policy.target
+
+        chosen = []
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type in ("Conv", "ConvTranspose"):
+                self.report.skip(node.name, f"{node.op_type} stays in float in dynamic mode: ConvInteger is slower "
+                                            "than fp32 on ONNX Runtime's CPU provider (use --quantize static)")
+                continue
+            if node.op_type not in ("MatMul", "Gemm"):
+                continue
+            if node.name in excl_nodes or node.op_type in excl_ops:
+                self.report.skip(node.name, "excluded by the user")
+                continue
+            w = node.inputs[1]
+            if not _is_const(w):
+                continue  # activation x activation: nothing to store in int8
+            if node.inputs[0] is None or node.inputs[0].dtype not in (None, FLOAT) or w.dtype != FLOAT:
+                self.report.skip(node.name, "not a float32 node")
+                continue
+            if w.const_value.numpy().ndim != 2:
+                self.report.skip(node.name, f"weight of rank {w.const_value.numpy().ndim}; only rank-2 weights are quantized")
+                continue
+            if node.op_type == "Gemm" and _attr(node, "transA", 0):
+                self.report.skip(node.name, "Gemm with transA=1 is not quantized")
+                continue
+            if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and not _is_const(node.inputs[2]):
+                self.report.skip(node.name, "Gemm C is not a constant initializer")
+                continue
+            chosen.append(node)
+
+        recorded = self._record(model, [n for n in chosen if n.graph is model.graph]) if min_sqnr is not None else []
+        quantized, sqnrs, dql = [], {}, {}
+        for node in chosen:
+            w, alpha = self._weight_kn(node)
+            qmax = policy.weight_qmax(node.op_type, False)
+            axis = 1 if per_channel else None
+            scale = params.weight_params(w, axis, qmax)
+            q = params.quantize_weight(w, scale, axis, qmax)
+            if node.graph is model.graph and recorded and min_sqnr is not None:
+                s = min(self._sqnr(node, w, q, scale, axis, rec) for rec in recorded)
+                sqnrs[node.name] = round(s, 1)
+                if s < min_sqnr:
+                    self.report.skip(node.name, f"{node.op_type} output SQNR {s:.1f} dB with dynamic int8 is below "
+                                                f"{min_sqnr:g} dB (activation outliers?); kept in float")
+                    continue
+            elif node.graph is not model.graph:
+                self.report.counts.setdefault("quantized_in_subgraphs_unchecked", []).append(node.name)
+            self._rewrite(model, node, q, scale * np.float32(alpha), axis, taken, dql)
+            quantized.append(node.name)
+        self.report.counts.update(nodes_quantized=len(quantized), node_sqnr_db=sqnrs,
+                                  weight_bits=8 if policy.weight_qmax("MatMul", False) == 127 else 7)
+        if quantized:
+            for g in [model.graph, *self._subgraphs(model.graph)]:
+                g.sort()
+        return bool(quantized)
+
+    @staticmethod
+    def _subgraphs(graph):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for a in node.attributes.values():
+                if a.type == ir.AttributeType.GRAPH:
+                    yield a.value
+                elif a.type == ir.AttributeType.GRAPHS:
+                    yield from a.value
+
+    @staticmethod
+    def _weight_kn(node: ir.Node) -> tuple[np.ndarray, float]:
+        """The weight as [K, N] float32 and Gemm's alpha (1 for MatMul)."""
+        w = node.inputs[1].const_value.numpy().astype(np.float32)
+        if node.op_type == "Gemm":
+            if _attr(node, "transB", 0):
+                w = w.T.copy()
+            return w, float(_attr(node, "alpha", 1.0))
+        return w, 1.0
+
+    def _record(self, model, nodes):
+        if not nodes or not self.context.calibration:
+            return []
+        from ...model_io import to_bytes
+        from ...runtime import make_session
+
+        proto = ir.to_proto(model)
+        names = sorted({n.inputs[0].name for n in nodes})
+        existing = {o.name for o in proto.graph.output}
+        for n in names:
+            if n not in existing:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+        sess = make_session(to_bytes(proto), optimize=False)
+        ok = {i.name for i in sess.get_inputs()}
+        out = []
+        for feed in self.context.calibration[:2]:
+            vals = sess.run(names, {k: v for k, v in feed.items() if k in ok})
+            out.append(dict(zip(names, vals)))
+        return out
+
+    @staticmethod
+    def _sqnr(node, w, q, scale, axis, rec) -> float:
+        x = rec[node.inputs[0].name]
+        sb = scale if axis is None else scale.reshape(1, -1)
+        wq = (q.astype(np.float32) * sb).astype(np.float32)
+        return node_sqnr("MatMul", {}, [x, w], [fake_dynamic_quant(x), wq], [False, True], 13)
+
+    def _rewrite(self, model, node, q, scale, axis, taken, dql) -> None:
+        graph = node.graph
+        main = model.graph
+        x = node.inputs[0]
+        name = node.name or node.outputs[0].name
+        # one DynamicQuantizeLinear per activation tensor and graph
+        key = (id(graph), x.name)
+        if key not in dql:
+            xq = ir.Value(name=unique_name(f"{x.name}_quantized", taken))
+            xs = ir.Value(name=unique_name(f"{x.name}_scale", taken))
+            xz = ir.Value(name=unique_name(f"{x.name}_zero_point", taken))
+            graph.append(ir.Node("", "DynamicQuantizeLinear", [x], outputs=[xq, xs, xz],
+                                 name=unique_name(f"{x.name}_DynamicQuantizeLinear", taken)))
+            dql[key] = (xq, xs, xz)
+        xq, xs, xz = dql[key]
+        w_name = node.inputs[1].name
+        wq_v = add_initializer(main, q, f"{w_name}_quantized", taken)
+        wz_v = add_initializer(main, np.zeros(q.shape[1] if axis is not None else (), np.int8), f"{w_name}_zero_point", taken)
+        ws_v = add_initializer(main, scale.astype(np.float32) if axis is not None else np.array(scale.reshape(()), np.float32),
+                               f"{w_name}_scale", taken)
+        y_int = ir.Value(name=unique_name(f"{name}_int32", taken))
+        y_f = ir.Value(name=unique_name(f"{name}_int32_cast", taken))
+        s_all = ir.Value(name=unique_name(f"{name}_output_scale", taken))
+        nodes = [
+            ir.Node("", "MatMulInteger", [xq, wq_v, xz, wz_v], outputs=[y_int], name=unique_name(f"{name}_MatMulInteger", taken)),
+            ir.Node("", "Cast", [y_int], attributes=[ir.AttrInt64("to", onnx.TensorProto.FLOAT)], outputs=[y_f],
+                    name=unique_name(f"{name}_Cast", taken)),
+            ir.Node("", "Mul", [xs, ws_v], outputs=[s_all], name=unique_name(f"{name}_scale_Mul", taken)),
+        ]
+        out = node.outputs[0]
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        if bias is not None:
+            beta = float(_attr(node, "beta", 1.0))
+            b = bias.const_value.numpy().astype(np.float32) * np.float32(beta)
+            b_v = add_initializer(main, b, f"{bias.name}_beta" if beta != 1.0 else f"{bias.name}_bias", taken)
+            y_mm = ir.Value(name=unique_name(f"{name}_matmul", taken))
+            nodes.append(ir.Node("", "Mul", [y_f, s_all], outputs=[y_mm], name=unique_name(f"{name}_Mul", taken)))
+            final = ir.Node("", "Add", [y_mm, b_v], name=unique_name(f"{name}_Add", taken))
+        else:
+            final = ir.Node("", "Mul", [y_f, s_all], name=unique_name(f"{name}_Mul", taken))
+        nodes.append(final)
+        graph.extend(nodes)
+        new_out = final.outputs[0]
+        new_out.type, new_out.shape = out.type, out.shape
+        # keep the original output name (graph outputs and outer-scope references use it)
+        out_name = out.name
+        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        new_out.name = out_name

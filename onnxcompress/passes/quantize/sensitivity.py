@@ -1,0 +1,72 @@
+"""Per-node fidelity check: does one node survive int8 on its own?
+
+For a node chosen for quantization, a one-node model is run in ONNX Runtime twice on the
+node's real input activations (recorded during calibration): once in float, once with the
+activation(s) quantize-dequantized as the deployed model will see them and the weight
+replaced by its int8 dequantized value. The signal-to-quantization-noise ratio of the
+node's output, ``SQNR = 10 log10(sum ref^2 / sum (ref - q)^2)`` in dB, decides: below the
+threshold the node stays in float and the report names it (sensitive-layer fallback).
+This catches outlier activation channels (shared/cases case21) that a per-tensor range
+cannot represent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...runtime import make_session
+
+
+def node_sqnr(
+    op_type: str,
+    attributes: dict,
+    float_inputs: list[np.ndarray | None],
+    quant_inputs: list[np.ndarray | None],
+    const_mask: list[bool],
+    opset: int,
+) -> float:
+    """SQNR in dB of one node's output, quantized inputs vs float inputs.
+
+    Args:
+        op_type: ONNX op type (default domain).
+        attributes: the node's attributes as Python values.
+        float_inputs / quant_inputs: the node's inputs (``None`` for absent optional ones).
+        const_mask: which inputs are weights (stored as initializers in the probe model).
+        opset: opset of the probe model.
+
+    Returns:
+        SQNR in dB (``inf`` when the outputs are identical).
+    """
+    def build(values):
+        inits, graph_inputs, names, feeds = [], [], [], {}
+        for i, (v, is_const) in enumerate(zip(values, const_mask)):
+            if v is None:
+                names.append("")
+                continue
+            name = f"in{i}"
+            names.append(name)
+            if is_const:
+                inits.append(numpy_helper.from_array(np.asarray(v), name))
+            else:
+                graph_inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), None))
+                feeds[name] = v
+        node = helper.make_node(op_type, names, ["out"], **attributes)
+        g = helper.make_graph([node], "probe", graph_inputs,
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+        m.ir_version = 8
+        return m.SerializeToString(), feeds
+
+    fb, ff = build(float_inputs)
+    qb, qf = build(quant_inputs)
+    ref = make_session(fb, optimize=False).run(None, ff)[0].astype(np.float64)
+    got = make_session(qb, optimize=False).run(None, qf)[0].astype(np.float64)
+    noise = float(np.sum((ref - got) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return -float("inf")
+    return 10.0 * np.log10(signal / noise)

@@ -1,0 +1,404 @@
+"""Static int8 quantization in QDQ form (ONNX QuantizeLinear / DequantizeLinear, opset >= 13).
+
+Placement is chosen so that ONNX Runtime fuses node units into integer kernels
+(QLinearConv, QLinearMatMul, QGemm, QLinearAdd, ...): every quantized compute node gets
+``DQ`` on its activation input(s), a ``DQ`` on its int8 weight (per output channel on the
+right axis: 0 for Conv and Gemm transB=1, 1 for ConvTranspose and Gemm transB=0, the last
+axis for MatMul), an int32 bias (scale = input scale x weight scale) and a ``Q -> DQ`` on
+its output, placed after a directly following Relu/Clip so the runtime folds the
+activation into the output range. Shape-only ops (Reshape, Flatten, MaxPool, ...) and
+Add/Concat between quantized tensors are kept in the integer domain; linear ``Resize``
+is not (it does not commute with quantization, shared/cases case11).
+
+Gemm ``alpha``/``beta`` are folded into B and C before quantizing. Nodes inside
+``If``/``Loop`` bodies are not calibrated and stay in float (named in the report); use the
+dynamic mode for them. Every chosen node passes a one-node SQNR check
+(:mod:`.sensitivity`) or stays in float (sensitive-layer fallback).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..base import CompressionPass
+from ..fusion import all_value_names, clone_initializer, unique_name
+from . import calibrate, params
+from .policy import resolve_policy
+from .sensitivity import node_sqnr
+
+COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: ops ONNX Runtime runs on quantized tensors when Q/DQ surround them
+GLUE = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten",
+        "Transpose", "Squeeze", "Unsqueeze", "Resize")
+FUSED_ACT = ("Relu", "Clip")
+FLOAT = ir.DataType.FLOAT
+
+
+def _attr(node: ir.Node, name: str, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _is_const(v: ir.Value | None) -> bool:
+    return v is not None and v.const_value is not None and v.is_initializer() and not v.is_graph_input()
+
+
+def add_initializer(graph: ir.Graph, arr: np.ndarray, base: str, taken: set[str]) -> ir.Value:
+    """Register ``arr`` as a new initializer under a unique name and return its value."""
+    name = unique_name(base, taken)
+    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                 const_value=ir.tensor(arr, name=name))
+    graph.register_initializer(v)
+    return v
+
+
+def weight_axis(node: ir.Node, w: np.ndarray) -> int:
+    """Output-channel axis of a node's weight (see module docstring)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return w.ndim - 1
+
+
+def is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
+    return node.op_type == "Conv" and _attr(node, "group", 1) > 1 and w.shape[1] == 1
+
+
+class StaticQuantizePass(CompressionPass):
+    """Calibrated static int8 QDQ quantization (see module docstring).
+
+    Context options used: ``calibration_method`` (minmax|percentile|entropy|mse),
+    ``percentile`` (default 99.99), ``target`` (see :mod:`.policy`), ``per_channel``
+    (default True), ``exclude_nodes``, ``exclude_op_types``, ``min_sqnr_db`` (default 20 dB;
+    ``None`` disables the per-node check).
+    """
+
+    name = "quantize-static"
+    checked = False
+
+    def apply(self, model: ir.Model) -> bool:
+        opts = self.context.options
+        samples = self.context.calibration
+        if not samples:
+            raise ValueError("static quantization needs calibration samples")
+        method = opts.get("calibration_method", "minmax")
+        policy = resolve_policy(opts.get("target", "auto"))
+        per_channel = opts.get("per_channel", True)
+        min_sqnr = opts.get("min_sqnr_db", 20.0)
+        excl_nodes = set(opts.get("exclude_nodes", ()))
+        excl_ops = set(opts.get("exclude_op_types", ()))
+        graph = model.graph
+        taken = all_value_names(model)
+        opset = model.opset_imports.get("", 13)
+        self.report.counts.update(target=policy.target, calibration_method=method, calibration_samples=len(samples))
+
+        self._report_subgraphs(model)
+        chosen = self._choose(graph, excl_nodes, excl_ops, taken)
+        if not chosen:
+            return False
+
+        # activation tensors: compute inputs and (post-activation) outputs, then glue
+        act_t: dict[str, ir.Value] = {}
+        for node in chosen:
+            for v in self._act_inputs(node):
+                act_t[v.name] = v
+            out = self._output_point(node)
+            act_t[out.name] = out
+        glue = self._glue_nodes(graph, act_t)
+
+        stats, recorded = self._calibrate(model, list(act_t), samples, method)
+        ranges = {}
+        for name in list(act_t):
+            st = stats.get(name)
+            if st is None or st.n == 0:
+                self.report.skip(name, "tensor never observed during calibration; left in float")
+                del act_t[name]
+                continue
+            ranges[name] = st.range(method, opts.get("percentile", 99.99))
+
+        # sensitive-layer fallback: one-node SQNR check on recorded activations
+        kept = []
+        sqnrs = {}
+        for node in chosen:
+            acts = self._act_inputs(node)
+            if any(a.name not in ranges for a in acts):
+                self.report.skip(node.name, "an input was not calibrated; left in float")
+                continue
+            if min_sqnr is not None and recorded:
+                s = self._node_sqnr(node, ranges, recorded, policy, per_channel, opset)
+                sqnrs[node.name] = round(s, 1)
+                if s < min_sqnr:
+                    self.report.skip(node.name, f"{node.op_type} output SQNR {s:.1f} dB in int8 is below "
+                                                f"{min_sqnr:g} dB (outliers?); kept in float")
+                    continue
+            kept.append(node)
+        self.report.counts["node_sqnr_db"] = sqnrs
+        if not kept:
+            return False
+        aware = set(kept) | glue
+
+        # which tensors get Q/DQ: those read by at least one quantization-aware node
+        needed: dict[str, ir.Value] = {}
+        for node in kept:
+            for v in self._act_inputs(node):
+                needed[v.name] = v
+            o = self._output_point(node)
+            if o.name in ranges:
+                needed[o.name] = o
+        for node in glue:
+            for v in node.inputs[:1] if node.op_type != "Concat" and node.op_type != "Add" else node.inputs:
+                if v is not None and v.name in ranges:
+                    needed[v.name] = v
+            if node.outputs[0].name in ranges:
+                needed[node.outputs[0].name] = node.outputs[0]
+
+        qparams = {}
+        n_qdq = 0
+        # the input scale of each node, by node, before its inputs are rewired to DQ outputs
+        in_scale_of = {}
+        for name, v in needed.items():
+            lo, hi = ranges[name]
+            scale, zp = params.activation_params(lo, hi)
+            qparams[name] = (scale, zp)
+            for u in v.uses():
+                if u.node in kept and u.idx == 0:
+                    in_scale_of[u.node] = scale
+            users = [(u.node, u.idx) for u in v.uses() if u.node in aware]
+            if not users:
+                continue
+            s_v = add_initializer(graph, np.array(scale, np.float32), f"{name}_s", taken)
+            z_v = add_initializer(graph, np.array(zp, np.uint8), f"{name}_zp", taken)
+            q_out = ir.Value(name=unique_name(f"{name}_q", taken))
+            dq_out = ir.Value(name=unique_name(f"{name}_dq", taken), type=v.type, shape=v.shape)
+            qn = ir.Node("", "QuantizeLinear", [v, s_v, z_v], outputs=[q_out], name=unique_name(f"{name}_Q", taken))
+            dqn = ir.Node("", "DequantizeLinear", [q_out, s_v, z_v], outputs=[dq_out], name=unique_name(f"{name}_DQ", taken))
+            graph.extend([qn, dqn])
+            for user, idx in users:
+                user.replace_input_with(idx, dq_out)
+            n_qdq += 1
+
+        n_w = 0
+        bits = {}
+        for node in kept:
+            if self._quantize_weight(graph, node, in_scale_of.get(node), policy, per_channel, taken, bits):
+                n_w += 1
+        graph.sort()
+        self.report.counts.update(nodes_quantized=len(kept), activation_qdq_pairs=n_qdq,
+                                  weights_quantized=n_w, weight_bits=bits,
+                                  ops_quantized=sorted({n.op_type for n in kept}))
+        return True
+
+    # -- selection ---------------------------------------------------------------------
+    def _report_subgraphs(self, model: ir.Model) -> None:
+        for node in model.graph:
+            for attr in node.attributes.values():
+                if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                    graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value
+                    n = sum(1 for g in graphs for sub in ir.traversal.RecursiveGraphIterator(g) if sub.op_type in COMPUTE)
+                    if n:
+                        self.report.skip(node.name, f"{n} Conv/Gemm/MatMul node(s) inside {node.op_type} "
+                                                    "branches are not calibrated by static quantization and stay "
+                                                    "in float (use --quantize dynamic for them)")
+
+    def _choose(self, graph: ir.Graph, excl_nodes, excl_ops, taken) -> list[ir.Node]:
+        chosen = []
+        for node in graph:
+            if node.op_type not in COMPUTE or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.name in excl_nodes or node.op_type in excl_ops:
+                self.report.skip(node.name, "excluded by the user")
+                continue
+            if any(v is not None and v.dtype not in (None, FLOAT) for v in node.inputs[:2]):
+                self.report.skip(node.name, "not a float32 node")
+                continue
+            if node.op_type in ("Conv", "ConvTranspose") and not _is_const(node.inputs[1]):
+                self.report.skip(node.name, "weight is not a constant initializer")
+                continue
+            if node.op_type == "Gemm":
+                if _attr(node, "transA", 0):
+                    self.report.skip(node.name, "Gemm with transA=1 is not quantized")
+                    continue
+                if not _is_const(node.inputs[1]):
+                    self.report.skip(node.name, "Gemm B is not a constant initializer")
+                    continue
+                if not self._fold_gemm_scalars(graph, node, taken):
+                    continue
+            if node.op_type == "MatMul" and _is_const(node.inputs[0]):
+                self.report.skip(node.name, "MatMul with a constant first input is not quantized")
+                continue
+            if len(node.inputs) > 2 and node.inputs[2] is not None and not _is_const(node.inputs[2]):
+                self.report.skip(node.name, "bias is not a constant initializer")
+                continue
+            if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                b = node.inputs[2].const_value.numpy()
+                n_out = node.inputs[1].const_value.numpy().shape[0 if _attr(node, "transB", 0) else 1]
+                if b.ndim != 1 or b.shape[0] != n_out:
+                    self.report.skip(node.name, f"Gemm C of shape {list(b.shape)} is not a per-column bias")
+                    continue
+            chosen.append(node)
+        return chosen
+
+    def _fold_gemm_scalars(self, graph, node, taken) -> bool:
+        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        if alpha == 1.0 and beta == 1.0:
+            return True
+        w = node.inputs[1]
+        new_b = add_initializer(graph, (w.const_value.numpy() * np.float32(alpha)).astype(np.float32), f"{w.name}_alpha", taken)
+        node.replace_input_with(1, new_b)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = node.inputs[2]
+            new_c = add_initializer(graph, (c.const_value.numpy() * np.float32(beta)).astype(np.float32), f"{c.name}_beta", taken)
+            node.replace_input_with(2, new_c)
+        node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        self.report.counts.setdefault("gemm_alpha_beta_folded", []).append(node.name)
+        return True
+
+    @staticmethod
+    def _act_inputs(node: ir.Node) -> list[ir.Value]:
+        if node.op_type == "MatMul" and not _is_const(node.inputs[1]):
+            return [node.inputs[0], node.inputs[1]]
+        return [node.inputs[0]]
+
+    @staticmethod
+    def _output_point(node: ir.Node) -> ir.Value:
+        out = node.outputs[0]
+        uses = out.uses()
+        if len(uses) == 1 and not out.is_graph_output():
+            nxt = uses[0].node
+            if nxt.op_type in FUSED_ACT and nxt.graph is node.graph and nxt.outputs[0].dtype in (None, FLOAT):
+                if nxt.op_type == "Relu" or _clip_lower_bound_zero(nxt):
+                    return nxt.outputs[0]
+        return out
+
+    @staticmethod
+    def _glue_nodes(graph: ir.Graph, act_t: dict[str, ir.Value]) -> set[ir.Node]:
+        glue = set()
+        for node in graph:  # topological order: propagate forward
+            if node.op_type not in GLUE or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Resize" and _attr(node, "mode", "nearest") != "nearest":
+                continue
+            data = node.inputs if node.op_type in ("Add", "Concat") else node.inputs[:1]
+            if not data or any(v is None or v.name not in act_t for v in data):
+                continue
+            out = node.outputs[0]
+            if out.dtype not in (None, FLOAT):
+                continue
+            glue.add(node)
+            act_t[out.name] = out
+        return glue
+
+    # -- calibration -------------------------------------------------------------------
+    def _calibrate(self, model, names, samples, method):
+        from ...model_io import to_bytes
+
+        proto = ir.to_proto(model)
+        existing = {o.name for o in proto.graph.output}
+        for n in names:
+            if n not in existing:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+        data = to_bytes(proto)
+        stats = calibrate.collect(data, names, samples, method=method)
+        # record a few samples' activations for the per-node check
+        from ...runtime import make_session
+        sess = make_session(data, optimize=False)
+        feeds_ok = {i.name for i in sess.get_inputs()}
+        recorded = []
+        for feed in samples[:2]:
+            outs = sess.run(names, {a: b for a, b in feed.items() if a in feeds_ok})
+            recorded.append(dict(zip(names, outs)))
+        return stats, recorded
+
+    # -- per-node check ----------------------------------------------------------------
+    def _node_sqnr(self, node, ranges, recorded, policy, per_channel, opset) -> float:
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        acts = {v.name for v in self._act_inputs(node)}
+        worst = float("inf")
+        for rec in recorded:
+            f_in, q_in, mask = [], [], []
+            for i, v in enumerate(node.inputs):
+                if v is None:
+                    f_in.append(None); q_in.append(None); mask.append(False)
+                    continue
+                if v.name in acts:
+                    x = rec[v.name]
+                    scale, zp = params.activation_params(*ranges[v.name])
+                    f_in.append(x); q_in.append(params.fake_quant_activation(x, float(scale), int(zp))); mask.append(False)
+                else:
+                    w = v.const_value.numpy()
+                    f_in.append(w); mask.append(True)
+                    if i == 1:
+                        axis = weight_axis(node, w) if per_channel else None
+                        qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
+                        s = params.weight_params(w, axis, qmax)
+                        q = params.quantize_weight(w, s, axis, qmax).astype(np.float32)
+                        sb = s if axis is None else s.reshape([-1 if k == axis else 1 for k in range(w.ndim)])
+                        q_in.append((q * sb).astype(np.float32))
+                    else:
+                        q_in.append(w)
+            worst = min(worst, node_sqnr(node.op_type, attrs, f_in, q_in, mask, max(opset, 13)))
+        return worst
+
+    # -- weights -----------------------------------------------------------------------
+    def _quantize_weight(self, graph, node, in_scale, policy, per_channel, taken, bits) -> bool:
+        wv = node.inputs[1]
+        if not _is_const(wv):
+            return False  # activation x activation MatMul: both inputs are Q/DQ'd activations
+        w = wv.const_value.numpy().astype(np.float32)
+        axis = weight_axis(node, w) if per_channel and w.ndim >= 1 else None
+        qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
+        bits[node.name] = 8 if qmax == 127 else 7
+        scale = params.weight_params(w, axis, qmax)
+        bias_v = node.inputs[2] if len(node.inputs) > 2 else None
+        b = None
+        if bias_v is not None and in_scale is not None:
+            b = bias_v.const_value.numpy().astype(np.float32)
+            # keep the int32 bias in range: widen the weight scale where needed
+            need = np.abs(b.astype(np.float64)) / (float(in_scale) * (2**31 - 1))
+            if axis is None:
+                scale = np.maximum(scale, np.float32(need.max()))
+            else:
+                n_ch = w.shape[axis]
+                per = need.reshape(-1, n_ch).max(0) if need.size != n_ch else need
+                scale = np.maximum(scale, per.astype(np.float32))
+        q = params.quantize_weight(w, scale, axis, qmax)
+        # symmetric: the zero point input is omitted (ONNX default 0 of the int8 type)
+        q_v = add_initializer(graph, q, f"{wv.name}_q", taken)
+        s_v = add_initializer(graph, scale if axis is not None else np.array(scale.reshape(()), np.float32), f"{wv.name}_s", taken)
+        dq_out = ir.Value(name=unique_name(f"{wv.name}_dq", taken), type=wv.type, shape=wv.shape)
+        attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
+        dqn = ir.Node("", "DequantizeLinear", [q_v, s_v], attributes=attrs, outputs=[dq_out],
+                      name=unique_name(f"{wv.name}_DQ", taken))
+        graph.append(dqn)
+        node.replace_input_with(1, dq_out)
+        if b is not None:
+            w_scale_per_out = scale
+            if axis is not None and node.op_type == "ConvTranspose" and _attr(node, "group", 1) > 1:
+                w_scale_per_out = np.tile(scale, _attr(node, "group", 1))
+            if axis is None:
+                w_scale_per_out = np.full(b.shape, scale, np.float32)
+            qb, bs = params.quantize_bias(b, float(in_scale), w_scale_per_out)
+            qb_v = add_initializer(graph, qb, f"{bias_v.name}_q", taken)
+            bs_v = add_initializer(graph, bs, f"{bias_v.name}_s", taken)
+            bdq_out = ir.Value(name=unique_name(f"{bias_v.name}_dq", taken), type=bias_v.type, shape=bias_v.shape)
+            bdq = ir.Node("", "DequantizeLinear", [qb_v, bs_v], attributes=[ir.AttrInt64("axis", 0)],
+                          outputs=[bdq_out], name=unique_name(f"{bias_v.name}_DQ", taken))
+            graph.append(bdq)
+            node.replace_input_with(2, bdq_out)
+        return True
+
+
+def _clip_lower_bound_zero(node: ir.Node) -> bool:
+    """A Clip whose lower bound is a constant 0 (ReLU6): the runtime folds it into Q."""
+    lo = None
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        lo = float(node.inputs[1].const_value.numpy())
+    elif "min" in node.attributes:
+        lo = float(node.attributes["min"].value)
+    return lo is not None and lo == 0.0

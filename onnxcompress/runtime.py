@@ -1,0 +1,149 @@
+"""ONNX Runtime sessions, execution providers and CPU features.
+
+ONNX Runtime is the judge of every model onnxcompress writes. References are run with all
+graph optimizations off (so ORT's own fusions cannot leak into the reference); candidates
+run with all optimizations on, the way they will be deployed (Q/DQ pairs fused into
+integer kernels such as QLinearConv).
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What the host CPU offers to int8 kernels.
+
+    Attributes:
+        arch: ``x86_64``, ``aarch64``, ...
+        avx2, avx512, vnni: x86 ISA extensions (``vnni`` is AVX512-VNNI or AVX-VNNI).
+        flags: every flag reported by the OS.
+    """
+
+    arch: str
+    avx2: bool
+    avx512: bool
+    vnni: bool
+    flags: frozenset[str]
+
+    @property
+    def int8_target(self) -> str:
+        """The quantization target this CPU implies: ``vnni``, ``avx512``, ``avx2``, ``arm64`` or ``generic``."""
+        if self.arch in ("aarch64", "arm64"):
+            return "arm64"
+        if self.vnni:
+            return "vnni"
+        if self.avx512:
+            return "avx512"
+        if self.avx2:
+            return "avx2"
+        return "generic"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> CpuFeatures:
+    """Read the CPU's ISA flags from ``/proc/cpuinfo`` (Linux); other systems report none."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return CpuFeatures(
+        arch=platform.machine().lower(),
+        avx2="avx2" in flags,
+        avx512="avx512f" in flags,
+        vnni=bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & flags),
+        flags=frozenset(flags),
+    )
+
+
+def resolve_providers(names: list[str] | None) -> tuple[list[str], list[str]]:
+    """Map user names (``cpu,cuda,tensorrt``) to available ORT providers.
+
+    Returns:
+        ``(available, skipped_messages)``; CPU is always available and always included.
+    """
+    available = set(ort.get_available_providers())
+    out, skipped = ["CPUExecutionProvider"], []
+    for name in names or ["cpu"]:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full == "CPUExecutionProvider":
+            continue
+        if full in available:
+            out.append(full)
+        else:
+            skipped.append(f"{name}: {full} is not available in this onnxruntime build "
+                           "(install the [gpu] extra, onnxruntime-gpu, on a machine with a GPU)")
+    return out, skipped
+
+
+def make_session(
+    model: bytes | str,
+    *,
+    optimize: bool = True,
+    provider: str = "CPUExecutionProvider",
+    threads: int | None = None,
+    extra_config: dict[str, str] | None = None,
+) -> ort.InferenceSession:
+    """Create an ORT session.
+
+    Args:
+        model: serialized model bytes or a file path.
+        optimize: ``True`` = ``ORT_ENABLE_ALL`` (deployment); ``False`` = ``ORT_DISABLE_ALL`` (reference).
+        provider: one execution provider; CPU is appended as fallback.
+        threads: intra-op threads (``None``: ORT's default).
+        extra_config: session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``.
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    for k, v in (extra_config or {}).items():
+        so.add_session_config_entry(k, v)
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(model, so, providers=providers)
+
+
+def run_samples(sess: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Run every sample (a feed dict) and return the outputs by name, one dict per sample."""
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    results = []
+    for feed in samples:
+        outs = sess.run(None, {k: v for k, v in feed.items() if k in wanted})
+        results.append(dict(zip(names, outs)))
+    return results
+
+
+def median_latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], *, runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``sess.run`` on one feed, in ms (a quick figure; ``bench`` is the careful one)."""
+    wanted = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in wanted}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))

@@ -1,0 +1,131 @@
+"""Compare a candidate model with its reference on the same inputs (the judge).
+
+The reference runs with ONNX Runtime's graph optimizations off; the candidate with them on,
+as it will be deployed (Q/DQ fused into integer kernels). Metrics per output, over all
+samples (the style of Polygraphy's comparator):
+
+* ``max_abs_err``: max |cand - ref|;
+* ``max_rel_err``: max |cand - ref| / max |ref| (per sample, worst sample);
+* ``cosine``: cosine similarity of the flattened outputs, worst sample;
+* ``sqnr_db``: 10 log10(sum ref^2 / sum (cand - ref)^2) over all samples;
+* ``top1_agreement`` (%): for outputs that look like class scores (rank 2, last axis > 1):
+  share of rows whose argmax agrees;
+* ``accuracy`` (%): when labels are given, for both models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runtime import make_session, median_latency_ms, run_samples
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None = None
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`; ``outputs`` lists per-output metrics."""
+
+    provider: str
+    n_samples: int
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    accuracy_reference: float | None = None
+    accuracy_candidate: float | None = None
+    latency_ms_reference: float | None = None
+    latency_ms_candidate: float | None = None
+
+    def worst(self, attr: str, lowest: bool) -> float | None:
+        vals = [getattr(o, attr) for o in self.outputs if getattr(o, attr) is not None]
+        if not vals:
+            return None
+        return min(vals) if lowest else max(vals)
+
+
+def _looks_like_scores(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f" and a.ndim == 2 and a.shape[-1] > 1
+
+
+def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputMetrics:
+    """Metrics of one output over samples (see module docstring)."""
+    max_abs = max_rel = 0.0
+    cos = 1.0
+    sig = noise = 0.0
+    agree = total = 0
+    for r, c in zip(refs, cands):
+        r64 = np.asarray(r, np.float64)
+        c64 = np.asarray(c, np.float64)
+        if r64.shape != c64.shape:
+            return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), 0.0 if _looks_like_scores(r) else None)
+        d = np.abs(r64 - c64)
+        if d.size:
+            if not np.all(np.isfinite(c64)):
+                return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None)
+            max_abs = max(max_abs, float(d.max()))
+            scale = float(np.abs(r64).max())
+            max_rel = max(max_rel, float(d.max()) / scale if scale > 0 else (0.0 if d.max() == 0 else float("inf")))
+            nr, nc = np.linalg.norm(r64), np.linalg.norm(c64)
+            if nr > 0 and nc > 0:
+                cos = min(cos, float(np.dot(r64.ravel(), c64.ravel()) / (nr * nc)))
+            elif nr != nc:
+                cos = min(cos, 0.0)
+            sig += float(np.sum(r64**2))
+            noise += float(np.sum(d**2))
+        if _looks_like_scores(r):
+            agree += int(np.sum(r.argmax(-1) == c.argmax(-1)))
+            total += r.shape[0]
+    sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
+    return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * agree / total if total else None)
+
+
+def compare(
+    reference: bytes | str,
+    candidate: bytes | str,
+    samples: list[dict[str, np.ndarray]],
+    *,
+    labels: np.ndarray | None = None,
+    provider: str = "CPUExecutionProvider",
+    latency: bool = True,
+) -> Comparison:
+    """Run both models on ``samples`` and compare every output of the reference.
+
+    Args:
+        reference / candidate: serialized models or paths.
+        samples: feed dicts.
+        labels: optional int labels, one per row of the first output over all samples.
+        provider: ONNX Runtime execution provider of the candidate (and reference).
+        latency: also measure the median latency (ms) of both on the first sample.
+
+    A reference output missing from the candidate counts as infinitely wrong.
+    """
+    ref_sess = make_session(reference, optimize=False, provider=provider)
+    cand_sess = make_session(candidate, optimize=True, provider=provider)
+    refs = run_samples(ref_sess, samples)
+    cands = run_samples(cand_sess, samples)
+    comp = Comparison(provider=provider, n_samples=len(samples))
+    for o in ref_sess.get_outputs():
+        if o.name not in cands[0]:
+            comp.outputs.append(OutputMetrics(o.name, float("inf"), float("inf"), -1.0, -float("inf"), None))
+            continue
+        comp.outputs.append(output_metrics(o.name, [r[o.name] for r in refs], [c[o.name] for c in cands]))
+    if labels is not None:
+        first = ref_sess.get_outputs()[0].name
+        r = np.concatenate([x[first] for x in refs])
+        c = np.concatenate([x[first] for x in cands])
+        if r.ndim == 2 and len(labels) == r.shape[0]:
+            comp.accuracy_reference = float(100.0 * np.mean(r.argmax(-1) == labels))
+            comp.accuracy_candidate = float(100.0 * np.mean(c.argmax(-1) == labels))
+    if latency and samples:
+        ref_opt = make_session(reference, optimize=True, provider=provider)
+        comp.latency_ms_reference = median_latency_ms(ref_opt, samples[0])
+        comp.latency_ms_candidate = median_latency_ms(cand_sess, samples[0])
+    return comp
