@@ -67,7 +67,7 @@ class OptimizeOptions:
 
     fuse: bool = True
     prune: float | None = None
-    prune_scope: str = "layer"
+    prune_scope: str = "global"
     prune_min_size: int = 64
     prune_skip_first_last: bool = False
     quantize: str | None = None

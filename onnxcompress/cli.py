@@ -42,7 +42,7 @@ def _setup_logging(quiet: bool) -> None:
 def _fail(exc: Exception) -> None:
     if _state["debug"]:
         raise exc
-    console.print(f"[red]error:[/] {exc}", highlight=False)
+    console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 
@@ -78,6 +78,8 @@ def inspect(
         info = inspect_model(model)
     except OnnxCompressError as exc:
         _fail(exc)
+    except Exception as exc:
+        _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -113,7 +115,7 @@ def optimize(
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Per-channel weight scales."),
     min_sqnr: float = typer.Option(20.0, "--min-node-sqnr", help="Keep a node in float when its int8 output SQNR is below this (dB); 0 disables."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Unstructured magnitude pruning to this sparsity (0..1)."),
-    prune_scope: str = typer.Option("layer", "--prune-scope", help="layer (each tensor) or global (one threshold)."),
+    prune_scope: str = typer.Option("global", "--prune-scope", help="global (one magnitude threshold over all weights, default) or layer (each tensor to the target)."),
     prune_skip_first_last: bool = typer.Option(False, "--prune-skip-first-last", help="Keep the first and last layer dense."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Skip clean-up and fusion passes."),
     exclude: List[str] = typer.Option([], "--exclude", help="Node name or op type never pruned or quantized (repeatable)."),
@@ -153,6 +155,8 @@ def optimize(
         _fail(exc)
     except OnnxCompressError as exc:
         _fail(exc)
+    except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
+        _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
     if report:
         _write_json(report, result.report)
     if not quiet:

@@ -1,0 +1,216 @@
+"""The CLI contract and bad input: one-line errors, non-zero exit, input untouched, no partial output."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from typer.testing import CliRunner
+
+import graphs as G
+from onnxcompress.cli import app
+
+runner = CliRunner()
+
+
+def _digest(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(res, *needles):
+    assert res.exit_code != 0, res.output
+    text = res.output.strip()
+    assert "Traceback" not in text, text
+    lines = [l for l in text.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, text
+    for n in needles:
+        assert n in text, text
+
+
+def test_inspect_json(digits):
+    res = _invoke("inspect", digits["model"], "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["inputs"][0]["name"] == "input" and info["op_histogram"]["BatchNormalization"] == 3
+    assert info["parameters"] > 40000 and info["weights"]["initializers"]["count"] > 0
+    res = _invoke("inspect", digits["model"])
+    assert res.exit_code == 0 and "BatchNormalization" in res.output
+
+
+def test_optimize_static_with_report(digits, tmp_path):
+    before = _digest(digits["model"])
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "static", "--calibration", digits["calib"],
+                  "--validation", digits["test"], "--report", rep)
+    assert res.exit_code == 0, res.output
+    assert out.exists() and _digest(digits["model"]) == before
+    r = json.loads(rep.read_text())
+    assert r["written"] and r["validation"][0]["accuracy_candidate"] > 97
+    assert "before / after" in res.output
+
+
+def test_optimize_prune_dynamic(digits, tmp_path):
+    out = tmp_path / "s.onnx"
+    res = _invoke("optimize", digits["model"], "-o", out, "--prune", "0.5", "--quantize", "dynamic",
+                  "--calibration", digits["calib"], "-q")
+    assert res.exit_code == 0, res.output
+    onnx.checker.check_model(onnx.load(out))
+
+
+def test_gate_exit_code_and_nothing_written(digits, tmp_path):
+    out = tmp_path / "q.onnx"
+    res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "static", "--calibration", digits["calib"],
+                  "--min-cosine", "0.999999999", "-q")
+    assert res.exit_code == 3
+    assert not out.exists()
+
+
+@pytest.fixture
+def small(tmp_path):
+    m = G.mlp()
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    return p
+
+
+def _bad(tmp_path, model, *extra, needles=()):
+    out = tmp_path / "out.onnx"
+    before = {p: _digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    res = _invoke("optimize", model, "-o", out, *extra)
+    _one_line_error(res, *needles)
+    assert not out.exists()
+    assert {p: _digest(p) for p in tmp_path.iterdir() if p.is_file() and p in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.onnx")]  # no temp leftovers
+    return res
+
+
+def test_missing_path(tmp_path):
+    _bad(tmp_path, tmp_path / "nope.onnx", needles=["no such file"])
+
+
+def test_directory(tmp_path):
+    (tmp_path / "d.onnx").mkdir()
+    _bad(tmp_path, tmp_path / "d.onnx", needles=["directory"])
+
+
+def test_truncated_model(tmp_path, small):
+    data = small.read_bytes()
+    t = tmp_path / "t.onnx"
+    t.write_bytes(data[: len(data) // 2])
+    _bad(tmp_path, t, needles=["t.onnx"])
+
+
+def test_non_onnx_file(tmp_path):
+    p = tmp_path / "notes.onnx"
+    p.write_text("this is a text file, not a model\n" * 10)
+    _bad(tmp_path, p, needles=["ONNX"])
+
+
+def test_missing_external_data(tmp_path, small):
+    m = onnx.load(small)
+    onnx.save_model(m, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    os.unlink(tmp_path / "ext.onnx.data")
+    _bad(tmp_path, tmp_path / "ext.onnx", needles=["ext.onnx.data"])
+
+
+def _npz(tmp_path, **arrays):
+    p = tmp_path / "calib.npz"
+    np.savez(p, **arrays)
+    return p
+
+
+@pytest.mark.parametrize("arrays,needle", [
+    ({"wrong": np.zeros((4, 4, 16), np.float32)}, "no array for model input"),
+    ({"x": np.zeros((4, 4, 15), np.float32)}, "shape"),
+    ({"x": np.array([["a"] * 16] * 4)}, "dtype"),
+    ({"x": np.full((4, 4, 16), np.nan, np.float32)}, "NaN"),
+    ({"x": np.zeros((0, 4, 16), np.float32)}, "zero samples"),
+])
+def test_bad_calibration(tmp_path, small, arrays, needle):
+    _bad(tmp_path, small, "--quantize", "static", "--calibration", _npz(tmp_path, **arrays), needles=[needle])
+
+
+def test_output_equals_input(tmp_path, small):
+    before = _digest(small)
+    res = _invoke("optimize", small, "-o", small)
+    _one_line_error(res, "input")
+    assert _digest(small) == before
+
+
+def test_unwritable_output_dir(tmp_path, small):
+    res = _invoke("optimize", small, "-o", tmp_path / "missing_dir" / "x.onnx")
+    _one_line_error(res, "does not exist")
+
+
+def _mount(args):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting needs root and mount(8)")
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount not allowed here: {r.stderr.strip()}")
+
+
+def test_read_only_output_dir(tmp_path, small):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _mount(["--bind", str(ro), str(ro)])
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        res = _invoke("optimize", small, "-o", ro / "x.onnx")
+        _one_line_error(res, "cannot write")
+        assert not (ro / "x.onnx").exists()
+    finally:
+        subprocess.run(["umount", str(ro)])
+
+
+def test_disk_full(tmp_path):
+    # a model of ~400 KB written to a 64 KB tmpfs
+    rng = np.random.default_rng(0)
+    m = G.model([helper.make_node("MatMul", ["x", "w"], ["y"])], [G.vi("x", [1, 320])], [G.vi("y", [1, 320])],
+                [G.init("w", rng.standard_normal((320, 320)))])
+    src = tmp_path / "big.onnx"
+    onnx.save(m, src)
+    full = tmp_path / "full"
+    full.mkdir()
+    _mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)])
+    try:
+        res = _invoke("optimize", src, "-o", full / "x.onnx", "--no-fuse")
+        _one_line_error(res, "cannot write")
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)])
+
+
+def test_custom_domain_op_reported(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("FancyOp", ["r"], ["y"], domain="my.custom")]
+    g = helper.make_graph(nodes, "g", [G.vi("x", [1, 4])], [G.vi("y", [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.custom", 1)])
+    p = tmp_path / "c.onnx"
+    onnx.save(m, p)
+    res = _invoke("optimize", p, "-o", tmp_path / "out.onnx")
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "FancyOp" in res.output
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = runner.invoke(app, ["--debug", "optimize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")])
+    assert res.exit_code != 0 and res.exception is not None
+
+
+def test_console_script_entry_point(digits):
+    exe = shutil.which("onnxcompress")
+    if exe is None:
+        pytest.skip("console script not installed")
+    r = subprocess.run([exe, "inspect", str(digits["model"]), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["opsets"]

@@ -1,0 +1,75 @@
+"""End to end on a real trained model with real labelled data: the committed digits CNN
+(sklearn load_digits, 450 held-out test images with labels)."""
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcompress import OptimizeOptions, optimize
+
+
+def _acc(res):
+    v = res.report["validation"][0]
+    return v["accuracy_reference"], v["accuracy_candidate"]
+
+
+def test_static_int8_accuracy_and_size(digits, tmp_path):
+    res = optimize(digits["model"], tmp_path / "q.onnx",
+                   OptimizeOptions(quantize="static", calibration=digits["calib"], validation=digits["test"]))
+    ref, cand = _acc(res)
+    assert ref > 97.0
+    assert abs(ref - cand) <= 0.5, (ref, cand)
+    ratio = res.report["before"]["file_bytes"] / res.report["after"]["file_bytes"]
+    assert ratio >= 3.5, ratio
+    fused = [p for p in res.report["passes"] if p["name"] == "fold-batchnorm"][0]
+    assert fused["counts"]["batchnorm_folded"] == 3
+    assert res.report["validation"][0]["n_samples"] == 450
+
+
+@pytest.mark.parametrize("target", ["avx2", "vnni"])
+def test_static_int8_both_targets(digits, tmp_path, target):
+    res = optimize(digits["model"], tmp_path / "q.onnx",
+                   OptimizeOptions(quantize="static", target=target, calibration=digits["calib"],
+                                   validation=digits["test"], calibration_method="percentile", latency=False))
+    ref, cand = _acc(res)
+    assert abs(ref - cand) <= 0.5
+
+
+def test_dynamic_int8(digits, tmp_path):
+    res = optimize(digits["model"], tmp_path / "q.onnx",
+                   OptimizeOptions(quantize="dynamic", calibration=digits["calib"], validation=digits["test"], latency=False))
+    ref, cand = _acc(res)
+    assert abs(ref - cand) <= 0.5
+    skipped = [s["node"] for p in res.report["passes"] for s in p["skipped"]]
+    assert len([s for s in skipped if "Conv" in s]) == 3  # convs named, left in float
+
+
+def test_magnitude_pruning_50(digits, tmp_path):
+    res = optimize(digits["model"], tmp_path / "p.onnx",
+                   OptimizeOptions(prune=0.5, calibration=digits["calib"], validation=digits["test"], latency=False))
+    ref, cand = _acc(res)
+    assert abs(ref - cand) <= 1.0, (ref, cand)
+    prune = [p for p in res.report["passes"] if p["name"] == "prune-magnitude"][0]
+    assert abs(prune["counts"]["achieved_sparsity"] - 0.5) < 0.01
+    assert res.report["after"]["compressed_bytes"] < 0.7 * res.report["before"]["compressed_bytes"]
+
+
+def test_prune_then_quantize_and_fusion_only(digits, tmp_path):
+    res = optimize(digits["model"], tmp_path / "pq.onnx",
+                   OptimizeOptions(prune=0.5, quantize="static", calibration=digits["calib"], validation=digits["test"], latency=False))
+    ref, cand = _acc(res)
+    assert abs(ref - cand) <= 1.5
+    res = optimize(digits["model"], tmp_path / "f.onnx", OptimizeOptions(calibration=digits["calib"], validation=digits["test"], latency=False))
+    assert res.report["validation"][0]["outputs"][0]["max_rel_err"] < 1e-4
+    assert res.report["after"]["n_nodes"] < res.report["before"]["n_nodes"]
+    onnx.checker.check_model(onnx.load(tmp_path / "f.onnx"))
+
+
+def test_gate_failure_writes_nothing(digits, tmp_path):
+    from onnxcompress.errors import GateFailedError
+
+    out = tmp_path / "q.onnx"
+    with pytest.raises(GateFailedError, match="min-cosine"):
+        optimize(digits["model"], out, OptimizeOptions(quantize="static", calibration=digits["calib"],
+                                                       validation=digits["test"], min_cosine=0.99999999, latency=False))
+    assert not out.exists()

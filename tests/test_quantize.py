@@ -1,0 +1,140 @@
+"""Static QDQ and dynamic int8 on small generated graphs, judged by ONNX Runtime with its
+graph optimizations ON (the way the model is deployed)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import graphs as G
+from onnxcompress import OptimizeOptions, optimize
+
+REL = 0.05  # max|Δ| / max|ref| allowed after int8 on these graphs
+
+
+def _cnn(rng):
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((8, 1, 3, 3)).astype(np.float32) * 0.3  # depthwise
+    w3 = rng.standard_normal((16, 8, 1, 1)).astype(np.float32) * 0.3
+    wg = rng.standard_normal((10, 16)).astype(np.float32) * 0.3
+    inits = [G.init("w1", w1), G.init("b1", rng.standard_normal(8) * 0.1), G.init("w2", w2),
+             G.init("w3", w3), G.init("b3", rng.standard_normal(16) * 0.1), G.init("wg", wg),
+             G.init("bg", rng.standard_normal(10) * 0.1), G.init("six", 6.0), G.init("zero", 0.0)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4, group=8, name="dw"),
+             helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="relu6"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="pw"),
+             helper.make_node("Add", ["c3", "c3"], ["a3"], name="add"),
+             helper.make_node("GlobalAveragePool", ["a3"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], transB=1, alpha=0.5, beta=2.0, name="fc")]
+    return G.model(nodes, [G.vi("x", [1, 3, 16, 16])], [G.vi("y", [1, 10])], inits, opset=13, ir_version=7)
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+def _calib(tmp_path, name, arr):
+    p = tmp_path / "calib.npz"
+    np.savez(p, **{name: arr})
+    return p
+
+
+def _optimized_ops(path):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    out = str(path) + ".ortopt.onnx"
+    so.optimized_model_filepath = out
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(out).graph.node]
+
+
+@pytest.mark.parametrize("target", ["avx2", "vnni"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_static_cnn(tmp_path, target, method):
+    rng = np.random.default_rng(0)
+    m = _cnn(rng)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    xs = rng.uniform(0, 1, (24, 3, 16, 16)).astype(np.float32)
+    res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="static", calibration=_calib(tmp_path, "x", xs),
+                                                             calibration_method=method, target=target))
+    q = onnx.load(tmp_path / "q.onnx")
+    onnx.checker.check_model(q)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    # weights are int8, 7-bit on group=1 layers for avx2, 8-bit on depthwise
+    w1 = inits["w1_q"]
+    assert w1.dtype == np.int8
+    assert np.abs(w1).max() == (63 if target == "avx2" else 127)
+    assert np.abs(inits["w2_q"]).max() == 127
+    assert inits["b1_q"].dtype == np.int32
+    # Gemm alpha/beta folded and the weight axis is 0 for transB=1
+    fc = next(n for n in q.graph.node if n.op_type == "Gemm")
+    assert {a.name: helper.get_attribute_value(a) for a in fc.attribute}.get("alpha", 1.0) == 1.0
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("wg"))
+    assert {a.name: helper.get_attribute_value(a) for a in dq.attribute}["axis"] == 0
+    x = {"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)}
+    assert _rel(G.run(m, x)["y"], G.run(q, x, optimize=True)["y"]) < REL
+    ops = _optimized_ops(tmp_path / "q.onnx")
+    assert ops.count("QLinearConv") == 3, ops  # the runtime runs the convs in int8
+
+
+def test_static_zero_and_subnormal_channels(tmp_path):
+    """Pruned weights: zero channel, subnormal channel, all-zero tensor (case20 kind)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    w[1] = 0
+    w[2] = 1e-41
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4),
+             helper.make_node("Conv", ["c", "wz"], ["y"])]
+    m = G.model(nodes, [G.vi("x", [1, 2, 6, 6])], [G.vi("y", [1, 3, 6, 6])],
+                [G.init("w", w), G.init("b", rng.standard_normal(4)), G.init("wz", np.zeros((3, 4, 1, 1)))])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="static", min_sqnr_db=None,
+             calibration=_calib(tmp_path, "x", rng.standard_normal((8, 2, 6, 6)).astype(np.float32))))
+    q = onnx.load(tmp_path / "q.onnx")
+    for i in q.graph.initializer:
+        a = numpy_helper.to_array(i)
+        assert np.all(np.isfinite(a.astype(np.float64)))
+        if i.name.endswith("_s"):
+            assert np.all(a > 0), i.name
+    x = {"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)}
+    assert np.all(G.run(q, x, optimize=True)["y"] == 0)
+
+
+def test_dynamic_mlp(tmp_path):
+    rng = np.random.default_rng(2)
+    m = G.mlp(k=64, n=16)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="dynamic", calibration=_calib(tmp_path, "x", rng.standard_normal((8, 4, 64)).astype(np.float32))))
+    q = onnx.load(tmp_path / "q.onnx")
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("MatMulInteger") == 2, ops
+    x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    assert _rel(G.run(m, x)["y"], G.run(q, x, optimize=True)["y"]) < REL
+    assert "DynamicQuantizeMatMul" in _optimized_ops(tmp_path / "q.onnx")
+    assert res.report["passes"][-2]["counts"]["nodes_quantized"] == 2
+
+
+def test_outlier_activation_kept_in_float(tmp_path):
+    """One input feature 1000x larger than the rest: per-tensor int8 would wreck the MatMul
+    (case21 kind); the per-node SQNR check keeps it in float and names it."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    w[0] = 1e-4
+    m = G.model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [G.vi("x", [4, 16])], [G.vi("y", [4, 8])], [G.init("w", w)])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    xs = rng.standard_normal((8, 4, 16)).astype(np.float32)
+    xs[..., 0] *= 1000
+    for mode in ("dynamic", "static"):
+        res = optimize(src, tmp_path / f"{mode}.onnx", OptimizeOptions(quantize=mode, calibration=_calib(tmp_path, "x", xs)))
+        skipped = [s for p in res.report["passes"] for s in p["skipped"]]
+        assert any(s["node"] == "mm" and "SQNR" in s["reason"] for s in skipped), skipped
+        x = {"x": xs[0]}
+        assert _rel(G.run(m, x)["y"], G.run(onnx.load(tmp_path / f"{mode}.onnx"), x, optimize=True)["y"]) < REL
