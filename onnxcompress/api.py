@@ -176,6 +176,15 @@ def optimize(
     original_bytes = to_bytes(original)
     model = ir.from_proto(ir.to_proto(original))
     calib, val, labels, notes = _load_data(model, opts)
+    runtime_ok, custom = _runtime_loads(original_bytes, original)
+    if not runtime_ok:
+        if opts.quantize:
+            raise OnnxCompressError(
+                f"ONNX Runtime cannot load this model ({custom}); quantization needs to run it for "
+                "calibration and validation. Register the custom ops with ONNX Runtime or exclude them first.")
+        notes.append(f"ONNX Runtime cannot load this model ({custom}); the custom ops are kept as they are. "
+                     "Passes are exact rewrites checked by onnx.checker only: no numeric validation was possible.")
+        calib, val = [], []
     check_samples = calib[:4]
     before = summarize(original, inp)
     report: dict[str, Any] = {
@@ -228,7 +237,7 @@ def optimize(
     providers, skipped = resolve_providers(list(opts.providers))
     notes.extend(skipped)
     validation = []
-    for prov in providers:
+    for prov in providers if runtime_ok else []:
         comp = compare(original_bytes, cand_bytes, val, labels=labels, provider=prov, latency=opts.latency)
         validation.append(_jsonable(asdict(comp)))
     report["validation"] = validation
@@ -245,7 +254,7 @@ def optimize(
         err.report = report  # type: ignore[attr-defined]
         raise err
     say(f"writing {out}")
-    size = save_model(model, out, external_data=opts.external_data, protect=(inp,))
+    size = save_model(model, out, external_data=opts.external_data, protect=(inp,), runtime_check=runtime_ok)
     after["file_bytes"] = size
     raw = out.read_bytes()
     after["compressed_bytes"] = len(zlib.compress(raw, 6))
@@ -253,6 +262,28 @@ def optimize(
     report["written"] = True
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return OptimizeResult(out, report, True)
+
+
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training")
+
+
+def _runtime_loads(model_bytes: bytes, model: ir.Model) -> tuple[bool, str]:
+    """Whether ORT can load the input; if not because of custom-domain ops, name them.
+
+    Raises:
+        OnnxCompressError: ORT refuses a model that has no custom ops (its message is given).
+    """
+    from .runtime import make_session
+
+    try:
+        make_session(model_bytes, optimize=False)
+        return True, ""
+    except Exception as exc:
+        custom = sorted({f"{n.domain}.{n.op_type} (node '{n.name}')"
+                         for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain not in _STANDARD_DOMAINS})
+        if not custom:
+            raise OnnxCompressError(f"ONNX Runtime cannot load the input model: {str(exc).splitlines()[0]}") from None
+        return False, "custom ops: " + ", ".join(custom[:5]) + (" ..." if len(custom) > 5 else "")
 
 
 def _gates(opts: OptimizeOptions, validation: list[dict]) -> list[dict]:

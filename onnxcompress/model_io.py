@@ -136,6 +136,7 @@ def save_model(
     external_data: bool | None = None,
     protect: tuple[str | os.PathLike, ...] = (),
     check: bool = True,
+    runtime_check: bool = True,
 ) -> int:
     """Write a model atomically, after checking it.
 
@@ -146,6 +147,8 @@ def save_model(
             chooses it when the model is over 2 GB.
         protect: paths that must never be overwritten (the input model).
         check: run :func:`check_model` first.
+        runtime_check: include the ONNX Runtime load in the check (off only for models with
+            custom ops ORT does not know, which the caller has reported).
 
     Returns:
         The size in bytes of the written files (model plus external data).
@@ -166,7 +169,7 @@ def save_model(
         raise ModelWriteError(f"{folder}: output folder does not exist")
     proto = to_proto(model)
     if check:
-        check_model(proto)
+        check_model(proto, runtime=runtime_check)
     if external_data is None:
         external_data = proto.ByteSize() >= PROTOBUF_LIMIT
     tmp_model = tmp_data = None
