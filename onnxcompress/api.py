@@ -27,7 +27,7 @@ from .opset import upgrade_opset
 from .passes.base import PassContext, PassReport, run_passes
 from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,
                              LiftConstantsPass)
-from .passes.fusion import FoldBatchNormPass, MatMulAddToGemmPass
+from .passes.fusion import FoldBatchNormPass, FusePadIntoConvPass, MatMulAddToGemmPass
 from .passes.prune import MagnitudePrunePass
 from .passes.quantize import DynamicQuantizePass, StaticQuantizePass
 from .passes.quantize.calibrate import METHODS
@@ -201,7 +201,8 @@ def optimize(
     if opts.fuse:
         say("clean-up and fusion")
         stage = [InitializerInputsPass(ctx), ConstantFoldingPass(ctx), LiftConstantsPass(ctx),
-                 IdentityDropoutPass(ctx), FoldBatchNormPass(ctx), MatMulAddToGemmPass(ctx), DeadCodePass(ctx)]
+                 IdentityDropoutPass(ctx), FoldBatchNormPass(ctx), FusePadIntoConvPass(ctx), MatMulAddToGemmPass(ctx),
+                 DeadCodePass(ctx)]
     model, reps = run_passes(model, stage, check_samples)
     reports += reps
 

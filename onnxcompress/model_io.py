@@ -8,7 +8,9 @@ leaves no partial output.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
 import os
 import tempfile
 from pathlib import Path
@@ -96,17 +98,29 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
-    """Serialize a model to protobuf bytes for an ONNX Runtime session.
+_TEMP_DIRS: list[str] = []
+atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _TEMP_DIRS])
 
-    Raises:
-        InvalidModelError: the model is over protobuf's 2 GB limit (validate it from a file
-            written with external data instead).
+
+def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes | str:
+    """Serialize a model for an ONNX Runtime session or ``onnx.checker``.
+
+    Returns:
+        protobuf bytes; for a model at or over protobuf's 2 GB limit, the path of a private
+        temporary copy written with external data (removed at exit), which ORT and the
+        checker accept in place of bytes.
     """
     proto = to_proto(model) if isinstance(model, ir.Model) else model
-    if proto.ByteSize() >= PROTOBUF_LIMIT:
-        raise InvalidModelError("model is over 2 GB; it can only be checked from a file with external data")
-    return proto.SerializeToString()
+    if proto.ByteSize() < PROTOBUF_LIMIT:
+        return proto.SerializeToString()
+    folder = tempfile.mkdtemp(prefix="onnxcompress-")
+    _TEMP_DIRS.append(folder)
+    path = os.path.join(folder, "model.onnx")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # saving with external data rewrites the tensors of its argument
+    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    return path
 
 
 def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> None:
@@ -116,15 +130,16 @@ def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> N
         InvalidModelError: with the checker's or ONNX Runtime's message.
     """
     proto = to_proto(model) if isinstance(model, ir.Model) else model
+    data = to_bytes(proto)
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        onnx.checker.check_model(proto if isinstance(data, bytes) else data, full_check=False)
     except Exception as exc:
         raise InvalidModelError(f"onnx.checker rejected the model: {exc}") from None
     if runtime:
         from .runtime import make_session
 
         try:
-            make_session(to_bytes(proto), optimize=True)
+            make_session(data, optimize=True)
         except Exception as exc:
             raise InvalidModelError(f"ONNX Runtime refused to load the model: {exc}") from None
 

@@ -56,7 +56,10 @@ class ConstantFoldingPass(CompressionPass):
 
     def apply(self, model: ir.Model) -> bool:
         before = _count_nodes(model)
-        result = fold_constants(model)
+        # onnxscript keeps ConstantOfShape by default (it can create large tensors); exported
+        # padding computations (TF-style 'same' padding) need it folded: the output size
+        # limit of the folder still applies.
+        result = fold_constants(model, should_fold=lambda n: True if n.op_type == "ConstantOfShape" else None)
         common.RemoveUnusedNodesPass()(model)
         after = _count_nodes(model)
         self.report.counts["nodes_removed"] = before - after

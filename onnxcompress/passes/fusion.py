@@ -18,6 +18,7 @@ from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common._fuse_batchnorm import rules as bn_rules
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
+from onnxscript.rewriter.rules.common import fuse_pad_into_conv_rule, normalize_pad_format_conv_rule
 
 import onnx_ir.passes.common as common
 
@@ -53,6 +54,14 @@ def clone_initializer(graph: ir.Graph, value: ir.Value, taken: set[str]) -> ir.V
     new = ir.Value(name=name, shape=value.shape, type=value.type, const_value=ir.tensor(arr, name=name))
     graph.register_initializer(new)
     return new
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Annotate value shapes (ONNX shape inference via onnx-ir); best effort."""
+    try:
+        common.ShapeInferencePass()(model)
+    except Exception:  # custom ops, > 2 GB: rules then refuse for lack of shapes
+        pass
 
 
 class FoldBatchNormPass(CompressionPass):
@@ -103,7 +112,9 @@ class _StrictMatMulAddToGemm(MatMulAddToGemm):
                 return result.fail(f"MatMul input {what} is not known to be rank 2")
             if v.dtype not in _FLOAT_TYPES:
                 return result.fail(f"MatMul input {what} is not a float type")
-        if input_c is None or input_c.shape is None:
+        if input_c is None or input_c.const_value is None:
+            return result.fail("the added tensor is not a constant bias")
+        if input_c.shape is None:
             return result.fail("bias shape unknown")
         c_shape = list(input_c.shape)
         if len(c_shape) > 2:
@@ -126,7 +137,23 @@ class MatMulAddToGemmPass(CompressionPass):
     name = "matmul-add-to-gemm"
 
     def apply(self, model: ir.Model) -> bool:
+        infer_shapes(model)
         count = RewriteRuleSet([_StrictMatMulAddToGemm().rule()]).apply_to_model(model)
         common.RemoveUnusedNodesPass()(model)
         self.report.counts["gemm_fused"] = int(count)
+        return bool(count)
+
+
+class FusePadIntoConvPass(CompressionPass):
+    """Fold a constant zero ``Pad`` of the spatial axes into the following Conv's ``pads``
+    (onnxscript's ``fuse_pad_into_conv`` rule; exporters emit such Pads for TF-style "same"
+    padding). A Pad between Conv layers also blocks int8 kernel fusion in ONNX Runtime."""
+
+    name = "fuse-pad-into-conv"
+
+    def apply(self, model: ir.Model) -> bool:
+        infer_shapes(model)
+        count = RewriteRuleSet([normalize_pad_format_conv_rule, fuse_pad_into_conv_rule]).apply_to_model(model)
+        common.RemoveUnusedNodesPass()(model)
+        self.report.counts["pads_fused"] = int(count)
         return bool(count)

@@ -24,6 +24,8 @@ import numpy as np
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
+#: below this many observed values a tensor falls back to min/max
+MIN_VALUES_FOR_HISTOGRAM = 4 * BINS
 
 
 @dataclass
@@ -80,7 +82,8 @@ class TensorStats:
         """The calibrated ``(lo, hi)`` for ``method`` (see module docstring)."""
         if self.n == 0:
             raise ValueError("tensor never observed during calibration")
-        if method == "minmax" or not self.with_hist:
+        if method == "minmax" or not self.with_hist or self.n < MIN_VALUES_FOR_HISTOGRAM:
+            # too few values for a meaningful histogram (e.g. a scalar output): min/max
             return self.lo, self.hi
         tot = self.pos.total() + self.neg.total()
         if method == "percentile":

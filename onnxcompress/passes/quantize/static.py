@@ -31,7 +31,7 @@ from .sensitivity import node_sqnr
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops ONNX Runtime runs on quantized tensors when Q/DQ surround them
 GLUE = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten",
-        "Transpose", "Squeeze", "Unsqueeze", "Resize")
+        "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad")
 FUSED_ACT = ("Relu", "Clip")
 FLOAT = ir.DataType.FLOAT
 
@@ -144,12 +144,15 @@ class StaticQuantizePass(CompressionPass):
 
         # which tensors get Q/DQ: those read by at least one quantization-aware node
         needed: dict[str, ir.Value] = {}
+        outputs_of_kept = set()
         for node in kept:
             for v in self._act_inputs(node):
                 needed[v.name] = v
             o = self._output_point(node)
             if o.name in ranges:
                 needed[o.name] = o
+                if not o.is_graph_output():  # a graph output keeps the node in float anyway
+                    outputs_of_kept.add(o.name)
         for node in glue:
             for v in node.inputs[:1] if node.op_type != "Concat" and node.op_type != "Add" else node.inputs:
                 if v is not None and v.name in ranges:
@@ -168,7 +171,10 @@ class StaticQuantizePass(CompressionPass):
             for u in v.uses():
                 if u.node in kept and u.idx == 0:
                     in_scale_of[u.node] = scale
-            users = [(u.node, u.idx) for u in v.uses() if u.node in aware]
+            # a quantized node's output is re-quantized for every consumer (so the runtime can
+            # run the node itself in int8); other tensors only for quantization-aware consumers
+            users = [(u.node, u.idx) for u in v.uses()
+                     if u.node in aware or (name in outputs_of_kept and u.node.graph is graph)]
             if not users:
                 continue
             s_v = add_initializer(graph, np.array(scale, np.float32), f"{name}_s", taken)
@@ -226,8 +232,6 @@ class StaticQuantizePass(CompressionPass):
                 if not _is_const(node.inputs[1]):
                     self.report.skip(node.name, "Gemm B is not a constant initializer")
                     continue
-                if not self._fold_gemm_scalars(graph, node, taken):
-                    continue
             if node.op_type == "MatMul" and _is_const(node.inputs[0]):
                 self.report.skip(node.name, "MatMul with a constant first input is not quantized")
                 continue
@@ -237,20 +241,32 @@ class StaticQuantizePass(CompressionPass):
             if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
                 b = node.inputs[2].const_value.numpy()
                 n_out = node.inputs[1].const_value.numpy().shape[0 if _attr(node, "transB", 0) else 1]
-                if b.ndim != 1 or b.shape[0] != n_out:
+                if b.shape not in ((n_out,), (1, n_out)):
                     self.report.skip(node.name, f"Gemm C of shape {list(b.shape)} is not a per-column bias")
                     continue
+            if node.op_type == "Gemm":
+                self._fold_gemm_scalars(graph, node, taken)  # only once the node is certainly quantized
             chosen.append(node)
         return chosen
 
     def _fold_gemm_scalars(self, graph, node, taken) -> bool:
+        """Fold alpha into B and beta into C (C made 1-D [N]), then set alpha = beta = 1."""
         alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-        if alpha == 1.0 and beta == 1.0:
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if c is not None and c.const_value.numpy().ndim == 2:
+            flat = c.const_value.numpy().reshape(-1).astype(np.float32) * np.float32(beta)
+            node.replace_input_with(2, add_initializer(graph, flat, f"{c.name}_1d", taken))
+            beta_done = True
+        else:
+            beta_done = False
+        if alpha == 1.0 and (beta == 1.0 or beta_done):
+            if beta_done and beta != 1.0:
+                node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
             return True
         w = node.inputs[1]
         new_b = add_initializer(graph, (w.const_value.numpy() * np.float32(alpha)).astype(np.float32), f"{w.name}_alpha", taken)
         node.replace_input_with(1, new_b)
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if len(node.inputs) > 2 and node.inputs[2] is not None and not beta_done:
             c = node.inputs[2]
             new_c = add_initializer(graph, (c.const_value.numpy() * np.float32(beta)).astype(np.float32), f"{c.name}_beta", taken)
             node.replace_input_with(2, new_c)
