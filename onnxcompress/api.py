@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import __version__
-from .data import input_specs, load_npz, random_samples, split_holdout
+from .data import ImageSpec, input_specs, load_image_folder, load_npz, random_samples, split_holdout
 from .errors import DataError, GateFailedError, OnnxCompressError
 from .inspect import summarize
 from .model_io import load_model, save_model, to_bytes
@@ -51,7 +51,8 @@ class OptimizeOptions:
         prune_min_size: tensors with fewer elements stay dense.
         prune_skip_first_last: keep the first and last prunable layer dense.
         quantize: ``None``, ``"dynamic"`` or ``"static"``.
-        calibration / validation: ``.npz`` paths (see :mod:`onnxcompress.data`).
+        calibration / validation: ``.npz`` paths (see :mod:`onnxcompress.data`), or folders
+            of images read with ``image`` (an :class:`ImageSpec`: size, mean, std, layout, channels).
         calibration_method: ``minmax``, ``percentile``, ``entropy`` or ``mse``.
         max_calibration_samples: cap on samples used to calibrate.
         target: int8 target (``auto`` = this CPU; see :mod:`.passes.quantize.policy`).
@@ -86,6 +87,7 @@ class OptimizeOptions:
     min_top1_agreement: float | None = None
     external_data: bool | None = None
     latency: bool = True
+    image: ImageSpec = field(default_factory=ImageSpec)
 
     def check(self) -> None:
         """Raise :class:`OnnxCompressError` for inconsistent options."""
@@ -114,7 +116,9 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
     specs = input_specs(model)
     notes = []
     labels = None
-    if opts.calibration:
+    if opts.calibration and Path(opts.calibration).is_dir():
+        calib = load_image_folder(opts.calibration, specs, opts.image, what="calibration")
+    elif opts.calibration:
         calib, extras = load_npz(opts.calibration, specs, what="calibration")
     else:
         with warnings.catch_warnings(record=True) as w:
@@ -122,7 +126,10 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
             calib = random_samples(specs, 16)
         notes.extend(str(x.message) for x in w)
         extras = {}
-    if opts.validation:
+    if opts.validation and Path(opts.validation).is_dir():
+        val = load_image_folder(opts.validation, specs, opts.image, what="validation")
+        notes.append(f"validation on {len(val)} images from {opts.validation}")
+    elif opts.validation:
         val, vextras = load_npz(opts.validation, specs, what="validation")
         labels = vextras.get("labels")
         notes.append(f"validation on {len(val)} held-out samples from {opts.validation}")

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import __version__
 from .api import OptimizeOptions, optimize as api_optimize
+from .data import ImageSpec
 from .errors import GateFailedError, OnnxCompressError
 from .inspect import inspect_model
 
@@ -125,10 +126,24 @@ def optimize(
     min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: minimum top-1 agreement (%)."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline-data", help="Store weights in OUT.data (default: only over 2 GB)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Image folders: HxW after resize + centre crop (default: the model's input)."),
+    mean: str = typer.Option("0,0,0", "--mean", help="Image folders: per-channel mean on 0-255 pixels."),
+    std: str = typer.Option("255,255,255", "--std", help="Image folders: per-channel std on 0-255 pixels."),
+    layout: str = typer.Option("NCHW", "--layout", help="Image folders: NCHW or NHWC."),
+    channels: str = typer.Option("RGB", "--channels", help="Image folders: RGB or BGR."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
 ):
     """Clean up and fuse, prune, quantize, validate with ONNX Runtime, then write OUT atomically."""
     _setup_logging(quiet)
+    try:
+        image = ImageSpec(
+            size=tuple(int(v) for v in image_size.lower().split("x")) if image_size else None,
+            mean=tuple(float(v) for v in mean.split(",")), std=tuple(float(v) for v in std.split(",")),
+            layout=layout.upper(), channels=channels.upper())
+        if len(image.mean) != 3 or len(image.std) != 3 or image.layout not in ("NCHW", "NHWC") or image.channels not in ("RGB", "BGR"):
+            raise ValueError("--mean/--std take 3 values; --layout NCHW|NHWC; --channels RGB|BGR")
+    except ValueError as exc:
+        _fail(OnnxCompressError(f"bad image options: {exc}"))
     op_types = {e for e in exclude if e[:1].isupper() and "/" not in e and "." not in e}
     opts = OptimizeOptions(
         fuse=not no_fuse, prune=prune, prune_scope=prune_scope, prune_skip_first_last=prune_skip_first_last,
@@ -137,7 +152,7 @@ def optimize(
         exclude_nodes=tuple(exclude), exclude_op_types=tuple(op_types),
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
         max_rel_error=max_rel_error, min_cosine=min_cosine, min_top1_agreement=min_top1_agreement,
-        external_data=external_data,
+        external_data=external_data, image=image,
     )
     try:
         if quiet:

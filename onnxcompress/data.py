@@ -202,3 +202,73 @@ def split_holdout(samples: list[dict[str, np.ndarray]], fraction: float = 0.25, 
     calib = [s for i, s in enumerate(samples) if i not in val_idx]
     val = [s for i, s in enumerate(samples) if i in val_idx]
     return calib, val
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How to turn image files into a model input.
+
+    Attributes:
+        size: (height, width) in pixels after resizing (shorter side resized, then centre crop);
+            ``None`` takes it from the model's static input shape.
+        mean / std: per-channel, on 0-255 pixel values: ``x = (pixel - mean) / std``.
+        layout: ``NCHW`` or ``NHWC``.
+        channels: ``RGB`` or ``BGR``.
+    """
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (255.0, 255.0, 255.0)
+    layout: str = "NCHW"
+    channels: str = "RGB"
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_image_folder(folder: str | Path, specs: list[InputSpec], image: ImageSpec, *, what: str = "calibration") -> list[dict[str, np.ndarray]]:
+    """One sample per image file in ``folder`` (sorted by name) for a single-input model.
+
+    Raises:
+        DataError: the model has several inputs, Pillow is missing, no image is found, the
+            size is unknown, or a file cannot be decoded (its name is given).
+    """
+    folder = Path(folder)
+    if len(specs) != 1:
+        raise DataError(f"{what} images: the model has {len(specs)} inputs; an image folder can feed only one (use an .npz)")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading an image folder needs Pillow: pip install pillow") from None
+    spec = specs[0]
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{what} images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    size = image.size
+    if size is None and spec.shape is not None and len(spec.shape) == 4:
+        h, w = (spec.shape[2], spec.shape[3]) if image.layout == "NCHW" else (spec.shape[1], spec.shape[2])
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+            size = (h, w)
+    if size is None:
+        raise DataError(f"{what} images: the model input '{spec.name}' has no static height/width; give --image-size HxW")
+    mean = np.asarray(image.mean, np.float32)
+    std = np.asarray(image.std, np.float32)
+    samples = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                h, w = size
+                scale = max(h / im.height, w / im.width)
+                im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
+                left, top = (im.width - w) // 2, (im.height - h) // 2
+                arr = np.asarray(im.crop((left, top, left + w, top + h)), np.float32)
+        except Exception as exc:
+            raise DataError(f"{what} images: cannot read {f.name} ({exc})") from None
+        if image.channels.upper() == "BGR":
+            arr = arr[..., ::-1]
+        arr = (arr - mean) / std
+        if image.layout.upper() == "NCHW":
+            arr = arr.transpose(2, 0, 1)
+        samples.append({spec.name: _check_value(arr[None].astype(np.float32), spec, str(folder), what, len(samples))})
+    return samples

@@ -138,3 +138,23 @@ def test_outlier_activation_kept_in_float(tmp_path):
         assert any(s["node"] == "mm" and "SQNR" in s["reason"] for s in skipped), skipped
         x = {"x": xs[0]}
         assert _rel(G.run(m, x)["y"], G.run(onnx.load(tmp_path / f"{mode}.onnx"), x, optimize=True)["y"]) < REL
+
+
+def test_static_from_image_folder(tmp_path):
+    """Calibration from a folder of images with a preprocessing spec (size, mean, std, layout)."""
+    PIL = pytest.importorskip("PIL.Image")
+    from onnxcompress.data import ImageSpec
+
+    rng = np.random.default_rng(5)
+    m = _cnn(rng)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(6):
+        PIL.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    (imgs / "readme.txt").write_text("not an image")
+    res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="static", calibration=imgs, image=ImageSpec(
+        mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)), latency=False))
+    assert res.report["passes"][-2]["counts"]["calibration_samples"] == 5  # 6 images, every 4th held out
+    assert res.report["validation"][0]["n_samples"] == 1
