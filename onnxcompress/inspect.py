@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from .irutil import subgraphs
 from .model_io import load_model, model_size_bytes
 
 
@@ -30,7 +31,7 @@ def summarize(model: ir.Model, path: str | Path | None = None) -> dict:
     hist: Counter[str] = Counter()
     const_count = const_bytes = 0
     params = zeros = counted = 0
-    subgraphs = []
+    subgraph_info = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         hist[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
         if node.op_type == "Constant" and "value" in node.attributes:
@@ -45,12 +46,12 @@ def summarize(model: ir.Model, path: str | Path | None = None) -> dict:
         for a in node.attributes.values():
             if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                 gs = [a.value] if a.type == ir.AttributeType.GRAPH else list(a.value)
-                subgraphs.append({"node": node.name, "op_type": node.op_type, "attribute": a.name,
+                subgraph_info.append({"node": node.name, "op_type": node.op_type, "attribute": a.name,
                                   "nodes": sum(len(list(ir.traversal.RecursiveGraphIterator(g))) for g in gs)})
     init_bytes = 0
     int8 = 0
     inits = list(model.graph.initializers.values())
-    for sg in _subgraph_list(model.graph):
+    for sg in subgraphs(model.graph):
         inits.extend(sg.initializers.values())
     for v in inits:
         if v.const_value is None:
@@ -76,7 +77,7 @@ def summarize(model: ir.Model, path: str | Path | None = None) -> dict:
         "size_bytes": model_size_bytes(model),
         "weights": {"initializers": {"count": len(inits), "bytes": int(init_bytes)},
                     "constant_nodes": {"count": const_count, "bytes": int(const_bytes)}},
-        "subgraphs": subgraphs,
+        "subgraphs": subgraph_info,
         "sparsity_pct": round(100.0 * zeros / counted, 2) if counted else 0.0,
         "int8_initializers": int8,
     }
@@ -84,15 +85,6 @@ def summarize(model: ir.Model, path: str | Path | None = None) -> dict:
         p = Path(path)
         out["file_bytes"] = p.stat().st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + ".data"))
     return out
-
-
-def _subgraph_list(graph: ir.Graph):
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        for a in node.attributes.values():
-            if a.type == ir.AttributeType.GRAPH:
-                yield a.value
-            elif a.type == ir.AttributeType.GRAPHS:
-                yield from a.value
 
 
 def inspect_model(path: str | Path) -> dict:

@@ -22,38 +22,10 @@ from onnxscript.rewriter.rules.common import fuse_pad_into_conv_rule, normalize_
 
 import onnx_ir.passes.common as common
 
+from ..irutil import all_value_names, clone_initializer
 from .base import CompressionPass
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-
-
-def unique_name(base: str, taken: set[str]) -> str:
-    """A tensor name not used anywhere in ``taken`` (all value names of the model)."""
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
-
-
-def all_value_names(model: ir.Model) -> set[str]:
-    names: set[str] = set()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        names.update(v.name for v in node.inputs if v is not None and v.name)
-        names.update(v.name for v in node.outputs if v.name)
-    names.update(v.name for v in model.graph.inputs if v.name)
-    names.update(model.graph.initializers)
-    return names
-
-
-def clone_initializer(graph: ir.Graph, value: ir.Value, taken: set[str]) -> ir.Value:
-    """Register a copy of an initializer under a fresh name and return its value."""
-    arr = value.const_value.numpy().copy()
-    name = unique_name(f"{value.name}_clone", taken)
-    new = ir.Value(name=name, shape=value.shape, type=value.type, const_value=ir.tensor(arr, name=name))
-    graph.register_initializer(new)
-    return new
 
 
 def infer_shapes(model: ir.Model) -> None:

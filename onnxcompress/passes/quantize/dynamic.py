@@ -22,11 +22,11 @@ import onnx
 import onnx_ir as ir
 
 from ..base import CompressionPass
-from ..fusion import all_value_names, unique_name
+from ...irutil import add_initializer, all_value_names, subgraphs, unique_name
 from . import params
 from .policy import resolve_policy
 from .sensitivity import node_sqnr
-from .static import FLOAT, _attr, _is_const, add_initializer
+from .static import FLOAT, _attr, _is_const
 
 
 def fake_dynamic_quant(x: np.ndarray) -> np.ndarray:
@@ -108,18 +108,9 @@ class DynamicQuantizePass(CompressionPass):
         self.report.counts.update(nodes_quantized=len(quantized), node_sqnr_db=sqnrs,
                                   weight_bits=8 if policy.weight_qmax("MatMul", False) == 127 else 7)
         if quantized:
-            for g in [model.graph, *self._subgraphs(model.graph)]:
+            for g in [model.graph, *subgraphs(model.graph)]:
                 g.sort()
         return bool(quantized)
-
-    @staticmethod
-    def _subgraphs(graph):
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            for a in node.attributes.values():
-                if a.type == ir.AttributeType.GRAPH:
-                    yield a.value
-                elif a.type == ir.AttributeType.GRAPHS:
-                    yield from a.value
 
     @staticmethod
     def _weight_kn(node: ir.Node) -> tuple[np.ndarray, float]:

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from ..base import CompressionPass
-from ..fusion import all_value_names, clone_initializer, unique_name
+from ...irutil import add_initializer, all_value_names, subgraphs, unique_name
 from . import calibrate, params
 from .policy import resolve_policy
 from .sensitivity import node_sqnr
@@ -43,15 +43,6 @@ def _attr(node: ir.Node, name: str, default):
 
 def _is_const(v: ir.Value | None) -> bool:
     return v is not None and v.const_value is not None and v.is_initializer() and not v.is_graph_input()
-
-
-def add_initializer(graph: ir.Graph, arr: np.ndarray, base: str, taken: set[str]) -> ir.Value:
-    """Register ``arr`` as a new initializer under a unique name and return its value."""
-    name = unique_name(base, taken)
-    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                 const_value=ir.tensor(arr, name=name))
-    graph.register_initializer(v)
-    return v
 
 
 def weight_axis(node: ir.Node, w: np.ndarray) -> int:
@@ -202,14 +193,13 @@ class StaticQuantizePass(CompressionPass):
     # -- selection ---------------------------------------------------------------------
     def _report_subgraphs(self, model: ir.Model) -> None:
         for node in model.graph:
-            for attr in node.attributes.values():
-                if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                    graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value
-                    n = sum(1 for g in graphs for sub in ir.traversal.RecursiveGraphIterator(g) if sub.op_type in COMPUTE)
-                    if n:
-                        self.report.skip(node.name, f"{n} Conv/Gemm/MatMul node(s) inside {node.op_type} "
-                                                    "branches are not calibrated by static quantization and stay "
-                                                    "in float (use --quantize dynamic for them)")
+            graphs = [a.value for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+            graphs += [g for a in node.attributes.values() if a.type == ir.AttributeType.GRAPHS for g in a.value]
+            n = sum(1 for g in graphs for sub in ir.traversal.RecursiveGraphIterator(g) if sub.op_type in COMPUTE)
+            if n:
+                self.report.skip(node.name, f"{n} Conv/Gemm/MatMul node(s) inside the subgraphs of {node.op_type} "
+                                            "are not calibrated by static quantization and stay in float "
+                                            "(use --quantize dynamic for them)")
 
     def _choose(self, graph: ir.Graph, excl_nodes, excl_ops, taken) -> list[ir.Node]:
         chosen = []

@@ -1,0 +1,55 @@
+"""Small onnx-ir helpers shared by the passes: subgraph walking, unique names, initializers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+
+def subgraphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """Every graph nested in ``graph``'s nodes (``If`` branches, ``Loop``/``Scan`` bodies), recursively."""
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for a in node.attributes.values():
+            if a.type == ir.AttributeType.GRAPH:
+                yield a.value
+            elif a.type == ir.AttributeType.GRAPHS:
+                yield from a.value
+
+
+def all_value_names(model: ir.Model) -> set[str]:
+    """Names of every value and initializer of the model, subgraphs included."""
+    names: set[str] = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        names.update(v.name for v in node.inputs if v is not None and v.name)
+        names.update(v.name for v in node.outputs if v.name)
+    names.update(v.name for v in model.graph.inputs if v.name)
+    names.update(model.graph.initializers)
+    for g in subgraphs(model.graph):
+        names.update(g.initializers)
+    return names
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... whichever is not in ``taken`` (which is updated)."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def add_initializer(graph: ir.Graph, arr: np.ndarray, base: str, taken: set[str]) -> ir.Value:
+    """Register ``arr`` as a new initializer under a unique name and return its value."""
+    name = unique_name(base, taken)
+    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                 const_value=ir.tensor(arr, name=name))
+    graph.register_initializer(v)
+    return v
+
+
+def clone_initializer(graph: ir.Graph, value: ir.Value, taken: set[str]) -> ir.Value:
+    """Register a copy of an initializer under a fresh name and return its value."""
+    return add_initializer(graph, value.const_value.numpy().copy(), f"{value.name}_clone", taken)
