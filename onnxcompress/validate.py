@@ -8,7 +8,8 @@ samples (the style of Polygraphy's comparator):
 * ``max_rel_err``: max |cand - ref| / max |ref| (per sample, worst sample);
 * ``cosine``: cosine similarity of the flattened outputs, worst sample;
 * ``sqnr_db``: 10 log10(sum ref^2 / sum (cand - ref)^2) over all samples;
-* ``top1_agreement`` (%): for outputs that look like class scores (rank 2, last axis > 1):
+* ``top1_agreement`` (%): for outputs that look like class scores (rank 2, last axis > 1, a
+  name that does not say embedding/hidden/feature/pool/state):
   share of rows whose argmax agrees;
 * ``accuracy`` (%): when labels are given, for both models.
 """
@@ -51,8 +52,13 @@ class Comparison:
         return min(vals) if lowest else max(vals)
 
 
-def _looks_like_scores(a: np.ndarray) -> bool:
-    return a.dtype.kind == "f" and a.ndim == 2 and a.shape[-1] > 1
+_NOT_SCORES = ("embed", "hidden", "feature", "pool", "state", "token")
+
+
+def _looks_like_scores(a: np.ndarray, name: str = "") -> bool:
+    """Rank-2 float output with >1 column whose name does not say it is an embedding."""
+    return (a.dtype.kind == "f" and a.ndim == 2 and a.shape[-1] > 1
+            and not any(k in name.lower() for k in _NOT_SCORES))
 
 
 def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputMetrics:
@@ -65,7 +71,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
         r64 = np.asarray(r, np.float64)
         c64 = np.asarray(c, np.float64)
         if r64.shape != c64.shape:
-            return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), 0.0 if _looks_like_scores(r) else None)
+            return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), 0.0 if _looks_like_scores(r, name) else None)
         d = np.abs(r64 - c64)
         if d.size:
             if not np.all(np.isfinite(c64)):
@@ -80,7 +86,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
                 cos = min(cos, 0.0)
             sig += float(np.sum(r64**2))
             noise += float(np.sum(d**2))
-        if _looks_like_scores(r):
+        if _looks_like_scores(r, name):
             agree += int(np.sum(r.argmax(-1) == c.argmax(-1)))
             total += r.shape[0]
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))

@@ -147,3 +147,21 @@ def test_pruning_at_zero_is_identity():
     out, reps = _apply(m, [MagnitudePrunePass(PassContext(options={"sparsity": 0.0}))], x)
     assert not reps[0].changed
     _close(G.run(m, x), G.run(out, x), tol=0)
+
+
+def test_identity_forwarding_outer_value_in_if_branches():
+    """Both If branches forward the same outer-scope value through an Identity to their own
+    output (Silero VAD): onnx-ir's IdentityEliminationPass raised; ours keeps those nodes."""
+    T = onnx.TensorProto
+    thn = helper.make_graph([helper.make_node("Identity", ["r"], ["t_out"])], "then", [], [G.vi("t_out", [2])])
+    els = helper.make_graph([helper.make_node("Identity", ["r"], ["e_out"])], "else", [], [G.vi("e_out", [2])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["r2"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=thn, else_branch=els),
+             helper.make_node("Add", ["y", "r2"], ["z"])]
+    m = G.model(nodes, [G.vi("x", [2]), G.vi("c", [], T.BOOL)], [G.vi("z", [2])])
+    m.graph.input[1].type.tensor_type.shape.SetInParent()
+    feeds = {"x": np.array([-1, 2], np.float32), "c": np.array(True)}
+    out, reps = _apply(m, [IdentityDropoutPass()], feeds)
+    assert not reps[0].reverted, reps[0].reverted
+    assert reps[0].counts["nodes_removed"] == 1  # the main-graph Identity only
+    _close(G.run(m, feeds), G.run(out, feeds))

@@ -83,6 +83,39 @@ class LiftConstantsPass(CompressionPass):
         return before != after
 
 
+def _eliminate_identities(model: ir.Model) -> int:
+    """onnx-ir's IdentityEliminationPass, minus the cases it gets wrong (onnx-ir 1.1).
+
+    An Identity whose output is a graph output is kept when its input is not produced by a
+    node of the same graph (graph input, initializer, outer-scope value of a subgraph) or is
+    already a graph output: eliminating it would make that value the output of a second
+    graph (``ValueError`` on Silero VAD's ``If`` branches) or rename an outer-scope value.
+    Returns the number of nodes removed.
+    """
+    removed = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if x is None:
+            continue
+        was_output = y.is_graph_output()
+        if was_output:
+            prod = x.producer()
+            if prod is None or prod.graph is not node.graph or x.is_graph_output():
+                continue
+        if x.type is None:
+            x.type = y.type
+        if x.shape is None:
+            x.shape = y.shape
+        y.replace_all_uses_with(x, replace_graph_outputs=True)
+        if was_output:
+            x.name = y.name  # the graph keeps its output names
+        node.graph.remove(node, safe=True)
+        removed += 1
+    return removed
+
+
 class IdentityDropoutPass(CompressionPass):
     """Remove ``Identity`` nodes and inference-mode ``Dropout`` (outputs kept by name)."""
 
@@ -91,7 +124,7 @@ class IdentityDropoutPass(CompressionPass):
     def apply(self, model: ir.Model) -> bool:
         before = _count_nodes(model)
         n_drop = RewriteRuleSet([dropout_inference_rule, dropout_zero_rule]).apply_to_model(model)
-        common.IdentityEliminationPass()(model)
+        _eliminate_identities(model)
         common.RemoveUnusedNodesPass()(model)
         removed = before - _count_nodes(model)
         self.report.counts["dropout_removed"] = int(n_drop)

@@ -5,8 +5,9 @@ Placement is chosen so that ONNX Runtime fuses node units into integer kernels
 ``DQ`` on its activation input(s), a ``DQ`` on its int8 weight (per output channel on the
 right axis: 0 for Conv and Gemm transB=1, 1 for ConvTranspose and Gemm transB=0, the last
 axis for MatMul), an int32 bias (scale = input scale x weight scale) and a ``Q -> DQ`` on
-its output, placed after a directly following Relu/Clip so the runtime folds the
-activation into the output range. Shape-only ops (Reshape, Flatten, MaxPool, ...) and
+its output (Conv/ConvTranspose always; MatMul/Gemm only where a quantization-aware op reads
+it, since ORT runs them in int8 with a float output), placed after a directly following
+Relu/Clip so the runtime folds the activation into the output range. Shape-only ops (Reshape, Flatten, MaxPool, ...) and
 Add/Concat between quantized tensors are kept in the integer domain; linear ``Resize``
 is not (it does not commute with quantization, shared/cases case11).
 
@@ -142,7 +143,10 @@ class StaticQuantizePass(CompressionPass):
             o = self._output_point(node)
             if o.name in ranges:
                 needed[o.name] = o
-                if not o.is_graph_output():  # a graph output keeps the node in float anyway
+                # Conv needs Q on its output to run as QLinearConv; MatMul/Gemm with DQ inputs
+                # already run in int8 with a float output (MatMulIntegerToFloat, QGemm), and a
+                # re-quantized MatMul output with outlier channels would only lose precision
+                if node.op_type in ("Conv", "ConvTranspose") and not o.is_graph_output():
                     outputs_of_kept.add(o.name)
         for node in glue:
             for v in node.inputs[:1] if node.op_type != "Concat" and node.op_type != "Add" else node.inputs:
