@@ -233,5 +233,9 @@ def _render(rep: dict) -> None:
         console.print(f"[dim]note:[/] {n}", highlight=False)
 
 
+# Command modules: each registers its commands on `app` when imported (one import per line).
+# --- command modules ---
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
