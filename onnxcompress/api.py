@@ -63,6 +63,9 @@ class OptimizeOptions:
         max_rel_error / min_cosine / min_top1_agreement: gates (``None`` = off); relative
             error as a fraction, cosine in [-1, 1], agreement in %.
         external_data: write weights to ``<out>.data`` (``None``: only over 2 GB).
+        fallback: when a gate is missed after quantization, keep the nodes with the worst
+            per-node int8 SQNR in float (1, 2, 4, ... of them, at most ``max_fallback_rounds``
+            re-quantizations) until every gate holds; the report lists them.
         latency: measure median latency in validation.
     """
 
@@ -87,6 +90,8 @@ class OptimizeOptions:
     min_top1_agreement: float | None = None
     external_data: bool | None = None
     latency: bool = True
+    fallback: bool = True
+    max_fallback_rounds: int = 6
     image: ImageSpec = field(default_factory=ImageSpec)
 
     def check(self) -> None:
@@ -222,6 +227,7 @@ def optimize(
         model, reps = run_passes(model, [MagnitudePrunePass(pctx)], check_samples)
         reports += reps
 
+    pre_quant = None
     if opts.quantize:
         opset = model.opset_imports.get("", 1)
         if opset < 13:
@@ -229,31 +235,48 @@ def optimize(
             model, info = upgrade_opset(model, 13, check_samples)
             report["opset_upgrade"] = info
         say(f"{opts.quantize} int8 quantization")
-        qctx = PassContext(calibration=calib, options={
-            "calibration_method": opts.calibration_method, "target": opts.target,
-            "per_channel": opts.per_channel, "min_sqnr_db": opts.min_sqnr_db,
-            "exclude_nodes": opts.exclude_nodes, "exclude_op_types": opts.exclude_op_types})
-        qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)
-        model, reps = run_passes(model, [qpass, DeadCodePass(qctx)], check_samples)
-        reports += reps
-        if qpass.report.reverted:
-            notes.append(f"quantization failed and was reverted: {qpass.report.reverted}")
+        pre_quant = ir.to_proto(model)
+        calib_cache: dict = {}
+        model, qreps = _quantize(model, opts, calib, check_samples, (), calib_cache)
+        reports += qreps
+        if qreps[0].reverted:
+            notes.append(f"quantization failed and was reverted: {qreps[0].reverted}")
 
-    report["passes"] = [r.to_dict() for r in reports]
     say("validating with ONNX Runtime")
-    cand_bytes = to_bytes(model)
     providers, skipped = resolve_providers(list(opts.providers))
     notes.extend(skipped)
-    validation = []
-    for prov in providers if runtime_ok else []:
-        comp = compare(original_bytes, cand_bytes, val, labels=labels, provider=prov, latency=opts.latency)
-        validation.append(_jsonable(asdict(comp)))
+    providers = providers if runtime_ok else []
+    validation = _validate(original_bytes, model, val, labels, providers, opts.latency)
+    gates = _gates(opts, validation)
+    passed = all(g["passed"] for g in gates)
+    if not passed and pre_quant is not None and opts.fallback and not qreps[0].reverted:
+        # sensitive-node fallback: keep the nodes with the worst int8 SQNR in float, doubling
+        # their number, until every gate holds
+        sqnr = qreps[0].counts.get("node_sqnr_db", {})
+        order = sorted(sqnr, key=lambda k: sqnr[k])
+        rounds, k = [], 1
+        while not passed and order and len(rounds) < opts.max_fallback_rounds:
+            excluded = tuple(order[:k])
+            say(f"fallback: {len(excluded)} node(s) kept in float")
+            model, qreps = _quantize(ir.from_proto(pre_quant), opts, calib, check_samples, excluded, calib_cache)
+            validation = _validate(original_bytes, model, val, labels, providers, latency=False)
+            gates = _gates(opts, validation)
+            passed = all(g["passed"] for g in gates)
+            rounds.append({"kept_in_float": list(excluded), "passed": passed,
+                           "gates": {g["gate"]: g["value"] for g in gates}})
+            if k >= len(order):
+                break
+            k = min(2 * k, len(order))
+        reports = reports[: len(reports) - 2] + qreps
+        report["fallback"] = {"rounds": rounds, "kept_in_float": rounds[-1]["kept_in_float"] if rounds else [],
+                              "passed": passed}
+        if passed and opts.latency:
+            validation = _validate(original_bytes, model, val, labels, providers, latency=True)
+    report["passes"] = [r.to_dict() for r in reports]
     report["validation"] = validation
     after = summarize(model)
     report["after"] = after
-    gates = _gates(opts, validation)
     report["gates"] = gates
-    passed = all(g["passed"] for g in gates)
     if not passed:
         report["written"] = False
         report["seconds"] = round(time.perf_counter() - t0, 2)
@@ -292,6 +315,25 @@ def _runtime_loads(model_bytes: bytes, model: ir.Model) -> tuple[bool, str]:
         if not custom:
             raise OnnxCompressError(f"ONNX Runtime cannot load the input model: {str(exc).splitlines()[0]}") from None
         return False, "custom ops: " + ", ".join(custom[:5]) + (" ..." if len(custom) > 5 else "")
+
+
+def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extra_exclude: tuple[str, ...],
+              calib_cache: dict) -> tuple[ir.Model, list[PassReport]]:
+    """Run the quantization pass chosen by ``opts`` (plus dead-code removal)."""
+    qctx = PassContext(calibration=calib, options={
+        "calibration_method": opts.calibration_method, "target": opts.target,
+        "per_channel": opts.per_channel, "min_sqnr_db": opts.min_sqnr_db,
+        "exclude_nodes": tuple(opts.exclude_nodes) + tuple(extra_exclude),
+        "exclude_op_types": opts.exclude_op_types, "calibration_cache": calib_cache})
+    qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)
+    return run_passes(model, [qpass, DeadCodePass(qctx)], check_samples)
+
+
+def _validate(original_bytes, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:
+    """:func:`compare` on every provider, as JSON-ready dicts."""
+    cand = to_bytes(model)
+    return [_jsonable(asdict(compare(original_bytes, cand, val, labels=labels, provider=p, latency=latency)))
+            for p in providers]
 
 
 def _gates(opts: OptimizeOptions, validation: list[dict]) -> list[dict]:

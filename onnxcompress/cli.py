@@ -124,6 +124,7 @@ def optimize(
     max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", help="Gate: max |Δ|/max|ref| per output (fraction)."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
     min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: minimum top-1 agreement (%)."),
+    fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="When a gate is missed after quantization, keep the least int8-friendly nodes in float until it holds."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline-data", help="Store weights in OUT.data (default: only over 2 GB)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Image folders: HxW after resize + centre crop (default: the model's input)."),
@@ -151,7 +152,7 @@ def optimize(
         target=target, per_channel=per_channel, min_sqnr_db=min_sqnr or None,
         exclude_nodes=tuple(exclude), exclude_op_types=tuple(op_types),
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
-        max_rel_error=max_rel_error, min_cosine=min_cosine, min_top1_agreement=min_top1_agreement,
+        max_rel_error=max_rel_error, min_cosine=min_cosine, min_top1_agreement=min_top1_agreement, fallback=fallback,
         external_data=external_data, image=image,
     )
     try:
@@ -226,6 +227,10 @@ def _render(rep: dict) -> None:
         extra = f"; {len(r['skipped'])} skipped" if r["skipped"] else ""
         p.add_row(r["name"], status, ", ".join(f"{k}={v}" for k, v in counts.items()) + extra)
     out_console.print(p)
+    fb = rep.get("fallback")
+    if fb:
+        console.print(f"fallback: {len(fb['kept_in_float'])} node(s) kept in float after {len(fb['rounds'])} round(s): "
+                      + ", ".join(fb["kept_in_float"][:8]) + (" ..." if len(fb["kept_in_float"]) > 8 else ""), highlight=False)
     for g in rep.get("gates", []):
         mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
         console.print(f"gate {g['gate']} on {g['provider']}: {g['value']:.4g} (limit {g['limit']:g}) {mark}")

@@ -66,7 +66,7 @@ def summarize_report(rep: dict) -> dict:
     row: dict = {}
     fb = before.get("file_bytes") or before.get("size_bytes")
     fa = after.get("file_bytes") or after.get("size_bytes")
-    row.update(bytes_before=fb, bytes_after=fa, size_ratio=(fa / fb if fb and fa else None),
+    row.update(bytes_before=fb, bytes_after=fa, size_ratio=(fb / fa if fb and fa else None),
                nodes_before=before.get("n_nodes"), nodes_after=after.get("n_nodes"))
     val = (rep.get("validation") or [{}])[0]
     outs = val.get("outputs", [])
@@ -124,8 +124,8 @@ def _f(x, fmt="{:.3g}"):
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["model", "recipe", "MB before→after", "size ×", "nodes", "max rel err", "min cos", "top-1 %",
-            "ms before→after", "speed ×", "quantized", "skipped", "reverted", "wall s"]
+    head = ["model", "recipe", "MB before→after", "× smaller", "nodes", "max rel err", "min cos", "top-1 %",
+            "ms before→after", "× faster", "quantized", "skipped", "reverted", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if not r.get("ok") and r.get("bytes_before") is None:

@@ -70,7 +70,7 @@ def test_optimize_prune_dynamic(digits, tmp_path):
 def test_gate_exit_code_and_nothing_written(digits, tmp_path):
     out = tmp_path / "q.onnx"
     res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "static", "--calibration", digits["calib"],
-                  "--min-cosine", "0.999999999", "-q")
+                  "--min-cosine", "0.999999999", "--no-fallback", "-q")
     assert res.exit_code == 3
     assert not out.exists()
 

@@ -71,5 +71,20 @@ def test_gate_failure_writes_nothing(digits, tmp_path):
     out = tmp_path / "q.onnx"
     with pytest.raises(GateFailedError, match="min-cosine"):
         optimize(digits["model"], out, OptimizeOptions(quantize="static", calibration=digits["calib"],
-                                                       validation=digits["test"], min_cosine=0.99999999, latency=False))
+                                                       validation=digits["test"], min_cosine=0.99999999, latency=False,
+                                                       fallback=False))
     assert not out.exists()
+
+
+def test_fallback_keeps_worst_nodes_in_float_until_the_gate_holds(digits, tmp_path):
+    opts = OptimizeOptions(quantize="static", calibration=digits["calib"], validation=digits["test"], latency=False)
+    plain = optimize(digits["model"], tmp_path / "a.onnx", opts)
+    cos = plain.report["validation"][0]["outputs"][0]["cosine"]
+    target = 1 - (1 - cos) / 4  # a gate the all-int8 model misses
+    opts.min_cosine = target
+    res = optimize(digits["model"], tmp_path / "b.onnx", opts)
+    fb = res.report["fallback"]
+    assert fb["passed"] and fb["kept_in_float"], fb
+    assert res.report["validation"][0]["outputs"][0]["cosine"] >= target
+    sqnr = plain.report["passes"][-2]["counts"]["node_sqnr_db"]
+    assert fb["kept_in_float"][0] == min(sqnr, key=sqnr.get)  # the least int8-friendly node goes first

@@ -306,7 +306,18 @@ class StaticQuantizePass(CompressionPass):
 
     # -- calibration -------------------------------------------------------------------
     def _calibrate(self, model, names, samples, method):
+        """Statistics of ``names`` over ``samples`` and the first two samples' values.
+
+        ``options["calibration_cache"]`` (a dict), when given, keeps both per tensor so a
+        re-quantization of the same model (sensitive-node fallback) does not run the
+        calibration data again.
+        """
         from ...model_io import to_bytes
+
+        cache = self.context.options.get("calibration_cache")
+        if cache is not None and cache.get("method") == method and all(n in cache["stats"] for n in names):
+            return ({n: cache["stats"][n] for n in names},
+                    [{n: rec[n] for n in names} for rec in cache["recorded"]])
 
         proto = ir.to_proto(model)
         existing = {o.name for o in proto.graph.output}
@@ -323,6 +334,8 @@ class StaticQuantizePass(CompressionPass):
         for feed in samples[:2]:
             outs = sess.run(names, {a: b for a, b in feed.items() if a in feeds_ok})
             recorded.append(dict(zip(names, outs)))
+        if cache is not None:
+            cache.update(method=method, stats=stats, recorded=recorded)
         return stats, recorded
 
     # -- per-node check ----------------------------------------------------------------
