@@ -29,7 +29,10 @@ from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutP
                              LiftConstantsPass)
 from .passes.fusion import FoldBatchNormPass, FusePadIntoConvPass, MatMulAddToGemmPass
 from .passes.prune import MagnitudePrunePass
+from .passes.prune_channels import IMPORTANCE, ChannelPrunePass
+from .passes.prune_nm import NMPrunePass, storage_report
 from .passes.quantize import DynamicQuantizePass, StaticQuantizePass
+from .passes.quantize.gather import GatherQuantizePass
 from .passes.quantize.calibrate import METHODS
 from .passes.quantize.policy import TARGETS
 from .runtime import cpu_features, resolve_providers
@@ -38,6 +41,7 @@ from .validate import compare
 logger = logging.getLogger("onnxcompress")
 
 QUANTIZE_MODES = ("dynamic", "static")
+PRUNE_MODES = ("unstructured", "channel", "nm")
 
 
 @dataclass
@@ -50,6 +54,15 @@ class OptimizeOptions:
         prune_scope: ``layer`` (each tensor to the target) or ``global`` (one threshold).
         prune_min_size: tensors with fewer elements stay dense.
         prune_skip_first_last: keep the first and last prunable layer dense.
+        prune_mode: ``unstructured`` (magnitude zeros, ``prune`` = sparsity), ``channel`` (structured:
+            ``prune`` = share of channels removed per dependency group, then least-squares repair) or
+            ``nm`` (N:M semi-structured sparsity, pattern ``prune_nm``).
+        prune_importance: channel importance: ``l2``, ``l1``, ``bn`` (BatchNorm gamma) or ``activation``.
+        prune_channel_scope: ``layer`` (every group loses ``prune`` of its channels) or ``global``.
+        prune_round_to: kept channels rounded up to a multiple of this.
+        prune_repair: least-squares re-fit of the consumers on calibration data (channel mode).
+        prune_protect: node names whose channels are never pruned (channel mode).
+        prune_nm: N:M pattern, e.g. ``"2:4"``.
         quantize: ``None``, ``"dynamic"`` or ``"static"``.
         calibration / validation: ``.npz`` paths (see :mod:`onnxcompress.data`), or folders
             of images read with ``image`` (an :class:`ImageSpec`: size, mean, std, layout, channels).
@@ -74,6 +87,13 @@ class OptimizeOptions:
     prune_scope: str = "global"
     prune_min_size: int = 64
     prune_skip_first_last: bool = False
+    prune_mode: str = "unstructured"
+    prune_importance: str = "l2"
+    prune_channel_scope: str = "layer"
+    prune_round_to: int = 1
+    prune_repair: bool = True
+    prune_protect: tuple[str, ...] = ()
+    prune_nm: str = "2:4"
     quantize: str | None = None
     calibration: str | Path | None = None
     validation: str | Path | None = None
@@ -106,6 +126,17 @@ class OptimizeOptions:
             raise OnnxCompressError(f"--prune must be a sparsity in [0, 1), got {self.prune}")
         if self.prune_scope not in ("layer", "global"):
             raise OnnxCompressError(f"--prune-scope must be layer or global, got {self.prune_scope!r}")
+        if self.prune_mode not in PRUNE_MODES:
+            raise OnnxCompressError(f"--prune-mode must be one of {PRUNE_MODES}, got {self.prune_mode!r}")
+        if self.prune_importance not in IMPORTANCE:
+            raise OnnxCompressError(f"--prune-importance must be one of {IMPORTANCE}, got {self.prune_importance!r}")
+        if self.prune_channel_scope not in ("layer", "global"):
+            raise OnnxCompressError(f"--prune-channel-scope must be layer or global, got {self.prune_channel_scope!r}")
+        if int(self.prune_round_to) < 1:
+            raise OnnxCompressError(f"--prune-round-to must be >= 1, got {self.prune_round_to}")
+        nm = str(self.prune_nm).split(":")
+        if len(nm) != 2 or not all(x.isdigit() for x in nm) or not 0 < int(nm[0]) < int(nm[1]):
+            raise OnnxCompressError(f"--prune-nm must look like 2:4 (0 < N < M), got {self.prune_nm!r}")
 
 
 @dataclass
@@ -218,14 +249,42 @@ def optimize(
     model, reps = run_passes(model, stage, check_samples)
     reports += reps
 
-    if opts.prune:
-        say(f"magnitude pruning to {opts.prune:.0%}")
-        pctx = PassContext(calibration=calib, options={
-            "sparsity": opts.prune, "scope": opts.prune_scope, "min_size": opts.prune_min_size,
-            "skip_first_last": opts.prune_skip_first_last, "exclude_nodes": opts.exclude_nodes,
-            "exclude_op_types": opts.exclude_op_types})
-        model, reps = run_passes(model, [MagnitudePrunePass(pctx)], check_samples)
+    if opts.prune or opts.prune_mode == "nm":
+        if opts.prune_mode == "channel":
+            say(f"channel pruning {opts.prune:.0%} per group" + (" + least-squares repair" if opts.prune_repair else ""))
+            pctx = PassContext(calibration=calib, check_samples=val[:16] or check_samples, options={
+                "ratio": opts.prune, "scope": opts.prune_channel_scope, "importance": opts.prune_importance,
+                "round_to": opts.prune_round_to, "repair": opts.prune_repair,
+                "protect": tuple(opts.prune_protect) + tuple(opts.exclude_nodes),
+                "exclude_op_types": opts.exclude_op_types})
+            ppass = ChannelPrunePass(pctx)
+        elif opts.prune_mode == "nm":
+            n_, m_ = (int(x) for x in opts.prune_nm.split(":"))
+            say(f"{n_}:{m_} semi-structured pruning")
+            pctx = PassContext(calibration=calib, options={
+                "n": n_, "m": m_, "min_size": opts.prune_min_size, "exclude_nodes": opts.exclude_nodes,
+                "exclude_op_types": opts.exclude_op_types})
+            ppass = NMPrunePass(pctx)
+            if opts.prune and abs(opts.prune - (1 - n_ / m_)) > 1e-9:
+                notes.append(f"--prune {opts.prune} ignored in nm mode: {n_}:{m_} fixes the sparsity at {1 - n_ / m_:.0%}")
+        else:
+            say(f"magnitude pruning to {opts.prune:.0%}")
+            pctx = PassContext(calibration=calib, options={
+                "sparsity": opts.prune, "scope": opts.prune_scope, "min_size": opts.prune_min_size,
+                "skip_first_last": opts.prune_skip_first_last, "exclude_nodes": opts.exclude_nodes,
+                "exclude_op_types": opts.exclude_op_types})
+            ppass = MagnitudePrunePass(pctx)
+        model, reps = run_passes(model, [ppass], check_samples)
         reports += reps
+        if opts.prune_mode == "unstructured" and ppass.report.changed:
+            try:
+                st = storage_report(model)
+                report["pruning_storage"] = st
+                notes.append(f"sparse storage measured after pruning (before quantization): dense {st['dense_bytes']} B "
+                             f"({st['dense_zlib_bytes']} B zlib), sparse_initializer {st['sparse_initializer_bytes']} B "
+                             f"({st['sparse_initializer_zlib_bytes']} B zlib); kept: {st['choice']}")
+            except Exception as exc:  # measurement only
+                notes.append(f"sparse storage not measured: {exc}")
 
     pre_quant = None
     if opts.quantize:
@@ -267,7 +326,7 @@ def optimize(
             if k >= len(order):
                 break
             k = min(2 * k, len(order))
-        reports = reports[: len(reports) - 2] + qreps
+        reports = reports[: len(reports) - len(qreps)] + qreps
         report["fallback"] = {"rounds": rounds, "kept_in_float": rounds[-1]["kept_in_float"] if rounds else [],
                               "passed": passed}
         if passed and opts.latency:
@@ -326,7 +385,7 @@ def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extr
         "exclude_nodes": tuple(opts.exclude_nodes) + tuple(extra_exclude),
         "exclude_op_types": opts.exclude_op_types, "calibration_cache": calib_cache})
     qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)
-    return run_passes(model, [qpass, DeadCodePass(qctx)], check_samples)
+    return run_passes(model, [qpass, GatherQuantizePass(qctx), DeadCodePass(qctx)], check_samples)
 
 
 def _validate(original_bytes, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:

@@ -118,7 +118,7 @@ def test_dynamic_mlp(tmp_path):
     x = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
     assert _rel(G.run(m, x)["y"], G.run(q, x, optimize=True)["y"]) < REL
     assert "DynamicQuantizeMatMul" in _optimized_ops(tmp_path / "q.onnx")
-    assert res.report["passes"][-2]["counts"]["nodes_quantized"] == 2
+    assert next(p for p in res.report["passes"] if p["name"] == "quantize-dynamic")["counts"]["nodes_quantized"] == 2
 
 
 def test_outlier_activation_kept_in_float(tmp_path):
@@ -156,5 +156,28 @@ def test_static_from_image_folder(tmp_path):
     (imgs / "readme.txt").write_text("not an image")
     res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="static", calibration=imgs, image=ImageSpec(
         mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)), latency=False))
-    assert res.report["passes"][-2]["counts"]["calibration_samples"] == 5  # 6 images, every 4th held out
+    assert next(p for p in res.report["passes"] if p["name"] == "quantize-static")["counts"]["calibration_samples"] == 5  # 6 images, every 4th held out
     assert res.report["validation"][0]["n_samples"] == 1
+
+
+def test_gather_embedding_table_per_row_int8(tmp_path):
+    """A word-embedding Gather: the table is stored int8 with one scale per row (4x smaller)."""
+    rng = np.random.default_rng(7)
+    table = (rng.standard_normal((512, 32)) * rng.uniform(0.01, 2, (512, 1))).astype(np.float32)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    m = G.model(nodes, [G.vi("ids", [1, 6], onnx.TensorProto.INT64)], [G.vi("y", [1, 6, 8])],
+                [G.init("table", table), G.init("w", w)])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    cal = tmp_path / "c.npz"
+    np.savez(cal, ids=rng.integers(0, 512, (8, 1, 6)))
+    res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="dynamic", calibration=cal, latency=False))
+    g = next(p for p in res.report["passes"] if p["name"] == "quantize-gather")
+    assert g["counts"]["tables_quantized"][0]["table"] == "table"
+    q = onnx.load(tmp_path / "q.onnx")
+    assert {i.name: i.data_type for i in q.graph.initializer}["table_q"] == onnx.TensorProto.INT8
+    assert "table" not in {i.name for i in q.graph.initializer}
+    ids = {"ids": rng.integers(0, 512, (1, 6))}
+    assert _rel(G.run(m, ids)["y"], G.run(q, ids, optimize=True)["y"]) < REL
