@@ -53,7 +53,7 @@ def _optimized_ops(path):
 
 
 @pytest.mark.parametrize("target", ["avx2", "vnni"])
-@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse", "auto"])
 def test_static_cnn(tmp_path, target, method):
     rng = np.random.default_rng(0)
     m = _cnn(rng)
@@ -181,3 +181,21 @@ def test_gather_embedding_table_per_row_int8(tmp_path):
     assert "table" not in {i.name for i in q.graph.initializer}
     ids = {"ids": rng.integers(0, 512, (1, 6))}
     assert _rel(G.run(m, ids)["y"], G.run(q, ids, optimize=True)["y"]) < REL
+
+
+def test_calibration_methods_on_an_outlier_tensor():
+    """Streaming statistics: entropy clips a rare outlier, mse/auto weigh its clipping error."""
+    from onnxcompress.passes.quantize.calibrate import TensorStats
+
+    rng = np.random.default_rng(0)
+    st = TensorStats(with_hist=True)
+    for _ in range(10):
+        st.update(np.concatenate([rng.standard_normal(10000), [40.0]]).astype(np.float32))
+    assert st.range("minmax") == (st.lo, st.hi)
+    lo_e, hi_e = st.range("entropy")
+    assert hi_e < 10
+    auto = st.range("auto")
+    assert st.expected_mse(*auto) <= min(st.expected_mse(*st.range(m)) for m in ("minmax", "percentile", "entropy", "mse"))
+    scalar = TensorStats(with_hist=True)
+    scalar.update(np.float32(3.0))  # 0-d tensors (case18 kind)
+    assert scalar.range("entropy") == (3.0, 3.0)

@@ -11,6 +11,8 @@ A calibration method is a statistic plus a reduction (the NNCF way), not a class
   calibrator, Migacz 2017, "8-bit Inference with TensorRT").
 * ``mse``      - the threshold minimising the expected squared quantization + clipping
   error over the histogram.
+* ``auto``     - per tensor, whichever of the four ranges above has the lowest expected
+  squared error (rounding + clipping, 256 levels) over that tensor's own histogram.
 
 Memory is O(number of tensors x bins) whatever the number of samples: unlike ONNX Runtime's
 entropy calibrator no activations are kept.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 BINS = 2048
 #: below this many observed values a tensor falls back to min/max
 MIN_VALUES_FOR_HISTOGRAM = 4 * BINS
@@ -78,6 +80,11 @@ class TensorStats:
             self.pos.add(x[x > 0])
             self.neg.add(-x[x < 0])
 
+    def expected_mse(self, lo: float, hi: float) -> float:
+        """Mean squared error (rounding + clipping) of uint8 quantization over ``[lo, hi]``,
+        estimated from the histograms."""
+        return _expected_mse_impl(self, lo, hi)
+
     def range(self, method: str, percentile: float = 99.99) -> tuple[float, float]:
         """The calibrated ``(lo, hi)`` for ``method`` (see module docstring)."""
         if self.n == 0:
@@ -85,6 +92,9 @@ class TensorStats:
         if method == "minmax" or not self.with_hist or self.n < MIN_VALUES_FOR_HISTOGRAM:
             # too few values for a meaningful histogram (e.g. a scalar output): min/max
             return self.lo, self.hi
+        if method == "auto":
+            cands = [self.range(m, percentile) for m in ("minmax", "percentile", "entropy", "mse")]
+            return min(cands, key=lambda r: self.expected_mse(*r))
         tot = self.pos.total() + self.neg.total()
         if method == "percentile":
             tail = tot * (1.0 - percentile / 100.0)
@@ -102,6 +112,20 @@ class TensorStats:
         else:
             raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
         return max(lo, self.lo), min(hi, self.hi)
+
+
+def _side_mse(h: _Hist, clip: float, step: float) -> float:
+    if h.total() == 0:
+        return 0.0
+    centers = (np.arange(BINS) + 0.5) * h.edge / BINS
+    err = np.where(centers <= clip, step * step / 12.0, (centers - clip) ** 2)
+    return float(np.sum(h.counts * err))
+
+
+def _expected_mse_impl(st: "TensorStats", lo: float, hi: float) -> float:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    step = max(hi - lo, 1e-12) / 255.0
+    return (_side_mse(st.pos, hi, step) + _side_mse(st.neg, -lo, step)) / max(st.n, 1)
 
 
 def _tail_threshold(h: _Hist, tail_mass: float) -> float:
