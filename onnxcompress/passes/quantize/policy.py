@@ -25,12 +25,10 @@ class Policy:
     Attributes:
         target: resolved target name.
         reduce_range_gemm: 7-bit weights for group=1 Conv, Gemm and MatMul.
-        dynamic_conv: quantize Conv in dynamic mode (ConvInteger).
     """
 
     target: str
     reduce_range_gemm: bool
-    dynamic_conv: bool
 
     def weight_qmax(self, op_type: str, depthwise: bool) -> int:
         """127 (8-bit) or 63 (7-bit) for the weights of one node."""
@@ -50,4 +48,4 @@ def resolve_policy(target: str = "auto") -> Policy:
     if target == "auto":
         target = cpu_features().int8_target
     saturating = target in ("avx2", "avx512", "generic")
-    return Policy(target=target, reduce_range_gemm=saturating, dynamic_conv=target in ("vnni", "arm64"))
+    return Policy(target=target, reduce_range_gemm=saturating)
