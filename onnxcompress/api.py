@@ -63,6 +63,7 @@ class OptimizeOptions:
         prune_repair: least-squares re-fit of the consumers on calibration data (channel mode).
         prune_protect: node names whose channels are never pruned (channel mode).
         prune_nm: N:M pattern, e.g. ``"2:4"``.
+        prune_ratios: channel mode, per-layer ratios ``{node name: ratio}`` overriding ``prune``.
         quantize: ``None``, ``"dynamic"`` or ``"static"``.
         calibration / validation: ``.npz`` paths (see :mod:`onnxcompress.data`), or folders
             of images read with ``image`` (an :class:`ImageSpec`: size, mean, std, layout, channels).
@@ -79,6 +80,9 @@ class OptimizeOptions:
         fallback: when a gate is missed after quantization, keep the nodes with the worst
             per-node int8 SQNR in float (1, 2, 4, ... of them, at most ``max_fallback_rounds``
             re-quantizations) until every gate holds; the report lists them.
+        bias_correction: static mode: add each quantized node's mean output shift per channel
+            (measured on calibration activations) to its bias (empirical bias correction,
+            Nagel et al. 2019, "Data-Free Quantization", sec. 4.2).
         latency: measure median latency in validation.
     """
 
@@ -94,6 +98,7 @@ class OptimizeOptions:
     prune_repair: bool = True
     prune_protect: tuple[str, ...] = ()
     prune_nm: str = "2:4"
+    prune_ratios: dict[str, float] | None = None
     quantize: str | None = None
     calibration: str | Path | None = None
     validation: str | Path | None = None
@@ -112,6 +117,7 @@ class OptimizeOptions:
     latency: bool = True
     fallback: bool = True
     max_fallback_rounds: int = 6
+    bias_correction: bool = True
     image: ImageSpec = field(default_factory=ImageSpec)
 
     def check(self) -> None:
@@ -254,7 +260,7 @@ def optimize(
             say(f"channel pruning {opts.prune:.0%} per group" + (" + least-squares repair" if opts.prune_repair else ""))
             pctx = PassContext(calibration=calib, check_samples=val[:16] or check_samples, options={
                 "ratio": opts.prune, "scope": opts.prune_channel_scope, "importance": opts.prune_importance,
-                "round_to": opts.prune_round_to, "repair": opts.prune_repair,
+                "round_to": opts.prune_round_to, "repair": opts.prune_repair, "ratios": dict(opts.prune_ratios or {}),
                 "protect": tuple(opts.prune_protect) + tuple(opts.exclude_nodes),
                 "exclude_op_types": opts.exclude_op_types})
             ppass = ChannelPrunePass(pctx)
@@ -383,7 +389,8 @@ def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extr
         "calibration_method": opts.calibration_method, "target": opts.target,
         "per_channel": opts.per_channel, "min_sqnr_db": opts.min_sqnr_db,
         "exclude_nodes": tuple(opts.exclude_nodes) + tuple(extra_exclude),
-        "exclude_op_types": opts.exclude_op_types, "calibration_cache": calib_cache})
+        "exclude_op_types": opts.exclude_op_types, "calibration_cache": calib_cache,
+        "bias_correction": opts.bias_correction})
     qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)
     return run_passes(model, [qpass, GatherQuantizePass(qctx), DeadCodePass(qctx)], check_samples)
 

@@ -19,15 +19,32 @@ from onnx import helper, numpy_helper
 from ...runtime import make_session
 
 
-def node_sqnr(
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """``10 log10(sum ref^2 / sum (ref - got)^2)`` in dB (``inf`` when equal)."""
+    noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return -float("inf")
+    return 10.0 * np.log10(signal / noise)
+
+
+def node_sqnr(op_type, attributes, float_inputs, quant_inputs, const_mask, opset) -> float:
+    """SQNR in dB of one node's output, quantized inputs vs float inputs (see :func:`node_outputs`)."""
+    ref, got = node_outputs(op_type, attributes, float_inputs, quant_inputs, const_mask, opset)
+    return sqnr_db(ref, got)
+
+
+def node_outputs(
     op_type: str,
     attributes: dict,
     float_inputs: list[np.ndarray | None],
     quant_inputs: list[np.ndarray | None],
     const_mask: list[bool],
     opset: int,
-) -> float:
-    """SQNR in dB of one node's output, quantized inputs vs float inputs.
+) -> tuple[np.ndarray, np.ndarray]:
+    """One node's output (float64) with float inputs and with quantized inputs.
 
     Args:
         op_type: ONNX op type (default domain).
@@ -37,7 +54,7 @@ def node_sqnr(
         opset: opset of the probe model.
 
     Returns:
-        SQNR in dB (``inf`` when the outputs are identical).
+        ``(reference output, output with quantized inputs)``.
     """
     def build(values):
         inits, graph_inputs, names, feeds = [], [], [], {}
@@ -63,10 +80,4 @@ def node_sqnr(
     qb, qf = build(quant_inputs)
     ref = make_session(fb, optimize=False).run(None, ff)[0].astype(np.float64)
     got = make_session(qb, optimize=False).run(None, qf)[0].astype(np.float64)
-    noise = float(np.sum((ref - got) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return -float("inf")
-    return 10.0 * np.log10(signal / noise)
+    return ref, got

@@ -27,7 +27,7 @@ from ..base import CompressionPass
 from ...irutil import add_initializer, all_value_names, subgraphs, unique_name
 from . import calibrate, params
 from .policy import resolve_policy
-from .sensitivity import node_sqnr
+from .sensitivity import node_outputs, sqnr_db
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops ONNX Runtime runs on quantized tensors when Q/DQ surround them
@@ -116,6 +116,7 @@ class StaticQuantizePass(CompressionPass):
         # sensitive-layer fallback: one-node SQNR check on recorded activations
         kept = []
         sqnrs = {}
+        self._bias_shift: dict = {}
         for node in chosen:
             acts = self._act_inputs(node)
             if any(a.name not in ranges for a in acts):
@@ -340,9 +341,12 @@ class StaticQuantizePass(CompressionPass):
 
     # -- per-node check ----------------------------------------------------------------
     def _node_sqnr(self, node, ranges, recorded, policy, per_channel, opset) -> float:
+        """Worst one-node SQNR (dB) over the recorded samples; also records the mean output
+        shift per channel for empirical bias correction (Nagel et al. 2019, sec. 4.2)."""
         attrs = {k: a.value for k, a in node.attributes.items()}
         acts = {v.name for v in self._act_inputs(node)}
         worst = float("inf")
+        diffs = []
         for rec in recorded:
             f_in, q_in, mask = [], [], []
             for i, v in enumerate(node.inputs):
@@ -365,7 +369,14 @@ class StaticQuantizePass(CompressionPass):
                         q_in.append((q * sb).astype(np.float32))
                     else:
                         q_in.append(w)
-            worst = min(worst, node_sqnr(node.op_type, attrs, f_in, q_in, mask, max(opset, 13)))
+            ref, got = node_outputs(node.op_type, attrs, f_in, q_in, mask, max(opset, 13))
+            worst = min(worst, sqnr_db(ref, got))
+            diffs.append(ref - got)
+        if self.context.options.get("bias_correction", True) and diffs:
+            ch_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+            d = np.concatenate([np.moveaxis(x, ch_axis, -1).reshape(-1, x.shape[ch_axis]) for x in diffs])
+            if d.shape[0] >= 64:  # enough positions per channel for a stable mean
+                self._bias_shift[node] = d.mean(0).astype(np.float32)
         return worst
 
     # -- weights -----------------------------------------------------------------------
@@ -382,6 +393,10 @@ class StaticQuantizePass(CompressionPass):
         b = None
         if bias_v is not None and in_scale is not None:
             b = bias_v.const_value.numpy().astype(np.float32)
+            shift = self._bias_shift.get(node)
+            if shift is not None and shift.shape == b.reshape(-1).shape:
+                b = (b.reshape(-1) + shift).reshape(b.shape)
+                self.report.counts["bias_corrected"] = self.report.counts.get("bias_corrected", 0) + 1
             # keep the int32 bias in range: widen the weight scale where needed
             need = np.abs(b.astype(np.float64)) / (float(in_scale) * (2**31 - 1))
             if axis is None:
