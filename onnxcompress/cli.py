@@ -253,6 +253,7 @@ def _render(rep: dict) -> None:
 
 # Command modules: each registers its commands on `app` when imported (one import per line).
 # --- command modules ---
+from . import cli_bench  # noqa: E402,F401
 
 
 if __name__ == "__main__":  # pragma: no cover

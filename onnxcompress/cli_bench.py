@@ -1,0 +1,207 @@
+"""``bench`` and ``validate`` commands: a thin typer layer over :mod:`onnxcompress.bench`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .bench import benchmark, parse_shapes, validate_models, write_json
+from .cli import _fail, _fmt_bytes, app, console, out_console
+from .errors import OnnxCompressError
+
+
+@contextmanager
+def _progress(quiet: bool):
+    """A rich progress bar fed by the API's ``progress(phase, done, total)`` callback."""
+    if quiet:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=1)
+
+        def update(phase: str, done: float, total: float) -> None:
+            bar.update(task, description=phase, completed=done, total=total or 1)
+
+        yield update
+
+
+def _providers(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _outputs(rep: dict, report: Optional[Path], html: Optional[Path]) -> None:
+    if report:
+        write_json(report, rep)
+    if html:
+        from .report_html import write_html
+
+        write_html(rep, html)
+
+
+def _call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except OnnxCompressError as exc:
+        _fail(exc)
+    except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
+        _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+
+
+@app.command()
+def bench(
+    models: List[Path] = typer.Argument(..., help="ONNX models; the first is the baseline of the ratios."),
+    providers: str = typer.Option("cpu", "--providers", help="cpu,cuda,tensorrt (CPU always; missing GPU ones are skipped)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default: ORT's)."),
+    batch: List[str] = typer.Option(["1"], "--batch", help="Batch size; several (1,8 or repeated) give a sweep."),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed runs per model first."),
+    runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per model."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed runs per provider x batch (default 10 when --runs is not given)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npz, README format); default: synthesized."),
+    shape: List[str] = typer.Option([], "--shape", help="NAME=1x3x224x224 for a synthesized input's symbolic dims (repeatable)."),
+    profile: bool = typer.Option(False, "--profile", help="ORT profiler: top ops by time and node placement per provider."),
+    top: int = typer.Option(10, "--top", help="Op types listed by --profile."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS (one child process per model)."),
+    memory_repeats: int = typer.Option(1, "--memory-repeats", help="Child processes per model for peak RSS (median)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write every figure, machine and versions as JSON."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib, jinja2)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors (and --report/--html files)."),
+):
+    """Time models interleaved (A B C A B C ...) with ONNX Runtime: latency, throughput, memory, ratios."""
+    try:
+        batches = [int(b) for item in batch for b in item.split(",") if b.strip()]
+    except ValueError:
+        _fail(OnnxCompressError(f"--batch takes integers (got {batch})"))
+    shapes = _call(parse_shapes, shape)
+    if html:
+        from .report_html import _require
+
+        _call(_require)
+    with _progress(quiet) as prog:
+        result = _call(benchmark, models, providers=_providers(providers), threads=threads, batches=batches,
+                       warmup=warmup, runs=runs, duration=duration, data=data, shapes=shapes or None,
+                       memory=memory, memory_repeats=memory_repeats, profile=profile, top=top, progress=prog)
+    rep = result.to_dict()
+    _call(_outputs, rep, report, html)
+    if quiet:
+        return
+    for s in result.skipped:
+        console.print(f"[yellow]skipped:[/] {escape(s)}", highlight=False)
+    for g in result.groups:
+        _render_group(g)
+    for n in result.notes:
+        console.print(f"[dim]note:[/] {escape(n)}", highlight=False)
+
+
+def _ratio(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _render_group(g) -> None:
+    first = g.models[0].label
+    prov = g.provider.replace("ExecutionProvider", "")
+    t = Table(title=f"{prov}, batch {g.batch}: latency over {g.rounds} interleaved rounds (ratio vs {first})")
+    for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio ±95 %"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for m in g.models:
+        lat = m.latency
+        lo, hi = m.latency_ratio_ci or (None, None)
+        t.add_row(m.label, f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.mean_ms:.3f}",
+                  _ratio(m.throughput, ".1f"),
+                  f"{m.latency_ratio:.3f}±{(hi - lo) / 2:.3f}" if m.latency_ratio else "-")
+    out_console.print(t)
+    r = Table(title=f"{prov}, batch {g.batch}: size and memory (ratio vs {first})")
+    for col in ("model", "file size", "ratio", "peak RSS", "ratio", "session ms"):
+        r.add_column(col, justify="left" if col == "model" else "right")
+    for m in g.models:
+        r.add_row(m.label, _fmt_bytes(m.file_bytes), _ratio(m.size_ratio), _fmt_bytes(m.peak_rss_bytes),
+                  _ratio(m.memory_ratio, ".2f"), f"{m.session_ms:.1f}")
+    out_console.print(r)
+    for m in g.models:
+        if not m.profile:
+            continue
+        p = Table(title=f"profile {m.label} on {g.provider.replace('ExecutionProvider', '')}: "
+                        f"{m.profile['kernel_ms_per_run']:.3f} ms of kernels per run")
+        for col in ("op type", "ms/run", "share %", "calls/run", "providers"):
+            p.add_column(col, justify="left" if col in ("op type", "providers") else "right")
+        for o in m.profile["top_ops"]:
+            p.add_row(o["op_type"], f"{o['ms_per_run']:.3f}", f"{o['share_pct']:.1f}", f"{o['calls_per_run']:.0f}",
+                      ", ".join(x.replace("ExecutionProvider", "") for x in o["providers"]))
+        out_console.print(p)
+        place = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in m.profile["nodes_per_provider"].items())
+        console.print(f"nodes per provider: {place}", highlight=False)
+        if m.profile["n_fallback"]:
+            names = ", ".join(f"{f['node']} ({f['op_type']})" for f in m.profile["fallback_nodes"][:10])
+            console.print(f"[yellow]{m.profile['n_fallback']} node(s) not on {g.provider}:[/] {names}", highlight=False)
+    for n in g.notes:
+        console.print(f"[yellow]confidence:[/] {escape(n)}", highlight=False)
+
+
+@app.command()
+def validate(
+    reference: Path = typer.Argument(..., help="Reference model."),
+    candidate: Optional[Path] = typer.Argument(None, help="Candidate model (optional with --cross-provider)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npz, README format); default: random."),
+    samples: int = typer.Option(8, "--samples", help="Random samples when --data is not given."),
+    shape: List[str] = typer.Option([], "--shape", help="NAME=1x3x224x224 for random inputs' symbolic dims (repeatable)."),
+    providers: str = typer.Option("cpu", "--providers", help="cpu,cuda,tensorrt (missing GPU ones are skipped)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance of allclose (default 1e-5)."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance of allclose (default 1e-5)."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Gate: minimum top-1 agreement (%)."),
+    cross_provider: bool = typer.Option(False, "--cross-provider", help="Also compare each model on CPU vs the other providers."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the comparison as JSON."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib, jinja2)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the verdict."),
+):
+    """Run REFERENCE and CANDIDATE on the same inputs per provider and compare every output.
+
+    Exit code 0: every check passed; 1: a check failed; 2: bad input.
+    """
+    shapes = _call(parse_shapes, shape)
+    if html:
+        from .report_html import _require
+
+        _call(_require)
+    with _progress(quiet) as prog:
+        result = _call(validate_models, reference, candidate, data=data, shapes=shapes or None, n_samples=samples,
+                       providers=_providers(providers), atol=atol, rtol=rtol, min_cosine=min_cosine,
+                       min_top1=min_top1, cross_provider=cross_provider, progress=prog)
+    rep = result.to_dict()
+    _call(_outputs, rep, report, html)
+    if not quiet:
+        for s in result.skipped:
+            console.print(f"[yellow]skipped:[/] {escape(s)}", highlight=False)
+        for c in result.checks:
+            what = (f"{Path(c.reference).name} vs {Path(c.candidate).name} on {c.provider.replace('ExecutionProvider', '')}"
+                    if c.kind == "models" else
+                    f"{Path(c.reference).name}: {c.reference_provider.replace('ExecutionProvider', '')} vs "
+                    f"{c.provider.replace('ExecutionProvider', '')}")
+            t = Table(title=f"{what} (n={c.n_samples})")
+            for col in ("output", "allclose", "mismatch %", "max abs", "max rel", "cosine", "SQNR dB", "top-1 %", ""):
+                t.add_column(col, justify="left" if col in ("output", "") else "right")
+            for o in c.outputs:
+                t.add_row(o.name, "yes" if o.allclose else "no", f"{o.mismatch_pct:.3g}", f"{o.max_abs_err:.3g}",
+                          f"{o.max_rel_err:.3g}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}",
+                          f"{o.top1_agreement:.2f}" if o.top1_agreement is not None else "-",
+                          "[green]pass[/]" if o.passed else "[red]FAIL[/]")
+            out_console.print(t)
+            for o in c.outputs:
+                if not o.passed:
+                    console.print(f"  {escape(o.name)}: {escape('; '.join(o.failed))}", highlight=False)
+        for n in result.notes:
+            console.print(f"[dim]note:[/] {escape(n)}", highlight=False)
+    if result.passed:
+        console.print("[green]PASS[/]", highlight=False)
+    else:
+        failed = [f"{Path(c.candidate).name}/{o.name} on {c.provider.replace('ExecutionProvider', '')}: {'; '.join(o.failed)}"
+                  for c in result.checks for o in c.outputs if not o.passed]
+        console.print(f"[red]FAIL[/]: {escape(failed[0])}" + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""),
+                      highlight=False)
+        raise typer.Exit(1)

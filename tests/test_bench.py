@@ -1,0 +1,290 @@
+"""`bench` and `validate`: interleaved timing, ratios, memory per model, verdicts, HTML report."""
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+import graphs as G
+from onnxcompress.bench import benchmark, parse_shapes, validate_models
+from onnxcompress.cli import app
+from onnxcompress.errors import DataError, OnnxCompressError
+
+runner = CliRunner()
+CHROMIUM = "/usr/bin/chromium"
+GPU_PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _gather_model(path: Path, n_weights: int) -> Path:
+    """y = W[idx]: a model whose weight ORT cannot fold away; 4 * n_weights bytes of weights."""
+    w = numpy_helper.from_array(np.arange(n_weights, dtype=np.float32), "W")
+    m = G.model([helper.make_node("Gather", ["W", "idx"], ["y"], axis=0)],
+                [G.vi("idx", ["batch"], TensorProto.INT64)], [G.vi("y", ["batch"])], [w])
+    onnx.save(m, str(path))
+    return path
+
+
+def _mlp(path: Path, hidden: int = 64) -> Path:
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["logits"])]
+    inits = [G.init("W1", rng.standard_normal((32, hidden)) * 0.2), G.init("W2", rng.standard_normal((hidden, 10)) * 0.2)]
+    m = G.model(nodes, [G.vi("x", ["batch", 32])], [G.vi("logits", ["batch", 10])], inits)
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.fixture
+def two_models(tmp_path, digits):
+    a = tmp_path / "digits.onnx"
+    shutil.copy(digits["model"], a)
+    b = tmp_path / "digits_copy.onnx"
+    shutil.copy(digits["model"], b)
+    return a, b
+
+
+def _broken_copy(src: Path, dst: Path, delta: float = 1.0) -> Path:
+    m = onnx.load(str(src))
+    for t in m.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if arr.ndim == 4:  # the first conv weight: change one value
+            arr = arr.copy()
+            arr.flat[0] += delta
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+            break
+    onnx.save(m, str(dst))
+    return dst
+
+
+# --------------------------------------------------------------------------- benchmark API
+
+
+def test_bench_two_models_sane_fields(tmp_path, digits):
+    small, big = _mlp(tmp_path / "small.onnx", 16), _mlp(tmp_path / "big.onnx", 256)
+    res = benchmark([small, big], runs=30, warmup=2, memory=True)
+    (g,) = res.groups
+    assert g.provider == "CPUExecutionProvider" and g.batch == 1 and g.rounds == 30
+    for m in g.models:
+        lat = m.latency
+        assert lat.n_runs == 30 and len(m.latencies_ms) == 30
+        assert 0 < lat.min_ms <= lat.p50_ms <= lat.p90_ms <= lat.p99_ms <= lat.max_ms
+        assert lat.mean_ms > 0 and m.throughput == pytest.approx(1e3 / lat.mean_ms)
+        assert m.session_ms > 0 and m.file_bytes == Path(m.path).stat().st_size
+        assert m.peak_rss_bytes is not None and m.peak_rss_bytes >= 0
+        assert m.session_providers[0] == "CPUExecutionProvider"
+    first, second = g.models
+    assert first.latency_ratio == 1.0 and first.size_ratio == 1.0
+    assert second.size_ratio > 5  # 256 vs 16 hidden units
+    assert second.latency_ratio == pytest.approx(second.latency.p50_ms / first.latency.p50_ms)
+    lo, hi = second.latency_ratio_ci
+    assert lo <= second.latency_ratio <= hi
+    rep = res.to_dict()
+    json.dumps(rep)  # JSON-safe
+    assert rep["machine"]["versions"]["onnxruntime"] and "cpu_flags" in rep["machine"]
+    assert rep["config"]["timing"] == "interleaved"
+
+
+def test_identical_files_ratio_near_one(two_models):
+    res = benchmark(list(two_models), runs=400, warmup=10, threads=1, memory=False)
+    ratio = res.groups[0].models[1].latency_ratio
+    assert 0.8 < ratio < 1.25, ratio  # generous: CI machines are noisy; the zoo check asks 5 %
+    assert res.groups[0].models[1].size_ratio == 1.0
+
+
+def test_interleaving_order(tmp_path, two_models):
+    third = _mlp(tmp_path / "mlp.onnx")
+    # digits takes [batch,1,8,8]; the MLP [batch,32]: each model gets its own synthesized input
+    res = benchmark([*two_models, third], runs=7, warmup=1, memory=False)
+    g = res.groups[0]
+    assert g.order == [0, 1, 2] * 7
+    assert res.to_dict()["groups"][0]["order"][:6] == [0, 1, 2, 0, 1, 2]
+    assert [m.label for m in g.models] == ["digits.onnx", "digits_copy.onnx", "mlp.onnx"]
+
+
+def test_peak_memory_per_model_grows_with_weights(tmp_path):
+    tiny = _gather_model(tmp_path / "tiny.onnx", 16)
+    big = _gather_model(tmp_path / "big.onnx", 10_000_000)  # 40 MB initializer
+    res = benchmark([tiny, big], runs=3, warmup=1, shapes={"idx": (1,)})
+    t, b = res.groups[0].models
+    assert t.peak_rss_bytes is not None and b.peak_rss_bytes is not None
+    assert b.peak_rss_bytes - t.peak_rss_bytes > 30e6, (t.peak_rss_bytes, b.peak_rss_bytes)
+    assert b.memory_ratio > 2
+
+
+def test_batch_sweep_with_data(digits):
+    res = benchmark([digits["model"]], data=digits["test"], batches=[1, 4], runs=5, warmup=1, memory=False)
+    assert [g.batch for g in res.groups] == [1, 4]
+    m4 = res.groups[1].models[0]
+    assert m4.batch == 4 and m4.throughput == pytest.approx(4e3 / m4.latency.mean_ms)
+
+
+def test_duration_mode(digits):
+    res = benchmark([digits["model"]], duration=0.3, warmup=1, memory=False)
+    assert res.groups[0].rounds >= 5
+
+
+def test_profile_lists_ops_and_placement(digits):
+    res = benchmark([digits["model"]], runs=3, warmup=1, memory=False, profile=True, profile_runs=3, top=3)
+    prof = res.groups[0].models[0].profile
+    assert prof and len(prof["top_ops"]) <= 3 and prof["top_ops"][0]["op_type"]
+    assert prof["nodes_per_provider"].get("CPUExecutionProvider", 0) > 0 and prof["n_fallback"] == 0
+
+
+def test_bad_inputs_are_user_errors(tmp_path, digits):
+    with pytest.raises(DataError):
+        parse_shapes(["x=1xAx3"])
+    with pytest.raises(DataError):
+        benchmark([digits["model"]], shapes={"nope": (1,)}, runs=1, memory=False)
+    fixed = G.model([helper.make_node("Relu", ["x"], ["y"])], [G.vi("x", [1, 4])], [G.vi("y", [1, 4])])
+    onnx.save(fixed, str(tmp_path / "fixed.onnx"))
+    with pytest.raises(DataError, match="fixed first dimension"):
+        benchmark([tmp_path / "fixed.onnx"], batches=[2], runs=1, memory=False)
+    with pytest.raises(OnnxCompressError):
+        benchmark([digits["model"]], runs=3, duration=1.0)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_bench_report(tmp_path, two_models):
+    rep = tmp_path / "bench.json"
+    res = _invoke("bench", *two_models, "--runs", "20", "--warmup", "2", "--no-memory", "--report", rep,
+                  "--shape", "input=1x1x8x8")
+    assert res.exit_code == 0, res.output
+    assert "p50 ms" in res.output and "digits_copy.onnx" in res.output
+    data = json.loads(rep.read_text())
+    assert data["kind"] == "bench" and len(data["groups"][0]["models"]) == 2
+    assert data["groups"][0]["models"][1]["latency"]["p99_ms"] > 0
+
+
+def test_cli_bench_missing_model_one_line(tmp_path):
+    res = _invoke("bench", tmp_path / "nope.onnx", "--runs", "1")
+    assert res.exit_code == 2
+    assert [l for l in res.output.splitlines() if l.startswith("error:")] and "Traceback" not in res.output
+
+
+def test_validate_identical_passes_broken_fails(tmp_path, digits):
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(digits["model"], copy)
+    ok = _invoke("validate", digits["model"], copy, "--data", digits["test"], "--report", tmp_path / "v.json")
+    assert ok.exit_code == 0, ok.output
+    assert "PASS" in ok.output
+    rep = json.loads((tmp_path / "v.json").read_text())
+    assert rep["passed"] and rep["checks"][0]["outputs"][0]["allclose"]
+
+    broken = _broken_copy(digits["model"], tmp_path / "broken.onnx")
+    bad = _invoke("validate", digits["model"], broken, "--data", digits["test"])
+    assert bad.exit_code == 1, bad.output
+    assert "FAIL" in bad.output and "allclose" in bad.output
+
+
+def test_validate_gates_api(tmp_path, digits):
+    broken = _broken_copy(digits["model"], tmp_path / "broken.onnx", delta=0.01)
+    # a loose cosine gate alone: allclose reported, not gated
+    res = validate_models(digits["model"], broken, data=digits["test"], min_cosine=0.5)
+    assert res.passed and not res.checks[0].outputs[0].allclose and not res.config["allclose_gated"]
+    res = validate_models(digits["model"], broken, data=digits["test"], min_cosine=0.9999999)
+    assert not res.passed and "cosine" in res.checks[0].outputs[0].failed[0]
+    res = validate_models(digits["model"], broken, data=digits["test"], atol=10, rtol=0)
+    assert res.passed
+    with pytest.raises(OnnxCompressError):
+        validate_models(digits["model"], None)
+
+
+def test_validate_inputs_must_match(tmp_path, digits):
+    other = _mlp(tmp_path / "mlp.onnx")
+    res = _invoke("validate", digits["model"], other)
+    assert res.exit_code == 2 and "inputs differ" in res.output
+
+
+# --------------------------------------------------------------------------- GPU providers
+
+
+@pytest.mark.parametrize("name", ["cuda", "tensorrt"])
+def test_gpu_provider_skipped_cleanly_without_gpu(name, digits):
+    if GPU_PROVIDERS[name] in ort.get_available_providers():
+        pytest.skip(f"{GPU_PROVIDERS[name]} is available: the skip path is not taken")
+    res = benchmark([digits["model"]], providers=["cpu", name], runs=2, warmup=1, memory=False)
+    assert [g.provider for g in res.groups] == ["CPUExecutionProvider"]
+    assert len(res.skipped) == 1 and name in res.skipped[0]
+    v = _invoke("validate", digits["model"], "--cross-provider", "--providers", f"cpu,{name}")
+    assert v.exit_code == 2 and "no GPU provider" in v.output
+
+
+@pytest.mark.parametrize("name", ["cuda", "tensorrt"])
+def test_gpu_provider_bench_and_cross_validate(name, digits):
+    full = GPU_PROVIDERS[name]
+    if full not in ort.get_available_providers():
+        pytest.skip(f"{full} is not available in this onnxruntime build")
+    try:
+        res = benchmark([digits["model"]], providers=[name], data=digits["test"], runs=10, warmup=3,
+                        memory=False, profile=True, profile_runs=3)
+    except OnnxCompressError as exc:  # a GPU build without a usable GPU
+        pytest.skip(f"{full} could not run: {exc}")
+    g = [g for g in res.groups if g.provider == full][0]
+    assert g.models[0].latency.p50_ms > 0 and g.models[0].session_providers[0] == full
+    assert g.models[0].profile["nodes_per_provider"]
+    v = validate_models(digits["model"], None, data=digits["test"], providers=["cpu", name],
+                        cross_provider=True, atol=1e-2, rtol=1e-2)
+    assert v.checks and v.checks[0].kind == "providers" and v.passed, v.checks
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+@pytest.fixture
+def html_report(tmp_path, digits):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    out = tmp_path / "bench.html"
+    small = _mlp(tmp_path / "small.onnx", 16)
+    res = _invoke("bench", digits["model"], small, "--runs", "30", "--warmup", "2", "--no-memory", "--html", out,
+                  "--quiet")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_html_report_has_embedded_plots(html_report):
+    text = html_report.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    imgs = text.split('<img src="data:image/png;base64,')[1:]
+    assert len(imgs) >= 3  # latency distribution, latency over time, size vs latency
+    for chunk in imgs:
+        assert base64.b64decode(chunk.split('"', 1)[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "small.onnx" in text and "p99" in text
+    assert "http://" not in text and "https://" not in text  # self-contained
+
+
+def test_validate_html(tmp_path, digits):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    out = tmp_path / "v.html"
+    broken = _broken_copy(digits["model"], tmp_path / "broken.onnx")
+    res = _invoke("validate", digits["model"], broken, "--data", digits["test"], "--html", out, "-q")
+    assert res.exit_code == 1
+    assert 'src="data:image/png;base64,' in out.read_text() and "FAIL" in out.read_text()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no /usr/bin/chromium")
+def test_html_report_opens_in_headless_chromium(html_report, tmp_path):
+    shot = tmp_path / "shot.png"
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--window-size=1200,2400", f"--screenshot={shot}", html_report.resolve().as_uri()],
+        capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
