@@ -136,6 +136,7 @@ def optimize(
     fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="When a gate is missed after quantization, keep the least int8-friendly nodes in float until it holds."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline-data", help="Store weights in OUT.data (default: only over 2 GB)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib and jinja2)."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Image folders: HxW after resize + centre crop (default: the model's input)."),
     mean: str = typer.Option("0,0,0", "--mean", help="Image folders: per-channel mean on 0-255 pixels."),
     std: str = typer.Option("255,255,255", "--std", help="Image folders: per-channel std on 0-255 pixels."),
@@ -188,6 +189,13 @@ def optimize(
         _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
     if report:
         _write_json(report, result.report)
+    if html:
+        from .report_html import write_html
+
+        try:
+            write_html(result.report, html)
+        except OnnxCompressError as exc:
+            _fail(exc)
     if not quiet:
         _render(result.report)
         console.print(f"[green]wrote[/] {result.output}")

@@ -22,7 +22,8 @@ def summarize(model: ir.Model, path: str | Path | None = None) -> dict:
     """A JSON-ready summary of ``model``.
 
     Keys: inputs/outputs (name, dtype, shape), opsets, ir_version, op_histogram (subgraphs
-    included), n_nodes, parameters (elements of float initializers and Constant tensors),
+    included), n_nodes, parameters (elements of float, int8/uint8 and int32 initializers and
+    float Constant tensors; int64 shape/index tensors excluded),
     size_bytes (serialized, weights inline; plus file size when ``path`` is given),
     weights {initializers: {count, bytes}, constant_nodes: {count, bytes}}, subgraphs
     (nodes carrying graph attributes and their node counts), sparsity (share of exact zeros
@@ -60,7 +61,7 @@ def summarize(model: ir.Model, path: str | Path | None = None) -> dict:
         init_bytes += arr.nbytes
         if arr.dtype in (np.int8, np.uint8):
             int8 += 1
-        if arr.dtype.kind == "f":
+        if arr.dtype.kind == "f" or arr.dtype in (np.int8, np.uint8, np.int32):
             params += arr.size
             if arr.size >= 64:
                 zeros += int(np.sum(arr == 0)); counted += arr.size

@@ -156,13 +156,56 @@ def render_html(report: dict) -> str:
     return env.get_template("report.html.j2").render(rep=report, plots=plots)
 
 
+def _optimize_plots(rep: dict) -> list[dict]:
+    """Size (MB) vs median latency (ms), before and after, per provider."""
+    from matplotlib.figure import Figure
+
+    plots = []
+    b = rep["before"].get("file_bytes") or rep["before"]["size_bytes"]
+    a = rep["after"].get("file_bytes") or rep["after"]["size_bytes"]
+    for v in rep.get("validation", []):
+        if not v.get("latency_ms_reference") or not v.get("latency_ms_candidate"):
+            continue
+        fig = Figure(figsize=(5.5, 3.6), dpi=100)
+        ax = fig.add_subplot()
+        for label, size, ms, colour in (("before", b, v["latency_ms_reference"], "#888"),
+                                        ("after", a, v["latency_ms_candidate"], "#1f77b4")):
+            ax.scatter([size / 1e6], [ms], s=60, color=colour, label=label)
+            ax.annotate(label, (size / 1e6, ms), textcoords="offset points", xytext=(6, 4))
+        ax.set_xlabel("size (MB)")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=.3)
+        fig.tight_layout()
+        plots.append({"title": f"size vs latency on {_short(v['provider'])}", "png": _png(fig)})
+    return plots
+
+
+def render_optimize_html(report: dict) -> str:
+    """The HTML text of an ``optimize`` report (:func:`onnxcompress.optimize`'s ``report``).
+
+    Raises:
+        OnnxCompressError: matplotlib or jinja2 is missing (with the install hint).
+    """
+    _require()
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]))
+    env.filters["bytes"] = _fmt_bytes
+    env.filters["num"] = _fmt
+    env.filters["short"] = _short
+    return env.get_template("optimize.html.j2").render(rep=report, plots=_optimize_plots(report))
+
+
 def write_html(report: dict, path: str | os.PathLike) -> None:
-    """Write the self-contained HTML report atomically.
+    """Write the self-contained HTML report (bench, validate or optimize) atomically.
 
     Raises:
         OnnxCompressError: matplotlib/jinja2 missing, or the file cannot be written.
     """
-    text = render_html(report)
+    text = render_html(report) if report.get("kind") in ("bench", "validate") else render_optimize_html(report)
     path = Path(path)
     tmp = path.with_name("." + path.name + ".tmp")
     try:

@@ -219,3 +219,14 @@ def test_console_script_entry_point(digits):
         pytest.skip("console script not installed")
     r = subprocess.run([exe, "inspect", str(digits["model"]), "--json"], capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["opsets"]
+
+
+def test_optimize_html_report(digits, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    out, html = tmp_path / "q.onnx", tmp_path / "r.html"
+    res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "static", "--calibration", digits["calib"],
+                  "--validation", digits["test"], "--html", html, "-q")
+    assert res.exit_code == 0, res.output
+    text = html.read_text()
+    assert "data:image/png;base64," in text and "quantize-static" in text and "logits" in text
