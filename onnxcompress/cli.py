@@ -261,6 +261,7 @@ def _render(rep: dict) -> None:
 
 # Command modules: each registers its commands on `app` when imported (one import per line).
 # --- command modules ---
+from . import cli_zoo  # noqa: E402,F401
 from . import cli_bench  # noqa: E402,F401
 
 

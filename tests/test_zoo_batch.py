@@ -1,0 +1,378 @@
+"""`onnxcompress zoo`: manifest parsing, failure isolation, caching/resume (also after kill -9),
+memory/time limits, and the Ray executor. Uses the committed digits CNN and tiny generated
+models only (never zoo_cache)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from onnxcompress.cli import app
+from onnxcompress.zoo import ManifestError, load_manifest, run_zoo, stable_table, task_key
+from onnxcompress.zoo.runner import STATE_NAME, _Hasher
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _mlp(path: Path, seed: int, k: int = 16, h: int = 32, n: int = 10) -> Path:
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((k, h), dtype=np.float32) * np.float32(0.3), "w1")
+    b1 = numpy_helper.from_array(rng.normal(0, 0.1, (h,)).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (h, n)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], [w1, b1, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    np.savez(path.with_suffix(".npz"), x=rng.normal(size=(32, k)).astype(np.float32))
+    return path
+
+
+@pytest.fixture
+def zoo_dir(tmp_path):
+    """A folder with the digits CNN + data, two tiny MLPs, a corrupt and a non-ONNX file."""
+    for f in ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"):
+        shutil.copy(ROOT / "models" / f, tmp_path / f)
+    _mlp(tmp_path / "mlp_a.onnx", 1)
+    _mlp(tmp_path / "mlp_b.onnx", 2)
+    raw = (ROOT / "models" / "digits_cnn.onnx").read_bytes()
+    (tmp_path / "corrupt.onnx").write_bytes(raw[: len(raw) // 3] + b"\xff" * 64)
+    (tmp_path / "notes.onnx").write_text("this is a README, not a model\n" * 20)
+    return tmp_path
+
+
+RECIPES = """
+[recipes.fuse]
+description = "fusion only"
+[recipes.dyn]
+quantize = "dynamic"
+[recipes.static]
+quantize = "static"
+"""
+
+
+def _manifest(d: Path, body: str, recipes: str = RECIPES, defaults: str = 'recipes = ["fuse", "dyn"]',
+              options: str = "latency = false") -> Path:
+    text = f"[defaults]\n{defaults}\noptions = {{ {options} }}\n{recipes}\n{textwrap.dedent(body)}"
+    p = d / "zoo.toml"
+    p.write_text(text)
+    return p
+
+
+MLPS = """
+[models.mlp_a]
+path = "mlp_a.onnx"
+calibration = "mlp_a.npz"
+[models.mlp_b]
+path = "mlp_b.onnx"
+calibration = "mlp_b.npz"
+"""
+
+DIGITS = """
+[models.digits]
+path = "digits_cnn.onnx"
+calibration = "digits_calib.npz"
+validation = "digits_test.npz"
+"""
+
+
+def _state(out: Path) -> dict:
+    p = out / STATE_NAME
+    return json.loads(p.read_text())["tasks"] if p.exists() else {}
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def test_manifest_defaults_and_overrides(zoo_dir):
+    p = _manifest(zoo_dir, """
+        [models.mlp_a]
+        path = "mlp_a.onnx"
+        calibration = "mlp_a.npz"
+        options = { max-calibration-samples = 8, min_sqnr_db = false }
+        image = { size = [8, 8], layout = "nhwc" }
+        [models.mlp_a.overrides.static]
+        calibration_method = "entropy"
+        [models.mlp_b]
+        path = "sub/../mlp_b.onnx"
+        recipes = ["static"]
+        """, options="latency = false, max_calibration_samples = 64")
+    mf = load_manifest(p)
+    assert mf.tasks() == [("mlp_a", "fuse"), ("mlp_a", "dyn"), ("mlp_b", "static")]
+    assert mf.tasks(only=["mlp_b"], recipes=["fuse", "static"]) == [("mlp_b", "fuse"), ("mlp_b", "static")]
+    a = mf.options_for("mlp_a", "static")
+    assert a["quantize"] == "static" and a["calibration_method"] == "entropy"     # recipe < model override
+    assert a["max_calibration_samples"] == 8 and a["min_sqnr_db"] is None        # defaults < model options
+    assert a["latency"] is False and a["calibration"] == str((zoo_dir / "mlp_a.npz").resolve())
+    assert a["image"] == {"size": [8, 8], "layout": "NHWC"}
+    assert "calibration_method" not in mf.options_for("mlp_a", "dyn")  # optimize()'s default
+    b = mf.options_for("mlp_b", "static")
+    assert b["max_calibration_samples"] == 64 and b["calibration"] is None
+    assert mf.models["mlp_b"].path == (zoo_dir / "mlp_b.onnx").resolve()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[models.a\npath = 1", "invalid TOML"),
+    ("[recipes.r]\nquantise = 'static'\n[models.a]\npath = 'a.onnx'", "unknown option 'quantise'"),
+    ("[recipes.r]\nquantize = 'int4'\n[models.a]\npath = 'a.onnx'", "model 'a', recipe 'r': --quantize must be"),
+    ("[recipes.r]\nprune = 'half'\n[models.a]\npath = 'a.onnx'", "'prune' must be a number"),
+    ("[recipes.r]\ncalibration = 'c.npz'\n[models.a]\npath = 'a.onnx'", "per-model setting"),
+    ("[defaults]\nrecipes = ['nope']\n[recipes.r]\n[models.a]\npath = 'a.onnx'", "'nope', which is not defined"),
+    ("[recipes.r]\n[models.a]\ncalibration = 'c.npz'", "missing 'path'"),
+    ("[recipes.r]\n[models.a]\npath = 'a.onnx'\nrecipes = ['x']", "recipe 'x' is not defined"),
+    ("[recipes.r]\n[models.a]\npath = 'a.onnx'\ncolour = 'red'", "unknown key(s) ['colour']"),
+    ("[recipes.r]\n[models.'a/b']\npath = 'a.onnx'", "becomes a file name"),
+    ("[recipes.r]\n[models.a]\npath = 'a.onnx'\nfetch = 'make'", "'fetch' must be a command"),
+    ("[recipes.r]\n[models.a]\npath = 'a.onnx'\n[models.a.overrides.q]\nfuse = false", "overrides for recipe 'q'"),
+    ("[models.a]\npath = 'a.onnx'", "no recipes"),
+    ("[recipes.r]", "no models"),
+    ("[run]\njobs = 'many'\n[recipes.r]\n[models.a]\npath = 'a.onnx'", "'jobs' must be an integer"),
+    ("[recipes.r]\n[models.a]\npath = 'a.onnx'\nimage = { size = [1, 2, 3] }", "image.size must be a list of 2"),
+])
+def test_manifest_errors(tmp_path, text, needle):
+    p = tmp_path / "m.toml"
+    p.write_text(text)
+    with pytest.raises(ManifestError) as ei:
+        load_manifest(p)
+    assert needle in str(ei.value), str(ei.value)
+
+
+def test_manifest_missing_and_bad_selection(tmp_path, zoo_dir):
+    with pytest.raises(ManifestError, match="no such manifest"):
+        load_manifest(tmp_path / "nope.toml")
+    mf = load_manifest(_manifest(zoo_dir, MLPS))
+    with pytest.raises(ManifestError, match="--only mlp_c: no such model"):
+        mf.tasks(only=["mlp_c"])
+    with pytest.raises(ManifestError, match="--recipe turbo: no such recipe"):
+        mf.tasks(recipes=["turbo"])
+    res = runner.invoke(app, ["zoo", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no such manifest" in res.output
+
+
+def test_shipped_zoo_manifest():
+    mf = load_manifest(ROOT / "models" / "zoo.toml")
+    assert len(mf.models) == 7
+    assert all(len(m.recipes) >= 3 for m in mf.models.values())
+    for name, m in mf.models.items():
+        assert m.path == (ROOT / "zoo_cache" / name / "model.onnx").resolve()
+        assert m.calibration.name == "calib.npz" and m.validation.name == "val.npz"
+        assert any("fetch_zoo.py" in a for cmd in m.fetch for a in cmd)
+    assert {"fuse", "int8-dynamic", "int8-static", "prune50-int8"} <= set(mf.recipes)
+
+
+def test_key_covers_content_not_paths(zoo_dir, tmp_path, monkeypatch):
+    import onnxcompress.zoo.runner as R
+
+    mf = load_manifest(_manifest(zoo_dir, MLPS))
+    k = task_key(mf, "mlp_a", "fuse", _Hasher())
+    assert k == task_key(mf, "mlp_a", "fuse", _Hasher())
+    with monkeypatch.context() as mp:  # edited conversion code, same version: not served from the cache
+        mp.setattr(R, "_code_fp", "edited")
+        assert task_key(mf, "mlp_a", "fuse", _Hasher()) != k
+    assert k != task_key(mf, "mlp_a", "dyn", _Hasher())
+    # same bytes elsewhere: same key; changed data: new key
+    other = tmp_path / "elsewhere"
+    shutil.copytree(zoo_dir, other)
+    assert task_key(load_manifest(other / "zoo.toml"), "mlp_a", "fuse", _Hasher()) == k
+    np.savez(zoo_dir / "mlp_a.npz", x=np.zeros((4, 16), np.float32))
+    assert task_key(mf, "mlp_a", "fuse", _Hasher()) != k
+    # external data is part of the key
+    m = onnx.load(str(zoo_dir / "mlp_b.onnx"))
+    onnx.save(m, str(zoo_dir / "ext.onnx"), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    mf2 = load_manifest(_manifest(zoo_dir, MLPS + '[models.ext]\npath = "ext.onnx"\n'))
+    k1 = task_key(mf2, "ext", "fuse", _Hasher())
+    data = bytearray((zoo_dir / "ext.bin").read_bytes())
+    data[0] ^= 1
+    (zoo_dir / "ext.bin").write_bytes(bytes(data))
+    assert task_key(mf2, "ext", "fuse", _Hasher()) != k1
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_corrupt_and_non_onnx_rows_fail_rest_succeed(zoo_dir):
+    p = _manifest(zoo_dir, DIGITS + MLPS + """
+        [models.corrupt]
+        path = "corrupt.onnx"
+        [models.readme]
+        path = "notes.onnx"
+        [models.gone]
+        path = "missing.onnx"
+        """)
+    out = zoo_dir / "out"
+    res = runner.invoke(app, ["zoo", str(p), "--out", str(out), "--jobs", "2", "--threads", "1"])
+    assert res.exit_code == 1, res.output
+    rep = json.loads((out / "zoo_report.json").read_text())
+    by = {(r["model"], r["recipe"]): r for r in rep["rows"]}
+    assert len(by) == 12
+    for (m, r), row in by.items():
+        if m in ("corrupt", "readme", "gone"):
+            assert row["status"] == "failed", row
+        else:
+            assert row["status"] == "ok", row
+            assert (out / "models" / m / f"{r}.onnx").is_file()
+            onnx.checker.check_model(onnx.load(str(out / "models" / m / f"{r}.onnx")))
+    assert "corrupt.onnx: not a readable ONNX model" in by["corrupt", "fuse"]["error"]
+    assert "notes.onnx: not" in by["readme", "fuse"]["error"] and "ONNX model" in by["readme", "fuse"]["error"]
+    assert "model file not found" in by["gone", "fuse"]["error"]
+    assert "corrupt / fuse" in res.output and "failed" in res.output
+    md = (out / "zoo_report.md").read_text()
+    assert "FAILED (input)" in md and "not a readable ONNX model" in md
+    html = (out / "zoo_report.html").read_text()
+    assert "not a readable ONNX model" in html and "<table>" in html
+    assert by["digits", "dyn"]["accuracy_candidate"] is not None
+    assert not (out / ".work").exists() or not any((out / ".work").iterdir())
+
+
+def test_rerun_skips_everything_then_recipe_change_reruns_only_it(zoo_dir):
+    p = _manifest(zoo_dir, MLPS + '[models.corrupt]\npath = "corrupt.onnx"\n')
+    out = zoo_dir / "out"
+    first = run_zoo(p, out, jobs=2, threads=1)
+    assert sorted(first.executed) == ["corrupt/dyn", "corrupt/fuse", "mlp_a/dyn", "mlp_a/fuse", "mlp_b/dyn",
+                                      "mlp_b/fuse"]
+    assert first.exit_code == 1
+    mtimes = {f: f.stat().st_mtime_ns for f in (out / "models").rglob("*.onnx")}
+    t0 = time.perf_counter()
+    again = run_zoo(p, out, jobs=2, threads=1)
+    assert again.executed == [] and len(again.cached) == 6
+    assert time.perf_counter() - t0 < 5
+    assert again.exit_code == 1 and stable_table(again.rows) == stable_table(first.rows)
+    assert {f: f.stat().st_mtime_ns for f in (out / "models").rglob("*.onnx")} == mtimes
+    # change one recipe: only its tasks run (the corrupt model's failure is redone too: its key changed)
+    p.write_text(p.read_text().replace('quantize = "dynamic"', 'quantize = "dynamic"\nper_channel = false'))
+    third = run_zoo(p, out, jobs=2, threads=1)
+    assert sorted(third.executed) == ["corrupt/dyn", "mlp_a/dyn", "mlp_b/dyn"]
+    # a deleted output is noticed and rebuilt; --retry-failed reruns cached failures
+    (out / "models" / "mlp_a" / "fuse.onnx").unlink()
+    fourth = run_zoo(p, out, jobs=2, threads=1, retry_failed=True)
+    assert sorted(fourth.executed) == ["corrupt/dyn", "corrupt/fuse", "mlp_a/fuse"]
+    assert (out / "models" / "mlp_a" / "fuse.onnx").is_file()
+    # --only keeps the other models' finished rows out of the rows but in the report
+    fifth = run_zoo(p, out, only=["mlp_b"])
+    assert fifth.executed == [] and [r["model"] for r in fifth.rows] == ["mlp_b", "mlp_b"]
+    assert len(fifth.report["other_finished"]) == 4
+
+
+def test_kill9_midway_then_resume(zoo_dir):
+    recipes = RECIPES + """
+[recipes.static-entropy]
+quantize = "static"
+calibration_method = "entropy"
+[recipes.static-pct]
+quantize = "static"
+calibration_method = "percentile"
+[recipes.prune]
+prune = 0.5
+"""
+    p = _manifest(zoo_dir, DIGITS, recipes=recipes,
+                  defaults='recipes = ["static", "static-entropy", "static-pct", "dyn", "fuse", "prune"]')
+    out = zoo_dir / "out"
+    cmd = [sys.executable, "-c", "import sys; from onnxcompress.cli import app; sys.exit(app())",
+           "zoo", str(p), "--out", str(out), "--jobs", "1", "--threads", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(_state(out)) >= 1:
+                break
+        except ValueError:  # never: the state file is replaced atomically
+            raise
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = set(_state(out))
+    assert 1 <= len(done_before) < 6
+    res = run_zoo(p, out, jobs=1, threads=1)
+    all_tasks = {f"digits/{r}" for r in ("static", "static-entropy", "static-pct", "dyn", "fuse", "prune")}
+    assert set(res.executed) == all_tasks - done_before
+    assert res.exit_code == 0 and len(res.rows) == 6 and all(r["status"] == "ok" for r in res.rows)
+    assert set(_state(out)) == all_tasks
+    rep = json.loads((out / "zoo_report.json").read_text())
+    assert rep["counts"] == {"tasks": 6, "ok": 6, "failed": 0, "ran": 6 - len(done_before), "cached": len(done_before)}
+    for r in rep["rows"]:
+        assert Path(r["output"]).is_file() and Path(r["report"]).is_file()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_memory_and_time_limits_fail_only_their_task(zoo_dir):
+    _mlp(zoo_dir / "hog.onnx", 3, k=4096, h=8192, n=2)  # 128 MB of weights: cannot load under a 100 MB cap
+    p = _manifest(zoo_dir, DIGITS + MLPS + """
+        [models.hog]
+        path = "hog.onnx"
+        calibration = "hog.npz"
+        memory_limit_mb = 100
+        [models.slow]
+        path = "digits_cnn.onnx"
+        calibration = "digits_calib.npz"
+        timeout_s = 0.05
+        """, defaults='recipes = ["static"]')
+    out = zoo_dir / "out"
+    res = runner.invoke(app, ["zoo", str(p), "--out", str(out), "--jobs", "2", "--threads", "1",
+                              "--memory-limit-mb", "6000", "--timeout-s", "120", "--quiet"])
+    assert res.exit_code == 1, res.output
+    by = {r["model"]: r for r in json.loads((out / "zoo_report.json").read_text())["rows"]}
+    assert by["hog"]["status"] == "failed" and by["hog"]["kind"] == "memory", by["hog"]
+    assert "memory limit" in by["hog"]["error"] and "100 MB" in by["hog"]["error"]
+    assert by["slow"]["status"] == "failed" and by["slow"]["kind"] == "timeout", by["slow"]
+    assert "time limit" in by["slow"]["error"] and "0.05 s" in by["slow"]["error"]
+    assert all(by[m]["status"] == "ok" for m in ("digits", "mlp_a", "mlp_b"))
+    # limit failures are not recorded as finished: the next run retries them, and only them
+    assert set(_state(out)) == {"digits/static", "mlp_a/static", "mlp_b/static"}
+    again = run_zoo(p, out, jobs=2, threads=1, timeout_s=120)
+    assert sorted(again.executed) == ["hog/static", "slow/static"]
+
+
+def test_fetch_commands(zoo_dir):
+    p = _manifest(zoo_dir, """
+        [models.fetched]
+        path = "cache/fetched.onnx"
+        calibration = "mlp_a.npz"
+        fetch = [["{python}", "-c", "import os, shutil; os.makedirs('cache', exist_ok=True); shutil.copy('mlp_a.onnx', 'cache/fetched.onnx')"]]
+        [models.unfetchable]
+        path = "cache/never.onnx"
+        fetch = ["{python}", "-c", "import sys; print('no network'); sys.exit(3)"]
+        [models.nodata]
+        path = "mlp_b.onnx"
+        calibration = "nowhere.npz"
+        """, defaults='recipes = ["fuse"]')
+    res = run_zoo(p, zoo_dir / "out", jobs=1)
+    by = {r["model"]: r for r in res.rows}
+    assert by["fetched"]["status"] == "ok" and (zoo_dir / "cache" / "fetched.onnx").is_file()
+    assert by["unfetchable"]["kind"] == "missing" and "fetch failed (exit 3)" in by["unfetchable"]["error"]
+    assert "no network" in by["unfetchable"]["error"]
+    assert "calibration data not found" in by["nodata"]["error"]
+    assert res.exit_code == 1
+
+
+def test_ray_missing_is_a_clear_error(zoo_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    p = _manifest(zoo_dir, MLPS)
+    res = runner.invoke(app, ["zoo", str(p), "--out", str(zoo_dir / "out"), "--executor", "ray"])
+    assert res.exit_code == 2 and "pip install" in res.output and "ray" in res.output
+
+
+def test_ray_executor_same_results(zoo_dir):
+    pytest.importorskip("ray")
+    p = _manifest(zoo_dir, MLPS + '[models.corrupt]\npath = "corrupt.onnx"\n')
+    local = run_zoo(p, zoo_dir / "local", jobs=2, threads=1)
+    ray_res = run_zoo(p, zoo_dir / "ray", executor="ray", jobs=2, threads=1)
+    assert len(ray_res.executed) == 6
+    assert stable_table(ray_res.rows) == stable_table(local.rows)
+    assert ray_res.exit_code == local.exit_code == 1
+    again = run_zoo(p, zoo_dir / "ray", executor="ray", jobs=2, threads=1)  # cached: Ray is not even started
+    assert again.executed == []
