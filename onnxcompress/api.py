@@ -20,9 +20,9 @@ import onnx_ir as ir
 
 from . import __version__
 from .data import ImageSpec, input_specs, load_image_folder, load_npz, random_samples, split_holdout
-from .errors import DataError, GateFailedError, OnnxCompressError
+from .errors import GateFailedError, ModelLoadError, OnnxCompressError
 from .inspect import summarize
-from .model_io import load_model, save_model, to_bytes
+from .model_io import check_model, external_data_files, load_model, save_model, to_bytes
 from .opset import upgrade_opset
 from .passes.base import PassContext, PassReport, run_passes
 from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,
@@ -130,6 +130,13 @@ class OptimizeOptions:
             raise OnnxCompressError(f"--target must be one of {TARGETS}, got {self.target!r}")
         if self.prune is not None and not 0.0 <= self.prune < 1.0:
             raise OnnxCompressError(f"--prune must be a sparsity in [0, 1), got {self.prune}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise OnnxCompressError(f"--min-cosine must be in [-1, 1], got {self.min_cosine}")
+        if self.max_rel_error is not None and self.max_rel_error < 0:
+            raise OnnxCompressError(f"--max-rel-error must be >= 0, got {self.max_rel_error}")
+        if self.min_top1_agreement is not None and not 1.0 < self.min_top1_agreement <= 100.0:
+            raise OnnxCompressError(f"--min-top1-agreement is a percentage in (1, 100], got {self.min_top1_agreement} "
+                                    "(for 99 % write 99)")
         if self.prune_scope not in ("layer", "global"):
             raise OnnxCompressError(f"--prune-scope must be layer or global, got {self.prune_scope!r}")
         if self.prune_mode not in PRUNE_MODES:
@@ -166,7 +173,10 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             calib = random_samples(specs, 16)
-        notes.extend(str(x.message) for x in w)
+        for x in w:
+            notes.append(str(x.message))
+            if opts.quantize == "static":
+                logger.warning("%s", x.message)  # calibrating on noise deserves more than a note
         extras = {}
     if opts.validation and Path(opts.validation).is_dir():
         val = load_image_folder(opts.validation, specs, opts.image, what="validation")
@@ -180,8 +190,9 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
         if calib is val:
             notes.append("only one sample: validation uses the calibration sample (nothing held out)")
         else:
-            notes.append(f"validation on {len(val)} samples held out of the calibration data "
-                         f"(never used to calibrate); calibration uses the other {len(calib)}")
+            used = (f"; calibration uses the other {len(calib)}" if opts.quantize == "static" else
+                    f"; the other {len(calib)} serve the per-pass checks")
+            notes.append(f"validation on {len(val)} samples held out of the given data (never used to calibrate){used}")
     if len(calib) > opts.max_calibration_samples:
         calib = calib[: opts.max_calibration_samples]
     return calib, val, labels, notes
@@ -222,8 +233,15 @@ def optimize(
         raise OnnxCompressError(f"{out}: output path is the input model; refusing to overwrite it")
     say("loading model")
     original = load_model(inp)
+    try:
+        check_model(original, runtime=False)
+    except OnnxCompressError as exc:  # found now, not after all the work: outputs must pass it too
+        raise ModelLoadError(f"{inp}: the input model fails onnx.checker ({str(exc).split(': ', 1)[-1]}); "
+                             "onnxcompress only writes models that pass it") from None
     original_bytes = to_bytes(original)
     model = ir.from_proto(ir.to_proto(original))
+    # every node needs a unique name: reports, --exclude and the fallback refer to nodes by name
+    ir.passes.common.NameFixPass()(model)
     calib, val, labels, notes = _load_data(model, opts)
     runtime_ok, custom = _runtime_loads(original_bytes, original)
     if not runtime_ok:
@@ -235,6 +253,13 @@ def optimize(
                      "Passes are exact rewrites checked by onnx.checker only: no numeric validation was possible.")
         calib, val = [], []
     check_samples = calib[:4]
+    names = {n.name for n in ir.traversal.RecursiveGraphIterator(original.graph)}
+    ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(original.graph)}
+    unknown = [e for e in (*opts.exclude_nodes, *opts.exclude_op_types) if e not in names and e not in ops]
+    if unknown:
+        msg = f"--exclude: no node or op type named {', '.join(repr(u) for u in unknown)} in the model"
+        notes.append(msg)
+        logger.warning("%s", msg)
     before = summarize(original, inp)
     report: dict[str, Any] = {
         "tool": {"name": "onnxcompress", "version": __version__},
@@ -313,28 +338,42 @@ def optimize(
     providers = providers if runtime_ok else []
     validation = _validate(original_bytes, model, val, labels, providers, opts.latency)
     gates = _gates(opts, validation)
+    if not runtime_ok and any(v is not None for v in (opts.max_rel_error, opts.min_cosine, opts.min_top1_agreement)):
+        gates.append({"gate": "runtime", "provider": "none", "value": float("nan"), "limit": float("nan"),
+                      "passed": False, "why": "ONNX Runtime cannot run this model, so no gate can be checked"})
     passed = all(g["passed"] for g in gates)
     if not passed and pre_quant is not None and opts.fallback and not qreps[0].reverted:
         # sensitive-node fallback: keep the nodes with the worst int8 SQNR in float, doubling
         # their number, until every gate holds
         sqnr = qreps[0].counts.get("node_sqnr_db", {})
-        order = sorted(sqnr, key=lambda k: sqnr[k])
+        floor = opts.min_sqnr_db if opts.min_sqnr_db is not None else -float("inf")
+        order = sorted((n for n in sqnr if sqnr[n] >= floor), key=lambda n: sqnr[n])  # nodes now in int8
+        first_sqnr = dict(sqnr)
+        most = len(order) - 1  # keeping every node in float is not quantization: then the gate fails
         rounds, k = [], 1
-        while not passed and order and len(rounds) < opts.max_fallback_rounds:
-            excluded = tuple(order[:k])
-            say(f"fallback: {len(excluded)} node(s) kept in float")
-            model, qreps = _quantize(ir.from_proto(pre_quant), opts, calib, check_samples, excluded, calib_cache)
-            validation = _validate(original_bytes, model, val, labels, providers, latency=False)
-            gates = _gates(opts, validation)
-            passed = all(g["passed"] for g in gates)
-            rounds.append({"kept_in_float": list(excluded), "passed": passed,
-                           "gates": {g["gate"]: g["value"] for g in gates}})
-            if k >= len(order):
-                break
-            k = min(2 * k, len(order))
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # the rounds' skip messages are summarized in the report
+        try:
+            while not passed and 0 < k <= most and len(rounds) < opts.max_fallback_rounds:
+                excluded = tuple(order[:k])
+                say(f"fallback: {len(excluded)} node(s) kept in float")
+                model, qreps = _quantize(ir.from_proto(pre_quant), opts, calib, check_samples, excluded, calib_cache)
+                validation = _validate(original_bytes, model, val, labels, providers, latency=False)
+                gates = _gates(opts, validation)
+                passed = all(g["passed"] for g in gates)
+                rounds.append({"kept_in_float": list(excluded), "passed": passed,
+                               "gates": {g["gate"]: g["value"] for g in gates}})
+                if k == most:
+                    break
+                k = min(2 * k, most)
+        finally:
+            logger.setLevel(level)
+        if not passed:
+            notes.append(f"fallback: the gates still fail with {len(rounds[-1]['kept_in_float']) if rounds else 0} "
+                         f"of {len(order)} quantized nodes kept in float")
         reports = reports[: len(reports) - len(qreps)] + qreps
         report["fallback"] = {"rounds": rounds, "kept_in_float": rounds[-1]["kept_in_float"] if rounds else [],
-                              "passed": passed}
+                              "passed": passed, "node_sqnr_db": first_sqnr}
         if passed and opts.latency:
             validation = _validate(original_bytes, model, val, labels, providers, latency=True)
     report["passes"] = [r.to_dict() for r in reports]
@@ -345,16 +384,16 @@ def optimize(
     if not passed:
         report["written"] = False
         report["seconds"] = round(time.perf_counter() - t0, 2)
-        err = GateFailedError("; ".join(f"{g['gate']} {g['value']:.4g} misses {g['limit']:g} on {g['provider']}"
+        err = GateFailedError("; ".join(g.get("why") or f"{g['gate']} {g['value']:.6g} misses {g['limit']:g} on {g['provider']}"
                                         for g in gates if not g["passed"]) + f" -- {out} not written")
         err.report = report  # type: ignore[attr-defined]
         raise err
     say(f"writing {out}")
-    size = save_model(model, out, external_data=opts.external_data, protect=(inp,), runtime_check=runtime_ok)
+    protect = (inp, *external_data_files(inp))
+    size = save_model(model, out, external_data=opts.external_data, protect=protect, runtime_check=runtime_ok)
     after["file_bytes"] = size
-    raw = out.read_bytes()
-    after["compressed_bytes"] = len(zlib.compress(raw, 6))
-    report["before"]["compressed_bytes"] = len(zlib.compress(inp.read_bytes(), 6)) if inp.stat().st_size < 2**31 else None
+    after["compressed_bytes"] = _compressed_size([out, *external_data_files(out)])
+    report["before"]["compressed_bytes"] = _compressed_size([inp, *external_data_files(inp)])
     report["written"] = True
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return OptimizeResult(out, report, True)
@@ -382,13 +421,25 @@ def _runtime_loads(model_bytes: bytes, model: ir.Model) -> tuple[bool, str]:
         return False, "custom ops: " + ", ".join(custom[:5]) + (" ..." if len(custom) > 5 else "")
 
 
+def _compressed_size(paths: list[Path]) -> int:
+    """zlib (level 6) size in bytes of the files together, streamed in 16 MiB chunks."""
+    total = 0
+    for p in paths:
+        comp = zlib.compressobj(6)
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(16 << 20), b""):
+                total += len(comp.compress(chunk))
+        total += len(comp.flush())
+    return total
+
+
 def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extra_exclude: tuple[str, ...],
               calib_cache: dict) -> tuple[ir.Model, list[PassReport]]:
     """Run the quantization pass chosen by ``opts`` (plus dead-code removal)."""
     qctx = PassContext(calibration=calib, options={
         "calibration_method": opts.calibration_method, "target": opts.target,
         "per_channel": opts.per_channel, "min_sqnr_db": opts.min_sqnr_db,
-        "exclude_nodes": tuple(opts.exclude_nodes) + tuple(extra_exclude),
+        "exclude_nodes": tuple(opts.exclude_nodes), "fallback_nodes": tuple(extra_exclude),
         "exclude_op_types": opts.exclude_op_types, "calibration_cache": calib_cache,
         "bias_correction": opts.bias_correction})
     qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)

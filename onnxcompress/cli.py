@@ -21,8 +21,9 @@ from .inspect import inspect_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained ONNX models smaller and faster, validated by ONNX Runtime.")
-console = Console(stderr=True)
-out_console = Console()
+# Piped output (CI logs, files) gets 120 columns so numbers are not wrapped mid-value.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+out_console = Console(width=None if sys.stdout.isatty() else 120)
 _state = {"debug": False}
 
 
@@ -50,11 +51,15 @@ def _fail(exc: Exception) -> None:
 @app.callback()
 def main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 is_eager=True, callback=lambda v: _print_version(v)),
 ):
     """onnxcompress: fusion, pruning and int8 quantization of ONNX models."""
     _state["debug"] = debug
-    if version:
+
+
+def _print_version(value: bool) -> None:
+    if value:
         out_console.print(__version__)
         raise typer.Exit(0)
 
@@ -62,8 +67,8 @@ def main(
 def _fmt_bytes(n) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
@@ -210,6 +215,14 @@ def _write_json(path: Path, rep: dict) -> None:
         _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))
 
 
+def _ratio(before: float, after: float, better: str, worse: str) -> str:
+    """``"2.10× faster"`` or ``"1.27× slower"``: never a ratio below 1 called an improvement."""
+    if not before or not after:
+        return ""
+    r = before / after
+    return f"{r:.2f}× {better}" if r >= 1 else f"{1 / r:.2f}× {worse}"
+
+
 def _render(rep: dict) -> None:
     b, a = rep["before"], rep["after"]
     t = Table(title="onnxcompress: before / after")
@@ -218,17 +231,17 @@ def _render(rep: dict) -> None:
     t.add_column("after", justify="right")
     t.add_column("ratio", justify="right")
     sb, sa = b.get("file_bytes", b["size_bytes"]), a.get("file_bytes", a["size_bytes"])
-    t.add_row("size", _fmt_bytes(sb), _fmt_bytes(sa), f"{sb / max(sa, 1):.2f}× smaller")
+    t.add_row("size", _fmt_bytes(sb), _fmt_bytes(sa), _ratio(sb, sa, "smaller", "larger"))
     if a.get("compressed_bytes") and b.get("compressed_bytes"):
         t.add_row("size (zlib)", _fmt_bytes(b["compressed_bytes"]), _fmt_bytes(a["compressed_bytes"]),
-                  f"{b['compressed_bytes'] / max(a['compressed_bytes'], 1):.2f}× smaller")
+                  _ratio(b["compressed_bytes"], a["compressed_bytes"], "smaller", "larger"))
     t.add_row("nodes", str(b["n_nodes"]), str(a["n_nodes"]), "")
     t.add_row("weight sparsity", f"{b['sparsity_pct']} %", f"{a['sparsity_pct']} %", "")
     for v in rep.get("validation", []):
         lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
         prov = v["provider"].replace("ExecutionProvider", "")
         if lr and lc:
-            t.add_row(f"latency {prov} (median, ms)", f"{lr:.3f}", f"{lc:.3f}", f"{lr / lc:.2f}× faster")
+            t.add_row(f"latency {prov} (median, ms)", f"{lr:.3f}", f"{lc:.3f}", _ratio(lr, lc, "faster", "slower"))
         if v.get("accuracy_reference") is not None:
             t.add_row(f"accuracy {prov}", f"{v['accuracy_reference']:.2f} %", f"{v['accuracy_candidate']:.2f} %",
                       f"{v['accuracy_candidate'] - v['accuracy_reference']:+.2f} pp")

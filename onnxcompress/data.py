@@ -66,6 +66,10 @@ def load_npz(path: str | Path, specs: list[InputSpec], *, what: str = "calibrati
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{what} data {p}: no such file")
+    import zipfile
+
+    if not zipfile.is_zipfile(p):
+        raise DataError(f"{what} data {p}: not an .npz archive (numpy.savez writes one; see README for the format)")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -178,9 +182,7 @@ def random_samples(specs: list[InputSpec], n: int = 8, *, seed: int = 0, shapes:
             shape = (shapes or {}).get(s.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in (s.shape or ()))
             if s.dtype.kind == "f":
                 feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
-            elif s.dtype.kind == "b":
-                feed[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
-            else:
+            else:  # ints and bools: 0/1 are valid ids, masks and flags
                 feed[s.name] = rng.integers(0, 2, shape).astype(s.dtype)
         out.append(feed)
     return out

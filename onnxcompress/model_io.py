@@ -60,6 +60,22 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{p}: cannot convert to onnx-ir ({type(exc).__name__}: {exc})") from None
 
 
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files (resolved paths) that the model at ``path`` refers to."""
+    p = Path(path)
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return []
+    files = set()
+    for t in _all_tensors(proto.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc and (p.parent / loc).is_file():
+                files.add((p.parent / loc).resolve())
+    return sorted(files)
+
+
 def _check_external_files(proto: onnx.ModelProto, base: Path) -> None:
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -176,12 +192,17 @@ def save_model(
     dest = Path(path)
     for prot in protect:
         if dest.resolve() == Path(prot).resolve():
-            raise ModelWriteError(f"{dest}: output path is the input model; refusing to overwrite it")
+            raise ModelWriteError(f"{dest}: output path is the input model (or its data); refusing to overwrite it")
     if dest.is_dir():
         raise ModelWriteError(f"{dest}: is a directory")
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise ModelWriteError(f"{folder}: output folder does not exist")
+    protected = {Path(p).resolve() for p in protect}
+    data_path = (folder / (dest.name + ".data")).resolve()
+    if external_data is not False and data_path in protected:
+        raise ModelWriteError(f"{dest}: its external data file {data_path.name} would overwrite the input's "
+                              "weights; choose another output name")
     proto = to_proto(model)
     if check:
         check_model(proto, runtime=runtime_check)
@@ -193,7 +214,8 @@ def save_model(
         fd, tmp_model = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=folder)
         os.close(fd)
         if external_data:
-            tmp_data = str(folder / ("." + data_name + ".tmp"))
+            fd, tmp_data = tempfile.mkstemp(prefix="." + data_name + ".", suffix=".tmp", dir=folder)
+            os.close(fd)
             # onnx writes external data at `location` relative to the model's folder: write it
             # under a temporary name, then rename both.
             onnx.save_model(
@@ -210,6 +232,7 @@ def save_model(
                 f.write(final.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+            _default_mode(tmp_data)
             os.replace(tmp_data, folder / data_name)
             tmp_data = None
         else:
@@ -217,6 +240,7 @@ def save_model(
                 f.write(proto.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+        _default_mode(tmp_model)
         os.replace(tmp_model, dest)
         tmp_model = None
     except OSError as exc:
@@ -230,6 +254,13 @@ def save_model(
     if external_data:
         size += (folder / data_name).stat().st_size
     return size
+
+
+def _default_mode(path: str) -> None:
+    """Give a temp file (mkstemp: 0600) the permissions a plain new file would have (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def model_size_bytes(model: ir.Model | onnx.ModelProto) -> int:

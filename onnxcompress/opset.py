@@ -19,16 +19,9 @@ from onnx import version_converter
 from .errors import ConversionError
 from .passes.base import output_errors, reference_outputs
 
-#: minimum IR version for each opset (onnx.helper.VERSION_TABLE)
 def min_ir_version(opset: int) -> int:
-    best = 3
-    for _rel, ir_v, op_v, *_ in onnx.helper.VERSION_TABLE:
-        if op_v <= opset:
-            best = max(best, ir_v) if op_v == opset or best < ir_v else best
-    for _rel, ir_v, op_v, *_ in onnx.helper.VERSION_TABLE:
-        if op_v == opset:
-            return ir_v
-    return best
+    """The lowest IR version that supports default-domain ``opset`` (onnx's version table)."""
+    return onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
 
 
 def upgrade_opset(model: ir.Model, target: int, samples: list[dict[str, np.ndarray]], *, rtol: float = 1e-5) -> tuple[ir.Model, dict]:

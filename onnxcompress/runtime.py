@@ -84,13 +84,19 @@ def resolve_providers(names: list[str] | None) -> tuple[list[str], list[str]]:
     out, skipped = ["CPUExecutionProvider"], []
     for name in names or ["cpu"]:
         full = PROVIDER_ALIASES.get(name.lower(), name)
+        if not full.endswith("ExecutionProvider"):
+            from .errors import OnnxCompressError
+
+            raise OnnxCompressError(f"unknown execution provider {name!r}: use cpu, cuda, tensorrt "
+                                    "or a full ONNX Runtime name such as OpenVINOExecutionProvider")
         if full == "CPUExecutionProvider":
             continue
         if full in available:
             out.append(full)
         else:
-            skipped.append(f"{name}: {full} is not available in this onnxruntime build "
-                           "(install the [gpu] extra, onnxruntime-gpu, on a machine with a GPU)")
+            hint = (" (install onnxruntime-gpu, the [gpu] extra of onnxruntime, instead of onnxruntime, "
+                    "on a machine with a GPU)" if full in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "")
+            skipped.append(f"{name}: {full} is not available in this onnxruntime build; skipped{hint}")
     return out, skipped
 
 

@@ -230,3 +230,42 @@ def test_optimize_html_report(digits, tmp_path):
     assert res.exit_code == 0, res.output
     text = html.read_text()
     assert "data:image/png;base64," in text and "quantize-static" in text and "logits" in text
+
+
+def test_input_external_data_is_never_overwritten(tmp_path, small):
+    """Input a.onnx keeps its weights in b.onnx.data; writing b.onnx with external data would
+    clobber them. The tool refuses and the input still loads."""
+    m = onnx.load(small)
+    onnx.save_model(m, tmp_path / "a.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="b.onnx.data", size_threshold=0)
+    before = _digest(tmp_path / "b.onnx.data")
+    res = _invoke("optimize", tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "--external-data")
+    _one_line_error(res, "b.onnx.data")
+    assert _digest(tmp_path / "b.onnx.data") == before and not (tmp_path / "b.onnx").exists()
+    G.run(str(tmp_path / "a.onnx"), {"x": np.zeros((4, 16), np.float32)})
+
+
+def test_gate_without_runtime_fails(tmp_path):
+    """Custom ops ORT cannot load: a requested gate cannot be checked, so nothing is written."""
+    nodes = [helper.make_node("FancyOp", ["x"], ["y"], domain="my.custom")]
+    g = helper.make_graph(nodes, "g", [G.vi("x", [1, 4])], [G.vi("y", [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.custom", 1)])
+    onnx.save(m, tmp_path / "c.onnx")
+    res = _invoke("optimize", tmp_path / "c.onnx", "-o", tmp_path / "o.onnx", "--min-cosine", "0.9")
+    assert res.exit_code == 3 and not (tmp_path / "o.onnx").exists()
+
+
+def test_output_file_has_default_permissions(digits, tmp_path):
+    res = _invoke("optimize", digits["model"], "-o", tmp_path / "f.onnx", "-q")
+    assert res.exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_version_and_bad_option_values(small, tmp_path):
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip()
+    for args, needle in ((["--min-top1-agreement", "0.99"], "percentage"), (["--min-cosine", "1.5"], "[-1, 1]"),
+                         (["--providers", "cpu,foo"], "unknown execution provider")):
+        _bad(tmp_path, small, *args, needles=[needle])

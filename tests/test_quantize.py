@@ -224,3 +224,38 @@ def test_bias_correction_reduces_mean_output_shift(tmp_path):
         return float(np.abs(np.mean(np.concatenate(d), axis=(0, 2, 3))).mean())
 
     assert shift(True) < 0.5 * shift(False)
+
+
+def test_already_quantized_nodes_are_left_alone(tmp_path):
+    """A MatMul whose weight comes out of DequantizeLinear is already int8: never re-quantized."""
+    rng = np.random.default_rng(13)
+    wq = rng.integers(-100, 100, (16, 8)).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="dq_w"),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm_q")]
+    m = G.model(nodes, [G.vi("x", [4, 16])], [G.vi("y", [4, 8])],
+                [numpy_helper.from_array(wq, "wq"), G.init("ws", 0.01)])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="static", calibration=_calib(
+        tmp_path, "x", rng.standard_normal((8, 4, 16)).astype(np.float32))))
+    skipped = {s["node"]: s["reason"] for p in res.report["passes"] for s in p["skipped"]}
+    assert "already quantized" in skipped["mm_q"]
+
+
+def test_fallback_on_unnamed_nodes(tmp_path):
+    """Unnamed nodes are named on load, so the fallback keeps exactly the chosen node in float."""
+    rng = np.random.default_rng(14)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    m = G.model(nodes, [G.vi("x", [4, 32])], [G.vi("y", [4, 8])],
+                [G.init("w1", rng.standard_normal((32, 32))), G.init("w2", rng.standard_normal((32, 8)))])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    cal = _calib(tmp_path, "x", rng.standard_normal((12, 4, 32)).astype(np.float32))
+    plain = optimize(src, tmp_path / "a.onnx", OptimizeOptions(quantize="dynamic", calibration=cal, latency=False))
+    cos = plain.report["validation"][0]["outputs"][0]["cosine"]
+    res = optimize(src, tmp_path / "b.onnx", OptimizeOptions(quantize="dynamic", calibration=cal, latency=False,
+                                                             min_cosine=1 - (1 - cos) * 0.9))
+    fb = res.report["fallback"]
+    assert len(fb["kept_in_float"]) == 1 and fb["kept_in_float"][0]
+    assert [n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node].count("MatMulInteger") == 1

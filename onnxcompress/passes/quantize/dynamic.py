@@ -53,6 +53,7 @@ class DynamicQuantizePass(CompressionPass):
         min_sqnr = opts.get("min_sqnr_db", 20.0)
         excl_nodes = set(opts.get("exclude_nodes", ()))
         excl_ops = set(opts.get("exclude_op_types", ()))
+        fallback_nodes = set(opts.get("fallback_nodes", ()))
         taken = all_value_names(model)
         self.report.counts["target"] = policy.target
 
@@ -68,6 +69,10 @@ class DynamicQuantizePass(CompressionPass):
                 continue
             if node.name in excl_nodes or node.op_type in excl_ops:
                 self.report.skip(node.name, "excluded by the user")
+                continue
+            if node.name in fallback_nodes:
+                self.report.skip(node.name, "kept in float by the sensitive-node fallback (a fidelity gate "
+                                            "failed with it in int8)")
                 continue
             w = node.inputs[1]
             if not _is_const(w):

@@ -34,11 +34,15 @@ class GatherQuantizePass(CompressionPass):
     def apply(self, model: ir.Model) -> bool:
         min_sqnr = float(self.context.options.get("min_weight_sqnr_db", 30.0))
         excl = set(self.context.options.get("exclude_nodes", ()))
+        excl_ops = set(self.context.options.get("exclude_op_types", ()))
         taken = all_value_names(model)
         graph = model.graph
         done = []
         for node in list(graph):
-            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.name in excl:
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.name in excl or "Gather" in excl_ops:
+                self.report.skip(node.name, "excluded by the user")
                 continue
             table = node.inputs[0]
             if not _is_const(table) or _attr(node, "axis", 0) != 0:

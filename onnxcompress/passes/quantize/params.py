@@ -29,7 +29,7 @@ def activation_params(lo: float, hi: float, *, dtype=np.uint8) -> tuple[np.float
         raise ValueError(f"non-finite range [{lo}, {hi}]")
     span = hi - lo
     if span < TINY:
-        return np.float32(1.0), dtype(0 if info.min == 0 else 0)
+        return np.float32(1.0), dtype(0)
     scale = np.float32(span / (info.max - info.min))
     if scale <= 0 or not np.isfinite(scale):
         scale = np.float32(max(span, 1e-8) / (info.max - info.min))

@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from ..base import CompressionPass
-from ...irutil import add_initializer, all_value_names, subgraphs, unique_name
+from ...irutil import add_initializer, all_value_names, unique_name
 from . import calibrate, params
 from .policy import resolve_policy
 from .sensitivity import node_outputs, sqnr_db
@@ -84,6 +84,7 @@ class StaticQuantizePass(CompressionPass):
         min_sqnr = opts.get("min_sqnr_db", 20.0)
         excl_nodes = set(opts.get("exclude_nodes", ()))
         excl_ops = set(opts.get("exclude_op_types", ()))
+        self._fallback_nodes = set(opts.get("fallback_nodes", ()))
         graph = model.graph
         taken = all_value_names(model)
         opset = model.opset_imports.get("", 13)
@@ -214,8 +215,16 @@ class StaticQuantizePass(CompressionPass):
             if node.name in excl_nodes or node.op_type in excl_ops:
                 self.report.skip(node.name, "excluded by the user")
                 continue
+            if node.name in self._fallback_nodes:
+                self.report.skip(node.name, "kept in float by the sensitive-node fallback (a fidelity gate "
+                                            "failed with it in int8)")
+                continue
             if any(v is not None and v.dtype not in (None, FLOAT) for v in node.inputs[:2]):
                 self.report.skip(node.name, "not a float32 node")
+                continue
+            if any(v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+                   for v in node.inputs):
+                self.report.skip(node.name, "already quantized (an input comes from DequantizeLinear)")
                 continue
             if node.op_type in ("Conv", "ConvTranspose") and not _is_const(node.inputs[1]):
                 self.report.skip(node.name, "weight is not a constant initializer")
@@ -240,7 +249,7 @@ class StaticQuantizePass(CompressionPass):
                     self.report.skip(node.name, f"Gemm C of shape {list(b.shape)} is not a per-column bias")
                     continue
             if node.op_type == "Gemm":
-                self._fold_gemm_scalars(graph, node, taken)  # only once the node is certainly quantized
+                self._fold_gemm_scalars(graph, node, taken)  # exact in float: harmless if the node stays float
             chosen.append(node)
         return chosen
 
