@@ -291,6 +291,9 @@ def optimize(
             ppass = ChannelPrunePass(pctx)
         elif opts.prune_mode == "nm":
             n_, m_ = (int(x) for x in opts.prune_nm.split(":"))
+            if opts.prune and abs(opts.prune - (1 - n_ / m_)) > 1e-9:
+                notes.append(f"--prune {opts.prune} ignored: N:M sparsity is set by the pattern "
+                             f"--prune-nm {opts.prune_nm} ({1 - n_ / m_:.0%} zeros)")
             say(f"{n_}:{m_} semi-structured pruning")
             pctx = PassContext(calibration=calib, options={
                 "n": n_, "m": m_, "min_size": opts.prune_min_size, "exclude_nodes": opts.exclude_nodes,

@@ -36,8 +36,8 @@ def _setup_logging(quiet: bool) -> None:
     log = logging.getLogger("onnxcompress")
     log.handlers[:] = []
     log.propagate = False
-    if not quiet:
-        log.addHandler(_RichWarnings())
+    # quiet: a NullHandler, so Python's last-resort handler does not print warnings either
+    log.addHandler(logging.NullHandler() if quiet else _RichWarnings())
     log.setLevel(logging.WARNING)
 
 
