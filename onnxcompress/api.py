@@ -332,8 +332,9 @@ def optimize(
         calib_cache: dict = {}
         model, qreps = _quantize(model, opts, calib, check_samples, (), calib_cache)
         reports += qreps
-        if qreps[0].reverted:
-            notes.append(f"quantization failed and was reverted: {qreps[0].reverted}")
+        if qreps[0].reverted:  # never hand back a float model as if it were the int8 one asked for
+            raise OnnxCompressError(f"{opts.quantize} quantization failed on this model ({qreps[0].reverted}); "
+                                    f"nothing written (report this model; --debug shows more)")
 
     say("validating with ONNX Runtime")
     providers, skipped = resolve_providers(list(opts.providers))

@@ -259,3 +259,25 @@ def test_fallback_on_unnamed_nodes(tmp_path):
     fb = res.report["fallback"]
     assert len(fb["kept_in_float"]) == 1 and fb["kept_in_float"][0]
     assert [n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node].count("MatMulInteger") == 1
+
+
+def test_static_with_ragged_calibration_samples(tmp_path):
+    """Samples of different widths (OCR lines, sentences): statistics, the per-node check and
+    bias correction must not assume one shape (regression: PP-OCR rec was silently left fp32)."""
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4, name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1], name="tr"),
+             helper.make_node("MatMul", ["t", "wm"], ["y"], name="mm"),
+             helper.make_node("Transpose", ["r"], ["tt"], perm=[0, 2, 1, 3], name="tr2"),
+             helper.make_node("MatMul", ["t", "tt"], ["y2"], name="mm_act")]  # [1, 8, W, W]: ragged last axis
+    m = G.model(nodes, [G.vi("x", [1, 3, 8, "W"])], [G.vi("y", [1, 8, "W", 5]), G.vi("y2", [1, 8, "W", "W"])],
+                [G.init("w", rng.standard_normal((6, 3, 3, 3)) * 0.3), G.init("b", rng.standard_normal(6) * 0.1),
+                 G.init("wm", rng.standard_normal((6, 5)))])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    cal = tmp_path / "c.npz"
+    np.savez(cal, **{f"{i}__x": rng.uniform(0, 1, (1, 3, 8, 10 + 7 * i)).astype(np.float32) for i in range(8)})
+    res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="static", calibration=cal, latency=False))
+    q = next(p for p in res.report["passes"] if p["name"] == "quantize-static")
+    assert not q["reverted"] and q["counts"]["nodes_quantized"] == 3, q

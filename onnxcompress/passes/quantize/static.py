@@ -381,11 +381,14 @@ class StaticQuantizePass(CompressionPass):
             ref, got = node_outputs(node.op_type, attrs, f_in, q_in, mask, max(opset, 13))
             worst = min(worst, sqnr_db(ref, got))
             diffs.append(ref - got)
-        if self.context.options.get("bias_correction", True) and diffs:
+        has_bias = len(node.inputs) > 2 and _is_const(node.inputs[2])
+        if self.context.options.get("bias_correction", True) and diffs and has_bias:
             ch_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
-            d = np.concatenate([np.moveaxis(x, ch_axis, -1).reshape(-1, x.shape[ch_axis]) for x in diffs])
-            if d.shape[0] >= 64:  # enough positions per channel for a stable mean
-                self._bias_shift[node] = d.mean(0).astype(np.float32)
+            n_ch = node.inputs[2].const_value.numpy().size
+            rows = [np.moveaxis(x, ch_axis, -1).reshape(-1, x.shape[ch_axis]) for x in diffs
+                    if x.ndim >= 2 and x.shape[ch_axis] == n_ch]
+            if rows and sum(r.shape[0] for r in rows) >= 64:  # enough positions per channel for a stable mean
+                self._bias_shift[node] = np.concatenate(rows).mean(0).astype(np.float32)
         return worst
 
     # -- weights -----------------------------------------------------------------------
