@@ -53,3 +53,17 @@ def add_initializer(graph: ir.Graph, arr: np.ndarray, base: str, taken: set[str]
 def clone_initializer(graph: ir.Graph, value: ir.Value, taken: set[str]) -> ir.Value:
     """Register a copy of an initializer under a fresh name and return its value."""
     return add_initializer(graph, value.const_value.numpy().copy(), f"{value.name}_clone", taken)
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, new_out: ir.Value) -> None:
+    """Make ``new_out`` take the place of ``node``'s (single) output, then remove ``node``.
+
+    The new value inherits the old one's type, shape and *name*: graph outputs and
+    outer-scope references in subgraphs keep working.
+    """
+    out = node.outputs[0]
+    new_out.type, new_out.shape = out.type, out.shape
+    name = out.name
+    out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    new_out.name = name

@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from ..base import CompressionPass
-from ...irutil import add_initializer, all_value_names, subgraphs, unique_name
+from ...irutil import add_initializer, all_value_names, replace_node, subgraphs, unique_name
 from . import params
 from .policy import resolve_policy
 from .sensitivity import node_sqnr
@@ -183,7 +183,6 @@ class DynamicQuantizePass(CompressionPass):
                     name=unique_name(f"{name}_Cast", taken)),
             ir.Node("", "Mul", [xs, ws_v], outputs=[s_all], name=unique_name(f"{name}_scale_Mul", taken)),
         ]
-        out = node.outputs[0]
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         if bias is not None:
             beta = float(_attr(node, "beta", 1.0))
@@ -196,10 +195,4 @@ class DynamicQuantizePass(CompressionPass):
             final = ir.Node("", "Mul", [y_f, s_all], name=unique_name(f"{name}_Mul", taken))
         nodes.append(final)
         graph.extend(nodes)
-        new_out = final.outputs[0]
-        new_out.type, new_out.shape = out.type, out.shape
-        # keep the original output name (graph outputs and outer-scope references use it)
-        out_name = out.name
-        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        new_out.name = out_name
+        replace_node(graph, node, final.outputs[0])

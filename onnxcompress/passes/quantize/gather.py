@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ...irutil import add_initializer, all_value_names, unique_name
+from ...irutil import add_initializer, all_value_names, replace_node, unique_name
 from ..base import CompressionPass
 from . import params
 from .static import _attr, _is_const
@@ -67,7 +67,6 @@ class GatherQuantizePass(CompressionPass):
             gs = ir.Value(name=unique_name(f"{base}_s", taken))
             gf = ir.Value(name=unique_name(f"{base}_f", taken))
             gsu = ir.Value(name=unique_name(f"{base}_su", taken))
-            out = node.outputs[0]
             mul = ir.Node("", "Mul", [gf, gsu], name=unique_name(f"{base}_Mul", taken))
             nodes = [
                 ir.Node("", "Gather", [q_v, ids], attributes=[ir.AttrInt64("axis", 0)], outputs=[gq], name=unique_name(f"{base}_Gather_q", taken)),
@@ -77,12 +76,7 @@ class GatherQuantizePass(CompressionPass):
                 mul,
             ]
             graph.extend(nodes)
-            new_out = mul.outputs[0]
-            new_out.type, new_out.shape = out.type, out.shape
-            name = out.name
-            out.replace_all_uses_with(new_out, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            new_out.name = name
+            replace_node(graph, node, mul.outputs[0])
             done.append({"node": node.name, "table": table.name, "shape": list(w.shape), "sqnr_db": round(float(sqnr), 1)})
         if done:
             graph.sort()
