@@ -102,7 +102,7 @@ class OptimizeOptions:
     quantize: str | None = None
     calibration: str | Path | None = None
     validation: str | Path | None = None
-    calibration_method: str = "minmax"
+    calibration_method: str = "auto"
     max_calibration_samples: int = 256
     target: str = "auto"
     per_channel: bool = True

@@ -116,7 +116,7 @@ def optimize(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Int8 quantization: dynamic or static."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data (.npz; see README)."),
     validation: Optional[Path] = typer.Option(None, "--validation", help="Held-out validation data (.npz). Default: a held-out split of the calibration data."),
-    calibration_method: str = typer.Option("minmax", "--calibration-method", help="minmax, percentile, entropy, mse, or auto (per tensor, the lowest expected error)."),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto (default: per tensor, the lowest expected error of the others), minmax, percentile, entropy or mse."),
     target: str = typer.Option("auto", "--target", help="Int8 target: auto (this CPU), avx2, avx512, vnni, arm64, cuda, tensorrt."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Per-channel weight scales."),
     min_sqnr: float = typer.Option(20.0, "--min-node-sqnr", help="Keep a node in float when its int8 output SQNR is below this (dB); 0 disables."),
