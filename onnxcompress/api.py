@@ -168,7 +168,7 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
     if opts.calibration and Path(opts.calibration).is_dir():
         calib = load_image_folder(opts.calibration, specs, opts.image, what="calibration")
     elif opts.calibration:
-        calib, extras = load_npz(opts.calibration, specs, what="calibration")
+        calib, _ = load_npz(opts.calibration, specs, what="calibration")
     else:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
@@ -177,7 +177,6 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
             notes.append(str(x.message))
             if opts.quantize == "static":
                 logger.warning("%s", x.message)  # calibrating on noise deserves more than a note
-        extras = {}
     if opts.validation and Path(opts.validation).is_dir():
         val = load_image_folder(opts.validation, specs, opts.image, what="validation")
         notes.append(f"validation on {len(val)} images from {opts.validation}")

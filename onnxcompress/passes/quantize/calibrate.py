@@ -181,40 +181,50 @@ def _mse_threshold(h: _Hist, levels: int) -> float:
     return best_t
 
 
-def collect(
-    model_bytes: bytes,
-    tensor_names: list[str],
-    samples: list[dict[str, np.ndarray]],
-    *,
-    method: str = "minmax",
-    progress=None,
-) -> dict[str, TensorStats]:
-    """Run ``samples`` through a model whose extra outputs are ``tensor_names``.
+def observe(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]], *, keep: int = 0,
+            method: str | None = None, progress=None) -> tuple[dict[str, "TensorStats"], list[dict[str, np.ndarray]]]:
+    """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made outputs.
 
     Args:
-        model_bytes: serialized model already augmented with the tensors as outputs.
-        tensor_names: tensors to observe.
+        model: an ``onnx_ir.Model`` (not modified: a serialized copy is augmented).
+        tensor_names: float tensors to observe.
         samples: feed dicts.
-        method: one of :data:`METHODS` (histograms are kept unless ``minmax``).
+        keep: how many of the first samples' values to return as they are (for per-node checks).
+        method: one of :data:`METHODS` to collect statistics over every sample (histograms kept
+            unless ``minmax``); ``None`` runs only the first ``keep`` samples.
         progress: optional callable ``(done, total)``.
 
     Returns:
-        name -> :class:`TensorStats`; tensors never produced keep ``n == 0``.
+        ``(stats, kept)``: name -> :class:`TensorStats` (tensors never produced keep ``n == 0``;
+        empty without ``method``), and the first ``keep`` samples' values by name.
     """
+    import onnx
+    import onnx_ir as ir
+
+    from ...model_io import to_bytes
     from ...runtime import make_session
 
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
-    sess = make_session(model_bytes, optimize=False)
-    out_names = [o.name for o in sess.get_outputs()]
-    wanted = [n for n in tensor_names if n in set(out_names)]
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for n in tensor_names:
+        if n not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = make_session(to_bytes(proto), optimize=False)
+    produced = {o.name for o in sess.get_outputs()}
+    wanted = [n for n in tensor_names if n in produced]
     feeds_ok = {i.name for i in sess.get_inputs()}
-    stats = {n: TensorStats(with_hist=method != "minmax") for n in tensor_names}
-    for k, feed in enumerate(samples):
-        outs = sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok})
-        for n, v in zip(wanted, outs):
+    stats = {n: TensorStats(with_hist=method != "minmax") for n in tensor_names} if method else {}
+    kept = []
+    todo = samples if method else samples[:keep]
+    for k, feed in enumerate(todo):
+        outs = dict(zip(wanted, sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok})))
+        if k < keep:
+            kept.append(outs)
+        for n, v in outs.items() if method else ():
             if isinstance(v, np.ndarray) and v.dtype.kind == "f":
                 stats[n].update(v)
         if progress:
-            progress(k + 1, len(samples))
-    return stats
+            progress(k + 1, len(todo))
+    return stats, kept

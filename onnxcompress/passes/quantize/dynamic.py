@@ -25,6 +25,7 @@ from ..base import CompressionPass
 from ...irutil import add_initializer, all_value_names, replace_node, subgraphs, unique_name
 from . import params
 from .policy import resolve_policy
+from .calibrate import observe
 from .sensitivity import node_sqnr
 from .static import FLOAT, _attr, _is_const
 
@@ -130,22 +131,8 @@ class DynamicQuantizePass(CompressionPass):
     def _record(self, model, nodes):
         if not nodes or not self.context.calibration:
             return []
-        from ...model_io import to_bytes
-        from ...runtime import make_session
-
-        proto = ir.to_proto(model)
         names = sorted({n.inputs[0].name for n in nodes})
-        existing = {o.name for o in proto.graph.output}
-        for n in names:
-            if n not in existing:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-        sess = make_session(to_bytes(proto), optimize=False)
-        ok = {i.name for i in sess.get_inputs()}
-        out = []
-        for feed in self.context.calibration[:2]:
-            vals = sess.run(names, {k: v for k, v in feed.items() if k in ok})
-            out.append(dict(zip(names, vals)))
-        return out
+        return observe(model, names, self.context.calibration, keep=2)[1]
 
     @staticmethod
     def _sqnr(node, w, q, scale, axis, rec) -> float:

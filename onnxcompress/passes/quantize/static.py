@@ -20,7 +20,6 @@ dynamic mode for them. Every chosen node passes a one-node SQNR check
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..base import CompressionPass
@@ -322,28 +321,13 @@ class StaticQuantizePass(CompressionPass):
         re-quantization of the same model (sensitive-node fallback) does not run the
         calibration data again.
         """
-        from ...model_io import to_bytes
-
         cache = self.context.options.get("calibration_cache")
         if cache is not None and cache.get("method") == method and all(n in cache["stats"] for n in names):
             return ({n: cache["stats"][n] for n in names},
-                    [{n: rec[n] for n in names} for rec in cache["recorded"]])
+                    [{n: rec[n] for n in names if n in rec} for rec in cache["recorded"]])
 
-        proto = ir.to_proto(model)
-        existing = {o.name for o in proto.graph.output}
-        for n in names:
-            if n not in existing:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-        data = to_bytes(proto)
-        stats = calibrate.collect(data, names, samples, method=method)
-        # record a few samples' activations for the per-node check
-        from ...runtime import make_session
-        sess = make_session(data, optimize=False)
-        feeds_ok = {i.name for i in sess.get_inputs()}
-        recorded = []
-        for feed in samples[:2]:
-            outs = sess.run(names, {a: b for a, b in feed.items() if a in feeds_ok})
-            recorded.append(dict(zip(names, outs)))
+        # one pass over the data: statistics of every sample, values of the first two (per-node check)
+        stats, recorded = calibrate.observe(model, names, samples, keep=2, method=method)
         if cache is not None:
             cache.update(method=method, stats=stats, recorded=recorded)
         return stats, recorded
