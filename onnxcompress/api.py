@@ -28,11 +28,16 @@ from .passes.base import PassContext, PassReport, run_passes
 from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,
                              LiftConstantsPass)
 from .passes.fusion import FoldBatchNormPass, FusePadIntoConvPass, MatMulAddToGemmPass
+from .passes.transformer import AttentionFusionPass
 from .passes.prune import MagnitudePrunePass
 from .passes.prune_channels import IMPORTANCE, ChannelPrunePass
 from .passes.prune_nm import NMPrunePass, storage_report
 from .passes.quantize import DynamicQuantizePass, StaticQuantizePass
 from .passes.quantize.gather import GatherQuantizePass
+from .passes.quantize.dynamic import AttentionQuantizePass
+from .passes.quantize.smooth import SmoothQuantPass
+from .passes.quantize.equalize import CrossLayerEqualizationPass
+from .passes.quantize.weight_only import WeightOnlyQuantizePass
 from .passes.quantize.calibrate import METHODS
 from .passes.quantize.policy import TARGETS
 from .runtime import cpu_features, resolve_providers
@@ -83,6 +88,12 @@ class OptimizeOptions:
         bias_correction: static mode: add each quantized node's mean output shift per channel
             (measured on calibration activations) to its bias (empirical bias correction,
             Nagel et al. 2019, "Data-Free Quantization", sec. 4.2).
+        equalize: cross-layer equalization before quantization (same paper, sec. 4.1): ``"auto"``
+            (static mode only; kept when the mean int8 weight SQNR of the affected nodes improves,
+            under this run's per-channel/per-tensor choice), ``True`` (always, any mode), ``False``.
+        smooth_quant: SmoothQuant (Xiao et al. 2022) before int8: activation outlier channels read
+            by MatMul/Attention are scaled down and their weights up, per tensor only when the
+            simulated int8 error drops (``passes/quantize/smooth.py``).
         latency: measure median latency in validation.
     """
 
@@ -118,6 +129,8 @@ class OptimizeOptions:
     fallback: bool = True
     max_fallback_rounds: int = 6
     bias_correction: bool = True
+    equalize: bool | str = "auto"
+    smooth_quant: bool = True
     image: ImageSpec = field(default_factory=ImageSpec)
 
     def check(self) -> None:
@@ -147,6 +160,8 @@ class OptimizeOptions:
             raise OnnxCompressError(f"--prune-channel-scope must be layer or global, got {self.prune_channel_scope!r}")
         if int(self.prune_round_to) < 1:
             raise OnnxCompressError(f"--prune-round-to must be >= 1, got {self.prune_round_to}")
+        if self.equalize not in (True, False, "auto"):
+            raise OnnxCompressError(f"--equalize must be auto, on or off, got {self.equalize!r}")
         nm = str(self.prune_nm).split(":")
         if len(nm) != 2 or not all(x.isdigit() for x in nm) or not 0 < int(nm[0]) < int(nm[1]):
             raise OnnxCompressError(f"--prune-nm must look like 2:4 (0 < N < M), got {self.prune_nm!r}")
@@ -274,7 +289,8 @@ def optimize(
     if opts.fuse:
         say("clean-up and fusion")
         stage = [InitializerInputsPass(ctx), ConstantFoldingPass(ctx), LiftConstantsPass(ctx),
-                 IdentityDropoutPass(ctx), FoldBatchNormPass(ctx), FusePadIntoConvPass(ctx), MatMulAddToGemmPass(ctx),
+                 IdentityDropoutPass(ctx), FoldBatchNormPass(ctx), FusePadIntoConvPass(ctx), AttentionFusionPass(ctx),
+                 MatMulAddToGemmPass(ctx),
                  DeadCodePass(ctx)]
     model, reps = run_passes(model, stage, check_samples)
     reports += reps
@@ -318,6 +334,14 @@ def optimize(
                              f"({st['sparse_initializer_zlib_bytes']} B zlib); kept: {st['choice']}")
             except Exception as exc:  # measurement only
                 notes.append(f"sparse storage not measured: {exc}")
+
+    if opts.equalize is True or (opts.equalize == "auto" and opts.quantize == "static"):
+        say("cross-layer equalization")
+        model, reps = run_passes(model, [CrossLayerEqualizationPass(PassContext(options={
+            "mode": "auto" if opts.equalize == "auto" else "on", "per_channel": opts.per_channel,
+            "target": opts.target, "exclude_nodes": tuple(opts.exclude_nodes),
+            "exclude_op_types": tuple(opts.exclude_op_types)}))], check_samples)
+        reports += reps
 
     pre_quant = None
     if opts.quantize:
@@ -452,9 +476,21 @@ def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extr
         "per_channel": opts.per_channel, "min_sqnr_db": opts.min_sqnr_db,
         "exclude_nodes": tuple(opts.exclude_nodes), "fallback_nodes": tuple(extra_exclude),
         "exclude_op_types": opts.exclude_op_types, "calibration_cache": calib_cache,
-        "bias_correction": opts.bias_correction})
+        "bias_correction": opts.bias_correction, "weight_only_mode": opts.quantize})
+    # SmoothQuant first (activation outlier channels moved into the weights; passes/quantize/smooth.py);
+    # its report goes last so that the integer pass's report stays first (the fallback reads it)
+    sctx = PassContext(calibration=calib, options={
+        "target": opts.target, "smooth_mode": opts.quantize, "exclude_op_types": tuple(opts.exclude_op_types),
+        "exclude_nodes": tuple(opts.exclude_nodes) + tuple(extra_exclude)})
+    model, sreps = run_passes(model, [SmoothQuantPass(sctx)] if opts.smooth_quant else [], check_samples)
     qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)
-    return run_passes(model, [qpass, GatherQuantizePass(qctx), DeadCodePass(qctx)], check_samples)
+    # static mode: a fused com.microsoft.Attention becomes QAttention (dynamic int8 input)
+    attn = [AttentionQuantizePass(qctx)] if opts.quantize == "static" else []
+    # weight-only int8 (float compute) for what the integer pass leaves float: subgraph nodes
+    # (static), Conv (dynamic), LSTM/GRU/RNN weights (both); see passes/quantize/weight_only.py
+    model, qreps = run_passes(model, [qpass, *attn, WeightOnlyQuantizePass(qctx), GatherQuantizePass(qctx),
+                                      DeadCodePass(qctx)], check_samples)
+    return model, qreps + sreps
 
 
 def _validate(original_bytes, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:

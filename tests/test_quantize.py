@@ -123,7 +123,9 @@ def test_dynamic_mlp(tmp_path):
 
 def test_outlier_activation_kept_in_float(tmp_path):
     """One input feature 1000x larger than the rest: per-tensor int8 would wreck the MatMul
-    (case21 kind); the per-node SQNR check keeps it in float and names it."""
+    (case21 kind). By default SmoothQuant moves the outlier channel into the weight and the
+    node is quantized within tolerance; without it the per-node SQNR check keeps the node in
+    float and names it."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((16, 8)).astype(np.float32)
     w[0] = 1e-4
@@ -132,12 +134,21 @@ def test_outlier_activation_kept_in_float(tmp_path):
     onnx.save(m, src)
     xs = rng.standard_normal((8, 4, 16)).astype(np.float32)
     xs[..., 0] *= 1000
+    x = {"x": xs[0]}
     for mode in ("dynamic", "static"):
         res = optimize(src, tmp_path / f"{mode}.onnx", OptimizeOptions(quantize=mode, calibration=_calib(tmp_path, "x", xs)))
+        smooth = next(p for p in res.report["passes"] if p["name"] == "smooth-quant")
+        assert smooth["changed"], smooth
+        ops = {n.op_type for n in onnx.load(tmp_path / f"{mode}.onnx").graph.node}
+        assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QuantizeLinear"}, ops  # really int8
+        assert _rel(G.run(m, x)["y"], G.run(onnx.load(tmp_path / f"{mode}.onnx"), x, optimize=True)["y"]) < REL
+
+        out = tmp_path / f"{mode}-nosmooth.onnx"
+        res = optimize(src, out, OptimizeOptions(quantize=mode, smooth_quant=False,
+                                                 calibration=_calib(tmp_path, "x", xs)))
         skipped = [s for p in res.report["passes"] for s in p["skipped"]]
         assert any(s["node"] == "mm" and "SQNR" in s["reason"] for s in skipped), skipped
-        x = {"x": xs[0]}
-        assert _rel(G.run(m, x)["y"], G.run(onnx.load(tmp_path / f"{mode}.onnx"), x, optimize=True)["y"]) < REL
+        assert _rel(G.run(m, x)["y"], G.run(onnx.load(out), x, optimize=True)["y"]) < REL
 
 
 def test_static_from_image_folder(tmp_path):

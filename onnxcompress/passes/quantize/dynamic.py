@@ -10,9 +10,15 @@ run time to uint8 by ``DynamicQuantizeLinear``; the product runs in ``MatMulInte
 ONNX Runtime's optimizer fuses this into its ``DynamicQuantizeMatMul`` kernel. Gemm is
 handled with ``transB`` applied to the stored weight and ``alpha``/``beta`` folded into
 the scale and the bias. Nodes inside ``If``/``Loop`` bodies are quantized too (their
-weights are outer-scope initializers). Conv is left in float: ``ConvInteger`` is several
-times slower than fp32 on ONNX Runtime's x86 CPU provider (the report says so). Nodes in
+weights are outer-scope initializers). Conv is not run in int8: ``ConvInteger`` is several
+times slower than fp32 on ONNX Runtime's x86 CPU provider; its weights are stored int8 with
+float compute by :mod:`.weight_only` instead (as are LSTM/GRU/RNN weights). Nodes in
 the main graph pass a one-node SQNR check on recorded activations or stay in float.
+
+A fused ``com.microsoft.Attention`` (see :mod:`onnxcompress.passes.transformer`) becomes
+``com.microsoft.QAttention`` (ORT contrib op: uint8 input from ``DynamicQuantizeLinear``,
+int8 QKV weight [D, 3*hidden] with one scale per column, float32 bias, int32 mask); its
+SQNR check is that of the QKV projection ``x @ W``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class DynamicQuantizePass(CompressionPass):
 
     name = "quantize-dynamic"
     checked = False
+    #: only ``com.microsoft.Attention`` nodes (see :class:`AttentionQuantizePass`)
+    only_attention = False
 
     def apply(self, model: ir.Model) -> bool:
         opts = self.context.options
@@ -60,11 +68,24 @@ class DynamicQuantizePass(CompressionPass):
 
         chosen = []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.domain not in ("", "ai.onnx"):
+            if node.domain == "com.microsoft" and node.op_type == "Attention":
+                reason = _attention_unsupported(node)
+                if node.name in excl_nodes or node.op_type in excl_ops:
+                    self.report.skip(node.name, "excluded by the user")
+                elif node.name in fallback_nodes:
+                    self.report.skip(node.name, "kept in float by the sensitive-node fallback (a fidelity gate "
+                                                "failed with it in int8)")
+                elif reason:
+                    self.report.skip(node.name, f"Attention not quantized: {reason}")
+                else:
+                    chosen.append(node)
+                continue
+            if self.only_attention or node.domain not in ("", "ai.onnx"):
                 continue
             if node.op_type in ("Conv", "ConvTranspose"):
-                self.report.skip(node.name, f"{node.op_type} stays in float in dynamic mode: ConvInteger is slower "
-                                            "than fp32 on ONNX Runtime's CPU provider (use --quantize static)")
+                self.report.skip(node.name, f"{node.op_type} computes in float in dynamic mode (ConvInteger is slower "
+                                            "than fp32 on ONNX Runtime's CPU provider); its weight is stored int8 by "
+                                            "the weight-only pass (use --quantize static for int8 compute)")
                 continue
             if node.op_type not in ("MatMul", "Gemm"):
                 continue
@@ -122,6 +143,8 @@ class DynamicQuantizePass(CompressionPass):
     def _weight_kn(node: ir.Node) -> tuple[np.ndarray, float]:
         """The weight as [K, N] float32 and Gemm's alpha (1 for MatMul)."""
         w = node.inputs[1].const_value.numpy().astype(np.float32)
+        if node.op_type == "Attention":  # [D, 3 * hidden], already [K, N]
+            return w, 1.0
         if node.op_type == "Gemm":
             if _attr(node, "transB", 0):
                 w = w.T.copy()
@@ -156,9 +179,13 @@ class DynamicQuantizePass(CompressionPass):
                                  name=unique_name(f"{x.name}_DynamicQuantizeLinear", taken)))
             dql[key] = (xq, xs, xz)
         xq, xs, xz = dql[key]
+        if node.op_type == "Attention":
+            _rewrite_attention(model, node, xq, xs, xz, q, scale, axis, taken)
+            return
         w_name = node.inputs[1].name
         wq_v = add_initializer(main, q, f"{w_name}_quantized", taken)
-        wz_v = add_initializer(main, np.zeros(q.shape[1] if axis is not None else (), np.int8), f"{w_name}_zero_point", taken)
+        # symmetric weights: one scalar zero point serves every column (MatMulInteger allows it)
+        wz_v = add_initializer(main, np.zeros((), np.int8), f"{w_name}_zero_point", taken)
         ws_v = add_initializer(main, scale.astype(np.float32) if axis is not None else np.array(scale.reshape(()), np.float32),
                                f"{w_name}_scale", taken)
         y_int = ir.Value(name=unique_name(f"{name}_int32", taken))
@@ -183,3 +210,59 @@ class DynamicQuantizePass(CompressionPass):
         nodes.append(final)
         graph.extend(nodes)
         replace_node(graph, node, final.outputs[0])
+
+
+class AttentionQuantizePass(DynamicQuantizePass):
+    """Only the ``com.microsoft.Attention`` -> ``QAttention`` part of the dynamic pass, for
+    static mode (QDQ has no form ONNX Runtime fuses into an int8 attention kernel; the fused
+    Attention's QKV weight, 3 x hidden x hidden, would otherwise stay float32)."""
+
+    name = "quantize-attention"
+    only_attention = True
+
+
+def _attention_unsupported(node: ir.Node) -> str | None:
+    """Why a ``com.microsoft.Attention`` node cannot become ``QAttention`` (``None`` if it can).
+
+    QAttention (ORT contrib op, CPU kernel ``contrib_ops/cpu/quantization/attention_quant.cc``)
+    takes input [B, S, D] uint8, weight [D, 3*hidden] int8, bias [3*hidden] float32 and an
+    optional int32 ``mask_index``; it has no past/present state in our use, no
+    ``qkv_hidden_sizes``, no attention bias and no ``unidirectional`` mask.
+    """
+    ins = list(node.inputs)
+    if len(ins) < 3 or not _is_const(ins[1]) or not _is_const(ins[2]):
+        return "weight or bias is not a constant initializer"
+    if ins[0] is None or ins[0].dtype not in (None, FLOAT) or ins[1].dtype != FLOAT:
+        return "not a float32 node"
+    if ins[1].const_value.numpy().ndim != 2:
+        return "weight is not rank 2"
+    if any(v is not None for v in ins[4:]) or len(node.outputs) > 1:
+        return "past/present state or attention bias inputs"
+    for a in ("qkv_hidden_sizes", "unidirectional", "do_rotary", "past_present_share_buffer"):
+        at = node.attributes.get(a)
+        if at is not None and (at.value if not isinstance(at.value, (list, tuple)) else len(at.value)):
+            return f"attribute {a} is set"
+    if ins[3] is not None and ins[3].dtype not in (None, ir.DataType.INT32):
+        return "mask_index is not int32"
+    return None
+
+
+def _rewrite_attention(model, node, xq, xs, xz, q, scale, axis, taken) -> None:
+    """``Attention(x, W, b, mask)`` -> ``QAttention(xq, Wq, b, xs, Ws, mask, xz)``.
+
+    ``Ws`` is one scale per column of W ([3*hidden], float32) or a scalar (per tensor); the
+    weight zero point is omitted (0, symmetric int8). Attributes ``num_heads``, ``scale`` and
+    ``mask_filter_value`` are carried over.
+    """
+    main = model.graph
+    w_name = node.inputs[1].name
+    wq_v = add_initializer(main, q, f"{w_name}_quantized", taken)
+    ws = scale.astype(np.float32) if axis is not None else np.array(scale.reshape(()), np.float32)
+    ws_v = add_initializer(main, ws, f"{w_name}_scale", taken)
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    keep = [a for a in node.attributes.values() if a.name in ("num_heads", "scale", "mask_filter_value")]
+    name = node.name or node.outputs[0].name
+    new = ir.Node("com.microsoft", "QAttention", [xq, wq_v, node.inputs[2], xs, ws_v, mask, xz],
+                  attributes=keep, name=unique_name(f"{name}_quant", taken))
+    node.graph.append(new)
+    replace_node(node.graph, node, new.outputs[0])

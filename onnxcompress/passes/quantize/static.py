@@ -12,8 +12,9 @@ Add/Concat between quantized tensors are kept in the integer domain; linear ``Re
 is not (it does not commute with quantization, shared/cases case11).
 
 Gemm ``alpha``/``beta`` are folded into B and C before quantizing. Nodes inside
-``If``/``Loop`` bodies are not calibrated and stay in float (named in the report); use the
-dynamic mode for them. Every chosen node passes a one-node SQNR check
+``If``/``Loop`` bodies are not calibrated (ORT cannot expose subgraph tensors) and are not
+run in int8: :mod:`.weight_only` stores their weights in int8 with float compute (named in
+its report). Every chosen node passes a one-node SQNR check
 (:mod:`.sensitivity`) or stays in float (sensitive-layer fallback).
 """
 
@@ -203,8 +204,8 @@ class StaticQuantizePass(CompressionPass):
             n = sum(1 for g in graphs for sub in ir.traversal.RecursiveGraphIterator(g) if sub.op_type in COMPUTE)
             if n:
                 self.report.skip(node.name, f"{n} Conv/Gemm/MatMul node(s) inside the subgraphs of {node.op_type} "
-                                            "are not calibrated by static quantization and stay in float "
-                                            "(use --quantize dynamic for them)")
+                                            "are not calibrated by static quantization: they compute in float, "
+                                            "with int8 weights from the weight-only pass")
 
     def _choose(self, graph: ir.Graph, excl_nodes, excl_ops, taken) -> list[ir.Node]:
         chosen = []

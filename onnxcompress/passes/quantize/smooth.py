@@ -1,0 +1,210 @@
+"""SmoothQuant: move activation outliers into the weights before int8 quantization.
+
+Xiao et al. 2022, "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large
+Language Models" (arXiv:2211.10438), sec. 4: for ``Y = X W`` with X [tokens, D] and W [D, N],
+a per-input-channel factor ``s`` [D] gives the same product ``Y = (X diag(1/s)) (diag(s) W)``;
+with ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` the activation's outlier channels shrink
+(so the per-tensor activation scale resolves the other channels better) while the weight rows
+grow (they are quantized per output column, which absorbs it). Transformer LayerNorm outputs
+and GELU outputs have such outlier channels (MiniLM: a few of 384 LayerNorm channels are
+10-50x the median).
+
+Here ``1/s`` is an explicit ``Mul`` on the activation (one per tensor, shared by all the
+quantized nodes that read it; other consumers, e.g. a residual ``Add``, keep reading the
+original tensor, so nothing is folded into LayerNorm). ``alpha`` is chosen per tensor on
+calibration activations from :data:`ALPHAS`: the one with the lowest simulated int8 output
+error of its consumers (activation quantized as ONNX Runtime will: per sample for dynamic
+mode, one range over the calibration set for static mode; weights per column, symmetric, the
+target's bits). A tensor is smoothed only when that error drops by at least
+:data:`MIN_GAIN_DB`. Consumers: ``MatMul`` with a constant rank-2 weight and
+``com.microsoft.Attention`` (weight [D, 3*hidden]). The rewrite is exact in real arithmetic;
+the pass is ``checked`` (outputs within 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ...irutil import add_initializer, all_value_names, unique_name
+from ..base import CompressionPass
+from . import params
+from .calibrate import observe
+from .policy import resolve_policy
+from .static import FLOAT, _is_const
+
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: smooth a tensor only when the simulated int8 error of its consumers drops by this much
+MIN_GAIN_DB = 0.5
+#: calibration samples recorded: channel maxima over all of them (a channel that is quiet in
+#: a few samples and loud in another must not get a small factor), the error on SIM_SAMPLES
+SAMPLES = 64
+SIM_SAMPLES = 16
+S_MIN, S_MAX = 1e-4, 1e4
+
+
+def _consumers(model: ir.Model, excl_nodes: set, excl_ops: set) -> dict[str, list[ir.Node]]:
+    """Activation name -> the main-graph nodes that would read it in int8 with a constant weight."""
+    groups: dict[str, list[ir.Node]] = {}
+    for node in model.graph:
+        if node.name in excl_nodes or node.op_type in excl_ops:
+            continue
+        ok = (node.domain in ("", "ai.onnx") and node.op_type == "MatMul") or (
+            node.domain == "com.microsoft" and node.op_type == "Attention")
+        if not ok or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if x is None or x.dtype not in (None, FLOAT) or not _is_const(w) or w.dtype != FLOAT:
+            continue
+        if w.const_value.numpy().ndim != 2:
+            continue
+        groups.setdefault(x.name, []).append(node)
+    return groups
+
+
+def _fake_weight(w: np.ndarray, qmax: int) -> np.ndarray:
+    scale = params.weight_params(w, 1, qmax)
+    return params.quantize_weight(w, scale, 1, qmax).astype(np.float32) * scale[None, :]
+
+
+def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scale, zp = params.activation_params(lo, hi)
+    return params.fake_quant_activation(x, float(scale), int(zp))
+
+
+def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | None, qmax: int,
+                    dynamic: bool, refs: list[np.ndarray] | None = None) -> float:
+    """Sum over consumers of the relative squared int8 error ``|XW - Q(X/s) Q(sW)|^2 / |XW|^2``.
+
+    Args:
+        xs: recorded activations, each [..., D] float32 (one per calibration sample).
+        ws: the consumers' weights, each [D, N] float32.
+        s: smoothing factors [D] (``None``: no smoothing).
+        qmax: weight range (127 for 8-bit, 63 for 7-bit).
+        dynamic: activation range per sample (``DynamicQuantizeLinear``) or one over all samples.
+        refs: ``X @ W`` per consumer (all samples' rows stacked), to skip recomputing it.
+    """
+    x2 = [x.reshape(-1, x.shape[-1]).astype(np.float32) for x in xs]
+    xsm = [x / s[None, :] for x in x2] if s is not None else x2
+    if dynamic:
+        xq = np.concatenate([_fake_act(x, float(x.min()), float(x.max())) for x in xsm])
+    else:
+        lo = min(float(x.min()) for x in xsm)
+        hi = max(float(x.max()) for x in xsm)
+        xq = np.concatenate([_fake_act(x, lo, hi) for x in xsm])
+    xall = np.concatenate(x2)
+    err = 0.0
+    for i, w in enumerate(ws):
+        ref = refs[i] if refs is not None else xall @ w
+        got = xq @ _fake_weight(w * s[:, None] if s is not None else w, qmax)
+        err += float(np.sum((ref - got).astype(np.float64) ** 2)) / max(float(np.sum(ref.astype(np.float64) ** 2)), 1e-30)
+    return err
+
+
+def smoothing_factors(xs: list[np.ndarray], ws: list[np.ndarray], alpha: float) -> np.ndarray:
+    """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (SmoothQuant eq. 4), clipped to [1e-4, 1e4];
+    channels that are all zero in X or W get 1. Returns float32 [D]."""
+    ax = np.max([np.abs(x.reshape(-1, x.shape[-1])).max(0) for x in xs], axis=0).astype(np.float64)
+    aw = np.max([np.abs(w).max(1) for w in ws], axis=0).astype(np.float64)
+    ok = (ax > 0) & (aw > 0)
+    s = np.ones_like(ax)
+    s[ok] = ax[ok] ** alpha / aw[ok] ** (1.0 - alpha)
+    return np.clip(s, S_MIN, S_MAX).astype(np.float32)
+
+
+class SmoothQuantPass(CompressionPass):
+    """Per-tensor SmoothQuant with alpha chosen on calibration data (see module docstring).
+
+    Context options: ``target`` (weight bits via :mod:`.policy`), ``smooth_mode``
+    (``dynamic``/``static``: how activations will be quantized), ``exclude_nodes``,
+    ``exclude_op_types``. Report counts: ``smoothed`` (tensor -> alpha, error dB before ->
+    after), ``tensors_considered``.
+    """
+
+    name = "smooth-quant"
+    checked = True
+    #: fold ``1/s`` into a producing Attention's V projection instead of a ``Mul``
+    fold_attention = True
+
+    def apply(self, model: ir.Model) -> bool:
+        opts = self.context.options
+        if not self.context.calibration:
+            return False
+        qmax = resolve_policy(opts.get("target", "auto")).weight_qmax("MatMul", False)
+        dynamic = opts.get("smooth_mode", "dynamic") == "dynamic"
+        groups = _consumers(model, set(opts.get("exclude_nodes", ())), set(opts.get("exclude_op_types", ())))
+        if not groups:
+            return False
+        _, rec = observe(model, sorted(groups), self.context.calibration, keep=SAMPLES)
+        rec = [r for r in rec if r]
+        if not rec:
+            return False
+        taken = all_value_names(model)
+        done: dict[str, dict] = {}
+        for name, nodes in groups.items():
+            xs = [r[name] for r in rec if name in r]
+            if not xs or any(x.ndim < 1 or x.shape[-1] != nodes[0].inputs[1].const_value.numpy().shape[0] for x in xs):
+                continue
+            ws = [n.inputs[1].const_value.numpy().astype(np.float32) for n in nodes]
+            sim = xs[:SIM_SAMPLES]
+            xall = np.concatenate([x.reshape(-1, x.shape[-1]) for x in sim]).astype(np.float32)
+            refs = [xall @ w for w in ws]
+            base = simulated_error(sim, ws, None, qmax, dynamic, refs)
+            best = (base, None, None)
+            for a in ALPHAS:
+                s = smoothing_factors(xs, ws, a)
+                e = simulated_error(sim, ws, s, qmax, dynamic, refs)
+                if e < best[0]:
+                    best = (e, a, s)
+            err, alpha, s = best
+            if s is None or base <= 0 or 10 * np.log10(base / max(err, 1e-30)) < MIN_GAIN_DB:
+                continue
+            how = self._rewrite(model, nodes, s, taken)
+            done[name] = {"alpha": alpha, "how": how, "nodes": [n.name for n in nodes],
+                          "error_db_before": round(float(-10 * np.log10(base / len(ws))), 1),
+                          "error_db_after": round(float(-10 * np.log10(err / len(ws))), 1)}
+        self.report.counts.update(smoothed=done, tensors_considered=len(groups))
+        if done:
+            model.graph.sort()
+        return bool(done)
+
+    def _rewrite(self, model: ir.Model, nodes: list[ir.Node], s: np.ndarray, taken: set[str]) -> str:
+        """Apply ``s``: fold ``1/s`` into a producing ``Attention``'s V columns when only these
+        nodes read its output (returns ``"folded"``), else insert ``Mul(x, 1/s)`` with ``1/s``
+        stored as float16 + ``Cast`` (ONNX Runtime folds the Cast at load; ``s`` is rounded so
+        that the rewrite stays exact) (returns ``"mul"``). Weights rows are scaled by ``s``."""
+        graph = model.graph
+        x = nodes[0].inputs[0]
+        att = x.producer()
+        users = {u.node for u in x.uses()}
+        foldable = (self.fold_attention and att is not None and att.domain == "com.microsoft" and att.op_type == "Attention"
+                    and len(att.outputs) == 1 and users <= set(nodes) and not x.is_graph_output()
+                    and _is_const(att.inputs[1]) and _is_const(att.inputs[2])
+                    and att.inputs[1].const_value.numpy().shape[1] == 3 * s.size)
+        if foldable:
+            how = "folded"
+            h = s.size
+            w = att.inputs[1].const_value.numpy().astype(np.float32).copy()
+            b = att.inputs[2].const_value.numpy().astype(np.float32).copy()
+            w[:, 2 * h:] /= s[None, :]
+            b[2 * h:] /= s
+            att.replace_input_with(1, add_initializer(graph, w, f"{att.inputs[1].name}_smoothed", taken))
+            att.replace_input_with(2, add_initializer(graph, b, f"{att.inputs[2].name}_smoothed", taken))
+            y = x
+        else:
+            how = "mul"
+            inv16 = np.clip(1.0 / s, 1.0 / S_MAX, 1.0 / S_MIN).astype(np.float16)
+            s = (1.0 / inv16.astype(np.float32)).astype(np.float32)
+            inv = add_initializer(graph, inv16, f"{x.name}_smooth_inv16", taken)
+            inv32 = ir.Value(name=unique_name(f"{x.name}_smooth_inv", taken))
+            y = ir.Value(name=unique_name(f"{x.name}_smoothed", taken), type=x.type, shape=x.shape)
+            graph.append(ir.Node("", "Cast", [inv], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT.value)],
+                                 outputs=[inv32], name=unique_name(f"{x.name}_smooth_Cast", taken)))
+            graph.append(ir.Node("", "Mul", [x, inv32], outputs=[y], name=unique_name(f"{x.name}_SmoothQuant_Mul", taken)))
+        for n in nodes:
+            w = n.inputs[1]
+            ws = (w.const_value.numpy().astype(np.float32) * s[:, None]).astype(np.float32)
+            if y is not x:
+                n.replace_input_with(0, y)
+            n.replace_input_with(1, add_initializer(graph, ws, f"{w.name}_smoothed", taken))
+        return how
