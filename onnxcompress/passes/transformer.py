@@ -131,6 +131,8 @@ class AttentionFusionPass(CompressionPass):
         for sm in list(graph):
             if sm.op_type != "Softmax" or sm.domain not in ("", "ai.onnx"):
                 continue
+            if not any(u.node.op_type == "MatMul" and u.idx == 0 for u in sm.outputs[0].uses()):
+                continue  # not attention (e.g. a classifier's Softmax): nothing to warn about
             try:
                 blocks.append(self._match(sm))
             except _Fail as exc:
