@@ -40,6 +40,10 @@ class FoldBatchNormPass(CompressionPass):
     """Fold BatchNormalization into the preceding Conv / ConvTranspose / Gemm."""
 
     name = "fold-batchnorm"
+    #: exact in real arithmetic; float32 rounding of the folded weights moves deep nets' outputs
+    #: by more than the default 1e-4 on some inputs (PP-OCRv4 rec: 2.3e-4 relative on one
+    #: rendered line), while a wrong fold moves them by O(1)
+    rtol = 1e-3
 
     def apply(self, model: ir.Model) -> bool:
         graph = model.graph
