@@ -89,8 +89,9 @@ class OptimizeOptions:
             (measured on calibration activations) to its bias (empirical bias correction,
             Nagel et al. 2019, "Data-Free Quantization", sec. 4.2).
         equalize: cross-layer equalization before quantization (same paper, sec. 4.1): ``"auto"``
-            (static mode only; kept when the mean int8 weight SQNR of the affected nodes improves,
-            under this run's per-channel/per-tensor choice), ``True`` (always, any mode), ``False``.
+            (static mode only; kept when the estimated int8 error of the affected pairs drops by
+            at least 1 dB with per-channel weights, 0.1 dB per-tensor), ``True`` / ``"on"`` (always,
+            when quantizing), ``False`` / ``"off"``.
         smooth_quant: SmoothQuant (Xiao et al. 2022) before int8: activation outlier channels read
             by MatMul/Attention are scaled down and their weights up, per tensor only when the
             simulated int8 error drops (``passes/quantize/smooth.py``).
@@ -160,6 +161,8 @@ class OptimizeOptions:
             raise OnnxCompressError(f"--prune-channel-scope must be layer or global, got {self.prune_channel_scope!r}")
         if int(self.prune_round_to) < 1:
             raise OnnxCompressError(f"--prune-round-to must be >= 1, got {self.prune_round_to}")
+        if self.equalize in ("on", "off"):
+            self.equalize = self.equalize == "on"
         if self.equalize not in (True, False, "auto"):
             raise OnnxCompressError(f"--equalize must be auto, on or off, got {self.equalize!r}")
         nm = str(self.prune_nm).split(":")
@@ -335,7 +338,7 @@ def optimize(
             except Exception as exc:  # measurement only
                 notes.append(f"sparse storage not measured: {exc}")
 
-    if opts.equalize is True or (opts.equalize == "auto" and opts.quantize == "static"):
+    if opts.quantize and (opts.equalize is True or (opts.equalize == "auto" and opts.quantize == "static")):
         say("cross-layer equalization")
         model, reps = run_passes(model, [CrossLayerEqualizationPass(PassContext(options={
             "mode": "auto" if opts.equalize == "auto" else "on", "per_channel": opts.per_channel,
@@ -350,6 +353,16 @@ def optimize(
             say(f"upgrading opset {opset} -> 13")
             model, info = upgrade_opset(model, 13, check_samples)
             report["opset_upgrade"] = info
+        if opts.smooth_quant:
+            # SmoothQuant once, before the fallback's starting point: the fallback's rounds then
+            # re-quantize the same (smoothed, fp32-equivalent) model and its calibration cache
+            # stays valid (passes/quantize/smooth.py)
+            say("SmoothQuant")
+            model, sreps = run_passes(model, [SmoothQuantPass(PassContext(calibration=calib, options={
+                "target": opts.target, "smooth_mode": opts.quantize,
+                "exclude_op_types": tuple(opts.exclude_op_types),
+                "exclude_nodes": tuple(opts.exclude_nodes)}))], check_samples)
+            reports += sreps
         say(f"{opts.quantize} int8 quantization")
         pre_quant = ir.to_proto(model)
         calib_cache: dict = {}
@@ -372,7 +385,9 @@ def optimize(
     if not passed and pre_quant is not None and opts.fallback and not qreps[0].reverted:
         # sensitive-node fallback: keep the nodes with the worst int8 SQNR in float, doubling
         # their number, until every gate holds
-        sqnr = qreps[0].counts.get("node_sqnr_db", {})
+        sqnr = {}  # every int8 node: integer pass, QAttention, weight-only
+        for r in qreps:
+            sqnr.update(r.counts.get("node_sqnr_db") or {})
         floor = opts.min_sqnr_db if opts.min_sqnr_db is not None else -float("inf")
         order = sorted((n for n in sqnr if sqnr[n] >= floor), key=lambda n: sqnr[n])  # nodes now in int8
         first_sqnr = dict(sqnr)
@@ -477,12 +492,6 @@ def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extr
         "exclude_nodes": tuple(opts.exclude_nodes), "fallback_nodes": tuple(extra_exclude),
         "exclude_op_types": opts.exclude_op_types, "calibration_cache": calib_cache,
         "bias_correction": opts.bias_correction, "weight_only_mode": opts.quantize})
-    # SmoothQuant first (activation outlier channels moved into the weights; passes/quantize/smooth.py);
-    # its report goes last so that the integer pass's report stays first (the fallback reads it)
-    sctx = PassContext(calibration=calib, options={
-        "target": opts.target, "smooth_mode": opts.quantize, "exclude_op_types": tuple(opts.exclude_op_types),
-        "exclude_nodes": tuple(opts.exclude_nodes) + tuple(extra_exclude)})
-    model, sreps = run_passes(model, [SmoothQuantPass(sctx)] if opts.smooth_quant else [], check_samples)
     qpass = StaticQuantizePass(qctx) if opts.quantize == "static" else DynamicQuantizePass(qctx)
     # static mode: a fused com.microsoft.Attention becomes QAttention (dynamic int8 input)
     attn = [AttentionQuantizePass(qctx)] if opts.quantize == "static" else []
@@ -490,7 +499,7 @@ def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extr
     # (static), Conv (dynamic), LSTM/GRU/RNN weights (both); see passes/quantize/weight_only.py
     model, qreps = run_passes(model, [qpass, *attn, WeightOnlyQuantizePass(qctx), GatherQuantizePass(qctx),
                                       DeadCodePass(qctx)], check_samples)
-    return model, qreps + sreps
+    return model, qreps
 
 
 def _validate(original_bytes, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:

@@ -138,7 +138,7 @@ def optimize(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
     min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: minimum top-1 agreement (%)."),
     bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="Static: correct each quantized node's mean output shift in its bias."),
-    equalize: str = typer.Option("auto", "--equalize", help="Cross-layer equalization before int8: auto (static mode; kept only if the weight quantization error drops), on or off."),
+    equalize: str = typer.Option("auto", "--equalize", help="Cross-layer equalization before int8: auto (static mode; kept only if the estimated weight quantization error drops by >= 1 dB per-channel, 0.1 dB per-tensor), on or off."),
     smooth_quant: bool = typer.Option(True, "--smooth-quant/--no-smooth-quant", help="SmoothQuant: move activation outlier channels of MatMul/Attention inputs into the weights, where it lowers the int8 error."),
     fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="When a gate is missed after quantization, keep the least int8-friendly nodes in float until it holds."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline-data", help="Store weights in OUT.data (default: only over 2 GB)."),

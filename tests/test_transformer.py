@@ -225,3 +225,28 @@ def test_minilm_dynamic_goal(tmp_path):
     e32, e8 = emb(d / "model.onnx"), emb(out)
     cos = np.sum(e32 * e8, 1) / (np.linalg.norm(e32, axis=1) * np.linalg.norm(e8, axis=1))
     assert len(cos) >= 50 and cos.mean() >= 0.995
+
+
+def test_dynamic_quantizes_attention_without_mask(tmp_path):
+    """A fused Attention with no mask_index (3 inputs) becomes QAttention (it used to raise)."""
+    rng = np.random.default_rng(4)
+    d, n = 16, 5
+    w = (rng.standard_normal((d, 3 * d)) * 0.2).astype(np.float32)
+    b = (rng.standard_normal(3 * d) * 0.1).astype(np.float32)
+    node = onnx.helper.make_node("Attention", ["x", "w", "b"], ["y"], domain="com.microsoft", num_heads=2, name="att")
+    g = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, n, d])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n, d])],
+                               [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                 onnx.helper.make_opsetid("com.microsoft", 1)])
+    src = tmp_path / "att.onnx"
+    onnx.save(m, src)
+    xs = rng.standard_normal((8, 1, n, d)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=xs)
+    out = tmp_path / "q.onnx"
+    optimize(src, out, OptimizeOptions(quantize="dynamic", calibration=tmp_path / "c.npz"))
+    q = onnx.load(out)
+    assert "QAttention" in {nd.op_type for nd in q.graph.node}
+    ref = run(m.SerializeToString(), [{"x": xs[0]}], False)[0]
+    got = run(q.SerializeToString(), [{"x": xs[0]}], True)[0]
+    assert cosine(ref, got) > 0.99

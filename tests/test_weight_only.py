@@ -306,3 +306,29 @@ def test_silero_vad_under_0_8_mb(mode, tmp_path):
     p32 = np.array([float(s32.run(None, f)[0].ravel()[0]) for f in val])
     p8 = np.array([float(s8.run(None, f)[0].ravel()[0]) for f in val])
     assert np.mean((p32 > 0.5) == (p8 > 0.5)) >= 0.99
+
+
+def test_lstm_with_computed_int32_sequence_lens(tmp_path):
+    """An LSTM whose ``sequence_lens`` is computed (Cast int64 -> int32) must not break the
+    recording of float inputs (the whole pass used to fail and revert every node)."""
+    rng = np.random.default_rng(7)
+    W = (rng.standard_normal((1, 4 * H, F)) * 0.3).astype(np.float32)
+    R = (rng.standard_normal((1, 4 * H, H)) * 0.3).astype(np.float32)
+    wc = (rng.standard_normal((F, C, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], pads=[1, 1], name="conv"),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[2, 0, 1], name="tr"),
+             helper.make_node("Cast", ["sl64"], ["sl"], to=TensorProto.INT32, name="cast"),
+             helper.make_node("LSTM", ["t", "W", "R", "", "sl"], ["y"], hidden_size=H, name="lstm")]
+    m = G.model(nodes, [G.vi("x", [2, C, L]), helper.make_tensor_value_info("sl64", TensorProto.INT64, [2])],
+                [G.vi("y", [L, 1, 2, H])], [G.init("wc", wc), G.init("W", W), G.init("R", R)])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    xs = rng.standard_normal((8, 2, C, L)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=xs, sl64=np.full((8, 2), L, np.int64))
+    out = tmp_path / "q.onnx"
+    res = optimize(src, out, OptimizeOptions(quantize="dynamic", calibration=tmp_path / "c.npz"))
+    wo = next(p for p in res.report["passes"] if p["name"] == "quantize-weight-only")
+    assert not wo["reverted"], wo
+    assert {e["node"] for e in wo["counts"]["weight_only"]} == {"conv", "lstm"}, wo["counts"]
+    feed = {"x": xs[0], "sl64": np.full(2, L, np.int64)}
+    assert _rel(G.run(m, feed)["y"], G.run(onnx.load(out), feed, optimize=True)["y"]) < REL

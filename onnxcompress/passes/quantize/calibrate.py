@@ -81,6 +81,7 @@ class TensorStats:
     with_hist: bool = False
 
     updates: int = 0
+    seen: int = 0  # every finite value observed (``n`` counts the histogrammed ones)
 
     def update(self, x: np.ndarray) -> None:
         """Add one observed tensor (any shape; non-finite values are ignored).
@@ -100,6 +101,7 @@ class TensorStats:
         self.lo = min(self.lo, lo)
         self.hi = max(self.hi, hi)
         self.updates += 1
+        self.seen += x.size
         if self.with_hist:
             if x.size > HIST_VALUES_PER_UPDATE:
                 # every k-th value from an offset that moves with each update: a view, no copy
@@ -138,7 +140,7 @@ class TensorStats:
         """The calibrated ``(lo, hi)`` for ``method`` (see module docstring)."""
         if self.n == 0:
             raise ValueError("tensor never observed during calibration")
-        if method == "minmax" or not self.with_hist or self.n < MIN_VALUES_FOR_HISTOGRAM:
+        if method == "minmax" or not self.with_hist or self.seen < MIN_VALUES_FOR_HISTOGRAM:
             # too few values for a meaningful histogram (e.g. a scalar output): min/max
             return self.lo, self.hi
         if method == "auto":

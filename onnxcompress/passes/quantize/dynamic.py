@@ -242,7 +242,7 @@ def _attention_unsupported(node: ir.Node) -> str | None:
         at = node.attributes.get(a)
         if at is not None and (at.value if not isinstance(at.value, (list, tuple)) else len(at.value)):
             return f"attribute {a} is set"
-    if ins[3] is not None and ins[3].dtype not in (None, ir.DataType.INT32):
+    if len(ins) > 3 and ins[3] is not None and ins[3].dtype not in (None, ir.DataType.INT32):
         return "mask_index is not int32"
     return None
 

@@ -183,8 +183,7 @@ class CrossLayerEqualizationPass(CompressionPass):
 
     Context options: ``mode`` (``"auto"`` keep only if the weight SQNR improves, ``"on"``
     always keep; default ``"auto"``), ``per_channel`` (bool, default True) and ``target``
-    (see :mod:`.policy`) describe the quantization the decision assumes, ``min_gain_db``
-    (default 0.1), ``exclude_nodes`` / ``exclude_op_types``.
+    (see :mod:`.policy`) describe the quantization the decision assumes, ``min_gain_db`` (default :data:`MIN_GAIN_DB`), ``exclude_nodes`` / ``exclude_op_types``.
 
     Report counts: ``pairs_equalized`` (int), ``pairs`` (``[{"first", "second", "via",
     "w1_range_ratio": [before, after], "w2_range_ratio": [before, after]}]``, ratios = max/min

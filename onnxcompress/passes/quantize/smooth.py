@@ -179,7 +179,7 @@ class SmoothQuantPass(CompressionPass):
         users = {u.node for u in x.uses()}
         foldable = (self.fold_attention and att is not None and att.domain == "com.microsoft" and att.op_type == "Attention"
                     and len(att.outputs) == 1 and users <= set(nodes) and not x.is_graph_output()
-                    and _is_const(att.inputs[1]) and _is_const(att.inputs[2])
+                    and len(att.inputs) > 2 and _is_const(att.inputs[1]) and _is_const(att.inputs[2])
                     and att.inputs[1].const_value.numpy().shape[1] == 3 * s.size)
         if foldable:
             how = "folded"

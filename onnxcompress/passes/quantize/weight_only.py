@@ -120,7 +120,8 @@ def channel_axes(node: ir.Node, w: np.ndarray) -> tuple[int, ...]:
     if node.op_type == "Conv":
         return (0,)
     if node.op_type == "ConvTranspose":
-        return (1,)
+        # W [C_in, C_out / group, k...]: with groups an output channel is (C_in block, column)
+        return (0, 1) if _attr(node, "group", 1) > 1 else (1,)
     if node.op_type == "Gemm":
         return (0,) if _attr(node, "transB", 0) else (1,)
     if node.op_type in RECURRENT:
@@ -212,8 +213,10 @@ class WeightOnlyQuantizePass(CompressionPass):
                      "weights": [node.inputs[p[0]].name for p in plans],
                      "weight_sqnr_db": round(min(p[4] for p in plans), 1),
                      "worst_channel_sqnr_db": round(min(p[5] for p in plans), 1)}
+            s = None
             if min_sqnr is not None and node.graph is main and recorded:
                 s, shift = self._output_sqnr(model, node, plans, recorded)
+            if s is not None:
                 entry["output_sqnr_db"] = round(s, 1)
                 sqnrs[node.name] = entry["output_sqnr_db"]
                 if s < min_sqnr:
@@ -353,11 +356,14 @@ class WeightOnlyQuantizePass(CompressionPass):
             return []
         from .calibrate import observe
 
-        names = sorted({v.name for n in nodes for v in n.inputs if v is not None and not _const(v)})
+        # float inputs only: observe() declares what it records as float (an LSTM's int32
+        # sequence_lens would make the session fail)
+        names = sorted({v.name for n in nodes for v in n.inputs
+                        if v is not None and not _const(v) and v.dtype in (None, ir.DataType.FLOAT)})
         return observe(model, names, samples, keep=2)[1]
 
     @staticmethod
-    def _output_sqnr(model, node, plans, recorded) -> tuple[float, np.ndarray | None]:
+    def _output_sqnr(model, node, plans, recorded) -> tuple[float | None, np.ndarray | None]:
         """Worst one-node SQNR (dB) over the recorded samples, float inputs vs int8 weights, and
         for Conv / ConvTranspose / Gemm the mean output shift per channel (fp32 - int8 weights,
         float32 [channels]) for empirical bias correction, or ``None``.
@@ -385,7 +391,7 @@ class WeightOnlyQuantizePass(CompressionPass):
                 elif v.name in rec:
                     f_in.append(rec[v.name]); q_in.append(rec[v.name]); mask.append(False)
                 else:
-                    return float("inf"), None  # an input was not produced: nothing to compare
+                    return None, None  # an input was not recorded: the caller checks the weight instead
             ref, got = node_outputs(node.op_type, attrs, f_in, q_in, mask, opset)
             worst = min(worst, sqnr_db(ref, got))
             diffs.append(ref - got)
