@@ -339,6 +339,16 @@ class StaticQuantizePass(CompressionPass):
         shift per channel for empirical bias correction (Nagel et al. 2019, sec. 4.2)."""
         attrs = {k: a.value for k, a in node.attributes.items()}
         acts = {v.name for v in self._act_inputs(node)}
+        # the weight's int8 round trip is the same for every sample: compute it once
+        wq = None
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name not in acts:
+            w = node.inputs[1].const_value.numpy()
+            axis = weight_axis(node, w) if per_channel else None
+            qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
+            s = params.weight_params(w, axis, qmax)
+            q = params.quantize_weight(w, s, axis, qmax).astype(np.float32)
+            sb = s if axis is None else s.reshape([-1 if k == axis else 1 for k in range(w.ndim)])
+            wq = (q * sb).astype(np.float32)
         worst = float("inf")
         diffs = []
         for rec in recorded:
@@ -354,15 +364,7 @@ class StaticQuantizePass(CompressionPass):
                 else:
                     w = v.const_value.numpy()
                     f_in.append(w); mask.append(True)
-                    if i == 1:
-                        axis = weight_axis(node, w) if per_channel else None
-                        qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
-                        s = params.weight_params(w, axis, qmax)
-                        q = params.quantize_weight(w, s, axis, qmax).astype(np.float32)
-                        sb = s if axis is None else s.reshape([-1 if k == axis else 1 for k in range(w.ndim)])
-                        q_in.append((q * sb).astype(np.float32))
-                    else:
-                        q_in.append(w)
+                    q_in.append(wq if i == 1 else w)
             ref, got = node_outputs(node.op_type, attrs, f_in, q_in, mask, max(opset, 13))
             worst = min(worst, sqnr_db(ref, got))
             diffs.append(ref - got)
