@@ -2,7 +2,8 @@
 
 Two entry points (the CLI commands ``bench`` and ``validate`` are thin layers over them):
 
-* :func:`benchmark` times several models **interleaved** (A B C A B C ...) in one process,
+* :func:`benchmark` times several models **interleaved** (A B C A B C ..., each turn a block
+  of consecutive runs after one untimed switch run) in one process,
   so that the drift of a shared machine hits every model alike, per execution provider and
   per batch size. Per model: p50/p90/p99/mean latency (ms), throughput (samples/s),
   session creation time (ms), file size (bytes), peak resident memory (bytes, measured in
@@ -535,6 +536,7 @@ def benchmark(
     profile_runs: int = 10,
     top: int = 10,
     progress: Progress | None = None,
+    block: int = 10,
 ) -> BenchResult:
     """Time ``models`` interleaved with ONNX Runtime and measure their memory.
 
@@ -558,6 +560,11 @@ def benchmark(
         profile: run each model under ORT's profiler (first batch size, every provider).
         profile_runs / top: profiled runs per model; op types listed.
         progress: ``progress(phase, done, total)`` callback.
+        block: timed runs of one model in a row per turn (turns go A B C A B C ...), each turn
+            after one untimed switch run. ``1`` times A B C A B C run by run, which on a small
+            machine measures the previous session's spinning worker threads and cold caches
+            more than the model (MiniLM fp32, 2 threads on 2 cores, 6 sessions: 17.9 ms run by
+            run, 7.1 ms in blocks of 10; int8 10.2 vs 2.0 ms).
 
     Returns:
         A :class:`BenchResult`; latency in ms, sizes and memory in bytes, throughput in
@@ -585,6 +592,8 @@ def benchmark(
         raise OnnxCompressError(f"--batch values must be >= 1 (got {batches})")
     if warmup < 0:
         raise OnnxCompressError(f"--warmup must be >= 0 (got {warmup})")
+    if block < 1:
+        raise OnnxCompressError(f"--block must be >= 1 (got {block})")
     prog = progress or (lambda *a: None)
     provs, skipped = resolve_providers(list(providers))
     labels = _labels(paths)
@@ -604,7 +613,8 @@ def benchmark(
     groups: list[BenchGroup] = []
     for prov in provs:
         for b in batches:
-            groups.append(_time_group(paths, labels, sizes, feeds[b], prov, b, threads, warmup, runs, duration, prog))
+            groups.append(_time_group(paths, labels, sizes, feeds[b], prov, b, threads, warmup, runs, duration, prog,
+                                          block))
     if memory:
         first = groups[0]
         for i, (p, mb) in enumerate(zip(paths, first.models)):
@@ -636,7 +646,7 @@ def benchmark(
               "providers": provs, "threads": threads, "batches": batches, "warmup": warmup, "runs": runs,
               "duration_s": duration, "data": str(data) if data else None,
               "inputs": "data" if data else "synthesized", "shapes": {k: list(v) for k, v in (shapes or {}).items()},
-              "memory": memory, "memory_repeats": memory_repeats, "profile": profile, "timing": "interleaved"}
+              "memory": memory, "memory_repeats": memory_repeats, "profile": profile, "timing": f"interleaved in blocks of {block}"}
     return BenchResult(groups=groups, config=config, machine=machine_info(), skipped=skipped,
                        notes=list(dict.fromkeys(notes)))
 
@@ -645,7 +655,8 @@ def _short(provider: str) -> str:
     return provider.replace("ExecutionProvider", "")
 
 
-def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, runs, duration, prog) -> BenchGroup:
+def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, runs, duration, prog,
+                block: int = 10) -> BenchGroup:
     n = len(paths)
     sessions = []
     models = []
@@ -680,14 +691,18 @@ def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, r
             elapsed = time.perf_counter() - t_start
             if duration is not None and elapsed >= duration and r >= 5:
                 break
+            take = block if runs is None else min(block, runs - r)
             for i, (sess, fs) in enumerate(sessions):
                 cur = i
-                feed = fs[r % len(fs)]
-                t0 = time.perf_counter_ns()
-                sess.run(None, feed)
-                times[i].append((time.perf_counter_ns() - t0) / 1e6)
-                order.append(i)
-            r += 1
+                if block > 1:  # the switch run: another session's worker threads may still spin
+                    sess.run(None, fs[r % len(fs)])
+                for j in range(take):
+                    feed = fs[(r + j) % len(fs)]
+                    t0 = time.perf_counter_ns()
+                    sess.run(None, feed)
+                    times[i].append((time.perf_counter_ns() - t0) / 1e6)
+                    order.append(i)
+            r += take
             if runs is not None:
                 prog(f"timing {phase}", r, runs)
             elif r % 5 == 0 or r == 1:
@@ -728,7 +743,7 @@ def _ratios(g: BenchGroup) -> None:
                 g.notes.append(f"{where}: latency ratio {m.latency_ratio:.3f} vs {first.label} is uncertain "
                                f"(95 % interval {lo:.3f}-{hi:.3f}); give more --runs or a longer --duration")
     if g.rounds < 20:
-        g.notes.append(f"{_short(g.provider)} batch {g.batch}: only {g.rounds} rounds; percentiles (p99 above all) "
+        g.notes.append(f"{_short(g.provider)} batch {g.batch}: only {g.rounds} timed runs; percentiles (p99 above all) "
                        "are rough")
 
 

@@ -138,6 +138,7 @@ def optimize(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
     min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: minimum top-1 agreement (%)."),
     bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="Static: correct each quantized node's mean output shift in its bias."),
+    bias_correction_mode: str = typer.Option("node", "--bias-correction-mode", help="Static: node (one-node shift on float inputs) or sequential (also absorb the shift accumulated through upstream int8 layers, measured on the int8 model in graph order; slower, opt-in)."),
     equalize: str = typer.Option("auto", "--equalize", help="Cross-layer equalization before int8: auto (static mode; kept only if the estimated weight quantization error drops by >= 1 dB per-channel, 0.1 dB per-tensor), on or off."),
     smooth_quant: bool = typer.Option(True, "--smooth-quant/--no-smooth-quant", help="SmoothQuant: move activation outlier channels of MatMul/Attention inputs into the weights, where it lowers the int8 error."),
     fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="When a gate is missed after quantization, keep the least int8-friendly nodes in float until it holds."),
@@ -173,7 +174,7 @@ def optimize(
         exclude_nodes=tuple(exclude), exclude_op_types=tuple(op_types),
         providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
         max_rel_error=max_rel_error, min_cosine=min_cosine, min_top1_agreement=min_top1_agreement, fallback=fallback,
-        bias_correction=bias_correction, smooth_quant=smooth_quant,
+        bias_correction=bias_correction, bias_correction_mode=bias_correction_mode, smooth_quant=smooth_quant,
         equalize={"on": True, "off": False, "true": True, "false": False}.get(equalize.lower(), equalize.lower()),
         external_data=external_data, image=image,
     )

@@ -63,6 +63,7 @@ def bench(
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs per model first."),
     runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per model."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed runs per provider x batch (default 10 when --runs is not given)."),
+    block: int = typer.Option(10, "--block", help="Timed runs of one model in a row per turn, after one untimed switch run (1: A B C A B C run by run)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npz, README format); default: synthesized."),
     shape: List[str] = typer.Option([], "--shape", help="NAME=1x3x224x224 for a synthesized input's symbolic dims (repeatable)."),
     profile: bool = typer.Option(False, "--profile", help="ORT profiler: top ops by time and node placement per provider."),
@@ -73,7 +74,7 @@ def bench(
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib, jinja2)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors (and --report/--html files)."),
 ):
-    """Time models interleaved (A B C A B C ...) with ONNX Runtime: latency, throughput, memory, ratios."""
+    """Time models interleaved (A B C A B C ..., --block runs per turn) with ONNX Runtime: latency, throughput, memory, ratios."""
     try:
         batches = [int(b) for item in batch for b in item.split(",") if b.strip()]
     except ValueError:
@@ -86,7 +87,8 @@ def bench(
     with _progress(quiet) as prog:
         result = _call(benchmark, models, providers=_providers(providers), threads=threads, batches=batches,
                        warmup=warmup, runs=runs, duration=duration, data=data, shapes=shapes or None,
-                       memory=memory, memory_repeats=memory_repeats, profile=profile, top=top, progress=prog)
+                       memory=memory, memory_repeats=memory_repeats, profile=profile, top=top, progress=prog,
+                       block=block)
     rep = result.to_dict()
     _call(_outputs, rep, report, html)
     if quiet:
@@ -106,7 +108,7 @@ def _ratio(v, spec=".3f") -> str:
 def _render_group(g) -> None:
     first = g.models[0].label
     prov = g.provider.replace("ExecutionProvider", "")
-    t = Table(title=f"{prov}, batch {g.batch}: latency over {g.rounds} interleaved rounds (ratio vs {first})")
+    t = Table(title=f"{prov}, batch {g.batch}: latency over {g.rounds} timed runs per model, interleaved in blocks (ratio vs {first})")
     for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio ±95 %"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for m in g.models:

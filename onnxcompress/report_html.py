@@ -69,7 +69,7 @@ def _bench_plots(rep: dict) -> list[dict]:
         ax = fig.add_subplot(1, 1, 1)
         for m in g["models"]:
             ax.plot(np.asarray(m["latencies_ms"], float), linewidth=0.8, label=m["label"])
-        ax.set_xlabel("round (models interleaved within each round)")
+        ax.set_xlabel("timed run (models interleaved in blocks of runs)")
         ax.set_ylabel("latency (ms)")
         ax.set_title(f"Latency over time ({title}): drift hits all models alike")
         ax.legend(fontsize=8)

@@ -93,7 +93,9 @@ def test_bench_two_models_sane_fields(tmp_path, digits):
     rep = res.to_dict()
     json.dumps(rep)  # JSON-safe
     assert rep["machine"]["versions"]["onnxruntime"] and "cpu_flags" in rep["machine"]
-    assert rep["config"]["timing"] == "interleaved"
+    assert rep["config"]["timing"] == "interleaved in blocks of 10"
+    # blocks: 10 runs of A, 10 of B, 10 of A, ... (each turn after one untimed switch run)
+    assert g.order[:20] == [0] * 10 + [1] * 10
 
 
 def test_identical_files_ratio_near_one(two_models):
@@ -106,10 +108,17 @@ def test_identical_files_ratio_near_one(two_models):
 def test_interleaving_order(tmp_path, two_models):
     third = _mlp(tmp_path / "mlp.onnx")
     # digits takes [batch,1,8,8]; the MLP [batch,32]: each model gets its own synthesized input
-    res = benchmark([*two_models, third], runs=7, warmup=1, memory=False)
+    res = benchmark([*two_models, third], runs=7, warmup=1, memory=False, block=1)
     g = res.groups[0]
     assert g.order == [0, 1, 2] * 7
     assert res.to_dict()["groups"][0]["order"][:6] == [0, 1, 2, 0, 1, 2]
+    # blocks of 3: A A A B B B C C C, then the last turn takes what --runs leaves (1 each)
+    res = benchmark([*two_models, third], runs=7, warmup=1, memory=False, block=3)
+    g = res.groups[0]
+    assert g.order == [0] * 3 + [1] * 3 + [2] * 3 + [0] * 3 + [1] * 3 + [2] * 3 + [0, 1, 2]
+    assert all(len(m.latencies_ms) == 7 for m in g.models) and g.rounds == 7
+    with pytest.raises(OnnxCompressError, match="--block"):
+        benchmark([*two_models], runs=2, memory=False, block=0)
     assert [m.label for m in g.models] == ["digits.onnx", "digits_copy.onnx", "mlp.onnx"]
 
 

@@ -321,3 +321,47 @@ def observe(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]]
         if progress:
             progress(k + 1, len(todo))
     return stats, kept
+
+
+def channel_means(model, names_axes: dict[str, int], samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-channel mean of float tensors over ``samples`` (ORT, optimizations off).
+
+    Args:
+        model: an ``onnx_ir.Model`` (not modified: a serialized copy gets the extra outputs).
+            Q/DQ pairs in it run as separate operators, i.e. with the ONNX semantics of the
+            int8 model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a kernel's.
+        names_axes: tensor name -> channel axis (1 for Conv outputs ``[N, C, ...]``, -1 for
+            MatMul/Gemm outputs ``[..., C]``).
+        samples: feed dicts.
+
+    Returns:
+        name -> float64 array ``[C]``, the mean over every sample and position; tensors never
+        produced (or of another rank) are left out. Memory is O(channels), not O(activations).
+    """
+    import onnx
+    import onnx_ir as ir
+
+    from ...model_io import to_bytes
+    from ...runtime import make_session
+
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for n in names_axes:
+        if n not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = make_session(to_bytes(proto), optimize=False)
+    wanted = [n for n in names_axes if n in {o.name for o in sess.get_outputs()}]
+    feeds_ok = {i.name for i in sess.get_inputs()}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in samples:
+        outs = sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok})
+        for n, v in zip(wanted, outs):
+            if not isinstance(v, np.ndarray) or v.dtype.kind != "f" or v.ndim < 2:
+                continue
+            rows = np.moveaxis(v, names_axes[n], -1).reshape(-1, v.shape[names_axes[n]]).astype(np.float64)
+            if n in sums and sums[n].shape[0] != rows.shape[1]:
+                continue
+            sums[n] = sums.get(n, 0.0) + rows.sum(0)
+            counts[n] = counts.get(n, 0) + rows.shape[0]
+    return {n: s / counts[n] for n, s in sums.items() if counts[n]}

@@ -37,6 +37,10 @@ FUSED_ACT = ("Relu", "Clip")
 FLOAT = ir.DataType.FLOAT
 
 
+#: calibration samples the sequential bias correction runs (per corrected node)
+SEQ_BIAS_SAMPLES = 16
+
+
 def _attr(node: ir.Node, name: str, default):
     a = node.attributes.get(name)
     return default if a is None else a.value
@@ -136,6 +140,14 @@ class StaticQuantizePass(CompressionPass):
             return False
         aware = set(kept) | glue
 
+        # sequential bias correction: the float model's per-channel output means, measured now
+        seq = bool(opts.get("bias_correction", True)) and bool(opts.get("sequential_bias_correction", False))
+        seq_targets = {n.outputs[0].name: (1 if n.op_type in ("Conv", "ConvTranspose") else -1)
+                       for n in kept if len(n.inputs) > 2 and _is_const(n.inputs[2])}
+        float_means = (calibrate.channel_means(model, seq_targets, samples[:SEQ_BIAS_SAMPLES])
+                       if seq and seq_targets else {})
+        self._qbias: dict = {}
+
         # which tensors get Q/DQ: those read by at least one quantization-aware node
         needed: dict[str, ir.Value] = {}
         outputs_of_kept = set()
@@ -191,6 +203,8 @@ class StaticQuantizePass(CompressionPass):
             if self._quantize_weight(graph, node, in_scale_of.get(node), policy, per_channel, taken, bits):
                 n_w += 1
         graph.sort()
+        if float_means:
+            self._sequential_bias_correction(model, kept, seq_targets, float_means, samples)
         self.report.counts.update(nodes_quantized=len(kept), activation_qdq_pairs=n_qdq,
                                   weights_quantized=n_w, weight_bits=bits,
                                   ops_quantized=sorted({n.op_type for n in kept}))
@@ -428,7 +442,68 @@ class StaticQuantizePass(CompressionPass):
                           outputs=[bdq_out], name=unique_name(f"{bias_v.name}_DQ", taken))
             graph.append(bdq)
             node.replace_input_with(2, bdq_out)
+            self._qbias[node] = (qb_v, bs)
         return True
+
+    # -- sequential bias correction ----------------------------------------------------
+    def _sequential_bias_correction(self, model, kept, targets, float_means, samples) -> None:
+        """Correct the int32 biases for the mean output shift the int8 model really has.
+
+        The per-node correction (:meth:`_node_sqnr`) sees float inputs, so the shift that
+        accumulates through many int8 layers stays. Here, node by node in graph order, the Q/DQ
+        model cut after the node runs on calibration samples (ONNX semantics of Q/DQ, ORT
+        optimizations off) and its bias moves by (float mean - int8 mean) per output channel
+        (in int32 steps of the bias scale), so every node is corrected with its upstream already corrected
+        (empirical bias correction, Nagel et al. 2019, "Data-Free Quantization", sec. 4.2,
+        applied sequentially as AIMET does). Correcting all nodes at once diverges (PP-OCRv4
+        rec: relative residual 0.09 -> 4.6 -> 105 in three rounds), and so did two nodes at a
+        time (0.13 -> 0.45): BatchNorm-folded layers amplify an upstream shift.
+
+        Cost: one cut model per node, about ``len(nodes) / 2`` full runs of
+        :data:`SEQ_BIAS_SAMPLES` samples (PP-OCRv4 rec, 38 nodes: +10 s).
+        Reported as ``bias_correction_nodes`` and ``bias_correction_residual`` (sum over nodes of
+        mean squared shift / mean squared output, on those samples, before and after).
+        """
+        import onnx_ir.passes.common as common
+
+        order = [n for n in model.graph if n in self._qbias and n.outputs[0].name in float_means]
+        if not order:
+            return
+        sub = samples[:SEQ_BIAS_SAMPLES]
+
+        def residual(q_means):
+            tot = 0.0
+            for n in order:
+                f, q = float_means[n.outputs[0].name], q_means.get(n.outputs[0].name)
+                if q is not None and q.shape == f.shape:
+                    tot += float(np.mean((f - q) ** 2) / (np.mean(f * f) + 1e-12))
+            return float(f"{tot:.3g}")
+
+        def cut_model(names):
+            """A copy of ``model`` computing only ``names`` (and what they need)."""
+            m = ir.from_proto(ir.to_proto(model))
+            vals = {v.name: v for node in m.graph for v in node.outputs}
+            m.graph.outputs.clear()
+            m.graph.outputs.extend(vals[n] for n in names)
+            common.RemoveUnusedNodesPass()(m)
+            return m
+
+        all_names = {n.outputs[0].name: targets[n.outputs[0].name] for n in order}
+        before = residual(calibrate.channel_means(model, all_names, sub))
+        for node in order:
+            name = node.outputs[0].name
+            q = calibrate.channel_means(cut_model([name]), {name: targets[name]}, sub).get(name)
+            f = float_means[name]
+            qb_v, bs = self._qbias[node]
+            if q is None or q.shape != f.shape or bs.size != f.size:
+                continue
+            old = qb_v.const_value.numpy().astype(np.int64)
+            step = np.round((f - q) / bs.astype(np.float64).reshape(-1)).astype(np.int64)
+            new = np.clip(old + step.reshape(old.shape), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+            qb_v.const_value = ir.tensor(new, name=qb_v.name)
+        after = residual(calibrate.channel_means(model, all_names, sub))
+        self.report.counts.update(bias_correction_nodes=len(order),
+                                  bias_correction_residual=[round(before, 6), after])
 
 
 def _clip_lower_bound_zero(node: ir.Node) -> bool:
