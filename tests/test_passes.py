@@ -10,7 +10,7 @@ import graphs as G
 from onnxcompress.passes.base import PassContext, run_passes
 from onnxcompress.passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass,
                                          InitializerInputsPass, LiftConstantsPass)
-from onnxcompress.passes.fusion import FoldBatchNormPass, MatMulAddToGemmPass
+from onnxcompress.passes.fusion import ConvAffinePass, FoldBatchNormPass, HardSwishPass, MatMulAddToGemmPass
 from onnxcompress.passes.prune import MagnitudePrunePass
 
 TOL = 1e-5  # relative to max|ref| for exact rewrites
@@ -165,3 +165,74 @@ def test_identity_forwarding_outer_value_in_if_branches():
     assert not reps[0].reverted, reps[0].reverted
     assert reps[0].counts["nodes_removed"] == 1  # the main-graph Identity only
     _close(G.run(m, feeds), G.run(out, feeds))
+
+
+def test_conv_affine_folding():
+    """PP-LCNetV3 "learnable affine blocks": scalar Mul + Add after a Conv fold into it (exact);
+    before a Conv only when it has no padding (zero padding of the affine input would differ)."""
+    rng = np.random.default_rng(5)
+    inits = [G.init("w1", rng.standard_normal((6, 3, 3, 3)) * 0.3), G.init("b1", rng.standard_normal(6) * 0.1),
+             G.init("w2", rng.standard_normal((4, 6, 1, 1)) * 0.3), G.init("b2", rng.standard_normal(4) * 0.1),
+             G.init("w3", rng.standard_normal((4, 4, 3, 3)) * 0.3), G.init("b3", rng.standard_normal(4) * 0.1),
+             G.init("a", [1.7]), G.init("c", [-0.4]), G.init("a2", [0.6]), G.init("c2", [0.25]),
+             G.init("a3", [1.3]), G.init("c3", [0.5])]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4),
+             helper.make_node("Mul", ["a", "c1"], ["m1"]),          # constant first: commuted match
+             helper.make_node("Add", ["m1", "c"], ["y1"]),
+             helper.make_node("Relu", ["y1"], ["r1"]),
+             helper.make_node("Mul", ["r1", "a2"], ["m2"]),
+             helper.make_node("Add", ["m2", "c2"], ["y2"]),
+             helper.make_node("Conv", ["y2", "w2", "b2"], ["c2o"], pads=[0] * 4),   # 1x1, no padding: folds
+             helper.make_node("Mul", ["c2o", "a3"], ["m3"]),
+             helper.make_node("Add", ["m3", "c3"], ["y3"]),
+             helper.make_node("Relu", ["y3"], ["r3"]),
+             helper.make_node("Conv", ["r3", "w3", "b3"], ["y"], pads=[1] * 4)]
+    m = G.model(nodes, [G.vi("x", [1, 3, 8, 8])], [G.vi("y", [1, 4, 8, 8])], inits)
+    feeds = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    out, reps = _apply(m, [ConvAffinePass(PassContext())], feeds)
+    assert not reps[0].reverted and reps[0].counts["affine_folded"] == 3
+    assert not any(n.op_type in ("Mul", "Add") for n in out.graph.node)
+    _close(G.run(m, feeds), G.run(out, feeds), 1e-5)
+    # the same affine before a padded 3x3 Conv is left alone
+    nodes2 = [helper.make_node("Mul", ["x", "a"], ["mx"]), helper.make_node("Add", ["mx", "c"], ["ax"]),
+              helper.make_node("Conv", ["ax", "w1", "b1"], ["y"], pads=[1] * 4)]
+    m2 = G.model(nodes2, [G.vi("x", [1, 3, 8, 8])], [G.vi("y", [1, 6, 8, 8])], inits[:2] + inits[6:8])
+    out2, reps2 = _apply(m2, [ConvAffinePass(PassContext())], feeds)
+    assert reps2[0].counts["affine_folded"] == 0 and [n.op_type for n in out2.graph.node] == ["Mul", "Add", "Conv"]
+
+
+@pytest.mark.parametrize("opset", [12, 17])
+def test_hardswish_fusion(opset):
+    """``x * Clip(x + 3, 0, 6) / 6`` (exported HardSwish) -> HardSwish (opset >= 14) or
+    Mul(x, HardSigmoid(x)) below; outputs equal within float rounding."""
+    inits = [G.init("three", 3.0), G.init("zero", 0.0), G.init("six", 6.0)]
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["x", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])]
+    m = G.model(nodes, [G.vi("x", [2, 5, 7])], [G.vi("y", [2, 5, 7])], inits, opset=opset)
+    feeds = {"x": (np.random.default_rng(6).standard_normal((2, 5, 7)) * 4).astype(np.float32)}
+    out, reps = _apply(m, [HardSwishPass(PassContext())], feeds)
+    assert not reps[0].reverted and reps[0].counts["hardswish_fused"] == 1
+    ops = sorted(n.op_type for n in out.graph.node)
+    assert ops == (["HardSwish"] if opset >= 14 else ["HardSigmoid", "Mul"]), ops
+    onnx.checker.check_model(out, full_check=True)
+    _close(G.run(m, feeds), G.run(out, feeds), 1e-6)
+
+
+def test_conv_affine_shared_weight_and_4d_scalars():
+    """Two convolutions sharing one weight, each with its own affine (new initializers must not
+    collide), and the scalars stored as [1, 1, 1, 1] (the bias keeps its shape)."""
+    rng = np.random.default_rng(7)
+    inits = [G.init("w", rng.standard_normal((3, 3, 3, 3)) * 0.3), G.init("b", rng.standard_normal(3)),
+             G.init("a", np.full((1, 1, 1, 1), 2.0)), G.init("c", np.full((1, 1, 1, 1), 1.0)),
+             G.init("a2", [3.0]), G.init("c2", [-1.0])]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c1"], pads=[1] * 4),
+             helper.make_node("Mul", ["c1", "a"], ["m1"]), helper.make_node("Add", ["m1", "c"], ["y1"]),
+             helper.make_node("Conv", ["y1", "w", "b"], ["c2o"], pads=[1] * 4),
+             helper.make_node("Mul", ["c2o", "a2"], ["m2"]), helper.make_node("Add", ["m2", "c2"], ["y"])]
+    m = G.model(nodes, [G.vi("x", [1, 3, 6, 6])], [G.vi("y", [1, 3, 6, 6])], inits)
+    feeds = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    out, reps = _apply(m, [ConvAffinePass(PassContext())], feeds)
+    assert not reps[0].reverted and reps[0].counts["affine_folded"] == 2
+    onnx.checker.check_model(out, full_check=True)
+    assert all(i.dims == [3] for i in out.graph.initializer if i.name.startswith("b_offset"))
+    _close(G.run(m, feeds), G.run(out, feeds), 1e-5)

@@ -71,15 +71,90 @@ def test_static_cnn(tmp_path, target, method):
     assert np.abs(w1).max() == (63 if target == "avx2" else 127)
     assert np.abs(inits["w2_q"]).max() == 127
     assert inits["b1_q"].dtype == np.int32
-    # Gemm alpha/beta folded and the weight axis is 0 for transB=1
-    fc = next(n for n in q.graph.node if n.op_type == "Gemm")
-    assert {a.name: helper.get_attribute_value(a) for a in fc.attribute}.get("alpha", 1.0) == 1.0
-    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("wg"))
-    assert {a.name: helper.get_attribute_value(a) for a in dq.attribute}["axis"] == 0
+    # the Gemm (transB=1, alpha 0.5, beta 2) becomes MatMulInteger -> Cast -> Mul -> Add on the CPU
+    # provider (ORT runs a Q/DQ Gemm in float, dequantizing the weight at every run): B transposed
+    # to [K, N], one scale per output column, alpha in the weights, beta in the float bias
+    assert not any(n.op_type == "Gemm" for n in q.graph.node)
+    mi = next(n for n in q.graph.node if n.op_type == "MatMulInteger")
+    wq = inits[mi.input[1]]
+    assert wq.dtype == np.int8 and wq.shape == (16, 10)
+    assert np.abs(wq).max() == (63 if target == "avx2" else 127)
     x = {"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)}
     assert _rel(G.run(m, x)["y"], G.run(q, x, optimize=True)["y"]) < REL
     ops = _optimized_ops(tmp_path / "q.onnx")
     assert ops.count("QLinearConv") == 3, ops  # the runtime runs the convs in int8
+    assert "Gemm" not in ops and any(o.startswith("MatMulInteger") for o in ops), ops
+
+
+def test_static_silu_and_split_run_in_uint8(tmp_path):
+    """YOLOv8-style block: Conv -> SiLU (x * Sigmoid(x)) -> Split -> Conv / Conv -> Concat. The
+    Sigmoid, the Mul and the Split get Q/DQ too, so ONNX Runtime runs QLinearSigmoid / QLinearMul
+    and the Split on uint8 (its outputs share the input's scale and zero point, its condition)
+    instead of dequantizing around each float op."""
+    rng = np.random.default_rng(31)
+    inits = [G.init("w1", rng.standard_normal((8, 3, 3, 3)) * 0.3), G.init("b1", rng.standard_normal(8) * 0.1),
+             G.init("w2", rng.standard_normal((4, 4, 3, 3)) * 0.3), G.init("b2", rng.standard_normal(4) * 0.1),
+             G.init("w3", rng.standard_normal((4, 4, 1, 1)) * 0.3), G.init("b3", rng.standard_normal(4) * 0.1),
+             G.init("sp", np.array([4, 4], np.int64), np.int64)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Sigmoid", ["c1"], ["s1"], name="sig1"),
+             helper.make_node("Mul", ["c1", "s1"], ["a1"], name="silu1"),
+             helper.make_node("Split", ["a1", "sp"], ["h1", "h2"], axis=1, name="split"),
+             helper.make_node("Conv", ["h1", "w2", "b2"], ["c2"], pads=[1] * 4, name="conv2"),
+             helper.make_node("Conv", ["h2", "w3", "b3"], ["c3"], name="conv3"),
+             helper.make_node("Concat", ["c2", "c3"], ["y"], axis=1, name="cat")]
+    m = G.model(nodes, [G.vi("x", [1, 3, 12, 12])], [G.vi("y", [1, 8, 12, 12])], inits, opset=13)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    xs = rng.uniform(-1, 1, (16, 1, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=xs[:12])
+    out = tmp_path / "q.onnx"
+    optimize(src, out, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target="vnni", latency=False))
+    q = onnx.load(out)
+    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    prod = {o: n for n in q.graph.node for o in n.output}
+    split = next(n for n in q.graph.node if n.op_type == "Split")
+    in_q = prod[prod[split.input[0]].input[0]]  # DQ <- Q feeding the Split
+    for o in split.output:
+        q_out = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == o)
+        assert inits_q[q_out.input[1]] == inits_q[in_q.input[1]] and inits_q[q_out.input[2]] == inits_q[in_q.input[2]]
+    ops = _optimized_ops(out)
+    assert "QLinearSigmoid" in ops and "QLinearMul" in ops, ops
+    assert "Sigmoid" not in ops and "Mul" not in ops and ops.count("QLinearConv") == 3, ops
+    for x in xs[12:]:
+        assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
+
+
+@pytest.mark.parametrize("target", ["vnni", "tensorrt"])
+def test_static_matmul_bias_form_by_target(tmp_path, target):
+    """A rank-2 MatMul + bias Add (a Gemm after the fusion stage): ONNX Runtime's CPU provider runs
+    a Q/DQ Gemm in float, dequantizing its weight at every run, so CPU targets write
+    MatMulInteger -> Cast -> Mul -> Add; GPU targets keep the Q/DQ form (TensorRT fuses it)."""
+    rng = np.random.default_rng(32)
+    w = rng.standard_normal((32, 20)).astype(np.float32) * 0.2
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["y"], name="bias")]
+    m = G.model(nodes, [G.vi("x", [4, 32])], [G.vi("y", [4, 20])], [G.init("w", w), G.init("b", rng.standard_normal(20))])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    xs = rng.standard_normal((12, 4, 32)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=xs[:8])
+    out = tmp_path / "q.onnx"
+    optimize(src, out, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target=target, latency=False))
+    types = [n.op_type for n in onnx.load(out).graph.node]
+    if target == "vnni":
+        assert "MatMulInteger" in types and "MatMul" not in types, types
+        ops = _optimized_ops(out)
+        assert "Gemm" not in ops and "DequantizeLinear" not in ops, ops
+        # without the fusion stage the MatMul itself is rewritten (ORT would fuse it with the Add)
+        out2 = tmp_path / "q2.onnx"
+        optimize(src, out2, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target=target,
+                                            latency=False, fuse=False))
+        assert [n.op_type for n in onnx.load(out2).graph.node].count("MatMulInteger") == 1
+        assert "Gemm" not in _optimized_ops(out2)
+    else:  # our fusion stage made it a Gemm; kept Q/DQ for TensorRT
+        assert "Gemm" in types and "MatMulInteger" not in types and "DequantizeLinear" in types, types
+    for x in xs[8:]:
+        assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
 
 
 def test_static_zero_and_subnormal_channels(tmp_path):

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import graphs as G
 from onnxcompress import OptimizeOptions, optimize
 from onnxcompress.passes.base import PassContext, run_passes
 from onnxcompress.passes.quantize.smooth import simulated_error, smoothing_factors
@@ -170,6 +171,37 @@ def test_smoothing_reduces_error_on_outlier_channels():
     s = smoothing_factors(xs, ws, 0.5)
     assert s.shape == (64,) and s.dtype == np.float32 and s[5] == s.max()
     assert simulated_error(xs, ws, s, 127, True) < 0.5 * base
+
+
+def test_smoothquant_recording_is_bounded_and_exact(monkeypatch):
+    """SmoothQuant streams its calibration data: channel maxima over every sample, a bounded row
+    subsample for the simulated error, and each sample's exact per-channel range, so the
+    simulated activation range is the same as with every row."""
+    import onnx_ir as ir
+
+    from onnxcompress.passes.quantize import smooth
+
+    r = np.random.default_rng(1)
+    d = 16
+    m = G.model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [G.vi("x", [1, "s", d])],
+                [G.vi("y", [1, "s", d])], [])
+    xs = [r.normal(0, 1, (1, n, d)).astype(np.float32) for n in (700, 50, 900)]
+    xs[2][0, 899, 3] = 80.0  # an outlier in the last row of a long sample
+    monkeypatch.setattr(smooth, "SIM_SAMPLES", 2)
+    rec = smooth.record(ir.from_proto(m), ["x", "y"], [{"x": x} for x in xs])
+    rx = rec["x"]
+    np.testing.assert_array_equal(rx["absmax"], np.abs(np.concatenate([x[0] for x in xs])).max(0))
+    assert len(rx["rows"]) == 2 and all(a.shape[0] <= smooth.SIM_ROWS for a in rx["rows"])
+    assert rx["rows"][0].shape[0] < 700 and rx["rows"][1].shape[0] == 50
+    np.testing.assert_array_equal(rx["ranges"][0][1], xs[0][0].max(0))
+    # with every row, explicit per-channel ranges give the same error as the rows' own range
+    ws = [r.normal(0, 0.1, (d, 8)).astype(np.float32)]
+    full = [x[0] for x in xs]
+    ranges = [(x.min(0), x.max(0)) for x in full]
+    s = smooth.smoothing_factors(full, ws, 0.5)
+    for dyn in (True, False):
+        assert smooth.simulated_error(full, ws, s, 127, dyn, None, ranges) == pytest.approx(
+            smooth.simulated_error(full, ws, s, 127, dyn), rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

@@ -1,4 +1,5 @@
-"""Fusion passes: BatchNormalization folding and MatMul+Add -> Gemm.
+"""Fusion passes: BatchNormalization folding, scalar affine folding into Conv, HardSwish, and
+MatMul+Add -> Gemm.
 
 BatchNorm folding (Conv, ConvTranspose with groups, Gemm) uses onnxscript's rules
 (``_fuse_batchnorm``): with ``s = gamma / sqrt(var + eps)`` (the node's own ``epsilon``),
@@ -9,16 +10,35 @@ another consumer (shared/cases case01).
 MatMul+Add -> Gemm (ONNX ``Gemm`` spec: ``Y = alpha*A'*B' + beta*C``, A and B rank 2, C
 unidirectionally broadcastable to (M, N)) is applied only where it is legal: float types,
 rank-2 operands and a bias that cannot broadcast the result to a larger shape (case06).
+
+Scalar affine folding (onnxscript's ``_fuse_conv_affine``): ``Conv(x) * a + b -> Conv'`` with
+``W' = a W``, ``B' = a B + b`` (exact), and ``Conv(x * a + b)`` for convolutions without padding
+(``W' = a W``, ``B' = B + b * sum(W)``; with zero padding the border would differ, so not
+there). PaddleOCR's PP-LCNetV3 "learnable affine blocks" are such scalar ``Mul`` + ``Add``
+pairs after every convolution (PP-OCRv4 det: 86 Mul, 89 Add).
+
+HardSwish (``x * Clip(x + 3, 0, 6) / 6``, MobileNetV3 / PP-LCNet): four elementwise ops become
+``HardSwish`` (opset >= 14, onnxscript's ``fuse_hardswish_rules``) or ``Mul(x, HardSigmoid(x,
+alpha=1/6, beta=0.5))`` below opset 14 (ONNX ``HardSigmoid``: ``max(0, min(1, alpha x + beta))``);
+ONNX Runtime runs HardSwish as HardSigmoid + Mul anyway: 1.7 ms instead of 3.0 ms on a
+[1, 64, 240, 240] tensor here.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common._fuse_batchnorm import rules as bn_rules
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
-from onnxscript.rewriter.rules.common import fuse_pad_into_conv_rule, normalize_pad_format_conv_rule
+from onnxscript.rewriter.rules.common import (
+    fuse_hardswish_rules,
+    fuse_pad_into_conv_rule,
+    normalize_pad_format_conv_rule,
+)
+from onnxscript.rewriter.rules.common._fuse_conv_affine import AffineConvFusion, ConvAffineFusion
+from onnxscript.rewriter.rules.common._fuse_hardswish import HardSwishFusion
 
 import onnx_ir.passes.common as common
 
@@ -132,4 +152,69 @@ class FusePadIntoConvPass(CompressionPass):
         count = RewriteRuleSet([normalize_pad_format_conv_rule, fuse_pad_into_conv_rule]).apply_to_model(model)
         common.RemoveUnusedNodesPass()(model)
         self.report.counts["pads_fused"] = int(count)
+        return bool(count)
+
+
+class _ConvAffine(ConvAffineFusion):
+    """``Conv(x, W, B) * a + b -> Conv(x, a W, a B + b)`` (onnxscript's rule; its new initializers
+    were named ``<weight>_scaled`` and a weight shared by two folded convolutions lost one of
+    them: here they are named after the convolution's output, unique in a graph)."""
+
+    def rewrite(self, op, x, w, b, scale, offset, conv_out):
+        a, c = scale.const_value.numpy().reshape(-1)[0], offset.const_value.numpy().reshape(-1)[0]  # singletons
+        wv, bv = w.const_value.numpy(), b.const_value.numpy()
+        tag = conv_out.name or "conv"
+        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), f"{w.name}_scaled_{tag}")
+        new_b = op.initializer(ir.tensor((bv * a + c).astype(bv.dtype)), f"{b.name}_offset_{tag}")
+        return op.Conv(x, new_w, new_b, **conv_out.producer().attributes)
+
+
+class _AffineConv(AffineConvFusion):
+    """``Conv(x * a + b, W, B) -> Conv(x, a W, B + b sum(W))`` for unpadded convolutions (same
+    naming fix as :class:`_ConvAffine`)."""
+
+    def rewrite(self, op, x, w, b, scale, offset, conv_out):
+        a, c = scale.const_value.numpy().reshape(-1)[0], offset.const_value.numpy().reshape(-1)[0]  # singletons
+        wv, bv = w.const_value.numpy(), b.const_value.numpy()
+        tag = conv_out.name or "conv"
+        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), f"{w.name}_scaled_{tag}")
+        new_b = op.initializer(ir.tensor((bv + np.sum(wv * c, axis=(1, 2, 3))).astype(bv.dtype)),
+                               f"{b.name}_offset_{tag}")
+        return op.Conv(x, new_w, new_b, **conv_out.producer().attributes)
+
+
+class ConvAffinePass(CompressionPass):
+    """Fold scalar ``Mul`` + ``Add`` after a Conv (always) or before an unpadded Conv into its
+    weight and bias (see module docstring). Output equal within ``rtol``."""
+
+    name = "fold-conv-affine"
+
+    def apply(self, model: ir.Model) -> bool:
+        count = RewriteRuleSet([_ConvAffine().rule(), _AffineConv().rule()], commute=True).apply_to_model(model)
+        common.RemoveUnusedNodesPass()(model)
+        self.report.counts["affine_folded"] = int(count)
+        return bool(count)
+
+
+class _HardSwishAsHardSigmoidMul(HardSwishFusion):
+    """``x * Clip(x + 3, 0, 6) / 6 -> Mul(x, HardSigmoid(x, 1/6, 0.5))`` (HardSwish needs opset 14)."""
+
+    def rewrite(self, op, x, clip_min, clip_max, bias, divisor):
+        return op.Mul(x, op.HardSigmoid(x, alpha=1.0 / 6.0, beta=0.5))
+
+
+class HardSwishPass(CompressionPass):
+    """Fuse decomposed HardSwish / HardSigmoid (see module docstring)."""
+
+    name = "fuse-hardswish"
+
+    def apply(self, model: ir.Model) -> bool:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset >= 14:
+            rules = fuse_hardswish_rules()
+        else:
+            rules = RewriteRuleSet([_HardSwishAsHardSigmoidMul().rule()], commute=True)
+        count = rules.apply_to_model(model)
+        common.RemoveUnusedNodesPass()(model)
+        self.report.counts["hardswish_fused"] = int(count)
         return bool(count)

@@ -274,6 +274,32 @@ def _mse_threshold(h: _Hist, levels: int) -> float:
     return float(ts[int(np.argmin(below + np.maximum(above, 0.0)))])
 
 
+def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]]):
+    """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made graph
+    outputs; yield, per sample, ``{name: value}`` of the names ONNX Runtime produced.
+
+    ``model`` is an ``onnx_ir.Model`` and is not modified (a serialized copy gets the outputs).
+    With optimizations off, Q/DQ pairs run as separate operators: the ONNX semantics of an int8
+    model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a fused kernel's."""
+    import onnx
+    import onnx_ir as ir
+
+    from ...model_io import to_bytes
+    from ...runtime import make_session
+
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for n in tensor_names:
+        if n not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = make_session(to_bytes(proto), optimize=False)
+    produced = {o.name for o in sess.get_outputs()}
+    wanted = [n for n in tensor_names if n in produced]
+    feeds_ok = {i.name for i in sess.get_inputs()}
+    for feed in samples:
+        yield dict(zip(wanted, sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok})))
+
+
 def observe(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]], *, keep: int = 0,
             method: str | None = None, progress=None) -> tuple[dict[str, "TensorStats"], list[dict[str, np.ndarray]]]:
     """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made outputs.
@@ -291,28 +317,12 @@ def observe(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]]
         ``(stats, kept)``: name -> :class:`TensorStats` (tensors never produced keep ``n == 0``;
         empty without ``method``), and the first ``keep`` samples' values by name.
     """
-    import onnx
-    import onnx_ir as ir
-
-    from ...model_io import to_bytes
-    from ...runtime import make_session
-
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for n in tensor_names:
-        if n not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = make_session(to_bytes(proto), optimize=False)
-    produced = {o.name for o in sess.get_outputs()}
-    wanted = [n for n in tensor_names if n in produced]
-    feeds_ok = {i.name for i in sess.get_inputs()}
     stats = {n: TensorStats(with_hist=method != "minmax") for n in tensor_names} if method else {}
     kept = []
     todo = samples if method else samples[:keep]
-    for k, feed in enumerate(todo):
-        outs = dict(zip(wanted, sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok})))
+    for k, outs in enumerate(iter_outputs(model, tensor_names, todo)):
         if k < keep:
             kept.append(outs)
         for n, v in outs.items() if method else ():
@@ -338,25 +348,10 @@ def channel_means(model, names_axes: dict[str, int], samples: list[dict[str, np.
         name -> float64 array ``[C]``, the mean over every sample and position; tensors never
         produced (or of another rank) are left out. Memory is O(channels), not O(activations).
     """
-    import onnx
-    import onnx_ir as ir
-
-    from ...model_io import to_bytes
-    from ...runtime import make_session
-
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for n in names_axes:
-        if n not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = make_session(to_bytes(proto), optimize=False)
-    wanted = [n for n in names_axes if n in {o.name for o in sess.get_outputs()}]
-    feeds_ok = {i.name for i in sess.get_inputs()}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in samples:
-        outs = sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok})
-        for n, v in zip(wanted, outs):
+    for outs in iter_outputs(model, list(names_axes), samples):
+        for n, v in outs.items():
             if not isinstance(v, np.ndarray) or v.dtype.kind != "f" or v.ndim < 2:
                 continue
             rows = np.moveaxis(v, names_axes[n], -1).reshape(-1, v.shape[names_axes[n]]).astype(np.float64)

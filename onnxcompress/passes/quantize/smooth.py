@@ -29,17 +29,22 @@ import onnx_ir as ir
 from ...irutil import add_initializer, all_value_names, unique_name
 from ..base import CompressionPass
 from . import params
-from .calibrate import observe
+from .calibrate import iter_outputs
 from .policy import resolve_policy
 from .static import FLOAT, _is_const
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 #: smooth a tensor only when the simulated int8 error of its consumers drops by this much
 MIN_GAIN_DB = 0.5
-#: calibration samples recorded: channel maxima over all of them (a channel that is quiet in
-#: a few samples and loud in another must not get a small factor), the error on SIM_SAMPLES
+#: calibration samples seen: channel maxima over all of them (a channel that is quiet in a few
+#: samples and loud in another must not get a small factor), streamed (O(channels) memory)
 SAMPLES = 64
+#: samples whose rows are kept for the simulated error, at most SIM_ROWS evenly strided rows
+#: (tokens) each, plus each sample's exact per-channel min / max (so the simulated activation
+#: range, per sample or over the set, is exact for every smoothing factor): memory is bounded
+#: by SIM_SAMPLES x SIM_ROWS x D floats per tensor whatever the sequence length
 SIM_SAMPLES = 16
+SIM_ROWS = 512
 S_MIN, S_MAX = 1e-4, 1e4
 
 
@@ -73,24 +78,34 @@ def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | None, qmax: int,
-                    dynamic: bool, refs: list[np.ndarray] | None = None) -> float:
+                    dynamic: bool, refs: list[np.ndarray] | None = None,
+                    chan_ranges: list[tuple[np.ndarray, np.ndarray]] | None = None) -> float:
     """Sum over consumers of the relative squared int8 error ``|XW - Q(X/s) Q(sW)|^2 / |XW|^2``.
 
     Args:
-        xs: recorded activations, each [..., D] float32 (one per calibration sample).
+        xs: recorded activations, each [..., D] float32 (one per calibration sample; may be a
+            row subsample of it).
         ws: the consumers' weights, each [D, N] float32.
         s: smoothing factors [D] (``None``: no smoothing).
         qmax: weight range (127 for 8-bit, 63 for 7-bit).
         dynamic: activation range per sample (``DynamicQuantizeLinear``) or one over all samples.
         refs: ``X @ W`` per consumer (all samples' rows stacked), to skip recomputing it.
+        chan_ranges: per sample, the per-channel (min [D], max [D]) of the whole sample: the
+            activation range then comes from them (exact when ``xs`` are subsamples); default:
+            the range of ``xs`` themselves.
     """
     x2 = [x.reshape(-1, x.shape[-1]).astype(np.float32) for x in xs]
     xsm = [x / s[None, :] for x in x2] if s is not None else x2
-    if dynamic:
-        xq = np.concatenate([_fake_act(x, float(x.min()), float(x.max())) for x in xsm])
+    if chan_ranges is not None:
+        inv = 1.0 / s if s is not None else 1.0
+        rng = [(float(np.min(lo * inv)), float(np.max(hi * inv))) for lo, hi in chan_ranges]  # s > 0
     else:
-        lo = min(float(x.min()) for x in xsm)
-        hi = max(float(x.max()) for x in xsm)
+        rng = [(float(x.min()), float(x.max())) for x in xsm]
+    if dynamic:
+        xq = np.concatenate([_fake_act(x, lo, hi) for x, (lo, hi) in zip(xsm, rng)])
+    else:
+        lo = min(r[0] for r in rng)
+        hi = max(r[1] for r in rng)
         xq = np.concatenate([_fake_act(x, lo, hi) for x in xsm])
     xall = np.concatenate(x2)
     err = 0.0
@@ -101,15 +116,45 @@ def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | 
     return err
 
 
-def smoothing_factors(xs: list[np.ndarray], ws: list[np.ndarray], alpha: float) -> np.ndarray:
+def smoothing_factors(xs: list[np.ndarray], ws: list[np.ndarray], alpha: float,
+                      absmax: np.ndarray | None = None) -> np.ndarray:
     """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (SmoothQuant eq. 4), clipped to [1e-4, 1e4];
-    channels that are all zero in X or W get 1. Returns float32 [D]."""
-    ax = np.max([np.abs(x.reshape(-1, x.shape[-1])).max(0) for x in xs], axis=0).astype(np.float64)
+    channels that are all zero in X or W get 1. ``absmax`` [D]: ``max|X_j|`` when already
+    known (streamed over more samples than ``xs``). Returns float32 [D]."""
+    if absmax is None:
+        absmax = np.max([np.abs(x.reshape(-1, x.shape[-1])).max(0) for x in xs], axis=0)
+    ax = np.asarray(absmax, np.float64)
     aw = np.max([np.abs(w).max(1) for w in ws], axis=0).astype(np.float64)
     ok = (ax > 0) & (aw > 0)
     s = np.ones_like(ax)
     s[ok] = ax[ok] ** alpha / aw[ok] ** (1.0 - alpha)
     return np.clip(s, S_MIN, S_MAX).astype(np.float32)
+
+
+def record(model: ir.Model, names: list[str], samples: list[dict[str, np.ndarray]]) -> dict[str, dict]:
+    """Stream ``samples[:SAMPLES]`` through ``model`` and keep, per tensor ``[..., D]``: the
+    per-channel ``absmax`` [D] over all of them, and for the first :data:`SIM_SAMPLES` a row
+    subsample ``rows`` (at most :data:`SIM_ROWS` rows [r, D] each) with that sample's exact
+    per-channel ``ranges`` (min [D], max [D]). Tensors whose last dimension changes between
+    samples are dropped."""
+    out: dict[str, dict] = {}
+    bad: set[str] = set()
+    for k, outs in enumerate(iter_outputs(model, names, samples[:SAMPLES])):
+        for n, v in outs.items():
+            if n in bad or not isinstance(v, np.ndarray) or v.dtype.kind != "f" or v.ndim < 1 or v.size == 0:
+                continue
+            x = v.reshape(-1, v.shape[-1]).astype(np.float32)
+            r = out.setdefault(n, {"absmax": np.zeros(x.shape[1], np.float32), "rows": [], "ranges": []})
+            if r["absmax"].shape[0] != x.shape[1]:
+                bad.add(n)
+                continue
+            lo, hi = x.min(0), x.max(0)
+            np.maximum(r["absmax"], np.maximum(-lo, hi), out=r["absmax"])
+            if k < SIM_SAMPLES:
+                step = -(-x.shape[0] // SIM_ROWS)
+                r["rows"].append(np.ascontiguousarray(x[::step]))
+                r["ranges"].append((lo, hi))
+    return {n: r for n, r in out.items() if n not in bad and r["rows"]}
 
 
 class SmoothQuantPass(CompressionPass):
@@ -135,25 +180,24 @@ class SmoothQuantPass(CompressionPass):
         groups = _consumers(model, set(opts.get("exclude_nodes", ())), set(opts.get("exclude_op_types", ())))
         if not groups:
             return False
-        _, rec = observe(model, sorted(groups), self.context.calibration, keep=SAMPLES)
-        rec = [r for r in rec if r]
+        rec = record(model, sorted(groups), self.context.calibration)
         if not rec:
             return False
         taken = all_value_names(model)
         done: dict[str, dict] = {}
         for name, nodes in groups.items():
-            xs = [r[name] for r in rec if name in r]
-            if not xs or any(x.ndim < 1 or x.shape[-1] != nodes[0].inputs[1].const_value.numpy().shape[0] for x in xs):
+            r = rec.get(name)
+            if r is None or r["absmax"].shape[0] != nodes[0].inputs[1].const_value.numpy().shape[0]:
                 continue
             ws = [n.inputs[1].const_value.numpy().astype(np.float32) for n in nodes]
-            sim = xs[:SIM_SAMPLES]
-            xall = np.concatenate([x.reshape(-1, x.shape[-1]) for x in sim]).astype(np.float32)
+            sim, ranges = r["rows"], r["ranges"]
+            xall = np.concatenate(sim)
             refs = [xall @ w for w in ws]
-            base = simulated_error(sim, ws, None, qmax, dynamic, refs)
+            base = simulated_error(sim, ws, None, qmax, dynamic, refs, ranges)
             best = (base, None, None)
             for a in ALPHAS:
-                s = smoothing_factors(xs, ws, a)
-                e = simulated_error(sim, ws, s, qmax, dynamic, refs)
+                s = smoothing_factors(sim, ws, a, r["absmax"])
+                e = simulated_error(sim, ws, s, qmax, dynamic, refs, ranges)
                 if e < best[0]:
                     best = (e, a, s)
             err, alpha, s = best

@@ -32,7 +32,12 @@ from .sensitivity import node_outputs, sqnr_db
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops ONNX Runtime runs on quantized tensors when Q/DQ surround them
 GLUE = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten",
-        "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad")
+        "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Sigmoid", "HardSigmoid", "Mul", "Split")
+#: data-movement glue: its outputs take the input's quantization range (values are a subset), so
+#: ONNX Runtime runs it on uint8 with the Q/DQ pair dropped (equal scales are its condition)
+SAME_RANGE_GLUE = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Split")
+#: glue ops whose every input is data (the others read one activation and constant parameters)
+MULTI_INPUT_GLUE = ("Add", "Concat", "Mul")
 FUSED_ACT = ("Relu", "Clip")
 FLOAT = ir.DataType.FLOAT
 
@@ -84,6 +89,7 @@ class StaticQuantizePass(CompressionPass):
             raise ValueError("static quantization needs calibration samples")
         method = opts.get("calibration_method", "minmax")
         policy = resolve_policy(opts.get("target", "auto"))
+        self._policy = policy
         per_channel = opts.get("per_channel", True)
         min_sqnr = opts.get("min_sqnr_db", 20.0)
         excl_nodes = set(opts.get("exclude_nodes", ()))
@@ -117,6 +123,11 @@ class StaticQuantizePass(CompressionPass):
                 del act_t[name]
                 continue
             ranges[name] = st.range(method, opts.get("percentile", 99.99))
+        for node in graph:  # topological: a chain of data-movement ops shares one range
+            if node in glue and node.op_type in SAME_RANGE_GLUE and node.inputs[0].name in ranges:
+                for o in node.outputs:
+                    if o.name in ranges:
+                        ranges[o.name] = ranges[node.inputs[0].name]
 
         # sensitive-layer fallback: one-node SQNR check on recorded activations
         kept = []
@@ -163,11 +174,12 @@ class StaticQuantizePass(CompressionPass):
                 if node.op_type in ("Conv", "ConvTranspose") and not o.is_graph_output():
                     outputs_of_kept.add(o.name)
         for node in glue:
-            for v in node.inputs[:1] if node.op_type != "Concat" and node.op_type != "Add" else node.inputs:
+            for v in node.inputs if node.op_type in MULTI_INPUT_GLUE else node.inputs[:1]:
                 if v is not None and v.name in ranges:
                     needed[v.name] = v
-            if node.outputs[0].name in ranges:
-                needed[node.outputs[0].name] = node.outputs[0]
+            for o in node.outputs if node.op_type == "Split" else node.outputs[:1]:
+                if o.name in ranges:
+                    needed[o.name] = o
 
         qparams = {}
         n_qdq = 0
@@ -242,6 +254,11 @@ class StaticQuantizePass(CompressionPass):
                 continue
             if node.op_type in ("Conv", "ConvTranspose") and not _is_const(node.inputs[1]):
                 self.report.skip(node.name, "weight is not a constant initializer")
+                continue
+            if node.op_type in self._policy.float_compute_ops:
+                self.report.skip(node.name, f"{node.op_type} computes in float on target {self._policy.target} (no "
+                                            "integer kernel: a Q/DQ one would dequantize its weight at every run); "
+                                            "its weight is stored int8 by the weight-only pass")
                 continue
             if node.op_type == "Gemm":
                 if _attr(node, "transA", 0):
@@ -318,14 +335,15 @@ class StaticQuantizePass(CompressionPass):
                 continue
             if node.op_type == "Resize" and _attr(node, "mode", "nearest") != "nearest":
                 continue
-            data = node.inputs if node.op_type in ("Add", "Concat") else node.inputs[:1]
+            data = node.inputs if node.op_type in MULTI_INPUT_GLUE else node.inputs[:1]
             if not data or any(v is None or v.name not in act_t for v in data):
                 continue
-            out = node.outputs[0]
-            if out.dtype not in (None, FLOAT):
+            outs = list(node.outputs) if node.op_type == "Split" else node.outputs[:1]
+            if any(o.dtype not in (None, FLOAT) for o in outs):
                 continue
             glue.add(node)
-            act_t[out.name] = out
+            for o in outs:
+                act_t[o.name] = o
         return glue
 
     # -- calibration -------------------------------------------------------------------
@@ -397,6 +415,9 @@ class StaticQuantizePass(CompressionPass):
         wv = node.inputs[1]
         if not _is_const(wv):
             return False  # activation x activation MatMul: both inputs are Q/DQ'd activations
+        if policy.integer_gemm and self._gemm_hazard(node) and self._gemm_integer(graph, node, policy, per_channel,
+                                                                                  taken, bits):
+            return True
         w = wv.const_value.numpy().astype(np.float32)
         axis = weight_axis(node, w) if per_channel and w.ndim >= 1 else None
         qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
@@ -443,6 +464,80 @@ class StaticQuantizePass(CompressionPass):
             graph.append(bdq)
             node.replace_input_with(2, bdq_out)
             self._qbias[node] = (qb_v, bs)
+        return True
+
+    @staticmethod
+    def _gemm_hazard(node: ir.Node) -> bool:
+        """A Gemm, or a MatMul that ONNX Runtime would fuse with its bias ``Add`` into a Gemm
+        (input A of rank 2 or unknown rank, one consumer: an ``Add`` of a constant)."""
+        if node.op_type == "Gemm":
+            return True
+        if node.op_type != "MatMul":
+            return False
+        a, out = node.inputs[0], node.outputs[0]
+        uses = out.uses()
+        return (a is not None and (a.shape is None or len(a.shape) == 2) and len(uses) == 1
+                and not out.is_graph_output() and uses[0].node.op_type == "Add"
+                and any(_is_const(v) for v in uses[0].node.inputs if v is not out))
+
+    def _gemm_integer(self, graph, node, policy, per_channel, taken, bits) -> bool:
+        """``Gemm(DQ(Q(A)), B, C)`` -> ``MatMulInteger(Q(A), Bq) -> Cast -> Mul(a_s * b_s) -> Add(C)``
+        (a ``MatMul`` the same without the ``Add``; its own bias ``Add`` stays).
+
+        ONNX Runtime's CPU provider has no Q/DQ ``Gemm`` fusion: a Q/DQ Gemm (and a Q/DQ MatMul
+        whose bias ``Add`` it fuses into a Gemm first) runs in float with its weight dequantized
+        at every run (see :mod:`.policy`). Standard ONNX ops only
+        (``MatMulInteger`` spec: ``(A - a_zp) x (B - b_zp)`` in int32); weights symmetric int8
+        per output column (``qmax`` of the target), bias in float with the bias correction
+        shift. Needs alpha = beta = 1 (folded before), transA = 0 and the A input read through
+        a ``DequantizeLinear`` of a ``QuantizeLinear`` with constant scale and zero point;
+        returns False (QDQ form kept) otherwise.
+        """
+        dq = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(_is_const(v) for v in dq.inputs[1:3]):
+            return False
+        if _attr(node, "transA", 0) or float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) != 1.0:
+            return False
+        a_q, a_s, a_zp = dq.inputs[0], float(dq.inputs[1].const_value.numpy()), dq.inputs[2]
+        w = node.inputs[1].const_value.numpy().astype(np.float32)
+        if w.ndim != 2:
+            return False
+        if _attr(node, "transB", 0):
+            w = w.T
+        axis = 1 if per_channel else None
+        qmax = policy.weight_qmax(node.op_type, False)
+        bits[node.name] = 8 if qmax == 127 else 7
+        scale = params.weight_params(w, axis, qmax)
+        q = params.quantize_weight(w, scale, axis, qmax)
+        n_out = w.shape[1]
+        col = (np.float64(a_s) * np.broadcast_to(scale.astype(np.float64), (n_out,))).astype(np.float32)
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        b = c.const_value.numpy().astype(np.float32).reshape(-1) if c is not None else None
+        shift = self._bias_shift.get(node)
+        if shift is not None and b is not None and shift.shape == b.shape:
+            b = b + shift
+            self.report.counts["bias_corrected"] = self.report.counts.get("bias_corrected", 0) + 1
+        name = node.name or "gemm"
+        q_v = add_initializer(graph, q, f"{node.inputs[1].name}_q", taken)
+        wz_v = add_initializer(graph, np.array(0, np.int8), f"{node.inputs[1].name}_zp", taken)
+        s_v = add_initializer(graph, col, f"{name}_scale", taken)
+        y_int = ir.Value(name=unique_name(f"{name}_int32", taken))
+        y_f = ir.Value(name=unique_name(f"{name}_int32_f", taken))
+        new = [ir.Node("", "MatMulInteger", [a_q, q_v, a_zp, wz_v], outputs=[y_int],
+                       name=unique_name(f"{name}_MatMulInteger", taken)),
+               ir.Node("", "Cast", [y_int], attributes=[ir.AttrInt64("to", FLOAT.value)], outputs=[y_f],
+                       name=unique_name(f"{name}_Cast", taken))]
+        y = ir.Value(name=unique_name(f"{name}_scaled", taken))
+        new.append(ir.Node("", "Mul", [y_f, s_v], outputs=[y], name=unique_name(f"{name}_Scale", taken)))
+        if b is not None:
+            b_v = add_initializer(graph, b.astype(np.float32), f"{c.name}_f", taken)
+            y2 = ir.Value(name=unique_name(f"{name}_biased", taken))
+            new.append(ir.Node("", "Add", [y, b_v], outputs=[y2], name=unique_name(f"{name}_Bias", taken)))
+            y = y2
+        old_out = node.outputs[0]
+        y.type, y.shape = old_out.type, old_out.shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, [old_out], [y])
+        self.report.counts.setdefault("gemm_as_integer", []).append(name)
         return True
 
     # -- sequential bias correction ----------------------------------------------------

@@ -79,6 +79,7 @@ from onnx_ir.passes import common
 from ...irutil import add_initializer, all_value_names, subgraphs, unique_name
 from ..base import CompressionPass
 from . import params
+from .policy import resolve_policy
 from .sensitivity import node_outputs, sqnr_db
 from .static import FLOAT, _attr
 
@@ -254,6 +255,8 @@ class WeightOnlyQuantizePass(CompressionPass):
         excl_ops = set(opts.get("exclude_op_types", ()))
         fallback = set(opts.get("fallback_nodes", ()))
         main_conv = opts.get("weight_only_main_conv", True)
+        # main-graph ops the static pass leaves in float on this target (ConvTranspose on CPU)
+        static_float = set(resolve_policy(opts.get("target", "auto")).float_compute_ops)
         chosen = []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain not in ("", "ai.onnx"):
@@ -263,7 +266,7 @@ class WeightOnlyQuantizePass(CompressionPass):
             if op in RECURRENT:
                 pass
             elif op in CONV:
-                if mode == "static" and not in_sub:
+                if mode == "static" and not in_sub and op not in static_float:
                     continue
                 if mode == "dynamic" and not in_sub and not main_conv:
                     continue
