@@ -35,9 +35,9 @@ model run by ONNX Runtime with graph optimizations ON and 2 intra-op threads, as
   (each chunk fed with the recurrent state the fp32 model saw).
 
 Size: file MB and x smaller than fp32. Latency: median ms at batch 1 (the val sample of median
-size), all variants of one model timed INTERLEAVED in turns (10 runs of A after one untimed switch
-run, 10 of B, ...; ``--rounds`` turns, capped by ``--latency-budget`` seconds per model, at least 3
-turns), ratio = fp32 ms / variant ms (> 1 is faster). Run-by-run interleaving (A B C A B C) timed
+size), all variants of one model timed INTERLEAVED in turns (a block of runs of A after one untimed
+switch run, then of B, ...; the block is ~250 ms of fp32 runs, 2 to 10 runs; ``--rounds`` turns,
+capped by ``--latency-budget`` seconds per model, at least 3 turns), ratio = fp32 ms / variant ms (> 1 is faster). Run-by-run interleaving (A B C A B C) timed
 the previous session's spinning threads and cold caches: see :func:`latency`.
 Quantization wall time: seconds to produce the file (ORT: ``quant_pre_process`` + the kept
 combination; onnxcompress: the whole ``optimize`` call, including its own validation).
@@ -57,7 +57,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import platform
 import shutil
@@ -75,8 +74,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 MODELS = ["efficientnet_lite0", "ppocr_det", "ppocr_rec", "ppocr_cls", "yolov8n", "silero_vad", "minilm"]
 THREADS = 2
-#: timed runs of one variant in a row per turn (see :func:`latency`)
+#: at most this many timed runs of one variant in a row per turn (see :func:`latency`)
 BLOCK = 10
+#: a turn's block of runs lasts about this long (ms) for the first variant
+BLOCK_MS = 250
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -416,10 +417,14 @@ class OcrRec(Task):
 # ----------------------------------------------------------------------------- one model
 
 
-def latency(paths: dict[str, Path], feed: dict, rounds: int, budget_s: float, block: int = BLOCK) -> tuple[dict, int]:
+def latency(paths: dict[str, Path], feed: dict, rounds: int, budget_s: float, block: int | None = None) -> tuple[dict, int, int]:
     """Median ms per variant, interleaved in turns: A x ``block``, B x ``block``, ... (each turn after
     one untimed switch run), ``rounds`` turns; stops early (after at least 3 complete turns) once
-    ``budget_s`` seconds are spent. Returns (median ms per variant, turns done).
+    ``budget_s`` seconds are spent. Returns (median ms per variant, turns done, block).
+
+    ``block`` (default) = about :data:`BLOCK_MS` ms of the first variant's runs, 2 to :data:`BLOCK`:
+    a slow model (PP-OCR det, ~100 ms) alternates every few runs, so the machine's drift over
+    seconds hits every variant alike; a fast one runs 10 in a row.
 
     Run-by-run interleaving (A B C A B C) measured the previous session's still-spinning intra-op
     threads and cold caches on this 2-core machine more than the models: MiniLM fp32 17.9 ms run
@@ -428,6 +433,12 @@ def latency(paths: dict[str, Path], feed: dict, rounds: int, budget_s: float, bl
     for s in sess.values():  # warm-up
         for _ in range(5):
             s.run(None, feed)
+    if block is None:
+        first = next(iter(sess.values()))
+        t = time.perf_counter()
+        first.run(None, feed)
+        one_ms = (time.perf_counter() - t) * 1e3
+        block = int(max(2, min(BLOCK, BLOCK_MS // max(one_ms, 1e-3))))
     times = {k: [] for k in sess}
     start, done = time.perf_counter(), 0
     for _ in range(rounds):
@@ -440,7 +451,7 @@ def latency(paths: dict[str, Path], feed: dict, rounds: int, budget_s: float, bl
         done += 1
         if done >= 3 and time.perf_counter() - start > budget_s:
             break
-    return {k: float(np.median(v)) for k, v in times.items()}, done
+    return {k: float(np.median(v)) for k, v in times.items()}, done, block
 
 
 def make_task(name: str, d: Path, val: list[dict], cache: Path, pipe_holder: dict) -> Task:
@@ -566,7 +577,7 @@ def bench_model(name: str, cache: Path, tmp: Path, args, pipe_holder: dict) -> d
     paths = {k: v["path"] for k, v in variants.items() if "path" in v}
     phases["evaluate_s"] = round(time.perf_counter() - t_phase, 1)
     t_phase = time.perf_counter()
-    ms, rounds = latency(paths, val[feed_i], args.rounds, args.latency_budget)
+    ms, rounds, block = latency(paths, val[feed_i], args.rounds, args.latency_budget)
     phases["latency_s"] = round(time.perf_counter() - t_phase, 1)
     log(f"phases: {phases}")
     base_bytes, base_ms = src.stat().st_size, ms["fp32"]
@@ -586,7 +597,7 @@ def bench_model(name: str, cache: Path, tmp: Path, args, pipe_holder: dict) -> d
         rows.append(row)
     return {"model": name, "n_calib": len(calib), "n_val": len(val), "latency_sample": feed_i,
             "latency_feed_shapes": {k: list(np.shape(a)) for k, a in val[feed_i].items()},
-            "rounds": rounds, "rows": rows, "phases": phases, "seconds": round(time.perf_counter() - t_model, 1)}
+            "rounds": rounds, "block": block, "rows": rows, "phases": phases, "seconds": round(time.perf_counter() - t_model, 1)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -609,12 +620,12 @@ def markdown(results: list[dict], machine: dict, nncf_line: str) -> str:
                           f"{r['speed_vs_fp32']:.2f}"]
             cells.append("-" if r.get("quant_s") is None else f"{r['quant_s']:.1f}")
             out.append("| " + " | ".join(cells) + " |")
-    rounds = ", ".join(f"{r['model']} {r['rounds']}" for r in results if "rounds" in r)
+    rounds = ", ".join(f"{r['model']} {r['rounds']} x {r.get('block', BLOCK)}" for r in results if "rounds" in r)
     out.append("")
     out.append(f"Machine: {machine['cpu']} ({machine['cpus']} CPUs; ISA: {', '.join(machine['isa']) or 'none'}; "
                f"load avg at start {machine.get('load_avg')}), onnxruntime {machine['onnxruntime']}, "
                f"{machine['threads']} intra-op threads, ORT_ENABLE_ALL, batch 1. Latency: median over interleaved "
-               f"turns of {BLOCK} runs per variant (turns: {rounds}). {nncf_line}")
+               f"turns, each a block of runs per variant after one untimed switch run (turns x block: {rounds}). {nncf_line}")
     return "\n".join(out) + "\n"
 
 
@@ -623,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=MODELS, help="only these models")
     ap.add_argument("--rounds", type=int, default=20,
-                    help=f"interleaved timing turns of {BLOCK} runs per variant (default 20)")
+                    help=f"interleaved timing turns of up to {BLOCK} runs per variant (default 20)")
     ap.add_argument("--latency-budget", type=float, default=45.0,
                     help="stop timing a model after this many seconds (complete turns only, at least 3)")
     ap.add_argument("--cache", type=Path, default=REPO / "zoo_cache")
