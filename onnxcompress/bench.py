@@ -58,6 +58,10 @@ WIDE_SPREAD = 0.30
 WIDE_RATIO_CI = 0.10
 #: Untimed runs before the profiled ones (their node events are left out).
 PROFILE_WARMUP = 3
+#: default interleaving block: about this many ms of the first model's runs per turn ...
+BLOCK_MS = 250
+#: ... between 2 and this many runs
+MAX_BLOCK = 10
 
 Progress = Callable[[str, float, float], None]
 """``progress(phase, done, total)``: phase text, work done and total (runs or seconds)."""
@@ -144,7 +148,9 @@ class BenchGroup:
     models: list[ModelBench]
     rounds: int
     order: list[int]
-    """Model index of each timed run, in execution order (A B C A B C ...)."""
+    """Model index of each timed run, in execution order (A A .. B B .. C C .. A A ..)."""
+    block: int = 1
+    """Timed runs of one model in a row per turn."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -536,7 +542,7 @@ def benchmark(
     profile_runs: int = 10,
     top: int = 10,
     progress: Progress | None = None,
-    block: int = 10,
+    block: int | None = None,
 ) -> BenchResult:
     """Time ``models`` interleaved with ONNX Runtime and measure their memory.
 
@@ -561,7 +567,9 @@ def benchmark(
         profile_runs / top: profiled runs per model; op types listed.
         progress: ``progress(phase, done, total)`` callback.
         block: timed runs of one model in a row per turn (turns go A B C A B C ...), each turn
-            after one untimed switch run. ``1`` times A B C A B C run by run, which on a small
+            after one untimed switch run; ``None``: about :data:`BLOCK_MS` ms of the first
+            model's runs, 2 to :data:`MAX_BLOCK` (a slow model alternates every few runs so drift
+            over seconds hits all alike). ``1`` times A B C A B C run by run, which on a small
             machine measures the previous session's spinning worker threads and cold caches
             more than the model (MiniLM fp32, 2 threads on 2 cores, 6 sessions: 17.9 ms run by
             run, 7.1 ms in blocks of 10; int8 10.2 vs 2.0 ms).
@@ -592,7 +600,7 @@ def benchmark(
         raise OnnxCompressError(f"--batch values must be >= 1 (got {batches})")
     if warmup < 0:
         raise OnnxCompressError(f"--warmup must be >= 0 (got {warmup})")
-    if block < 1:
+    if block is not None and block < 1:
         raise OnnxCompressError(f"--block must be >= 1 (got {block})")
     prog = progress or (lambda *a: None)
     provs, skipped = resolve_providers(list(providers))
@@ -646,7 +654,8 @@ def benchmark(
               "providers": provs, "threads": threads, "batches": batches, "warmup": warmup, "runs": runs,
               "duration_s": duration, "data": str(data) if data else None,
               "inputs": "data" if data else "synthesized", "shapes": {k: list(v) for k, v in (shapes or {}).items()},
-              "memory": memory, "memory_repeats": memory_repeats, "profile": profile, "timing": f"interleaved in blocks of {block}"}
+              "memory": memory, "memory_repeats": memory_repeats, "profile": profile, "timing": "interleaved in blocks of " + (
+                  str(block) if block is not None else ", ".join(str(g.block) for g in groups) + " (auto)")}
     return BenchResult(groups=groups, config=config, machine=machine_info(), skipped=skipped,
                        notes=list(dict.fromkeys(notes)))
 
@@ -656,7 +665,7 @@ def _short(provider: str) -> str:
 
 
 def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, runs, duration, prog,
-                block: int = 10) -> BenchGroup:
+                block: int | None = None) -> BenchGroup:
     n = len(paths)
     sessions = []
     models = []
@@ -681,6 +690,13 @@ def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, r
                 cur = i
                 sess.run(None, fs[w % len(fs)])
             prog(f"warm-up {phase}", w + 1, warmup)
+        if block is None:
+            sess0, fs0 = sessions[0]
+            cur = 0
+            t0 = time.perf_counter()
+            sess0.run(None, fs0[0])
+            one_ms = (time.perf_counter() - t0) * 1e3
+            block = int(max(2, min(MAX_BLOCK, BLOCK_MS // max(one_ms, 1e-3))))
         times: list[list[float]] = [[] for _ in range(n)]
         order: list[int] = []
         t_start = time.perf_counter()
@@ -718,7 +734,7 @@ def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, r
         m.latencies_ms = [float(v) for v in ms]
         m.latency = LatencyStats.of(ms)
         m.throughput = m.batch * 1e3 / m.latency.mean_ms if m.latency.mean_ms > 0 else None
-    return BenchGroup(provider=provider, batch=batch, models=models, rounds=r, order=order)
+    return BenchGroup(provider=provider, batch=batch, models=models, rounds=r, order=order, block=block)
 
 
 def _ratios(g: BenchGroup) -> None:

@@ -63,7 +63,7 @@ def bench(
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs per model first."),
     runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per model."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed runs per provider x batch (default 10 when --runs is not given)."),
-    block: int = typer.Option(10, "--block", help="Timed runs of one model in a row per turn, after one untimed switch run (1: A B C A B C run by run)."),
+    block: Optional[int] = typer.Option(None, "--block", help="Timed runs of one model in a row per turn, after one untimed switch run (default: ~250 ms of the first model's runs, 2-10; 1: A B C A B C run by run)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npz, README format); default: synthesized."),
     shape: List[str] = typer.Option([], "--shape", help="NAME=1x3x224x224 for a synthesized input's symbolic dims (repeatable)."),
     profile: bool = typer.Option(False, "--profile", help="ORT profiler: top ops by time and node placement per provider."),

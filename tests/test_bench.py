@@ -93,7 +93,7 @@ def test_bench_two_models_sane_fields(tmp_path, digits):
     rep = res.to_dict()
     json.dumps(rep)  # JSON-safe
     assert rep["machine"]["versions"]["onnxruntime"] and "cpu_flags" in rep["machine"]
-    assert rep["config"]["timing"] == "interleaved in blocks of 10"
+    assert rep["config"]["timing"] == "interleaved in blocks of 10 (auto)" and g.block == 10  # fast models: 10
     # blocks: 10 runs of A, 10 of B, 10 of A, ... (each turn after one untimed switch run)
     assert g.order[:20] == [0] * 10 + [1] * 10
 
