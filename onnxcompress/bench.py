@@ -168,7 +168,7 @@ class BenchResult:
         d = _jsonable(asdict(self))
         d["kind"] = "bench"
         for g in d["groups"]:
-            g["order"] = g["order"][: 4 * max(1, len(g["models"]))]  # the pattern, not every run
+            g["order"] = g["order"][: 2 * max(1, g.get("block", 1)) * max(1, len(g["models"]))]  # the pattern
         return d
 
 
@@ -512,15 +512,24 @@ def _profile(path: Path, feeds: list[dict[str, np.ndarray]], provider: str, thre
 # --------------------------------------------------------------------------- benchmark
 
 
-def _bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 400, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of median(b) / median(a), resampling paired rounds."""
+def _bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 400, seed: int = 0,
+                        block: int = 1) -> tuple[float, float]:
+    """95 % interval of median(b) / median(a), resampling whole turns: the runs of one turn
+    (``block`` in a row per model) share the machine's state, so they are resampled together,
+    and turn ``t`` of ``a`` with turn ``t`` of ``b`` (paired in time)."""
     n = min(a.size, b.size)
-    if n < 3:
+    block = max(1, int(block))
+    turns = -(-n // block)
+    if turns < 3:
         r = float(np.median(b) / np.median(a))
         return r, r
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    ratios = np.median(b[:n][idx], axis=1) / np.median(a[:n][idx], axis=1)
+    starts = np.arange(turns) * block
+    a, b = a[:n], b[:n]
+    ratios = np.empty(n_boot)
+    for k in range(n_boot):
+        pick = np.concatenate([np.arange(s, min(s + block, n)) for s in starts[rng.integers(0, turns, size=turns)]])
+        ratios[k] = np.median(b[pick]) / np.median(a[pick])
     lo, hi = np.percentile(ratios, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -721,7 +730,7 @@ def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, r
             r += take
             if runs is not None:
                 prog(f"timing {phase}", r, runs)
-            elif r % 5 == 0 or r == 1:
+            else:  # every turn (a turn is a block of runs per model)
                 prog(f"timing {phase}", min(time.perf_counter() - t_start, duration), duration)
     except OnnxCompressError:
         raise
@@ -744,7 +753,7 @@ def _ratios(g: BenchGroup) -> None:
         b = np.asarray(m.latencies_ms)
         m.latency_ratio = m.latency.p50_ms / first.latency.p50_ms if first.latency.p50_ms > 0 else None
         m.speedup = 1 / m.latency_ratio if m.latency_ratio else None
-        m.latency_ratio_ci = _bootstrap_ratio_ci(a, b) if m is not first else (1.0, 1.0)
+        m.latency_ratio_ci = _bootstrap_ratio_ci(a, b, block=g.block) if m is not first else (1.0, 1.0)
         m.size_ratio = m.file_bytes / first.file_bytes if first.file_bytes else None
         if m.peak_rss_bytes is not None and first.peak_rss_bytes:
             m.memory_ratio = m.peak_rss_bytes / first.peak_rss_bytes

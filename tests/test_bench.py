@@ -297,3 +297,20 @@ def test_html_report_opens_in_headless_chromium(html_report, tmp_path):
         capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_ratio_interval_resamples_whole_turns():
+    """With blocks, runs of one turn share the machine's state: the interval resamples whole turns
+    (paired in time), so a per-turn slowdown widens it instead of vanishing among 10x more runs."""
+    from onnxcompress.bench import _bootstrap_ratio_ci
+
+    rng = np.random.default_rng(3)
+    turns, block = 20, 10
+    slow_a = np.repeat(rng.uniform(1.0, 1.3, turns), block)  # each turn of A: its own machine state
+    slow_b = np.repeat(rng.uniform(1.0, 1.3, turns), block)
+    a = 10 * slow_a * rng.normal(1, 0.01, turns * block)
+    b = 10 * slow_b * rng.normal(1, 0.01, turns * block)
+    lo_t, hi_t = _bootstrap_ratio_ci(a, b, block=block)
+    lo_r, hi_r = _bootstrap_ratio_ci(a, b, block=1)
+    assert lo_t <= float(np.median(b) / np.median(a)) <= hi_t
+    assert (hi_t - lo_t) > 1.5 * (hi_r - lo_r)

@@ -153,8 +153,10 @@ class StaticQuantizePass(CompressionPass):
 
         # sequential bias correction: the float model's per-channel output means, measured now
         seq = bool(opts.get("bias_correction", True)) and bool(opts.get("sequential_bias_correction", False))
+        # (Gemm / MatMul+bias written as MatMulInteger on CPU targets keep the one-node correction)
         seq_targets = {n.outputs[0].name: (1 if n.op_type in ("Conv", "ConvTranspose") else -1)
-                       for n in kept if len(n.inputs) > 2 and _is_const(n.inputs[2])}
+                       for n in kept if len(n.inputs) > 2 and _is_const(n.inputs[2])
+                       and not (policy.integer_gemm and self._gemm_hazard(n))}
         float_means = (calibrate.channel_means(model, seq_targets, samples[:SEQ_BIAS_SAMPLES])
                        if seq and seq_targets else {})
         self._qbias: dict = {}
@@ -341,6 +343,8 @@ class StaticQuantizePass(CompressionPass):
             outs = list(node.outputs) if node.op_type == "Split" else node.outputs[:1]
             if any(o.dtype not in (None, FLOAT) for o in outs):
                 continue
+            if node.op_type == "Split" and any(o.is_graph_output() for o in outs):
+                continue  # ORT runs Split on uint8 only when every output is quantized
             glue.add(node)
             for o in outs:
                 act_t[o.name] = o
