@@ -17,7 +17,7 @@ A calibration method is a statistic plus a reduction (the NNCF way), not a class
 Memory is O(number of tensors x bins) whatever the number of samples: unlike ONNX Runtime's
 entropy calibrator no activations are kept. min / max are exact; histograms see an evenly
 strided subsample of at most 8192 values per tensor and sample, added in batches, so the
-histogram methods cost <= 1.4x ``minmax`` and ``auto`` (all four ranges) ~1.6x on EfficientNet-Lite0
+histogram methods cost <= 1.44x ``minmax`` and ``auto`` (all four ranges) 1.5x on EfficientNet-Lite0
 (``scripts/bench_calibration.py`` measures it).
 """
 
