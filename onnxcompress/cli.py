@@ -178,6 +178,10 @@ def optimize(
         equalize={"on": True, "off": False, "true": True, "false": False}.get(equalize.lower(), equalize.lower()),
         external_data=external_data, image=image,
     )
+    for path, what in ((report, "--report"), (html, "--html")):  # before any work: a bad path loses nothing
+        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
+            _fail(OnnxCompressError(f"{path}: cannot write the {what} file there "
+                                    f"({'a folder' if path.is_dir() else 'its folder does not exist'})"))
     try:
         if quiet:
             result = api_optimize(model, output, opts)
@@ -216,6 +220,7 @@ def _write_json(path: Path, rep: dict) -> None:
         tmp.write_text(json.dumps(rep, indent=2, default=str))
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))
 
 

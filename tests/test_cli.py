@@ -269,3 +269,16 @@ def test_version_and_bad_option_values(small, tmp_path):
     for args, needle in ((["--min-top1-agreement", "0.99"], "percentage"), (["--min-cosine", "1.5"], "[-1, 1]"),
                          (["--providers", "cpu,foo"], "unknown execution provider")):
         _bad(tmp_path, small, *args, needles=[needle])
+
+
+def test_bad_report_path_fails_before_writing_anything(digits, tmp_path):
+    """A --report / --html path that cannot be written is refused up front: no model is written
+    (a script trusting the exit code must not find a fresh output) and no temp file is left."""
+    out = tmp_path / "q.onnx"
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    for flag, bad in (("--report", folder), ("--report", tmp_path / "nodir" / "r.json"), ("--html", folder)):
+        res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "dynamic", "--calibration", digits["calib"],
+                      flag, bad)
+        _one_line_error(res, str(bad))
+        assert not out.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -125,6 +125,33 @@ def test_static_silu_and_split_run_in_uint8(tmp_path):
         assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
 
 
+def test_static_scalar_affine_runs_in_uint8(tmp_path):
+    """A scalar Mul + Add between convolutions that cannot be folded (the next Conv is padded):
+    the constants get an exact uint8 DequantizeLinear, so ONNX Runtime runs QLinearMul /
+    QLinearAdd instead of dequantizing around two float ops (PP-OCRv4 det: 1.19x -> 1.51x)."""
+    rng = np.random.default_rng(33)
+    inits = [G.init("w1", rng.standard_normal((6, 3, 3, 3)) * 0.3), G.init("b1", rng.standard_normal(6) * 0.1),
+             G.init("w2", rng.standard_normal((6, 6, 3, 3)) * 0.3), G.init("b2", rng.standard_normal(6) * 0.1),
+             G.init("a", [1.7]), G.init("c", [-0.4])]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Mul", ["a", "r1"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "c"], ["s"], name="shift"),
+             helper.make_node("Conv", ["s", "w2", "b2"], ["y"], pads=[1] * 4, name="conv2")]
+    m = G.model(nodes, [G.vi("x", [1, 3, 10, 10])], [G.vi("y", [1, 6, 10, 10])], inits, opset=13)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    xs = rng.uniform(-1, 1, (16, 1, 3, 10, 10)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=xs[:12])
+    out = tmp_path / "q.onnx"
+    optimize(src, out, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target="vnni",
+                                       latency=False, fuse=False))
+    ops = _optimized_ops(out)
+    assert "QLinearMul" in ops and "QLinearAdd" in ops and "Mul" not in ops and "Add" not in ops, ops
+    for x in xs[12:]:
+        assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
+
+
 @pytest.mark.parametrize("target", ["vnni", "tensorrt"])
 def test_static_matmul_bias_form_by_target(tmp_path, target):
     """A rank-2 MatMul + bias Add (a Gemm after the fusion stage): ONNX Runtime's CPU provider runs

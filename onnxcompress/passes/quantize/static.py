@@ -211,6 +211,30 @@ class StaticQuantizePass(CompressionPass):
                 user.replace_input_with(idx, dq_out)
             n_qdq += 1
 
+        for node in glue:  # exact uint8 DequantizeLinear for a glue Mul/Add's constant scalar
+            if node.op_type not in ("Mul", "Add"):
+                continue
+            for i, v in enumerate(node.inputs):
+                c = _scalar_const(v)
+                if c is None:
+                    continue
+                cv = v.const_value.numpy()
+                if c > 0:
+                    sc, zp, q = c / 255.0, 0, 255
+                elif c < 0:
+                    sc, zp, q = -c / 255.0, 255, 0
+                else:
+                    sc, zp, q = 1.0, 0, 0
+                if abs(float(np.float32(np.float32(sc) * np.float32(q - zp))) - c) > 1e-6 * abs(c):
+                    continue  # not representable to float32 rounding: leave it (the node then runs in float)
+                q_v = add_initializer(graph, np.full(cv.shape, q, np.uint8), f"{v.name}_q", taken)
+                s_v = add_initializer(graph, np.array(sc, np.float32), f"{v.name}_qs", taken)
+                z_v = add_initializer(graph, np.array(zp, np.uint8), f"{v.name}_qzp", taken)
+                out = ir.Value(name=unique_name(f"{v.name}_dq", taken), type=v.type, shape=v.shape)
+                graph.append(ir.Node("", "DequantizeLinear", [q_v, s_v, z_v], outputs=[out],
+                                     name=unique_name(f"{v.name}_DQ", taken)))
+                node.replace_input_with(i, out)
+
         n_w = 0
         bits = {}
         for node in kept:
@@ -338,6 +362,12 @@ class StaticQuantizePass(CompressionPass):
             if node.op_type == "Resize" and _attr(node, "mode", "nearest") != "nearest":
                 continue
             data = node.inputs if node.op_type in MULTI_INPUT_GLUE else node.inputs[:1]
+            if node.op_type in ("Mul", "Add") and len(node.inputs) == 2 and all(v is not None for v in node.inputs):
+                # an activation times / plus a constant scalar (PP-LCNetV3's affine blocks before a
+                # padded conv): the constant gets an exact uint8 DequantizeLinear (QLinearMul/QLinearAdd)
+                consts = [i for i, v in enumerate(node.inputs) if _scalar_const(v) is not None]
+                if len(consts) == 1 and node.inputs[1 - consts[0]].name in act_t:
+                    data = [node.inputs[1 - consts[0]]]
             if not data or any(v is None or v.name not in act_t for v in data):
                 continue
             outs = list(node.outputs) if node.op_type == "Split" else node.outputs[:1]
@@ -603,6 +633,14 @@ class StaticQuantizePass(CompressionPass):
         after = residual(calibrate.channel_means(model, all_names, sub))
         self.report.counts.update(bias_correction_nodes=len(order),
                                   bias_correction_residual=[round(before, 6), after])
+
+
+def _scalar_const(v: ir.Value | None) -> float | None:
+    """The value of a float constant with one element (any rank), else None."""
+    if v is None or not _is_const(v) or v.dtype != FLOAT:
+        return None
+    a = v.const_value.numpy()
+    return float(a.reshape(-1)[0]) if a.size == 1 else None
 
 
 def _clip_lower_bound_zero(node: ir.Node) -> bool:
