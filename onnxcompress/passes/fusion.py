@@ -42,7 +42,7 @@ from onnxscript.rewriter.rules.common._fuse_hardswish import HardSwishFusion
 
 import onnx_ir.passes.common as common
 
-from ..irutil import all_value_names, clone_initializer
+from ..irutil import all_value_names, clone_initializer, unique_name
 from .base import CompressionPass
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
@@ -155,6 +155,15 @@ class FusePadIntoConvPass(CompressionPass):
         return bool(count)
 
 
+def _new_name(rule, v, what: str) -> str:
+    """A short name for a rewritten initializer, unique in the model: the original's name with
+    ``_<what>`` (a second fold of the same tensor does not grow it again), ``_1``, ``_2``... if taken."""
+    base = v.name or "w"
+    suffix = f"_{what}"
+    base = base.split(suffix)[0] + suffix
+    return unique_name(base, rule.taken)
+
+
 def _rank_ok(w, scale, offset) -> bool:
     """Scale and offset no higher in rank than the Conv output (a singleton ``[1,1,1,1,1]``
     after a 2-D Conv would broadcast its output to rank 5)."""
@@ -165,7 +174,7 @@ def _rank_ok(w, scale, offset) -> bool:
 class _ConvAffine(ConvAffineFusion):
     """``Conv(x, W, B) * a + b -> Conv(x, a W, a B + b)`` (onnxscript's rule; its new initializers
     were named ``<weight>_scaled`` and a weight shared by two folded convolutions lost one of
-    them: here they are named after the convolution's output, unique in a graph)."""
+    them: here names are made unique against every name in the model, and kept short)."""
 
     def check(self, context, x, w, b, scale, offset, conv_out):
         result = super().check(context, x, w, b, scale, offset, conv_out)
@@ -176,9 +185,8 @@ class _ConvAffine(ConvAffineFusion):
     def rewrite(self, op, x, w, b, scale, offset, conv_out):
         a, c = scale.const_value.numpy().reshape(-1)[0], offset.const_value.numpy().reshape(-1)[0]  # singletons
         wv, bv = w.const_value.numpy(), b.const_value.numpy()
-        tag = conv_out.name or "conv"
-        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), f"{w.name}_scaled_{tag}")
-        new_b = op.initializer(ir.tensor((bv * a + c).astype(bv.dtype)), f"{b.name}_offset_{tag}")
+        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), _new_name(self, w, "affine"))
+        new_b = op.initializer(ir.tensor((bv * a + c).astype(bv.dtype)), _new_name(self, b, "affine"))
         return op.Conv(x, new_w, new_b, **conv_out.producer().attributes)
 
 
@@ -195,10 +203,9 @@ class _AffineConv(AffineConvFusion):
     def rewrite(self, op, x, w, b, scale, offset, conv_out):
         a, c = scale.const_value.numpy().reshape(-1)[0], offset.const_value.numpy().reshape(-1)[0]  # singletons
         wv, bv = w.const_value.numpy(), b.const_value.numpy()
-        tag = conv_out.name or "conv"
-        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), f"{w.name}_scaled_{tag}")
+        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), _new_name(self, w, "affine"))
         new_b = op.initializer(ir.tensor((bv + np.sum(wv * c, axis=(1, 2, 3))).astype(bv.dtype)),
-                               f"{b.name}_offset_{tag}")
+                               _new_name(self, b, "affine"))
         return op.Conv(x, new_w, new_b, **conv_out.producer().attributes)
 
 
@@ -212,7 +219,12 @@ class ConvAffinePass(CompressionPass):
     rtol = 1e-3
 
     def apply(self, model: ir.Model) -> bool:
-        count = RewriteRuleSet([_ConvAffine().rule(), _AffineConv().rule()], commute=True).apply_to_model(model)
+        taken = all_value_names(model)
+        rules = []
+        for cls in (_ConvAffine, _AffineConv):
+            cls.taken = taken  # the rules are built from the class (``rule()``): names shared through it
+            rules.append(cls.rule())
+        count = RewriteRuleSet(rules, commute=True).apply_to_model(model)
         common.RemoveUnusedNodesPass()(model)
         self.report.counts["affine_folded"] = int(count)
         return bool(count)

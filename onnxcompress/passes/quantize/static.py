@@ -184,6 +184,7 @@ class StaticQuantizePass(CompressionPass):
                     needed[o.name] = o
 
         qparams = {}
+        zp_of: dict[int, ir.Value] = {}
         n_qdq = 0
         # the input scale of each node, by node, before its inputs are rewired to DQ outputs
         in_scale_of = {}
@@ -201,7 +202,10 @@ class StaticQuantizePass(CompressionPass):
             if not users:
                 continue
             s_v = add_initializer(graph, np.array(scale, np.float32), f"{name}_s", taken)
-            z_v = add_initializer(graph, np.array(zp, np.uint8), f"{name}_zp", taken)
+            # one uint8 zero-point initializer per value, shared (at most 256; a file-size saving)
+            z_v = zp_of.get(int(zp))
+            if z_v is None:
+                z_v = zp_of[int(zp)] = add_initializer(graph, np.array(zp, np.uint8), f"zero_point_u8_{int(zp)}", taken)
             q_out = ir.Value(name=unique_name(f"{name}_q", taken))
             dq_out = ir.Value(name=unique_name(f"{name}_dq", taken), type=v.type, shape=v.shape)
             qn = ir.Node("", "QuantizeLinear", [v, s_v, z_v], outputs=[q_out], name=unique_name(f"{name}_Q", taken))
