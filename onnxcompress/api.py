@@ -432,9 +432,10 @@ def optimize(
     for v in validation:
         lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
         if opts.quantize and lr and lc and lc > 1.1 * lr:
+            other = "dynamic" if opts.quantize == "static" else "static"
             msg = (f"the int8 model is {lc / lr:.2f}x SLOWER than fp32 on {v['provider']} at this input size "
-                   f"({lr:.3f} -> {lc:.3f} ms, quick median): check with `onnxcompress bench`, try --quantize "
-                   "dynamic, a larger batch, or keep fp32")
+                   f"({lr:.3f} -> {lc:.3f} ms, quick median): check with `onnxcompress bench` (interleaved), "
+                   f"try --quantize {other}, a larger batch, or keep fp32")
             notes.append(msg)
             logger.warning("%s", msg)
     report["passes"] = [r.to_dict() for r in reports]
