@@ -512,6 +512,12 @@ def _profile(path: Path, feeds: list[dict[str, np.ndarray]], provider: str, thre
 # --------------------------------------------------------------------------- benchmark
 
 
+def interleave_block(one_ms: float) -> int:
+    """Runs of one model per interleaving turn when one run takes ``one_ms`` ms: about
+    :data:`BLOCK_MS` ms of runs, between 2 and :data:`MAX_BLOCK`."""
+    return int(max(2, min(MAX_BLOCK, BLOCK_MS // max(one_ms, 1e-3))))
+
+
 def _bootstrap_ratio_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 400, seed: int = 0,
                         block: int = 1) -> tuple[float, float]:
     """95 % interval of median(b) / median(a), resampling whole turns: the runs of one turn
@@ -705,7 +711,7 @@ def _time_group(paths, labels, sizes, feeds, provider, batch, threads, warmup, r
             t0 = time.perf_counter()
             sess0.run(None, fs0[0])
             one_ms = (time.perf_counter() - t0) * 1e3
-            block = int(max(2, min(MAX_BLOCK, BLOCK_MS // max(one_ms, 1e-3))))
+            block = interleave_block(one_ms)
         times: list[list[float]] = [[] for _ in range(n)]
         order: list[int] = []
         t_start = time.perf_counter()

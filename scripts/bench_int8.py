@@ -70,14 +70,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from onnxcompress.bench import MAX_BLOCK, interleave_block
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 MODELS = ["efficientnet_lite0", "ppocr_det", "ppocr_rec", "ppocr_cls", "yolov8n", "silero_vad", "minilm"]
 THREADS = 2
 #: at most this many timed runs of one variant in a row per turn (see :func:`latency`)
-BLOCK = 10
-#: a turn's block of runs lasts about this long (ms) for the first variant
-BLOCK_MS = 250
+BLOCK = MAX_BLOCK
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -422,7 +422,8 @@ def latency(paths: dict[str, Path], feed: dict, rounds: int, budget_s: float, bl
     one untimed switch run), ``rounds`` turns; stops early (after at least 3 complete turns) once
     ``budget_s`` seconds are spent. Returns (median ms per variant, turns done, block).
 
-    ``block`` (default) = about :data:`BLOCK_MS` ms of the first variant's runs, 2 to :data:`BLOCK`:
+    ``block`` (default) = :func:`onnxcompress.bench.interleave_block` of the first variant's run time
+    (about 250 ms of runs, 2 to 10):
     a slow model (PP-OCR det, ~100 ms) alternates every few runs, so the machine's drift over
     seconds hits every variant alike; a fast one runs 10 in a row.
 
@@ -438,7 +439,7 @@ def latency(paths: dict[str, Path], feed: dict, rounds: int, budget_s: float, bl
         t = time.perf_counter()
         first.run(None, feed)
         one_ms = (time.perf_counter() - t) * 1e3
-        block = int(max(2, min(BLOCK, BLOCK_MS // max(one_ms, 1e-3))))
+        block = interleave_block(one_ms)
     times = {k: [] for k in sess}
     start, done = time.perf_counter(), 0
     for _ in range(rounds):

@@ -43,6 +43,21 @@ def _calib(tmp_path, name, arr):
     return p
 
 
+def _static_int8(tmp_path, m, calib, name="q.onnx", **kw):
+    """Save ``m``, quantize it static with ``calib`` (x samples) and return the output path."""
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    out = tmp_path / name
+    optimize(src, out, OptimizeOptions(quantize="static", calibration=_calib(tmp_path, "x", calib), latency=False, **kw))
+    return out
+
+
+def _assert_close(m, out, xs):
+    """The int8 model (ORT optimizations on) within REL of the float one on held-out ``xs``."""
+    for x in xs:
+        assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
+
+
 def _optimized_ops(path):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -104,12 +119,8 @@ def test_static_silu_and_split_run_in_uint8(tmp_path):
              helper.make_node("Conv", ["h2", "w3", "b3"], ["c3"], name="conv3"),
              helper.make_node("Concat", ["c2", "c3"], ["y"], axis=1, name="cat")]
     m = G.model(nodes, [G.vi("x", [1, 3, 12, 12])], [G.vi("y", [1, 8, 12, 12])], inits, opset=13)
-    src = tmp_path / "m.onnx"
-    onnx.save(m, src)
     xs = rng.uniform(-1, 1, (16, 1, 3, 12, 12)).astype(np.float32)
-    np.savez(tmp_path / "c.npz", x=xs[:12])
-    out = tmp_path / "q.onnx"
-    optimize(src, out, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target="vnni", latency=False))
+    out = _static_int8(tmp_path, m, xs[:12], target="vnni")
     q = onnx.load(out)
     inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     prod = {o: n for n in q.graph.node for o in n.output}
@@ -121,8 +132,7 @@ def test_static_silu_and_split_run_in_uint8(tmp_path):
     ops = _optimized_ops(out)
     assert "QLinearSigmoid" in ops and "QLinearMul" in ops, ops
     assert "Sigmoid" not in ops and "Mul" not in ops and ops.count("QLinearConv") == 3, ops
-    for x in xs[12:]:
-        assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
+    _assert_close(m, out, xs[12:])
 
 
 def test_static_scalar_affine_runs_in_uint8(tmp_path):
@@ -139,17 +149,11 @@ def test_static_scalar_affine_runs_in_uint8(tmp_path):
              helper.make_node("Add", ["m", "c"], ["s"], name="shift"),
              helper.make_node("Conv", ["s", "w2", "b2"], ["y"], pads=[1] * 4, name="conv2")]
     m = G.model(nodes, [G.vi("x", [1, 3, 10, 10])], [G.vi("y", [1, 6, 10, 10])], inits, opset=13)
-    src = tmp_path / "m.onnx"
-    onnx.save(m, src)
     xs = rng.uniform(-1, 1, (16, 1, 3, 10, 10)).astype(np.float32)
-    np.savez(tmp_path / "c.npz", x=xs[:12])
-    out = tmp_path / "q.onnx"
-    optimize(src, out, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target="vnni",
-                                       latency=False, fuse=False))
+    out = _static_int8(tmp_path, m, xs[:12], target="vnni", fuse=False)
     ops = _optimized_ops(out)
     assert "QLinearMul" in ops and "QLinearAdd" in ops and "Mul" not in ops and "Add" not in ops, ops
-    for x in xs[12:]:
-        assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
+    _assert_close(m, out, xs[12:])
 
 
 @pytest.mark.parametrize("target", ["vnni", "tensorrt"])
@@ -161,27 +165,20 @@ def test_static_matmul_bias_form_by_target(tmp_path, target):
     w = rng.standard_normal((32, 20)).astype(np.float32) * 0.2
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["y"], name="bias")]
     m = G.model(nodes, [G.vi("x", [4, 32])], [G.vi("y", [4, 20])], [G.init("w", w), G.init("b", rng.standard_normal(20))])
-    src = tmp_path / "m.onnx"
-    onnx.save(m, src)
     xs = rng.standard_normal((12, 4, 32)).astype(np.float32)
-    np.savez(tmp_path / "c.npz", x=xs[:8])
-    out = tmp_path / "q.onnx"
-    optimize(src, out, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target=target, latency=False))
+    out = _static_int8(tmp_path, m, xs[:8], target=target)
     types = [n.op_type for n in onnx.load(out).graph.node]
     if target == "vnni":
         assert "MatMulInteger" in types and "MatMul" not in types, types
         ops = _optimized_ops(out)
         assert "Gemm" not in ops and "DequantizeLinear" not in ops, ops
         # without the fusion stage the MatMul itself is rewritten (ORT would fuse it with the Add)
-        out2 = tmp_path / "q2.onnx"
-        optimize(src, out2, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target=target,
-                                            latency=False, fuse=False))
+        out2 = _static_int8(tmp_path, m, xs[:8], name="q2.onnx", target=target, fuse=False)
         assert [n.op_type for n in onnx.load(out2).graph.node].count("MatMulInteger") == 1
         assert "Gemm" not in _optimized_ops(out2)
     else:  # our fusion stage made it a Gemm; kept Q/DQ for TensorRT
         assert "Gemm" in types and "MatMulInteger" not in types and "DequantizeLinear" in types, types
-    for x in xs[8:]:
-        assert _rel(G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]) < REL
+    _assert_close(m, out, xs[8:])
 
 
 def test_static_zero_and_subnormal_channels(tmp_path):

@@ -164,49 +164,42 @@ def _new_name(rule, v, what: str) -> str:
     return unique_name(base, rule.taken)
 
 
-def _rank_ok(w, scale, offset) -> bool:
-    """Scale and offset no higher in rank than the Conv output (a singleton ``[1,1,1,1,1]``
-    after a 2-D Conv would broadcast its output to rank 5)."""
-    r = w.const_value.numpy().ndim if w.const_value is not None else 0
-    return all(v.shape is not None and len(v.shape) <= r for v in (scale, offset))
-
-
-class _ConvAffine(ConvAffineFusion):
-    """``Conv(x, W, B) * a + b -> Conv(x, a W, a B + b)`` (onnxscript's rule; its new initializers
-    were named ``<weight>_scaled`` and a weight shared by two folded convolutions lost one of
-    them: here names are made unique against every name in the model, and kept short)."""
+class _AffineFold:
+    """What both affine rules add to onnxscript's: a rank guard (a singleton ``[1,1,1,1,1]`` scale
+    after a 2-D Conv would broadcast its output to rank 5) and short names unique in the model
+    (onnxscript named the new initializers ``<weight>_scaled``: a weight shared by two folded
+    convolutions lost one of them). Subclasses give :meth:`folded` (new weight, new bias)."""
 
     def check(self, context, x, w, b, scale, offset, conv_out):
         result = super().check(context, x, w, b, scale, offset, conv_out)
-        if result and not _rank_ok(w, scale, offset):
-            return result.fail("scale/offset rank exceeds the Conv output rank")
+        r = w.const_value.numpy().ndim if w.const_value is not None else 0
+        if result and not all(v.shape is not None and len(v.shape) <= r for v in (scale, offset)):
+            return result.fail("scale/offset rank exceeds the Conv's")
         return result
 
     def rewrite(self, op, x, w, b, scale, offset, conv_out):
         a, c = scale.const_value.numpy().reshape(-1)[0], offset.const_value.numpy().reshape(-1)[0]  # singletons
         wv, bv = w.const_value.numpy(), b.const_value.numpy()
-        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), _new_name(self, w, "affine"))
-        new_b = op.initializer(ir.tensor((bv * a + c).astype(bv.dtype)), _new_name(self, b, "affine"))
-        return op.Conv(x, new_w, new_b, **conv_out.producer().attributes)
+        new_w, new_b = self.folded(wv, bv, a, c)
+        return op.Conv(x, op.initializer(ir.tensor(new_w.astype(wv.dtype)), _new_name(self, w, "affine")),
+                       op.initializer(ir.tensor(new_b.astype(bv.dtype)), _new_name(self, b, "affine")),
+                       **conv_out.producer().attributes)
 
 
-class _AffineConv(AffineConvFusion):
-    """``Conv(x * a + b, W, B) -> Conv(x, a W, B + b sum(W))`` for unpadded convolutions (same
-    naming fix as :class:`_ConvAffine`)."""
+class _ConvAffine(_AffineFold, ConvAffineFusion):
+    """``Conv(x, W, B) * a + b -> Conv(x, a W, a B + b)``."""
 
-    def check(self, context, x, w, b, scale, offset, conv_out):
-        result = super().check(context, x, w, b, scale, offset, conv_out)
-        if result and not _rank_ok(w, scale, offset):
-            return result.fail("scale/offset rank exceeds the Conv input rank")
-        return result
+    @staticmethod
+    def folded(w, bias, a, c):
+        return w * a, bias * a + c
 
-    def rewrite(self, op, x, w, b, scale, offset, conv_out):
-        a, c = scale.const_value.numpy().reshape(-1)[0], offset.const_value.numpy().reshape(-1)[0]  # singletons
-        wv, bv = w.const_value.numpy(), b.const_value.numpy()
-        new_w = op.initializer(ir.tensor((wv * a).astype(wv.dtype)), _new_name(self, w, "affine"))
-        new_b = op.initializer(ir.tensor((bv + np.sum(wv * c, axis=(1, 2, 3))).astype(bv.dtype)),
-                               _new_name(self, b, "affine"))
-        return op.Conv(x, new_w, new_b, **conv_out.producer().attributes)
+
+class _AffineConv(_AffineFold, AffineConvFusion):
+    """``Conv(x * a + b, W, B) -> Conv(x, a W, B + b sum(W))`` (unpadded convolutions only)."""
+
+    @staticmethod
+    def folded(w, bias, a, c):
+        return w * a, bias + np.sum(w * c, axis=(1, 2, 3))
 
 
 class ConvAffinePass(CompressionPass):

@@ -24,7 +24,6 @@ SQNR check is that of the QKV projection ``x @ W``.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..base import CompressionPass
@@ -33,7 +32,7 @@ from . import params
 from .policy import resolve_policy
 from .calibrate import observe
 from .sensitivity import node_sqnr
-from .static import FLOAT, _attr, _is_const
+from .static import FLOAT, _attr, _is_const, integer_matmul
 
 
 def fake_dynamic_quant(x: np.ndarray) -> np.ndarray:
@@ -188,28 +187,17 @@ class DynamicQuantizePass(CompressionPass):
         wz_v = add_initializer(main, np.zeros((), np.int8), f"{w_name}_zero_point", taken)
         ws_v = add_initializer(main, scale.astype(np.float32) if axis is not None else np.array(scale.reshape(()), np.float32),
                                f"{w_name}_scale", taken)
-        y_int = ir.Value(name=unique_name(f"{name}_int32", taken))
-        y_f = ir.Value(name=unique_name(f"{name}_int32_cast", taken))
         s_all = ir.Value(name=unique_name(f"{name}_output_scale", taken))
-        nodes = [
-            ir.Node("", "MatMulInteger", [xq, wq_v, xz, wz_v], outputs=[y_int], name=unique_name(f"{name}_MatMulInteger", taken)),
-            ir.Node("", "Cast", [y_int], attributes=[ir.AttrInt64("to", onnx.TensorProto.FLOAT)], outputs=[y_f],
-                    name=unique_name(f"{name}_Cast", taken)),
-            ir.Node("", "Mul", [xs, ws_v], outputs=[s_all], name=unique_name(f"{name}_scale_Mul", taken)),
-        ]
+        scale_mul = ir.Node("", "Mul", [xs, ws_v], outputs=[s_all], name=unique_name(f"{name}_scale_Mul", taken))
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        b_v = None
         if bias is not None:
             beta = float(_attr(node, "beta", 1.0))
             b = bias.const_value.numpy().astype(np.float32) * np.float32(beta)
             b_v = add_initializer(main, b, f"{bias.name}_beta" if beta != 1.0 else f"{bias.name}_bias", taken)
-            y_mm = ir.Value(name=unique_name(f"{name}_matmul", taken))
-            nodes.append(ir.Node("", "Mul", [y_f, s_all], outputs=[y_mm], name=unique_name(f"{name}_Mul", taken)))
-            final = ir.Node("", "Add", [y_mm, b_v], name=unique_name(f"{name}_Add", taken))
-        else:
-            final = ir.Node("", "Mul", [y_f, s_all], name=unique_name(f"{name}_Mul", taken))
-        nodes.append(final)
-        graph.extend(nodes)
-        replace_node(graph, node, final.outputs[0])
+        nodes, y = integer_matmul(name, xq, xz, wq_v, wz_v, s_all, b_v, taken)
+        graph.extend([scale_mul, *nodes])
+        replace_node(graph, node, y)
 
 
 class AttentionQuantizePass(DynamicQuantizePass):

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..base import CompressionPass
-from ...irutil import add_initializer, all_value_names, unique_name
+from ...irutil import add_initializer, all_value_names, replace_node, unique_name
 from . import calibrate, params
 from .policy import resolve_policy
 from .sensitivity import node_outputs, sqnr_db
@@ -179,7 +179,7 @@ class StaticQuantizePass(CompressionPass):
             for v in node.inputs if node.op_type in MULTI_INPUT_GLUE else node.inputs[:1]:
                 if v is not None and v.name in ranges:
                     needed[v.name] = v
-            for o in node.outputs if node.op_type == "Split" else node.outputs[:1]:
+            for o in _glue_outputs(node):
                 if o.name in ranges:
                     needed[o.name] = o
 
@@ -374,7 +374,7 @@ class StaticQuantizePass(CompressionPass):
                     data = [node.inputs[1 - consts[0]]]
             if not data or any(v is None or v.name not in act_t for v in data):
                 continue
-            outs = list(node.outputs) if node.op_type == "Split" else node.outputs[:1]
+            outs = _glue_outputs(node)
             if any(o.dtype not in (None, FLOAT) for o in outs):
                 continue
             if node.op_type == "Split" and any(o.is_graph_output() for o in outs):
@@ -559,22 +559,10 @@ class StaticQuantizePass(CompressionPass):
         q_v = add_initializer(graph, q, f"{node.inputs[1].name}_q", taken)
         wz_v = add_initializer(graph, np.array(0, np.int8), f"{node.inputs[1].name}_zp", taken)
         s_v = add_initializer(graph, col, f"{name}_scale", taken)
-        y_int = ir.Value(name=unique_name(f"{name}_int32", taken))
-        y_f = ir.Value(name=unique_name(f"{name}_int32_f", taken))
-        new = [ir.Node("", "MatMulInteger", [a_q, q_v, a_zp, wz_v], outputs=[y_int],
-                       name=unique_name(f"{name}_MatMulInteger", taken)),
-               ir.Node("", "Cast", [y_int], attributes=[ir.AttrInt64("to", FLOAT.value)], outputs=[y_f],
-                       name=unique_name(f"{name}_Cast", taken))]
-        y = ir.Value(name=unique_name(f"{name}_scaled", taken))
-        new.append(ir.Node("", "Mul", [y_f, s_v], outputs=[y], name=unique_name(f"{name}_Scale", taken)))
-        if b is not None:
-            b_v = add_initializer(graph, b.astype(np.float32), f"{c.name}_f", taken)
-            y2 = ir.Value(name=unique_name(f"{name}_biased", taken))
-            new.append(ir.Node("", "Add", [y, b_v], outputs=[y2], name=unique_name(f"{name}_Bias", taken)))
-            y = y2
-        old_out = node.outputs[0]
-        y.type, y.shape = old_out.type, old_out.shape
-        ir.convenience.replace_nodes_and_values(graph, node, [node], new, [old_out], [y])
+        b_v = add_initializer(graph, b.astype(np.float32), f"{c.name}_f", taken) if b is not None else None
+        nodes, y = integer_matmul(name, a_q, a_zp, q_v, wz_v, s_v, b_v, taken)
+        graph.extend(nodes)
+        replace_node(graph, node, y)
         self.report.counts.setdefault("gemm_as_integer", []).append(name)
         return True
 
@@ -637,6 +625,31 @@ class StaticQuantizePass(CompressionPass):
         after = residual(calibrate.channel_means(model, all_names, sub))
         self.report.counts.update(bias_correction_nodes=len(order),
                                   bias_correction_residual=[round(before, 6), after])
+
+
+def integer_matmul(name: str, xq: ir.Value, xz: ir.Value, wq: ir.Value, wz: ir.Value, scale: ir.Value,
+                   bias: ir.Value | None, taken: set[str]) -> tuple[list[ir.Node], ir.Value]:
+    """``MatMulInteger(xq, wq, xz, wz) -> Cast(float) -> Mul(scale) [-> Add(bias)]`` (standard ONNX
+    ops; ``MatMulInteger`` spec: ``(x - xz) (w - wz)`` in int32). ``scale`` is ``x_scale * w_scale``
+    per output column [N] or scalar, a constant or a run-time value (dynamic mode); ``bias`` [N]
+    float. Returns the new nodes (not yet in a graph) and the float output."""
+    y_int = ir.Value(name=unique_name(f"{name}_int32", taken))
+    y_f = ir.Value(name=unique_name(f"{name}_int32_cast", taken))
+    nodes = [ir.Node("", "MatMulInteger", [xq, wq, xz, wz], outputs=[y_int], name=unique_name(f"{name}_MatMulInteger", taken)),
+             ir.Node("", "Cast", [y_int], attributes=[ir.AttrInt64("to", FLOAT.value)], outputs=[y_f],
+                     name=unique_name(f"{name}_Cast", taken))]
+    if bias is None:
+        nodes.append(ir.Node("", "Mul", [y_f, scale], name=unique_name(f"{name}_Mul", taken)))
+    else:
+        y_mm = ir.Value(name=unique_name(f"{name}_matmul", taken))
+        nodes.append(ir.Node("", "Mul", [y_f, scale], outputs=[y_mm], name=unique_name(f"{name}_Mul", taken)))
+        nodes.append(ir.Node("", "Add", [y_mm, bias], name=unique_name(f"{name}_Add", taken)))
+    return nodes, nodes[-1].outputs[0]
+
+
+def _glue_outputs(node: ir.Node) -> list[ir.Value]:
+    """The outputs of a glue node that carry data (every output of a Split, else the first)."""
+    return list(node.outputs) if node.op_type == "Split" else list(node.outputs[:1])
 
 
 def _scalar_const(v: ir.Value | None) -> float | None:
