@@ -311,6 +311,30 @@ def test_calibration_methods_on_an_outlier_tensor():
     assert scalar.range("entropy") == (3.0, 3.0)
 
 
+def test_calibration_histograms_count_each_sign_and_drop_zeros():
+    """The branch-free signed histogram equals a float64 reference: positives and |negatives|
+    in their own 2048 bins, zeros in neither, range growth by doubling (bin pairs merged)."""
+    from onnxcompress.passes.quantize.calibrate import BINS, HIST_VALUES_PER_UPDATE, TensorStats
+
+    rng = np.random.default_rng(3)
+    # 12 updates of one subsample each (more than one batch), the last ones with a wider range
+    xs = [rng.standard_normal(HIST_VALUES_PER_UPDATE).astype(np.float32) * s for s in [1.0] * 10 + [5.0] * 2]
+    for x in xs:
+        x[::7] = 0.0
+    st = TensorStats(with_hist=True)
+    for x in xs:
+        st.update(x)
+    st._flush()
+    assert st.pos.total() + st.neg.total() == sum(np.count_nonzero(x) for x in xs)
+    allx = np.concatenate(xs).astype(np.float64)
+    for h, mag in ((st.pos, allx[allx > 0]), (st.neg, -allx[allx < 0])):
+        assert h.edge >= mag.max()
+        # the first batch is binned on its own (smaller) range, then merged by doubling:
+        # compare on the final range's bins, allowing a neighbouring bin at the edges
+        ref = np.bincount(np.minimum((mag / h.edge * BINS).astype(np.int64), BINS - 1), minlength=BINS)
+        assert h.counts.sum() == ref.sum()
+        assert np.abs(np.cumsum(h.counts) - np.cumsum(ref)).max() <= 0.01 * ref.sum()
+
 def test_bias_correction_reduces_mean_output_shift(tmp_path):
     """Empirical bias correction (Nagel et al. 2019): the quantized model's mean output shift
     per channel shrinks when each node's measured shift is folded into its bias."""

@@ -16,9 +16,9 @@ A calibration method is a statistic plus a reduction (the NNCF way), not a class
 
 Memory is O(number of tensors x bins) whatever the number of samples: unlike ONNX Runtime's
 entropy calibrator no activations are kept. min / max are exact; histograms see an evenly
-strided subsample of at most 8192 values per tensor and sample, added in batches, so the
-histogram methods cost <= 1.44x ``minmax`` and ``auto`` (all four ranges) 1.5x on EfficientNet-Lite0
-(``scripts/bench_calibration.py`` measures it).
+strided subsample of at most 8192 values per tensor and sample, added in batches with one
+branch-free ``bincount``, so the histogram methods cost <= 1.25x ``minmax`` and ``auto`` (all four
+ranges) 1.29x on EfficientNet-Lite0 (``scripts/bench_calibration.py`` measures it).
 """
 
 from __future__ import annotations
@@ -127,26 +127,36 @@ class TensorStats:
         if self._buf:
             x = np.concatenate(self._buf)
             self._buf, self._buffered = [], 0
-            self._add_signed(x, float(x.min()), float(x.max()))
+            self._add_signed(x)
 
-    def _add_signed(self, x: np.ndarray, lo: float, hi: float) -> None:
-        """Both histograms in one ``bincount`` (no boolean compress of ``x``, which is slow)."""
-        x = np.ascontiguousarray(x)
+    def _add_signed(self, x: np.ndarray) -> None:
+        """Add float32 values ``x`` (1-D) to both histograms with one ``bincount``.
+
+        Branch-free: the positive part indexes bins ``[0, BINS)``, the negative part
+        ``[BINS, 2 BINS)``, zeros land in bin 0 and are taken back out (they belong to
+        neither side). A boolean ``np.where`` over randomly signed values cost 4x this.
+        Bin indices are computed in float32 (a value within ~1e-4 of a bin edge may fall in
+        the neighbouring bin)."""
         slo, shi = float(x.min()), float(x.max())
         if shi > 0:
             self.pos.grow_to(shi)
         if slo < 0:
             self.neg.grow_to(-slo)
-        pe = BINS / self.pos.edge if self.pos.edge > 0 else 0.0
-        ne = BINS / self.neg.edge if self.neg.edge > 0 else 0.0
-        positive = x > 0
-        idx = (np.abs(x) * np.where(positive, pe, ne)).astype(np.int64)
-        np.minimum(idx, BINS - 1, out=idx)
-        idx += np.where(positive, 0, BINS)
-        idx[x == 0] = 2 * BINS  # zeros belong to neither side
-        counts = np.bincount(idx, minlength=2 * BINS + 1)
+        pe = np.float32(BINS / self.pos.edge if self.pos.edge > 0 else 0.0)
+        ne = np.float32(BINS / self.neg.edge if self.neg.edge > 0 else 0.0)
+        zero, top = np.float32(0.0), np.float32(BINS - 1)
+        f = np.maximum(x, zero)
+        f *= pe
+        np.minimum(f, top, out=f)
+        g = np.minimum(x, zero)
+        g *= -ne
+        np.minimum(g, top, out=g)
+        f += g
+        f += (x < 0) * np.float32(BINS)
+        counts = np.bincount(f.astype(np.intp), minlength=2 * BINS)
+        counts[0] -= x.size - np.count_nonzero(x)
         self.pos.counts += counts[:BINS]
-        self.neg.counts += counts[BINS:2 * BINS]
+        self.neg.counts += counts[BINS:]
 
     def expected_mse(self, lo: float, hi: float) -> float:
         """Mean squared error (rounding + clipping) of uint8 quantization over ``[lo, hi]``,
