@@ -575,8 +575,8 @@ def benchmark(
         data: ``.npz`` inputs (README format), checked against every model's inputs;
             without it inputs are synthesized from the input spec.
         shapes: ``{input name: shape}`` for synthesized inputs (symbolic dims); batch 1.
-        memory: measure peak resident memory, one child process per model (CPU provider,
-            first batch size).
+        memory: measure peak resident memory, one child process per model and batch size
+            (first provider).
         memory_repeats: child processes per model; the median peak is reported.
         profile: run each model under ORT's profiler (first batch size, every provider).
         profile_runs / top: profiled runs per model; op types listed.
@@ -638,21 +638,19 @@ def benchmark(
         for b in batches:
             groups.append(_time_group(paths, labels, sizes, feeds[b], prov, b, threads, warmup, runs, duration, prog,
                                           block))
-    if memory:
-        first = groups[0]
-        for i, (p, mb) in enumerate(zip(paths, first.models)):
-            prog(f"memory {labels[i]}", i, len(paths))
-            probes = [peak_memory(p, feeds[batches[0]][i][0], threads=threads) for _ in range(max(1, memory_repeats))]
-            peaks = [pk for pk, _ in probes if pk is not None]
-            if peaks:  # the median child: multi-threaded runs vary by a few MB (allocator arenas)
-                mb.peak_rss_bytes = int(np.median(peaks))
-                mb.baseline_rss_bytes = int(np.median([b for pk, b in probes if pk is not None]))
-        prog("memory", len(paths), len(paths))
-        for g in groups[1:]:
-            if g.provider == first.provider:
-                for mb, src in zip(g.models, first.models):
-                    if g.batch == first.batch:
-                        mb.peak_rss_bytes, mb.baseline_rss_bytes = src.peak_rss_bytes, src.baseline_rss_bytes
+    if memory:  # peak RSS per model and batch, on the first provider (a child process each)
+        mem_groups = [g for g in groups if g.provider == groups[0].provider]
+        todo = len(paths) * len(mem_groups)
+        for k, g in enumerate(mem_groups):
+            for i, (p, mb) in enumerate(zip(paths, g.models)):
+                prog(f"memory {labels[i]}" + (f" (batch {g.batch})" if len(mem_groups) > 1 else ""),
+                     k * len(paths) + i, todo)
+                probes = [peak_memory(p, feeds[g.batch][i][0], threads=threads) for _ in range(max(1, memory_repeats))]
+                peaks = [pk for pk, _ in probes if pk is not None]
+                if peaks:  # the median child: multi-threaded runs vary by a few MB (allocator arenas)
+                    mb.peak_rss_bytes = int(np.median(peaks))
+                    mb.baseline_rss_bytes = int(np.median([b for pk, b in probes if pk is not None]))
+        prog("memory", todo, todo)
     if profile:
         for g in groups:
             if g.batch != batches[0]:
@@ -825,13 +823,18 @@ def validate_models(
     Raises:
         ModelLoadError: a model is missing or not ONNX.
         DataError: the data does not fit the models, or their inputs differ.
-        OnnxCompressError: nothing to compare, or ONNX Runtime refused a model.
+        OnnxCompressError: nothing to compare, a gate out of range (``min_top1`` not in
+            (1, 100], ``min_cosine`` not in [-1, 1]), or ONNX Runtime refused a model.
     """
     prog = progress or (lambda *a: None)
     ref_p = Path(reference)
     cand_p = Path(candidate) if candidate is not None else None
     if cand_p is None and not cross_provider:
         raise OnnxCompressError("validate needs a CANDIDATE model (or --cross-provider to compare providers)")
+    if min_top1 is not None and not 1.0 < min_top1 <= 100.0:
+        raise OnnxCompressError(f"--min-top1 is a percentage in (1, 100], got {min_top1} (for 99 % write 99)")
+    if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
+        raise OnnxCompressError(f"--min-cosine must be in [-1, 1], got {min_cosine}")
     gate_allclose = not (atol is None and rtol is None and (min_cosine is not None or min_top1 is not None))
     atol = 1e-5 if atol is None else atol
     rtol = 1e-5 if rtol is None else rtol

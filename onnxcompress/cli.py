@@ -19,17 +19,26 @@ from .data import ImageSpec
 from .errors import GateFailedError, OnnxCompressError
 from .inspect import inspect_model
 
+if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH") and not os.environ.get("COLUMNS"):
+    import typer.rich_utils
+
+    # piped --help (less, files, CI logs): 120 columns, so option names are not cut to "--calibration-m…"
+    typer.rich_utils.MAX_WIDTH = 120
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained ONNX models smaller and faster, validated by ONNX Runtime.")
 # Piped output (CI logs, files) gets 120 columns so numbers are not wrapped mid-value.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 out_console = Console(width=None if sys.stdout.isatty() else 120)
 _state = {"debug": False}
+_warned: set[str] = set()  # messages already printed as warnings: not repeated as notes
 
 
 class _RichWarnings(logging.Handler):
     def emit(self, record):  # warnings naming skipped nodes, reverted passes
-        console.print(f"[yellow]warning:[/] {record.getMessage()}", highlight=False)
+        msg = record.getMessage()
+        _warned.add(msg)
+        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -117,7 +126,7 @@ def optimize(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data (.npz; see README)."),
     validation: Optional[Path] = typer.Option(None, "--validation", help="Held-out validation data (.npz). Default: a held-out split of the calibration data."),
     calibration_method: str = typer.Option("auto", "--calibration-method", help="auto (default: per tensor, the lowest expected error of the others), minmax, percentile, entropy or mse."),
-    target: str = typer.Option("auto", "--target", help="Int8 target: auto (this CPU), avx2, avx512, vnni, arm64, cuda, tensorrt."),
+    target: str = typer.Option("auto", "--target", help="Int8 target: auto (this CPU), avx2, avx512, vnni, arm64, cuda, tensorrt, generic (an unknown CPU: the conservative 7-bit weights of avx2)."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Per-channel weight scales."),
     min_sqnr: float = typer.Option(20.0, "--min-node-sqnr", help="Keep a node in float when its int8 output SQNR is below this (dB); 0 disables."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Pruning amount (0..1): sparsity for --prune-mode unstructured (default), share of channels removed per dependency group for channel."),
@@ -136,7 +145,7 @@ def optimize(
     providers: str = typer.Option("cpu", "--providers", help="Execution providers to validate on: cpu,cuda,tensorrt."),
     max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", help="Gate: max |Δ|/max|ref| per output (fraction)."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
-    min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Gate: minimum top-1 agreement (%)."),
+    min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", "--min-top1", help="Gate: minimum top-1 agreement in % (99 for 99 %)."),
     bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="Static: correct each quantized node's mean output shift in its bias."),
     bias_correction_mode: str = typer.Option("node", "--bias-correction-mode", help="Static: node (one-node shift on float inputs) or sequential (also absorb the shift accumulated through upstream int8 layers, measured on the int8 model in graph order; slower, opt-in)."),
     equalize: str = typer.Option("auto", "--equalize", help="Cross-layer equalization before int8: auto (static mode; kept only if the estimated weight quantization error drops by >= 1 dB per-channel, 0.1 dB per-tensor), on or off."),
@@ -232,6 +241,15 @@ def _ratio(before: float, after: float, better: str, worse: str) -> str:
     return f"{r:.2f}× {better}" if r >= 1 else f"{1 / r:.2f}× {worse}"
 
 
+def _gate_value(value: float, limit: float) -> str:
+    """``value`` with enough digits to tell it from ``limit`` (0.99498 vs 0.995, not 0.995 vs 0.995)."""
+    for digits in range(4, 10):
+        text = f"{value:.{digits}g}"
+        if float(text) != float(f"{limit:.{digits}g}") or value == limit:
+            return text
+    return repr(value)
+
+
 def _render(rep: dict) -> None:
     b, a = rep["before"], rep["after"]
     t = Table(title="onnxcompress: before / after")
@@ -276,9 +294,10 @@ def _render(rep: dict) -> None:
                       + ", ".join(fb["kept_in_float"][:8]) + (" ..." if len(fb["kept_in_float"]) > 8 else ""), highlight=False)
     for g in rep.get("gates", []):
         mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
-        console.print(f"gate {g['gate']} on {g['provider']}: {g['value']:.4g} (limit {g['limit']:g}) {mark}")
+        console.print(f"gate {g['gate']} on {g['provider']}: {_gate_value(g['value'], g['limit'])} (limit {g['limit']:g}) {mark}")
     for n in rep.get("notes", []):
-        console.print(f"[dim]note:[/] {n}", highlight=False)
+        if n not in _warned:
+            console.print(f"[dim]note:[/] {n}", highlight=False)
 
 
 # Command modules: each registers its commands on `app` when imported (one import per line).

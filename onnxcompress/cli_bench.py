@@ -156,7 +156,7 @@ def validate(
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance of allclose (default 1e-5)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance of allclose (default 1e-5)."),
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
-    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Gate: minimum top-1 agreement (%)."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", "--min-top1-agreement", help="Gate: minimum top-1 agreement in % (99 for 99 %)."),
     cross_provider: bool = typer.Option(False, "--cross-provider", help="Also compare each model on CPU vs the other providers."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the comparison as JSON."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib, jinja2)."),

@@ -133,10 +133,12 @@ def test_peak_memory_per_model_grows_with_weights(tmp_path):
 
 
 def test_batch_sweep_with_data(digits):
-    res = benchmark([digits["model"]], data=digits["test"], batches=[1, 4], runs=5, warmup=1, memory=False)
+    res = benchmark([digits["model"]], data=digits["test"], batches=[1, 4], runs=5, warmup=1, memory=True)
     assert [g.batch for g in res.groups] == [1, 4]
     m4 = res.groups[1].models[0]
     assert m4.batch == 4 and m4.throughput == pytest.approx(4e3 / m4.latency.mean_ms)
+    # peak memory is measured per batch size, not only for the first one
+    assert all(g.models[0].peak_rss_bytes is not None for g in res.groups)
 
 
 def test_duration_mode(digits):
@@ -210,6 +212,9 @@ def test_validate_gates_api(tmp_path, digits):
     assert res.passed
     with pytest.raises(OnnxCompressError):
         validate_models(digits["model"], None)
+    # a fraction where a percentage is meant is refused, not read as 0.99 %
+    with pytest.raises(OnnxCompressError, match="percentage"):
+        validate_models(digits["model"], broken, data=digits["test"], min_top1=0.99)
 
 
 def test_validate_inputs_must_match(tmp_path, digits):

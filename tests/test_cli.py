@@ -266,7 +266,8 @@ def test_output_file_has_default_permissions(digits, tmp_path):
 def test_version_and_bad_option_values(small, tmp_path):
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip()
-    for args, needle in ((["--min-top1-agreement", "0.99"], "percentage"), (["--min-cosine", "1.5"], "[-1, 1]"),
+    for args, needle in ((["--min-top1-agreement", "0.99"], "percentage"), (["--min-top1", "0.5"], "percentage"),
+                         (["--min-cosine", "1.5"], "[-1, 1]"),
                          (["--providers", "cpu,foo"], "unknown execution provider")):
         _bad(tmp_path, small, *args, needles=[needle])
 
@@ -282,3 +283,13 @@ def test_bad_report_path_fails_before_writing_anything(digits, tmp_path):
                       flag, bad)
         _one_line_error(res, str(bad))
         assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_gate_values_print_enough_digits_to_differ_from_the_limit():
+    """A failed cosine gate never reads '0.995 (limit 0.995) FAIL'."""
+    from onnxcompress.cli import _gate_value
+
+    assert _gate_value(0.99498, 0.995) == "0.99498"
+    assert _gate_value(0.99612, 0.995) == "0.9961"
+    assert _gate_value(0.995, 0.995) == "0.995"
+    assert _gate_value(97.5, 99.0) == "97.5"
