@@ -27,7 +27,7 @@ from .opset import upgrade_opset
 from .passes.base import PassContext, PassReport, run_passes
 from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,
                              LiftConstantsPass)
-from .passes.fusion import ConvAffinePass, FoldBatchNormPass, FusePadIntoConvPass, HardSwishPass, MatMulAddToGemmPass
+from .passes.fusion import ConvAffinePass, ConvBiasPass, FoldBatchNormPass, FusePadIntoConvPass, HardSwishPass, MatMulAddToGemmPass
 from .passes.transformer import AttentionFusionPass
 from .passes.prune import MagnitudePrunePass
 from .passes.prune_channels import IMPORTANCE, ChannelPrunePass
@@ -302,7 +302,7 @@ def optimize(
     if opts.fuse:
         say("clean-up and fusion")
         stage = [InitializerInputsPass(ctx), ConstantFoldingPass(ctx), LiftConstantsPass(ctx),
-                 IdentityDropoutPass(ctx), FoldBatchNormPass(ctx), ConvAffinePass(ctx), FusePadIntoConvPass(ctx),
+                 IdentityDropoutPass(ctx), ConvBiasPass(ctx), FoldBatchNormPass(ctx), ConvAffinePass(ctx), FusePadIntoConvPass(ctx),
                  HardSwishPass(ctx), AttentionFusionPass(ctx),
                  MatMulAddToGemmPass(ctx),
                  DeadCodePass(ctx)]

@@ -10,7 +10,7 @@ import graphs as G
 from onnxcompress.passes.base import PassContext, run_passes
 from onnxcompress.passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass,
                                          InitializerInputsPass, LiftConstantsPass)
-from onnxcompress.passes.fusion import ConvAffinePass, FoldBatchNormPass, HardSwishPass, MatMulAddToGemmPass
+from onnxcompress.passes.fusion import ConvAffinePass, ConvBiasPass, FoldBatchNormPass, HardSwishPass, MatMulAddToGemmPass
 from onnxcompress.passes.prune import MagnitudePrunePass
 
 TOL = 1e-5  # relative to max|ref| for exact rewrites
@@ -235,4 +235,37 @@ def test_conv_affine_shared_weight_and_4d_scalars():
     assert not reps[0].reverted and reps[0].counts["affine_folded"] == 2
     onnx.checker.check_model(out, full_check=True)
     assert all(i.dims == [3] for i in out.graph.initializer if i.name.startswith("b_offset"))
+    _close(G.run(m, feeds), G.run(out, feeds), 1e-5)
+
+
+def test_conv_bias_add_folding_then_batchnorm():
+    """Paddle's ``ConvTranspose -> Add(bias [1, C, 1, 1]) -> BatchNormalization`` (PP-OCRv4 det head)
+    and ``Conv(x, W, B) -> Add(c [C, 1, 1])``: the Add folds into the bias (exact), which lets the
+    BatchNormalization fold too. Addends that are not one value per output channel stay."""
+    rng = np.random.default_rng(9)
+    inits = [G.init("wt", rng.standard_normal((4, 3, 2, 2)) * 0.3), G.init("bt", rng.standard_normal((1, 3, 1, 1))),
+             G.init("g", rng.uniform(0.5, 1.5, 3)), G.init("beta", rng.standard_normal(3) * 0.1),
+             G.init("mean", rng.standard_normal(3) * 0.1), G.init("var", rng.uniform(0.5, 1.5, 3)),
+             G.init("w", rng.standard_normal((5, 3, 3, 3)) * 0.3), G.init("b", rng.standard_normal(5)),
+             G.init("c", rng.standard_normal((5, 1, 1))),
+             G.init("w2", rng.standard_normal((5, 5, 1, 1)) * 0.3),
+             G.init("row", rng.standard_normal(8)),              # [W]: broadcasts along the width, not channels
+             G.init("full", rng.standard_normal((1, 5, 8, 8)))]  # per position
+    nodes = [helper.make_node("ConvTranspose", ["x", "wt"], ["t"], strides=[2, 2]),
+             helper.make_node("Add", ["bt", "t"], ["tb"]),  # constant first: commuted match
+             helper.make_node("BatchNormalization", ["tb", "g", "beta", "mean", "var"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Conv", ["r", "w", "b"], ["c1"], pads=[0, 0, 0, 0]),
+             helper.make_node("Add", ["c1", "c"], ["y1"]),
+             helper.make_node("Conv", ["y1", "w2"], ["c2"]),
+             helper.make_node("Add", ["c2", "row"], ["y2"]),
+             helper.make_node("Conv", ["y2", "w2"], ["c3"]),
+             helper.make_node("Add", ["c3", "full"], ["y"])]
+    m = G.model(nodes, [G.vi("x", [1, 4, 5, 5])], [G.vi("y", [1, 5, 8, 8])], inits)
+    feeds = {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    out, reps = _apply(m, [ConvBiasPass(PassContext()), FoldBatchNormPass(PassContext())], feeds)
+    assert not reps[0].reverted and reps[0].counts["bias_folded"] == 2
+    assert reps[1].counts["batchnorm_folded"] == 1
+    assert [n.op_type for n in out.graph.node] == ["ConvTranspose", "Relu", "Conv", "Conv", "Add", "Conv", "Add"]
+    onnx.checker.check_model(out, full_check=True)
     _close(G.run(m, feeds), G.run(out, feeds), 1e-5)

@@ -17,6 +17,12 @@ Scalar affine folding (onnxscript's ``_fuse_conv_affine``): ``Conv(x) * a + b ->
 there). PaddleOCR's PP-LCNetV3 "learnable affine blocks" are such scalar ``Mul`` + ``Add``
 pairs after every convolution (PP-OCRv4 det: 86 Mul, 89 Add).
 
+Bias folding: ``Add(Conv(x, W[, B]), c)`` with a constant ``c`` that adds one value per output
+channel (shape ``[1, C, 1, 1]``, ``[C, 1, 1]`` or a single value; ONNX broadcasting) becomes
+``Conv(x, W, B + c)`` (exact); the same for ``ConvTranspose``. Paddle exports ConvTranspose and
+its bias as two nodes (PP-OCRv4 det's head: ``ConvTranspose -> Add -> BatchNormalization``), which
+also kept the BatchNormalization from folding.
+
 HardSwish (``x * Clip(x + 3, 0, 6) / 6``, MobileNetV3 / PP-LCNet): four elementwise ops become
 ``HardSwish`` (opset >= 14, onnxscript's ``fuse_hardswish_rules``) or ``Mul(x, HardSigmoid(x,
 alpha=1/6, beta=0.5))`` below opset 14 (ONNX ``HardSigmoid``: ``max(0, min(1, alpha x + beta))``);
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter import RewriteRuleSet, pattern
 from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common._fuse_batchnorm import rules as bn_rules
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
@@ -54,6 +60,79 @@ def infer_shapes(model: ir.Model) -> None:
         common.ShapeInferencePass()(model)
     except Exception:  # custom ops, > 2 GB: rules then refuse for lack of shapes
         pass
+
+
+class _ConvBiasAdd(pattern.RewriteRuleClassBase):
+    """``Add(Conv(x, W[, B]), c) -> Conv(x, W, B + c)`` for a per-channel or single-value constant."""
+
+    def __init__(self, op_type: str):
+        super().__init__(f"{op_type}BiasAdd", remove_nodes=True)
+        self.op_type = op_type
+
+    def pattern(self, op, x, w, c):
+        conv = getattr(op, self.op_type)(x, w, _allow_other_inputs=True, _allow_other_attributes=True,
+                                         _outputs=["conv_out"])
+        return op.Add(conv, c)
+
+    def check(self, context, x, w, c, conv_out):
+        result = MatchResult()
+        node = conv_out.producer()
+        if node.domain not in ("", "ai.onnx"):
+            return result.fail("not an ONNX Conv")
+        if c.const_value is None or w.const_value is None or len(w.const_value.shape) < 3:
+            return result.fail("needs a constant addend and a constant weight")
+        wshape = w.const_value.shape
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and bias.const_value is None:
+            return result.fail("the Conv's bias is not constant")
+        if conv_out.is_graph_output() or len(conv_out.uses()) != 1:
+            return result.fail("the Conv output has other consumers")
+        if c.const_value.dtype != w.const_value.dtype:
+            return result.fail("the addend's type differs from the weight's")
+        if c.const_value.dtype not in _FLOAT_TYPES:
+            return result.fail("not a float convolution")
+        channels = self._channels(node, w)
+        rank = len(wshape)  # the output's rank too: [N, C, spatial...]
+        cshape = list(c.const_value.shape)
+        if len(cshape) > rank:
+            return result.fail("the addend's rank exceeds the output's (it would broadcast the output)")
+        full = [1] * (rank - len(cshape)) + cshape
+        if not (int(np.prod(cshape, dtype=np.int64)) == 1
+                or (full[0] == 1 and full[1] == channels and all(d == 1 for d in full[2:]))):
+            return result.fail(f"the addend {cshape} is not one value per output channel")
+        return result
+
+    def _channels(self, node, w) -> int:
+        """Output channels: ``W`` is ``[M, C/group, k...]`` (Conv) or ``[C, M/group, k...]`` (ConvTranspose)."""
+        shape = w.const_value.shape
+        return shape[0] if self.op_type == "Conv" else shape[1] * node.attributes.get_int("group", 1)
+
+    def rewrite(self, op, x, w, c, conv_out):
+        node = conv_out.producer()
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        channels = self._channels(node, w)
+        add = np.broadcast_to(c.const_value.numpy().reshape(-1), (channels,))
+        old = bias.const_value.numpy() if bias is not None else np.zeros(channels, add.dtype)
+        new = (old.astype(np.float64) + add).astype(old.dtype)
+        name = _new_name(self, bias if bias is not None else w, "bias")
+        return getattr(op, self.op_type)(x, w, op.initializer(ir.tensor(new), name), **node.attributes)
+
+
+class ConvBiasPass(CompressionPass):
+    """Fold a per-channel constant ``Add`` after Conv / ConvTranspose into its bias (see the
+    module docstring). Exact up to float rounding of the bias."""
+
+    name = "fold-conv-bias"
+    rtol = 1e-4
+
+    def apply(self, model: ir.Model) -> bool:
+        taken = all_value_names(model)
+        _ConvBiasAdd.taken = taken  # new initializer names stay unique in the model
+        rules = [_ConvBiasAdd.rule(op_type) for op_type in ("Conv", "ConvTranspose")]
+        count = RewriteRuleSet(rules, commute=True).apply_to_model(model)
+        common.RemoveUnusedNodesPass()(model)
+        self.report.counts["bias_folded"] = int(count)
+        return bool(count)
 
 
 class FoldBatchNormPass(CompressionPass):
