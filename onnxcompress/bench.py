@@ -575,9 +575,9 @@ def benchmark(
         data: ``.npz`` inputs (README format), checked against every model's inputs;
             without it inputs are synthesized from the input spec.
         shapes: ``{input name: shape}`` for synthesized inputs (symbolic dims); batch 1.
-        memory: measure peak resident memory, one child process per model and batch size
-            (first provider).
-        memory_repeats: child processes per model; the median peak is reported.
+        memory: measure peak resident memory on the CPU provider, one child process per model
+            and batch size.
+        memory_repeats: child processes per model and batch size; the median peak is reported.
         profile: run each model under ORT's profiler (first batch size, every provider).
         profile_runs / top: profiled runs per model; op types listed.
         progress: ``progress(phase, done, total)`` callback.
@@ -638,7 +638,7 @@ def benchmark(
         for b in batches:
             groups.append(_time_group(paths, labels, sizes, feeds[b], prov, b, threads, warmup, runs, duration, prog,
                                           block))
-    if memory:  # peak RSS per model and batch, on the first provider (a child process each)
+    if memory:  # peak RSS per model and batch on the CPU provider (always first), a child process each
         mem_groups = [g for g in groups if g.provider == groups[0].provider]
         todo = len(paths) * len(mem_groups)
         for k, g in enumerate(mem_groups):

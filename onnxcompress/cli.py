@@ -42,6 +42,7 @@ class _RichWarnings(logging.Handler):
 
 
 def _setup_logging(quiet: bool) -> None:
+    _warned.clear()
     log = logging.getLogger("onnxcompress")
     log.handlers[:] = []
     log.propagate = False
@@ -241,13 +242,14 @@ def _ratio(before: float, after: float, better: str, worse: str) -> str:
     return f"{r:.2f}× {better}" if r >= 1 else f"{1 / r:.2f}× {worse}"
 
 
-def _gate_value(value: float, limit: float) -> str:
-    """``value`` with enough digits to tell it from ``limit`` (0.99498 vs 0.995, not 0.995 vs 0.995)."""
-    for digits in range(4, 10):
-        text = f"{value:.{digits}g}"
-        if float(text) != float(f"{limit:.{digits}g}") or value == limit:
-            return text
-    return repr(value)
+def _gate_value(value: float, limit: float) -> tuple[str, str]:
+    """``(value, limit)`` printed with enough digits to tell them apart (0.99498 vs 0.995, not
+    0.995 vs 0.995); NaN prints as ``nan``."""
+    for digits in range(4, 12):
+        a, b = f"{value:.{digits}g}", f"{limit:.{digits}g}"
+        if a != b or value == limit or value != value:
+            return a, f"{limit:g}" if float(f"{limit:g}") == limit else b
+    return repr(value), repr(limit)
 
 
 def _render(rep: dict) -> None:
@@ -294,7 +296,8 @@ def _render(rep: dict) -> None:
                       + ", ".join(fb["kept_in_float"][:8]) + (" ..." if len(fb["kept_in_float"]) > 8 else ""), highlight=False)
     for g in rep.get("gates", []):
         mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
-        console.print(f"gate {g['gate']} on {g['provider']}: {_gate_value(g['value'], g['limit'])} (limit {g['limit']:g}) {mark}")
+        value, limit = _gate_value(g["value"], g["limit"])
+        console.print(f"gate {g['gate']} on {g['provider']}: {value} (limit {limit}) {mark}")
     for n in rep.get("notes", []):
         if n not in _warned:
             console.print(f"[dim]note:[/] {n}", highlight=False)

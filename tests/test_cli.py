@@ -289,7 +289,9 @@ def test_gate_values_print_enough_digits_to_differ_from_the_limit():
     """A failed cosine gate never reads '0.995 (limit 0.995) FAIL'."""
     from onnxcompress.cli import _gate_value
 
-    assert _gate_value(0.99498, 0.995) == "0.99498"
-    assert _gate_value(0.99612, 0.995) == "0.9961"
-    assert _gate_value(0.995, 0.995) == "0.995"
-    assert _gate_value(97.5, 99.0) == "97.5"
+    assert _gate_value(0.99498, 0.995) == ("0.99498", "0.995")
+    assert _gate_value(0.99612, 0.995) == ("0.9961", "0.995")
+    assert _gate_value(0.995, 0.995) == ("0.995", "0.995")
+    assert _gate_value(97.5, 99.0) == ("97.5", "99")
+    assert _gate_value(0.9999994, 0.9999995) == ("0.9999994", "0.9999995")
+    assert _gate_value(float("nan"), 0.5) == ("nan", "0.5")

@@ -123,7 +123,8 @@ class ConvBiasPass(CompressionPass):
     module docstring). Exact up to float rounding of the bias."""
 
     name = "fold-conv-bias"
-    rtol = 1e-4
+    #: exact in real arithmetic; float16 rounding of the summed bias moves outputs by ~5e-4
+    rtol = 1e-3
 
     def apply(self, model: ir.Model) -> bool:
         taken = all_value_names(model)

@@ -142,9 +142,12 @@ class TensorStats:
             self.pos.grow_to(shi)
         if slo < 0:
             self.neg.grow_to(-slo)
-        pe = np.float32(BINS / self.pos.edge if self.pos.edge > 0 else 0.0)
-        ne = np.float32(BINS / self.neg.edge if self.neg.edge > 0 else 0.0)
-        zero, top = np.float32(0.0), np.float32(BINS - 1)
+        pe = BINS / self.pos.edge if self.pos.edge > 0 else 0.0
+        ne = BINS / self.neg.edge if self.neg.edge > 0 else 0.0
+        ft = np.float32
+        if max(pe, ne) > np.finfo(np.float32).max / 4:  # a range below ~1e-35 (denormals): float64
+            ft, x = np.float64, x.astype(np.float64)
+        pe, ne, zero, top = ft(pe), ft(ne), ft(0.0), ft(BINS - 1)
         f = np.maximum(x, zero)
         f *= pe
         np.minimum(f, top, out=f)
@@ -152,7 +155,7 @@ class TensorStats:
         g *= -ne
         np.minimum(g, top, out=g)
         f += g
-        f += (x < 0) * np.float32(BINS)
+        f += (x < 0) * ft(BINS)
         counts = np.bincount(f.astype(np.intp), minlength=2 * BINS)
         counts[0] -= x.size - np.count_nonzero(x)
         self.pos.counts += counts[:BINS]
