@@ -244,11 +244,12 @@ def _ratio(before: float, after: float, better: str, worse: str) -> str:
 
 def _gate_value(value: float, limit: float) -> tuple[str, str]:
     """``(value, limit)`` printed with enough digits to tell them apart (0.99498 vs 0.995, not
-    0.995 vs 0.995); NaN prints as ``nan``."""
-    for digits in range(4, 12):
+    0.995 vs 0.995): at least 4 significant digits and the limit's own; NaN prints as ``nan``."""
+    exact = next((d for d in range(1, 18) if float(f"{limit:.{d}g}") == limit), 17)
+    for digits in range(max(4, exact), 18):
         a, b = f"{value:.{digits}g}", f"{limit:.{digits}g}"
         if a != b or value == limit or value != value:
-            return a, f"{limit:g}" if float(f"{limit:g}") == limit else b
+            return a, b
     return repr(value), repr(limit)
 
 
