@@ -145,7 +145,7 @@ class TensorStats:
         pe = BINS / self.pos.edge if self.pos.edge > 0 else 0.0
         ne = BINS / self.neg.edge if self.neg.edge > 0 else 0.0
         ft = np.float32
-        if max(pe, ne) > np.finfo(np.float32).max / 4:  # a range below ~1e-35 (denormals): float64
+        if max(pe, ne) > float(np.finfo(np.float32).max) / 4:  # a range below ~1e-35 (denormals): float64
             ft, x = np.float64, x.astype(np.float64)
         pe, ne, zero, top = ft(pe), ft(ne), ft(0.0), ft(BINS - 1)
         f = np.maximum(x, zero)
