@@ -127,7 +127,7 @@ def optimize(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data (.npz; see README)."),
     validation: Optional[Path] = typer.Option(None, "--validation", help="Held-out validation data (.npz). Default: a held-out split of the calibration data."),
     calibration_method: str = typer.Option("auto", "--calibration-method", help="auto (default: per tensor, the lowest expected error of the others), minmax, percentile, entropy or mse."),
-    target: str = typer.Option("auto", "--target", help="Int8 target: auto (this CPU), avx2, avx512, vnni, arm64, cuda, tensorrt, generic (an unknown CPU: the conservative 7-bit weights of avx2)."),
+    target: str = typer.Option("auto", "--target", help="Int8 target: auto (this CPU), avx2, avx512, vnni, arm64, cuda, tensorrt, generic (an unknown CPU: avx2's saturation-free weight scales)."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Per-channel weight scales."),
     min_sqnr: float = typer.Option(20.0, "--min-node-sqnr", help="Keep a node in float when its int8 output SQNR is below this (dB); 0 disables."),
     prune: Optional[float] = typer.Option(None, "--prune", help="Pruning amount (0..1): sparsity for --prune-mode unstructured (default), share of channels removed per dependency group for channel."),

@@ -67,6 +67,60 @@ def _optimized_ops(path):
     return [n.op_type for n in onnx.load(out).graph.node]
 
 
+def _max_pair(rows: np.ndarray) -> int:
+    """Largest |q[2j]| + |q[2j+1]| over same-sign neighbours along each row (K padded when odd)."""
+    r = rows.astype(np.int64)
+    if r.shape[1] % 2:
+        r = np.concatenate([r, np.zeros((r.shape[0], 1), np.int64)], axis=1)
+    a, b = r[:, 0::2], r[:, 1::2]
+    return int(np.where(a * b > 0, np.abs(a) + np.abs(b), 0).max())
+
+
+def _avx2_dot(a_u8: np.ndarray, w_s8: np.ndarray) -> np.ndarray:
+    """u8 x s8 dot products as x86 without VNNI computes them (``vpmaddubsw``: neighbouring
+    products summed into a saturating int16, then ``vpmaddwd`` into int32). a [R, K], w [K, N]."""
+    k = a_u8.shape[1] + a_u8.shape[1] % 2
+    a = np.zeros((a_u8.shape[0], k), np.int64); a[:, :a_u8.shape[1]] = a_u8
+    w = np.zeros((k, w_s8.shape[1]), np.int64); w[:w_s8.shape[0]] = w_s8
+    pairs = a[:, 0::2, None] * w[None, 0::2, :] + a[:, 1::2, None] * w[None, 1::2, :]
+    return np.clip(pairs, -32768, 32767).sum(axis=1)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_saturation_free_weights_match_exact_int32_on_avx2(conv):
+    """Saturation-free 8-bit scales (params.pair_safe_absmax): the simulated AVX2 kernel equals the
+    exact int32 result for every u8 input, worst case (all 255) included; plain 8-bit scales on
+    the same weights saturate, and 7-bit ones lose precision the pair-safe ones keep."""
+    from onnxcompress.passes.quantize import params
+
+    rng = np.random.default_rng(4)
+    if conv:  # a [M, C, 3, 3] filter; K order (kernel position, input channel) as in ORT's ReorderFilter
+        w = rng.standard_normal((16, 5, 3, 3)) * rng.uniform(0.2, 2, (16, 1, 1, 1))
+        w[:, :2, 1, 1] = np.abs(w[:, :2, 1, 1]) * 4  # large same-sign neighbours in some channels
+        kn = lambda q: q.reshape(16, 5, 9).transpose(0, 2, 1).reshape(16, -1).T  # noqa: E731
+        ch_axis = 0
+    else:     # a MatMul weight [K, N]
+        w = rng.standard_normal((64, 12))
+        w[10:12, :4] = np.abs(w[10:12, :4]) * 5
+        kn = lambda q: q  # noqa: E731
+        ch_axis = 1
+    a = np.concatenate([np.full((1, kn(w).shape[0]), 255), rng.integers(0, 256, (200, kn(w).shape[0]))])
+    safe_s = params.weight_params(w, ch_axis, 127, (ch_axis, conv))
+    safe = params.quantize_weight(w, safe_s, ch_axis, 127, (ch_axis, conv))
+    plain = params.quantize_weight(w, params.weight_params(w, ch_axis, 127), ch_axis, 127)
+    seven_s = params.weight_params(w, ch_axis, 63)
+    seven = params.quantize_weight(w, seven_s, ch_axis, 63)
+    exact = lambda q: a.astype(np.int64) @ kn(q).astype(np.int64)  # noqa: E731
+    assert np.array_equal(_avx2_dot(a, kn(safe)), exact(safe))
+    assert not np.array_equal(_avx2_dot(a, kn(plain)), exact(plain))
+    assert _max_pair(kn(safe).T) <= 128 and 63 < np.abs(safe).max() <= 127
+
+    def err(q, s):
+        sb = s.reshape([-1 if i == ch_axis else 1 for i in range(w.ndim)])
+        return float(np.sum((q * sb - w) ** 2))
+    assert err(safe, safe_s) < 0.6 * err(seven, seven_s)
+
+
 @pytest.mark.parametrize("target", ["avx2", "vnni"])
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse", "auto"])
 def test_static_cnn(tmp_path, target, method):
@@ -80,10 +134,15 @@ def test_static_cnn(tmp_path, target, method):
     q = onnx.load(tmp_path / "q.onnx")
     onnx.checker.check_model(q)
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    # weights are int8, 7-bit on group=1 layers for avx2, 8-bit on depthwise
+    # weights are int8; on avx2 the group=1 layers' scales keep every same-sign neighbour pair in
+    # the kernel's K order within |q0| + |q1| <= 128 (no int16 saturation), depthwise plain 8-bit
     w1 = inits["w1_q"]
     assert w1.dtype == np.int8
-    assert np.abs(w1).max() == (63 if target == "avx2" else 127)
+    if target == "avx2":
+        assert _max_pair(w1.reshape(w1.shape[0], w1.shape[1], -1).transpose(0, 2, 1).reshape(w1.shape[0], -1)) <= 128
+        assert np.abs(w1).max() > 63  # more than 7 bits where the pairs allow it
+    else:
+        assert np.abs(w1).max() == 127
     assert np.abs(inits["w2_q"]).max() == 127
     assert inits["b1_q"].dtype == np.int32
     # the Gemm (transB=1, alpha 0.5, beta 2) becomes MatMulInteger -> Cast -> Mul -> Add on the CPU
@@ -93,7 +152,10 @@ def test_static_cnn(tmp_path, target, method):
     mi = next(n for n in q.graph.node if n.op_type == "MatMulInteger")
     wq = inits[mi.input[1]]
     assert wq.dtype == np.int8 and wq.shape == (16, 10)
-    assert np.abs(wq).max() == (63 if target == "avx2" else 127)
+    if target == "avx2":
+        assert _max_pair(wq.T) <= 128 and np.abs(wq).max() > 63  # pairs along K of B [K, N]
+    else:
+        assert np.abs(wq).max() == 127
     x = {"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)}
     assert _rel(G.run(m, x)["y"], G.run(q, x, optimize=True)["y"]) < REL
     ops = _optimized_ops(tmp_path / "q.onnx")

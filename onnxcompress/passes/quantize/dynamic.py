@@ -118,8 +118,9 @@ class DynamicQuantizePass(CompressionPass):
             w, alpha = self._weight_kn(node)
             qmax = policy.weight_qmax(node.op_type, False)
             axis = 1 if per_channel else None
-            scale = params.weight_params(w, axis, qmax)
-            q = params.quantize_weight(w, scale, axis, qmax)
+            pairs = policy.weight_pairs("MatMul", False, 1)  # w: [K, N]
+            scale = params.weight_params(w, axis, qmax, pairs)
+            q = params.quantize_weight(w, scale, axis, qmax, pairs)
             if node.graph is model.graph and recorded and min_sqnr is not None:
                 s = min(self._sqnr(node, w, q, scale, axis, rec) for rec in recorded)
                 sqnrs[node.name] = round(s, 1)
@@ -132,7 +133,7 @@ class DynamicQuantizePass(CompressionPass):
             self._rewrite(model, node, q, scale * np.float32(alpha), axis, taken, dql)
             quantized.append(node.name)
         self.report.counts.update(nodes_quantized=len(quantized), node_sqnr_db=sqnrs,
-                                  weight_bits=8 if policy.weight_qmax("MatMul", False) == 127 else 7)
+                                  weight_bits="8 (saturation-free)" if policy.pair_safe else 8)
         if quantized:
             for g in [model.graph, *subgraphs(model.graph)]:
                 g.sort()

@@ -30,7 +30,7 @@ not done.
 
 Decision (``mode="auto"``): the pass computes the equalized weights, then for every pair the
 SQNR (dB) of ``W2 W1`` with both weights rounded to int8 as the run will round them
-(per-channel or per-tensor, 8 or 7 bits by target, :mod:`.policy`), measured in the *original*
+(per-channel or per-tensor, saturation-free scales on x86 without VNNI, :mod:`.policy`), measured in the *original*
 coordinates (the equalized int8 weights scaled back, so before and after are the same
 function) under a white-input model that weighs each channel's error by its effect on the
 output (:meth:`CrossLayerEqualizationPass._pair_sqnr`). It keeps the rewrite only if the mean
@@ -433,7 +433,7 @@ class CrossLayerEqualizationPass(CompressionPass):
         rounding errors, ``SQNR = 10 log10(sum a_i b_i / sum (e1_i b_i + a_i e2_i))``. The error
         of a small channel counts as much as its effect on the output (unlike a whole-tensor
         weight SQNR, which a large channel dominates). Quantization as the run will do it:
-        per-channel or per-tensor, 8 or 7 bits by target (:mod:`.policy`).
+        per-channel or per-tensor, saturation-free scales by target (:mod:`.policy`).
         """
         opts = self.context.options
         policy = resolve_policy(opts.get("target", "auto"))
@@ -449,12 +449,13 @@ class CrossLayerEqualizationPass(CompressionPass):
             depthwise = n.op_type == "Conv" and g > 1 and w0[k].shape[1] == 1
             qmax = policy.weight_qmax(n.op_type, depthwise)
             axis = out_axis(n) if per_channel else None
+            wpairs = policy.weight_pairs(n.op_type, depthwise, out_axis(n))  # int8 neighbour pairs
 
             def fq(a):
                 a = a.astype(np.float32).astype(np.float64)
-                s = params.weight_params(a, axis, qmax).astype(np.float64)
+                s = params.weight_params(a, axis, qmax, wpairs).astype(np.float64)
                 sb = s if axis is None else s.reshape([-1 if i == axis else 1 for i in range(a.ndim)])
-                return params.quantize_weight(a, s, axis, qmax).astype(np.float64) * sb
+                return params.quantize_weight(a, s, axis, qmax, wpairs).astype(np.float64) * sb
 
             err0[k] = w0[k] - fq(w0[k])
             back = scale_out(n, fq(w[k]), out_s[k])

@@ -3,9 +3,23 @@
 Conventions follow the ONNX ``QuantizeLinear``/``DequantizeLinear`` spec (opset 13+):
 ``q = saturate(round(x / scale) + zero_point)``, ``x' = (q - zero_point) * scale``, round
 half to even. Activations: uint8 asymmetric over ``[min(0, lo), max(0, hi)]``. Weights:
-int8 symmetric (zero point 0), per output channel along ``axis``, with ``qmax`` 127 (8-bit)
-or 63 (7-bit, avoids int16 saturation in u8*s8 kernels on x86 without VNNI). Bias: int32,
+int8 symmetric (zero point 0), per output channel along ``axis``, ``qmax`` 127. Bias: int32,
 scale = input scale * weight scale, zero point 0 (ONNX Runtime's QLinearConv contract).
+
+Saturation-free 8-bit weights (``pairs=``): x86 CPUs without VNNI (AVX2, AVX-512BW) run u8 x s8
+GEMMs with ``vpmaddubsw``, which adds the products of two neighbouring K elements into a
+*saturating* int16: ``sat16(a0 w0 + a1 w1)``. With u8 activations up to 255 that overflows only
+when ``w0`` and ``w1`` have the same sign and ``|w0| + |w1| > 128`` (255 x 128 = 32640 <= 32767;
+pairs of opposite sign stay within 255 x 127). ONNX Runtime's usual answer, 7-bit weights
+everywhere (``reduce_range``), halves every weight's precision. Here no pair may exceed
+``|q0| + |q1| <= 128``, per output channel at the least squared weight error among nine scales from
+``absmax / 127`` (8-bit; the few offending pairs are projected onto ``|q0| + |q1| = 128``) to
+``max(absmax, max_pair(|w0| + |w1|)) / 127`` (no pair needs projecting); channels whose large
+weights are not neighbours keep full 8-bit precision. The pairs are those of the kernel's
+K order: ONNX Runtime's QLinearConv reorders a ``[M, C/g, kh, kw]`` filter to K = (kernel
+position, input channel) (``ReorderFilter`` in ``qlinearconv.cc``), MatMulInteger / QGemm /
+DynamicQuantizeMatMul take B as ``[K, N]``. For a Conv both pairings — the flattened K and input
+channels within one kernel position (indirect convolution) — are kept safe.
 """
 
 from __future__ import annotations
@@ -37,8 +51,96 @@ def activation_params(lo: float, hi: float, *, dtype=np.uint8) -> tuple[np.float
     return scale, dtype(zp)
 
 
-def weight_params(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
+def _same_sign_pair_max(rows: np.ndarray) -> np.ndarray:
+    """Largest ``|r[2j]| + |r[2j+1]|`` over same-sign neighbours of each row of ``rows`` [C, K]
+    (K padded with a zero when odd); 0 where no pair has one sign."""
+    if rows.shape[1] % 2:
+        rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], axis=1)
+    a, b = rows[:, 0::2], rows[:, 1::2]
+    same = (a * b) > 0
+    return np.where(same, np.abs(a) + np.abs(b), 0.0).max(axis=1) if a.shape[1] else np.zeros(rows.shape[0])
+
+
+def pair_safe_absmax(w: np.ndarray, ch_axis: int, conv: bool) -> np.ndarray:
+    """Per output channel ``max(absmax, largest same-sign pair |w0| + |w1|)`` of ``w`` (float64 [C]).
+
+    Args:
+        w: a weight; ``ch_axis`` its output-channel axis.
+        conv: ``w`` is a Conv filter ``[M, C/g, k...]`` (``ch_axis`` 0): pairs in ONNX Runtime's
+            K = (kernel position, input channel) order and, within each kernel position, over
+            input channels. Otherwise the pairs run along the contracted axis: the other axis of
+            a rank-2 weight (``[K, N]``, or ``[N, K]`` for Gemm ``transB=1``), the second-last
+            for a batched MatMul weight.
+    """
+    a = w.astype(np.float64)
+    absmax = np.abs(np.moveaxis(a, ch_axis, 0)).reshape(a.shape[ch_axis], -1).max(axis=1)
+    if conv:
+        m, cg = a.shape[0], a.shape[1]
+        f = a.reshape(m, cg, -1)                                   # [M, C/g, kernel positions]
+        kmajor = f.transpose(0, 2, 1).reshape(m, -1)               # K = (position, channel)
+        per_pos = f.transpose(0, 2, 1).reshape(-1, cg)             # channels within a position
+        pair = np.maximum(_same_sign_pair_max(kmajor),
+                          _same_sign_pair_max(per_pos).reshape(m, -1).max(axis=1))
+    elif a.ndim >= 2:
+        kn = np.moveaxis(a, ch_axis, -1)                           # [..., K, N]
+        kn = np.moveaxis(kn, -2, -1).reshape(-1, kn.shape[-2])      # rows: (batch, column) x K
+        pair = _same_sign_pair_max(kn).reshape(-1, a.shape[ch_axis]).max(axis=0)
+    else:
+        return absmax
+    return np.maximum(absmax, pair)
+
+
+def _pair_rows(w: np.ndarray, ch_axis: int, conv: bool):
+    """``(rows [C, K], back)``: ``w`` as one row per output channel in the kernel's K order and
+    the function mapping such rows back to ``w``'s layout; ``None`` where the neighbour pairs are
+    not one pairing of K (a Conv with an odd number of input channels per group and more than
+    one kernel position; batched MatMul weights): those keep the widened scale only."""
+    if conv:
+        m, cg = w.shape[0], w.shape[1]
+        p = int(np.prod(w.shape[2:], dtype=np.int64))
+        if cg % 2 and p > 1:
+            return None
+        rows = w.reshape(m, cg, p).transpose(0, 2, 1).reshape(m, p * cg)
+        return rows, lambda r: r.reshape(m, p, cg).transpose(0, 2, 1).reshape(w.shape)
+    if w.ndim != 2:
+        return None
+    if ch_axis in (1, -1):
+        return w.T, lambda r: r.T
+    return w, lambda r: r
+
+
+def _round_pairs(t: np.ndarray, qmax: int) -> np.ndarray:
+    """Round rows ``t`` (weights / scale, [C, K]) to integers in ``[-qmax, qmax]`` with every
+    same-sign neighbour pair ``|q0| + |q1| <= 128``: an offending pair is projected onto
+    ``|q0| + |q1| = 128`` (the nearest point in squared error), keeping its signs."""
+    q = np.clip(np.round(t), -qmax, qmax)
+    if t.shape[1] % 2:
+        q = np.concatenate([q, np.zeros((q.shape[0], 1))], axis=1)
+        t = np.concatenate([t, np.zeros((t.shape[0], 1))], axis=1)
+    a, b = q[:, 0::2], q[:, 1::2]
+    bad = (a * b > 0) & (np.abs(a) + np.abs(b) > 128)
+    if bad.any():
+        ta, tb = np.abs(t[:, 0::2]), np.abs(t[:, 1::2])
+        d = (ta + tb - 128.0) / 2.0
+        na = np.clip(np.round(ta - d), 128 - qmax, qmax)
+        nb = 128.0 - na
+        a[bad] = (np.sign(a) * na)[bad]
+        b[bad] = (np.sign(b) * nb)[bad]
+        q[:, 0::2], q[:, 1::2] = a, b
+    return q
+
+
+def weight_params(w: np.ndarray, axis: int | None, qmax: int,
+                  pairs: tuple[int, bool] | None = None) -> np.ndarray:
     """Symmetric per-channel (``axis``) or per-tensor (``axis=None``) scales, float32 > 0.
+
+    Args:
+        w: the weight; axis: its output-channel axis, or ``None`` for one scale.
+        qmax: 127 (8-bit) or less.
+        pairs: ``(output-channel axis, is_conv)`` for saturation-free weights (module
+            docstring): the scale per channel (or tensor) with the least squared error among
+            nine from ``absmax / qmax`` (offending pairs projected, :func:`quantize_weight`
+            with the same ``pairs``) to ``pair_safe_absmax / qmax`` (none to project).
 
     A channel that is all zero (or only subnormal values) gets scale 1.
     """
@@ -48,14 +150,45 @@ def weight_params(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
     else:
         red = tuple(i for i in range(w.ndim) if i != axis)
         m = a.max(axis=red) if red else a
+    if pairs is not None and w.ndim >= 1 and w.size:
+        per_ch = pair_safe_absmax(w, *pairs)
+        hi = np.array(per_ch.max()) if axis is None else per_ch
+        lo = m
+        pr = _pair_rows(w.astype(np.float64), *pairs)
+        if pr is None or axis is not None and axis % w.ndim != pairs[0] % w.ndim:
+            m = hi
+        else:
+            rows = pr[0]
+            best, best_err = hi, None
+            for f in np.linspace(0.0, 1.0, 9):
+                cand = np.maximum(lo + f * (hi - lo), TINY)
+                sc = (cand / qmax)[:, None] if axis is not None else np.full((rows.shape[0], 1), cand / qmax)
+                q = _round_pairs(rows / sc, qmax)[:, :rows.shape[1]]
+                err = ((q * sc - rows) ** 2).sum(axis=1)
+                err = err if axis is not None else np.array(err.sum())
+                if best_err is None:
+                    best, best_err = cand, err
+                else:
+                    better = err < best_err
+                    best, best_err = np.where(better, cand, best), np.where(better, err, best_err)
+            m = best
     scale = np.where(m < TINY, 1.0, m / qmax)
     return scale.astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
-    """int8 weights ``clip(round(w / scale), -qmax, qmax)`` with ``scale`` broadcast on ``axis``."""
+def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax: int,
+                    pairs: tuple[int, bool] | None = None) -> np.ndarray:
+    """int8 weights ``clip(round(w / scale), -qmax, qmax)`` with ``scale`` broadcast on ``axis``;
+    with ``pairs`` (as given to :func:`weight_params`) same-sign neighbour pairs beyond
+    ``|q0| + |q1| = 128`` are projected onto it."""
     s = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
-    q = np.clip(np.round(w.astype(np.float64) / s.astype(np.float64)), -qmax, qmax)
+    t = w.astype(np.float64) / s.astype(np.float64)
+    pr = _pair_rows(t, *pairs) if pairs is not None and w.ndim >= 1 and w.size else None
+    if pr is not None:
+        rows, back = pr
+        q = back(_round_pairs(rows, qmax)[:, :rows.shape[1]])
+    else:
+        q = np.clip(np.round(t), -qmax, qmax)
     return q.astype(np.int8)
 
 

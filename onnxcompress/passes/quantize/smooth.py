@@ -67,9 +67,9 @@ def _consumers(model: ir.Model, excl_nodes: set, excl_ops: set) -> dict[str, lis
     return groups
 
 
-def _fake_weight(w: np.ndarray, qmax: int) -> np.ndarray:
-    scale = params.weight_params(w, 1, qmax)
-    return params.quantize_weight(w, scale, 1, qmax).astype(np.float32) * scale[None, :]
+def _fake_weight(w: np.ndarray, qmax: int, pairs: tuple[int, bool] | None = None) -> np.ndarray:
+    scale = params.weight_params(w, 1, qmax, pairs)
+    return params.quantize_weight(w, scale, 1, qmax, pairs).astype(np.float32) * scale[None, :]
 
 
 def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -79,7 +79,8 @@ def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | None, qmax: int,
                     dynamic: bool, refs: list[np.ndarray] | None = None,
-                    chan_ranges: list[tuple[np.ndarray, np.ndarray]] | None = None) -> float:
+                    chan_ranges: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                    pairs: tuple[int, bool] | None = None) -> float:
     """Sum over consumers of the relative squared int8 error ``|XW - Q(X/s) Q(sW)|^2 / |XW|^2``.
 
     Args:
@@ -87,12 +88,13 @@ def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | 
             row subsample of it).
         ws: the consumers' weights, each [D, N] float32.
         s: smoothing factors [D] (``None``: no smoothing).
-        qmax: weight range (127 for 8-bit, 63 for 7-bit).
+        qmax: weight range (127 for 8-bit).
         dynamic: activation range per sample (``DynamicQuantizeLinear``) or one over all samples.
         refs: ``X @ W`` per consumer (all samples' rows stacked), to skip recomputing it.
         chan_ranges: per sample, the per-channel (min [D], max [D]) of the whole sample: the
             activation range then comes from them (exact when ``xs`` are subsamples); default:
             the range of ``xs`` themselves.
+        pairs: saturation-free weight scales (``params.weight_params``), as the target uses.
     """
     x2 = [x.reshape(-1, x.shape[-1]).astype(np.float32) for x in xs]
     xsm = [x / s[None, :] for x in x2] if s is not None else x2
@@ -111,7 +113,7 @@ def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | 
     err = 0.0
     for i, w in enumerate(ws):
         ref = refs[i] if refs is not None else xall @ w
-        got = xq @ _fake_weight(w * s[:, None] if s is not None else w, qmax)
+        got = xq @ _fake_weight(w * s[:, None] if s is not None else w, qmax, pairs)
         err += float(np.sum((ref - got).astype(np.float64) ** 2)) / max(float(np.sum(ref.astype(np.float64) ** 2)), 1e-30)
     return err
 
@@ -175,7 +177,9 @@ class SmoothQuantPass(CompressionPass):
         opts = self.context.options
         if not self.context.calibration:
             return False
-        qmax = resolve_policy(opts.get("target", "auto")).weight_qmax("MatMul", False)
+        policy = resolve_policy(opts.get("target", "auto"))
+        qmax = policy.weight_qmax("MatMul", False)
+        pairs = policy.weight_pairs("MatMul", False, 1)  # consumers' weights are [D, N]
         dynamic = opts.get("smooth_mode", "dynamic") == "dynamic"
         groups = _consumers(model, set(opts.get("exclude_nodes", ())), set(opts.get("exclude_op_types", ())))
         if not groups:
@@ -193,11 +197,11 @@ class SmoothQuantPass(CompressionPass):
             sim, ranges = r["rows"], r["ranges"]
             xall = np.concatenate(sim)
             refs = [xall @ w for w in ws]
-            base = simulated_error(sim, ws, None, qmax, dynamic, refs, ranges)
+            base = simulated_error(sim, ws, None, qmax, dynamic, refs, ranges, pairs)
             best = (base, None, None)
             for a in ALPHAS:
                 s = smoothing_factors(sim, ws, a, r["absmax"])
-                e = simulated_error(sim, ws, s, qmax, dynamic, refs, ranges)
+                e = simulated_error(sim, ws, s, qmax, dynamic, refs, ranges, pairs)
                 if e < best[0]:
                     best = (e, a, s)
             err, alpha, s = best

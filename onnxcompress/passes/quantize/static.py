@@ -415,8 +415,9 @@ class StaticQuantizePass(CompressionPass):
             w = node.inputs[1].const_value.numpy()
             axis = weight_axis(node, w) if per_channel else None
             qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
-            s = params.weight_params(w, axis, qmax)
-            q = params.quantize_weight(w, s, axis, qmax).astype(np.float32)
+            pairs = policy.weight_pairs(node.op_type, is_depthwise(node, w), weight_axis(node, w))
+            s = params.weight_params(w, axis, qmax, pairs)
+            q = params.quantize_weight(w, s, axis, qmax, pairs).astype(np.float32)
             sb = s if axis is None else s.reshape([-1 if k == axis else 1 for k in range(w.ndim)])
             wq = (q * sb).astype(np.float32)
         worst = float("inf")
@@ -459,8 +460,9 @@ class StaticQuantizePass(CompressionPass):
         w = wv.const_value.numpy().astype(np.float32)
         axis = weight_axis(node, w) if per_channel and w.ndim >= 1 else None
         qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
-        bits[node.name] = 8 if qmax == 127 else 7
-        scale = params.weight_params(w, axis, qmax)
+        pairs = policy.weight_pairs(node.op_type, is_depthwise(node, w), weight_axis(node, w))
+        bits[node.name] = "8 (saturation-free)" if pairs else 8
+        scale = params.weight_params(w, axis, qmax, pairs)
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
         b = None
         if bias_v is not None and in_scale is not None:
@@ -477,7 +479,7 @@ class StaticQuantizePass(CompressionPass):
                 n_ch = w.shape[axis]
                 per = need.reshape(-1, n_ch).max(0) if need.size != n_ch else need
                 scale = np.maximum(scale, per.astype(np.float32))
-        q = params.quantize_weight(w, scale, axis, qmax)
+        q = params.quantize_weight(w, scale, axis, qmax, pairs)
         # symmetric: the zero point input is omitted (ONNX default 0 of the int8 type)
         q_v = add_initializer(graph, q, f"{wv.name}_q", taken)
         s_v = add_initializer(graph, scale if axis is not None else np.array(scale.reshape(()), np.float32), f"{wv.name}_s", taken)
@@ -544,9 +546,10 @@ class StaticQuantizePass(CompressionPass):
             w = w.T
         axis = 1 if per_channel else None
         qmax = policy.weight_qmax(node.op_type, False)
-        bits[node.name] = 8 if qmax == 127 else 7
-        scale = params.weight_params(w, axis, qmax)
-        q = params.quantize_weight(w, scale, axis, qmax)
+        pairs = policy.weight_pairs("MatMul", False, 1)  # w is [K, N] here
+        bits[node.name] = "8 (saturation-free)" if pairs else 8
+        scale = params.weight_params(w, axis, qmax, pairs)
+        q = params.quantize_weight(w, scale, axis, qmax, pairs)
         n_out = w.shape[1]
         col = (np.float64(a_s) * np.broadcast_to(scale.astype(np.float64), (n_out,))).astype(np.float32)
         c = node.inputs[2] if len(node.inputs) > 2 else None

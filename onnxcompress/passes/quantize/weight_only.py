@@ -16,8 +16,8 @@ and from the NCHWc layout: measured on PP-OCR cls (ORT 1.32, 2 threads), 0.95 ms
 float initializer when the session is created. So the file
 holds int8 (about 4x smaller on these weights) and the deployed session runs the float
 kernels at fp32 speed and fp32 memory; outputs move by the weight rounding only. All 8
-bits are used: the product is float, no u8*s8 kernel can saturate (the 7-bit rule of
-:mod:`.policy` does not apply). The int8 and scale initializers and the Cast/Mul nodes are
+bits are used: the product is float, no u8*s8 kernel can saturate (the saturation-free
+scales of :mod:`.policy` do not apply). The int8 and scale initializers and the Cast/Mul nodes are
 put in the graph of the node that reads them.
 
 Which nodes (``options["weight_only_mode"]``, the integer pass that ran before):
