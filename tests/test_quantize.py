@@ -114,6 +114,8 @@ def test_saturation_free_weights_match_exact_int32_on_avx2(conv):
     assert np.array_equal(_avx2_dot(a, kn(safe)), exact(safe))
     assert not np.array_equal(_avx2_dot(a, kn(plain)), exact(plain))
     assert _max_pair(kn(safe).T) <= 128 and 63 < np.abs(safe).max() <= 127
+    if conv:  # 5 input channels (odd): also safe in pairs of channels within one kernel position
+        assert _max_pair(safe.reshape(16, 5, 9).transpose(0, 2, 1).reshape(-1, 5)) <= 128
 
     def err(q, s):
         sb = s.reshape([-1 if i == ch_axis else 1 for i in range(w.ndim)])

@@ -90,23 +90,26 @@ def pair_safe_absmax(w: np.ndarray, ch_axis: int, conv: bool) -> np.ndarray:
     return np.maximum(absmax, pair)
 
 
-def _pair_rows(w: np.ndarray, ch_axis: int, conv: bool):
-    """``(rows [C, K], back)``: ``w`` as one row per output channel in the kernel's K order and
-    the function mapping such rows back to ``w``'s layout; ``None`` where the neighbour pairs are
-    not one pairing of K (a Conv with an odd number of input channels per group and more than
-    one kernel position; batched MatMul weights): those keep the widened scale only."""
+def _safe_round(t: np.ndarray, ch_axis: int, conv: bool, qmax: int) -> np.ndarray | None:
+    """Round ``t`` (weight / scale, in the weight's layout) to integers in ``[-qmax, qmax]`` with
+    every same-sign neighbour pair of the kernel's K order within ``|q0| + |q1| <= 128``
+    (:func:`_round_pairs`); ``None`` for layouts without one K order (batched MatMul weights),
+    which keep the widened scale only. A Conv with an odd number of input channels per group
+    is made safe in both pairings (the flattened K, then channels within each kernel position:
+    projecting only lowers magnitudes, so the first stays safe)."""
     if conv:
-        m, cg = w.shape[0], w.shape[1]
-        p = int(np.prod(w.shape[2:], dtype=np.int64))
+        m, cg = t.shape[0], t.shape[1]
+        p = int(np.prod(t.shape[2:], dtype=np.int64))
+        rows = t.reshape(m, cg, p).transpose(0, 2, 1).reshape(m, p * cg)   # K = (position, channel)
+        q = _round_pairs(rows, qmax)[:, :p * cg]
         if cg % 2 and p > 1:
-            return None
-        rows = w.reshape(m, cg, p).transpose(0, 2, 1).reshape(m, p * cg)
-        return rows, lambda r: r.reshape(m, p, cg).transpose(0, 2, 1).reshape(w.shape)
-    if w.ndim != 2:
+            q = _round_pairs(q.reshape(m * p, cg), qmax)[:, :cg].reshape(m, p * cg)
+        return q.reshape(m, p, cg).transpose(0, 2, 1).reshape(t.shape)
+    if t.ndim != 2:
         return None
     if ch_axis in (1, -1):
-        return w.T, lambda r: r.T
-    return w, lambda r: r
+        return _round_pairs(t.T, qmax)[:, :t.shape[0]].T
+    return _round_pairs(t, qmax)[:, :t.shape[1]]
 
 
 def _round_pairs(t: np.ndarray, qmax: int) -> np.ndarray:
@@ -151,21 +154,21 @@ def weight_params(w: np.ndarray, axis: int | None, qmax: int,
         red = tuple(i for i in range(w.ndim) if i != axis)
         m = a.max(axis=red) if red else a
     if pairs is not None and w.ndim >= 1 and w.size:
+        ch = pairs[0] % w.ndim
         per_ch = pair_safe_absmax(w, *pairs)
         hi = np.array(per_ch.max()) if axis is None else per_ch
-        lo = m
-        pr = _pair_rows(w.astype(np.float64), *pairs)
-        if pr is None or axis is not None and axis % w.ndim != pairs[0] % w.ndim:
+        wf = w.astype(np.float64)
+        if (axis is not None and axis % w.ndim != ch) or not (pairs[1] or w.ndim == 2):  # no single K order
             m = hi
         else:
-            rows = pr[0]
-            best, best_err = hi, None
+            lo, best, best_err = m, hi, None
+            shape = [-1 if i == ch else 1 for i in range(w.ndim)]
             for f in np.linspace(0.0, 1.0, 9):
                 cand = np.maximum(lo + f * (hi - lo), TINY)
-                sc = (cand / qmax)[:, None] if axis is not None else np.full((rows.shape[0], 1), cand / qmax)
-                q = _round_pairs(rows / sc, qmax)[:, :rows.shape[1]]
-                err = ((q * sc - rows) ** 2).sum(axis=1)
-                err = err if axis is not None else np.array(err.sum())
+                sc = (cand / qmax).reshape(shape) if axis is not None else cand / qmax
+                q = _safe_round(wf / sc, *pairs, qmax)
+                sq = np.moveaxis((q * sc - wf) ** 2, ch, 0).reshape(w.shape[ch], -1).sum(axis=1)
+                err = sq if axis is not None else np.array(sq.sum())
                 if best_err is None:
                     best, best_err = cand, err
                 else:
@@ -183,11 +186,8 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax: in
     ``|q0| + |q1| = 128`` are projected onto it."""
     s = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
     t = w.astype(np.float64) / s.astype(np.float64)
-    pr = _pair_rows(t, *pairs) if pairs is not None and w.ndim >= 1 and w.size else None
-    if pr is not None:
-        rows, back = pr
-        q = back(_round_pairs(rows, qmax)[:, :rows.shape[1]])
-    else:
+    q = _safe_round(t, *pairs, qmax) if pairs is not None and w.ndim >= 1 and w.size else None
+    if q is None:
         q = np.clip(np.round(t), -qmax, qmax)
     return q.astype(np.int8)
 
