@@ -216,6 +216,7 @@ def save_model(
         if external_data:
             fd, tmp_data = tempfile.mkstemp(prefix="." + data_name + ".", suffix=".tmp", dir=folder)
             os.close(fd)
+            os.unlink(tmp_data)  # a unique name only: onnx >= 1.16 refuses to write into an existing file
             # onnx writes external data at `location` relative to the model's folder: write it
             # under a temporary name, then rename both.
             onnx.save_model(

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper
 from typer.testing import CliRunner
@@ -295,3 +296,15 @@ def test_gate_values_print_enough_digits_to_differ_from_the_limit():
     assert _gate_value(97.5, 99.0) == ("97.5", "99")
     assert _gate_value(0.9999994, 0.9999995) == ("0.9999994", "0.9999995")
     assert _gate_value(float("nan"), 0.5) == ("nan", "0.5")
+
+
+def test_external_data_option_writes_model_and_data(digits, tmp_path):
+    """``--external-data``: OUT plus OUT.data, loadable from their folder, no temp files left
+    (onnx >= 1.16 refuses to write external data into an existing file)."""
+    out = tmp_path / "d.onnx"
+    res = _invoke("optimize", digits["model"], "-o", out, "--external-data", "-q")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "d.onnx.data"]
+    light = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in light.graph.initializer)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
