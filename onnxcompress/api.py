@@ -175,6 +175,9 @@ class OptimizeOptions:
             self.equalize = self.equalize == "on"
         if self.equalize not in (True, False, "auto"):
             raise OnnxCompressError(f"--equalize must be auto, on or off, got {self.equalize!r}")
+        for node, ratio in (self.prune_ratios or {}).items():
+            if not 0.0 <= float(ratio) < 1.0:
+                raise OnnxCompressError(f"--prune-ratio {node}={ratio}: the ratio must be in [0, 1)")
         nm = str(self.prune_nm).split(":")
         if len(nm) != 2 or not all(x.isdigit() for x in nm) or not 0 < int(nm[0]) < int(nm[1]):
             raise OnnxCompressError(f"--prune-nm must look like 2:4 (0 < N < M), got {self.prune_nm!r}")
@@ -282,11 +285,13 @@ def optimize(
     check_samples = calib[:4]
     names = {n.name for n in ir.traversal.RecursiveGraphIterator(original.graph)}
     ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(original.graph)}
-    unknown = [e for e in (*opts.exclude_nodes, *opts.exclude_op_types) if e not in names and e not in ops]
-    if unknown:
-        msg = f"--exclude: no node or op type named {', '.join(repr(u) for u in unknown)} in the model"
-        notes.append(msg)
-        logger.warning("%s", msg)
+    for what, given in (("--exclude", (*opts.exclude_nodes, *opts.exclude_op_types)),
+                        ("--prune-protect", opts.prune_protect), ("--prune-ratio", tuple(opts.prune_ratios or ()))):
+        unknown = [e for e in dict.fromkeys(given) if e not in names and e not in ops]
+        if unknown:
+            msg = f"{what}: no node or op type named {', '.join(repr(u) for u in unknown)} in the model"
+            notes.append(msg)
+            logger.warning("%s", msg)
     before = summarize(original, inp)
     report: dict[str, Any] = {
         "tool": {"name": "onnxcompress", "version": __version__},

@@ -174,11 +174,18 @@ def optimize(
     except ValueError as exc:
         _fail(OnnxCompressError(f"bad image options: {exc}"))
     op_types = {e for e in exclude if e[:1].isupper() and "/" not in e and "." not in e}
+    bad_ratio = [r for r in prune_ratio if "=" not in r]
+    try:
+        ratios = {k.strip(): float(v) for k, v in (r.rsplit("=", 1) for r in prune_ratio if "=" in r)}
+    except ValueError as exc:
+        ratios, bad_ratio = {}, [str(exc)]
+    if bad_ratio:
+        _fail(OnnxCompressError(f"--prune-ratio takes NODE=RATIO (e.g. /conv1/Conv=0.5), got {bad_ratio[0]!r}"))
     opts = OptimizeOptions(
         fuse=not no_fuse, prune=prune, prune_scope=prune_scope, prune_skip_first_last=prune_skip_first_last,
         prune_mode=prune_mode, prune_importance=prune_importance, prune_channel_scope=prune_channel_scope,
         prune_round_to=prune_round_to, prune_repair=prune_repair, prune_protect=tuple(prune_protect), prune_nm=prune_nm,
-        prune_ratios={k.strip(): float(v) for k, v in (r.rsplit("=", 1) for r in prune_ratio if "=" in r)} or None,
+        prune_ratios=ratios or None,
         quantize=quantize, calibration=calibration, validation=validation, calibration_method=calibration_method,
         target=target, per_channel=per_channel, min_sqnr_db=min_sqnr or None,
         exclude_nodes=tuple(exclude), exclude_op_types=tuple(op_types),

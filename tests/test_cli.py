@@ -308,3 +308,20 @@ def test_external_data_option_writes_model_and_data(digits, tmp_path):
     light = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in light.graph.initializer)
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_node_names_survive_fusion_for_exclude(digits, tmp_path):
+    """Fusion rewrites Conv+BatchNorm into a new Conv; it keeps the original Conv's name, so the
+    names ``inspect`` shows work for --exclude (and reports use them)."""
+    out = tmp_path / "q.onnx"
+    rep = tmp_path / "r.json"
+    res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "static", "--calibration", digits["calib"],
+                  "--exclude", "/0/Conv", "--report", rep)
+    assert res.exit_code == 0, res.output
+    assert "no node or op type named" not in res.output
+    passes = {p["name"]: p for p in json.loads(rep.read_text())["passes"]}
+    assert {"node": "/0/Conv", "reason": "excluded by the user"} in passes["quantize-static"]["skipped"]
+    names = {n.name for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"}
+    assert {"/0/Conv", "/3/Conv", "/7/Conv"} <= names
+    bad = _invoke("optimize", digits["model"], "-o", tmp_path / "p.onnx", "--prune-ratio", "/0/Conv")
+    _one_line_error(bad, "NODE=RATIO")

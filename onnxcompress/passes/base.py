@@ -131,6 +131,38 @@ def reference_outputs(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> 
     return run_samples(sess, samples)
 
 
+#: a rewrite may turn a node into another op type that does the same job under the old name
+_SAME_ROLE = {"Gemm": ("MatMul", "Gemm")}
+
+
+def keep_node_names(before: "onnx.ModelProto", model: ir.Model) -> int:
+    """Give nodes a rewrite created (onnxscript names them ``node_Conv_0``...) the name of the node
+    they replace, so ``--exclude``, ``--prune-protect``, ``--prune-ratio`` and reports keep using
+    the names ``inspect`` shows: a new node takes the name of a removed node of the same op type
+    (``Gemm`` also of a ``MatMul``) that read the same first input, when exactly one did.
+
+    Returns:
+        How many nodes were renamed.
+    """
+    old = {}
+    for n in before.graph.node:  # main graph: rewrites run there
+        old[n.name] = (n.op_type, n.input[0] if n.input else "")
+    now = {n.name for n in model.graph}
+    free = {name: v for name, v in old.items() if name and name not in now}
+    renamed = 0
+    for node in model.graph:
+        if node.name in old or not node.inputs or node.inputs[0] is None:
+            continue
+        first = node.inputs[0].name
+        roles = _SAME_ROLE.get(node.op_type, (node.op_type,))
+        cands = [name for name, (op, x) in free.items() if op in roles and x == first]
+        if len(cands) == 1:
+            node.name = cands[0]
+            del free[cands[0]]
+            renamed += 1
+    return renamed
+
+
 def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]]) -> tuple[ir.Model, list[PassReport]]:
     """Run passes in order, checking each ``checked`` pass on ``samples``.
 
@@ -146,6 +178,8 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
         snapshot = ir.to_proto(model)
         try:
             p(model)
+            if p.report.changed:
+                keep_node_names(snapshot, model)
         except Exception as exc:  # a pass bug must not cost the user the run
             logger.warning("pass %s failed and was reverted: %s", p.name, exc)
             p.report.reverted = f"raised {type(exc).__name__}: {exc}"
