@@ -531,12 +531,14 @@ def _gates(opts: OptimizeOptions, validation: list[dict]) -> list[dict]:
     gates = []
     for v in validation:
         outs = v["outputs"]
+        # integer outputs (class indices) are judged by agreement (min-top1-agreement), not as floats
+        floats = [o for o in outs if not o.get("integer")] or outs
         if opts.max_rel_error is not None:
-            worst = max(o["max_rel_err"] for o in outs)
+            worst = max(o["max_rel_err"] for o in floats)
             gates.append({"gate": "max-rel-error", "provider": v["provider"], "value": worst,
                           "limit": opts.max_rel_error, "passed": worst <= opts.max_rel_error})
         if opts.min_cosine is not None:
-            worst = min(o["cosine"] for o in outs)
+            worst = min(o["cosine"] for o in floats)
             gates.append({"gate": "min-cosine", "provider": v["provider"], "value": worst,
                           "limit": opts.min_cosine, "passed": worst >= opts.min_cosine})
         if opts.min_top1_agreement is not None:

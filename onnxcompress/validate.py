@@ -31,6 +31,9 @@ class OutputMetrics:
     cosine: float
     sqnr_db: float
     top1_agreement: float | None = None
+    #: an integer output (class indices, ArgMax, counts): ``top1_agreement`` is the % of equal
+    #: elements; the float gates (relative error, cosine) do not apply to it
+    integer: bool = False
 
 
 @dataclass
@@ -46,7 +49,8 @@ class Comparison:
     latency_ms_candidate: float | None = None
 
     def worst(self, attr: str, lowest: bool) -> float | None:
-        vals = [getattr(o, attr) for o in self.outputs if getattr(o, attr) is not None]
+        vals = [getattr(o, attr) for o in self.outputs if getattr(o, attr) is not None
+                and not (o.integer and attr in ("max_abs_err", "max_rel_err", "cosine", "sqnr_db"))]
         if not vals:
             return None
         return min(vals) if lowest else max(vals)
@@ -90,6 +94,10 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             agree += int(np.sum(r.argmax(-1) == c.argmax(-1)))
             total += r.shape[0]
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
+    if refs and all(np.asarray(r).dtype.kind in "iub" for r in refs):
+        same = sum(int(np.sum(np.asarray(r) == np.asarray(c))) for r, c in zip(refs, cands))
+        n = sum(np.asarray(r).size for r in refs)
+        return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * same / n if n else 100.0, integer=True)
     return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * agree / total if total else None)
 
 

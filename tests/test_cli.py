@@ -325,3 +325,33 @@ def test_node_names_survive_fusion_for_exclude(digits, tmp_path):
     assert {"/0/Conv", "/3/Conv", "/7/Conv"} <= names
     bad = _invoke("optimize", digits["model"], "-o", tmp_path / "p.onnx", "--prune-ratio", "/0/Conv")
     _one_line_error(bad, "NODE=RATIO")
+
+
+def test_integer_outputs_are_gated_by_agreement_not_relative_error(tmp_path):
+    """An ArgMax (class index) output beside the logits: --max-rel-error judges the float output
+    only; the index output's agreement (% equal) is what --min-top1-agreement reads."""
+    from onnxcompress.validate import output_metrics
+
+    ref = [np.array([[3], [1]], np.int64)]
+    m = output_metrics("cls", ref, [np.array([[4], [1]], np.int64)])
+    assert m.integer and m.top1_agreement == 50.0
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 10)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]),
+             helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=1)]
+    m = G.model(nodes, [G.vi("x", [4, 16])], [G.vi("logits", [4, 10]), G.vi("cls", [4, 1], onnx.TensorProto.INT64)],
+                [G.init("w", w)])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    cal = tmp_path / "c.npz"
+    np.savez(cal, x=rng.standard_normal((8, 4, 16)).astype(np.float32))
+    res = _invoke("optimize", src, "-o", tmp_path / "q.onnx", "--quantize", "dynamic", "--calibration", cal,
+                  "--max-rel-error", "0.2", "-q")
+    assert res.exit_code == 0, res.output
+    from onnxcompress.api import OptimizeOptions, _gates
+
+    val = [{"provider": "CPUExecutionProvider", "outputs": [
+        {"max_rel_err": 0.05, "cosine": 0.999, "top1_agreement": None, "integer": False},
+        {"max_rel_err": 0.25, "cosine": 0.9, "top1_agreement": 97.0, "integer": True}]}]
+    g = _gates(OptimizeOptions(max_rel_error=0.1, min_cosine=0.99, min_top1_agreement=98.0), val)
+    assert [x["passed"] for x in g] == [True, True, False] and g[2]["value"] == 97.0
