@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .data import ImageSpec, input_specs, load_image_folder, load_npz, random_samples, split_holdout
-from .errors import GateFailedError, ModelLoadError, OnnxCompressError
+from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressError
 from .inspect import summarize
 from .model_io import check_model, external_data_files, load_model, save_model, to_bytes
 from .opset import upgrade_opset
@@ -214,6 +214,15 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
     elif opts.validation:
         val, vextras = load_npz(opts.validation, specs, what="validation")
         labels = vextras.get("labels")
+        if labels is not None:
+            labels = np.asarray(labels)
+            rows = sum(int(next(iter(f.values())).shape[0]) if next(iter(f.values())).ndim else 1 for f in val)
+            if labels.dtype.kind not in "iu" or labels.ndim != 1:
+                raise DataError(f"{opts.validation}: 'labels' must be a 1-D array of integer class indices, "
+                                f"got {labels.dtype} {list(labels.shape)}")
+            if labels.shape[0] != rows:
+                raise DataError(f"{opts.validation}: 'labels' has {labels.shape[0]} entries for {rows} validation "
+                                "rows (one class index per row of the first input)")
         notes.append(f"validation on {len(val)} held-out samples from {opts.validation}")
     else:
         calib, val = split_holdout(calib)
@@ -222,7 +231,8 @@ def _load_data(model: ir.Model, opts: OptimizeOptions):
         else:
             used = (f"; calibration uses the other {len(calib)}" if opts.quantize == "static" else
                     f"; the other {len(calib)} serve the per-pass checks")
-            notes.append(f"validation on {len(val)} samples held out of the given data (never used to calibrate){used}")
+            given = "the given data" if opts.calibration else "the random inputs (no data given)"
+            notes.append(f"validation on {len(val)} samples held out of {given} (never used to calibrate){used}")
     if len(calib) > opts.max_calibration_samples:
         calib = calib[: opts.max_calibration_samples]
     return calib, val, labels, notes

@@ -169,6 +169,8 @@ def optimize(
             size=tuple(int(v) for v in image_size.lower().split("x")) if image_size else None,
             mean=tuple(float(v) for v in mean.split(",")), std=tuple(float(v) for v in std.split(",")),
             layout=layout.upper(), channels=channels.upper())
+        if image.size is not None and (len(image.size) != 2 or min(image.size) < 1):
+            raise ValueError(f"--image-size takes HxW, e.g. 224x224 (got {image_size!r})")
         if len(image.mean) != 3 or len(image.std) != 3 or image.layout not in ("NCHW", "NHWC") or image.channels not in ("RGB", "BGR"):
             raise ValueError("--mean/--std take 3 values; --layout NCHW|NHWC; --channels RGB|BGR")
     except ValueError as exc:
@@ -195,10 +197,7 @@ def optimize(
         equalize={"on": True, "off": False, "true": True, "false": False}.get(equalize.lower(), equalize.lower()),
         external_data=external_data, image=image,
     )
-    for path, what in ((report, "--report"), (html, "--html")):  # before any work: a bad path loses nothing
-        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
-            _fail(OnnxCompressError(f"{path}: cannot write the {what} file there "
-                                    f"({'a folder' if path.is_dir() else 'its folder does not exist'})"))
+    _check_out_paths(report=report, html=html)
     try:
         if quiet:
             result = api_optimize(model, output, opts)
@@ -229,6 +228,15 @@ def optimize(
     if not quiet:
         _render(result.report)
         console.print(f"[green]wrote[/] {result.output}")
+
+
+def _check_out_paths(**paths: Optional[Path]) -> None:
+    """Refuse ``--report`` / ``--html`` paths that cannot be written, before any work (a bad path
+    must not cost the user the run, nor leave an output behind)."""
+    for flag, path in paths.items():
+        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
+            _fail(OnnxCompressError(f"{path}: cannot write the --{flag} file there "
+                                    f"({'a folder' if path.is_dir() else 'its folder does not exist'})"))
 
 
 def _write_json(path: Path, rep: dict) -> None:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .bench import benchmark, parse_shapes, validate_models, write_json
-from .cli import _fail, _fmt_bytes, app, console, out_console
+from .cli import _check_out_paths, _fail, _fmt_bytes, app, console, out_console
 from .errors import OnnxCompressError
 
 
@@ -80,6 +80,7 @@ def bench(
     except ValueError:
         _fail(OnnxCompressError(f"--batch takes integers (got {batch})"))
     shapes = _call(parse_shapes, shape)
+    _check_out_paths(report=report, html=html)
     if html:
         from .report_html import _require
 
@@ -167,6 +168,9 @@ def validate(
     Exit code 0: every check passed; 1: a check failed; 2: bad input.
     """
     shapes = _call(parse_shapes, shape)
+    _check_out_paths(report=report, html=html)
+    if samples < 1:
+        _fail(OnnxCompressError(f"--samples must be >= 1, got {samples}"))
     if html:
         from .report_html import _require
 

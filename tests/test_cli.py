@@ -355,3 +355,16 @@ def test_integer_outputs_are_gated_by_agreement_not_relative_error(tmp_path):
         {"max_rel_err": 0.25, "cosine": 0.9, "top1_agreement": 97.0, "integer": True}]}]
     g = _gates(OptimizeOptions(max_rel_error=0.1, min_cosine=0.99, min_top1_agreement=98.0), val)
     assert [x["passed"] for x in g] == [True, True, False] and g[2]["value"] == 97.0
+
+
+def test_bad_labels_in_validation_data_are_refused(digits, tmp_path):
+    """``labels`` must be one integer class per validation row: a short or float array is a clear
+    error, not a silently missing (or 0 %) accuracy line."""
+    d = np.load(digits["test"])
+    for name, labels in (("short", d["labels"][:10]), ("float", d["labels"] + 0.5)):
+        bad = tmp_path / f"{name}.npz"
+        np.savez(bad, input=d["input"], labels=labels)
+        res = _invoke("optimize", digits["model"], "-o", tmp_path / f"{name}.onnx", "--quantize", "dynamic",
+                      "--calibration", digits["calib"], "--validation", bad)
+        _one_line_error(res, "labels")
+        assert not (tmp_path / f"{name}.onnx").exists()
