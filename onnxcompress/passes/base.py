@@ -40,14 +40,31 @@ class PassReport:
     reverted: str | None = None
     max_abs_err: float | None = None
     max_rel_err: float | None = None
+    _grouped: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
 
-    def skip(self, node: str, reason: str) -> None:
-        """Record a candidate node left untouched, and log a warning naming it."""
+    def skip(self, node: str, reason: str, *, grouped: bool = False) -> None:
+        """Record a candidate node left untouched, and log a warning naming it.
+
+        ``grouped``: a policy decision that repeats for many nodes (e.g. every Conv in dynamic
+        mode): the nodes sharing the reason are named in one warning by :meth:`flush`, not one
+        warning each; the report still lists every node."""
         self.skipped.append({"node": node, "reason": reason})
-        logger.warning("%s: skipped node '%s': %s", self.name, node, reason)
+        if grouped:
+            self._grouped.setdefault(reason, []).append(node)
+        else:
+            logger.warning("%s: skipped node '%s': %s", self.name, node, reason)
+
+    def flush(self) -> None:
+        """Log the grouped skips: one warning per reason, naming its nodes."""
+        for reason, nodes in self._grouped.items():
+            names = ", ".join(f"'{n}'" for n in nodes[:4]) + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+            logger.warning("%s: skipped %d node(s) (%s): %s", self.name, len(nodes), names, reason)
+        self._grouped = {}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("_grouped", None)
+        return d
 
 
 @dataclass
@@ -178,6 +195,7 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
         snapshot = ir.to_proto(model)
         try:
             p(model)
+            p.report.flush()
             if p.report.changed:
                 keep_node_names(snapshot, model)
         except Exception as exc:  # a pass bug must not cost the user the run

@@ -84,7 +84,8 @@ class DynamicQuantizePass(CompressionPass):
             if node.op_type in ("Conv", "ConvTranspose"):
                 self.report.skip(node.name, f"{node.op_type} computes in float in dynamic mode (ConvInteger is slower "
                                             "than fp32 on ONNX Runtime's CPU provider); its weight is stored int8 by "
-                                            "the weight-only pass (use --quantize static for int8 compute)")
+                                            "the weight-only pass (use --quantize static for int8 compute)",
+                                  grouped=True)
                 continue
             if node.op_type not in ("MatMul", "Gemm"):
                 continue
