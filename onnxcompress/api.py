@@ -37,6 +37,7 @@ from .passes.quantize.gather import GatherQuantizePass
 from .passes.quantize.dynamic import AttentionQuantizePass
 from .passes.quantize.smooth import SmoothQuantPass
 from .passes.quantize.equalize import CrossLayerEqualizationPass
+from .passes.quantize.permute import PairPermutePass
 from .passes.quantize.weight_only import WeightOnlyQuantizePass
 from .passes.quantize.calibrate import METHODS
 from .passes.quantize.policy import TARGETS
@@ -371,6 +372,11 @@ def optimize(
             "target": opts.target, "exclude_nodes": tuple(opts.exclude_nodes),
             "exclude_op_types": tuple(opts.exclude_op_types)}))], check_samples)
         reports += reps
+
+    if opts.quantize == "static":  # x86 without VNNI: pair saturation-free int8 weights (no-op elsewhere)
+        model, reps = run_passes(model, [PairPermutePass(PassContext(options={
+            "target": opts.target, "exclude_nodes": tuple(opts.exclude_nodes)}))], check_samples)
+        reports += [r for r in reps if r.changed or r.reverted]
 
     pre_quant = None
     if opts.quantize:

@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 import graphs as G
 from onnxcompress import OptimizeOptions, optimize
@@ -540,3 +541,52 @@ def test_static_with_ragged_calibration_samples(tmp_path):
     res = optimize(src, tmp_path / "q.onnx", OptimizeOptions(quantize="static", calibration=cal, latency=False))
     q = next(p for p in res.report["passes"] if p["name"] == "quantize-static")
     assert not q["reverted"] and q["counts"]["nodes_quantized"] == 3, q
+
+
+def test_pair_permute_renumbers_channels_exactly_and_helps_pair_safe_weights():
+    """PairPermutePass (x86 without VNNI): the channels between a producer conv and its consumers
+    (through a ReLU, a depthwise conv and a residual Add) are renumbered so large same-sign weights
+    are not K-neighbours: outputs equal (float summation order only), pair-safe weight error lower.
+    A space that reaches a graph output is left alone; on VNNI nothing happens."""
+    from onnxcompress.passes.base import PassContext, run_passes
+    from onnxcompress.passes.quantize.permute import PairPermutePass
+
+    rng = np.random.default_rng(12)
+    c = 16
+    w_in = rng.standard_normal((c, 3, 3, 3)) * 0.3
+    w_a = rng.standard_normal((c, c, 1, 1)) * 0.3
+    w_dw = rng.standard_normal((c, 1, 3, 3)) * 0.3
+    w_out = rng.standard_normal((8, c, 1, 1)) * 0.3
+    w_out[:, 0:2] = np.abs(w_out[:, 0:2]) * 4  # neighbours 0 and 1 both large and positive in every row
+    inits = [G.init("w_in", w_in), G.init("b_in", rng.standard_normal(c) * 0.1),
+             G.init("w_a", w_a), G.init("b_a", rng.standard_normal(c) * 0.1),
+             G.init("w_dw", w_dw), G.init("b_dw", rng.standard_normal(c) * 0.1),
+             G.init("w_out", w_out), G.init("b_out", rng.standard_normal(8) * 0.1)]
+    nodes = [helper.make_node("Conv", ["x", "w_in", "b_in"], ["h0"], pads=[1] * 4, name="stem"),
+             helper.make_node("Relu", ["h0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w_a", "b_a"], ["h1"], name="expand"),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w_dw", "b_dw"], ["h2"], group=c, pads=[1] * 4, name="dw"),
+             helper.make_node("Add", ["h2", "r0"], ["res"]),   # residual: r0's space joins
+             helper.make_node("Conv", ["res", "w_out", "b_out"], ["y"], name="project")]
+    m = G.model(nodes, [G.vi("x", [1, 3, 10, 10])], [G.vi("y", [1, 8, 10, 10])], inits)
+    feeds = [{"x": rng.standard_normal((1, 3, 10, 10)).astype(np.float32)}]
+    ref = G.run(m, feeds[0])["y"]
+    for target, expect in (("avx2", True), ("vnni", False)):
+        model = ir.from_proto(m)
+        model, reps = run_passes(model, [PairPermutePass(PassContext(options={"target": target}))], feeds)
+        rep = reps[0]
+        assert rep.changed is expect and not rep.reverted, rep
+        out = ir.to_proto(model)
+        onnx.checker.check_model(out)
+        assert _rel(ref, G.run(out, feeds[0])["y"]) < 1e-5
+        if expect:
+            assert rep.counts["spaces_permuted"] >= 1
+            assert rep.counts["weight_sqnr_db_after"] > rep.counts["weight_sqnr_db_before"]
+            w_new = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}["w_out"]
+            assert not np.array_equal(w_new, w_out.astype(np.float32))  # columns renumbered
+    # the same graph with r0 also a graph output: its space is frozen
+    m2 = G.model(nodes, [G.vi("x", [1, 3, 10, 10])], [G.vi("y", [1, 8, 10, 10]), G.vi("r0", [1, c, 10, 10])], inits)
+    model, reps = run_passes(ir.from_proto(m2), [PairPermutePass(PassContext(options={"target": "avx2"}))], feeds)
+    w_new = {i.name: numpy_helper.to_array(i) for i in ir.to_proto(model).graph.initializer}["w_out"]
+    assert np.array_equal(w_new, w_out.astype(np.float32))
