@@ -303,6 +303,17 @@ def optimize(
             msg = f"{what}: no node or op type named {', '.join(repr(u) for u in unknown)} in the model"
             notes.append(msg)
             logger.warning("%s", msg)
+    ignored = [(flag, why) for flag, why, hit in (
+        ("--calibration-method", "only static quantization calibrates ranges",
+         opts.calibration_method != "auto" and opts.quantize != "static"),
+        ("--bias-correction-mode", "only static quantization corrects biases",
+         opts.bias_correction_mode != "node" and opts.quantize != "static"),
+        ("--prune-nm", "it applies to --prune-mode nm", opts.prune_nm != "2:4" and opts.prune_mode != "nm"),
+    ) if hit]
+    for flag, why in ignored:
+        msg = f"{flag} is ignored here: {why}"
+        notes.append(msg)
+        logger.warning("%s", msg)
     before = summarize(original, inp)
     report: dict[str, Any] = {
         "tool": {"name": "onnxcompress", "version": __version__},

@@ -110,14 +110,16 @@ def _render_group(g) -> None:
     first = g.models[0].label
     prov = g.provider.replace("ExecutionProvider", "")
     t = Table(title=f"{prov}, batch {g.batch}: latency over {g.rounds} timed runs per model, interleaved in blocks (ratio vs {first})")
-    for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio ±95 %"):
+    for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio [95 % CI]"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for m in g.models:
         lat = m.latency
         lo, hi = m.latency_ratio_ci or (None, None)
         t.add_row(m.label, f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.mean_ms:.3f}",
                   _ratio(m.throughput, ".1f"),
-                  f"{m.latency_ratio:.3f}±{(hi - lo) / 2:.3f}" if m.latency_ratio else "-")
+                  # the bootstrap interval is not symmetric around the ratio: print its ends
+                  (f"{m.latency_ratio:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{m.latency_ratio:.3f}")
+                  if m.latency_ratio else "-")
     out_console.print(t)
     r = Table(title=f"{prov}, batch {g.batch}: size and memory (ratio vs {first})")
     for col in ("model", "file size", "ratio", "peak RSS", "ratio", "session ms"):
