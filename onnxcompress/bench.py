@@ -924,7 +924,7 @@ def _check(kind, ref_p, cand_p, prov, ref_prov, run, atol, rtol, gate_allclose, 
         failed = []
         if gate_allclose and not close:
             failed.append(f"allclose(atol={atol:g}, rtol={rtol:g})")
-        if min_cosine is not None and not m.integer and m.cosine < min_cosine:  # integers: top-1 (equality) gate
+        if min_cosine is not None and not m.integer and m.cosine < min_cosine:  # index outputs: equality (--min-top1)
             failed.append(f"cosine {m.cosine:.6f} < {min_cosine:g}")
         if min_top1 is not None and m.top1_agreement is not None and m.top1_agreement < min_top1:
             failed.append(f"top-1 {m.top1_agreement:.2f} % < {min_top1:g} %")

@@ -223,6 +223,8 @@ def save_model(
                 proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
                 location=Path(tmp_data).name, size_threshold=1024,
             )
+            if not os.path.exists(tmp_data):  # no tensor reached the threshold: an empty data file
+                open(tmp_data, "wb").close()
             # point the tensors at the final data file name
             final = onnx.load(tmp_model, load_external_data=False)
             for t in _all_tensors(final.graph):

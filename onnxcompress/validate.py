@@ -31,8 +31,9 @@ class OutputMetrics:
     cosine: float
     sqnr_db: float
     top1_agreement: float | None = None
-    #: an integer output (class indices, ArgMax, counts): ``top1_agreement`` is the % of equal
-    #: elements; the float gates (relative error, cosine) do not apply to it
+    #: an index output (int32/int64: ArgMax class indices, TopK / NMS indices): ``top1_agreement``
+    #: is the % of equal elements; the float gates (relative error, cosine) do not apply to it.
+    #: uint8 / bool outputs (images, masks) are values and keep the float gates.
     integer: bool = False
 
 
@@ -65,6 +66,12 @@ def _looks_like_scores(a: np.ndarray, name: str = "") -> bool:
             and not any(k in name.lower() for k in _NOT_SCORES))
 
 
+def _is_index(a) -> bool:
+    """int32 / int64 output: indices (class, TopK, NMS), compared by equality."""
+    a = np.asarray(a)
+    return a.dtype.kind == "i" and a.dtype.itemsize >= 4
+
+
 def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputMetrics:
     """Metrics of one output over samples (see module docstring)."""
     max_abs = max_rel = 0.0
@@ -75,7 +82,9 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
         r64 = np.asarray(r, np.float64)
         c64 = np.asarray(c, np.float64)
         if r64.shape != c64.shape:
-            return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), 0.0 if _looks_like_scores(r, name) else None)
+            idx = _is_index(r)
+            return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"),
+                                 0.0 if idx or _looks_like_scores(r, name) else None, integer=idx)
         d = np.abs(r64 - c64)
         if d.size:
             if not np.all(np.isfinite(c64)):
@@ -94,7 +103,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             agree += int(np.sum(r.argmax(-1) == c.argmax(-1)))
             total += r.shape[0]
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
-    if refs and all(np.asarray(r).dtype.kind in "iub" for r in refs):
+    if refs and all(_is_index(r) for r in refs):
         same = sum(int(np.sum(np.asarray(r) == np.asarray(c))) for r, c in zip(refs, cands))
         n = sum(np.asarray(r).size for r in refs)
         return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * same / n if n else 100.0, integer=True)

@@ -355,16 +355,28 @@ def test_integer_outputs_are_gated_by_agreement_not_relative_error(tmp_path):
         {"max_rel_err": 0.25, "cosine": 0.9, "top1_agreement": 97.0, "integer": True}]}]
     g = _gates(OptimizeOptions(max_rel_error=0.1, min_cosine=0.99, min_top1_agreement=98.0), val)
     assert [x["passed"] for x in g] == [True, True, False] and g[2]["value"] == 97.0
+    # only index outputs: a float gate cannot judge them (fails, saying why); "inf" strings are read
+    only_idx = [{"provider": "cpu", "outputs": [{"max_rel_err": "inf", "cosine": -1.0, "top1_agreement": 0.0,
+                                                 "integer": True}]}]
+    g = _gates(OptimizeOptions(max_rel_error=0.1), only_idx)
+    assert not g[0]["passed"] and "min-top1-agreement" in g[0]["why"]
+    # uint8 outputs are values (images, masks): they keep the float gates
+    m8 = output_metrics("mask", [np.array([[200, 100]], np.uint8)], [np.array([[0, 0]], np.uint8)])
+    assert not m8.integer and m8.cosine <= 0.0
 
 
 def test_bad_labels_in_validation_data_are_refused(digits, tmp_path):
-    """``labels`` must be one integer class per validation row: a short or float array is a clear
-    error, not a silently missing (or 0 %) accuracy line."""
+    """``labels`` must be integer classes (a float array is a clear error, not a 0 % accuracy line);
+    a count that does not match the rows is warned about, not silently dropped."""
     d = np.load(digits["test"])
-    for name, labels in (("short", d["labels"][:10]), ("float", d["labels"] + 0.5)):
-        bad = tmp_path / f"{name}.npz"
-        np.savez(bad, input=d["input"], labels=labels)
-        res = _invoke("optimize", digits["model"], "-o", tmp_path / f"{name}.onnx", "--quantize", "dynamic",
-                      "--calibration", digits["calib"], "--validation", bad)
-        _one_line_error(res, "labels")
-        assert not (tmp_path / f"{name}.onnx").exists()
+    bad = tmp_path / "float.npz"
+    np.savez(bad, input=d["input"], labels=d["labels"] + 0.5)
+    res = _invoke("optimize", digits["model"], "-o", tmp_path / "float.onnx", "--quantize", "dynamic",
+                  "--calibration", digits["calib"], "--validation", bad)
+    _one_line_error(res, "labels")
+    assert not (tmp_path / "float.onnx").exists()
+    short = tmp_path / "short.npz"  # too few labels: said, not silently dropped (rows may differ from outputs')
+    np.savez(short, input=d["input"], labels=d["labels"][:10])
+    res = _invoke("optimize", digits["model"], "-o", tmp_path / "short.onnx", "--quantize", "dynamic",
+                  "--calibration", digits["calib"], "--validation", short)
+    assert res.exit_code == 0 and "'labels' has 10 entries for 450 rows" in res.output

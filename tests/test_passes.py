@@ -269,3 +269,24 @@ def test_conv_bias_add_folding_then_batchnorm():
     assert [n.op_type for n in out.graph.node] == ["ConvTranspose", "Relu", "Conv", "Conv", "Add", "Conv", "Add"]
     onnx.checker.check_model(out, full_check=True)
     _close(G.run(m, feeds), G.run(out, feeds), 1e-5)
+
+
+def test_fusion_keeps_node_names_of_sibling_branches():
+    """Two Conv+BatchNorm branches read the same input (ResNet downsample beside conv1): after the
+    fold each new Conv carries its own original name, found up the chain that produced its output."""
+    rng = np.random.default_rng(3)
+    inits = []
+    nodes = []
+    for k in ("a", "b"):
+        inits += [G.init(f"w{k}", rng.standard_normal((4, 3, 1, 1))), G.init(f"g{k}", rng.uniform(0.5, 1.5, 4)),
+                  G.init(f"be{k}", rng.standard_normal(4)), G.init(f"m{k}", rng.standard_normal(4) * 0.1),
+                  G.init(f"v{k}", rng.uniform(0.5, 1.5, 4))]
+        nodes += [helper.make_node("Conv", ["x", f"w{k}"], [f"c{k}"], name=f"/{k}/Conv"),
+                  helper.make_node("BatchNormalization", [f"c{k}", f"g{k}", f"be{k}", f"m{k}", f"v{k}"], [f"y{k}"],
+                                   name=f"/{k}/BatchNormalization")]
+    m = G.model(nodes, [G.vi("x", [1, 3, 5, 5])], [G.vi("ya", [1, 4, 5, 5]), G.vi("yb", [1, 4, 5, 5])], inits)
+    feeds = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+    out, reps = _apply(m, [FoldBatchNormPass(PassContext())], feeds)
+    assert reps[0].counts["batchnorm_folded"] == 2
+    by_out = {n.output[0]: n.name for n in out.graph.node}
+    assert by_out == {"ya": "/a/Conv", "yb": "/b/Conv"}

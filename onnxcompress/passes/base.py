@@ -155,27 +155,40 @@ _SAME_ROLE = {"Gemm": ("MatMul", "Gemm")}
 def keep_node_names(before: "onnx.ModelProto", model: ir.Model) -> int:
     """Give nodes a rewrite created (onnxscript names them ``node_Conv_0``...) the name of the node
     they replace, so ``--exclude``, ``--prune-protect``, ``--prune-ratio`` and reports keep using
-    the names ``inspect`` shows: a new node takes the name of a removed node of the same op type
-    (``Gemm`` also of a ``MatMul``) that read the same first input, when exactly one did.
+    the names ``inspect`` shows. The replaced node is a removed node of the same op type (``Gemm``
+    also a ``MatMul``): first the one up the removed chain that produced the new node's output
+    (Conv -> BatchNormalization folded into one Conv: the Conv), else the only one that read the
+    same first input.
 
     Returns:
         How many nodes were renamed.
     """
-    old = {}
-    for n in before.graph.node:  # main graph: rewrites run there
-        old[n.name] = (n.op_type, n.input[0] if n.input else "")
+    old = {n.name: (n.op_type, list(n.input)) for n in before.graph.node}  # main graph: rewrites run there
+    producer = {o: n.name for n in before.graph.node for o in n.output}
     now = {n.name for n in model.graph}
-    free = {name: v for name, v in old.items() if name and name not in now}
+    free = {name for name in old if name and name not in now}
     renamed = 0
     for node in model.graph:
         if node.name in old or not node.inputs or node.inputs[0] is None:
             continue
-        first = node.inputs[0].name
         roles = _SAME_ROLE.get(node.op_type, (node.op_type,))
-        cands = [name for name, (op, x) in free.items() if op in roles and x == first]
-        if len(cands) == 1:
-            node.name = cands[0]
-            del free[cands[0]]
+        pick = None
+        cur = producer.get(node.outputs[0].name) if node.outputs else None
+        for _ in range(6):  # walk up the removed nodes that ended in this output
+            if cur is None or cur not in free:
+                break
+            if old[cur][0] in roles:
+                pick = cur
+                break
+            ins = old[cur][1]
+            cur = producer.get(ins[0]) if ins else None
+        if pick is None:
+            first = node.inputs[0].name
+            cands = [n for n in free if old[n][0] in roles and old[n][1][:1] == [first]]
+            pick = cands[0] if len(cands) == 1 else None
+        if pick is not None:
+            node.name = pick
+            free.discard(pick)
             renamed += 1
     return renamed
 
@@ -199,6 +212,7 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
             if p.report.changed:
                 keep_node_names(snapshot, model)
         except Exception as exc:  # a pass bug must not cost the user the run
+            p.report.flush()
             logger.warning("pass %s failed and was reverted: %s", p.name, exc)
             p.report.reverted = f"raised {type(exc).__name__}: {exc}"
             p.report.changed = False

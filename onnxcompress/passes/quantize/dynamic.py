@@ -134,7 +134,7 @@ class DynamicQuantizePass(CompressionPass):
             self._rewrite(model, node, q, scale * np.float32(alpha), axis, taken, dql)
             quantized.append(node.name)
         self.report.counts.update(nodes_quantized=len(quantized), node_sqnr_db=sqnrs,
-                                  weight_bits="8 (saturation-free)" if policy.pair_safe else 8)
+                                  weight_bits=8, saturation_free_weights=policy.pair_safe)
         if quantized:
             for g in [model.graph, *subgraphs(model.graph)]:
                 g.sort()

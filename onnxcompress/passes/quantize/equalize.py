@@ -446,7 +446,7 @@ class CrossLayerEqualizationPass(CompressionPass):
         err0, err1 = {}, {}
         for k, n in nodes.items():
             g = int(_attr(n, "group", 1)) if n.op_type == "Conv" else 1
-            depthwise = n.op_type == "Conv" and g > 1 and w0[k].shape[1] == 1
+            depthwise = n.op_type == "Conv" and g > 1 and w0[k].shape[1] == 1 and w0[k].shape[0] == g
             qmax = policy.weight_qmax(n.op_type, depthwise)
             axis = out_axis(n) if per_channel else None
             wpairs = policy.weight_pairs(n.op_type, depthwise, out_axis(n))  # int8 neighbour pairs

@@ -153,12 +153,15 @@ def weight_params(w: np.ndarray, axis: int | None, qmax: int,
     else:
         red = tuple(i for i in range(w.ndim) if i != axis)
         m = a.max(axis=red) if red else a
+    absmax = m
+    if pairs is not None and axis is not None and axis % w.ndim != pairs[0] % w.ndim:
+        raise ValueError(f"pairs channel axis {pairs[0]} differs from the scale axis {axis}")
     if pairs is not None and w.ndim >= 1 and w.size:
         ch = pairs[0] % w.ndim
         per_ch = pair_safe_absmax(w, *pairs)
         hi = np.array(per_ch.max()) if axis is None else per_ch
         wf = w.astype(np.float64)
-        if (axis is not None and axis % w.ndim != ch) or not (pairs[1] or w.ndim == 2):  # no single K order
+        if not (pairs[1] or w.ndim == 2):  # no single K order (batched MatMul weight): widened scale
             m = hi
         else:
             lo, best, best_err = m, hi, None
@@ -175,7 +178,7 @@ def weight_params(w: np.ndarray, axis: int | None, qmax: int,
                     better = err < best_err
                     best, best_err = np.where(better, cand, best), np.where(better, err, best_err)
             m = best
-    scale = np.where(m < TINY, 1.0, m / qmax)
+    scale = np.where(absmax < TINY, 1.0, m / qmax)
     return scale.astype(np.float32)
 
 

@@ -36,6 +36,9 @@ CHANNELWISE = {"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "LeakyRelu
                "Selu", "Softplus", "Softsign", "Mish", "Gelu", "MaxPool", "AveragePool", "GlobalAveragePool",
                "GlobalMaxPool", "LpPool"}
 BINARY = {"Add", "Sub", "Mul", "Div"}
+#: multiply-adds of :func:`pair_cost` per channel space beyond which the space is left as it is
+#: (about 10 s here; EfficientNet-Lite0's largest space: 2e8)
+MAX_COST_WORK = 2e9
 
 
 class _Spaces:
@@ -73,7 +76,7 @@ def _const(v: ir.Value | None) -> np.ndarray | None:
 def _private_initializer(v: ir.Value | None) -> bool:
     """A constant initializer read by exactly one node (safe to rewrite in place)."""
     return v is not None and v.const_value is not None and v.is_initializer() and not v.is_graph_input() \
-        and len({u.node for u in v.uses()}) == 1
+        and not v.is_graph_output() and len({u.node for u in v.uses()}) == 1
 
 
 def pair_cost(ws: list[np.ndarray]) -> np.ndarray:
@@ -175,9 +178,9 @@ class PairPermutePass(CompressionPass):
                 elif ok and group == 1:
                     consumers.setdefault(x.name, []).append(node)
                     producers.setdefault(y.name, []).append(node)
-                else:
-                    sp.freeze(x.name)
-                    sp.freeze(y.name)
+                else:  # every activation it touches (a computed weight too) keeps its order
+                    for v in (*ins, *outs):
+                        sp.freeze(v.name)
             elif op in CHANNELWISE and len(ins) == 1 and len(outs) == 1:
                 sp.union(ins[0].name, outs[0].name)
             elif op in BINARY and len(outs) == 1:
@@ -196,7 +199,7 @@ class PairPermutePass(CompressionPass):
         for kind, table in (("consumers", consumers), ("producers", producers), ("depthwise", depthwise)):
             for name, nodes in table.items():
                 spaces.setdefault(sp.find(name), {"consumers": [], "producers": [], "depthwise": []})[kind] += nodes
-        permuted = n_cons = 0
+        permuted = n_cons = too_large = 0
         e_before = e_after = energy = 0.0
         for root, s in spaces.items():
             if root in sp.frozen or not s["consumers"] or not s["producers"]:
@@ -210,6 +213,10 @@ class PairPermutePass(CompressionPass):
             c = next(iter(chans))
             if c % 2 and any(int(np.prod(w.shape[2:])) > 1 for w in ws):
                 continue  # odd channels with kernel positions: the K pairs straddle positions
+            work = sum(w.shape[0] * int(np.prod(w.shape[2:])) for w in ws) * c * c
+            if work > MAX_COST_WORK:
+                too_large += 1
+                continue
             p = greedy_pairing(pair_cost(ws))
             before = _pair_safe_error(ws)
             after = _pair_safe_error([w[:, p] for w in ws])
@@ -222,6 +229,8 @@ class PairPermutePass(CompressionPass):
             e_after += after
             energy += sum(float(np.sum(w ** 2)) for w in ws)
         self.report.counts.update(spaces=len(spaces), spaces_permuted=permuted, consumers=n_cons)
+        if too_large:
+            self.report.counts["spaces_too_large"] = too_large
         if permuted:
             self.report.counts["weight_sqnr_db_before"] = round(float(10 * np.log10(energy / max(e_before, 1e-30))), 2)
             self.report.counts["weight_sqnr_db_after"] = round(float(10 * np.log10(energy / max(e_after, 1e-30))), 2)

@@ -67,7 +67,10 @@ def weight_axis(node: ir.Node, w: np.ndarray) -> int:
 
 
 def is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
-    return node.op_type == "Conv" and _attr(node, "group", 1) > 1 and w.shape[1] == 1
+    """One input and one output channel per group: ONNX Runtime's depthwise kernel (no int16 pair
+    sums). A channel multiplier (``M = k * group``) runs as a GEMM over the kernel positions."""
+    group = _attr(node, "group", 1)
+    return node.op_type == "Conv" and group > 1 and w.shape[1] == 1 and w.shape[0] == group
 
 
 class StaticQuantizePass(CompressionPass):
@@ -248,7 +251,7 @@ class StaticQuantizePass(CompressionPass):
         if float_means:
             self._sequential_bias_correction(model, kept, seq_targets, float_means, samples)
         self.report.counts.update(nodes_quantized=len(kept), activation_qdq_pairs=n_qdq,
-                                  weights_quantized=n_w, weight_bits=bits,
+                                  weights_quantized=n_w, weight_bits=bits, saturation_free_weights=policy.pair_safe,
                                   ops_quantized=sorted({n.op_type for n in kept}))
         return True
 
@@ -461,7 +464,7 @@ class StaticQuantizePass(CompressionPass):
         axis = weight_axis(node, w) if per_channel and w.ndim >= 1 else None
         qmax = policy.weight_qmax(node.op_type, is_depthwise(node, w))
         pairs = policy.weight_pairs(node.op_type, is_depthwise(node, w), weight_axis(node, w))
-        bits[node.name] = "8 (saturation-free)" if pairs else 8
+        bits[node.name] = 8
         scale = params.weight_params(w, axis, qmax, pairs)
         bias_v = node.inputs[2] if len(node.inputs) > 2 else None
         b = None
@@ -547,7 +550,7 @@ class StaticQuantizePass(CompressionPass):
         axis = 1 if per_channel else None
         qmax = policy.weight_qmax(node.op_type, False)
         pairs = policy.weight_pairs("MatMul", False, 1)  # w is [K, N] here
-        bits[node.name] = "8 (saturation-free)" if pairs else 8
+        bits[node.name] = 8
         scale = params.weight_params(w, axis, qmax, pairs)
         q = params.quantize_weight(w, scale, axis, qmax, pairs)
         n_out = w.shape[1]
