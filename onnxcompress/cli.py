@@ -97,7 +97,10 @@ def inspect(
     except Exception as exc:
         _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
     if as_json:
-        print(json.dumps(info, indent=2))
+        try:
+            print(json.dumps(info, indent=2), flush=True)
+        except BrokenPipeError:  # `inspect --json | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     t = Table(title=f"{model}", show_header=False)
     t.add_row("opsets", ", ".join(f"{k or 'ai.onnx'}={v}" for k, v in info["opsets"].items()))

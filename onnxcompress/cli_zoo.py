@@ -21,17 +21,18 @@ class _Live:
         self.quiet = quiet
         self.progress = None
         self.task = None
-        self.n = {"ok": 0, "failed": 0, "running": 0, "cached": 0, "cached_failed": 0}
+        self.n = {"ok": 0, "failed": 0, "running": 0, "cached": 0, "cached_failed": 0, "refused": 0}
 
     def _desc(self) -> str:
         n = self.n
         return (f"[green]done {n['ok']}[/] · [red]failed {n['failed']}[/] · [cyan]running {n['running']}[/]"
-                f" · [dim]cached {n['cached']}[/]")
+                f" · [dim]cached {n['cached']}[/]" + (f" · [red]refused before running {n['refused']}[/]"
+                                                      if n["refused"] else ""))
 
     def __call__(self, ev: str, d: dict) -> None:
         if ev == "plan":
             self.n["cached"] = d["cached"]
-            self.n["failed"] = d["failed_before_run"]
+            self.n["refused"] = d["failed_before_run"]  # not in the bar: the bar counts the tasks to run
             if not self.quiet:
                 console.print(f"zoo: {d['total']} tasks, {d['to_run']} to run, {d['cached']} cached "
                               f"(executor {d['executor']}, jobs {d['jobs'] or 'cluster CPUs'})", highlight=False)
