@@ -8,10 +8,12 @@ report. Nothing here prints; progress goes through an optional callback.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +48,10 @@ from .validate import compare
 
 logger = logging.getLogger("onnxcompress")
 
-QUANTIZE_MODES = ("dynamic", "static")
+QUANTIZE_MODES = ("dynamic", "static", "auto")
+#: ``--quantize auto``: a candidate whose worst-output cosine is within this of the best one's
+#: counts as keeping the answers; the fastest such candidate is written
+AUTO_COSINE_SLACK = 0.01
 PRUNE_MODES = ("unstructured", "channel", "nm")
 
 
@@ -270,6 +275,8 @@ def optimize(
     opts = options or OptimizeOptions()
     opts.check()
     say = progress or (lambda s: None)
+    if opts.quantize == "auto":
+        return _optimize_auto(Path(input_path), Path(output_path), opts, say)
     t0 = time.perf_counter()
     inp, out = Path(input_path), Path(output_path)
     if out.exists() and out.resolve() == inp.resolve():
@@ -531,6 +538,108 @@ def _compressed_size(paths: list[Path]) -> int:
                 total += len(comp.compress(chunk))
         total += len(comp.flush())
     return total
+
+
+def _worst_cosine(report: dict) -> float:
+    """Lowest cosine over the float outputs of every validated provider (index outputs excluded)."""
+    vals = [float(o["cosine"]) for v in report.get("validation", []) for o in v["outputs"] if not o.get("integer")]
+    return min(vals) if vals else float("nan")
+
+
+def _optimize_auto(inp: Path, out: Path, opts: OptimizeOptions, say: Callable[[str], None]) -> OptimizeResult:
+    """``--quantize auto``: quantize with each mode, keep the fastest that keeps the answers.
+
+    Dynamic always, static when calibration data is given (calibrating on random inputs is no
+    basis for a choice). Each candidate runs the whole pipeline (gates and fallback included)
+    into a temporary folder beside ``out``. Among the candidates that passed the gates, those
+    whose worst-output cosine on the validation data is within :data:`AUTO_COSINE_SLACK` of the
+    best one's are timed together with :func:`onnxcompress.bench.benchmark` (interleaved, CPU
+    provider) and the fastest is written to ``out`` (atomically, after the usual checks). On
+    the zoo this picks the mode that meets each model's task goal (static: EfficientNet-Lite0,
+    YOLOv8n; dynamic: PP-OCRv4 det/rec, PP-OCR cls, MiniLM).
+
+    Raises:
+        GateFailedError: no candidate passed the gates (``.report`` holds every candidate's).
+    """
+    from .bench import benchmark
+
+    t0 = time.perf_counter()
+    if out.exists() and out.resolve() == inp.resolve():
+        raise OnnxCompressError(f"{out}: output path is the input model; refusing to overwrite it")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxCompressError(f"{folder}: output folder does not exist")
+    modes = ["dynamic", "static"] if opts.calibration else ["dynamic"]
+    tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-auto-", dir=folder))
+    cands: dict[str, dict] = {}
+    try:
+        for mode in modes:
+            say(f"auto: trying --quantize {mode}")
+            path = tmp / f"{mode}.onnx"
+            try:
+                res = optimize(inp, path, replace(opts, quantize=mode, latency=False, external_data=False),
+                               progress=lambda m, mode=mode: say(f"auto ({mode}): {m}"))
+                cands[mode] = {"path": path, "report": res.report, "passed": True}
+            except GateFailedError as exc:
+                cands[mode] = {"report": getattr(exc, "report", {}), "passed": False, "error": str(exc)}
+            except OnnxCompressError as exc:
+                cands[mode] = {"report": {}, "passed": False, "error": str(exc)}
+        ok = {m: c for m, c in cands.items() if c["passed"]}
+        summary = {m: {"passed": c["passed"], "worst_cosine": _worst_cosine(c["report"]) if c["report"] else None,
+                       "file_bytes": c["report"].get("after", {}).get("file_bytes"), "error": c.get("error")}
+                   for m, c in cands.items()}
+        if not ok:
+            report = next((c["report"] for c in cands.values() if c["report"]), {})
+            report = {**report, "auto": {"candidates": summary, "chosen": None}, "written": False,
+                      "seconds": round(time.perf_counter() - t0, 2)}
+            err = GateFailedError("--quantize auto: no mode passed: " + "; ".join(
+                f"{m}: {c.get('error', 'failed')}" for m, c in cands.items()) + f" -- {out} not written")
+            err.report = report  # type: ignore[attr-defined]
+            raise err
+        best = max((summary[m]["worst_cosine"] for m in ok if summary[m]["worst_cosine"] == summary[m]["worst_cosine"]),
+                   default=float("nan"))
+        keep = [m for m in ok if not (summary[m]["worst_cosine"] < best - AUTO_COSINE_SLACK)]
+        chosen, why = keep[0], "the only candidate that passed"
+        for m in ok:
+            if m not in keep:
+                summary[m]["left_out"] = (f"worst-output cosine {summary[m]['worst_cosine']:.5f} is more than "
+                                          f"{AUTO_COSINE_SLACK:g} below the best ({best:.5f})")
+        if len(keep) > 1:
+            say("auto: timing the candidates (interleaved)")
+            data = opts.validation if opts.validation and Path(opts.validation).suffix == ".npz" else None
+            data = data or (opts.calibration if opts.calibration and Path(opts.calibration).suffix == ".npz" else None)
+            try:
+                bench = benchmark([inp, *(ok[m]["path"] for m in keep)], data=data, duration=6.0, warmup=2,
+                                  memory=False)
+                lat = {m: mb.latency.p50_ms for m, mb in zip(keep, bench.groups[0].models[1:])}
+                for m in keep:
+                    summary[m]["latency_ms"] = float(f"{lat[m]:.4g}")
+                summary["fp32_latency_ms"] = float(f"{bench.groups[0].models[0].latency.p50_ms:.4g}")
+                chosen = min(keep, key=lambda m: lat[m])
+                why = (f"fastest ({lat[chosen]:.4g} ms median, interleaved) of the candidates within "
+                       f"{AUTO_COSINE_SLACK:g} of the best worst-output cosine")
+            except Exception as exc:  # noqa: BLE001 - timing is a tie-break: fall back to fidelity
+                chosen = max(keep, key=lambda m: summary[m]["worst_cosine"])
+                why = f"highest worst-output cosine (timing failed: {exc})"
+        elif keep and len(ok) > 1:
+            why = "the others lost more fidelity"
+        report = dict(cands[chosen]["report"])
+        model = load_model(ok[chosen]["path"])
+        say(f"writing {out}")
+        protect = (inp, *external_data_files(inp))
+        size = save_model(model, out, external_data=opts.external_data, protect=protect)
+        report["after"] = {**report.get("after", {}), "file_bytes": size,
+                           "compressed_bytes": _compressed_size([out, *external_data_files(out)])}
+        report["output"] = str(out)
+        report["auto"] = {"candidates": summary, "chosen": chosen, "why": why}
+        note = f"--quantize auto chose {chosen}: {why}" + "".join(
+            f"; {m}: {summary[m].get('left_out') or summary[m].get('error') or 'slower'}" for m in cands if m != chosen)
+        report["notes"] = [*report.get("notes", []), note]
+        report["written"] = True
+        report["seconds"] = round(time.perf_counter() - t0, 2)
+        return OptimizeResult(out, report, True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extra_exclude: tuple[str, ...],

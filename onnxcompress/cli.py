@@ -126,7 +126,7 @@ def inspect(
 def optimize(
     model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the optimized model."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Int8 quantization: dynamic or static."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Int8 quantization: dynamic, static, or auto (tries both — static only with --calibration — and writes the fastest whose worst-output cosine is within 0.01 of the best; each must pass the gates)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data (.npz; see README)."),
     validation: Optional[Path] = typer.Option(None, "--validation", help="Held-out validation data (.npz). Default: a held-out split of the calibration data."),
     calibration_method: str = typer.Option("auto", "--calibration-method", help="auto (default: per tensor, the lowest expected error of the others), minmax, percentile, entropy or mse."),

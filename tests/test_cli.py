@@ -380,3 +380,26 @@ def test_bad_labels_in_validation_data_are_refused(digits, tmp_path):
     res = _invoke("optimize", digits["model"], "-o", tmp_path / "short.onnx", "--quantize", "dynamic",
                   "--calibration", digits["calib"], "--validation", short)
     assert res.exit_code == 0 and "'labels' has 10 entries for 450 rows" in res.output
+
+
+def test_quantize_auto_tries_both_modes_and_writes_one(digits, tmp_path):
+    """--quantize auto: dynamic and static (calibration given) each run the whole pipeline; the
+    output is the fastest candidate within 0.01 of the best worst-output cosine; the report says
+    which and why; nothing but the output is left in the folder. An unmeetable gate writes nothing."""
+    out, rep = tmp_path / "a.onnx", tmp_path / "a.json"
+    res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "auto", "--calibration", digits["calib"],
+                  "--validation", digits["test"], "--report", rep)
+    assert res.exit_code == 0, res.output
+    auto = json.loads(rep.read_text())["auto"]
+    assert set(auto["candidates"]) >= {"dynamic", "static"} and auto["chosen"] in ("dynamic", "static")
+    assert all(auto["candidates"][m]["passed"] for m in ("dynamic", "static")) and auto["why"]
+    assert "--quantize auto chose" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.onnx"]
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    # without calibration data only dynamic is tried (no calibrating on random inputs for a choice)
+    res = _invoke("optimize", digits["model"], "-o", tmp_path / "b.onnx", "--quantize", "auto", "--report", rep)
+    assert res.exit_code == 0 and set(json.loads(rep.read_text())["auto"]["candidates"]) == {"dynamic"}
+    res = _invoke("optimize", digits["model"], "-o", tmp_path / "c.onnx", "--quantize", "auto",
+                  "--calibration", digits["calib"], "--min-cosine", "1.0", "--no-fallback")
+    assert res.exit_code == 3 and "no mode passed" in res.output and not (tmp_path / "c.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnxcompress-auto")]
