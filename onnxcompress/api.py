@@ -75,7 +75,8 @@ class OptimizeOptions:
         prune_protect: node names whose channels are never pruned (channel mode).
         prune_nm: N:M pattern, e.g. ``"2:4"``.
         prune_ratios: channel mode, per-layer ratios ``{node name: ratio}`` overriding ``prune``.
-        quantize: ``None``, ``"dynamic"`` or ``"static"``.
+        quantize: ``None``, ``"dynamic"``, ``"static"`` or ``"auto"`` (both, the fastest that keeps
+            the answers: :func:`_optimize_auto`).
         calibration / validation: ``.npz`` paths (see :mod:`onnxcompress.data`), or folders
             of images read with ``image`` (an :class:`ImageSpec`: size, mean, std, layout, channels).
         calibration_method: ``minmax``, ``percentile``, ``entropy`` or ``mse``.
@@ -540,10 +541,19 @@ def _compressed_size(paths: list[Path]) -> int:
     return total
 
 
-def _worst_cosine(report: dict) -> float:
-    """Lowest cosine over the float outputs of every validated provider (index outputs excluded)."""
-    vals = [float(o["cosine"]) for v in report.get("validation", []) for o in v["outputs"] if not o.get("integer")]
-    return min(vals) if vals else float("nan")
+def _fidelity(report: dict) -> float:
+    """Worst cosine over the float outputs of every validated provider; for a model whose outputs
+    are all indices (int32/int64), the worst agreement as a fraction. ``nan`` without validation."""
+    outs = [o for v in report.get("validation", []) for o in v["outputs"]]
+    cos = [float(o["cosine"]) for o in outs if not o.get("integer")]
+    if cos:
+        return min(cos)
+    agree = [float(o["top1_agreement"]) / 100.0 for o in outs if o.get("top1_agreement") is not None]
+    return min(agree) if agree else float("nan")
+
+
+#: a candidate must be this much faster (median ratio) to win on speed; closer is a tie
+AUTO_SPEED_MARGIN = 1.05
 
 
 def _optimize_auto(inp: Path, out: Path, opts: OptimizeOptions, say: Callable[[str], None]) -> OptimizeResult:
@@ -552,77 +562,111 @@ def _optimize_auto(inp: Path, out: Path, opts: OptimizeOptions, say: Callable[[s
     Dynamic always, static when calibration data is given (calibrating on random inputs is no
     basis for a choice). Each candidate runs the whole pipeline (gates and fallback included)
     into a temporary folder beside ``out``. Among the candidates that passed the gates, those
-    whose worst-output cosine on the validation data is within :data:`AUTO_COSINE_SLACK` of the
-    best one's are timed together with :func:`onnxcompress.bench.benchmark` (interleaved, CPU
-    provider) and the fastest is written to ``out`` (atomically, after the usual checks). On
-    the zoo this picks the mode that meets each model's task goal (static: EfficientNet-Lite0,
-    YOLOv8n; dynamic: PP-OCRv4 det/rec, PP-OCR cls, MiniLM).
+    whose fidelity (:func:`_fidelity`: worst-output cosine on the validation data) is within
+    :data:`AUTO_COSINE_SLACK` of the best one's are timed together on the validation inputs with
+    :func:`onnxcompress.bench.benchmark` (interleaved, the first requested provider; only when
+    the target is this machine) and the fastest is written to ``out`` (atomically, after the usual
+    checks) — if it is at least :data:`AUTO_SPEED_MARGIN` faster than the next; otherwise the
+    more faithful one (then the smaller). On the zoo this picks the mode that meets each model's
+    task goal (static: EfficientNet-Lite0, YOLOv8n; dynamic: PP-OCRv4 det/rec, PP-OCR cls, MiniLM;
+    ``scripts/auto_zoo.py``).
 
     Raises:
-        GateFailedError: no candidate passed the gates (``.report`` holds every candidate's).
+        GateFailedError: no candidate passed the gates (``.report`` holds one candidate's).
+        OnnxCompressError: bad input (the first candidate's error, as ``--quantize dynamic`` would raise it).
     """
     from .bench import benchmark
+    from .errors import ModelWriteError
 
     t0 = time.perf_counter()
     if out.exists() and out.resolve() == inp.resolve():
-        raise OnnxCompressError(f"{out}: output path is the input model; refusing to overwrite it")
+        raise ModelWriteError(f"{out}: output path is the input model; refusing to overwrite it")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
-        raise OnnxCompressError(f"{folder}: output folder does not exist")
+        raise ModelWriteError(f"{folder}: output folder does not exist")
     modes = ["dynamic", "static"] if opts.calibration else ["dynamic"]
-    tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-auto-", dir=folder))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-auto-", dir=folder))
+    except OSError as exc:
+        raise ModelWriteError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
     cands: dict[str, dict] = {}
     try:
         for mode in modes:
             say(f"auto: trying --quantize {mode}")
             path = tmp / f"{mode}.onnx"
             try:
-                res = optimize(inp, path, replace(opts, quantize=mode, latency=False, external_data=False),
+                static_only = {} if mode == "static" else {"calibration_method": "auto", "bias_correction_mode": "node"}
+                res = optimize(inp, path, replace(opts, quantize=mode, external_data=None, **static_only),
                                progress=lambda m, mode=mode: say(f"auto ({mode}): {m}"))
                 cands[mode] = {"path": path, "report": res.report, "passed": True}
             except GateFailedError as exc:
-                cands[mode] = {"report": getattr(exc, "report", {}), "passed": False, "error": str(exc)}
+                cands[mode] = {"report": getattr(exc, "report", {}), "passed": False,
+                               "error": str(exc).replace(str(path), f"the {mode} candidate")}
             except OnnxCompressError as exc:
-                cands[mode] = {"report": {}, "passed": False, "error": str(exc)}
+                if not cands:  # the first mode: bad input or data, which the user must see as such
+                    raise
+                cands[mode] = {"report": {}, "passed": False, "error": str(exc).replace(str(path), f"the {mode} candidate")}
         ok = {m: c for m, c in cands.items() if c["passed"]}
-        summary = {m: {"passed": c["passed"], "worst_cosine": _worst_cosine(c["report"]) if c["report"] else None,
+        summary = {m: {"passed": c["passed"], "fidelity": _fidelity(c["report"]) if c["report"] else None,
                        "file_bytes": c["report"].get("after", {}).get("file_bytes"), "error": c.get("error")}
                    for m, c in cands.items()}
+        auto: dict[str, Any] = {"candidates": summary, "chosen": None, "fidelity": "worst-output cosine"}
         if not ok:
             report = next((c["report"] for c in cands.values() if c["report"]), {})
-            report = {**report, "auto": {"candidates": summary, "chosen": None}, "written": False,
+            report = {**report, "output": str(out), "auto": _jsonable(auto), "written": False,
                       "seconds": round(time.perf_counter() - t0, 2)}
             err = GateFailedError("--quantize auto: no mode passed: " + "; ".join(
                 f"{m}: {c.get('error', 'failed')}" for m, c in cands.items()) + f" -- {out} not written")
             err.report = report  # type: ignore[attr-defined]
             raise err
-        best = max((summary[m]["worst_cosine"] for m in ok if summary[m]["worst_cosine"] == summary[m]["worst_cosine"]),
-                   default=float("nan"))
-        keep = [m for m in ok if not (summary[m]["worst_cosine"] < best - AUTO_COSINE_SLACK)]
-        chosen, why = keep[0], "the only candidate that passed"
+        fid = {m: summary[m]["fidelity"] for m in ok}
+        best = max((f for f in fid.values() if f == f), default=float("nan"))
+        keep = [m for m in ok if not (fid[m] < best - AUTO_COSINE_SLACK)]
         for m in ok:
             if m not in keep:
-                summary[m]["left_out"] = (f"worst-output cosine {summary[m]['worst_cosine']:.5f} is more than "
-                                          f"{AUTO_COSINE_SLACK:g} below the best ({best:.5f})")
-        if len(keep) > 1:
-            say("auto: timing the candidates (interleaved)")
-            data = opts.validation if opts.validation and Path(opts.validation).suffix == ".npz" else None
-            data = data or (opts.calibration if opts.calibration and Path(opts.calibration).suffix == ".npz" else None)
-            try:
-                bench = benchmark([inp, *(ok[m]["path"] for m in keep)], data=data, duration=6.0, warmup=2,
-                                  memory=False)
-                lat = {m: mb.latency.p50_ms for m, mb in zip(keep, bench.groups[0].models[1:])}
-                for m in keep:
-                    summary[m]["latency_ms"] = float(f"{lat[m]:.4g}")
-                summary["fp32_latency_ms"] = float(f"{bench.groups[0].models[0].latency.p50_ms:.4g}")
-                chosen = min(keep, key=lambda m: lat[m])
-                why = (f"fastest ({lat[chosen]:.4g} ms median, interleaved) of the candidates within "
-                       f"{AUTO_COSINE_SLACK:g} of the best worst-output cosine")
-            except Exception as exc:  # noqa: BLE001 - timing is a tie-break: fall back to fidelity
-                chosen = max(keep, key=lambda m: summary[m]["worst_cosine"])
-                why = f"highest worst-output cosine (timing failed: {exc})"
-        elif keep and len(ok) > 1:
-            why = "the others lost more fidelity"
+                summary[m]["left_out"] = (f"fidelity {fid[m]:.5f} is more than {AUTO_COSINE_SLACK:g} below the best "
+                                          f"({best:.5f})")
+        by_fidelity = sorted(keep, key=lambda m: (-(fid[m] if fid[m] == fid[m] else -1.0),
+                                                  summary[m]["file_bytes"] or 0))
+        chosen = by_fidelity[0]
+        if len(modes) == 1:
+            why = "static not tried (no --calibration data to calibrate on)"
+        elif len(ok) == 1:
+            why = "the only mode that passed"
+        elif len(keep) == 1:
+            why = "the other lost more fidelity"
+        else:
+            why = "within the fidelity slack of each other; the more faithful one"
+            here = opts.target in ("auto", cpu_features().int8_target)
+            prov = opts.providers[0] if opts.providers else "cpu"
+            data = tmp / "timing.npz"
+            if here:
+                try:
+                    say("auto: timing the candidates (interleaved)")
+                    _, val, _, _ = _load_data(load_model(inp), opts)
+                    np.savez(data, **{f"{k}__{n}": a for k, f in enumerate(val[:8]) for n, a in f.items()})
+                    bench = benchmark([inp, *(ok[m]["path"] for m in keep)], data=data, duration=6.0, warmup=2,
+                                      memory=False, providers=(prov,))
+                    lat = {m: mb.latency.p50_ms for m, mb in zip(keep, bench.groups[0].models[1:])}
+                    for m in keep:
+                        summary[m]["latency_ms"] = float(f"{lat[m]:.4g}")
+                    auto["fp32_latency_ms"] = float(f"{bench.groups[0].models[0].latency.p50_ms:.4g}")
+                    fastest = sorted(keep, key=lambda m: lat[m])
+                    if lat[fastest[1]] >= AUTO_SPEED_MARGIN * lat[fastest[0]]:
+                        chosen = fastest[0]
+                        why = (f"fastest ({lat[chosen]:.4g} vs {lat[fastest[1]]:.4g} ms median, interleaved on "
+                               f"{bench.groups[0].provider.replace('ExecutionProvider', '')}) of the modes within "
+                               f"{AUTO_COSINE_SLACK:g} of the best fidelity")
+                    else:
+                        why = (f"speeds within {AUTO_SPEED_MARGIN - 1:.0%} of each other "
+                               f"({', '.join(f'{m} {lat[m]:.4g} ms' for m in keep)}): the more faithful one")
+                    if lat[chosen] > 1.1 * auto["fp32_latency_ms"]:
+                        summary[chosen]["slower_than_fp32"] = True
+                except Exception as exc:  # noqa: BLE001 - timing is a tie-break: fidelity decides then
+                    why = f"the more faithful one (timing failed: {exc})"
+            else:
+                why = f"the more faithful one (target {opts.target} is not this machine: no timing here)"
+        auto["chosen"], auto["why"] = chosen, why
         report = dict(cands[chosen]["report"])
         model = load_model(ok[chosen]["path"])
         say(f"writing {out}")
@@ -631,10 +675,15 @@ def _optimize_auto(inp: Path, out: Path, opts: OptimizeOptions, say: Callable[[s
         report["after"] = {**report.get("after", {}), "file_bytes": size,
                            "compressed_bytes": _compressed_size([out, *external_data_files(out)])}
         report["output"] = str(out)
-        report["auto"] = {"candidates": summary, "chosen": chosen, "why": why}
-        note = f"--quantize auto chose {chosen}: {why}" + "".join(
-            f"; {m}: {summary[m].get('left_out') or summary[m].get('error') or 'slower'}" for m in cands if m != chosen)
+        report["options"] = _jsonable(asdict(opts))
+        report["auto"] = _jsonable(auto)
+        others = [f"{m}: {summary[m].get('left_out') or summary[m].get('error') or ''}".rstrip(": ")
+                  for m in cands if m != chosen]
+        note = f"--quantize auto chose {chosen}: {why}" + "".join(f"; {o}" for o in others if ":" in o)
         report["notes"] = [*report.get("notes", []), note]
+        if summary[chosen].get("slower_than_fp32"):
+            report["notes"].append(f"--quantize auto: even the chosen {chosen} model is slower than fp32 here "
+                                   f"({summary[chosen]['latency_ms']} vs {auto['fp32_latency_ms']} ms): consider fp32")
         report["written"] = True
         report["seconds"] = round(time.perf_counter() - t0, 2)
         return OptimizeResult(out, report, True)

@@ -210,7 +210,7 @@ def optimize(
     except GateFailedError as exc:
         rep = getattr(exc, "report", None)
         if rep is not None:
-            if not quiet:
+            if not quiet and "before" in rep and "after" in rep:
                 _render(rep)
             if report:
                 _write_json(report, rep)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("dynamic", "static"):
                 c = auto["candidates"].get(mode)
                 cell.append("-" if c is None else
-                            f"{c['worst_cosine']:.5f} / {c.get('latency_ms', '-')}" if c["passed"] else "failed")
+                            f"{c['fidelity']:.5f} / {c.get('latency_ms', '-')}" if c["passed"] else "failed")
             print(f"| {name} | {auto['chosen']} | {cell[0]} | {cell[1]} | {auto['why']} | "
                   f"{time.perf_counter() - t0:.0f} |", flush=True)
     return 1 if bad else 0
