@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -66,6 +68,9 @@ def main(
 ):
     """onnxcompress: fusion, pruning and int8 quantization of ONNX models."""
     _state["debug"] = debug
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: temp files and folders are removed
+    with contextlib.suppress(ValueError):  # not in the main thread (embedded use): leave it
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _print_version(value: bool) -> None:
