@@ -584,6 +584,10 @@ def _optimize_auto(inp: Path, out: Path, opts: OptimizeOptions, say: Callable[[s
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise ModelWriteError(f"{folder}: output folder does not exist")
+    protected = {Path(p).resolve() for p in (inp, *external_data_files(inp))}
+    if out.resolve() in protected or (opts.external_data is not False
+                                      and (folder / (out.name + ".data")).resolve() in protected):
+        raise ModelWriteError(f"{out}: writing it (or its .data file) would overwrite the input model's files")
     modes = ["dynamic", "static"] if opts.calibration else ["dynamic"]
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-auto-", dir=folder))
