@@ -67,3 +67,43 @@ def replace_node(graph: ir.Graph, node: ir.Node, new_out: ir.Value) -> None:
     out.replace_all_uses_with(new_out, replace_graph_outputs=True)
     graph.remove(node, safe=True)
     new_out.name = name
+
+
+class UnionFind:
+    """Union-find over integer ids (path compression) with a reason per set that blocks it:
+    a set joined with a blocked one is blocked too. Channel dependency groups (pruning) and
+    channel spaces (pair-permute) use it."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.blocked: list[str | None] = []
+
+    def new(self, n: int, blocked: str | None = None) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        self.blocked.extend([blocked] * n)
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:
+            p[a], a = root, p[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[rb] = ra
+            self.blocked[ra] = self.blocked[ra] or self.blocked[rb]
+
+    def block(self, ids, reason: str) -> None:
+        for i in np.asarray(ids).ravel():
+            r = self.find(int(i))
+            if self.blocked[r] is None:
+                self.blocked[r] = reason
+
+    def why(self, a: int) -> str | None:
+        return self.blocked[self.find(int(a))]

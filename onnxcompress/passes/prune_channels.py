@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..irutil import all_value_names, subgraphs, unique_name
+from ..irutil import UnionFind as _UF, all_value_names, subgraphs, unique_name
 from .base import CompressionPass
 
 UNARY = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu", "Selu", "Softplus",
@@ -44,42 +44,6 @@ SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPo
 BINARY = {"Add", "Mul", "Sub", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean"}
 ROOT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 IMPORTANCE = ("l2", "l1", "bn", "activation")
-
-
-class _UF:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.blocked: list[str | None] = []
-
-    def new(self, n: int, blocked: str | None = None) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        self.blocked.extend([blocked] * n)
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, a: int) -> int:
-        p = self.parent
-        root = a
-        while p[root] != root:
-            root = p[root]
-        while p[a] != root:
-            p[a], a = root, p[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(int(a)), self.find(int(b))
-        if ra != rb:
-            self.parent[rb] = ra
-            self.blocked[ra] = self.blocked[ra] or self.blocked[rb]
-
-    def block(self, ids, reason: str) -> None:
-        for i in np.asarray(ids).ravel():
-            r = self.find(int(i))
-            if self.blocked[r] is None:
-                self.blocked[r] = reason
-
-    def why(self, a: int) -> str | None:
-        return self.blocked[self.find(int(a))]
 
 
 @dataclass

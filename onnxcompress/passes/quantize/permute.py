@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ...irutil import UnionFind
 from ..base import CompressionPass
 from .policy import resolve_policy
 
@@ -42,31 +43,27 @@ MAX_COST_WORK = 2e9
 
 
 class _Spaces:
-    """Union-find over value names, with a frozen flag per root."""
+    """Channel spaces: :class:`~onnxcompress.irutil.UnionFind` over value names; a blocked set is frozen."""
 
     def __init__(self):
-        self.parent: dict[str, str] = {}
-        self.frozen: set[str] = set()
+        self.uf = UnionFind()
+        self.ids: dict[str, int] = {}
 
-    def find(self, a: str) -> str:
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
+    def find(self, a: str) -> int:
+        if a not in self.ids:
+            self.ids[a] = int(self.uf.new(1)[0])
+        return self.uf.find(self.ids[a])
 
     def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[ra] = rb
-            if ra in self.frozen:
-                self.frozen.add(rb)
+        self.find(a), self.find(b)
+        self.uf.union(self.ids[a], self.ids[b])
 
     def freeze(self, a: str) -> None:
-        self.frozen.add(self.find(a))
+        self.find(a)
+        self.uf.block([self.ids[a]], "frozen")
 
-    def is_frozen(self, a: str) -> bool:
-        return self.find(a) in self.frozen
+    def is_frozen(self, root: int) -> bool:
+        return self.uf.why(root) is not None
 
 
 def _const(v: ir.Value | None) -> np.ndarray | None:
@@ -195,14 +192,14 @@ class PairPermutePass(CompressionPass):
                 for v in (*ins, *outs):
                     sp.freeze(v.name)
         # gather per space
-        spaces: dict[str, dict[str, list]] = {}
+        spaces: dict[int, dict[str, list]] = {}
         for kind, table in (("consumers", consumers), ("producers", producers), ("depthwise", depthwise)):
             for name, nodes in table.items():
                 spaces.setdefault(sp.find(name), {"consumers": [], "producers": [], "depthwise": []})[kind] += nodes
         permuted = n_cons = too_large = 0
         e_before = e_after = energy = 0.0
         for root, s in spaces.items():
-            if root in sp.frozen or not s["consumers"] or not s["producers"]:
+            if sp.is_frozen(root) or not s["consumers"] or not s["producers"]:
                 continue
             cons = list(dict.fromkeys(s["consumers"]))
             ws = [_const(n.inputs[1]).astype(np.float64) for n in cons]
