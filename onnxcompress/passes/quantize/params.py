@@ -51,11 +51,25 @@ def activation_params(lo: float, hi: float, *, dtype=np.uint8) -> tuple[np.float
     return scale, dtype(zp)
 
 
+def _pad_even(rows: np.ndarray) -> np.ndarray:
+    """``rows`` [C, K] with a zero column appended when K is odd (the kernels pad K the same way)."""
+    if rows.shape[1] % 2:
+        return np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], axis=1)
+    return rows
+
+
+def _conv_rows(t: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """A Conv filter ``[M, C/g, k...]`` as ``[M, K]`` rows in ONNX Runtime's K = (kernel position,
+    input channel) order, with ``M``, ``C/g`` and the number of kernel positions."""
+    m, cg = t.shape[0], t.shape[1]
+    p = int(np.prod(t.shape[2:], dtype=np.int64))
+    return t.reshape(m, cg, p).transpose(0, 2, 1).reshape(m, p * cg), m, cg, p
+
+
 def _same_sign_pair_max(rows: np.ndarray) -> np.ndarray:
     """Largest ``|r[2j]| + |r[2j+1]|`` over same-sign neighbours of each row of ``rows`` [C, K]
     (K padded with a zero when odd); 0 where no pair has one sign."""
-    if rows.shape[1] % 2:
-        rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], axis=1)
+    rows = _pad_even(rows)
     a, b = rows[:, 0::2], rows[:, 1::2]
     same = (a * b) > 0
     return np.where(same, np.abs(a) + np.abs(b), 0.0).max(axis=1) if a.shape[1] else np.zeros(rows.shape[0])
@@ -75,10 +89,8 @@ def pair_safe_absmax(w: np.ndarray, ch_axis: int, conv: bool) -> np.ndarray:
     a = w.astype(np.float64)
     absmax = np.abs(np.moveaxis(a, ch_axis, 0)).reshape(a.shape[ch_axis], -1).max(axis=1)
     if conv:
-        m, cg = a.shape[0], a.shape[1]
-        f = a.reshape(m, cg, -1)                                   # [M, C/g, kernel positions]
-        kmajor = f.transpose(0, 2, 1).reshape(m, -1)               # K = (position, channel)
-        per_pos = f.transpose(0, 2, 1).reshape(-1, cg)             # channels within a position
+        kmajor, m, cg, _ = _conv_rows(a)                           # K = (position, channel)
+        per_pos = kmajor.reshape(-1, cg)                           # channels within a position
         pair = np.maximum(_same_sign_pair_max(kmajor),
                           _same_sign_pair_max(per_pos).reshape(m, -1).max(axis=1))
     elif a.ndim >= 2:
@@ -98,9 +110,7 @@ def _safe_round(t: np.ndarray, ch_axis: int, conv: bool, qmax: int) -> np.ndarra
     is made safe in both pairings (the flattened K, then channels within each kernel position:
     projecting only lowers magnitudes, so the first stays safe)."""
     if conv:
-        m, cg = t.shape[0], t.shape[1]
-        p = int(np.prod(t.shape[2:], dtype=np.int64))
-        rows = t.reshape(m, cg, p).transpose(0, 2, 1).reshape(m, p * cg)   # K = (position, channel)
+        rows, m, cg, p = _conv_rows(t)
         q = _round_pairs(rows, qmax)[:, :p * cg]
         if cg % 2 and p > 1:
             q = _round_pairs(q.reshape(m * p, cg), qmax)[:, :cg].reshape(m, p * cg)
@@ -116,20 +126,17 @@ def _round_pairs(t: np.ndarray, qmax: int) -> np.ndarray:
     """Round rows ``t`` (weights / scale, [C, K]) to integers in ``[-qmax, qmax]`` with every
     same-sign neighbour pair ``|q0| + |q1| <= 128``: an offending pair is projected onto
     ``|q0| + |q1| = 128`` (the nearest point in squared error), keeping its signs."""
+    t = _pad_even(t)
     q = np.clip(np.round(t), -qmax, qmax)
-    if t.shape[1] % 2:
-        q = np.concatenate([q, np.zeros((q.shape[0], 1))], axis=1)
-        t = np.concatenate([t, np.zeros((t.shape[0], 1))], axis=1)
     a, b = q[:, 0::2], q[:, 1::2]
     bad = (a * b > 0) & (np.abs(a) + np.abs(b) > 128)
-    if bad.any():
+    if bad.any():  # a and b are views of q: assigning into them rewrites q
         ta, tb = np.abs(t[:, 0::2]), np.abs(t[:, 1::2])
         d = (ta + tb - 128.0) / 2.0
         na = np.clip(np.round(ta - d), 128 - qmax, qmax)
         nb = 128.0 - na
         a[bad] = (np.sign(a) * na)[bad]
         b[bad] = (np.sign(b) * nb)[bad]
-        q[:, 0::2], q[:, 1::2] = a, b
     return q
 
 
