@@ -22,9 +22,9 @@ import onnx_ir as ir
 
 from . import __version__
 from .data import ImageSpec, input_specs, load_image_folder, load_npz, random_samples, split_holdout
-from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressError
+from .errors import DataError, GateFailedError, ModelLoadError, ModelWriteError, OnnxCompressError
 from .inspect import summarize
-from .model_io import check_model, external_data_files, load_model, save_model, to_bytes
+from .model_io import check_model, check_output_path, external_data_files, load_model, save_model, to_bytes
 from .opset import upgrade_opset
 from .passes.base import PassContext, PassReport, run_passes
 from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,
@@ -576,18 +576,10 @@ def _optimize_auto(inp: Path, out: Path, opts: OptimizeOptions, say: Callable[[s
         OnnxCompressError: bad input (the first candidate's error, as ``--quantize dynamic`` would raise it).
     """
     from .bench import benchmark
-    from .errors import ModelWriteError
 
     t0 = time.perf_counter()
-    if out.exists() and out.resolve() == inp.resolve():
-        raise ModelWriteError(f"{out}: output path is the input model; refusing to overwrite it")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelWriteError(f"{folder}: output folder does not exist")
-    protected = {Path(p).resolve() for p in (inp, *external_data_files(inp))}
-    if out.resolve() in protected or (opts.external_data is not False
-                                      and (folder / (out.name + ".data")).resolve() in protected):
-        raise ModelWriteError(f"{out}: writing it (or its .data file) would overwrite the input model's files")
+    protect = (inp, *external_data_files(inp))
+    folder = check_output_path(out, protect, opts.external_data)  # before two whole runs
     modes = ["dynamic", "static"] if opts.calibration else ["dynamic"]
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-auto-", dir=folder))
@@ -674,7 +666,6 @@ def _optimize_auto(inp: Path, out: Path, opts: OptimizeOptions, say: Callable[[s
         report = dict(cands[chosen]["report"])
         model = load_model(ok[chosen]["path"])
         say(f"writing {out}")
-        protect = (inp, *external_data_files(inp))
         size = save_model(model, out, external_data=opts.external_data, protect=protect)
         report["after"] = {**report.get("after", {}), "file_bytes": size,
                            "compressed_bytes": _compressed_size([out, *external_data_files(out)])}

@@ -160,6 +160,35 @@ def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> N
             raise InvalidModelError(f"ONNX Runtime refused to load the model: {exc}") from None
 
 
+def check_output_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] = (),
+                      external_data: bool | None = None) -> Path:
+    """Refuse an output path before any work is done on it.
+
+    Returns:
+        The output's folder.
+
+    Raises:
+        ModelWriteError: ``path`` is a protected path (the input model or its data), a directory,
+            or in a missing folder; or its ``<name>.data`` file (unless ``external_data`` is
+            ``False``) would overwrite a protected path.
+    """
+    dest = Path(path)
+    for prot in protect:
+        if dest.resolve() == Path(prot).resolve():
+            raise ModelWriteError(f"{dest}: output path is the input model (or its data); refusing to overwrite it")
+    if dest.is_dir():
+        raise ModelWriteError(f"{dest}: is a directory")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelWriteError(f"{folder}: output folder does not exist")
+    protected = {Path(p).resolve() for p in protect}
+    data_path = (folder / (dest.name + ".data")).resolve()
+    if external_data is not False and data_path in protected:
+        raise ModelWriteError(f"{dest}: its external data file {data_path.name} would overwrite the input's "
+                              "weights; choose another output name")
+    return folder
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -190,19 +219,7 @@ def save_model(
         InvalidModelError: the model failed the checks; nothing is written.
     """
     dest = Path(path)
-    for prot in protect:
-        if dest.resolve() == Path(prot).resolve():
-            raise ModelWriteError(f"{dest}: output path is the input model (or its data); refusing to overwrite it")
-    if dest.is_dir():
-        raise ModelWriteError(f"{dest}: is a directory")
-    folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelWriteError(f"{folder}: output folder does not exist")
-    protected = {Path(p).resolve() for p in protect}
-    data_path = (folder / (dest.name + ".data")).resolve()
-    if external_data is not False and data_path in protected:
-        raise ModelWriteError(f"{dest}: its external data file {data_path.name} would overwrite the input's "
-                              "weights; choose another output name")
+    folder = check_output_path(dest, protect, external_data)
     proto = to_proto(model)
     if check:
         check_model(proto, runtime=runtime_check)
