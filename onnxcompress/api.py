@@ -26,7 +26,7 @@ from .errors import DataError, GateFailedError, ModelLoadError, ModelWriteError,
 from .inspect import summarize
 from .model_io import check_model, check_output_path, external_data_files, load_model, save_model, to_bytes
 from .opset import upgrade_opset
-from .passes.base import PassContext, PassReport, run_passes
+from .passes.base import PassContext, PassReport, run_passes, snapshot
 from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,
                              LiftConstantsPass)
 from .passes.fusion import ConvAffinePass, ConvBiasPass, FoldBatchNormPass, FusePadIntoConvPass, HardSwishPass, MatMulAddToGemmPass
@@ -53,6 +53,9 @@ QUANTIZE_MODES = ("dynamic", "static", "auto")
 #: counts as keeping the answers; the fastest such candidate is written
 AUTO_COSINE_SLACK = 0.01
 PRUNE_MODES = ("unstructured", "channel", "nm")
+#: the zlib size of input and output (what unstructured zeros save) is measured with pruning, or
+#: when both files together are at most this large (zlib costs about 20 s per GB)
+ZLIB_MEASURE_BYTES = 256 << 20
 
 
 @dataclass
@@ -289,12 +292,13 @@ def optimize(
     except OnnxCompressError as exc:  # found now, not after all the work: outputs must pass it too
         raise ModelLoadError(f"{inp}: the input model fails onnx.checker ({str(exc).split(': ', 1)[-1]}); "
                              "onnxcompress only writes models that pass it") from None
-    original_bytes = to_bytes(original)
-    model = ir.from_proto(ir.to_proto(original))
+    # the reference (`original`) and the working model share every tensor: passes replace
+    # tensors, never edit them (passes/base.py: snapshot), so the weights are held once
+    model = snapshot(original)
     # every node needs a unique name: reports, --exclude and the fallback refer to nodes by name
     ir.passes.common.NameFixPass()(model)
     calib, val, labels, notes = _load_data(model, opts)
-    runtime_ok, custom = _runtime_loads(original_bytes, original)
+    runtime_ok, custom = _runtime_loads(original)
     if not runtime_ok:
         if opts.quantize:
             raise OnnxCompressError(
@@ -417,7 +421,7 @@ def optimize(
                 "exclude_nodes": tuple(opts.exclude_nodes)}))], check_samples)
             reports += sreps
         say(f"{opts.quantize} int8 quantization")
-        pre_quant = ir.to_proto(model)
+        pre_quant = snapshot(model)
         calib_cache: dict = {}
         model, qreps = _quantize(model, opts, calib, check_samples, (), calib_cache)
         reports += qreps
@@ -429,7 +433,7 @@ def optimize(
     providers, skipped = resolve_providers(list(opts.providers))
     notes.extend(skipped)
     providers = providers if runtime_ok else []
-    validation = _validate(original_bytes, model, val, labels, providers, opts.latency)
+    validation = _validate(original, model, val, labels, providers, opts.latency)
     gates = _gates(opts, validation)
     index_outs = sorted({o["name"] for v in validation for o in v["outputs"] if o.get("integer")})
     if index_outs and (opts.max_rel_error is not None or opts.min_cosine is not None) and opts.min_top1_agreement is None:
@@ -456,8 +460,8 @@ def optimize(
             while not passed and 0 < k <= most and len(rounds) < opts.max_fallback_rounds:
                 excluded = tuple(order[:k])
                 say(f"fallback: {len(excluded)} node(s) kept in float")
-                model, qreps = _quantize(ir.from_proto(pre_quant), opts, calib, check_samples, excluded, calib_cache)
-                validation = _validate(original_bytes, model, val, labels, providers, latency=False)
+                model, qreps = _quantize(pre_quant.clone(), opts, calib, check_samples, excluded, calib_cache)
+                validation = _validate(original, model, val, labels, providers, latency=False)
                 gates = _gates(opts, validation)
                 passed = all(g["passed"] for g in gates)
                 rounds.append({"kept_in_float": list(excluded), "passed": passed,
@@ -474,7 +478,7 @@ def optimize(
         report["fallback"] = {"rounds": rounds, "kept_in_float": rounds[-1]["kept_in_float"] if rounds else [],
                               "passed": passed, "node_sqnr_db": first_sqnr}
         if passed and opts.latency:
-            validation = _validate(original_bytes, model, val, labels, providers, latency=True)
+            validation = _validate(original, model, val, labels, providers, latency=True)
     for v in validation:
         lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
         if opts.quantize and lr and lc and lc > 1.1 * lr:
@@ -497,11 +501,15 @@ def optimize(
         err.report = report  # type: ignore[attr-defined]
         raise err
     say(f"writing {out}")
-    protect = (inp, *external_data_files(inp))
-    size = save_model(model, out, external_data=opts.external_data, protect=protect, runtime_check=runtime_ok)
+    in_files = [inp, *original.meta.get("onnxcompress.external_files", [])]
+    size = save_model(model, out, external_data=opts.external_data, protect=tuple(in_files), runtime_check=runtime_ok)
     after["file_bytes"] = size
-    after["compressed_bytes"] = _compressed_size([out, *external_data_files(out)])
-    report["before"]["compressed_bytes"] = _compressed_size([inp, *external_data_files(inp)])
+    if opts.prune or opts.prune_mode == "nm" or size + before.get("file_bytes", 0) <= ZLIB_MEASURE_BYTES:
+        after["compressed_bytes"] = _compressed_size([out, *external_data_files(out)])
+        report["before"]["compressed_bytes"] = _compressed_size(in_files)
+    else:
+        notes.append(f"zlib sizes not measured (about 20 s per GB; done for models under "
+                     f"{ZLIB_MEASURE_BYTES >> 20} MB, and always with pruning, whose zeros they show)")
     report["written"] = True
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return OptimizeResult(out, report, True)
@@ -510,7 +518,7 @@ def optimize(
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training")
 
 
-def _runtime_loads(model_bytes: bytes, model: ir.Model) -> tuple[bool, str]:
+def _runtime_loads(model: ir.Model) -> tuple[bool, str]:
     """Whether ORT can load the input; if not because of custom-domain ops, name them.
 
     Raises:
@@ -519,7 +527,7 @@ def _runtime_loads(model_bytes: bytes, model: ir.Model) -> tuple[bool, str]:
     from .runtime import make_session
 
     try:
-        make_session(model_bytes, optimize=False)
+        make_session(model, optimize=False)
         return True, ""
     except Exception as exc:
         custom = sorted({f"{n.domain}.{n.op_type} (node '{n.name}')"
@@ -706,10 +714,9 @@ def _quantize(model: ir.Model, opts: OptimizeOptions, calib, check_samples, extr
     return model, qreps
 
 
-def _validate(original_bytes, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:
+def _validate(original: ir.Model, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:
     """:func:`compare` on every provider, as JSON-ready dicts."""
-    cand = to_bytes(model)
-    return [_jsonable(asdict(compare(original_bytes, cand, val, labels=labels, provider=p, latency=latency)))
+    return [_jsonable(asdict(compare(original, model, val, labels=labels, provider=p, latency=latency)))
             for p in providers]
 
 

@@ -1,9 +1,16 @@
-"""Model input/output: load with external data, check, and write atomically.
+"""Model input/output: load lazily, check and write without copies of the weights, atomically.
 
-The input file is never modified. Outputs are written to a temporary file in the target
-folder and renamed into place only after ``onnx.checker`` (at the written model's own
-opset and IR version) and an ONNX Runtime session have accepted them, so a failed run
-leaves no partial output.
+The input file is never modified. External data is memory-mapped, not read (onnx-ir's
+``ExternalTensor``). Nothing here serialises a whole model with its weights: a check or an
+ONNX Runtime session sees a *skeleton* (the protobuf with every large main-graph initializer
+replaced by an external-data stand-in, :func:`skeleton`) while the weights go to ORT as
+buffers it reads in place (``SessionOptions.add_external_initializers``), and the writer
+streams one tensor at a time. So a model over protobuf's 2 GB limit is checked, run and
+written like any other, and the tool holds one copy of the weights.
+
+Outputs are written to a temporary file in the target folder and renamed into place only
+after ``onnx.checker`` (at the written model's own opset and IR version) and an ONNX Runtime
+session have accepted them, so a failed run leaves no partial output.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -23,41 +31,58 @@ from .errors import InvalidModelError, ModelLoadError, ModelWriteError
 #: Protobuf's hard limit; larger models must keep their weights as external data.
 PROTOBUF_LIMIT = 2 * 1024**3
 
+#: main-graph initializers of at least this many bytes travel outside the protobuf: to ORT as
+#: buffers, to ``<name>.data`` when written with external data (the threshold of onnx's writer)
+BIG_TENSOR_BYTES = 1024
+#: tensors of at least 1 MiB start at a 64 KiB boundary of the data file, so ORT can map them
+ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 1 << 16
+#: dtypes ORT takes as numpy buffers (``OrtValue.ortvalue_from_numpy``); others stay inline
+_BUFFER_DTYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
+    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+    ir.DataType.UINT64, ir.DataType.BOOL})
+#: the stand-in location of detached weights in a skeleton (never a real file of the user's)
+PLACEHOLDER = "__onnxcompress_weights__"
+
 
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load an ONNX model (with its external data) into onnx-ir.
+    """Load an ONNX model into onnx-ir, its external data memory-mapped (read when a pass needs it).
 
     Args:
         path: path of a ``.onnx`` file; external data files are resolved relative to it.
 
     Returns:
-        The model as an ``onnx_ir.Model``; external tensors are read eagerly so that the
-        model no longer depends on the input folder.
+        The model as an ``onnx_ir.Model``. Initializers kept as external data are
+        ``ir.ExternalTensor`` (read-only maps of the files, which must not change during the
+        run); inline weights stay in the parsed protobuf (one copy). The resolved paths of
+        the external data files are in ``model.meta["onnxcompress.external_files"]``.
 
     Raises:
-        ModelLoadError: the path is missing, is a directory, is not a valid ONNX protobuf,
-            or names an external data file that does not exist.
+        ModelLoadError: the path is missing, is a directory or not a regular file, is not a
+            valid ONNX protobuf, or names external data that does not exist, is not a regular
+            file inside the model's folder, or is shorter than the tensor it should hold.
     """
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file")
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    if not p.is_file():
+        raise ModelLoadError(f"{p}: not a regular file (a FIFO or a device?); expected an .onnx file")
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
         raise ModelLoadError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{p}: not an ONNX model (no graph found)")
-    _check_external_files(proto, p.parent)
+    files = _check_external_files(proto, p.parent)
     try:
-        onnx.load_external_data_for_model(proto, str(p.parent))
-    except Exception as exc:
-        raise ModelLoadError(f"{p}: cannot read external data ({exc})") from None
-    try:
-        return ir.from_proto(proto)
+        model = ir.serde.deserialize_model(proto)
+        ir.external_data.set_base_dir(model.graph, p.parent)
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot convert to onnx-ir ({type(exc).__name__}: {exc})") from None
+    model.meta["onnxcompress.external_files"] = files
+    return model
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
@@ -76,7 +101,13 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     return sorted(files)
 
 
-def _check_external_files(proto: onnx.ModelProto, base: Path) -> None:
+def _check_external_files(proto: onnx.ModelProto, base: Path) -> list[Path]:
+    """Refuse external data a hostile or broken model could abuse; return the files used.
+
+    Each location must be a regular file inside ``base`` (no ``..`` escape, no FIFO or device),
+    and ``offset + length`` must lie within it."""
+    files: dict[Path, int] = {}
+    root = base.resolve()
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -86,8 +117,20 @@ def _check_external_files(proto: onnx.ModelProto, base: Path) -> None:
         if not loc or not target.is_file():
             raise ModelLoadError(
                 f"initializer '{tensor.name}' keeps its data in '{loc}', "
-                f"which does not exist next to the model ({base})"
+                f"which does not exist next to the model ({base}) as a regular file"
             )
+        if root not in target.parents:
+            raise ModelLoadError(f"initializer '{tensor.name}' keeps its data in '{loc}', outside the model's "
+                                 f"folder ({base}); refusing to read it")
+        size = files.setdefault(target, target.stat().st_size)
+        try:
+            offset, length = int(info.get("offset", 0) or 0), int(info.get("length", -1) or -1)
+        except ValueError:
+            raise ModelLoadError(f"initializer '{tensor.name}': external data offset/length are not integers") from None
+        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+            raise ModelLoadError(f"initializer '{tensor.name}': external data at offset {offset}, length {length} "
+                                 f"lies past the end of '{loc}' ({size} bytes)")
+    return sorted(files)
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -104,7 +147,8 @@ def _all_tensors(graph: onnx.GraphProto):
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize an onnx-ir model to a ``ModelProto`` (weights inline).
+    """Serialize an onnx-ir model to a ``ModelProto`` with its weights inline (a full copy:
+    only for small models and tests; the pipeline uses :func:`skeleton`).
 
     Intermediate ``value_info`` (shape annotations of inner tensors) is dropped: runtimes
     re-infer it, and stale entries after a rewrite can only mislead them.
@@ -114,48 +158,116 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
+def _detachable(model: ir.Model, *, used_only: bool = False) -> list[ir.Value]:
+    """Main-graph initializers worth keeping out of a protobuf: at least :data:`BIG_TENSOR_BYTES`,
+    of a dtype ORT takes as a buffer, not also a graph input (an overridable default).
+
+    ``used_only`` (sessions): only those some node reads and that are not graph outputs — ORT
+    drops an unused initializer before it could take its buffer."""
+    inputs = {v.name for v in model.graph.inputs}
+    out = []
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if t is not None and v.name not in inputs and t.dtype in _BUFFER_DTYPES and t.nbytes >= BIG_TENSOR_BYTES:
+            if not used_only or (v.uses() and not v.is_graph_output()):
+                out.append(v)
+    return out
+
+
+def skeleton(model: ir.Model, *, location: str = PLACEHOLDER, offsets: dict[str, int] | None = None,
+             extra_outputs: tuple[str, ...] | list[str] = (),
+             used_only: bool = False) -> tuple[onnx.ModelProto, list[tuple[str, ir.TensorProtocol]]]:
+    """The model's protobuf without the data of its large main-graph initializers.
+
+    Each detachable initializer (:func:`_detachable`) is serialized as external data at
+    ``location`` (``offsets[name]``, else 0) without reading it; ``model`` is unchanged.
+
+    Args:
+        extra_outputs: value names to add as graph outputs (float, shape unknown) — for reading
+            intermediate values in ORT.
+        used_only: detach only initializers some node reads (for an ORT session).
+
+    Returns:
+        ``(proto, weights)``: the small protobuf (no ``value_info``) and the detached
+        ``(name, tensor)`` pairs in the order they were detached.
+    """
+    vals = _detachable(model, used_only=used_only)
+    saved = [(v, v.const_value) for v in vals]
+    try:
+        for v, t in saved:
+            v.const_value = ir.ExternalTensor(location, (offsets or {}).get(v.name, 0), t.nbytes, t.dtype,
+                                              shape=t.shape, name=v.name)
+        proto = ir.to_proto(model)
+    finally:
+        for v, t in saved:
+            v.const_value = t
+    del proto.graph.value_info[:]
+    if extra_outputs:
+        existing = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                  for n in extra_outputs if n not in existing)
+    return proto, [(v.name, t) for v, t in saved]
+
+
+def weight_buffer(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A C-contiguous numpy view of a tensor's data (a memory map for external data; no copy
+    where the data already is one)."""
+    return np.ascontiguousarray(tensor.numpy())
+
+
 _TEMP_DIRS: list[str] = []
 atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _TEMP_DIRS])
 
 
 def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes | str:
-    """Serialize a model for an ONNX Runtime session or ``onnx.checker``.
+    """Serialize a model for an ONNX Runtime session or ``onnx.checker`` (weights inline).
+
+    Prefer passing the ``ir.Model`` to :func:`onnxcompress.runtime.make_session` (no copy).
 
     Returns:
         protobuf bytes; for a model at or over protobuf's 2 GB limit, the path of a private
         temporary copy written with external data (removed at exit), which ORT and the
         checker accept in place of bytes.
     """
-    proto = to_proto(model) if isinstance(model, ir.Model) else model
-    if proto.ByteSize() < PROTOBUF_LIMIT:
-        return proto.SerializeToString()
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    if model_size_bytes(model) < PROTOBUF_LIMIT:
+        return to_proto(model).SerializeToString()
     folder = tempfile.mkdtemp(prefix="onnxcompress-")
     _TEMP_DIRS.append(folder)
     path = os.path.join(folder, "model.onnx")
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)  # saving with external data rewrites the tensors of its argument
-    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+    _write(model, path, folder, "model.onnx.data", external_data=True)
     return path
 
 
 def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> None:
     """Check a model with ``onnx.checker`` at its own opset/IR version, then load it in ORT.
 
+    The checker reads the model's :func:`skeleton` (its large weights stand-ins for external
+    data) from a private temporary folder, so no copy of the weights is made and a model over
+    2 GB is checked like any other; ORT gets the weights as buffers (:func:`make_session`).
+
     Raises:
         InvalidModelError: with the checker's or ONNX Runtime's message.
     """
-    proto = to_proto(model) if isinstance(model, ir.Model) else model
-    data = to_bytes(proto)
-    try:
-        onnx.checker.check_model(proto if isinstance(data, bytes) else data, full_check=False)
-    except Exception as exc:
-        raise InvalidModelError(f"onnx.checker rejected the model: {exc}") from None
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    proto, _ = skeleton(model)
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as folder:
+        open(os.path.join(folder, PLACEHOLDER), "wb").close()
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+        del proto
+        try:
+            onnx.checker.check_model(path, full_check=False)
+        except Exception as exc:
+            raise InvalidModelError(f"onnx.checker rejected the model: {exc}") from None
     if runtime:
         from .runtime import make_session
 
         try:
-            make_session(data, optimize=True)
+            make_session(model, optimize=True)
         except Exception as exc:
             raise InvalidModelError(f"ONNX Runtime refused to load the model: {exc}") from None
 
@@ -198,13 +310,14 @@ def save_model(
     check: bool = True,
     runtime_check: bool = True,
 ) -> int:
-    """Write a model atomically, after checking it.
+    """Write a model atomically, after checking it, one tensor at a time.
 
     Args:
-        model: the model to write.
+        model: the model to write (unchanged).
         path: destination ``.onnx`` path.
-        external_data: store initializers in ``<name>.data`` beside the model; ``None``
-            chooses it when the model is over 2 GB.
+        external_data: store initializers of >= 1 KB in ``<name>.data`` beside the model
+            (tensors of >= 1 MiB at 64 KiB offsets, so ORT can map them); ``None`` chooses it
+            when the model is over 2 GB.
         protect: paths that must never be overwritten (the input model).
         check: run :func:`check_model` first.
         runtime_check: include the ONNX Runtime load in the check (off only for models with
@@ -215,16 +328,20 @@ def save_model(
 
     Raises:
         ModelWriteError: destination equals a protected path, its folder is missing or not
-            writable, or the disk is full; nothing is left at ``path`` in that case.
+            writable, the disk is full, or a model over 2 GB was asked to be written inline;
+            nothing is left at ``path`` in that case.
         InvalidModelError: the model failed the checks; nothing is written.
     """
     dest = Path(path)
     folder = check_output_path(dest, protect, external_data)
-    proto = to_proto(model)
+    inline = model_size_bytes(model)
+    if external_data is False and inline >= PROTOBUF_LIMIT:
+        raise ModelWriteError(f"{dest}: the model is {inline / 1024**3:.2f} GB, over protobuf's 2 GB limit for one "
+                              "file; write it with --external-data")
     if check:
-        check_model(proto, runtime=runtime_check)
+        check_model(model, runtime=runtime_check)
     if external_data is None:
-        external_data = proto.ByteSize() >= PROTOBUF_LIMIT
+        external_data = inline >= PROTOBUF_LIMIT
     tmp_model = tmp_data = None
     data_name = dest.name + ".data"
     try:
@@ -233,33 +350,11 @@ def save_model(
         if external_data:
             fd, tmp_data = tempfile.mkstemp(prefix="." + data_name + ".", suffix=".tmp", dir=folder)
             os.close(fd)
-            os.unlink(tmp_data)  # a unique name only: onnx >= 1.16 refuses to write into an existing file
-            # onnx writes external data at `location` relative to the model's folder: write it
-            # under a temporary name, then rename both.
-            onnx.save_model(
-                proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=Path(tmp_data).name, size_threshold=1024,
-            )
-            if not os.path.exists(tmp_data):  # no tensor reached the threshold: an empty data file
-                open(tmp_data, "wb").close()
-            # point the tensors at the final data file name
-            final = onnx.load(tmp_model, load_external_data=False)
-            for t in _all_tensors(final.graph):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            with open(tmp_model, "wb") as f:
-                f.write(final.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
+        _write(model, tmp_model, folder, data_name, external_data=external_data, data_path=tmp_data)
+        if tmp_data:
             _default_mode(tmp_data)
             os.replace(tmp_data, folder / data_name)
             tmp_data = None
-        else:
-            with open(tmp_model, "wb") as f:
-                f.write(proto.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
         _default_mode(tmp_model)
         os.replace(tmp_model, dest)
         tmp_model = None
@@ -276,6 +371,70 @@ def save_model(
     return size
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+#: protobuf tags (field number << 3 | length-delimited): ModelProto.graph = 7, GraphProto.initializer = 5
+_MODEL_GRAPH, _GRAPH_INITIALIZER = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
+
+
+def _inline_chunk(name: str, tensor: ir.TensorProtocol) -> bytes:
+    """``ModelProto{graph{initializer: [tensor]}}`` serialized: appended to a model's bytes, a
+    protobuf parser merges it into the graph (repeated fields concatenate; protobuf encoding spec)."""
+    t = ir.serde.serialize_tensor(tensor)
+    t.name = name
+    tb = t.SerializeToString()
+    del t
+    g = _GRAPH_INITIALIZER + _varint(len(tb)) + tb
+    del tb
+    return _MODEL_GRAPH + _varint(len(g)) + g
+
+
+def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, data_name: str, *,
+           external_data: bool, data_path: str | os.PathLike | None = None) -> None:
+    """Stream ``model`` to ``path``: its skeleton, then the large tensors one at a time — appended
+    as protobuf chunks (inline) or to ``data_path`` (default ``folder/data_name``) with the
+    skeleton pointing at ``data_name``. Peak extra memory: one tensor's bytes."""
+    if not external_data:
+        proto, weights = skeleton(model)
+        keep = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
+                or {e.key: e.value for e in t.external_data}.get("location") != PLACEHOLDER]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+            for name, t in weights:
+                f.write(_inline_chunk(name, t))
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    offsets: dict[str, int] = {}
+    pos = 0
+    with open(data_path or os.path.join(folder, data_name), "wb") as f:
+        for v in _detachable(model):
+            buf = weight_buffer(v.const_value)
+            if buf.nbytes >= ALIGN_THRESHOLD and pos % ALIGNMENT:
+                f.write(b"\0" * (ALIGNMENT - pos % ALIGNMENT))
+                pos += ALIGNMENT - pos % ALIGNMENT
+            offsets[v.name] = pos
+            f.write(memoryview(buf.astype(buf.dtype.newbyteorder("<"), copy=False)).cast("B"))
+            pos += buf.nbytes
+        f.flush()
+        os.fsync(f.fileno())
+    proto, _ = skeleton(model, location=data_name, offsets=offsets)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _default_mode(path: str) -> None:
     """Give a temp file (mkstemp: 0600) the permissions a plain new file would have (0666 & ~umask)."""
     umask = os.umask(0)
@@ -284,6 +443,26 @@ def _default_mode(path: str) -> None:
 
 
 def model_size_bytes(model: ir.Model | onnx.ModelProto) -> int:
-    """Size in bytes of the serialized model with weights inline."""
-    proto = to_proto(model) if isinstance(model, ir.Model) else model
-    return proto.ByteSize()
+    """Size in bytes of the model serialized with its weights inline, computed from its skeleton
+    and its tensors' sizes (nothing of the weights is serialized): what :func:`save_model` writes
+    without external data."""
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize()
+    proto, weights = skeleton(model)
+    size = proto.ByteSize()
+    for name, t in weights:
+        head = onnx.TensorProto(name=name, data_type=int(t.dtype), dims=[int(d) for d in t.shape.numpy()])
+        raw = 1 + len(_varint(t.nbytes)) + t.nbytes
+        tlen = head.ByteSize() + raw
+        glen = 1 + len(_varint(tlen)) + tlen
+        size += 1 + len(_varint(glen)) + glen
+        # the skeleton's stand-in (same tensor as external data) is not written inline
+        size -= _standin_size(name, t)
+    return size
+
+
+def _standin_size(name: str, t: ir.TensorProtocol) -> int:
+    """Bytes the external-data stand-in of one tensor takes in the skeleton's graph."""
+    sp = ir.serde.serialize_tensor(ir.ExternalTensor(PLACEHOLDER, 0, t.nbytes, t.dtype, shape=t.shape, name=name))
+    n = sp.ByteSize()
+    return 1 + len(_varint(n)) + n

@@ -42,7 +42,9 @@ def upgrade_opset(model: ir.Model, target: int, samples: list[dict[str, np.ndarr
     current = model.opset_imports.get("", 1)
     if current >= target:
         return model, {}
-    proto = ir.to_proto(model)
+    from .model_io import skeleton
+
+    proto, weights = skeleton(model)  # the large weights stay where they are; re-attached below
     upsample_outputs = {n.output[0] for n in proto.graph.node if n.op_type == "Upsample" and n.domain in ("", "ai.onnx")}
     upsample_modes = {n.output[0]: next((a.s.decode() for a in n.attribute if a.name == "mode"), "nearest")
                       for n in proto.graph.node if n.op_type == "Upsample"}
@@ -62,6 +64,9 @@ def upgrade_opset(model: ir.Model, target: int, samples: list[dict[str, np.ndarr
     if conv.ir_version < need_ir:
         conv.ir_version = need_ir
     new = ir.from_proto(conv)
+    for name, tensor in weights:
+        if name in new.graph.initializers:
+            new.graph.initializers[name].const_value = tensor
     info = {"from": current, "to": target, "ir_version": conv.ir_version,
             "upsample_converted": len(upsample_outputs)}
     if samples:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
 PROVIDER_ALIASES = {
@@ -101,21 +102,29 @@ def resolve_providers(names: list[str] | None) -> tuple[list[str], list[str]]:
 
 
 def make_session(
-    model: bytes | str,
+    model: "bytes | str | ir.Model",
     *,
     optimize: bool = True,
     provider: str = "CPUExecutionProvider",
     threads: int | None = None,
     extra_config: dict[str, str] | None = None,
+    extra_outputs: tuple[str, ...] | list[str] = (),
 ) -> ort.InferenceSession:
     """Create an ORT session.
 
     Args:
-        model: serialized model bytes or a file path.
+        model: serialized model bytes, a file path, or an ``onnx_ir.Model``. An ``ir.Model``
+            is not serialized with its weights: ORT gets its skeleton
+            (:func:`onnxcompress.model_io.skeleton`) and the large initializers as buffers it
+            reads in place (``SessionOptions.add_external_initializers``; memory maps stay
+            maps), so a session costs no copy of the weights and works over 2 GB. The buffers
+            are kept alive by the session (``session.onnxcompress_weights``).
         optimize: ``True`` = ``ORT_ENABLE_ALL`` (deployment); ``False`` = ``ORT_DISABLE_ALL`` (reference).
         provider: one execution provider; CPU is appended as fallback.
         threads: intra-op threads (``None``: ORT's default).
         extra_config: session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``.
+        extra_outputs: (``ir.Model`` only) value names made graph outputs, to read
+            intermediate values.
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = (
@@ -127,7 +136,21 @@ def make_session(
     for k, v in (extra_config or {}).items():
         so.add_session_config_entry(k, v)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    return ort.InferenceSession(model, so, providers=providers)
+    keep = []
+    if not isinstance(model, (bytes, str)):
+        from .model_io import skeleton, weight_buffer
+
+        proto, weights = skeleton(model, extra_outputs=extra_outputs, used_only=True)
+        keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
+        if keep:
+            so.add_external_initializers([n for n, _ in weights], keep)
+        model = proto.SerializeToString()
+        del proto
+    elif extra_outputs:
+        raise TypeError("extra_outputs needs an onnx_ir.Model")
+    sess = ort.InferenceSession(model, so, providers=providers)
+    sess.onnxcompress_weights = keep  # ORT reads these buffers for the session's lifetime
+    return sess
 
 
 def run_samples(sess: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

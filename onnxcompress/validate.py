@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 from .runtime import make_session, median_latency_ms, run_samples
 
@@ -111,8 +112,8 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
 
 
 def compare(
-    reference: bytes | str,
-    candidate: bytes | str,
+    reference: "bytes | str | ir.Model",
+    candidate: "bytes | str | ir.Model",
     samples: list[dict[str, np.ndarray]],
     *,
     labels: np.ndarray | None = None,
@@ -122,33 +123,42 @@ def compare(
     """Run both models on ``samples`` and compare every output of the reference.
 
     Args:
-        reference / candidate: serialized models or paths.
+        reference / candidate: serialized models, paths, or ``onnx_ir.Model`` (weights read in
+            place: :func:`onnxcompress.runtime.make_session`).
         samples: feed dicts.
         labels: optional int labels, one per row of the first output over all samples.
         provider: ONNX Runtime execution provider of the candidate (and reference).
         latency: also measure the median latency (ms) of both on the first sample.
 
+    One ORT session exists at a time (reference, then the reference optimized for the latency
+    figure, then the candidate), so validation holds at most one runtime's copy of weights.
+
     A reference output missing from the candidate counts as infinitely wrong.
     """
     ref_sess = make_session(reference, optimize=False, provider=provider)
-    cand_sess = make_session(candidate, optimize=True, provider=provider)
+    ref_outputs = [o.name for o in ref_sess.get_outputs()]
     refs = run_samples(ref_sess, samples)
-    cands = run_samples(cand_sess, samples)
+    del ref_sess
     comp = Comparison(provider=provider, n_samples=len(samples))
-    for o in ref_sess.get_outputs():
-        if o.name not in cands[0]:
-            comp.outputs.append(OutputMetrics(o.name, float("inf"), float("inf"), -1.0, -float("inf"), None))
+    if latency and samples:
+        ref_opt = make_session(reference, optimize=True, provider=provider)
+        comp.latency_ms_reference = median_latency_ms(ref_opt, samples[0])
+        del ref_opt
+    cand_sess = make_session(candidate, optimize=True, provider=provider)
+    cands = run_samples(cand_sess, samples)
+    if latency and samples:
+        comp.latency_ms_candidate = median_latency_ms(cand_sess, samples[0])
+    del cand_sess
+    for name in ref_outputs:
+        if not cands or name not in cands[0]:
+            comp.outputs.append(OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None))
             continue
-        comp.outputs.append(output_metrics(o.name, [r[o.name] for r in refs], [c[o.name] for c in cands]))
+        comp.outputs.append(output_metrics(name, [r[name] for r in refs], [c[name] for c in cands]))
     if labels is not None:
-        first = ref_sess.get_outputs()[0].name
+        first = ref_outputs[0]
         r = np.concatenate([x[first] for x in refs])
         c = np.concatenate([x[first] for x in cands])
         if r.ndim == 2 and len(labels) == r.shape[0]:
             comp.accuracy_reference = float(100.0 * np.mean(r.argmax(-1) == labels))
             comp.accuracy_candidate = float(100.0 * np.mean(c.argmax(-1) == labels))
-    if latency and samples:
-        ref_opt = make_session(reference, optimize=True, provider=provider)
-        comp.latency_ms_reference = median_latency_ms(ref_opt, samples[0])
-        comp.latency_ms_candidate = median_latency_ms(cand_sess, samples[0])
     return comp

@@ -5,6 +5,13 @@ A pass is an onnx-ir :class:`onnx_ir.passes.InPlacePass` that also fills a
 list of passes; for passes marked ``checked`` it runs the model before and after in ONNX
 Runtime (optimizations off) on sample inputs and *reverts* a pass whose outputs moved by
 more than its tolerance, naming it in the report. A pass never writes files or prints.
+
+Checks cost no copy of the weights: the state to revert to is a :func:`snapshot` (onnx-ir's
+``Model.clone``: new nodes and values, the same tensors, which are made read-only so that no
+pass can change them under the snapshot; a pass replaces a tensor, it never edits one), and
+ORT sessions read the weights in place (:func:`onnxcompress.runtime.make_session`). A run of
+consecutive checked passes is checked as one batch — two ORT sessions however many passes —
+and only a batch that misses its tolerance is replayed pass by pass to find the culprit.
 """
 
 from __future__ import annotations
@@ -140,19 +147,48 @@ def output_errors(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarr
 
 
 def reference_outputs(model: ir.Model, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Outputs of ``model`` on ``samples`` under ORT with all graph optimizations off."""
-    from ..model_io import to_bytes
+    """Outputs of ``model`` on ``samples`` under ORT with all graph optimizations off (the
+    weights are read in place, not copied)."""
     from ..runtime import make_session, run_samples
 
-    sess = make_session(to_bytes(model), optimize=False)
+    sess = make_session(model, optimize=False)
     return run_samples(sess, samples)
+
+
+def freeze_weights(model: ir.Model) -> None:
+    """Make the numpy arrays behind the model's in-memory tensors read-only (initializers of
+    every graph and ``Constant`` values), so a tensor shared with a :func:`snapshot` can only be
+    replaced, never edited in place (an edit raises ``ValueError``: the pass is reverted).
+    Tensors read from a file are read-only already."""
+    from ..irutil import subgraphs
+
+    graphs = [model.graph, *subgraphs(model.graph)]
+    for g in graphs:
+        for v in g.initializers.values():
+            raw = getattr(v.const_value, "raw", None)
+            if isinstance(raw, np.ndarray):
+                raw.flags.writeable = False
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant":
+            for a in node.attributes.values():
+                raw = getattr(a.value, "raw", None) if a.type == ir.AttributeType.TENSOR else None
+                if isinstance(raw, np.ndarray):
+                    raw.flags.writeable = False
+
+
+def snapshot(model: ir.Model) -> ir.Model:
+    """A copy of the model to revert to, sharing its tensors: O(nodes + values) time and memory
+    whatever the size of the weights (``onnx_ir.Model.clone``), tensors frozen first
+    (:func:`freeze_weights`)."""
+    freeze_weights(model)
+    return model.clone()
 
 
 #: a rewrite may turn a node into another op type that does the same job under the old name
 _SAME_ROLE = {"Gemm": ("MatMul", "Gemm")}
 
 
-def keep_node_names(before: "onnx.ModelProto", model: ir.Model) -> int:
+def keep_node_names(before: ir.Model, model: ir.Model) -> int:
     """Give nodes a rewrite created (onnxscript names them ``node_Conv_0``...) the name of the node
     they replace, so ``--exclude``, ``--prune-protect``, ``--prune-ratio`` and reports keep using
     the names ``inspect`` shows. The replaced node is a removed node of the same op type (``Gemm``
@@ -160,11 +196,15 @@ def keep_node_names(before: "onnx.ModelProto", model: ir.Model) -> int:
     (Conv -> BatchNormalization folded into one Conv: the Conv), else the only one that read the
     same first input.
 
+    Args:
+        before: the model before the rewrite (a :func:`snapshot`).
+
     Returns:
         How many nodes were renamed.
     """
-    old = {n.name: (n.op_type, list(n.input)) for n in before.graph.node}  # main graph: rewrites run there
-    producer = {o: n.name for n in before.graph.node for o in n.output}
+    old = {n.name: (n.op_type, [i.name if i is not None else "" for i in n.inputs])
+           for n in before.graph}  # main graph: rewrites run there
+    producer = {o.name: n.name for n in before.graph for o in n.outputs}
     now = {n.name for n in model.graph}
     free = {name for name in old if name and name not in now}
     renamed = 0
@@ -193,50 +233,100 @@ def keep_node_names(before: "onnx.ModelProto", model: ir.Model) -> int:
     return renamed
 
 
+def _run_one(model: ir.Model, p: CompressionPass) -> ir.Model:
+    """Run one pass; a pass that raises is reverted (a pass bug must not cost the user the run).
+    Returns the model to go on with (the snapshot when reverted)."""
+    before = snapshot(model)
+    try:
+        p(model)
+        p.report.flush()
+        if p.report.changed:
+            keep_node_names(before, model)
+        return model
+    except Exception as exc:
+        p.report.flush()
+        logger.warning("pass %s failed and was reverted: %s", p.name, exc)
+        p.report.reverted = f"raised {type(exc).__name__}: {exc}"
+        p.report.changed = False
+        return before
+
+
+def _check(model: ir.Model, ref, samples) -> tuple[list | None, float, float, str | None]:
+    """``(outputs, max_abs_err, max_rel_err, why_not_run)`` of ``model`` against ``ref``."""
+    try:
+        got = reference_outputs(model, samples)
+    except Exception as exc:
+        return None, float("inf"), float("inf"), f"ONNX Runtime could not run the result: {exc}"
+    abs_err, rel_err = output_errors(ref, got)
+    return got, abs_err, rel_err, None
+
+
 def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]]) -> tuple[ir.Model, list[PassReport]]:
     """Run passes in order, checking each ``checked`` pass on ``samples``.
 
     A checked pass whose outputs deviate beyond its ``rtol`` from the model before it, that
     raises, or that leaves a model ONNX Runtime cannot run, is reverted; the report says why.
+    Consecutive checked passes are checked together, against the strictest ``rtol`` among those
+    that changed the model; a batch that misses it is replayed from its start, each pass
+    checked alone (fresh pass objects: ``type(p)(p.context)``). Unchecked passes (lossy
+    rewrites, judged later by validation) only make the reference outputs stale.
 
     Returns:
-        ``(model, reports)``; ``model`` may be a new object when a pass was reverted.
+        ``(model, reports)``; ``model`` may be a new object (a snapshot) when a pass was reverted.
     """
-    reports = []
-    ref = reference_outputs(model, samples) if samples and any(p.checked for p in passes) else None
-    for p in passes:
-        snapshot = ir.to_proto(model)
-        try:
-            p(model)
-            p.report.flush()
-            if p.report.changed:
-                keep_node_names(snapshot, model)
-        except Exception as exc:  # a pass bug must not cost the user the run
-            p.report.flush()
-            logger.warning("pass %s failed and was reverted: %s", p.name, exc)
-            p.report.reverted = f"raised {type(exc).__name__}: {exc}"
-            p.report.changed = False
-            model = ir.from_proto(snapshot)
-            reports.append(p.report)
+    reports: list[PassReport] = []
+    ref = None  # outputs of `model` as it stands, when known
+    i = 0
+    while i < len(passes):
+        if not passes[i].checked:
+            model = _run_one(model, passes[i])
+            if passes[i].report.changed:
+                ref = None
+            reports.append(passes[i].report)
+            i += 1
             continue
-        if not p.checked and p.report.changed and samples:
-            # later checked passes compare against the model as this pass left it
-            ref = reference_outputs(model, samples)
-            reports.append(p.report)
-            continue
-        if p.checked and p.report.changed and ref is not None:
-            try:
-                got = reference_outputs(model, samples)
-                abs_err, rel_err = output_errors(ref, got)
-            except Exception as exc:
-                abs_err = rel_err = float("inf")
-                p.report.reverted = f"ONNX Runtime could not run the result: {exc}"
-            p.report.max_abs_err, p.report.max_rel_err = abs_err, rel_err
-            if rel_err > p.rtol:
-                p.report.reverted = p.report.reverted or (
-                    f"outputs moved by {rel_err:.3g} relative (tolerance {p.rtol:g})")
-                logger.warning("pass %s reverted: %s", p.name, p.report.reverted)
-                p.report.changed = False
-                model = ir.from_proto(snapshot)
-        reports.append(p.report)
+        j = i
+        while j < len(passes) and passes[j].checked:
+            j += 1
+        batch = passes[i:j]
+        start = snapshot(model) if samples else None
+        for p in batch:
+            model = _run_one(model, p)
+        changed = [p for p in batch if p.report.changed]
+        if changed and start is not None:
+            if ref is None:
+                ref = reference_outputs(start, samples)
+            got, abs_err, rel_err, why = _check(model, ref, samples)
+            if why is None and rel_err <= min(p.rtol for p in changed):
+                for p in changed:
+                    p.report.max_abs_err, p.report.max_rel_err = abs_err, rel_err
+                ref = got
+            else:
+                model, ref, batch = _one_by_one(start, batch, ref, samples)
+        reports.extend(p.report for p in batch)
+        i = j
     return model, reports
+
+
+def _one_by_one(model: ir.Model, batch: list[CompressionPass], ref, samples):
+    """Replay ``batch`` from ``model`` (its start) with fresh pass objects, checking each one
+    against the outputs before it and reverting those that miss their ``rtol`` or fail in ORT.
+    Returns ``(model, ref, passes)``."""
+    fresh = []
+    for old in batch:
+        p = type(old)(old.context)
+        fresh.append(p)
+        before = snapshot(model)
+        model = _run_one(model, p)
+        if not p.report.changed:
+            continue
+        got, abs_err, rel_err, why = _check(model, ref, samples)
+        p.report.max_abs_err, p.report.max_rel_err = abs_err, rel_err
+        if why or rel_err > p.rtol:
+            p.report.reverted = why or f"outputs moved by {rel_err:.3g} relative (tolerance {p.rtol:g})"
+            logger.warning("pass %s reverted: %s", p.name, p.report.reverted)
+            p.report.changed = False
+            model = before
+        else:
+            ref = got
+    return model, ref, fresh

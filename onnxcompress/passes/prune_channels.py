@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..irutil import UnionFind as _UF, all_value_names, subgraphs, unique_name
-from .base import CompressionPass
+from .base import CompressionPass, snapshot
 
 UNARY = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu", "Selu", "Softplus",
          "Softsign", "Mish", "Gelu", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Identity", "Dropout",
@@ -665,10 +665,9 @@ def count_costs(model: ir.Model, shapes: dict[str, tuple]) -> dict[str, int]:
 
 def run_with_outputs(model: ir.Model, names: list[str], samples: list[dict[str, np.ndarray]], *, optimize: bool = False):
     """Run ``model`` (a copy with ``names`` added as outputs) on each sample; yields dicts name -> array."""
-    from ..model_io import to_bytes
     from ..runtime import make_session
 
-    copy = ir.from_proto(ir.to_proto(model))
+    copy = snapshot(model)
     by_name = {}
     for v in copy.graph.inputs:
         by_name[v.name] = v
@@ -681,7 +680,7 @@ def run_with_outputs(model: ir.Model, names: list[str], samples: list[dict[str, 
             by_name[n].shape = None
             copy.graph.outputs.append(by_name[n])
             existing.add(n)
-    sess = make_session(to_bytes(copy), optimize=optimize)
+    sess = make_session(copy, optimize=optimize)
     out_names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
     for feed in samples:
@@ -884,7 +883,7 @@ class ChannelPrunePass(CompressionPass):
                           round_to=int(o.get("round_to", 1)))
         if not removed:
             return False
-        original = ir.from_proto(ir.to_proto(model))
+        original = snapshot(model)
         stats = apply_removal(model, dep, removed)
         rep.counts.update(stats)
         do_repair = bool(o.get("repair", True)) and calib

@@ -24,12 +24,11 @@ from ..irutil import all_value_names
 
 def fidelity(reference: ir.Model, candidate: ir.Model, samples: list[dict[str, np.ndarray]]) -> dict[str, float | None]:
     """Worst output metrics of ``candidate`` against ``reference`` (ORT, optimizations off)."""
-    from ..model_io import to_bytes
     from ..runtime import make_session, run_samples
     from ..validate import output_metrics
 
-    ref = run_samples(make_session(to_bytes(reference), optimize=False), samples)
-    got = run_samples(make_session(to_bytes(candidate), optimize=False), samples)
+    ref = run_samples(make_session(reference, optimize=False), samples)
+    got = run_samples(make_session(candidate, optimize=False), samples)
     ms = [output_metrics(n, [r[n] for r in ref], [g[n] for g in got]) for n in ref[0]]
     agree = [m.top1_agreement for m in ms if m.top1_agreement is not None]
     return {"max_rel_err": round(max(m.max_rel_err for m in ms), 6), "cosine": round(min(m.cosine for m in ms), 6),

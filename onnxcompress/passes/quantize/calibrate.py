@@ -291,21 +291,13 @@ def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndar
     """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made graph
     outputs; yield, per sample, ``{name: value}`` of the names ONNX Runtime produced.
 
-    ``model`` is an ``onnx_ir.Model`` and is not modified (a serialized copy gets the outputs).
+    ``model`` is an ``onnx_ir.Model`` and is not modified (the session's skeleton gets the outputs;
+    the weights are read in place).
     With optimizations off, Q/DQ pairs run as separate operators: the ONNX semantics of an int8
     model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a fused kernel's."""
-    import onnx
-    import onnx_ir as ir
-
-    from ...model_io import to_bytes
     from ...runtime import make_session
 
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for n in tensor_names:
-        if n not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    sess = make_session(to_bytes(proto), optimize=False)
+    sess = make_session(model, optimize=False, extra_outputs=list(dict.fromkeys(tensor_names)))
     produced = {o.name for o in sess.get_outputs()}
     wanted = [n for n in tensor_names if n in produced]
     feeds_ok = {i.name for i in sess.get_inputs()}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..base import CompressionPass
+from ..base import CompressionPass, snapshot
 from ...irutil import add_initializer, all_value_names, replace_node, unique_name
 from . import calibrate, params
 from .policy import resolve_policy
@@ -608,7 +608,7 @@ class StaticQuantizePass(CompressionPass):
 
         def cut_model(names):
             """A copy of ``model`` computing only ``names`` (and what they need)."""
-            m = ir.from_proto(ir.to_proto(model))
+            m = snapshot(model)
             vals = {v.name: v for node in m.graph for v in node.outputs}
             m.graph.outputs.clear()
             m.graph.outputs.extend(vals[n] for n in names)
