@@ -23,6 +23,7 @@ import onnx_ir as ir
 from . import __version__
 from .data import ImageSpec, input_specs, load_image_folder, load_npz, random_samples, split_holdout
 from .errors import DataError, GateFailedError, ModelLoadError, ModelWriteError, OnnxCompressError
+from .cost import StageMeter
 from .inspect import summarize
 from .model_io import check_model, check_output_path, external_data_files, load_model, save_model, to_bytes
 from .opset import upgrade_opset
@@ -55,7 +56,7 @@ AUTO_COSINE_SLACK = 0.01
 PRUNE_MODES = ("unstructured", "channel", "nm")
 #: the zlib size of input and output (what unstructured zeros save) is measured with pruning, or
 #: when both files together are at most this large (zlib costs about 20 s per GB)
-ZLIB_MEASURE_BYTES = 256 << 20
+ZLIB_MEASURE_BYTES = 64 << 20
 
 
 @dataclass
@@ -278,9 +279,14 @@ def optimize(
     """
     opts = options or OptimizeOptions()
     opts.check()
-    say = progress or (lambda s: None)
     if opts.quantize == "auto":
-        return _optimize_auto(Path(input_path), Path(output_path), opts, say)
+        return _optimize_auto(Path(input_path), Path(output_path), opts, progress or (lambda s: None))
+    meter = StageMeter()
+
+    def say(msg: str) -> None:  # a stage starts: its time and peak memory go to report["cost"]
+        meter.start(msg)
+        if progress:
+            progress(msg)
     t0 = time.perf_counter()
     inp, out = Path(input_path), Path(output_path)
     if out.exists() and out.resolve() == inp.resolve():
@@ -496,6 +502,7 @@ def optimize(
     if not passed:
         report["written"] = False
         report["seconds"] = round(time.perf_counter() - t0, 2)
+        report["cost"] = _cost(meter)
         err = GateFailedError("; ".join(g.get("why") or f"{g['gate']} {g['value']:.6g} misses {g['limit']:g} on {g['provider']}"
                                         for g in gates if not g["passed"]) + f" -- {out} not written")
         err.report = report  # type: ignore[attr-defined]
@@ -512,7 +519,15 @@ def optimize(
                      f"{ZLIB_MEASURE_BYTES >> 20} MB, and always with pruning, whose zeros they show)")
     report["written"] = True
     report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["cost"] = _cost(meter)
     return OptimizeResult(out, report, True)
+
+
+def _cost(meter: StageMeter) -> dict[str, Any]:
+    """The run's own cost: per stage wall seconds and peak RSS (MiB), and the whole run's peak."""
+    stages = meter.finish()
+    return {"stages": stages, "peak_rss_mb": round(meter.process_peak_mb, 1),
+            "peak_per_stage": meter.exact}
 
 
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training")

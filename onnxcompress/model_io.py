@@ -245,7 +245,9 @@ def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> N
 
     The checker reads the model's :func:`skeleton` (its large weights stand-ins for external
     data) from a private temporary folder, so no copy of the weights is made and a model over
-    2 GB is checked like any other; ORT gets the weights as buffers (:func:`make_session`).
+    2 GB is checked like any other; ORT loads it without graph optimizations and reads the
+    weights in place (:func:`onnxcompress.runtime.make_session`) — the optimized load is
+    validation's (``api.optimize`` runs the candidate optimized before writing).
 
     Raises:
         InvalidModelError: with the checker's or ONNX Runtime's message.
@@ -266,8 +268,8 @@ def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> N
     if runtime:
         from .runtime import make_session
 
-        try:
-            make_session(model, optimize=True)
+        try:  # a load without optimizations (no copy of the weights); validation runs it optimized
+            make_session(model, optimize=False)
         except Exception as exc:
             raise InvalidModelError(f"ONNX Runtime refused to load the model: {exc}") from None
 

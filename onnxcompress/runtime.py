@@ -8,8 +8,12 @@ integer kernels such as QLinearConv).
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -101,6 +105,22 @@ def resolve_providers(names: list[str] | None) -> tuple[list[str], list[str]]:
     return out, skipped
 
 
+_SESSION_DIR: list[str] = []
+
+
+def _session_dir() -> str:
+    """A private folder for session skeletons, with the empty stand-in file their external-data
+    entries name (ORT checks that it exists; it never reads it: the buffers replace it)."""
+    if not _SESSION_DIR or not os.path.isdir(_SESSION_DIR[0]):
+        from .model_io import PLACEHOLDER
+
+        folder = tempfile.mkdtemp(prefix="onnxcompress-sessions-")
+        open(os.path.join(folder, PLACEHOLDER), "wb").close()
+        atexit.register(shutil.rmtree, folder, True)
+        _SESSION_DIR[:] = [folder]
+    return _SESSION_DIR[0]
+
+
 def make_session(
     model: "bytes | str | ir.Model",
     *,
@@ -114,12 +134,17 @@ def make_session(
 
     Args:
         model: serialized model bytes, a file path, or an ``onnx_ir.Model``. An ``ir.Model``
-            is not serialized with its weights: ORT gets its skeleton
-            (:func:`onnxcompress.model_io.skeleton`) and the large initializers as buffers it
-            reads in place (``SessionOptions.add_external_initializers``; memory maps stay
-            maps), so a session costs no copy of the weights and works over 2 GB. The buffers
-            are kept alive by the session (``session.onnxcompress_weights``).
-        optimize: ``True`` = ``ORT_ENABLE_ALL`` (deployment); ``False`` = ``ORT_DISABLE_ALL`` (reference).
+            is not serialized with its weights (so it works over 2 GB): ORT loads its skeleton
+            (:func:`onnxcompress.model_io.skeleton`, from a private temporary file) and gets the
+            large initializers as buffers. Without optimizations they are user buffers
+            (``SessionOptions.add_initializer``) read in place — memory maps stay maps, no copy;
+            the stand-in file is empty, so anything that tried to read it would fail loudly.
+            With optimizations ORT's graph transformers must see the values, so they are
+            injected into its graph (``add_external_initializers``, which ORT copies). The
+            buffers are kept alive by the session (``session.onnxcompress_weights``).
+        optimize: ``True`` = ``ORT_ENABLE_ALL`` (deployment, weights pre-packed for the
+            kernels: a copy of the GEMM weights); ``False`` = ``ORT_DISABLE_ALL`` and no
+            pre-packing (references and checks: no copy of the weights).
         provider: one execution provider; CPU is appended as fallback.
         threads: intra-op threads (``None``: ORT's default).
         extra_config: session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``.
@@ -131,25 +156,37 @@ def make_session(
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.log_severity_level = 3
+    if not optimize:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
     for k, v in (extra_config or {}).items():
         so.add_session_config_entry(k, v)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    keep = []
-    if not isinstance(model, (bytes, str)):
-        from .model_io import skeleton, weight_buffer
+    if isinstance(model, (bytes, str)):
+        if extra_outputs:
+            raise TypeError("extra_outputs needs an onnx_ir.Model")
+        sess = ort.InferenceSession(model, so, providers=providers)
+        sess.onnxcompress_weights = ()
+        return sess
+    from .model_io import skeleton, weight_buffer
 
-        proto, weights = skeleton(model, extra_outputs=extra_outputs, used_only=True)
-        keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
-        if keep:
-            so.add_external_initializers([n for n, _ in weights], keep)
-        model = proto.SerializeToString()
+    proto, weights = skeleton(model, extra_outputs=extra_outputs, used_only=True)
+    keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
+    if optimize and keep:
+        so.add_external_initializers([n for n, _ in weights], keep)
+    else:
+        for (name, _), v in zip(weights, keep):
+            so.add_initializer(name, v)
+    fd, path = tempfile.mkstemp(suffix=".onnx", dir=_session_dir())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
         del proto
-    elif extra_outputs:
-        raise TypeError("extra_outputs needs an onnx_ir.Model")
-    sess = ort.InferenceSession(model, so, providers=providers)
-    sess.onnxcompress_weights = keep  # ORT reads these buffers for the session's lifetime
+        sess = ort.InferenceSession(path, so, providers=providers)
+    finally:
+        os.unlink(path)
+    sess.onnxcompress_weights = (so, keep)  # ORT reads these buffers for the session's lifetime
     return sess
 
 
