@@ -57,6 +57,9 @@ PRUNE_MODES = ("unstructured", "channel", "nm")
 #: the zlib size of input and output (what unstructured zeros save) is measured with pruning, or
 #: when both files together are at most this large (zlib costs about 20 s per GB)
 ZLIB_MEASURE_BYTES = 64 << 20
+#: the quick latency figure of validation needs a second, pre-packed copy of the weights in ORT:
+#: skipped (with a note) for models larger than this; ``onnxcompress bench`` measures any size
+QUICK_LATENCY_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -439,7 +442,12 @@ def optimize(
     providers, skipped = resolve_providers(list(opts.providers))
     notes.extend(skipped)
     providers = providers if runtime_ok else []
-    validation = _validate(original, model, val, labels, providers, opts.latency)
+    latency = opts.latency
+    if latency and before["size_bytes"] > QUICK_LATENCY_MAX_BYTES:
+        latency = False
+        notes.append(f"quick latency not measured: the model is over {QUICK_LATENCY_MAX_BYTES >> 30} GB and the "
+                     "timing needs another pre-packed copy of its weights; use `onnxcompress bench`")
+    validation = _validate(original, model, val, labels, providers, latency)
     gates = _gates(opts, validation)
     index_outs = sorted({o["name"] for v in validation for o in v["outputs"] if o.get("integer")})
     if index_outs and (opts.max_rel_error is not None or opts.min_cosine is not None) and opts.min_top1_agreement is None:
@@ -483,7 +491,7 @@ def optimize(
         reports = reports[: len(reports) - len(qreps)] + qreps
         report["fallback"] = {"rounds": rounds, "kept_in_float": rounds[-1]["kept_in_float"] if rounds else [],
                               "passed": passed, "node_sqnr_db": first_sqnr}
-        if passed and opts.latency:
+        if passed and latency:
             validation = _validate(original, model, val, labels, providers, latency=True)
     for v in validation:
         lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
@@ -515,8 +523,8 @@ def optimize(
         after["compressed_bytes"] = _compressed_size([out, *external_data_files(out)])
         report["before"]["compressed_bytes"] = _compressed_size(in_files)
     else:
-        notes.append(f"zlib sizes not measured (about 20 s per GB; done for models under "
-                     f"{ZLIB_MEASURE_BYTES >> 20} MB, and always with pruning, whose zeros they show)")
+        notes.append(f"zlib sizes not measured (about 20 s per GB; done when input and output together are "
+                     f"at most {ZLIB_MEASURE_BYTES >> 20} MB, and always with pruning, whose zeros they show)")
     report["written"] = True
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["cost"] = _cost(meter)

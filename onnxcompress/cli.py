@@ -161,6 +161,7 @@ def optimize(
     smooth_quant: bool = typer.Option(True, "--smooth-quant/--no-smooth-quant", help="SmoothQuant: move activation outlier channels of MatMul/Attention inputs into the weights, where it lowers the int8 error."),
     fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="When a gate is missed after quantization, keep the least int8-friendly nodes in float until it holds."),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--inline-data", help="Store weights in OUT.data (default: only over 2 GB)."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Quick median latency of both models in validation (skipped over 1 GB; `onnxcompress bench` is the careful measure)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the full report as JSON."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib and jinja2)."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Image folders: HxW after resize + centre crop (default: the model's input)."),
@@ -203,7 +204,7 @@ def optimize(
         max_rel_error=max_rel_error, min_cosine=min_cosine, min_top1_agreement=min_top1_agreement, fallback=fallback,
         bias_correction=bias_correction, bias_correction_mode=bias_correction_mode, smooth_quant=smooth_quant,
         equalize={"on": True, "off": False, "true": True, "false": False}.get(equalize.lower(), equalize.lower()),
-        external_data=external_data, image=image,
+        external_data=external_data, image=image, latency=latency,
     )
     _check_out_paths(report=report, html=html)
     try:
@@ -289,6 +290,11 @@ def _render(rep: dict) -> None:
         t.add_row("size (zlib)", _fmt_bytes(b["compressed_bytes"]), _fmt_bytes(a["compressed_bytes"]),
                   _ratio(b["compressed_bytes"], a["compressed_bytes"], "smaller", "larger"))
     t.add_row("nodes", str(b["n_nodes"]), str(a["n_nodes"]), "")
+    cost = rep.get("cost")
+    if cost and cost.get("stages"):
+        slow = max(cost["stages"], key=lambda st: st["seconds"])
+        t.add_row("tool's own cost", "", f"{sum(st['seconds'] for st in cost['stages']):.1f} s, "
+                  f"peak {cost['peak_rss_mb'] / 1024:.2f} GB RSS", f"slowest: {slow['stage']} ({slow['seconds']:.1f} s)")
     t.add_row("weight sparsity", f"{b['sparsity_pct']} %", f"{a['sparsity_pct']} %", "")
     for v in rep.get("validation", []):
         lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")

@@ -385,18 +385,28 @@ def _varint(n: int) -> bytes:
 
 #: protobuf tags (field number << 3 | length-delimited): ModelProto.graph = 7, GraphProto.initializer = 5
 _MODEL_GRAPH, _GRAPH_INITIALIZER = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
+#: TensorProto.raw_data = 9, length-delimited
+_RAW_DATA = bytes([9 << 3 | 2])
 
 
-def _inline_chunk(name: str, tensor: ir.TensorProtocol) -> bytes:
-    """``ModelProto{graph{initializer: [tensor]}}`` serialized: appended to a model's bytes, a
-    protobuf parser merges it into the graph (repeated fields concatenate; protobuf encoding spec)."""
-    t = ir.serde.serialize_tensor(tensor)
-    t.name = name
-    tb = t.SerializeToString()
-    del t
-    g = _GRAPH_INITIALIZER + _varint(len(tb)) + tb
-    del tb
-    return _MODEL_GRAPH + _varint(len(g)) + g
+def _inline_chunk(name: str, tensor: ir.TensorProtocol) -> list:
+    """``ModelProto{graph{initializer: [tensor]}}`` serialized, as pieces to write in order (the
+    tensor's bytes are a view, not a copy): appended to a model's bytes, a protobuf parser merges
+    it into the graph (repeated fields concatenate; protobuf encoding spec). The tensor's data
+    is always written as ``raw_data``, whatever it was read from (a memory map included)."""
+    buf = weight_buffer(tensor)
+    head = onnx.TensorProto(name=name, data_type=int(tensor.dtype),
+                            dims=[int(d) for d in tensor.shape.numpy()]).SerializeToString()
+    raw_head = _RAW_DATA + _varint(buf.nbytes)
+    tlen = len(head) + len(raw_head) + buf.nbytes
+    glen = 1 + len(_varint(tlen)) + tlen
+    return [_MODEL_GRAPH + _varint(glen) + _GRAPH_INITIALIZER + _varint(tlen) + head + raw_head,
+            _le_bytes(buf)]
+
+
+def _le_bytes(buf: np.ndarray) -> memoryview:
+    """The array's bytes, little-endian (ONNX's order), as a flat view where no swap is needed."""
+    return memoryview(buf.astype(buf.dtype.newbyteorder("<"), copy=False)).cast("B")
 
 
 def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, data_name: str, *,
@@ -413,7 +423,8 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
         with open(path, "wb") as f:
             f.write(proto.SerializeToString())
             for name, t in weights:
-                f.write(_inline_chunk(name, t))
+                for piece in _inline_chunk(name, t):
+                    f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         return
@@ -426,7 +437,7 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
                 f.write(b"\0" * (ALIGNMENT - pos % ALIGNMENT))
                 pos += ALIGNMENT - pos % ALIGNMENT
             offsets[v.name] = pos
-            f.write(memoryview(buf.astype(buf.dtype.newbyteorder("<"), copy=False)).cast("B"))
+            f.write(_le_bytes(buf))
             pos += buf.nbytes
         f.flush()
         os.fsync(f.fileno())
