@@ -69,8 +69,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
     if not p.is_file():
         raise ModelLoadError(f"{p}: not a regular file (a FIFO or a device?); expected an .onnx file")
+    weights: dict[str, np.ndarray] = {}
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto = _load_lean(p, weights)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
         raise ModelLoadError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not proto.graph.node and not proto.graph.output:
@@ -79,10 +80,143 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
         ir.external_data.set_base_dir(model.graph, p.parent)
+        for name, arr in weights.items():
+            v = model.graph.initializers[name]
+            v.const_value = ir.Tensor(arr, name=name)
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot convert to onnx-ir ({type(exc).__name__}: {exc})") from None
     model.meta["onnxcompress.external_files"] = files
     return model
+
+
+def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ValueError("truncated or malformed protobuf varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """Yield ``(field number, wire type, field start, payload start, field end)`` of the
+    protobuf message in ``buf[start:end]`` (encoding spec: varint, I64, LEN, I32)."""
+    pos = start
+    while pos < end:
+        f0 = pos
+        key, pos = _read_varint(buf, pos, end)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            _, pos = _read_varint(buf, pos, end)
+            yield num, wt, f0, pos, pos
+            continue
+        if wt == 1:
+            p0, pos = pos, pos + 8
+        elif wt == 2:
+            n, p0 = _read_varint(buf, pos, end)
+            pos = p0 + n
+        elif wt == 5:
+            p0, pos = pos, pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+        if pos > end:
+            raise ValueError("truncated protobuf field")
+        yield num, wt, f0, p0, pos
+
+
+def _load_lean(path: Path, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Parse a model file without holding its bytes twice: the main graph's large ``raw_data``
+    initializers are read straight from the file into aligned numpy arrays (``weights``, by
+    name) and left out of the parsed protobuf (the skeleton), so peak memory is one copy of the
+    weights plus the graph, and ``Tensor.numpy()`` later returns those arrays without a copy.
+    Anything unusual (no graph, data held elsewhere, other dtypes) stays in the protobuf as is.
+    Raises ``ValueError`` / protobuf's ``DecodeError`` on a malformed file."""
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                body = _lean_body(buf, size, f, weights)
+            finally:
+                buf.release()
+    return onnx.load_model_from_string(body)
+
+
+def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray]) -> bytes:
+    """The model's bytes with the main graph's large raw initializers stripped (see :func:`_load_lean`)."""
+    graph = None
+    for num, wt, f0, p0, end in _fields(buf, 0, size):
+        if num == 7 and wt == 2:
+            graph = (f0, p0, end)
+    if graph is None:  # nothing to strip: let protobuf parse (and judge) it
+        return bytes(buf)
+    body = bytearray()
+    for num, wt, f0, p0, end in _fields(buf, 0, size):
+        if (f0, p0, end) != graph:
+            body += buf[f0:end]
+    pieces = []
+    for num, wt, f0, p0, end in _fields(buf, graph[1], graph[2]):
+        lean = _strip_raw(buf, p0, end, f, weights) if num == 5 and wt == 2 else None
+        pieces.append(bytes(buf[f0:end]) if lean is None else _GRAPH_INITIALIZER + _varint(len(lean)) + lean)
+    body += _MODEL_GRAPH + _varint(sum(len(x) for x in pieces))
+    for piece in pieces:
+        body += piece
+    return bytes(body)
+
+
+def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray]) -> bytes | None:
+    """A TensorProto in ``buf[start:end]`` without its ``raw_data`` field, the data read into
+    ``weights[name]``; ``None`` when it is not a plain large raw tensor of a buffer dtype."""
+    name, dtype, dims, raw, other = None, None, [], None, False
+    keep = []
+    for num, wt, f0, p0, fend in _fields(buf, start, end):
+        if num == 9 and wt == 2:
+            raw = (f0, p0, fend)
+            continue
+        keep.append((f0, fend))
+        if num == 8 and wt == 2:
+            name = bytes(buf[p0:fend]).decode("utf-8", "replace")
+        elif num == 2 and wt == 0:
+            dtype = _read_varint(buf, f0 + 1, fend)[0]
+        elif num == 1:
+            if wt == 0:
+                dims.append(_read_varint(buf, f0 + 1, fend)[0])
+            else:  # packed
+                pos = p0
+                while pos < fend:
+                    d, pos = _read_varint(buf, pos, fend)
+                    dims.append(d)
+        elif num in (14, 13, 4, 5, 6, 7, 10, 11, 3, 12):  # external data, typed data, segment...
+            other = True
+    if raw is None or other or name is None or not name or dtype is None or name in weights:
+        return None
+    try:
+        dt = ir.DataType(dtype)
+    except ValueError:
+        return None
+    nbytes = raw[2] - raw[1]
+    if dt not in _BUFFER_DTYPES or nbytes < BIG_TENSOR_BYTES or any(d > 1 << 40 for d in dims):
+        return None
+    npdt = np.dtype(dt.numpy()).newbyteorder("<")
+    if int(np.prod(dims, dtype=np.int64)) * npdt.itemsize != nbytes:
+        return None
+    arr = np.empty(dims, dtype=npdt)
+    f.seek(raw[1])
+    if f.readinto(memoryview(arr).cast("B")) != nbytes:
+        raise ValueError(f"initializer '{name}': file ends inside its data")
+    weights[name] = arr if npdt.isnative else arr.astype(npdt.newbyteorder("="))
+    out = bytearray()
+    for f0, fend in keep:
+        out += buf[f0:fend]
+    return bytes(out)
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:

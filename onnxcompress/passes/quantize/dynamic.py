@@ -143,7 +143,7 @@ class DynamicQuantizePass(CompressionPass):
     @staticmethod
     def _weight_kn(node: ir.Node) -> tuple[np.ndarray, float]:
         """The weight as [K, N] float32 and Gemm's alpha (1 for MatMul)."""
-        w = node.inputs[1].const_value.numpy().astype(np.float32)
+        w = node.inputs[1].const_value.numpy().astype(np.float32, copy=False)
         if node.op_type == "Attention":  # [D, 3 * hidden], already [K, N]
             return w, 1.0
         if node.op_type == "Gemm":

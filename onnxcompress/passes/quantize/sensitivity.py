@@ -55,7 +55,15 @@ def node_outputs(
 
     Returns:
         ``(reference output, output with quantized inputs)``.
+
+    A plain ``MatMul`` (no attributes, two inputs) is computed with numpy's float32 ``matmul``
+    (the same product ORT's CPU kernel computes, up to summation order) instead of two
+    one-node ORT sessions: no session, no copy of the weight into a probe model.
     """
+    if op_type == "MatMul" and not attributes and len(float_inputs) == 2 and all(
+            isinstance(v, np.ndarray) and v.dtype == np.float32 for v in (*float_inputs, *quant_inputs)):
+        return (np.matmul(float_inputs[0], float_inputs[1]).astype(np.float64),
+                np.matmul(quant_inputs[0], quant_inputs[1]).astype(np.float64))
     def build(values):
         inits, graph_inputs, names, feeds = [], [], [], {}
         for i, (v, is_const) in enumerate(zip(values, const_mask)):
