@@ -1,43 +1,36 @@
 """The tool's own cost: wall time and peak resident memory per stage of a run.
 
-Peak RSS per stage comes from Linux's ``VmHWM`` (``/proc/self/status``), reset at each stage
-start by writing ``5`` to ``/proc/self/clear_refs`` (proc(5)); where that is not possible the
-figure is the process peak so far (``getrusage``'s ``ru_maxrss``), which is then only an upper
-bound for the stage. Units: seconds and MiB.
+Peak RSS per stage comes from a background thread sampling the resident set size
+(``/proc/self/statm``, every :data:`SAMPLE_S` seconds) — resetting the kernel's high-water mark
+(``clear_refs``) would also reset what ``getrusage`` / ``time -v`` report for the whole process,
+so it is not touched. A spike shorter than the interval can be missed; the whole run's peak is
+the larger of the samples and the kernel's ``ru_maxrss``. Where ``/proc`` is missing, stages
+report the process peak so far. Units: seconds and MiB.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+import threading
 import time
 
 
-def _status_kib(key: str) -> int | None:
+#: seconds between two RSS samples
+SAMPLE_S = 0.02
+
+
+def _rss_mib() -> float | None:
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
     except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+        return None
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident set size since start (or the last reset), in MiB."""
-    hwm = _status_kib("VmHWM")
-    if hwm is not None:
-        return hwm / 1024
+    """The process's peak resident set size since start, in MiB (``getrusage``)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -45,31 +38,48 @@ def peak_rss_mib() -> float:
 class StageMeter:
     """Records ``{"stage", "seconds", "peak_rss_mb"}`` for consecutive stages.
 
-    ``start(name)`` closes the running stage and opens the next; ``finish()`` closes the last
-    and returns the list (JSON-ready). ``exact`` says whether each stage's peak was measured
-    on its own (``False``: the process peak so far, an upper bound)."""
+    ``start(name)`` closes the running stage and opens the next; ``finish()`` closes the last,
+    stops the sampler and returns the list (JSON-ready). ``exact`` is ``False`` where RSS cannot
+    be sampled (then each stage reports the process peak so far, an upper bound)."""
 
     def __init__(self) -> None:
         self.stages: list[dict] = []
         self._name: str | None = None
         self._t0 = 0.0
-        self.exact = True
-        self.process_peak_mb = 0.0
+        self._peak = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.exact = _rss_mib() is not None
+        self._thread = threading.Thread(target=self._sample, daemon=True) if self.exact else None
+        if self._thread:
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            rss = _rss_mib() or 0.0
+            with self._lock:
+                self._peak = max(self._peak, rss)
 
     def start(self, name: str) -> None:
         self._close()
         self._name, self._t0 = name, time.perf_counter()
-        self.exact = _reset_peak() and self.exact
+        with self._lock:
+            self._peak = _rss_mib() or 0.0
 
     def _close(self) -> None:
         if self._name is None:
             return
-        peak = peak_rss_mib()
-        self.process_peak_mb = max(self.process_peak_mb, peak)
+        with self._lock:
+            peak = max(self._peak, _rss_mib() or 0.0) if self.exact else peak_rss_mib()
         self.stages.append({"stage": self._name, "seconds": round(time.perf_counter() - self._t0, 3),
                             "peak_rss_mb": round(peak, 1)})
         self._name = None
 
+    @property
+    def process_peak_mb(self) -> float:
+        return max([peak_rss_mib(), *(st["peak_rss_mb"] for st in self.stages)])
+
     def finish(self) -> list[dict]:
         self._close()
+        self._stop.set()
         return self.stages

@@ -292,20 +292,20 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _detachable(model: ir.Model, *, used_only: bool = False) -> list[ir.Value]:
+def _detachable(model: ir.Model) -> list[ir.Value]:
     """Main-graph initializers worth keeping out of a protobuf: at least :data:`BIG_TENSOR_BYTES`,
-    of a dtype ORT takes as a buffer, not also a graph input (an overridable default).
-
-    ``used_only`` (sessions): only those some node reads and that are not graph outputs — ORT
-    drops an unused initializer before it could take its buffer."""
+    of a dtype ORT takes as a buffer, not also a graph input (an overridable default)."""
     inputs = {v.name for v in model.graph.inputs}
     out = []
     for v in model.graph.initializers.values():
         t = v.const_value
         if t is not None and v.name not in inputs and t.dtype in _BUFFER_DTYPES and t.nbytes >= BIG_TENSOR_BYTES:
-            if not used_only or (v.uses() and not v.is_graph_output()):
-                out.append(v)
+            out.append(v)
     return out
+
+
+def _unused(v: ir.Value) -> bool:
+    return not v.uses() and not v.is_graph_output()
 
 
 def skeleton(model: ir.Model, *, location: str = PLACEHOLDER, offsets: dict[str, int] | None = None,
@@ -319,13 +319,15 @@ def skeleton(model: ir.Model, *, location: str = PLACEHOLDER, offsets: dict[str,
     Args:
         extra_outputs: value names to add as graph outputs (float, shape unknown) — for reading
             intermediate values in ORT.
-        used_only: detach only initializers some node reads (for an ORT session).
+        used_only: for an ORT session: large initializers no node reads (a pass's replaced
+            weights before dead-code removal) are left out altogether — ORT would drop them,
+            and they must not travel inline — and are not among the returned weights.
 
     Returns:
         ``(proto, weights)``: the small protobuf (no ``value_info``) and the detached
         ``(name, tensor)`` pairs in the order they were detached.
     """
-    vals = _detachable(model, used_only=used_only)
+    vals = _detachable(model)
     saved = [(v, v.const_value) for v in vals]
     try:
         for v, t in saved:
@@ -336,6 +338,13 @@ def skeleton(model: ir.Model, *, location: str = PLACEHOLDER, offsets: dict[str,
         for v, t in saved:
             v.const_value = t
     del proto.graph.value_info[:]
+    if used_only:
+        unused = {v.name for v, _ in saved if _unused(v)}
+        if unused:
+            keep = [t for t in proto.graph.initializer if t.name not in unused]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(keep)
+            saved = [(v, t) for v, t in saved if v.name not in unused]
     if extra_outputs:
         existing = {o.name for o in proto.graph.output}
         proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
