@@ -4,8 +4,9 @@ Peak RSS per stage comes from a background thread sampling the resident set size
 (``/proc/self/statm``, every :data:`SAMPLE_S` seconds) — resetting the kernel's high-water mark
 (``clear_refs``) would also reset what ``getrusage`` / ``time -v`` report for the whole process,
 so it is not touched. A spike shorter than the interval can be missed; the whole run's peak is
-the larger of the samples and the kernel's ``ru_maxrss``. Where ``/proc`` is missing, stages
-report the process peak so far. Units: seconds and MiB.
+the larger of the samples and the kernel's ``ru_maxrss``. Where ``/proc`` is missing or the
+address space is capped (``RLIMIT_AS``: a thread may fail to start), stages report the process
+peak so far. Units: seconds and MiB.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ class StageMeter:
     """Records ``{"stage", "seconds", "peak_rss_mb"}`` for consecutive stages.
 
     ``start(name)`` closes the running stage and opens the next; ``finish()`` closes the last,
-    stops the sampler and returns the list (JSON-ready). ``exact`` is ``False`` where RSS cannot
-    be sampled (then each stage reports the process peak so far, an upper bound)."""
+    stops the sampler and returns the list (JSON-ready). ``exact`` is ``False`` where RSS is not
+    sampled (then each stage reports the process peak so far, an upper bound)."""
 
     def __init__(self) -> None:
         self.stages: list[dict] = []
@@ -49,7 +50,9 @@ class StageMeter:
         self._peak = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.exact = _rss_mib() is not None
+        # a thread cannot always start under an address-space cap (glibc aborts, or CPython waits
+        # forever for it): there, stages report the process peak so far
+        self.exact = _rss_mib() is not None and resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
         self._thread = threading.Thread(target=self._sample, daemon=True) if self.exact else None
         if self._thread:
             self._thread.start()
