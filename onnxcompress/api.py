@@ -419,7 +419,10 @@ def optimize(
             say(f"upgrading opset {opset} -> 13")
             model, info = upgrade_opset(model, 13, check_samples)
             report["opset_upgrade"] = info
-        if opts.smooth_quant:
+        if opts.smooth_quant and not opts.calibration:
+            notes.append("SmoothQuant skipped: no --calibration data (smoothing factors chosen on random inputs "
+                         "would move real outliers at random)")
+        elif opts.smooth_quant:
             # SmoothQuant once, before the fallback's starting point: the fallback's rounds then
             # re-quantize the same (smoothed, fp32-equivalent) model and its calibration cache
             # stays valid (passes/quantize/smooth.py)

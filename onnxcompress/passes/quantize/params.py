@@ -154,6 +154,12 @@ def weight_params(w: np.ndarray, axis: int | None, qmax: int,
 
     A channel that is all zero (or only subnormal values) gets scale 1.
     """
+    if pairs is None and w.dtype == np.float32:  # abs and max are exact in float32: no float64 copy
+        red = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+        absmax = np.asarray(np.abs(w).max(axis=red) if w.size else np.float32(0), np.float64)
+        if axis is not None and not red:
+            absmax = np.abs(w).astype(np.float64)
+        return np.where(absmax < TINY, 1.0, absmax / qmax).astype(np.float32)
     a = np.abs(w.astype(np.float64))
     if axis is None:
         m = np.array(a.max() if a.size else 0.0)
@@ -195,11 +201,35 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None, qmax: in
     with ``pairs`` (as given to :func:`weight_params`) same-sign neighbour pairs beyond
     ``|q0| + |q1| = 128`` are projected onto it."""
     s = scale if axis is None else scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
+    if (pairs is None or not w.size) and w.dtype == np.float32 and np.asarray(scale).dtype == np.float32:
+        return _round_float32(w, s, qmax)
     t = w.astype(np.float64) / s.astype(np.float64)
     q = _safe_round(t, *pairs, qmax) if pairs is not None and w.ndim >= 1 and w.size else None
     if q is None:
         q = np.clip(np.round(t), -qmax, qmax)
     return q.astype(np.int8)
+
+
+#: elements per block of :func:`_round_float32` (bounds its temporaries at 16 MB)
+_BLOCK = 1 << 22
+
+
+def _round_float32(w: np.ndarray, s: np.ndarray, qmax: int) -> np.ndarray:
+    """``clip(rint(w / s), -qmax, qmax)`` as int8 in float32 blocks along axis 0 (the quotient is
+    correctly rounded in float32; it can differ from a float64 one only within half a float32
+    ulp of a half-integer). Temporaries: one block, not float64 copies of the whole weight."""
+    q = np.empty(w.shape, np.int8)
+    if w.ndim == 0 or w.shape[0] == 0:
+        q[...] = np.clip(np.rint(w / s), -qmax, qmax)
+        return q
+    step = max(1, _BLOCK // max(1, w.size // w.shape[0]))
+    per_row = s.ndim == w.ndim and s.shape[0] == w.shape[0] and w.shape[0] > 1
+    for i in range(0, w.shape[0], step):
+        t = np.divide(w[i:i + step], s[i:i + step] if per_row else s, dtype=np.float32)
+        np.rint(t, out=t)
+        np.clip(t, -qmax, qmax, out=t)
+        q[i:i + step] = t
+    return q
 
 
 def quantize_bias(b: np.ndarray, in_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
