@@ -52,9 +52,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         path: path of a ``.onnx`` file; external data files are resolved relative to it.
 
     Returns:
-        The model as an ``onnx_ir.Model``. Initializers kept as external data are
-        ``ir.ExternalTensor`` (read-only maps of the files, which must not change during the
-        run); inline weights stay in the parsed protobuf (one copy). The resolved paths of
+        The model as an ``onnx_ir.Model``. Initializers kept as external data are read-only
+        views of one memory map per data file (the files must not change during the run);
+        large inline weights are read once into arrays (:func:`_load_lean`). The resolved paths of
         the external data files are in ``model.meta["onnxcompress.external_files"]``.
 
     Raises:
@@ -83,10 +83,43 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         for name, arr in weights.items():
             v = model.graph.initializers[name]
             v.const_value = ir.Tensor(arr, name=name)
+        _map_external(model)
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot convert to onnx-ir ({type(exc).__name__}: {exc})") from None
     model.meta["onnxcompress.external_files"] = files
     return model
+
+
+def _map_external(model: ir.Model) -> None:
+    """Give every external initializer of a buffer dtype a read-only view into *one* memory map
+    per data file (onnx-ir's ``ExternalTensor`` maps the whole file once per tensor: a 2 GB file
+    with 500 tensors would reserve 1 TB of address space, which an ``RLIMIT_AS`` cap refuses).
+    A tensor at an offset its dtype cannot be aligned to is read into memory instead.
+
+    Raises:
+        ValueError: a tensor's data lies past the end of its file."""
+    import mmap
+
+    from .irutil import subgraphs
+
+    maps: dict[str, mmap.mmap] = {}
+    for g in (model.graph, *subgraphs(model.graph)):
+        for v in g.initializers.values():
+            t = v.const_value
+            if not isinstance(t, ir.ExternalTensor) or t.dtype not in _BUFFER_DTYPES:
+                continue
+            path = os.path.realpath(t.path)
+            if path not in maps:
+                with open(path, "rb") as f:
+                    maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            npdt = np.dtype(t.dtype.numpy()).newbyteorder("<")
+            off, count = int(t.offset or 0), int(t.size)
+            if off + count * npdt.itemsize > len(maps[path]):
+                raise ValueError(f"initializer '{v.name}': its data lies past the end of {t.location}")
+            arr = np.frombuffer(maps[path], npdt, count, off).reshape(t.shape.numpy())
+            if off % npdt.itemsize or not npdt.isnative:
+                arr = arr.astype(npdt.newbyteorder("="))  # an aligned, native copy
+            v.const_value = ir.Tensor(arr, name=v.name)
 
 
 def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:

@@ -129,6 +129,7 @@ def make_session(
     threads: int | None = None,
     extra_config: dict[str, str] | None = None,
     extra_outputs: tuple[str, ...] | list[str] = (),
+    prepack: bool | None = None,
 ) -> ort.InferenceSession:
     """Create an ORT session.
 
@@ -136,11 +137,11 @@ def make_session(
         model: serialized model bytes, a file path, or an ``onnx_ir.Model``. An ``ir.Model``
             is not serialized with its weights (so it works over 2 GB): ORT loads its skeleton
             (:func:`onnxcompress.model_io.skeleton`, from a private temporary file) and gets the
-            large initializers as buffers. Without optimizations they are user buffers
-            (``SessionOptions.add_initializer``) read in place — memory maps stay maps, no copy;
-            the stand-in file is empty, so anything that tried to read it would fail loudly.
-            With optimizations ORT's graph transformers must see the values, so they are
-            injected into its graph (``add_external_initializers``, which ORT copies). The
+            large initializers as user buffers (``SessionOptions.add_initializer``) read in
+            place — memory maps stay maps, no copy. The stand-in file is empty, so a graph
+            transformer that wants a weight's values (Q/DQ fusion, constant folding) fails
+            loudly instead of reading wrong data; the session is then rebuilt with the values
+            injected into ORT's graph (``add_external_initializers``, which ORT copies). The
             buffers are kept alive by the session (``session.onnxcompress_weights``).
         optimize: ``True`` = ``ORT_ENABLE_ALL`` (deployment, weights pre-packed for the
             kernels: a copy of the GEMM weights); ``False`` = ``ORT_DISABLE_ALL`` and no
@@ -150,18 +151,12 @@ def make_session(
         extra_config: session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``.
         extra_outputs: (``ir.Model`` only) value names made graph outputs, to read
             intermediate values.
+        prepack: let kernels pre-pack constant weights (default: ``optimize``); off when the
+            session is not timed, it saves a copy of the GEMM weights (results are the same
+            kernels' up to summation order).
     """
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    so.log_severity_level = 3
-    if not optimize:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        so.intra_op_num_threads = threads
-    for k, v in (extra_config or {}).items():
-        so.add_session_config_entry(k, v)
+    prepack = optimize if prepack is None else prepack
+    so = _options(optimize, threads, extra_config, prepack)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     if isinstance(model, (bytes, str)):
         if extra_outputs:
@@ -173,21 +168,54 @@ def make_session(
 
     proto, weights = skeleton(model, extra_outputs=extra_outputs, used_only=True)
     keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
-    if optimize and keep:
-        so.add_external_initializers([n for n, _ in weights], keep)
-    else:
-        for (name, _), v in zip(weights, keep):
-            so.add_initializer(name, v)
+    names = [n for n, _ in weights]
     fd, path = tempfile.mkstemp(suffix=".onnx", dir=_session_dir())
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(proto.SerializeToString())
         del proto
-        sess = ort.InferenceSession(path, so, providers=providers)
+        try:
+            sess = _with_buffers(path, so, providers, names, keep, inject=False)
+        except Exception:
+            if not (optimize and keep):
+                raise
+            # a graph transformer wanted a weight's values (Q/DQ fusion, constant folding): it
+            # read the empty stand-in and failed; ORT then gets the values in its graph (a copy)
+            so = _options(optimize, threads, extra_config, prepack)
+            sess = _with_buffers(path, so, providers, names, keep, inject=True)
     finally:
         os.unlink(path)
     sess.onnxcompress_weights = (so, keep)  # ORT reads these buffers for the session's lifetime
     return sess
+
+
+def _with_buffers(path: str, so: ort.SessionOptions, providers: list[str], names: list[str],
+                  values: list, *, inject: bool) -> ort.InferenceSession:
+    """A session whose large initializers come from ``values``: as user buffers read in place
+    (``add_initializer``), or injected into the graph before optimization (``inject``: ORT
+    copies them)."""
+    if inject and values:
+        so.add_external_initializers(names, values)
+    else:
+        for name, v in zip(names, values):
+            so.add_initializer(name, v)
+    return ort.InferenceSession(path, so, providers=providers)
+
+
+def _options(optimize: bool, threads: int | None, extra_config: dict[str, str] | None,
+             prepack: bool) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        so.intra_op_num_threads = threads
+    for k, v in (extra_config or {}).items():
+        so.add_session_config_entry(k, v)
+    return so
 
 
 def run_samples(sess: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

@@ -144,7 +144,8 @@ def compare(
         ref_opt = make_session(reference, optimize=True, provider=provider)
         comp.latency_ms_reference = median_latency_ms(ref_opt, samples[0])
         del ref_opt
-    cand_sess = make_session(candidate, optimize=True, provider=provider)
+    # pre-packed weights (a copy of every GEMM weight) only where the candidate is timed
+    cand_sess = make_session(candidate, optimize=True, provider=provider, prepack=bool(latency and samples))
     cands = run_samples(cand_sess, samples)
     if latency and samples:
         comp.latency_ms_candidate = median_latency_ms(cand_sess, samples[0])

@@ -31,7 +31,7 @@ from ...irutil import add_initializer, all_value_names, replace_node, subgraphs,
 from . import params
 from .policy import resolve_policy
 from .calibrate import observe
-from .sensitivity import node_sqnr
+from .sensitivity import sqnr_db
 from .static import FLOAT, _attr, _is_const, integer_matmul
 
 
@@ -123,7 +123,7 @@ class DynamicQuantizePass(CompressionPass):
             scale = params.weight_params(w, axis, qmax, pairs)
             q = params.quantize_weight(w, scale, axis, qmax, pairs)
             if node.graph is model.graph and recorded and min_sqnr is not None:
-                s = min(self._sqnr(node, w, q, scale, axis, rec) for rec in recorded)
+                s = self._sqnr(node, w, q, scale, axis, recorded)
                 sqnrs[node.name] = round(s, 1)
                 if s < min_sqnr:
                     self.report.skip(node.name, f"{node.op_type} output SQNR {s:.1f} dB with dynamic int8 is below "
@@ -159,11 +159,19 @@ class DynamicQuantizePass(CompressionPass):
         return observe(model, names, self.context.calibration, keep=2)[1]
 
     @staticmethod
-    def _sqnr(node, w, q, scale, axis, rec) -> float:
-        x = rec[node.inputs[0].name]
-        sb = scale if axis is None else scale.reshape(1, -1)
-        wq = (q.astype(np.float32) * sb).astype(np.float32)
-        return node_sqnr("MatMul", {}, [x, w], [fake_dynamic_quant(x), wq], [False, True], 13)
+    def _sqnr(node, w, q, scale, axis, recorded) -> float:
+        """Worst output SQNR (dB) over the recorded samples of ``x @ w`` against
+        ``DQ(Q(x)) @ (q * scale)``, computed as ``(DQ(Q(x)) @ q) * scale`` (per-column scales
+        factor out of the product: no dequantized copy of the weight)."""
+        sb = np.float32(scale) if axis is None else scale.reshape(1, -1).astype(np.float32)
+        qf = q.astype(np.float32)
+        worst = float("inf")
+        for rec in recorded:
+            x = rec[node.inputs[0].name].astype(np.float32, copy=False)
+            got = np.matmul(fake_dynamic_quant(x), qf)
+            got *= sb
+            worst = min(worst, sqnr_db(np.matmul(x, w), got))
+        return worst
 
     def _rewrite(self, model, node, q, scale, axis, taken, dql) -> None:
         graph = node.graph
