@@ -1,0 +1,224 @@
+"""The tool's own cost: one copy of the weights, models over 2 GB end to end, checks without copies.
+
+The > 2 GB test writes a sparse synthetic transformer (file holes: a few MB of disk for 2 GiB of
+weights, written in well under a second) and runs fuse and dynamic int8 in a child process under
+an address-space cap, measuring the child's peak RSS with ``os.wait4``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+import graphs as G
+from onnxcompress import model_io
+from onnxcompress.api import OptimizeOptions, optimize
+from onnxcompress.errors import ModelLoadError
+from onnxcompress.passes.base import CompressionPass, PassContext, run_passes, snapshot
+from onnxcompress.passes.fusion import FoldBatchNormPass
+from onnxcompress.runtime import make_session
+from onnxcompress.synthetic import real_input, transformer_stack, weight_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bytes(model: ir.Model) -> bytes:
+    return model_io.to_proto(model).SerializeToString()
+
+
+class _Breaks(CompressionPass):
+    """A checked rewrite that changes the outputs (scales the first float initializer read by a
+    node), so the runner must revert it."""
+
+    name = "breaks"
+
+    def apply(self, model):
+        v = next(v for v in model.graph.initializers.values() if v.const_value.numpy().dtype == np.float32
+                 and v.const_value.numpy().size > 1)
+        v.const_value = ir.tensor(v.const_value.numpy() * 3.0, name=v.name)
+        model.graph.append(ir.Node("", "Identity", [v], name="extra_identity"))
+        return True
+
+
+class _EditsInPlace(CompressionPass):
+    """A pass that edits a shared tensor in place: the snapshot's tensors are read-only, so it
+    raises and is reverted instead of corrupting the snapshot."""
+
+    name = "edits-in-place"
+
+    def apply(self, model):
+        v = next(v for v in model.graph.initializers.values() if v.const_value.numpy().size > 1)
+        v.const_value.numpy()[...] = 0.0
+        return True
+
+
+def test_reverted_pass_leaves_model_byte_identical_without_a_copy(tmp_path):
+    m = G.conv_bn_relu()
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    onnx.save(m, tmp_path / "m.onnx")
+    model = model_io.load_model(tmp_path / "m.onnx")
+    before = _bytes(model)
+    tensors = {n: id(v.const_value) for n, v in model.graph.initializers.items()}
+    for bad in (_Breaks(), _EditsInPlace()):
+        model, reps = run_passes(model, [bad], [x])
+        assert reps[0].reverted and not reps[0].changed, reps[0]
+        assert _bytes(model) == before
+        # the revert target shared the tensors (no copy of the weights was made)
+        assert {n: id(v.const_value) for n, v in model.graph.initializers.items()} == tensors
+
+
+def test_batch_check_reverts_only_the_culprit(tmp_path):
+    """Checked passes are verified together; when the batch misses its tolerance it is replayed
+    pass by pass, and only the pass that moved the outputs is reverted."""
+    m = G.conv_bn_relu()
+    x = {"x": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    model = ir.from_proto(m)
+    ctx = PassContext()
+    model, reps = run_passes(model, [FoldBatchNormPass(ctx), _Breaks(ctx)], [x])
+    by = {r.name: r for r in reps}
+    assert by["fold-batchnorm"].changed and not by["fold-batchnorm"].reverted
+    assert by["breaks"].reverted and "relative" in by["breaks"].reverted
+    out = model_io.to_proto(model)
+    assert "BatchNormalization" not in [n.op_type for n in out.graph.node]
+    np.testing.assert_allclose(G.run(out, x)["y"], G.run(m, x)["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_snapshot_shares_tensors_and_freezes_them():
+    model = ir.from_proto(G.mlp())
+    snap = snapshot(model)
+    for name, v in model.graph.initializers.items():
+        assert snap.graph.initializers[name].const_value is v.const_value
+        with pytest.raises(ValueError):
+            v.const_value.numpy()[...] = 1.0
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_lean_load_and_streamed_write_round_trip(tmp_path, external):
+    m = G.mlp(k=64, n=32)
+    src = tmp_path / "src.onnx"
+    saved = onnx.ModelProto()
+    saved.CopyFrom(m)  # onnx.save with external data rewrites its argument
+    onnx.save(saved, src, save_as_external_data=external, location="src.onnx.data", size_threshold=1024)
+    model = model_io.load_model(src)
+    ref = onnx.load(src)  # onnx's own loader, weights inline
+    for t in ref.graph.initializer:
+        np.testing.assert_array_equal(model.graph.initializers[t.name].const_value.numpy(),
+                                      onnx.numpy_helper.to_array(t))
+    for ext in (False, True):
+        out = tmp_path / f"out_{ext}.onnx"
+        size = model_io.save_model(model, out, external_data=ext)
+        assert size == out.stat().st_size + ((tmp_path / f"out_{ext}.onnx.data").stat().st_size if ext else 0)
+        if not ext:  # self-contained: no reference to the input's data file
+            assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in onnx.load(out).graph.initializer)
+            assert abs(model_io.model_size_bytes(model) - size) <= 8
+        onnx.checker.check_model(str(out), full_check=True)
+        feeds = {"x": np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)}
+        np.testing.assert_array_equal(G.run(str(out), feeds)["y"], G.run(m, feeds)["y"])
+
+
+def test_session_reads_weights_in_place_and_reports_extra_outputs(tmp_path):
+    m = G.mlp()
+    onnx.save(m, tmp_path / "m.onnx")
+    model = model_io.load_model(tmp_path / "m.onnx")
+    feeds = {"x": np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)}
+    for optimize_ in (False, True):
+        sess = make_session(model, optimize=optimize_, extra_outputs=["h0"] if not optimize_ else ())
+        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        np.testing.assert_allclose(out["y"], G.run(m, feeds)["y"], rtol=1e-5, atol=1e-6)
+        if not optimize_:
+            assert "h0" in out
+        # the buffers ORT reads are the model's own arrays
+        ptrs = {v.data_ptr() for v in sess.onnxcompress_weights[1]}
+        assert model.graph.initializers["W1"].const_value.numpy().ctypes.data in ptrs
+
+
+def test_hostile_external_data_is_refused(tmp_path):
+    m = G.mlp(k=64, n=32)
+    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=1024)
+    proto = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    cases = {"escape": ("../outside.data", None), "fifo": ("pipe.data", None), "short": ("m.data", 1 << 30)}
+    (tmp_path.parent / "outside.data").write_bytes(b"\0" * (1 << 16))
+    os.mkfifo(tmp_path / "pipe.data")
+    for what, (loc, offset) in cases.items():
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        t = next(t for t in p.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = loc
+            if e.key == "offset" and offset is not None:
+                e.value = str(offset)
+        path = tmp_path / f"{what}.onnx"
+        path.write_bytes(p.SerializeToString())
+        with pytest.raises(ModelLoadError):
+            model_io.load_model(path)
+
+
+def test_report_states_cost_per_stage(tmp_path):
+    res = optimize(ROOT / "models/digits_cnn.onnx", tmp_path / "q.onnx",
+                   OptimizeOptions(quantize="dynamic", validation=ROOT / "models/digits_test.npz"))
+    cost = res.report["cost"]
+    names = [st["stage"] for st in cost["stages"]]
+    assert names[0] == "loading model" and any("quantization" in n for n in names) and names[-1].startswith("writing")
+    assert all(st["seconds"] >= 0 and st["peak_rss_mb"] > 0 for st in cost["stages"])
+    assert cost["peak_rss_mb"] >= max(st["peak_rss_mb"] for st in cost["stages"]) * 0.99
+
+
+#: the child that runs one mode under an address-space cap and prints its report's cost
+_CHILD = textwrap.dedent("""
+    import json, resource, sys
+    cap = int(sys.argv[4])
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    from onnxcompress.api import OptimizeOptions, optimize
+    res = optimize(sys.argv[1], sys.argv[2], OptimizeOptions(
+        quantize=None if sys.argv[3] == "fuse" else sys.argv[3], validation=sys.argv[5], latency=False))
+    print(json.dumps({"cost": res.report["cost"], "bytes": res.report["after"]["file_bytes"]}))
+""")
+
+
+@pytest.mark.slow
+def test_model_over_2gb_fuse_and_dynamic_in_bounded_memory(tmp_path):
+    hidden, layers = 1024, 57
+    size = weight_bytes(hidden, layers)
+    assert size > 2 * 1024**3
+    src = transformer_stack(tmp_path / "big.onnx", hidden=hidden, layers=layers, sparse=True, external_data=True)
+    np.savez(tmp_path / "val.npz", hidden_states=np.stack([real_input(hidden, seq=16, seed=s)[0] for s in (5, 6)]))
+    cap = int(3 * size + (4 << 30))  # address space: maps of the data file + runtimes; RSS is checked below
+    ref_sess = make_session(str(src), optimize=False)
+    x = real_input(hidden, seq=16, seed=7)
+    ref = ref_sess.run(None, {"hidden_states": x})[0]
+    del ref_sess
+    for mode, rss_limit, cos_min in (("fuse", 1.5 * size + (512 << 20), 0.99999),
+                                     ("dynamic", 1.5 * size + (512 << 20), 0.99)):
+        out = tmp_path / f"{mode}.onnx"
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(out), mode, str(cap),
+                                 str(tmp_path / "val.npz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
+        assert os.waitstatus_to_exitcode(status) == 0, stderr[-3000:]
+        peak = usage.ru_maxrss * 1024
+        assert peak <= rss_limit, f"{mode}: peak RSS {peak / 2**30:.2f} GiB over {rss_limit / 2**30:.2f} GiB"
+        info = json.loads(stdout.strip().splitlines()[-1])
+        assert [s["stage"] for s in info["cost"]["stages"]][0] == "loading model"
+        sess = make_session(str(out), optimize=True)
+        got = sess.run(None, {"hidden_states": x})[0]
+        del sess
+        cos = float(np.dot(ref.ravel(), got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got)))
+        assert cos >= cos_min, (mode, cos)
+        if mode == "fuse":  # over 2 GB: written with external data, beside the output
+            assert (tmp_path / "fuse.onnx.data").is_file()
+            (tmp_path / "fuse.onnx.data").unlink()
+        else:
+            assert info["bytes"] < size / 3  # int8 weights: a quarter of the float ones, inline
+        out.unlink()
