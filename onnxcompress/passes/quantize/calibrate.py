@@ -23,6 +23,7 @@ ranges) 1.29x on EfficientNet-Lite0 (``scripts/bench_calibration.py`` measures i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -287,54 +288,181 @@ def _mse_threshold(h: _Hist, levels: int) -> float:
     return float(ts[int(np.argmin(below + np.maximum(above, 0.0)))])
 
 
-def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]]):
-    """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made graph
-    outputs; yield, per sample, ``{name: value}`` of the names ONNX Runtime produced.
+#: bytes of intermediate values recorded per sample by one ORT session: values declared as graph
+#: outputs keep their buffers for the whole run (ORT cannot reuse them), so the values are read
+#: in chunks of the graph, one session per chunk — a detector at 992 x 736 (PP-OCRv4 det: 671
+#: values, about 1 GB per sample) costs a few chunks instead of all its activations at once
+RECORD_BUDGET_BYTES = 256 << 20
+#: values per chunk when their sizes cannot be inferred
+UNKNOWN_CHUNK = 32
 
-    ``model`` is an ``onnx_ir.Model`` and is not modified (the session's skeleton gets the outputs;
-    the weights are read in place).
-    With optimizations off, Q/DQ pairs run as separate operators: the ONNX semantics of an int8
-    model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a fused kernel's."""
+
+def value_bytes(model, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """Bytes of each value of ``model`` for the input shapes of ``feed`` (ONNX shape inference on
+    the model's skeleton with those shapes; values whose shape stays unknown are left out)."""
+    import onnx
+
+    from ...model_io import skeleton
+
+    proto, _ = skeleton(model)
+    for inp in proto.graph.input:
+        arr = feed.get(inp.name)
+        t = inp.type.tensor_type if inp.type.HasField("tensor_type") else None
+        if arr is None or t is None or not t.HasField("shape") or len(t.shape.dim) != np.ndim(arr):
+            continue
+        for d, n in zip(t.shape.dim, np.shape(arr)):
+            d.ClearField("dim_param")
+            d.dim_value = int(n)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - sizes are a plan, not a requirement
+        return {}
+    out = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.output):
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if any(d is None for d in dims):
+            continue
+        try:
+            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+        except Exception:  # noqa: BLE001
+            continue
+        out[vi.name] = int(np.prod(dims, dtype=np.int64)) * item
+    return out
+
+
+def plan_chunks(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive groups of ``names`` of at most ``budget`` bytes each by ``sizes`` (a value of
+    unknown size counts as the largest known one, or ``budget / UNKNOWN_CHUNK``)."""
+    guess = max(sizes.values(), default=budget // UNKNOWN_CHUNK) or 1
+    chunks, cur, total = [], [], 0
+    for n in names:
+        b = sizes.get(n, guess)
+        if cur and total + b > budget:
+            chunks.append(cur)
+            cur, total = [], 0
+        cur.append(n)
+        total += b
+    return chunks + [cur] if cur else chunks
+
+
+def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]], *,
+                 budget: int = RECORD_BUDGET_BYTES):
+    """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made graph
+    outputs; yield ``(sample index, {name: value})`` for the names ONNX Runtime produced.
+
+    The names are read in chunks (in the given order) of about ``budget`` bytes per sample, planned
+    from the value sizes shape inference gives for the largest sample (:func:`value_bytes`), each
+    chunk by its own session over every sample (chunk-major: a name's values come in sample
+    order). Memory is bounded by the budget (plus one value larger than it), not by the size of
+    all activations; a model whose values all fit the budget runs in one session as before.
+
+    ``model`` is an ``onnx_ir.Model`` and is not modified (the sessions' skeletons get the outputs;
+    the weights are read in place). With optimizations off, Q/DQ pairs run as separate operators:
+    the ONNX semantics of an int8 model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a
+    fused kernel's."""
     from ...runtime import make_session
 
-    sess = make_session(model, optimize=False, extra_outputs=list(dict.fromkeys(tensor_names)))
-    produced = {o.name for o in sess.get_outputs()}
-    wanted = [n for n in tensor_names if n in produced]
-    feeds_ok = {i.name for i in sess.get_inputs()}
-    for feed in samples:
-        yield dict(zip(wanted, sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok})))
+    names = list(dict.fromkeys(tensor_names))
+    if not samples:
+        return
+    largest = max(samples, key=lambda f: sum(np.asarray(v).size for v in f.values()))
+    for chunk in plan_chunks(names, value_bytes(model, largest), budget) or [[]]:
+        sess = make_session(model, optimize=False, extra_outputs=chunk)
+        produced = {o.name for o in sess.get_outputs()}
+        wanted = [c for c in chunk if c in produced]
+        feeds_ok = {x.name for x in sess.get_inputs()}
+        for k, feed in enumerate(samples):
+            vals = sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok}) if wanted else []
+            # owned copies: ORT's outputs are views of its buffers, and some numpy paths (np.save
+            # among them) kept those buffers alive after the views were gone (+250 MB per chunk
+            # on PP-OCRv4 det, never returned); a copy of one chunk is bounded by the budget
+            yield k, {n: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for n, v in zip(wanted, vals)}
+            del vals
+        del sess
+
+
+class SpilledSamples(Mapping):
+    """One sample's recorded values kept on disk (``.npy`` files in a private temporary folder,
+    removed with the object or at exit) and read back as read-only memory maps on access:
+    per-node checks look at a few tensors at a time, so the activations of whole samples are
+    not held in memory. A ``Mapping`` ``name -> np.ndarray``."""
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+        import weakref
+
+        self.folder = tempfile.mkdtemp(prefix="onnxcompress-rec-")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self._files: dict[str, str] = {}
+        self._small: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, value) -> None:
+        import os
+
+        if not isinstance(value, np.ndarray) or value.nbytes < (1 << 16) or value.dtype.kind not in "biuf":
+            self._small[name] = value
+            return
+        path = os.path.join(self.folder, f"{len(self._files)}.npy")
+        np.save(path, value, allow_pickle=False)
+        self._files[name] = path
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._small:
+            return self._small[name]
+        return np.load(self._files[name], mmap_mode="r", allow_pickle=False)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._small or name in self._files
+
+    def __iter__(self):
+        yield from self._small
+        yield from self._files
+
+    def __len__(self) -> int:
+        return len(self._small) + len(self._files)
 
 
 def observe(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]], *, keep: int = 0,
-            method: str | None = None, progress=None) -> tuple[dict[str, "TensorStats"], list[dict[str, np.ndarray]]]:
+            method: str | None = None, progress=None) -> tuple[dict[str, "TensorStats"], list[Mapping]]:
     """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made outputs.
 
     Args:
-        model: an ``onnx_ir.Model`` (not modified: a serialized copy is augmented).
+        model: an ``onnx_ir.Model`` (not modified).
         tensor_names: float tensors to observe.
         samples: feed dicts.
         keep: how many of the first samples' values to return as they are (for per-node checks).
         method: one of :data:`METHODS` to collect statistics over every sample (histograms kept
             unless ``minmax``); ``None`` runs only the first ``keep`` samples.
-        progress: optional callable ``(done, total)``.
+        progress: optional callable ``(tensors done, total)``, called per chunk.
 
     Returns:
         ``(stats, kept)``: name -> :class:`TensorStats` (tensors never produced keep ``n == 0``;
-        empty without ``method``), and the first ``keep`` samples' values by name.
+        empty without ``method``), and the first ``keep`` samples' values by name
+        (:class:`SpilledSamples`: on disk, read back as memory maps).
+
+    Memory: the values of one chunk of one sample (:func:`iter_outputs`), the statistics
+    (bounded histograms), whatever the number of samples and the size of the activations.
     """
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
     stats = {n: TensorStats(with_hist=method != "minmax") for n in tensor_names} if method else {}
-    kept = []
     todo = samples if method else samples[:keep]
-    for k, outs in enumerate(iter_outputs(model, tensor_names, todo)):
+    kept = [SpilledSamples() for _ in range(min(keep, len(todo)))]
+    seen: set[str] = set()
+    for k, outs in iter_outputs(model, tensor_names, todo):
         if k < keep:
-            kept.append(outs)
+            for n, v in outs.items():
+                kept[k].add(n, v)
         for n, v in outs.items() if method else ():
             if isinstance(v, np.ndarray) and v.dtype.kind == "f":
                 stats[n].update(v)
-        if progress:
-            progress(k + 1, len(todo))
+        seen.update(outs)
+        if progress and k == len(todo) - 1:  # a chunk of the tensors is done over every sample
+            progress(len(seen), len(tensor_names))
     return stats, kept
 
 
@@ -355,7 +483,7 @@ def channel_means(model, names_axes: dict[str, int], samples: list[dict[str, np.
     """
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for outs in iter_outputs(model, list(names_axes), samples):
+    for _, outs in iter_outputs(model, list(names_axes), samples):
         for n, v in outs.items():
             if not isinstance(v, np.ndarray) or v.dtype.kind != "f" or v.ndim < 2:
                 continue

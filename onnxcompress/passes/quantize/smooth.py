@@ -147,7 +147,7 @@ def record(model: ir.Model, names: list[str], samples: list[dict[str, np.ndarray
     samples are dropped."""
     out: dict[str, dict] = {}
     bad: set[str] = set()
-    for k, outs in enumerate(iter_outputs(model, names, samples[:SAMPLES])):
+    for k, outs in iter_outputs(model, names, samples[:SAMPLES]):
         for n, v in outs.items():
             if n in bad or not isinstance(v, np.ndarray) or v.dtype.kind != "f" or v.ndim < 1 or v.size == 0:
                 continue
