@@ -18,7 +18,7 @@ from rich.table import Table
 from . import __version__
 from .api import OptimizeOptions, optimize as api_optimize
 from .data import ImageSpec
-from .errors import GateFailedError, OnnxCompressError
+from .errors import GateFailedError, InternalError, OnnxCompressError
 from .inspect import inspect_model
 
 if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH") and not os.environ.get("COLUMNS"):
@@ -100,7 +100,8 @@ def inspect(
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:
-        _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
+                            "run with --debug for the traceback and report it)"))
     if as_json:
         try:
             print(json.dumps(info, indent=2), flush=True)
@@ -224,7 +225,8 @@ def optimize(
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
-        _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
+                            "run with --debug for the traceback and report it)"))
     if report:
         _write_json(report, result.report)
     if html:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .bench import benchmark, parse_shapes, validate_models, write_json
 from .cli import _check_out_paths, _fail, _fmt_bytes, app, console, out_console
-from .errors import OnnxCompressError
+from .errors import InternalError, OnnxCompressError
 
 
 @contextmanager
@@ -51,7 +51,8 @@ def _call(fn, *args, **kwargs):
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
-        _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
+                            "run with --debug for the traceback and report it)"))
 
 
 @app.command()

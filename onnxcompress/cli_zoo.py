@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
     TimeRemainingColumn
 
 from .cli import _fail, _setup_logging, app, console
-from .errors import OnnxCompressError
+from .errors import InternalError, OnnxCompressError
 
 
 class _Live:
@@ -105,7 +105,8 @@ def zoo(
         raise typer.Exit(130)
     except Exception as exc:  # a bug: one line unless --debug
         live.stop()
-        _fail(OnnxCompressError(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
+                            "run with --debug for the traceback and report it)"))
     live.stop()
     c = res.report["counts"]
     if not quiet:

@@ -2,7 +2,9 @@
 
 Every error a user can cause (bad path, corrupt model, wrong calibration data, a missed
 fidelity gate) derives from :class:`OnnxCompressError`; the CLI prints its message on one
-line and exits non-zero. Anything else is a bug and keeps its traceback.
+line and exits non-zero: 2 for bad input, 3 for a missed gate. Anything else is the tool's own
+failure: the CLI reports it as :class:`InternalError` (exit 1, one line; ``--debug`` keeps the
+traceback).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ class DataError(OnnxCompressError):
 
 class ConversionError(OnnxCompressError):
     """An opset conversion cannot be made exact, so it is refused."""
+
+
+class InternalError(OnnxCompressError):
+    """A failure that is not the user's input: a bug, a library or runtime limit the tool hit
+    (exit code 1, never the bad-input code 2)."""
+
+    exit_code = 1
 
 
 class GateFailedError(OnnxCompressError):

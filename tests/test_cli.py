@@ -403,3 +403,19 @@ def test_quantize_auto_tries_both_modes_and_writes_one(digits, tmp_path):
                   "--calibration", digits["calib"], "--min-cosine", "1.0", "--no-fallback")
     assert res.exit_code == 3 and "no mode passed" in res.output and not (tmp_path / "c.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnxcompress-auto")]
+
+
+def test_internal_failure_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    """A failure of the tool's own (here a library error inside the pipeline) exits 1 with one
+    line, never with the bad-input code 2."""
+    import onnxcompress.cli as cli_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("Failed to serialize proto")
+
+    monkeypatch.setattr(cli_mod, "api_optimize", boom)
+    model = os.path.join(os.path.dirname(__file__), "..", "models", "digits_cnn.onnx")
+    res = runner.invoke(app, ["optimize", model, "-o", str(tmp_path / "o.onnx")])
+    assert res.exit_code == 1, res.output
+    assert "internal error" in res.output and "Failed to serialize proto" in res.output
+    assert "Traceback" not in res.output
