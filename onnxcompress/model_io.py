@@ -161,13 +161,15 @@ def _fields(buf, start: int, end: int):
         yield num, wt, f0, p0, pos
 
 
-def _load_lean(path: Path, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _load_lean(path: Path, weights: dict[str, np.ndarray] | None) -> onnx.ModelProto:
     """Parse a model file without holding its bytes twice: the main graph's large ``raw_data``
     initializers are read straight from the file into aligned numpy arrays (``weights``, by
     name) and left out of the parsed protobuf (the skeleton), so peak memory is one copy of the
     weights plus the graph, and ``Tensor.numpy()`` later returns those arrays without a copy.
     Anything unusual (no graph, data held elsewhere, other dtypes) stays in the protobuf as is.
-    Raises ``ValueError`` / protobuf's ``DecodeError`` on a malformed file."""
+    ``weights=None``: the large inline tensors are dropped unread (a graph-only view, e.g. to
+    list external data files). Raises ``ValueError`` / protobuf's ``DecodeError`` on a
+    malformed file."""
     import mmap
 
     with open(path, "rb") as f:
@@ -183,7 +185,7 @@ def _load_lean(path: Path, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     return onnx.load_model_from_string(body)
 
 
-def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray]) -> bytes:
+def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray] | None) -> bytes:
     """The model's bytes with the main graph's large raw initializers stripped (see :func:`_load_lean`)."""
     graph = None
     for num, wt, f0, p0, end in _fields(buf, 0, size):
@@ -205,7 +207,7 @@ def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray]) ->
     return bytes(body)
 
 
-def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray]) -> bytes | None:
+def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray] | None) -> bytes | None:
     """A TensorProto in ``buf[start:end]`` without its ``raw_data`` field, the data read into
     ``weights[name]``; ``None`` when it is not a plain large raw tensor of a buffer dtype."""
     name, dtype, dims, raw, other = None, None, [], None, False
@@ -229,7 +231,7 @@ def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray]) -> 
                     dims.append(d)
         elif num in (14, 13, 4, 5, 6, 7, 10, 11, 3, 12):  # external data, typed data, segment...
             other = True
-    if raw is None or other or name is None or not name or dtype is None or name in weights:
+    if raw is None or other or name is None or not name or dtype is None or (weights is not None and name in weights):
         return None
     try:
         dt = ir.DataType(dtype)
@@ -241,6 +243,8 @@ def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray]) -> 
     npdt = np.dtype(dt.numpy()).newbyteorder("<")
     if int(np.prod(dims, dtype=np.int64)) * npdt.itemsize != nbytes:
         return None
+    if weights is None:
+        return b"".join(bytes(buf[f0:fend]) for f0, fend in keep)
     arr = np.empty(dims, dtype=npdt)
     f.seek(raw[1])
     if f.readinto(memoryview(arr).cast("B")) != nbytes:
@@ -256,7 +260,7 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     """The external data files (resolved paths) that the model at ``path`` refers to."""
     p = Path(path)
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto = _load_lean(p, None)  # the graph only: inline weights are skipped, not read
     except Exception:
         return []
     files = set()
