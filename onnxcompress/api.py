@@ -433,7 +433,10 @@ def optimize(
                 "exclude_nodes": tuple(opts.exclude_nodes)}))], check_samples)
             reports += sreps
         say(f"{opts.quantize} int8 quantization")
-        pre_quant = snapshot(model)
+        # the fallback re-quantizes from here: kept only when a gate could send it there (the
+        # snapshot keeps the float weights alive, a second copy once int8 replaced them)
+        gated = any(g is not None for g in (opts.max_rel_error, opts.min_cosine, opts.min_top1_agreement))
+        pre_quant = snapshot(model) if gated and opts.fallback else None
         calib_cache: dict = {}
         model, qreps = _quantize(model, opts, calib, check_samples, (), calib_cache)
         reports += qreps
