@@ -25,7 +25,7 @@ from .data import ImageSpec, input_specs, load_image_folder, load_npz, random_sa
 from .errors import DataError, GateFailedError, ModelLoadError, ModelWriteError, OnnxCompressError
 from .cost import StageMeter
 from .inspect import summarize
-from .model_io import check_model, check_output_path, external_data_files, load_model, save_model, to_bytes
+from .model_io import check_model, check_output_path, external_data_files, load_model, save_model
 from .opset import upgrade_opset
 from .passes.base import PassContext, PassReport, run_passes, snapshot
 from .passes.cleanup import (ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass,

@@ -16,6 +16,7 @@ import resource
 import sys
 import threading
 import time
+import weakref
 
 
 #: seconds between two RSS samples
@@ -36,6 +37,15 @@ def peak_rss_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def _sample(meter_ref, stop: threading.Event) -> None:
+    while not stop.wait(SAMPLE_S):
+        meter = meter_ref()
+        if meter is None:
+            return
+        meter._record(_rss_mib() or 0.0)
+        del meter
+
+
 class StageMeter:
     """Records ``{"stage", "seconds", "peak_rss_mb"}`` for consecutive stages.
 
@@ -53,15 +63,15 @@ class StageMeter:
         # a thread cannot always start under an address-space cap (glibc aborts, or CPython waits
         # forever for it): there, stages report the process peak so far
         self.exact = _rss_mib() is not None and resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
-        self._thread = threading.Thread(target=self._sample, daemon=True) if self.exact else None
+        # the sampler holds the meter weakly: a run that raises (no finish()) ends it with the meter
+        self._thread = threading.Thread(target=_sample, args=(weakref.ref(self), self._stop), daemon=True) \
+            if self.exact else None
         if self._thread:
             self._thread.start()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            rss = _rss_mib() or 0.0
-            with self._lock:
-                self._peak = max(self._peak, rss)
+    def _record(self, rss: float) -> None:
+        with self._lock:
+            self._peak = max(self._peak, rss)
 
     def start(self, name: str) -> None:
         self._close()

@@ -1,10 +1,11 @@
 """Model input/output: load lazily, check and write without copies of the weights, atomically.
 
-The input file is never modified. External data is memory-mapped, not read (onnx-ir's
-``ExternalTensor``). Nothing here serialises a whole model with its weights: a check or an
-ONNX Runtime session sees a *skeleton* (the protobuf with every large main-graph initializer
-replaced by an external-data stand-in, :func:`skeleton`) while the weights go to ORT as
-buffers it reads in place (``SessionOptions.add_external_initializers``), and the writer
+The input file is never modified. Inline weights are read once, straight from the file into
+arrays (:func:`_load_lean`); external data is memory-mapped, one map per file
+(:func:`_map_external`). Nothing here serialises a whole model with its weights: a check or
+an ONNX Runtime session sees a *skeleton* (the protobuf with every large main-graph
+initializer replaced by an external-data stand-in, :func:`skeleton`) while the weights go to
+ORT as buffers it reads in place (:func:`onnxcompress.runtime.make_session`), and the writer
 streams one tensor at a time. So a model over protobuf's 2 GB limit is checked, run and
 written like any other, and the tool holds one copy of the weights.
 
@@ -15,9 +16,7 @@ session have accepted them, so a failed run leaves no partial output.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import shutil
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +40,14 @@ _BUFFER_DTYPES = frozenset({
     ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
     ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
     ir.DataType.UINT64, ir.DataType.BOOL})
+#: dtypes written as raw bytes, one element per numpy item (ml_dtypes): stored outside the protobuf
+#: like the above, but kept inline in what ORT sessions get (no numpy buffer type there)
+_RAW_DTYPES = _BUFFER_DTYPES | frozenset({
+    ir.DataType.BFLOAT16, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2,
+    ir.DataType.FLOAT8E5M2FNUZ})
+#: external data files mapped at once (Python's mmap holds a descriptor each); models saved one
+#: file per tensor have their later files read into memory instead
+MAX_MAPPED_FILES = 64
 #: the stand-in location of detached weights in a skeleton (never a real file of the user's)
 PLACEHOLDER = "__onnxcompress_weights__"
 
@@ -71,12 +78,18 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{p}: not a regular file (a FIFO or a device?); expected an .onnx file")
     weights: dict[str, np.ndarray] = {}
     try:
-        proto = _load_lean(p, weights)
+        if p.suffix.lower() in _TEXT_SUFFIXES:  # text formats: onnx reads them by extension
+            proto = onnx.load(str(p), load_external_data=False)
+        else:
+            proto = _load_lean(p, weights)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...
         raise ModelLoadError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{p}: not an ONNX model (no graph found)")
-    files = _check_external_files(proto, p.parent)
+    try:
+        files = _check_external_files(proto, p.parent)
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL in a location...
+        raise ModelLoadError(f"{p}: bad external data reference ({type(exc).__name__}: {exc})") from None
     try:
         model = ir.serde.deserialize_model(proto)
         ir.external_data.set_base_dir(model.graph, p.parent)
@@ -91,35 +104,66 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 
 
 def _map_external(model: ir.Model) -> None:
-    """Give every external initializer of a buffer dtype a read-only view into *one* memory map
+    """Give every external tensor an in-memory or mapped value, so nothing refers to the input's
+    folder afterwards: initializers of a buffer dtype get a read-only view into *one* memory map
     per data file (onnx-ir's ``ExternalTensor`` maps the whole file once per tensor: a 2 GB file
-    with 500 tensors would reserve 1 TB of address space, which an ``RLIMIT_AS`` cap refuses).
-    A tensor at an offset its dtype cannot be aligned to is read into memory instead.
+    with 500 tensors would reserve 1 TB of address space, which an ``RLIMIT_AS`` cap refuses);
+    other dtypes (bfloat16, float8, int4, strings), tensors in node attributes, tensors at an
+    offset their dtype cannot be aligned to, and files past :data:`MAX_MAPPED_FILES` are read
+    into memory.
 
     Raises:
-        ValueError: a tensor's data lies past the end of its file."""
+        ValueError: a tensor's data lies past the end of its file, or its shape is negative."""
     import mmap
+
+    maps: dict[str, mmap.mmap] = {}
+
+    def value_of(t: ir.ExternalTensor, name: str) -> ir.TensorProtocol:
+        dims = [int(d) for d in t.shape.numpy()]
+        if any(d < 0 for d in dims):
+            raise ValueError(f"tensor '{name}': negative dimension in {dims}")
+        if t.dtype not in _BUFFER_DTYPES:
+            return ir.Tensor(np.array(t.numpy()), dtype=t.dtype, name=name)
+        path = os.path.realpath(t.path)
+        npdt = np.dtype(t.dtype.numpy()).newbyteorder("<")
+        off, count = int(t.offset or 0), int(np.prod(dims, dtype=np.int64))
+        if path not in maps and len(maps) < MAX_MAPPED_FILES:
+            with open(path, "rb") as f:
+                maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+        if path in maps:
+            if off + count * npdt.itemsize > len(maps[path]):
+                raise ValueError(f"tensor '{name}': its data lies past the end of {t.location}")
+            arr = np.frombuffer(maps[path], npdt, count, off).reshape(dims)
+            if off % npdt.itemsize or not npdt.isnative:
+                arr = arr.astype(npdt.newbyteorder("="))  # an aligned, native copy
+        else:
+            arr = np.empty(dims, npdt)
+            with open(path, "rb") as f:
+                f.seek(off)
+                if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
+                    raise ValueError(f"tensor '{name}': its data lies past the end of {t.location}")
+            if not npdt.isnative:
+                arr = arr.astype(npdt.newbyteorder("="))
+        return ir.Tensor(arr, name=name)
 
     from .irutil import subgraphs
 
-    maps: dict[str, mmap.mmap] = {}
-    for g in (model.graph, *subgraphs(model.graph)):
+    graphs = (model.graph, *subgraphs(model.graph))
+    for g in graphs:
         for v in g.initializers.values():
-            t = v.const_value
-            if not isinstance(t, ir.ExternalTensor) or t.dtype not in _BUFFER_DTYPES:
-                continue
-            path = os.path.realpath(t.path)
-            if path not in maps:
-                with open(path, "rb") as f:
-                    maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            npdt = np.dtype(t.dtype.numpy()).newbyteorder("<")
-            off, count = int(t.offset or 0), int(t.size)
-            if off + count * npdt.itemsize > len(maps[path]):
-                raise ValueError(f"initializer '{v.name}': its data lies past the end of {t.location}")
-            arr = np.frombuffer(maps[path], npdt, count, off).reshape(t.shape.numpy())
-            if off % npdt.itemsize or not npdt.isnative:
-                arr = arr.astype(npdt.newbyteorder("="))  # an aligned, native copy
-            v.const_value = ir.Tensor(arr, name=v.name)
+            if isinstance(v.const_value, ir.ExternalTensor):
+                v.const_value = value_of(v.const_value, v.name)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for name, a in list(node.attributes.items()):
+            if a.type == ir.AttributeType.TENSOR and isinstance(a.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, value_of(a.value, a.value.name or name))
+            elif a.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in a.value):
+                node.attributes[name] = ir.AttrTensors(name, [value_of(t, t.name or name) if isinstance(t, ir.ExternalTensor)
+                                                              else t for t in a.value])
+
+
+#: file extensions onnx reads as text (``onnx.load`` picks the format from them)
+_TEXT_SUFFIXES = (".onnxtxt", ".textproto", ".txtpb", ".json")
 
 
 def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
@@ -143,6 +187,8 @@ def _fields(buf, start: int, end: int):
         f0 = pos
         key, pos = _read_varint(buf, pos, end)
         num, wt = key >> 3, key & 7
+        if num == 0:
+            raise ValueError(f"invalid protobuf field number 0 at byte {f0}")
         if wt == 0:
             _, pos = _read_varint(buf, pos, end)
             yield num, wt, f0, pos, pos
@@ -224,6 +270,8 @@ def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray] | No
         elif num == 1:
             if wt == 0:
                 dims.append(_read_varint(buf, f0 + 1, fend)[0])
+            elif wt != 2:
+                other = True
             else:  # packed
                 pos = p0
                 while pos < fend:
@@ -238,11 +286,14 @@ def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray] | No
     except ValueError:
         return None
     nbytes = raw[2] - raw[1]
-    if dt not in _BUFFER_DTYPES or nbytes < BIG_TENSOR_BYTES or any(d > 1 << 40 for d in dims):
+    if dt not in _BUFFER_DTYPES or nbytes < BIG_TENSOR_BYTES:
         return None
     npdt = np.dtype(dt.numpy()).newbyteorder("<")
-    if int(np.prod(dims, dtype=np.int64)) * npdt.itemsize != nbytes:
-        return None
+    if any(d >= 1 << 63 for d in dims):  # a negative int64 dim (two's complement varint)
+        raise ValueError(f"initializer '{name}': negative dimension")
+    if int(np.prod(dims, dtype=object)) * npdt.itemsize != nbytes:
+        raise ValueError(f"initializer '{name}': raw_data holds {nbytes} bytes, its shape {dims} needs "
+                         f"{int(np.prod(dims, dtype=object)) * npdt.itemsize}")
     if weights is None:
         return b"".join(bytes(buf[f0:fend]) for f0, fend in keep)
     arr = np.empty(dims, dtype=npdt)
@@ -329,14 +380,15 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _detachable(model: ir.Model) -> list[ir.Value]:
+def _detachable(model: ir.Model, dtypes: frozenset = _RAW_DTYPES) -> list[ir.Value]:
     """Main-graph initializers worth keeping out of a protobuf: at least :data:`BIG_TENSOR_BYTES`,
-    of a dtype ORT takes as a buffer, not also a graph input (an overridable default)."""
+    of one of ``dtypes`` (default: any written as raw bytes; sessions: those ORT takes as
+    buffers), not also a graph input (an overridable default)."""
     inputs = {v.name for v in model.graph.inputs}
     out = []
     for v in model.graph.initializers.values():
         t = v.const_value
-        if t is not None and v.name not in inputs and t.dtype in _BUFFER_DTYPES and t.nbytes >= BIG_TENSOR_BYTES:
+        if t is not None and v.name not in inputs and t.dtype in dtypes and t.nbytes >= BIG_TENSOR_BYTES:
             out.append(v)
     return out
 
@@ -364,7 +416,7 @@ def skeleton(model: ir.Model, *, location: str = PLACEHOLDER, offsets: dict[str,
         ``(proto, weights)``: the small protobuf (no ``value_info``) and the detached
         ``(name, tensor)`` pairs in the order they were detached.
     """
-    vals = _detachable(model)
+    vals = _detachable(model, _BUFFER_DTYPES if used_only else _RAW_DTYPES)
     saved = [(v, v.const_value) for v in vals]
     try:
         for v, t in saved:
@@ -393,31 +445,6 @@ def weight_buffer(tensor: ir.TensorProtocol) -> np.ndarray:
     """A C-contiguous numpy view of a tensor's data (a memory map for external data; no copy
     where the data already is one)."""
     return np.ascontiguousarray(tensor.numpy())
-
-
-_TEMP_DIRS: list[str] = []
-atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _TEMP_DIRS])
-
-
-def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes | str:
-    """Serialize a model for an ONNX Runtime session or ``onnx.checker`` (weights inline).
-
-    Prefer passing the ``ir.Model`` to :func:`onnxcompress.runtime.make_session` (no copy).
-
-    Returns:
-        protobuf bytes; for a model at or over protobuf's 2 GB limit, the path of a private
-        temporary copy written with external data (removed at exit), which ORT and the
-        checker accept in place of bytes.
-    """
-    if isinstance(model, onnx.ModelProto):
-        model = ir.from_proto(model)
-    if model_size_bytes(model) < PROTOBUF_LIMIT:
-        return to_proto(model).SerializeToString()
-    folder = tempfile.mkdtemp(prefix="onnxcompress-")
-    _TEMP_DIRS.append(folder)
-    path = os.path.join(folder, "model.onnx")
-    _write(model, path, folder, "model.onnx.data", external_data=True)
-    return path
 
 
 def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> None:
@@ -569,24 +596,25 @@ _MODEL_GRAPH, _GRAPH_INITIALIZER = bytes([7 << 3 | 2]), bytes([5 << 3 | 2])
 _RAW_DATA = bytes([9 << 3 | 2])
 
 
-def _inline_chunk(name: str, tensor: ir.TensorProtocol) -> list:
-    """``ModelProto{graph{initializer: [tensor]}}`` serialized, as pieces to write in order (the
-    tensor's bytes are a view, not a copy): appended to a model's bytes, a protobuf parser merges
-    it into the graph (repeated fields concatenate; protobuf encoding spec). The tensor's data
-    is always written as ``raw_data``, whatever it was read from (a memory map included)."""
+def _initializer_entry(name: str, tensor: ir.TensorProtocol) -> tuple[bytes, np.ndarray]:
+    """``GraphProto.initializer`` entry of one tensor as ``(header, data)``: the field's tag and
+    length, the TensorProto's name / dtype / dims, and the ``raw_data`` field's tag and length;
+    ``data`` is the tensor's bytes (a view, not a copy) that follow. Written in order they are
+    the serialized entry; the data is always ``raw_data``, whatever it was read from."""
     buf = weight_buffer(tensor)
     head = onnx.TensorProto(name=name, data_type=int(tensor.dtype),
                             dims=[int(d) for d in tensor.shape.numpy()]).SerializeToString()
     raw_head = _RAW_DATA + _varint(buf.nbytes)
     tlen = len(head) + len(raw_head) + buf.nbytes
-    glen = 1 + len(_varint(tlen)) + tlen
-    return [_MODEL_GRAPH + _varint(glen) + _GRAPH_INITIALIZER + _varint(tlen) + head + raw_head,
-            _le_bytes(buf)]
+    return _GRAPH_INITIALIZER + _varint(tlen) + head + raw_head, buf
 
 
 def _le_bytes(buf: np.ndarray) -> memoryview:
-    """The array's bytes, little-endian (ONNX's order), as a flat view where no swap is needed."""
-    return memoryview(buf.astype(buf.dtype.newbyteorder("<"), copy=False)).cast("B")
+    """The array's bytes, little-endian (ONNX's order), as a flat view where no swap is needed
+    (any dtype, ml_dtypes' bfloat16 / float8 included)."""
+    if buf.dtype.byteorder == ">":
+        buf = buf.astype(buf.dtype.newbyteorder("<"))
+    return memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
 
 
 def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, data_name: str, *,
@@ -595,16 +623,25 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
     as protobuf chunks (inline) or to ``data_path`` (default ``folder/data_name``) with the
     skeleton pointing at ``data_name``. Peak extra memory: one tensor's bytes."""
     if not external_data:
+        # the canonical layout (one `graph` field, every reader parses it): the skeleton's fields,
+        # then the graph field whose length counts the entries streamed after its own payload
         proto, weights = skeleton(model)
         keep = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
                 or {e.key: e.value for e in t.external_data}.get("location") != PLACEHOLDER]
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(keep)
+        graph = proto.graph.SerializeToString()
+        proto.ClearField("graph")
+        entries = [_initializer_entry(name, t) for name, t in weights]
+        glen = len(graph) + sum(len(h) + b.nbytes for h, b in entries)
         with open(path, "wb") as f:
             f.write(proto.SerializeToString())
-            for name, t in weights:
-                for piece in _inline_chunk(name, t):
-                    f.write(piece)
+            f.write(_MODEL_GRAPH + _varint(glen))
+            f.write(graph)
+            del graph
+            for head, buf in entries:
+                f.write(head)
+                f.write(_le_bytes(buf))
             f.flush()
             os.fsync(f.fileno())
         return
@@ -638,19 +675,15 @@ def _default_mode(path: str) -> None:
 def model_size_bytes(model: ir.Model | onnx.ModelProto) -> int:
     """Size in bytes of the model serialized with its weights inline, computed from its skeleton
     and its tensors' sizes (nothing of the weights is serialized): what :func:`save_model` writes
-    without external data."""
+    without external data, to within a few bytes."""
     if isinstance(model, onnx.ModelProto):
         return model.ByteSize()
     proto, weights = skeleton(model)
     size = proto.ByteSize()
     for name, t in weights:
         head = onnx.TensorProto(name=name, data_type=int(t.dtype), dims=[int(d) for d in t.shape.numpy()])
-        raw = 1 + len(_varint(t.nbytes)) + t.nbytes
-        tlen = head.ByteSize() + raw
-        glen = 1 + len(_varint(tlen)) + tlen
-        size += 1 + len(_varint(glen)) + glen
-        # the skeleton's stand-in (same tensor as external data) is not written inline
-        size -= _standin_size(name, t)
+        tlen = head.ByteSize() + 1 + len(_varint(t.nbytes)) + t.nbytes
+        size += 1 + len(_varint(tlen)) + tlen - _standin_size(name, t)
     return size
 
 

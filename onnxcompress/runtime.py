@@ -8,7 +8,6 @@ integer kernels such as QLinearConv).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import os
 import platform
@@ -105,22 +104,6 @@ def resolve_providers(names: list[str] | None) -> tuple[list[str], list[str]]:
     return out, skipped
 
 
-_SESSION_DIR: list[str] = []
-
-
-def _session_dir() -> str:
-    """A private folder for session skeletons, with the empty stand-in file their external-data
-    entries name (ORT checks that it exists; it never reads it: the buffers replace it)."""
-    if not _SESSION_DIR or not os.path.isdir(_SESSION_DIR[0]):
-        from .model_io import PLACEHOLDER
-
-        folder = tempfile.mkdtemp(prefix="onnxcompress-sessions-")
-        open(os.path.join(folder, PLACEHOLDER), "wb").close()
-        atexit.register(shutil.rmtree, folder, True)
-        _SESSION_DIR[:] = [folder]
-    return _SESSION_DIR[0]
-
-
 def make_session(
     model: "bytes | str | ir.Model",
     *,
@@ -164,14 +147,19 @@ def make_session(
         sess = ort.InferenceSession(model, so, providers=providers)
         sess.onnxcompress_weights = ()
         return sess
-    from .model_io import skeleton, weight_buffer
+    from .model_io import PLACEHOLDER, skeleton, weight_buffer
 
     proto, weights = skeleton(model, extra_outputs=extra_outputs, used_only=True)
     keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
     names = [n for n, _ in weights]
-    fd, path = tempfile.mkstemp(suffix=".onnx", dir=_session_dir())
+    # a private folder per session, removed as soon as ORT has read the skeleton: the empty
+    # stand-in file its external-data entries name (ORT checks it exists, never reads it: the
+    # buffers replace it); nothing is left behind even by a process that exits without atexit
+    folder = tempfile.mkdtemp(prefix="onnxcompress-session-")
+    path = os.path.join(folder, "model.onnx")
     try:
-        with os.fdopen(fd, "wb") as f:
+        open(os.path.join(folder, PLACEHOLDER), "wb").close()
+        with open(path, "wb") as f:
             f.write(proto.SerializeToString())
         del proto
         try:
@@ -184,7 +172,7 @@ def make_session(
             so = _options(optimize, threads, extra_config, prepack)
             sess = _with_buffers(path, so, providers, names, keep, inject=True)
     finally:
-        os.unlink(path)
+        shutil.rmtree(folder, ignore_errors=True)
     sess.onnxcompress_weights = (so, keep)  # ORT reads these buffers for the session's lifetime
     return sess
 

@@ -222,3 +222,50 @@ def test_model_over_2gb_fuse_and_dynamic_in_bounded_memory(tmp_path):
         else:
             assert info["bytes"] < size / 3  # int8 weights: a quarter of the float ones, inline
         out.unlink()
+
+
+def test_external_tensors_of_any_dtype_and_in_attributes_are_loaded(tmp_path):
+    """bfloat16 external initializers (the usual dtype of large LLM exports) and a Constant's
+    external value no longer refer to the input folder after loading: the output is checked and
+    written like any other, also with external data."""
+    import ml_dtypes
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 64])
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
+    wt = helper.make_tensor("Wb", onnx.TensorProto.BFLOAT16, [64, 64], w.view(np.uint16).tobytes(), raw=True)
+    c = onnx.numpy_helper.from_array(np.ones((2, 64), np.float32) * 0.5, "c")
+    nodes = [helper.make_node("Cast", ["Wb"], ["W"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Constant", [], ["cv"], value=c),
+             helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "cv"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [wt]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=0, convert_attribute=True)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+    ref = G.run(str(tmp_path / "m.onnx"), feeds)["y"]
+    for ext in (False, True):
+        res = optimize(tmp_path / "m.onnx", tmp_path / f"o{ext}.onnx", OptimizeOptions(external_data=ext, latency=False))
+        assert res.passed
+        np.testing.assert_allclose(G.run(str(tmp_path / f"o{ext}.onnx"), feeds)["y"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_many_external_files_and_corrupt_bytes(tmp_path):
+    """One file per tensor beyond the mapped-files cap loads (read, not mapped); a file of zeros
+    is refused at once (protobuf has no field 0) instead of being scanned byte by byte."""
+    k = model_io.MAX_MAPPED_FILES + 6
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16])
+    inits, nodes, prev = [], [], "x"
+    for i in range(k):
+        inits.append(onnx.numpy_helper.from_array(np.full((16, 16), 1.0 / 16, np.float32), f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    y = helper.make_tensor_value_info(prev, onnx.TensorProto.FLOAT, [1, 16])
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    model = model_io.load_model(tmp_path / "m.onnx")
+    feeds = {"x": np.ones((1, 16), np.float32)}
+    out = make_session(model, optimize=False).run(None, feeds)[0]
+    np.testing.assert_allclose(out, G.run(str(tmp_path / "m.onnx"), feeds)[prev], rtol=1e-6)
+    (tmp_path / "zeros.onnx").write_bytes(b"\0" * (8 << 20))
+    with pytest.raises(ModelLoadError, match="field number 0"):
+        model_io.load_model(tmp_path / "zeros.onnx")

@@ -87,10 +87,13 @@ def value_shapes(model: ir.Model) -> dict[str, tuple]:
     """Static shape knowledge per value name (ints, or None for unknown dims), via onnx shape inference."""
     import onnx
 
+    from ..model_io import skeleton
+
+    proto, _ = skeleton(model)  # shapes need no weight values: the large ones stay where they are
     try:
-        proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
-        proto = ir.to_proto(model)
+        pass
     out: dict[str, tuple] = {}
     for vi in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
         t = vi.type.tensor_type

@@ -251,6 +251,11 @@ def child_main(task_file: str) -> None:
     os.dup2(log.fileno(), 2)
     print(f"onnxcompress {__version__} zoo task {spec['model']} / {spec['recipe']} (key {spec['key'][:16]}) "
           f"pid {os.getpid()}", flush=True)
+    # scratch files (session skeletons, spilled calibration samples) go into the task's own
+    # folder, which the runner removes even when this process is killed or exits without atexit
+    import tempfile
+
+    tempfile.tempdir = str(work)
     limit = spec.get("memory_limit_mb")
     if limit:
         import resource
