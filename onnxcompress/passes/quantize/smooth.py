@@ -44,7 +44,11 @@ SAMPLES = 64
 #: range, per sample or over the set, is exact for every smoothing factor): memory is bounded
 #: by SIM_SAMPLES x SIM_ROWS x D floats per tensor whatever the sequence length
 SIM_SAMPLES = 16
-SIM_ROWS = 512
+#: at most this many rows per sample: SIM_TOTAL_ROWS spread over the SIM_SAMPLES samples (64 each),
+#: so the rows kept for every tensor of a deep model stay bounded (an 800 MB, 21-layer stack at
+#: seq 128 kept 1 GB of them); MiniLM's sentences (< 64 tokens) keep every row
+SIM_TOTAL_ROWS = 1024
+SIM_ROWS = SIM_TOTAL_ROWS // SIM_SAMPLES
 #: output columns of each consumer weight the simulated error sees (weights are quantized per
 #: column, so each kept column's error is exact): half of them the columns with the most output
 #: energy on the recorded rows (a transformer's few outlier hidden dimensions dominate the
