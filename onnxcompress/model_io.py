@@ -441,6 +441,22 @@ def skeleton(model: ir.Model, *, location: str = PLACEHOLDER, offsets: dict[str,
     return proto, [(v.name, t) for v, t in saved]
 
 
+@contextlib.contextmanager
+def skeleton_file(model: ir.Model, **kwargs):
+    """The model's :func:`skeleton` (``kwargs`` passed on) written to a private temporary folder
+    beside the empty stand-in file its external-data entries name — the checker and ORT check
+    that it exists; neither reads it — removed on exit (so a process that exits without atexit
+    leaves nothing). Yields ``(model path, detached (name, tensor) pairs)``."""
+    proto, weights = skeleton(model, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-skeleton-") as folder:
+        open(os.path.join(folder, PLACEHOLDER), "wb").close()
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+        del proto
+        yield path, weights
+
+
 def weight_buffer(tensor: ir.TensorProtocol) -> np.ndarray:
     """A C-contiguous numpy view of a tensor's data (a memory map for external data; no copy
     where the data already is one)."""
@@ -461,13 +477,7 @@ def check_model(model: ir.Model | onnx.ModelProto, *, runtime: bool = True) -> N
     """
     if isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)
-    proto, _ = skeleton(model)
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-check-") as folder:
-        open(os.path.join(folder, PLACEHOLDER), "wb").close()
-        path = os.path.join(folder, "model.onnx")
-        with open(path, "wb") as f:
-            f.write(proto.SerializeToString())
-        del proto
+    with skeleton_file(model) as (path, _):
         try:
             onnx.checker.check_model(path, full_check=False)
         except Exception as exc:

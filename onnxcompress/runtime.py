@@ -9,10 +9,7 @@ integer kernels such as QLinearConv).
 from __future__ import annotations
 
 import functools
-import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -147,21 +144,11 @@ def make_session(
         sess = ort.InferenceSession(model, so, providers=providers)
         sess.onnxcompress_weights = ()
         return sess
-    from .model_io import PLACEHOLDER, skeleton, weight_buffer
+    from .model_io import skeleton_file, weight_buffer
 
-    proto, weights = skeleton(model, extra_outputs=extra_outputs, used_only=True)
-    keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
-    names = [n for n, _ in weights]
-    # a private folder per session, removed as soon as ORT has read the skeleton: the empty
-    # stand-in file its external-data entries name (ORT checks it exists, never reads it: the
-    # buffers replace it); nothing is left behind even by a process that exits without atexit
-    folder = tempfile.mkdtemp(prefix="onnxcompress-session-")
-    path = os.path.join(folder, "model.onnx")
-    try:
-        open(os.path.join(folder, PLACEHOLDER), "wb").close()
-        with open(path, "wb") as f:
-            f.write(proto.SerializeToString())
-        del proto
+    with skeleton_file(model, extra_outputs=extra_outputs, used_only=True) as (path, weights):
+        keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
+        names = [n for n, _ in weights]
         try:
             sess = _with_buffers(path, so, providers, names, keep, inject=False)
         except Exception:
@@ -171,8 +158,6 @@ def make_session(
             # read the empty stand-in and failed; ORT then gets the values in its graph (a copy)
             so = _options(optimize, threads, extra_config, prepack)
             sess = _with_buffers(path, so, providers, names, keep, inject=True)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     sess.onnxcompress_weights = (so, keep)  # ORT reads these buffers for the session's lifetime
     return sess
 

@@ -43,6 +43,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+# the protobuf pieces the model writer streams with (one implementation of each)
+from .model_io import _GRAPH_INITIALIZER, _MODEL_GRAPH, _RAW_DATA, _default_mode, _varint
+
 #: Protobuf's hard limit on a serialized model (inline weights must stay under it).
 PROTOBUF_LIMIT = 2 * 1024**3
 #: Default of ``external_data=None``: external data from this many weight bytes on.
@@ -272,23 +275,6 @@ def _model_header(opset: int) -> bytes:
     return m.SerializeToString()
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-_GRAPH_TAG = bytes([(7 << 3) | 2])        # ModelProto.graph, length-delimited
-_INITIALIZER_TAG = bytes([(5 << 3) | 2])  # GraphProto.initializer
-_RAW_DATA_TAG = bytes([(9 << 3) | 2])     # TensorProto.raw_data
-
-
 def _meta(spec: _Spec) -> TensorProto:
     t = TensorProto()
     t.name = spec.name
@@ -307,13 +293,6 @@ def _tmp(folder: Path, name: str) -> str:
     return tmp
 
 
-def _plain_mode(path: str) -> None:
-    """mkstemp's 0600 -> the mode a plain new file gets (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _finish(f) -> None:
     f.flush()
     os.fsync(f.fileno())
@@ -329,12 +308,12 @@ def _write_inline(tmp_model: str, hidden: int, layers: int, ffn: int, seed: int,
     graph_len = len(body)
     for _, specs in groups:
         for s in specs:
-            meta = _meta(s).SerializeToString() + _RAW_DATA_TAG + _varint(s.nbytes)
+            meta = _meta(s).SerializeToString() + _RAW_DATA + _varint(s.nbytes)
             payload = len(meta) + s.nbytes
-            prefix = _INITIALIZER_TAG + _varint(payload) + meta
+            prefix = _GRAPH_INITIALIZER + _varint(payload) + meta
             entries.append(prefix)
             graph_len += len(prefix) + s.nbytes
-    header = _model_header(opset) + _GRAPH_TAG + _varint(graph_len) + body
+    header = _model_header(opset) + _MODEL_GRAPH + _varint(graph_len) + body
     total = len(header) + graph_len - len(body)
     if total >= PROTOBUF_LIMIT:
         raise ValueError(f"inline weights would make a {total / 1e9:.2f} GB protobuf (limit 2 GiB): "
@@ -386,7 +365,7 @@ def _write_external(tmp_model: str, tmp_data: str, data_name: str, hidden: int, 
         _finish(f)
     graph = _graph(hidden, layers, tensors).SerializeToString()
     with open(tmp_model, "r+b") as f:
-        f.write(_model_header(opset) + _GRAPH_TAG + _varint(len(graph)) + graph)
+        f.write(_model_header(opset) + _MODEL_GRAPH + _varint(len(graph)) + graph)
         f.truncate()
         _finish(f)
 
@@ -454,12 +433,12 @@ def transformer_stack(path, *, hidden: int, layers: int, ffn: int | None = None,
         if external_data:
             tmp_data = _tmp(folder, data_name)
             _write_external(tmp_model, tmp_data, data_name, hidden, layers, ffn, int(seed), sparse, int(opset))
-            _plain_mode(tmp_data)
+            _default_mode(tmp_data)
             os.replace(tmp_data, folder / data_name)
             tmp_data = None
         else:
             _write_inline(tmp_model, hidden, layers, ffn, int(seed), sparse, int(opset))
-        _plain_mode(tmp_model)
+        _default_mode(tmp_model)
         os.replace(tmp_model, dest)
         tmp_model = None
     finally:

@@ -233,22 +233,23 @@ def keep_node_names(before: ir.Model, model: ir.Model) -> int:
     return renamed
 
 
-def _run_one(model: ir.Model, p: CompressionPass) -> ir.Model:
+def _run_one(model: ir.Model, p: CompressionPass) -> tuple[ir.Model, ir.Model]:
     """Run one pass; a pass that raises is reverted (a pass bug must not cost the user the run).
-    Returns the model to go on with (the snapshot when reverted)."""
+    Returns ``(model to go on with, snapshot from before the pass)``; they are the same object
+    when the pass was reverted."""
     before = snapshot(model)
     try:
         p(model)
         p.report.flush()
         if p.report.changed:
             keep_node_names(before, model)
-        return model
+        return model, before
     except Exception as exc:
         p.report.flush()
         logger.warning("pass %s failed and was reverted: %s", p.name, exc)
         p.report.reverted = f"raised {type(exc).__name__}: {exc}"
         p.report.changed = False
-        return before
+        return before, before
 
 
 def _check(model: ir.Model, ref, samples) -> tuple[list | None, float, float, str | None]:
@@ -279,7 +280,7 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
     i = 0
     while i < len(passes):
         if not passes[i].checked:
-            model = _run_one(model, passes[i])
+            model, _ = _run_one(model, passes[i])
             if passes[i].report.changed:
                 ref = None
             reports.append(passes[i].report)
@@ -291,7 +292,7 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
         batch = passes[i:j]
         start = snapshot(model) if samples else None
         for p in batch:
-            model = _run_one(model, p)
+            model, _ = _run_one(model, p)
         changed = [p for p in batch if p.report.changed]
         if changed and start is not None:
             if ref is None:
@@ -316,8 +317,7 @@ def _one_by_one(model: ir.Model, batch: list[CompressionPass], ref, samples):
     for old in batch:
         p = type(old)(old.context)
         fresh.append(p)
-        before = snapshot(model)
-        model = _run_one(model, p)
+        model, before = _run_one(model, p)
         if not p.report.changed:
             continue
         got, abs_err, rel_err, why = _check(model, ref, samples)
