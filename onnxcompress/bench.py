@@ -46,6 +46,7 @@ from onnx import TensorProto, helper
 from . import __version__
 from .data import InputSpec, input_specs, load_npz, random_samples
 from .errors import DataError, OnnxCompressError
+from .gates import OutputGates, output_failures
 from .model_io import load_model
 from .runtime import cpu_features, make_session, resolve_providers, run_samples
 from .validate import output_metrics
@@ -924,10 +925,8 @@ def _check(kind, ref_p, cand_p, prov, ref_prov, run, atol, rtol, gate_allclose, 
         failed = []
         if gate_allclose and not close:
             failed.append(f"allclose(atol={atol:g}, rtol={rtol:g})")
-        if min_cosine is not None and not m.integer and m.cosine < min_cosine:  # index outputs: equality (--min-top1)
-            failed.append(f"cosine {m.cosine:.6f} < {min_cosine:g}")
-        if min_top1 is not None and m.top1_agreement is not None and m.top1_agreement < min_top1:
-            failed.append(f"top-1 {m.top1_agreement:.2f} % < {min_top1:g} %")
+        # index outputs: equality (--min-top1); the verdict is the gate engine's (gates.py)
+        failed += output_failures(OutputGates(min_cosine=min_cosine, min_top1_agreement=min_top1), m)
         outs.append(OutputCheck(m.name, m.max_abs_err, m.max_rel_err, m.cosine, m.sqnr_db, m.top1_agreement,
                                 close, 100.0 * bad / total if total else 0.0, not failed, failed))
     return ValidationCheck(kind=kind, reference=str(ref_p), candidate=str(cand_p), provider=prov,

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .bench import benchmark, parse_shapes, validate_models, write_json
-from .cli import _check_out_paths, _fail, _fmt_bytes, app, console, out_console
+from .cli_common import _check_out_paths, _fail, _fmt_bytes, app, console, out_console
 from .errors import InternalError, OnnxCompressError
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from .cli import _fail, _setup_logging, app, console
+from .cli_common import _fail, _setup_logging, app, console
 from .errors import InternalError, OnnxCompressError
 
 

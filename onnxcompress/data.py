@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .errors import DataError
+from .params import Param
 
 _RAGGED = re.compile(r"^(\d+)__(.+)$")
 
@@ -206,6 +207,29 @@ def split_holdout(samples: list[dict[str, np.ndarray]], fraction: float = 0.25, 
     return calib, val
 
 
+def _numbers(n: int, positive: bool = False):
+    def check(v) -> str | None:
+        if (not isinstance(v, (list, tuple)) or len(v) != n
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            return f"takes {n} numbers"
+        if positive and min(v) <= 0:
+            return "takes positive numbers"
+        return None
+    return check
+
+
+IMAGE_SIZE = Param("size", None, "Image folders: HxW after resize + centre crop (off: the model's input).",
+                   kind="any", optional=True, flag="--image-size", validator=_numbers(2, positive=True))
+IMAGE_MEAN = Param("mean", (0.0, 0.0, 0.0), "Image folders: per-channel mean on 0-255 pixels.", kind="any",
+                   flag="--mean", validator=_numbers(3))
+IMAGE_STD = Param("std", (255.0, 255.0, 255.0), "Image folders: per-channel std on 0-255 pixels.", kind="any",
+                  flag="--std", validator=_numbers(3, positive=True))
+IMAGE_LAYOUT = Param("layout", "NCHW", "Image folders: NCHW or NHWC.", kind="str", choices=("NCHW", "NHWC"),
+                     flag="--layout")
+IMAGE_CHANNELS = Param("channels", "RGB", "Image folders: RGB or BGR.", kind="str", choices=("RGB", "BGR"),
+                       flag="--channels")
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """How to turn image files into a model input.
@@ -218,11 +242,11 @@ class ImageSpec:
         channels: ``RGB`` or ``BGR``.
     """
 
-    size: tuple[int, int] | None = None
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (255.0, 255.0, 255.0)
-    layout: str = "NCHW"
-    channels: str = "RGB"
+    size: tuple[int, int] | None = IMAGE_SIZE.field()
+    mean: tuple[float, float, float] = IMAGE_MEAN.field()
+    std: tuple[float, float, float] = IMAGE_STD.field()
+    layout: str = IMAGE_LAYOUT.field()
+    channels: str = IMAGE_CHANNELS.field()
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -348,17 +348,17 @@ def test_integer_outputs_are_gated_by_agreement_not_relative_error(tmp_path):
     res = _invoke("optimize", src, "-o", tmp_path / "q.onnx", "--quantize", "dynamic", "--calibration", cal,
                   "--max-rel-error", "0.2", "-q")
     assert res.exit_code == 0, res.output
-    from onnxcompress.api import OptimizeOptions, _gates
+    from onnxcompress.gates import Gates, evaluate as _evaluate
 
     val = [{"provider": "CPUExecutionProvider", "outputs": [
         {"max_rel_err": 0.05, "cosine": 0.999, "top1_agreement": None, "integer": False},
         {"max_rel_err": 0.25, "cosine": 0.9, "top1_agreement": 97.0, "integer": True}]}]
-    g = _gates(OptimizeOptions(max_rel_error=0.1, min_cosine=0.99, min_top1_agreement=98.0), val)
+    g = _evaluate(Gates(max_rel_error=0.1, min_cosine=0.99, min_top1_agreement=98.0), val)
     assert [x["passed"] for x in g] == [True, True, False] and g[2]["value"] == 97.0
     # only index outputs: a float gate cannot judge them (fails, saying why); "inf" strings are read
     only_idx = [{"provider": "cpu", "outputs": [{"max_rel_err": "inf", "cosine": -1.0, "top1_agreement": 0.0,
                                                  "integer": True}]}]
-    g = _gates(OptimizeOptions(max_rel_error=0.1), only_idx)
+    g = _evaluate(Gates(max_rel_error=0.1), only_idx)
     assert not g[0]["passed"] and "min-top1-agreement" in g[0]["why"]
     # uint8 outputs are values (images, masks): they keep the float gates
     m8 = output_metrics("mask", [np.array([[200, 100]], np.uint8)], [np.array([[0, 0]], np.uint8)])

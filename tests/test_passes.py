@@ -125,7 +125,7 @@ def test_checked_pass_is_reverted_when_outputs_move():
 
     m = G.mlp()
     x = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
-    out, reps = _apply(m, [Broken(PassContext(options={"sparsity": 0.9, "min_size": 1}))], x)
+    out, reps = _apply(m, [Broken(PassContext(), sparsity=0.9, min_size=1)], x)
     assert reps[0].reverted and "tolerance" in reps[0].reverted
     _close(G.run(m, x), G.run(out, x), tol=0)
 
@@ -134,7 +134,7 @@ def test_checked_pass_is_reverted_when_outputs_move():
 def test_magnitude_pruning_sparsity(scope):
     m = G.mlp(k=64)
     x = {"x": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}
-    out, reps = _apply(m, [MagnitudePrunePass(PassContext(options={"sparsity": 0.5, "scope": scope, "min_size": 1}))], x)
+    out, reps = _apply(m, [MagnitudePrunePass(PassContext(), sparsity=0.5, scope=scope, min_size=1)], x)
     c = reps[0].counts
     assert abs(c["achieved_sparsity"] - 0.5) < 0.01
     if scope == "layer":
@@ -144,7 +144,7 @@ def test_magnitude_pruning_sparsity(scope):
 def test_pruning_at_zero_is_identity():
     m = G.mlp()
     x = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
-    out, reps = _apply(m, [MagnitudePrunePass(PassContext(options={"sparsity": 0.0}))], x)
+    out, reps = _apply(m, [MagnitudePrunePass(PassContext(), sparsity=0.0)], x)
     assert not reps[0].changed
     _close(G.run(m, x), G.run(out, x), tol=0)
 

@@ -185,7 +185,7 @@ def test_graph_output_channels_untouched():
                    conv("c2", "y1", "y2", 8, 6), helper.make_node("Relu", ["y2"], ["r2"], name="r2"),
                    conv("c3", "r2", "y3", 6, 4)], X4, [vi("y1", None), vi("y3", None)])
     m = ir.from_proto(proto)
-    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)], options={"ratio": 0.5}))
+    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)]), ratio=0.5)
     m, _ = run_passes(m, [p], [])
     dims = {v.name: v.const_value.shape for v in m.graph.initializers.values()}
     assert dims["c1_W"] == (8, 3, 3, 3)  # feeds the graph output y1
@@ -198,11 +198,11 @@ def test_graph_output_channels_untouched():
 def test_protected_and_round_to():
     proto = g_conv_bn_relu_conv()
     m = ir.from_proto(proto)
-    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)], options={"ratio": 0.4, "protect": ["c1"]}))
+    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)]), ratio=0.4, protect=["c1"])
     run_passes(m, [p], [])
     assert not p.report.changed and "protected" in p.report.skipped[0]["reason"]
     m = ir.from_proto(proto)
-    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)], options={"ratio": 0.6, "round_to": 4}))
+    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)]), ratio=0.6, round_to=4)
     m, _ = run_passes(m, [p], [])
     assert m.graph.initializers["c1_W"].const_value.shape[0] == 4
 
@@ -212,7 +212,7 @@ def test_importance_kinds(importance):
     proto = g_conv_bn_relu_conv()
     calib = [feed_for(proto) for _ in range(4)]
     m = ir.from_proto(proto)
-    p = ChannelPrunePass(PassContext(calibration=calib, options={"ratio": 0.5, "importance": importance, "repair": False}))
+    p = ChannelPrunePass(PassContext(calibration=calib), ratio=0.5, importance=importance, repair=False)
     m, _ = run_passes(m, [p], [])
     assert p.report.changed and m.graph.initializers["c1_W"].const_value.shape[0] == 4
 
@@ -224,7 +224,7 @@ def test_least_squares_repair_lowers_error():
     errs = {}
     for rep in (False, True):
         m = ir.from_proto(proto)
-        p = ChannelPrunePass(PassContext(calibration=calib, check_samples=held, options={"ratio": 0.5, "repair": rep}))
+        p = ChannelPrunePass(PassContext(calibration=calib, check_samples=held), ratio=0.5, repair=rep)
         m, _ = run_passes(m, [p], [])
         got = np.concatenate([run(ir.to_proto(m), f)["y"] for f in held])
         want = np.concatenate([run(proto, f)["y"] for f in held])
@@ -242,7 +242,7 @@ def test_unfollowable_group_skipped_not_mangled():
                    helper.make_node("Transpose", ["t"], ["t2"], name="tr2", perm=[0, 3, 1, 2]),
                    conv("c2", "t2", "y", 8, 5)], X4, [vi("y", None)])
     m = ir.from_proto(proto)
-    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)], options={"ratio": 0.5}))
+    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)]), ratio=0.5)
     m, _ = run_passes(m, [p], [])
     assert m.graph.initializers["c1_W"].const_value.shape[0] == 8
     assert any("Transpose 'tr'" in s["reason"] for s in p.report.skipped)
@@ -257,7 +257,7 @@ def test_nm_masks_verified():
                    (helper.make_node("Gemm", ["f", "G"], ["h"], name="fc", transB=1), [init("G", w(8, 1024))]),
                    (helper.make_node("MatMul", ["h", "M"], ["y"], name="mm"), [init("M", w(8, 12))])], X4, [vi("y", None)])
     m = ir.from_proto(proto)
-    p = NMPrunePass(PassContext(options={"n": 2, "m": 4, "min_size": 1}))
+    p = NMPrunePass(PassContext(), pattern="2:4", min_size=1)
     m, _ = run_passes(m, [p], [])
     nodes = {n.name: n for n in m.graph}
     pruned = 0

@@ -574,7 +574,7 @@ def test_pair_permute_renumbers_channels_exactly_and_helps_pair_safe_weights():
     ref = G.run(m, feeds[0])["y"]
     for target, expect in (("avx2", True), ("vnni", False)):
         model = ir.from_proto(m)
-        model, reps = run_passes(model, [PairPermutePass(PassContext(options={"target": target}))], feeds)
+        model, reps = run_passes(model, [PairPermutePass(PassContext(), target=target)], feeds)
         rep = reps[0]
         assert rep.changed is expect and not rep.reverted, rep
         out = ir.to_proto(model)
@@ -587,6 +587,6 @@ def test_pair_permute_renumbers_channels_exactly_and_helps_pair_safe_weights():
             assert not np.array_equal(w_new, w_out.astype(np.float32))  # columns renumbered
     # the same graph with r0 also a graph output: its space is frozen
     m2 = G.model(nodes, [G.vi("x", [1, 3, 10, 10])], [G.vi("y", [1, 8, 10, 10]), G.vi("r0", [1, c, 10, 10])], inits)
-    model, reps = run_passes(ir.from_proto(m2), [PairPermutePass(PassContext(options={"target": "avx2"}))], feeds)
+    model, reps = run_passes(ir.from_proto(m2), [PairPermutePass(PassContext(), target="avx2")], feeds)
     w_new = {i.name: numpy_helper.to_array(i) for i in ir.to_proto(model).graph.initializer}["w_out"]
     assert np.array_equal(w_new, w_out.astype(np.float32))

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphs as G
 from onnxcompress import OptimizeOptions, optimize
-from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.base import PassContext, Scope
 from onnxcompress.passes.quantize.weight_only import WeightOnlyQuantizePass, quantize
 
 REL = 0.02
@@ -160,7 +160,7 @@ def test_dynamic_main_graph_conv_and_output_sqnr(tmp_path):
                 [G.vi("x", [2, C, L])], [G.vi("y", [2, F, L])], [G.init("w", w)], opset=17)
     calib = [{"x": rng.standard_normal((2, C, L)).astype(np.float32)} for _ in range(3)]
     model = ir.from_proto(m)
-    p = WeightOnlyQuantizePass(PassContext(calibration=calib, options={"weight_only_mode": "dynamic"}))
+    p = WeightOnlyQuantizePass(PassContext(calibration=calib), mode="dynamic")
     p(model)
     (entry,) = p.report.counts["weight_only"]
     assert entry["where"] == "main graph" and entry["output_sqnr_db"] > 30
@@ -169,7 +169,7 @@ def test_dynamic_main_graph_conv_and_output_sqnr(tmp_path):
     feeds = {"x": calib[0]["x"]}
     assert _rel(G.run(m, feeds)["y"], G.run(out, feeds, optimize=True)["y"]) < REL
     model2 = ir.from_proto(m)
-    p2 = WeightOnlyQuantizePass(PassContext(calibration=calib, options={"weight_only_mode": "static"}))
+    p2 = WeightOnlyQuantizePass(PassContext(calibration=calib), mode="static")
     assert not p2(model2).modified
     # ORT folds Cast -> Mul back into a float weight at session creation: the deployed graph
     # is the fp32 one (same kernels, same speed)
@@ -196,8 +196,7 @@ def test_bias_correction_depthwise_positive_inputs():
     errs = {}
     for bc in (False, True):
         model = ir.from_proto(m)
-        p = WeightOnlyQuantizePass(PassContext(calibration=calib, options={"weight_only_mode": "dynamic",
-                                                                           "bias_correction": bc}))
+        p = WeightOnlyQuantizePass(PassContext(calibration=calib), mode="dynamic", bias_correction=bc)
         p(model)
         assert p.report.counts["weight_only"][0].get("bias_corrected", False) is bc
         out = ir.to_proto(model)
@@ -228,7 +227,7 @@ def test_bidirectional_gru_main_graph_and_low_sqnr_kept_float():
                 [G.init("wg", wg), G.init("rg", rg), G.init("wc", wc)], opset=17)
     calib = [{"x": rng.standard_normal((2, F, L)).astype(np.float32), "cond": np.array(True)} for _ in range(2)]
     model = ir.from_proto(m)
-    p = WeightOnlyQuantizePass(PassContext(calibration=calib, options={"weight_only_mode": "static"}))
+    p = WeightOnlyQuantizePass(PassContext(calibration=calib), mode="static")
     p(model)
     done = {e["node"]: e for e in p.report.counts["weight_only"]}
     assert set(done) == {"gru"} and done["gru"]["output_sqnr_db"] > 30
@@ -261,11 +260,11 @@ def test_exclusions_and_weight_chain_folding():
     m = G.model(nodes, [G.vi("x", [L, 2, F])], [G.vi("y", [L, 1, 2, H])], inits, opset=17)
     feeds = {"x": rng.standard_normal((L, 2, F)).astype(np.float32)}
     model = ir.from_proto(m)
-    p = WeightOnlyQuantizePass(PassContext(options={"weight_only_mode": "dynamic", "exclude_op_types": ("LSTM",)}))
+    p = WeightOnlyQuantizePass(PassContext(scope=Scope.of(op_types=("LSTM",))), mode="dynamic")
     assert not p(model).modified
     assert p.report.skipped == [{"node": "lstm", "reason": "excluded by the user"}]
     model = ir.from_proto(m)
-    p = WeightOnlyQuantizePass(PassContext(options={"weight_only_mode": "dynamic"}))
+    p = WeightOnlyQuantizePass(PassContext(), mode="dynamic")
     p(model)
     assert p.report.counts["weight_nodes_folded"] == 4 and p.report.counts["nodes_quantized"] == 1
     out = ir.to_proto(model)

@@ -128,8 +128,8 @@ def test_manifest_defaults_and_overrides(zoo_dir):
 @pytest.mark.parametrize("text, needle", [
     ("[models.a\npath = 1", "invalid TOML"),
     ("[recipes.r]\nquantise = 'static'\n[models.a]\npath = 'a.onnx'", "unknown option 'quantise'"),
-    ("[recipes.r]\nquantize = 'int4'\n[models.a]\npath = 'a.onnx'", "model 'a', recipe 'r': --quantize must be"),
-    ("[recipes.r]\nprune = 'half'\n[models.a]\npath = 'a.onnx'", "'prune' must be a number"),
+    ("[recipes.r]\nquantize = 'int4'\n[models.a]\npath = 'a.onnx'", "[recipes.r]: --quantize must be one of"),
+    ("[recipes.r]\nprune = 'half'\n[models.a]\npath = 'a.onnx'", "--prune must be a number"),
     ("[recipes.r]\ncalibration = 'c.npz'\n[models.a]\npath = 'a.onnx'", "per-model setting"),
     ("[defaults]\nrecipes = ['nope']\n[recipes.r]\n[models.a]\npath = 'a.onnx'", "'nope', which is not defined"),
     ("[recipes.r]\n[models.a]\ncalibration = 'c.npz'", "missing 'path'"),

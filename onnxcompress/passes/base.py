@@ -17,11 +17,13 @@ and only a batch that misses its tolerance is replayed pass by pass to find the 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
+from ..params import NoConfig, build, check
 
 logger = logging.getLogger("onnxcompress")
 
@@ -74,37 +76,77 @@ class PassReport:
         return d
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Which nodes the user keeps out of every pass that prunes, quantizes or rescales
+    (``--exclude``): by node name or by op type. One object, read by every such pass."""
+
+    nodes: frozenset[str] = frozenset()
+    op_types: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, nodes=(), op_types=()) -> "Scope":
+        return cls(frozenset(nodes), frozenset(op_types))
+
+    def excludes(self, node: ir.Node) -> bool:
+        """Whether the user excluded ``node`` (its name or its op type)."""
+        return node.name in self.nodes or node.op_type in self.op_types
+
+
 @dataclass
 class PassContext:
-    """Data a pass may use.
+    """Data a pass may use (its parameters are its typed ``config``, not here).
 
     Attributes:
         calibration: feed dicts (input name -> array) for statistics.
         check_samples: a few feed dicts used to check passes numerically.
-        options: free-form options of the run.
+        holdout: held-out feed dicts for a pass that measures its own fidelity (channel
+            pruning's repair); empty: it uses ``check_samples``.
+        scope: the user's exclusions (:class:`Scope`).
+        keep_float: node names the fallback keeps in float (quantization passes).
+        cache: state a pass may keep across re-runs of the same stage (the fallback's
+            re-quantizations reuse the calibration ranges: ``passes/quantize/static.py``).
     """
 
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
     check_samples: list[dict[str, np.ndarray]] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
+    holdout: list[dict[str, np.ndarray]] = field(default_factory=list)
+    scope: Scope = field(default_factory=Scope)
+    keep_float: tuple[str, ...] = ()
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 class CompressionPass(ir.passes.InPlacePass):
     """Base class of onnxcompress passes.
 
     Subclasses set ``name``, implement :meth:`apply` (return whether the model changed) and
-    may set ``checked`` (compare outputs before/after) and ``rtol`` (allowed
-    max|Δ|/max|ref| per output).
+    may set ``checked`` (compare outputs before/after), ``rtol`` (allowed max|Δ|/max|ref| per
+    output) and ``Config`` (a dataclass of declared parameters, :mod:`onnxcompress.params`).
+    A pass reads its parameters from ``self.config`` and its data from ``self.context``.
+
+    Construction: ``Pass(context, config)`` or ``Pass(context, **params)`` (each value checked
+    against its declaration; an unknown name raises :class:`onnxcompress.params.ParamError`).
     """
 
     name: ClassVar[str] = "pass"
     checked: ClassVar[bool] = True
     rtol: ClassVar[float] = 1e-4
+    Config: ClassVar[type] = NoConfig
 
-    def __init__(self, context: PassContext | None = None) -> None:
+    def __init__(self, context: PassContext | None = None, config: Any = None, **params: Any) -> None:
         super().__init__()
         self.context = context or PassContext()
+        if config is None:
+            config = build(self.Config, params, self.name)
+        elif params:
+            config = replace(config, **{k: v for k, v in params.items()})
+            check(config, self.name)
+        self.config = config
         self.report = PassReport(self.name)
+
+    def fresh(self) -> "CompressionPass":
+        """A new pass object with the same context and config (a replay starts from a clean report)."""
+        return type(self)(self.context, self.config)
 
     def apply(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -269,7 +311,7 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
     raises, or that leaves a model ONNX Runtime cannot run, is reverted; the report says why.
     Consecutive checked passes are checked together, against the strictest ``rtol`` among those
     that changed the model; a batch that misses it is replayed from its start, each pass
-    checked alone (fresh pass objects: ``type(p)(p.context)``). Unchecked passes (lossy
+    checked alone (fresh pass objects: :meth:`CompressionPass.fresh`). Unchecked passes (lossy
     rewrites, judged later by validation) only make the reference outputs stale.
 
     Returns:
@@ -315,7 +357,7 @@ def _one_by_one(model: ir.Model, batch: list[CompressionPass], ref, samples):
     Returns ``(model, ref, passes)``."""
     fresh = []
     for old in batch:
-        p = type(old)(old.context)
+        p = old.fresh()
         fresh.append(p)
         model, before = _run_one(model, p)
         if not p.report.changed:

@@ -9,41 +9,54 @@ no faster (the report says so). Structured channel pruning is a separate techniq
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
+from ..params import Param
 from .base import CompressionPass
 
 PRUNABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+SPARSITY = Param("sparsity", 0.5, "Share of weights set to zero (unstructured magnitude pruning).", kind="float",
+                 low=0.0, high=1.0, high_open=True, search=(0.1, 0.9))
+SCOPE = Param("scope", "global", "global (one magnitude threshold over all weights) or layer (each tensor to the "
+              "target).", kind="str", choices=("global", "layer"), flag="--prune-scope", search=("global", "layer"))
+MIN_SIZE = Param("min_size", 64, "Weights with fewer elements stay dense.", kind="int", low=1)
+SKIP_FIRST_LAST = Param("skip_first_last", False, "Keep the first and last layer dense.", kind="bool",
+                        flag="--prune-skip-first-last", search=(False, True))
+
+
+@dataclass
+class MagnitudePruneConfig:
+    sparsity: float = SPARSITY.field()
+    scope: str = SCOPE.field()
+    min_size: int = MIN_SIZE.field()
+    skip_first_last: bool = SKIP_FIRST_LAST.field()
 
 
 class MagnitudePrunePass(CompressionPass):
     """Magnitude pruning to a target sparsity.
 
-    Context options: ``sparsity`` (0..1), ``scope`` (``layer``|``global``), ``exclude_nodes``,
-    ``exclude_op_types``, ``min_size`` (tensors with fewer elements stay dense; default 64),
-    ``skip_first_last`` (keep the first and last prunable layer dense; default False).
+    Parameters: :class:`MagnitudePruneConfig`; nodes in ``context.scope`` are left dense.
     """
 
     name = "prune-magnitude"
     checked = False
+    Config = MagnitudePruneConfig
 
     def apply(self, model: ir.Model) -> bool:
-        o = self.context.options
-        sparsity = float(o.get("sparsity", 0.0))
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        scope = o.get("scope", "layer")
-        min_size = int(o.get("min_size", 64))
-        excl_nodes, excl_ops = set(o.get("exclude_nodes", ())), set(o.get("exclude_op_types", ()))
+        c = self.config
+        sparsity, scope, min_size = c.sparsity, c.scope, c.min_size
         nodes = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type in PRUNABLE and n.domain in ("", "ai.onnx")]
-        if o.get("skip_first_last") and len(nodes) >= 2:
+        if c.skip_first_last and len(nodes) >= 2:
             for n in (nodes[0], nodes[-1]):
                 self.report.skip(n.name, "first/last layer kept dense (skip_first_last)")
             nodes = nodes[1:-1]
         targets: dict[str, ir.Value] = {}
         for n in nodes:
-            if n.name in excl_nodes or n.op_type in excl_ops:
+            if self.context.scope.excludes(n):
                 self.report.skip(n.name, "excluded by the user")
                 continue
             w = n.inputs[1] if len(n.inputs) > 1 else None

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..irutil import UnionFind as _UF, all_value_names, subgraphs, unique_name
+from ..params import Param
 from .base import CompressionPass, snapshot
 
 UNARY = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu", "Selu", "Softplus",
@@ -44,6 +45,39 @@ SPATIAL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPo
 BINARY = {"Add", "Mul", "Sub", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean"}
 ROOT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 IMPORTANCE = ("l2", "l1", "bn", "activation")
+
+RATIO = Param("ratio", 0.3, "Share of channels removed per dependency group.", kind="float", low=0.0, high=1.0,
+              high_open=True, search=(0.1, 0.6))
+RATIOS = Param("ratios", {}, "Per-layer ratios NODE = RATIO overriding ratio (the node's dependency group).",
+               kind="ratios", flag="--prune-ratio")
+CHANNEL_SCOPE = Param("scope", "layer", "layer (each group loses ratio of its channels) or global (one normalised "
+                      "ranking).", kind="str", choices=("layer", "global"), flag="--prune-channel-scope",
+                      search=("layer", "global"))
+IMPORTANCE_P = Param("importance", "l2", "Channel importance: l2, l1, bn (BatchNorm gamma) or activation "
+                     "(calibration data).", kind="str", choices=IMPORTANCE, flag="--prune-importance",
+                     search=IMPORTANCE)
+ROUND_TO = Param("round_to", 1, "Kept channels rounded up to a multiple of this (4/8/16 keep kernels fast).",
+                 kind="int", low=1, flag="--prune-round-to", search=(1, 4, 8, 16))
+REPAIR = Param("repair", True, "Least-squares re-fit of the next layers on calibration data.", kind="bool",
+               flag="--prune-repair/--no-prune-repair")
+PROTECT = Param("protect", (), "Nodes whose channels are never pruned.", kind="strlist", flag="--prune-protect")
+REPAIR_SAMPLES = Param("repair_samples", 64, "Calibration samples used for activation importance and repair.",
+                       kind="int", low=1)
+MAX_RATIO = Param("max_ratio", 0.9, "Cap on the share removed from any one group.", kind="float", low=0.0,
+                  high=1.0, high_open=True)
+
+
+@dataclass
+class ChannelPruneConfig:
+    ratio: float = RATIO.field()
+    ratios: dict = RATIOS.field()
+    scope: str = CHANNEL_SCOPE.field()
+    importance: str = IMPORTANCE_P.field()
+    round_to: int = ROUND_TO.field()
+    repair: bool = REPAIR.field()
+    protect: tuple = PROTECT.field()
+    repair_samples: int = REPAIR_SAMPLES.field()
+    max_ratio: float = MAX_RATIO.field()
 
 
 @dataclass
@@ -835,33 +869,24 @@ def select_removed(groups: list[Group], scores: dict[int, float], *, ratio: floa
 class ChannelPrunePass(CompressionPass):
     """Structured channel pruning with dependency groups, then least-squares repair.
 
-    Context options: ``ratio`` (share of channels removed per group, 0..1), ``ratios``
-    (node name -> ratio), ``scope`` (``layer`` | ``global``), ``importance`` (``l2``, ``l1``,
-    ``bn``, ``activation``), ``round_to`` (kept channels a multiple of this), ``protect``
-    (node names never pruned), ``exclude_op_types``, ``repair`` (default True),
-    ``repair_samples`` (default 64), ``max_ratio`` (cap per group, default 0.9).
-    Calibration feeds come from ``context.calibration``; fidelity is measured on
-    ``context.check_samples`` (or the calibration data).
+    Parameters: :class:`ChannelPruneConfig`; nodes and op types in ``context.scope`` are
+    protected like ``protect``. Calibration feeds come from ``context.calibration``; fidelity
+    is measured on ``context.holdout`` (else ``context.check_samples``, else the calibration data).
     """
 
     name = "prune-channels"
     checked = False
+    Config = ChannelPruneConfig
 
     def apply(self, model: ir.Model) -> bool:
         from .prune_repair import fidelity, repair
 
-        o = self.context.options
-        ratio = float(o.get("ratio", 0.0))
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"channel ratio must be in [0, 1), got {ratio}")
-        importance = o.get("importance", "l2")
-        if importance not in IMPORTANCE:
-            raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+        c, scope = self.config, self.context.scope
+        ratio, importance = c.ratio, c.importance
         calib = list(self.context.calibration)
-        checks = list(self.context.check_samples) or calib[:4]
-        protect = set(o.get("protect", ()))
-        excl_ops = set(o.get("exclude_op_types", ()))
-        protect |= {n.name for n in model.graph if n.op_type in excl_ops}
+        checks = list(self.context.holdout) or list(self.context.check_samples) or calib[:4]
+        protect = set(c.protect) | set(scope.nodes)
+        protect |= {n.name for n in model.graph if n.op_type in scope.op_types}
         sample = calib[0] if calib else (checks[0] if checks else None)
         if sample is None:
             from ..data import input_specs, random_samples
@@ -873,28 +898,27 @@ class ChannelPrunePass(CompressionPass):
         for g in groups:
             if g.blocked:
                 rep.skip(", ".join(n.name for n in g.roots), f"group left untouched: {g.blocked}")
-        act = activation_stats(model, dep, calib[: int(o.get("repair_samples", 64))]) if importance == "activation" and calib else None
+        act = activation_stats(model, dep, calib[: c.repair_samples]) if importance == "activation" and calib else None
         scores, notes = class_importance(dep, groups, importance, act)
-        removed, details = select_removed(groups, scores, ratio=ratio, ratios=o.get("ratios"), scope=o.get("scope", "layer"),
-                                          round_to=int(o.get("round_to", 1)), max_ratio=float(o.get("max_ratio", 0.9)))
+        removed, details = select_removed(groups, scores, ratio=ratio, ratios=c.ratios or None, scope=c.scope,
+                                          round_to=c.round_to, max_ratio=c.max_ratio)
         before = count_costs(model, shapes0)
         rep.counts.update(groups=len(groups), groups_blocked=sum(1 for g in groups if g.blocked),
                           groups_pruned=sum(1 for d in details if d["kept"] < d["channels"]),
                           channels_total=sum(d["channels"] for d in details),
                           channels_removed=sum(d["channels"] - d["kept"] for d in details),
-                          importance=importance, ratio=ratio, scope=o.get("scope", "layer"),
-                          round_to=int(o.get("round_to", 1)))
+                          importance=importance, ratio=ratio, scope=c.scope, round_to=c.round_to)
         if not removed:
             return False
         original = snapshot(model)
         stats = apply_removal(model, dep, removed)
         rep.counts.update(stats)
-        do_repair = bool(o.get("repair", True)) and calib
+        do_repair = c.repair and calib
         ref_fid = fidelity(original, model, checks) if checks else None
         if ref_fid is not None:
             rep.counts["fidelity_before_repair"] = ref_fid
         if do_repair:
-            info = repair(original, model, dep, removed, calib[: int(o.get("repair_samples", 64))])
+            info = repair(original, model, dep, removed, calib[: c.repair_samples])
             rep.counts["repair"] = info["summary"]
             for name, why in info["skipped"]:
                 rep.skip(name, f"not repaired: {why}")

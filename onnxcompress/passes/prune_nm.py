@@ -15,13 +15,17 @@ densifies them at load), and says which is smaller.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import zlib
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from ..params import Param
 from .base import CompressionPass
+from .prune import MIN_SIZE
 
 NM_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -60,24 +64,42 @@ def verify_nm(arr: np.ndarray, node: ir.Node, n: int, m: int) -> bool:
     return bool(np.all(nz <= n))
 
 
+def _pattern_error(v: str) -> str | None:
+    nm = v.split(":")
+    if len(nm) != 2 or not all(x.isdigit() for x in nm) or not 0 < int(nm[0]) < int(nm[1]):
+        return "must look like 2:4 (0 < N < M)"
+    return None
+
+
+PATTERN = Param("pattern", "2:4", "N:M pattern: at most N non-zeros in every M weights along the reduction axis.",
+                kind="str", flag="--prune-nm", validator=_pattern_error, search=("2:4", "1:4", "2:8"))
+
+
+@dataclass
+class NMPruneConfig:
+    pattern: str = PATTERN.field()
+    min_size: int = MIN_SIZE.field()
+
+    @property
+    def n_m(self) -> tuple[int, int]:
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+
 class NMPrunePass(CompressionPass):
     """N:M sparsity for Conv/Gemm/MatMul constant weights.
 
-    Context options: ``n`` (2), ``m`` (4), ``exclude_nodes``, ``exclude_op_types``,
-    ``min_size`` (64). Depthwise/grouped Convs with fewer than M input channels per group and
+    Parameters: :class:`NMPruneConfig`; nodes in ``context.scope`` are left dense. Depthwise/grouped Convs with fewer than M input channels per group and
     weights whose K is not a multiple of M are skipped and named.
     """
 
     name = "prune-nm"
     checked = False
+    Config = NMPruneConfig
 
     def apply(self, model: ir.Model) -> bool:
-        o = self.context.options
-        n, m = int(o.get("n", 2)), int(o.get("m", 4))
-        if not 0 < n < m:
-            raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-        excl_nodes, excl_ops = set(o.get("exclude_nodes", ())), set(o.get("exclude_op_types", ()))
-        min_size = int(o.get("min_size", 64))
+        n, m = self.config.n_m
+        min_size = self.config.min_size
         done: dict[str, bool] = {}
         total = zeros = 0
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -86,7 +108,7 @@ class NMPrunePass(CompressionPass):
             w = node.inputs[1]
             if w is None or w.const_value is None or w.is_graph_input():
                 continue
-            if node.name in excl_nodes or node.op_type in excl_ops:
+            if self.context.scope.excludes(node):
                 self.report.skip(node.name, "excluded by the user")
                 continue
             arr = w.const_value.numpy()

@@ -12,9 +12,21 @@ Layout (every table but ``[models]`` optional; see ``models/zoo.toml``)::
     recipes = ["fuse", "int8-dynamic", "int8-static"]    # run on every model unless it says otherwise
     options = { max_calibration_samples = 256 }          # under every recipe
 
-    [recipes.int8-static]       # any OptimizeOptions field (dashes or underscores)
+    [recipes.int8-static]       # flags form: any OptimizeOptions field (dashes or underscores)
     description = "static QDQ int8"
     quantize = "static"
+
+    [recipes.my-static]         # or a built-in recipe (`onnxcompress recipe list`) and flags over it
+    base = "int8-static"
+    calibration_method = "entropy"
+
+    [recipes.custom]            # or a whole recipe (onnxcompress.recipe; `recipe show` writes one)
+    [[recipes.custom.stages]]
+    pass = "fuse"
+    [[recipes.custom.stages]]
+    pass = "quantize-static"
+    [recipes.custom.gates]
+    min_cosine = 0.99
 
     [models.ppocr_det]
     path = "../zoo_cache/ppocr_det/model.onnx"          # relative to this file
@@ -29,8 +41,11 @@ Layout (every table but ``[models]`` optional; see ``models/zoo.toml``)::
     calibration_method = "percentile"
 
 Options are merged in this order (later wins): ``OptimizeOptions`` defaults, ``[defaults]
-options``, the recipe, the model's ``options``, the model's ``overrides.<recipe>``. TOML has no
-null: ``false`` turns an optional setting off (``min_sqnr_db = false``, ``prune = false``).
+options``, the recipe, the model's ``options``, the model's ``overrides.<recipe>``; each task
+then runs one :class:`onnxcompress.recipe.Recipe` (:meth:`Manifest.recipe_for`), the same object
+``optimize --recipe`` runs. Every key is checked against its declared parameter
+(:mod:`onnxcompress.params`). TOML has no null: ``false`` turns an optional setting off
+(``min_sqnr_db = false``, ``prune = false``).
 """
 
 from __future__ import annotations
@@ -42,9 +57,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..api import OptimizeOptions
+from .. import params as P
+from .. import recipe as R
 from ..data import ImageSpec
 from ..errors import OnnxCompressError
+from ..options import OptimizeOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,32 +78,8 @@ class ManifestError(OnnxCompressError):
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
-# Option fields a recipe may set, with the kind of value each takes.
-_OPT_KIND: dict[str, str] = {
-    "fuse": "bool", "prune": "float?", "prune_scope": "str", "prune_min_size": "int",
-    "prune_skip_first_last": "bool", "quantize": "str?", "calibration_method": "str",
-    "max_calibration_samples": "int", "target": "str", "per_channel": "bool", "min_sqnr_db": "float?",
-    "exclude_nodes": "strlist", "exclude_op_types": "strlist", "providers": "strlist",
-    "max_rel_error": "float?", "min_cosine": "float?", "min_top1_agreement": "float?",
-    "external_data": "bool?", "latency": "bool",
-}
 _PER_MODEL_ONLY = ("calibration", "validation", "image")
-
-
-def _infer_kinds() -> None:
-    """Options added to OptimizeOptions later are accepted too, typed by their default value."""
-    for f in dataclasses.fields(OptimizeOptions):
-        if f.name in _OPT_KIND or f.name in _PER_MODEL_ONLY:
-            continue
-        d = f.default if f.default is not dataclasses.MISSING else None
-        _OPT_KIND[f.name] = ("bool" if isinstance(d, bool) else "int" if isinstance(d, int)
-                             else "float" if isinstance(d, float) else "str" if isinstance(d, str)
-                             else "strlist" if isinstance(d, tuple) else "any?")
-    for k in [k for k in _OPT_KIND if k not in {f.name for f in dataclasses.fields(OptimizeOptions)}]:
-        del _OPT_KIND[k]  # an option this version of optimize() no longer has
-
-
-_infer_kinds()
+_FLAT = {k: p for k, p in P.params_of(OptimizeOptions).items() if k not in _PER_MODEL_ONLY}
 _RUN_KEYS = {"jobs": "int", "timeout_s": "float?", "memory_limit_mb": "int?", "threads": "int?"}
 _MODEL_KEYS = {"path", "calibration", "validation", "fetch", "recipes", "options", "overrides", "image",
                "timeout_s", "memory_limit_mb", "description"}
@@ -95,11 +88,14 @@ _IMAGE_KEYS = {f.name for f in dataclasses.fields(ImageSpec)}
 
 @dataclass
 class Recipe:
-    """A named set of ``optimize`` options."""
+    """A named recipe of the manifest: flat ``optimize`` options (``options``, the flags form,
+    over the built-in recipe ``base`` when given) or a whole recipe (``recipe``)."""
 
     name: str
     options: dict[str, Any]
     description: str = ""
+    base: str | None = None
+    recipe: R.Recipe | None = None
 
 
 @dataclass
@@ -148,6 +144,32 @@ class Manifest:
             merged["image"] = dict(m.image)
         return merged
 
+    def recipe_for(self, model: str, recipe: str) -> R.Recipe:
+        """The recipe one (model, recipe) task runs: the manifest recipe, the model's data, and the
+        flat option layers over it (:meth:`options_for`).
+
+        Raises:
+            ManifestError: a value outside its declaration.
+        """
+        zr, m = self.recipes[recipe], self.models[model]
+        flat = self.options_for(model, recipe)
+        image = flat.pop("image", None)
+        data = {k: flat.pop(k) for k in ("calibration", "validation")}
+        try:
+            if zr.recipe is None and zr.base is None:
+                o = options_from_dict({**flat, **data, **({"image": image} if image else {})})
+                return R.from_options(o)
+            base = zr.recipe if zr.recipe is not None else R.builtin(zr.base)
+            layers = dict(flat)
+            if image:
+                layers["image"] = _image_spec(image)
+            r = R.override(base, {**layers, **data}) if (layers or any(data.values())) else R._copy(base)
+            for k, v in data.items():
+                setattr(r.data, k, v)
+            return r
+        except OnnxCompressError as exc:
+            raise ManifestError(f"{self.path}: model '{model}', recipe '{recipe}': {exc}") from None
+
     def tasks(self, only: list[str] | None = None, recipes: list[str] | None = None) -> list[tuple[str, str]]:
         """The (model, recipe) pairs to run, in manifest order.
 
@@ -170,21 +192,24 @@ class Manifest:
         return out
 
 
+def _image_spec(img: dict[str, Any]) -> ImageSpec:
+    img = dict(img)
+    for k in ("size", "mean", "std"):
+        if img.get(k) is not None:
+            img[k] = tuple(img[k])
+    return ImageSpec(**img)
+
+
 def options_from_dict(d: dict[str, Any]) -> OptimizeOptions:
     """Build :class:`OptimizeOptions` out of a merged option dict (see :meth:`Manifest.options_for`)."""
     kw = dict(d)
     kw.pop("description", None)
-    for k in ("exclude_nodes", "exclude_op_types", "providers"):
-        if k in kw:
-            kw[k] = tuple(kw[k])
     img = kw.pop("image", None)
+    o = P.build(OptimizeOptions, kw)
     if img:
-        img = dict(img)
-        for k in ("size", "mean", "std"):
-            if img.get(k) is not None:
-                img[k] = tuple(img[k])
-        kw["image"] = ImageSpec(**img)
-    return OptimizeOptions(**kw)
+        o.image = _image_spec(img)
+    o.check()
+    return o
 
 
 def _check_value(where: str, key: str, kind: str, value: Any) -> Any:
@@ -210,19 +235,44 @@ def _check_value(where: str, key: str, kind: str, value: Any) -> Any:
 
 
 def _norm_options(where: str, table: Any, *, allow_per_model: bool = False) -> dict[str, Any]:
+    """Flat option keys (``OptimizeOptions`` fields), each checked by its declared parameter."""
     if not isinstance(table, dict):
         raise ManifestError(f"{where}: expected a table of optimize options, got {table!r}")
     out: dict[str, Any] = {}
     for raw, value in table.items():
         key = raw.replace("-", "_")
-        if key == "description":
+        if key in ("description", "base"):
             continue
         if key in _PER_MODEL_ONLY and not allow_per_model:
             raise ManifestError(f"{where}: '{raw}' is a per-model setting: put it in the [models.<name>] table")
-        if key not in _OPT_KIND:
-            raise ManifestError(f"{where}: unknown option '{raw}' (known: {', '.join(sorted(_OPT_KIND))})")
-        out[key] = _check_value(where, raw, _OPT_KIND[key], value)
+        if key not in _FLAT:
+            raise ManifestError(f"{where}: unknown option '{raw}' (known: {', '.join(sorted(_FLAT))})")
+        try:
+            v = _FLAT[key].check(value, where)
+        except P.ParamError as exc:
+            raise ManifestError(f"{exc} ('{raw}' in the manifest)") from None
+        out[key] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _recipe(p: Path, name: str, t: dict) -> Recipe:
+    """One ``[recipes.<name>]`` table: a whole recipe (``stages``), a built-in ``base`` with flat
+    options over it, or flat options (the flags form)."""
+    where = f"{p}: [recipes.{name}]"
+    desc = str(t.get("description", ""))
+    if "stages" in t:
+        data = t.get("data", {})
+        if isinstance(data, dict) and any(k in data for k in ("calibration", "validation", "image")):
+            raise ManifestError(f"{where}: data sources are per-model settings: put them in the [models.<name>] table")
+        try:
+            rec = R.Recipe.from_dict(t, where=where)
+        except OnnxCompressError as exc:
+            raise ManifestError(str(exc)) from None
+        return Recipe(name, {}, desc or rec.description, recipe=rec)
+    base = t.get("base")
+    if base is not None and base not in R.BUILTIN:
+        raise ManifestError(f"{where}: base '{base}' is not a built-in recipe ({', '.join(R.BUILTIN)})")
+    return Recipe(name, _norm_options(where, t), desc, base=base)
 
 
 def _check_names(where: str, names) -> None:
@@ -318,7 +368,7 @@ def load_manifest(path: str | Path) -> Manifest:
         where = f"{p}: [recipes.{name}]"
         if not isinstance(t, dict):
             raise ManifestError(f"{where}: must be a table of optimize options")
-        recipes[name] = Recipe(name, _norm_options(where, t), str(t.get("description", "")))
+        recipes[name] = _recipe(p, name, t)
 
     defaults_t = doc.get("defaults", {})
     if not isinstance(defaults_t, dict):
@@ -382,7 +432,9 @@ def load_manifest(path: str | Path) -> Manifest:
     for name, m in models.items():
         for r in recipes:  # --recipe may run any recipe on any model
             try:
-                options_from_dict(mf.options_for(name, r)).check()
+                mf.recipe_for(name, r)
+            except ManifestError:
+                raise
             except OnnxCompressError as exc:
                 raise ManifestError(f"{p}: model '{name}', recipe '{r}': {exc}") from None
     return mf

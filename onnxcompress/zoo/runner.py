@@ -10,7 +10,7 @@ Output folder layout (``--out DIR``)::
     DIR/.work/                          scratch of running tasks (safe to delete)
 
 A task's key is the sha256 of: the input model's bytes, its external data files, the merged
-recipe options (data paths replaced by the data's content hash), the calibration and
+the recipe (data paths replaced by the data's content hash), the calibration and
 validation data, the onnxcompress version and a fingerprint of its conversion code. A task is skipped when the state file holds
 the same key with ``ok`` and the output file still exists with the recorded size, or with a
 failure that the same inputs would reproduce (bad input, missed gate); timeouts, memory
@@ -41,7 +41,7 @@ from .worker import CACHEABLE_FAILURES, execute_task, kill_all, write_json_atomi
 
 STATE_NAME = "zoo_state.json"
 STATE_SCHEMA = 1
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2  # 2: the key hashes the recipe object (stages and configs), not flat options
 
 
 class ZooRunError(OnnxCompressError):
@@ -153,12 +153,12 @@ def code_fingerprint() -> str:
 def task_key(mf: Manifest, model: str, recipe: str, hasher: _Hasher) -> str:
     """The content key of one task (see the module docstring)."""
     m = mf.models[model]
-    opts = mf.options_for(model, recipe)
+    rec = mf.recipe_for(model, recipe).to_dict()
     for k in ("calibration", "validation"):
-        if opts.get(k):
-            opts[k] = hasher.file(Path(opts[k]))[0]
+        if rec["data"].get(k):
+            rec["data"][k] = hasher.file(Path(rec["data"][k]))[0]
     payload = {"schema": KEY_SCHEMA, "tool": __version__, "code": code_fingerprint(), "model": hasher.file(m.path)[0],
-               "external_data": hasher.external(m.path), "options": opts}
+               "external_data": hasher.external(m.path), "recipe": rec}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -472,7 +472,7 @@ def _spec(mf: Manifest, out: Path, model: str, recipe: str, key: str, memory_lim
     m = mf.models[model]
     return {
         "model": model, "recipe": recipe, "key": key, "model_path": str(m.path),
-        "options": mf.options_for(model, recipe),
+        "recipe_data": mf.recipe_for(model, recipe).to_dict(),
         "output": str(out / "models" / model / f"{recipe}.onnx"),
         "report": str(out / "reports" / model / f"{recipe}.json"),
         "log": str(out / "logs" / f"{model}.{recipe}.log"),

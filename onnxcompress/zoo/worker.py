@@ -31,7 +31,7 @@ from typing import Any
 from .. import __version__
 from ..api import optimize  # noqa: F401  (imported here so the fork server preloads it)
 from ..errors import GateFailedError, OnnxCompressError
-from .manifest import options_from_dict
+from ..recipe import Recipe
 from .summary import summarize_report
 
 #: Failure kinds that a rerun with the same inputs would reproduce exactly: recorded as
@@ -110,7 +110,7 @@ def execute_task(spec: dict) -> dict:
     """Run one task in a fresh worker process; never raises for anything the task does.
 
     Args:
-        spec: the task (see ``runner._spec``): model, recipe, key, model_path, options,
+        spec: the task (see ``runner._spec``): model, recipe (name), recipe_data (the recipe), key, model_path,
             output, report, log, work_dir, timeout_s, memory_limit_mb, threads.
 
     Returns:
@@ -283,14 +283,14 @@ def child_main(task_file: str) -> None:
 
 
 def _run(spec: dict, work: Path) -> dict:
-    opts = options_from_dict(spec["options"])
+    rec = Recipe.from_dict(spec["recipe_data"], where=f"zoo recipe {spec['recipe']}")
     _set_threads(spec.get("threads"))
     final = Path(spec["output"])
     scratch = work / final.name
     row: dict[str, Any] = {"model": spec["model"], "recipe": spec["recipe"], "key": spec["key"]}
     report = None
     try:
-        res = optimize(spec["model_path"], scratch, opts, progress=lambda s: print(f"  {s}", flush=True))
+        res = optimize(spec["model_path"], scratch, recipe=rec, progress=lambda s: print(f"  {s}", flush=True))
         report = res.report
         row.update(status="ok", kind=None, error=None)
     except GateFailedError as exc:

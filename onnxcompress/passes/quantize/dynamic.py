@@ -29,6 +29,7 @@ import onnx_ir as ir
 from ..base import CompressionPass
 from ...irutil import add_initializer, all_value_names, replace_node, subgraphs, unique_name
 from . import params
+from .config import QuantizeConfig
 from .policy import resolve_policy
 from .calibrate import observe
 from .sensitivity import sqnr_db
@@ -45,23 +46,23 @@ def fake_dynamic_quant(x: np.ndarray) -> np.ndarray:
 class DynamicQuantizePass(CompressionPass):
     """Dynamic int8 quantization (see module docstring).
 
-    Context options: ``target``, ``per_channel`` (default True), ``exclude_nodes``,
-    ``exclude_op_types``, ``min_sqnr_db`` (default 20 dB, ``None`` disables the check).
+    Parameters: :class:`.config.QuantizeConfig`; nodes in ``context.scope`` and
+    ``context.keep_float`` stay float.
     """
 
     name = "quantize-dynamic"
     checked = False
+    Config = QuantizeConfig
     #: only ``com.microsoft.Attention`` nodes (see :class:`AttentionQuantizePass`)
     only_attention = False
 
     def apply(self, model: ir.Model) -> bool:
-        opts = self.context.options
-        policy = resolve_policy(opts.get("target", "auto"))
-        per_channel = opts.get("per_channel", True)
-        min_sqnr = opts.get("min_sqnr_db", 20.0)
-        excl_nodes = set(opts.get("exclude_nodes", ()))
-        excl_ops = set(opts.get("exclude_op_types", ()))
-        fallback_nodes = set(opts.get("fallback_nodes", ()))
+        c = self.config
+        policy = resolve_policy(c.target)
+        per_channel = c.per_channel
+        min_sqnr = c.min_sqnr_db
+        excl_nodes, excl_ops = self.context.scope.nodes, self.context.scope.op_types
+        fallback_nodes = set(self.context.keep_float)
         taken = all_value_names(model)
         self.report.counts["target"] = policy.target
 

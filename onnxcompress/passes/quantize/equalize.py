@@ -53,6 +53,7 @@ import onnx_ir as ir
 from ..base import CompressionPass
 from ...irutil import add_initializer, all_value_names
 from . import params
+from .config import EqualizeConfig
 from .policy import resolve_policy
 
 logger = logging.getLogger("onnxcompress")
@@ -181,9 +182,9 @@ def _ratio(r: np.ndarray) -> float:
 class CrossLayerEqualizationPass(CompressionPass):
     """Cross-layer equalization (see module docstring; Nagel et al. 2019, sec. 4.1).
 
-    Context options: ``mode`` (``"auto"`` keep only if the weight SQNR improves, ``"on"``
-    always keep; default ``"auto"``), ``per_channel`` (bool, default True) and ``target``
-    (see :mod:`.policy`) describe the quantization the decision assumes, ``min_gain_db`` (default :data:`MIN_GAIN_DB`), ``exclude_nodes`` / ``exclude_op_types``.
+    Parameters: :class:`.config.EqualizeConfig` (``mode``: ``"auto"`` keep only if the weight SQNR
+    improves, ``"on"`` always; ``per_channel`` and ``target`` describe the quantization the
+    decision assumes; ``min_gain_db``, default :data:`MIN_GAIN_DB`). ``context.scope`` is left alone.
 
     Report counts: ``pairs_equalized`` (int), ``pairs`` (``[{"first", "second", "via",
     "w1_range_ratio": [before, after], "w2_range_ratio": [before, after]}]``, ratios = max/min
@@ -194,12 +195,13 @@ class CrossLayerEqualizationPass(CompressionPass):
 
     name = "cross-layer-equalization"
     checked = True
+    Config = EqualizeConfig
 
     def apply(self, model: ir.Model) -> bool:
-        opts = self.context.options
-        mode = opts.get("mode", "auto")
+        c = self.config
+        mode = c.mode
         graph = model.graph
-        pairs = self._find_pairs(graph, set(opts.get("exclude_nodes", ())), set(opts.get("exclude_op_types", ())))
+        pairs = self._find_pairs(graph, self.context.scope.nodes, self.context.scope.op_types)
         self.report.counts["pairs_found"] = len(pairs)
         if not pairs:
             self.report.counts["decision"] = "no equalizable Conv/Gemm pairs: nothing to do"
@@ -254,8 +256,8 @@ class CrossLayerEqualizationPass(CompressionPass):
                     "sqnr_db": [round(x0, 2), round(x1, 2)]} for p, x0, x1 in zip(pairs, before, after)],
             pair_sqnr_db_before=round(mb, 2), pair_sqnr_db_after=round(ma, 2))
         gain = ma - mb
-        quant = "per-channel" if opts.get("per_channel", True) else "per-tensor"
-        min_gain = float(opts.get("min_gain_db", MIN_GAIN_DB[quant]))
+        quant = "per-channel" if c.per_channel else "per-tensor"
+        min_gain = MIN_GAIN_DB[quant] if c.min_gain_db is None else c.min_gain_db
         if mode == "auto" and gain < min_gain:
             self.report.counts["decision"] = (
                 f"reverted: mean {quant} int8 weight SQNR of {len(pairs)} pair(s) "
@@ -435,9 +437,8 @@ class CrossLayerEqualizationPass(CompressionPass):
         weight SQNR, which a large channel dominates). Quantization as the run will do it:
         per-channel or per-tensor, saturation-free scales by target (:mod:`.policy`).
         """
-        opts = self.context.options
-        policy = resolve_policy(opts.get("target", "auto"))
-        per_channel = opts.get("per_channel", True)
+        policy = resolve_policy(self.config.target)
+        per_channel = self.config.per_channel
         out_s = {k: np.ones(w0[k].shape[out_axis(n)]) for k, n in nodes.items()}  # eq = orig / out_s (rows)
         in_s = {}  # eq = orig * in_s (input channels), with the pair's block
         for p in pairs:

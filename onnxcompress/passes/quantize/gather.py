@@ -20,6 +20,7 @@ import onnx_ir as ir
 from ...irutil import add_initializer, all_value_names, replace_node, unique_name
 from ..base import CompressionPass
 from . import params
+from .config import QuantizeConfig
 from .static import _attr, _is_const
 
 MIN_ELEMENTS = 4096
@@ -30,11 +31,11 @@ class GatherQuantizePass(CompressionPass):
 
     name = "quantize-gather"
     checked = False
+    Config = QuantizeConfig
 
     def apply(self, model: ir.Model) -> bool:
-        min_sqnr = float(self.context.options.get("min_weight_sqnr_db", 30.0))
-        excl = set(self.context.options.get("exclude_nodes", ()))
-        excl_ops = set(self.context.options.get("exclude_op_types", ()))
+        min_sqnr = self.config.min_weight_sqnr_db
+        excl, excl_ops = self.context.scope.nodes, self.context.scope.op_types
         taken = all_value_names(model)
         graph = model.graph
         done = []

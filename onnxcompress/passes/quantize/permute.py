@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from ...irutil import UnionFind
 from ..base import CompressionPass
+from .config import TargetConfig
 from .policy import resolve_policy
 
 #: ops whose output channel c depends only on input channel c (NCHW, channel axis 1)
@@ -134,20 +135,21 @@ def _pair_safe_error(ws: list[np.ndarray]) -> float:
 class PairPermutePass(CompressionPass):
     """Renumber channels so saturation-free int8 weights lose (almost) nothing (module docstring).
 
-    Context options: ``target`` (runs only where the policy is ``pair_safe``),
-    ``exclude_nodes``. Counts: ``spaces`` found, ``spaces_permuted``, ``consumers``,
+    Parameters: :class:`.config.TargetConfig` (runs only where the target's policy is
+    ``pair_safe``); nodes named in ``context.scope`` are left alone. Counts: ``spaces`` found, ``spaces_permuted``, ``consumers``,
     ``weight_sqnr_db_before`` / ``_after`` (pair-safe, over the permuted consumers).
     """
 
     name = "pair-permute"
     rtol = 1e-4
+    Config = TargetConfig
 
     def apply(self, model: ir.Model) -> bool:
-        policy = resolve_policy(self.context.options.get("target", "auto"))
+        policy = resolve_policy(self.config.target)
         if not policy.pair_safe:
             return False
         graph = model.graph
-        excluded = set(self.context.options.get("exclude_nodes", ()))
+        excluded = self.context.scope.nodes
         sp = _Spaces()
         consumers: dict[str, list[ir.Node]] = {}
         producers: dict[str, list[ir.Node]] = {}

@@ -30,6 +30,7 @@ from ...irutil import add_initializer, all_value_names, unique_name
 from ..base import CompressionPass
 from . import params
 from .calibrate import iter_outputs
+from .config import SmoothQuantConfig
 from .policy import resolve_policy
 from .static import FLOAT, _is_const
 
@@ -199,26 +200,25 @@ def record(model: ir.Model, names: list[str], samples: list[dict[str, np.ndarray
 class SmoothQuantPass(CompressionPass):
     """Per-tensor SmoothQuant with alpha chosen on calibration data (see module docstring).
 
-    Context options: ``target`` (weight bits via :mod:`.policy`), ``smooth_mode``
-    (``dynamic``/``static``: how activations will be quantized), ``exclude_nodes``,
-    ``exclude_op_types``. Report counts: ``smoothed`` (tensor -> alpha, error dB before ->
+    Parameters: :class:`.config.SmoothQuantConfig` (``target``: weight bits via :mod:`.policy`;
+    ``mode``: how activations will be quantized); ``context.scope`` is left alone. Report counts: ``smoothed`` (tensor -> alpha, error dB before ->
     after), ``tensors_considered``.
     """
 
     name = "smooth-quant"
     checked = True
+    Config = SmoothQuantConfig
     #: fold ``1/s`` into a producing Attention's V projection instead of a ``Mul``
     fold_attention = True
 
     def apply(self, model: ir.Model) -> bool:
-        opts = self.context.options
         if not self.context.calibration:
             return False
-        policy = resolve_policy(opts.get("target", "auto"))
+        policy = resolve_policy(self.config.target)
         qmax = policy.weight_qmax("MatMul", False)
         pairs = policy.weight_pairs("MatMul", False, 1)  # consumers' weights are [D, N]
-        dynamic = opts.get("smooth_mode", "dynamic") == "dynamic"
-        groups = _consumers(model, set(opts.get("exclude_nodes", ())), set(opts.get("exclude_op_types", ())))
+        dynamic = self.config.mode == "dynamic"
+        groups = _consumers(model, self.context.scope.nodes, self.context.scope.op_types)
         if not groups:
             return False
         rec = record(model, sorted(groups), self.context.calibration)

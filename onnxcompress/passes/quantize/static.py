@@ -26,6 +26,7 @@ import onnx_ir as ir
 from ..base import CompressionPass, snapshot
 from ...irutil import add_initializer, all_value_names, replace_node, unique_name
 from . import calibrate, params
+from .config import StaticQuantizeConfig
 from .policy import resolve_policy
 from .sensitivity import node_outputs, sqnr_db
 
@@ -76,28 +77,27 @@ def is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
 class StaticQuantizePass(CompressionPass):
     """Calibrated static int8 QDQ quantization (see module docstring).
 
-    Context options used: ``calibration_method`` (minmax|percentile|entropy|mse),
-    ``percentile`` (default 99.99), ``target`` (see :mod:`.policy`), ``per_channel``
-    (default True), ``exclude_nodes``, ``exclude_op_types``, ``min_sqnr_db`` (default 20 dB;
-    ``None`` disables the per-node check).
+    Parameters: :class:`.config.StaticQuantizeConfig`. Nodes in ``context.scope`` (the user's
+    exclusions) and ``context.keep_float`` (the fallback's) stay float; ``context.cache``, when a
+    dict, keeps the calibration statistics for a re-run of the same model.
     """
 
     name = "quantize-static"
     checked = False
+    Config = StaticQuantizeConfig
 
     def apply(self, model: ir.Model) -> bool:
-        opts = self.context.options
+        c = self.config
         samples = self.context.calibration
         if not samples:
             raise ValueError("static quantization needs calibration samples")
-        method = opts.get("calibration_method", "minmax")
-        policy = resolve_policy(opts.get("target", "auto"))
+        method = c.calibration_method
+        policy = resolve_policy(c.target)
         self._policy = policy
-        per_channel = opts.get("per_channel", True)
-        min_sqnr = opts.get("min_sqnr_db", 20.0)
-        excl_nodes = set(opts.get("exclude_nodes", ()))
-        excl_ops = set(opts.get("exclude_op_types", ()))
-        self._fallback_nodes = set(opts.get("fallback_nodes", ()))
+        per_channel = c.per_channel
+        min_sqnr = c.min_sqnr_db
+        excl_nodes, excl_ops = self.context.scope.nodes, self.context.scope.op_types
+        self._fallback_nodes = set(self.context.keep_float)
         graph = model.graph
         taken = all_value_names(model)
         opset = model.opset_imports.get("", 13)
@@ -125,7 +125,7 @@ class StaticQuantizePass(CompressionPass):
                 self.report.skip(name, "tensor never observed during calibration; left in float")
                 del act_t[name]
                 continue
-            ranges[name] = st.range(method, opts.get("percentile", 99.99))
+            ranges[name] = st.range(method, c.percentile)
         for node in graph:  # topological: a chain of data-movement ops shares one range
             if node in glue and node.op_type in SAME_RANGE_GLUE and node.inputs[0].name in ranges:
                 for o in node.outputs:
@@ -155,7 +155,7 @@ class StaticQuantizePass(CompressionPass):
         aware = set(kept) | glue
 
         # sequential bias correction: the float model's per-channel output means, measured now
-        seq = bool(opts.get("bias_correction", True)) and bool(opts.get("sequential_bias_correction", False))
+        seq = c.bias_correction and c.bias_correction_mode == "sequential"
         # (Gemm / MatMul+bias written as MatMulInteger on CPU targets keep the one-node correction)
         seq_targets = {n.outputs[0].name: (1 if n.op_type in ("Conv", "ConvTranspose") else -1)
                        for n in kept if len(n.inputs) > 2 and _is_const(n.inputs[2])
@@ -391,11 +391,11 @@ class StaticQuantizePass(CompressionPass):
     def _calibrate(self, model, names, samples, method):
         """Statistics of ``names`` over ``samples`` and the first two samples' values.
 
-        ``options["calibration_cache"]`` (a dict), when given, keeps both per tensor so a
+        ``context.cache`` (a dict), when given, keeps both per tensor so a
         re-quantization of the same model (sensitive-node fallback) does not run the
         calibration data again.
         """
-        cache = self.context.options.get("calibration_cache")
+        cache = self.context.cache
         if cache is not None and cache.get("method") == method and all(n in cache["stats"] for n in names):
             return ({n: cache["stats"][n] for n in names},
                     [{n: rec[n] for n in names if n in rec} for rec in cache["recorded"]])
@@ -443,7 +443,7 @@ class StaticQuantizePass(CompressionPass):
             worst = min(worst, sqnr_db(ref, got))
             diffs.append(ref - got)
         has_bias = len(node.inputs) > 2 and _is_const(node.inputs[2])
-        if self.context.options.get("bias_correction", True) and diffs and has_bias:
+        if self.config.bias_correction and diffs and has_bias:
             ch_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
             n_ch = node.inputs[2].const_value.numpy().size
             rows = [np.moveaxis(x, ch_axis, -1).reshape(-1, x.shape[ch_axis]) for x in diffs

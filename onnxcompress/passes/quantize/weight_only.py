@@ -20,7 +20,7 @@ bits are used: the product is float, no u8*s8 kernel can saturate (the saturatio
 scales of :mod:`.policy` do not apply). The int8 and scale initializers and the Cast/Mul nodes are
 put in the graph of the node that reads them.
 
-Which nodes (``options["weight_only_mode"]``, the integer pass that ran before):
+Which nodes (``mode``, the integer pass that ran before):
 
 * ``static``: Conv / ConvTranspose / Gemm / MatMul inside ``If``/``Loop``/``Scan`` bodies
   (static QDQ does not calibrate them: ORT cannot expose subgraph tensors as outputs), and the
@@ -28,7 +28,7 @@ Which nodes (``options["weight_only_mode"]``, the integer pass that ran before):
 * ``dynamic``: Conv / ConvTranspose everywhere (``ConvInteger`` is slower than fp32 on ORT's
   x86 CPU provider, so the dynamic pass never runs them in int8), and LSTM / GRU / RNN W / R.
   MatMul / Gemm are the dynamic pass's own (subgraphs included). Main-graph Conv is on by
-  default (``options["weight_only_main_conv"]``; the decision): ORT folds the weights back
+  default (``config.weight_only_main_conv``; the decision): ORT folds the weights back
   to float, so it is a size win at fp32 speed, and with bias correction (below) fidelity
   holds. ``scripts/bench_int8.py`` (held-out data, ORT 1.32, 2 threads, AMD EPYC with
   AVX-512 VNNI, interleaved latency), dynamic defaults, Conv float before -> weight-only now:
@@ -79,6 +79,7 @@ from onnx_ir.passes import common
 from ...irutil import add_initializer, all_value_names, subgraphs, unique_name
 from ..base import CompressionPass
 from . import params
+from .config import QuantizeConfig
 from .policy import resolve_policy
 from .sensitivity import node_outputs, sqnr_db
 from .static import FLOAT, _attr
@@ -157,25 +158,34 @@ def quantize(w: np.ndarray, keep: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
 class WeightOnlyQuantizePass(CompressionPass):
     """Weight-only int8 (``Cast -> Mul`` -> float node); see the module docstring.
 
-    Raises (from :meth:`apply`): ``ValueError`` for a missing or unknown ``weight_only_mode``.
+    Args:
+        mode: ``static`` | ``dynamic``, the integer pass that ran before (required).
 
-    Context options: ``weight_only_mode`` (``static`` | ``dynamic``; required), ``bias_correction``
-    (default True),
-    ``weight_only_main_conv`` (dynamic: main-graph Conv too, default True), ``min_sqnr_db``
-    (default 20; ``None`` disables both checks), ``min_weight_only_sqnr_db`` (default 25),
-    ``exclude_nodes``, ``exclude_op_types``, ``fallback_nodes``.
+    Raises:
+        ValueError: a missing or unknown ``mode``.
+
+    Parameters: :class:`.config.QuantizeConfig` (``bias_correction``, ``weight_only_main_conv``:
+    dynamic mode quantizes main-graph Conv too, ``min_sqnr_db``: ``None`` disables both checks,
+    ``min_weight_only_sqnr_db``). Nodes in ``context.scope`` and ``context.keep_float`` stay float.
     """
 
     name = "quantize-weight-only"
     checked = False
+    Config = QuantizeConfig
+
+    def __init__(self, context=None, config=None, *, mode: str | None = None, **params) -> None:
+        if mode not in ("static", "dynamic"):
+            raise ValueError(f"weight-only int8 needs mode='static' or 'dynamic', not {mode!r}")
+        super().__init__(context, config, **params)
+        self.mode = mode
+
+    def fresh(self) -> "WeightOnlyQuantizePass":
+        return type(self)(self.context, self.config, mode=self.mode)
 
     def apply(self, model: ir.Model) -> bool:
-        opts = self.context.options
-        mode = opts.get("weight_only_mode")
-        if mode not in ("static", "dynamic"):
-            raise ValueError(f"weight_only_mode must be 'static' or 'dynamic', not {mode!r}")
-        min_sqnr = opts.get("min_sqnr_db", 20.0)
-        min_w_sqnr = opts.get("min_weight_only_sqnr_db", 25.0)
+        mode = self.mode
+        min_sqnr = self.config.min_sqnr_db
+        min_w_sqnr = self.config.min_weight_only_sqnr_db
         self._detach_dead_uses(model)
         nodes = self._choose(model, mode)
         if not nodes:
@@ -233,7 +243,7 @@ class WeightOnlyQuantizePass(CompressionPass):
             for i, _, q, scale, _, _ in plans:
                 replaced.add(node.inputs[i])
                 self._rewrite(node, i, q, scale, taken, cache)
-            if shift is not None and opts.get("bias_correction", True):
+            if shift is not None and self.config.bias_correction:
                 replaced.add(node.inputs[2] if len(node.inputs) > 2 else None)
                 self._correct_bias(node, shift, taken)
                 entry["bias_corrected"] = True
@@ -250,13 +260,11 @@ class WeightOnlyQuantizePass(CompressionPass):
 
     # -- selection ---------------------------------------------------------------------
     def _choose(self, model: ir.Model, mode: str) -> list[ir.Node]:
-        opts = self.context.options
-        excl_nodes = set(opts.get("exclude_nodes", ()))
-        excl_ops = set(opts.get("exclude_op_types", ()))
-        fallback = set(opts.get("fallback_nodes", ()))
-        main_conv = opts.get("weight_only_main_conv", True)
+        excl_nodes, excl_ops = self.context.scope.nodes, self.context.scope.op_types
+        fallback = set(self.context.keep_float)
+        main_conv = self.config.weight_only_main_conv
         # main-graph ops the static pass leaves in float on this target (ConvTranspose on CPU)
-        static_float = set(resolve_policy(opts.get("target", "auto")).float_compute_ops)
+        static_float = set(resolve_policy(self.config.target).float_compute_ops)
         chosen = []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain not in ("", "ai.onnx"):

@@ -1,0 +1,86 @@
+"""What every command module shares: the typer app, the consoles, logging, errors, paths.
+
+Command modules (``cli.py``, ``cli_bench.py``, ``cli_zoo.py``, ``cli_recipe.py``) import from
+here, never from each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import OnnxCompressError
+
+if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH") and not os.environ.get("COLUMNS"):
+    import typer.rich_utils
+
+    # piped --help (less, files, CI logs): 120 columns, so option names are not cut to "--calibration-m…"
+    typer.rich_utils.MAX_WIDTH = 120
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Make trained ONNX models smaller and faster, validated by ONNX Runtime.")
+# Piped output (CI logs, files) gets 120 columns so numbers are not wrapped mid-value.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+out_console = Console(width=None if sys.stdout.isatty() else 120)
+_state = {"debug": False}
+_warned: set[str] = set()  # messages already printed as warnings: not repeated as notes
+
+
+class _RichWarnings(logging.Handler):
+    def emit(self, record):  # warnings naming skipped nodes, reverted passes
+        msg = record.getMessage()
+        _warned.add(msg)
+        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
+def _setup_logging(quiet: bool) -> None:
+    _warned.clear()
+    log = logging.getLogger("onnxcompress")
+    log.handlers[:] = []
+    log.propagate = False
+    # quiet: a NullHandler, so Python's last-resort handler does not print warnings either
+    log.addHandler(logging.NullHandler() if quiet else _RichWarnings())
+    log.setLevel(logging.WARNING)
+
+
+def _fail(exc: Exception) -> None:
+    if _state["debug"]:
+        raise exc
+    console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(getattr(exc, "exit_code", 2))
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _check_out_paths(**paths: Optional[Path]) -> None:
+    """Refuse ``--report`` / ``--html`` paths that cannot be written, before any work (a bad path
+    must not cost the user the run, nor leave an output behind)."""
+    for flag, path in paths.items():
+        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
+            _fail(OnnxCompressError(f"{path}: cannot write the --{flag} file there "
+                                    f"({'a folder' if path.is_dir() else 'its folder does not exist'})"))
+
+
+def _write_json(path: Path, rep: dict) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(rep, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))

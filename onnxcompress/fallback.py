@@ -1,0 +1,73 @@
+"""Sensitive-node fallback: when a gate is missed after int8, keep the least int8-friendly nodes
+in float until every gate holds.
+
+The nodes are ordered by the per-node int8 output SQNR the quantization passes measured (worst
+first); round ``i`` re-quantizes the pre-int8 model (a snapshot: the float weights are shared,
+not copied) with the worst ``k`` nodes kept in float, ``k`` = 1, 2, 4, ... (at most
+``gates.max_fallback_rounds`` rounds; never every node: that would not be quantization). The
+calibration statistics are reused across rounds (``PassContext.cache``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from .gates import evaluate as evaluate_gates
+from .passes.base import run_passes
+
+logger = logging.getLogger("onnxcompress")
+
+
+def sensitive_fallback(run, original, int8, val, labels, providers):
+    """Run the fallback rounds (see the module docstring).
+
+    Args:
+        run: the ``api._Run`` (recipe, report, progress).
+        original: the input model (validation reference).
+        int8: ``api._Int8``: the pre-int8 snapshot, the int8 stage, its context and reports.
+        val, labels, providers: validation data and where to run it.
+
+    Returns:
+        ``(model, reports, validation, gates, passed)`` of the last round (the first int8 model
+        when no round could run). ``run.report["fallback"]`` records every round.
+    """
+    from .api import validate_all
+
+    g = run.recipe.gates
+    sqnr: dict[str, float] = {}  # every int8 node: integer pass, QAttention, weight-only
+    for r in int8.reports:
+        sqnr.update(r.counts.get("node_sqnr_db") or {})
+    min_sqnr = getattr(int8.stage.config, "min_sqnr_db", None)
+    floor = min_sqnr if min_sqnr is not None else -float("inf")
+    order = sorted((n for n in sqnr if sqnr[n] >= floor), key=lambda n: sqnr[n])  # nodes now in int8
+    most = len(order) - 1  # keeping every node in float is not quantization: then the gate fails
+    rounds, k = [], 1
+    model = validation = gates = None
+    reports, passed = int8.reports, False
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the rounds' skip messages are summarized in the report
+    try:
+        while not passed and 0 < k <= most and len(rounds) < g.max_fallback_rounds:
+            excluded = tuple(order[:k])
+            run.say(f"fallback: {len(excluded)} node(s) kept in float")
+            ctx = replace(int8.ctx, keep_float=excluded)
+            model, reports = run_passes(int8.start.clone(), int8.stage.spec.passes(int8.stage.config, ctx), [])
+            validation = validate_all(original, model, val, labels, providers, latency=False)
+            gates = evaluate_gates(g, validation)
+            passed = all(x["passed"] for x in gates)
+            rounds.append({"kept_in_float": list(excluded), "passed": passed,
+                           "gates": {x["gate"]: x["value"] for x in gates}})
+            if k == most:
+                break
+            k = min(2 * k, most)
+    finally:
+        logger.setLevel(level)
+    if not passed:
+        run.note(f"fallback: the gates still fail with {len(rounds[-1]['kept_in_float']) if rounds else 0} "
+                 f"of {len(order)} quantized nodes kept in float")
+    run.report["fallback"] = {"rounds": rounds, "kept_in_float": rounds[-1]["kept_in_float"] if rounds else [],
+                              "passed": passed, "node_sqnr_db": dict(sqnr)}
+    if not rounds:
+        return None
+    return model, reports, validation, gates, passed

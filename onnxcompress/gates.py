@@ -1,0 +1,134 @@
+"""The gate engine: one place that turns measured output metrics into a verdict.
+
+Used by ``optimize`` (and its fallback and ``--quantize auto``) and by ``validate`` (through
+:func:`output_failures`). Limits come from :class:`onnxcompress.recipe.Gates`: global ones and,
+per output name, ``[gates.outputs.<name>]`` overrides. Float outputs are judged by
+``max_rel_error`` (max|Δ| / max|ref|, a fraction) and ``min_cosine``; index outputs (int32/int64)
+and class scores by ``min_top1_agreement`` (%, equal values for index outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .params import Param
+
+MAX_REL_ERROR = Param("max_rel_error", None, "Gate: max |Δ|/max|ref| per output (fraction).", kind="float",
+                      low=0.0, optional=True, flag="--max-rel-error")
+MIN_COSINE = Param("min_cosine", None, "Gate: minimum cosine similarity per output.", kind="float", low=-1.0,
+                   high=1.0, optional=True, flag="--min-cosine")
+MIN_TOP1 = Param("min_top1_agreement", None, "Gate: minimum top-1 agreement in % (99 for 99 %).", kind="float",
+                 low=1.0, high=100.0, low_open=True, optional=True, flag="--min-top1-agreement",
+                 hint="a percentage: for 99 % write 99")
+FALLBACK = Param("fallback", True, "When a gate is missed after quantization, keep the least int8-friendly nodes in "
+                 "float until it holds.", kind="bool", flag="--fallback/--no-fallback")
+MAX_FALLBACK_ROUNDS = Param("max_fallback_rounds", 6, "Most re-quantizations the fallback tries.", kind="int", low=0)
+
+@dataclass
+class OutputGates:
+    """Limits for one output (``[gates.outputs.<name>]``); unset ones fall back to the global ones."""
+
+    max_rel_error: float | None = MAX_REL_ERROR.field()
+    min_cosine: float | None = MIN_COSINE.field()
+    min_top1_agreement: float | None = MIN_TOP1.field()
+
+
+@dataclass
+class Gates:
+    """When a written model is good enough (``[gates]``), and the fallback that tries to make it so."""
+
+    max_rel_error: float | None = MAX_REL_ERROR.field()
+    min_cosine: float | None = MIN_COSINE.field()
+    min_top1_agreement: float | None = MIN_TOP1.field()
+    fallback: bool = FALLBACK.field()
+    max_fallback_rounds: int = MAX_FALLBACK_ROUNDS.field()
+    outputs: dict[str, OutputGates] = field(default_factory=dict)
+
+    def limits(self, output: str) -> OutputGates:
+        """The limits that apply to ``output``."""
+        o = self.outputs.get(output)
+        g = OutputGates(self.max_rel_error, self.min_cosine, self.min_top1_agreement)
+        if o is not None:
+            g = replace(g, **{k: v for k, v in dataclasses.asdict(o).items() if v is not None})
+        return g
+
+    @property
+    def any(self) -> bool:
+        """Whether any gate is set (globally or for one output)."""
+        lim = [self.max_rel_error, self.min_cosine, self.min_top1_agreement]
+        lim += [v for o in self.outputs.values() for v in dataclasses.astuple(o)]
+        return any(v is not None for v in lim)
+
+
+
+#: (gate name, limit field, metric key, worst-of, passes(value, limit))
+KINDS = (("max-rel-error", "max_rel_error", "max_rel_err", max, operator.le),
+         ("min-cosine", "min_cosine", "cosine", min, operator.ge),
+         ("min-top1-agreement", "min_top1_agreement", "top1_agreement", min, operator.ge))
+
+
+def _judged(attr: str, o: dict) -> bool:
+    if attr == "min_top1_agreement":
+        return o.get("top1_agreement") is not None
+    return not o.get("integer")  # index outputs: their agreement is gated by --min-top1-agreement
+
+
+def evaluate(gates, validation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (gate, provider, limit): the worst value over the outputs that limit applies to.
+
+    Args:
+        gates: a :class:`onnxcompress.recipe.Gates`.
+        validation: per provider, ``{"provider", "outputs": [{"name", "max_rel_err", "cosine",
+            "top1_agreement", "integer"}, ...]}`` (:func:`onnxcompress.validate.compare` as dicts;
+            non-finite values may be strings such as ``"inf"``).
+
+    Returns:
+        ``[{"gate", "provider", "value", "limit", "passed"[, "outputs"][, "why"]}]``; a gate set
+        where no output can be judged by it fails with ``why``.
+    """
+    rows = []
+    for v in validation:
+        for gate, attr, key, worst_of, ok in KINDS:
+            by_limit: dict[float, list[dict]] = {}
+            wanted = None
+            for o in v["outputs"]:
+                lim = getattr(gates.limits(o.get("name", "")), attr)
+                if lim is None:
+                    continue
+                wanted = lim if wanted is None else wanted
+                if _judged(attr, o):
+                    by_limit.setdefault(lim, []).append(o)
+            if wanted is None:
+                continue
+            if not by_limit:
+                why = ("no output looks like class scores" if attr == "min_top1_agreement" else
+                       "no float output; gate index outputs with --min-top1-agreement")
+                rows.append({"gate": gate, "provider": v["provider"], "value": float("nan"), "limit": wanted,
+                             "passed": False, "why": why})
+                continue
+            for lim, outs in by_limit.items():
+                worst = worst_of(float(o[key]) for o in outs)
+                row = {"gate": gate, "provider": v["provider"], "value": worst, "limit": lim,
+                       "passed": bool(ok(worst, lim))}
+                if gates.outputs:
+                    row["outputs"] = [o.get("name", "") for o in outs]
+                rows.append(row)
+    return rows
+
+
+def output_failures(limits, m) -> list[str]:
+    """What one output misses: ``limits`` (an :class:`onnxcompress.recipe.OutputGates`) against its
+    metrics ``m`` (an :class:`onnxcompress.validate.OutputMetrics` or its dict)."""
+    get = m.get if isinstance(m, dict) else lambda k, d=None: getattr(m, k, d)
+    failed = []
+    if limits.max_rel_error is not None and not get("integer") and float(get("max_rel_err")) > limits.max_rel_error:
+        failed.append(f"max rel error {float(get('max_rel_err')):.4g} > {limits.max_rel_error:g}")
+    if limits.min_cosine is not None and not get("integer") and float(get("cosine")) < limits.min_cosine:
+        failed.append(f"cosine {float(get('cosine')):.6f} < {limits.min_cosine:g}")
+    top1 = get("top1_agreement")
+    if limits.min_top1_agreement is not None and top1 is not None and top1 < limits.min_top1_agreement:
+        failed.append(f"top-1 {top1:.2f} % < {limits.min_top1_agreement:g} %")
+    return failed
