@@ -27,7 +27,9 @@ import numpy as np
 from .errors import GateFailedError, ModelWriteError, OnnxCompressError
 from .model_io import check_output_path, external_data_files, load_model, save_model
 from .recipe import Recipe, _copy, quantize_stages
+from .pipeline import OptimizeResult, _load_data, _Run, run
 from .runtime import cpu_features
+from .util import compressed_size, jsonable
 
 #: a candidate whose worst-output cosine is within this of the best one's keeps the answers
 AUTO_COSINE_SLACK = 0.01
@@ -67,8 +69,6 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
         OnnxCompressError: bad input (the first candidate's error, as ``--quantize dynamic`` would
             raise it); a model or output that is not a file path.
     """
-    from .api import OptimizeResult
-
     if not isinstance(model, (str, Path)) or output is None:
         raise OnnxCompressError("--quantize auto needs the model as a file path and an output path "
                                 "(the candidates are written and timed as files)")
@@ -100,15 +100,12 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
 
 
 def _run_candidates(inp: Path, recipe: Recipe, modes, tmp: Path, say) -> dict[str, dict]:
-    from .api import optimize
-
     cands: dict[str, dict] = {}
     for mode in modes:
         say(f"auto: trying --quantize {mode}")
         path = tmp / f"{mode}.onnx"
         try:
-            res = optimize(inp, path, recipe=candidate(recipe, mode),
-                           progress=lambda m, mode=mode: say(f"auto ({mode}): {m}"))
+            res = run(inp, path, candidate(recipe, mode), progress=lambda m, mode=mode: say(f"auto ({mode}): {m}"))
             cands[mode] = {"path": path, "report": res.report, "passed": True}
         except GateFailedError as exc:
             cands[mode] = {"report": getattr(exc, "report", {}), "passed": False,
@@ -121,10 +118,8 @@ def _run_candidates(inp: Path, recipe: Recipe, modes, tmp: Path, say) -> dict[st
 
 
 def _none_passed(cands, auto, out: Path, t0: float) -> None:
-    from .api import _jsonable
-
     report = next((c["report"] for c in cands.values() if c["report"]), {})
-    report = {**report, "output": str(out), "auto": _jsonable(auto), "written": False,
+    report = {**report, "output": str(out), "auto": jsonable(auto), "written": False,
               "seconds": round(time.perf_counter() - t0, 2)}
     err = GateFailedError("--quantize auto: no mode passed: " + "; ".join(
         f"{m}: {c.get('error', 'failed')}" for m, c in cands.items()) + f" -- {out} not written")
@@ -158,7 +153,6 @@ def _choose(inp, recipe: Recipe, modes, ok, summary, auto, tmp: Path, say) -> tu
 
 
 def _time(inp, recipe: Recipe, ok, keep, chosen, summary, auto, tmp: Path, say) -> tuple[str, str]:
-    from .api import _load_data, _Run
     from .bench import benchmark
 
     prov = recipe.output.providers[0] if recipe.output.providers else "cpu"
@@ -187,8 +181,6 @@ def _time(inp, recipe: Recipe, ok, keep, chosen, summary, auto, tmp: Path, say) 
 
 
 def _write_chosen(inp, out: Path, recipe: Recipe, cands, chosen, summary, auto, protect, say) -> dict:
-    from .api import _jsonable, compressed_size
-
     report = dict(cands[chosen]["report"])
     model = load_model(cands[chosen]["path"])
     say(f"writing {out}")
@@ -196,8 +188,8 @@ def _write_chosen(inp, out: Path, recipe: Recipe, cands, chosen, summary, auto, 
     report["after"] = {**report.get("after", {}), "file_bytes": size,
                        "compressed_bytes": compressed_size([out, *external_data_files(out)])}
     report["output"] = str(out)
-    report["recipe"] = _jsonable(_recipe_dict(recipe))
-    report["auto"] = _jsonable(auto)
+    report["recipe"] = jsonable(_recipe_dict(recipe))
+    report["auto"] = jsonable(auto)
     others = [f"{m}: {summary[m].get('left_out') or summary[m].get('error') or ''}".rstrip(": ")
               for m in cands if m != chosen]
     note = f"--quantize auto chose {chosen}: {auto['why']}" + "".join(f"; {o}" for o in others if ":" in o)

@@ -5,19 +5,17 @@ from __future__ import annotations
 import contextlib
 import inspect as _inspect
 import json
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .cli_common import (_RichWarnings, _check_out_paths, _fail, _fmt_bytes, _setup_logging, _state, _warned,  # noqa: F401
+from .cli_common import (_check_out_paths, _fail, _fmt_bytes, _setup_logging, _state, _warned,  # noqa: F401
                          _write_json, app, console, out_console)
 from .api import optimize as api_optimize
 from .cli_flags import effective_recipe, given, with_flags

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from .gates import evaluate as evaluate_gates
 from .passes.base import run_passes
+from .validate import validate_all
 
 logger = logging.getLogger("onnxcompress")
 
@@ -23,17 +24,15 @@ def sensitive_fallback(run, original, int8, val, labels, providers):
     """Run the fallback rounds (see the module docstring).
 
     Args:
-        run: the ``api._Run`` (recipe, report, progress).
+        run: the ``pipeline._Run`` (recipe, report, progress).
         original: the input model (validation reference).
-        int8: ``api._Int8``: the pre-int8 snapshot, the int8 stage, its context and reports.
+        int8: ``pipeline._Int8``: the pre-int8 snapshot, the int8 stage, its context and reports.
         val, labels, providers: validation data and where to run it.
 
     Returns:
         ``(model, reports, validation, gates, passed)`` of the last round (the first int8 model
         when no round could run). ``run.report["fallback"]`` records every round.
     """
-    from .api import validate_all
-
     g = run.recipe.gates
     sqnr: dict[str, float] = {}  # every int8 node: integer pass, QAttention, weight-only
     for r in int8.reports:

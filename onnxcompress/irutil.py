@@ -107,3 +107,18 @@ class UnionFind:
 
     def why(self, a: int) -> str | None:
         return self.blocked[self.find(int(a))]
+
+
+def set_input_array(graph: ir.Graph, node: ir.Node, idx: int, arr: np.ndarray, taken: set[str]) -> None:
+    """Give input ``idx`` of ``node`` the constant ``arr``: in place when only this node uses it."""
+    v = node.inputs[idx]
+    arr = np.ascontiguousarray(arr)
+    if v is not None and v.const_value is not None and len(v.uses()) == 1 and not v.is_graph_output() and v.is_initializer():
+        v.const_value = ir.tensor(arr, name=v.name)
+        v.shape = ir.Shape(arr.shape)
+        return
+    name = unique_name(f"{v.name if v is not None else node.name}_pruned", taken)
+    nv = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                  const_value=ir.tensor(arr, name=name))
+    graph.register_initializer(nv)
+    node.replace_input_with(idx, nv)

@@ -39,7 +39,6 @@ refused with the file and the key named. A command line becomes a recipe through
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -107,6 +106,8 @@ class Stage:
         spec = STAGES.get(self.name)
         if spec is None:
             raise RecipeError(f"unknown stage '{self.name}' (known: {', '.join(STAGES)})")
+        if isinstance(self.config, Mapping) and "pass" in self.config:
+            raise RecipeError(f"stage '{self.name}': 'pass' given twice")
         if self.config is None:
             self.config = spec.config()
         elif isinstance(self.config, Mapping):
@@ -207,7 +208,10 @@ class Recipe:
                 if not isinstance(t, Mapping) or not isinstance(t.get("pass"), str):
                     raise RecipeError(f"{where}: stage {i + 1} must be a table with pass = \"<name>\"")
                 t = dict(t)
-                stages.append(Stage(t.pop("pass"), t))
+                try:
+                    stages.append(Stage(t.pop("pass"), t))
+                except (RecipeError, P.ParamError) as exc:
+                    raise RecipeError(f"{where}: {exc}") from None
             sections = {}
             for name, klass in _SECTIONS.items():
                 t = d.get(name, {})

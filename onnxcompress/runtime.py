@@ -144,7 +144,7 @@ def make_session(
         sess = ort.InferenceSession(model, so, providers=providers)
         sess.onnxcompress_weights = ()
         return sess
-    from .model_io import skeleton_file, weight_buffer
+    from .skeleton import skeleton_file, weight_buffer
 
     with skeleton_file(model, extra_outputs=extra_outputs, used_only=True) as (path, weights):
         keep = [ort.OrtValue.ortvalue_from_numpy(weight_buffer(t)) for _, t in weights]
@@ -215,3 +215,28 @@ def median_latency_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], *
         sess.run(None, feed)
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
+
+
+def run_with_outputs(model: ir.Model, names: list[str], samples: list[dict[str, np.ndarray]], *, optimize: bool = False):
+    """Run ``model`` (a copy with ``names`` added as outputs) on each sample; yields dicts name -> array."""
+    copy = model.clone()  # new values and nodes, the same tensors: outputs are added to the copy only
+    by_name = {}
+    for v in copy.graph.inputs:
+        by_name[v.name] = v
+    for node in copy.graph:
+        for o in node.outputs:
+            by_name[o.name] = o
+    existing = {v.name for v in copy.graph.outputs}
+    for n in dict.fromkeys(names):
+        if n in by_name and n not in existing and not by_name[n].is_graph_input():
+            by_name[n].shape = None
+            copy.graph.outputs.append(by_name[n])
+            existing.add(n)
+    sess = make_session(copy, optimize=optimize)
+    out_names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    for feed in samples:
+        res = dict(zip(out_names, sess.run(None, {k: v for k, v in feed.items() if k in wanted})))
+        for k, v in feed.items():
+            res.setdefault(k, v)
+        yield res

@@ -16,12 +16,13 @@ samples (the style of Polygraphy's comparator):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from .runtime import make_session, median_latency_ms, run_samples
+from .util import jsonable
 
 
 @dataclass
@@ -163,3 +164,9 @@ def compare(
             comp.accuracy_reference = float(100.0 * np.mean(r.argmax(-1) == labels))
             comp.accuracy_candidate = float(100.0 * np.mean(c.argmax(-1) == labels))
     return comp
+
+
+def validate_all(original: ir.Model, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:
+    """:func:`onnxcompress.validate.compare` on every provider, as JSON-ready dicts."""
+    return [jsonable(asdict(compare(original, model, val, labels=labels, provider=p, latency=latency)))
+            for p in providers]

@@ -82,7 +82,7 @@ def _feeds(m, n=3):
 
 def _equalize(m, samples, **options):
     model = ir.from_proto(m)
-    p = CrossLayerEqualizationPass(PassContext(), mode="on", **options)
+    p = CrossLayerEqualizationPass(PassContext(), **{"mode": "on", **options})
     model, reps = run_passes(model, [p], samples)
     return ir.to_proto(model), reps[0]
 

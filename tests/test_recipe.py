@@ -247,7 +247,7 @@ def test_wrong_types_are_one_line_errors(tmp_path):
         optimize(DIGITS, tmp_path / "x.onnx", OptimizeOptions(calibration=np.zeros(3)))
     with pytest.raises(OnnxCompressError, match="options or a recipe, not both"):
         optimize(DIGITS, tmp_path / "x.onnx", OptimizeOptions(), recipe="fuse")
-    with pytest.raises(OnnxCompressError, match="no input named|missing"):
+    with pytest.raises(OnnxCompressError, match="no array for model input"):
         optimize(DIGITS, tmp_path / "x.onnx", OptimizeOptions(quantize="static", calibration={"nope": np.zeros(3)}))
     assert not (tmp_path / "x.onnx").exists()
 

@@ -376,3 +376,38 @@ def test_ray_executor_same_results(zoo_dir):
     assert ray_res.exit_code == local.exit_code == 1
     again = run_zoo(p, zoo_dir / "ray", executor="ray", jobs=2, threads=1)  # cached: Ray is not even started
     assert again.executed == []
+
+
+def test_zoo_runs_the_same_recipe_objects_as_optimize(zoo_dir):
+    """A whole recipe (the `recipe show` schema) and a built-in `base` with flags over it, in a
+    manifest: each task writes the bytes `optimize --recipe` writes."""
+    from onnxcompress import recipe as R
+
+    shown = runner.invoke(app, ["recipe", "show", "--quantize", "static", "--no-latency", "--min-cosine", "0.9"])
+    assert shown.exit_code == 0, shown.output
+    rfile = zoo_dir / "r.toml"
+    rfile.write_text(shown.stdout)
+    # the same recipe as a manifest table: [recipes.whole] + its stages/sections as sub-tables
+    body = R.loads(shown.stdout).to_dict()
+    import tomli_w
+    whole = tomli_w.dumps({"recipes": {"whole": body, "based": {"base": "int8-static", "target": "avx2",
+                                                                "latency": False}}})
+    p = _manifest(zoo_dir, DIGITS, recipes=whole, defaults='recipes = ["whole", "based"]')
+    mf = load_manifest(p)
+    assert mf.recipe_for("digits", "whole").stages == R.loads(shown.stdout).stages
+    out = zoo_dir / "out"
+    res = run_zoo(p, out, jobs=1)
+    assert [r["status"] for r in res.rows] == ["ok", "ok"], res.rows
+    for recipe, extra in (("whole", ["--recipe", rfile]), ("based", ["--recipe", "int8-static", "--target", "avx2",
+                                                                   "--no-latency"])):
+        ref = zoo_dir / f"{recipe}.onnx"
+        r = runner.invoke(app, ["optimize", str(zoo_dir / "digits_cnn.onnx"), "-o", str(ref), "-q",
+                                "--calibration", str(zoo_dir / "digits_calib.npz"),
+                                "--validation", str(zoo_dir / "digits_test.npz"), *map(str, extra)])
+        assert r.exit_code == 0, r.output
+        assert (out / "models" / "digits" / f"{recipe}.onnx").read_bytes() == ref.read_bytes(), recipe
+    # a manifest recipe that names a data file is refused: data is per model
+    bad = dict(body, data={"calibration": "x.npz"})
+    with pytest.raises(ManifestError, match="per-model"):
+        load_manifest(_manifest(zoo_dir, DIGITS, recipes=tomli_w.dumps({"recipes": {"w": bad}}),
+                                defaults='recipes = ["w"]'))

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..irutil import UnionFind as _UF, all_value_names, subgraphs, unique_name
+from ..irutil import UnionFind as _UF, all_value_names, set_input_array as _set_input_array, subgraphs, unique_name
+from ..runtime import run_with_outputs  # noqa: F401 - re-exported (prune_repair, tests)
 from ..params import Param
 from .base import CompressionPass, snapshot
 
@@ -533,21 +534,6 @@ class DependencyGraph:
 # ---------------------------------------------------------------------------------------
 # Applying a removal
 
-def _set_input_array(graph: ir.Graph, node: ir.Node, idx: int, arr: np.ndarray, taken: set[str]) -> None:
-    """Give input ``idx`` of ``node`` the constant ``arr``: in place when only this node uses it."""
-    v = node.inputs[idx]
-    arr = np.ascontiguousarray(arr)
-    if v is not None and v.const_value is not None and len(v.uses()) == 1 and not v.is_graph_output() and v.is_initializer():
-        v.const_value = ir.tensor(arr, name=v.name)
-        v.shape = ir.Shape(arr.shape)
-        return
-    name = unique_name(f"{v.name if v is not None else node.name}_pruned", taken)
-    nv = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                  const_value=ir.tensor(arr, name=name))
-    graph.register_initializer(nv)
-    node.replace_input_with(idx, nv)
-
-
 def _set_attr_int(node: ir.Node, name: str, value: int) -> None:
     node.attributes[name] = ir.AttrInt64(name, int(value))
 
@@ -698,33 +684,6 @@ def count_costs(model: ir.Model, shapes: dict[str, tuple]) -> dict[str, int]:
             k = wshape[1] if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) else wshape[0]
             macs += int(np.prod(oshape)) * int(k)
     return {"params": int(params), "macs": int(macs)}
-
-
-def run_with_outputs(model: ir.Model, names: list[str], samples: list[dict[str, np.ndarray]], *, optimize: bool = False):
-    """Run ``model`` (a copy with ``names`` added as outputs) on each sample; yields dicts name -> array."""
-    from ..runtime import make_session
-
-    copy = snapshot(model)
-    by_name = {}
-    for v in copy.graph.inputs:
-        by_name[v.name] = v
-    for node in copy.graph:
-        for o in node.outputs:
-            by_name[o.name] = o
-    existing = {v.name for v in copy.graph.outputs}
-    for n in dict.fromkeys(names):
-        if n in by_name and n not in existing and not by_name[n].is_graph_input():
-            by_name[n].shape = None
-            copy.graph.outputs.append(by_name[n])
-            existing.add(n)
-    sess = make_session(copy, optimize=optimize)
-    out_names = [o.name for o in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
-    for feed in samples:
-        res = dict(zip(out_names, sess.run(None, {k: v for k, v in feed.items() if k in wanted})))
-        for k, v in feed.items():
-            res.setdefault(k, v)
-        yield res
 
 
 def concrete_shapes(model: ir.Model, sample: dict[str, np.ndarray] | None) -> dict[str, tuple]:

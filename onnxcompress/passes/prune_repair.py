@@ -68,7 +68,7 @@ def repair(original: ir.Model, model: ir.Model, dep, removed: set[int], samples:
 
     Returns ``{"summary": {...}, "skipped": [(node, reason)], "layers": [...]}``.
     """
-    from .prune_channels import run_with_outputs
+    from ..runtime import run_with_outputs
 
     uf = dep.uf
     rng = np.random.default_rng(seed)
@@ -192,7 +192,7 @@ def _current_matrix(node: ir.Node) -> np.ndarray:
 
 
 def _write_matrix(model: ir.Model, node: ir.Node, m: np.ndarray, taken: set[str]) -> None:
-    from .prune_channels import _set_input_array
+    from ..irutil import set_input_array as _set_input_array
 
     graph = model.graph
     dtype = node.inputs[1].const_value.numpy().dtype
@@ -215,7 +215,7 @@ def _write_matrix(model: ir.Model, node: ir.Node, m: np.ndarray, taken: set[str]
 
 def _set_bias(graph: ir.Graph, node: ir.Node, b: np.ndarray, taken: set[str]) -> None:
     from ..irutil import add_initializer
-    from .prune_channels import _set_input_array
+    from ..irutil import set_input_array as _set_input_array
 
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         _set_input_array(graph, node, 2, b, taken)

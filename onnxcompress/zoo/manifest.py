@@ -151,7 +151,7 @@ class Manifest:
         Raises:
             ManifestError: a value outside its declaration.
         """
-        zr, m = self.recipes[recipe], self.models[model]
+        zr = self.recipes[recipe]
         flat = self.options_for(model, recipe)
         image = flat.pop("image", None)
         data = {k: flat.pop(k) for k in ("calibration", "validation")}

@@ -1,0 +1,458 @@
+"""One run of a recipe: the steps of ``optimize``, each a named function.
+
+Data flows one way::
+
+    load (_load_input) -> plan (_resolve_recipe: flags or a recipe -> stages) ->
+    data (_load_data) -> run the stages, exact ones checked (_run_stages) ->
+    validate and gate (_validate_and_gate; the sensitive-node fallback: fallback.py) ->
+    write (_write) -> report
+
+:func:`run` is the whole of it; ``api.optimize`` resolves the recipe and calls it (``--quantize
+auto`` calls it once per candidate, auto.py). Nothing here prints; progress goes through an
+optional callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import __version__
+from . import params as P
+from .cost import StageMeter
+from .data import input_specs, load_image_folder, load_npz, random_samples, samples_from_arrays, split_holdout
+from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressError
+from .fallback import sensitive_fallback
+from .util import compressed_size, jsonable as _jsonable
+from .validate import validate_all
+from .gates import evaluate as evaluate_gates
+from .inspect import summarize
+from .model_io import check_model, external_data_files, load_model, save_model
+from .opset import upgrade_opset
+from .passes.base import PassContext, PassReport, Scope, run_passes, snapshot
+from .passes.prune_nm import storage_report
+from .passes.registry import prepare_passes
+from .recipe import Recipe, RecipeError
+from .runtime import cpu_features, resolve_providers
+
+logger = logging.getLogger("onnxcompress")
+
+#: the zlib size of input and output (what unstructured zeros save) is measured with pruning, or
+#: when both files together are at most this large (zlib costs about 20 s per GB)
+ZLIB_MEASURE_BYTES = 64 << 20
+#: the quick latency figure of validation needs a second, pre-packed copy of the weights in ORT:
+#: skipped (with a note) for models larger than this; ``onnxcompress bench`` measures any size
+QUICK_LATENCY_MAX_BYTES = 1 << 30
+#: a data reader (``get_next()``) is read up to this many samples
+MAX_READER_SAMPLES = 100_000
+
+
+@dataclass
+class OptimizeResult:
+    """Outcome of :func:`optimize`; ``report`` is JSON-ready.
+
+    Attributes:
+        output: the written file (``None`` when no output path was given).
+        report: see :func:`optimize`.
+        passed: every gate held.
+        model: the optimized model (``onnx_ir.Model``; ``onnx_ir.to_proto(result.model)`` gives a
+            ``ModelProto`` for models under 2 GB).
+        recipe: the recipe that ran.
+    """
+
+    output: Path | None
+    report: dict[str, Any] = field(default_factory=dict)
+    passed: bool = True
+    model: ir.Model | None = field(default=None, repr=False)
+    recipe: Recipe | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Run:
+    """State of one run: what the steps share (the report grows as they go)."""
+
+    recipe: Recipe
+    inp: Path | None
+    out: Path | None
+    progress: Callable[[str], None] | None
+    meter: StageMeter = field(default_factory=StageMeter)
+    t0: float = field(default_factory=time.perf_counter)
+    notes: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    in_files: list = field(default_factory=list)
+
+    def say(self, msg: str) -> None:
+        """A stage starts: its time and peak memory go to ``report["cost"]``."""
+        self.meter.start(msg)
+        if self.progress:
+            self.progress(msg)
+
+    def note(self, msg: str, *, warn: bool = False) -> None:
+        self.notes.append(msg)
+        if warn:
+            logger.warning("%s", msg)
+
+
+def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Run ``rec`` on ``model`` (see :func:`onnxcompress.api.optimize` for the arguments, result and errors)."""
+    run = _Run(rec, None, Path(output) if output is not None else None, progress)
+    run.notes.extend(rec.notes)
+    original = _load_input(run, model)
+    work = snapshot(original)  # shares every tensor with `original`: passes replace, never edit
+    # every node needs a unique name: reports, --exclude and the fallback refer to nodes by name
+    ir.passes.common.NameFixPass()(work)
+    calib, val, labels = _load_data(run, work)
+    runtime_ok = _check_runtime(run, original)
+    if not runtime_ok:
+        calib, val = [], []
+    _note_unknown_names(run, original)
+    run.report.update(_report_head(run, original))
+    ctx = PassContext(calibration=calib, check_samples=calib[:4], holdout=val[:16],
+                      scope=Scope.of(rec.scope.exclude_nodes, rec.scope.exclude_op_types))
+    work, reports, int8 = _run_stages(run, work, ctx)
+    passed, validation, gates, reports, work = _validate_and_gate(run, original, work, reports, int8, val, labels,
+                                                                  runtime_ok)
+    run.report.update(passes=[r.to_dict() for r in reports], validation=validation, after=summarize(work),
+                      gates=gates)
+    if not passed:
+        _fail(run, gates)
+    if run.out is not None:
+        _write(run, work, original, runtime_ok)
+    return _finish(run, work, written=run.out is not None)
+
+
+def _load_input(run: _Run, model) -> ir.Model:
+    """Load and check the input model; refuse an output path equal to the input."""
+    if isinstance(model, (str, Path)):
+        run.inp = Path(model)
+        if run.out is not None and run.out.exists() and run.out.resolve() == run.inp.resolve():
+            raise OnnxCompressError(f"{run.out}: output path is the input model; refusing to overwrite it")
+        run.say("loading model")
+        original = load_model(run.inp)
+        run.in_files = [run.inp, *original.meta.get("onnxcompress.external_files", [])]
+    elif isinstance(model, onnx.ModelProto):
+        run.say("loading model")
+        try:
+            original = ir.from_proto(model)
+        except Exception as exc:
+            raise ModelLoadError(f"the given ModelProto cannot be read: {exc}") from None
+    elif isinstance(model, ir.Model):
+        run.say("loading model")
+        original = model
+    else:
+        raise OnnxCompressError(f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, "
+                                f"got {type(model).__name__}")
+    try:
+        check_model(original, runtime=False)
+    except OnnxCompressError as exc:  # found now, not after all the work: outputs must pass it too
+        raise ModelLoadError(f"{run.inp or 'the input model'}: the input model fails onnx.checker "
+                             f"({str(exc).split(': ', 1)[-1]}); onnxcompress only writes models that pass it") from None
+    return original
+
+
+def _samples(src, specs, image, what: str):
+    """Feed dicts from one data source: ``.npz`` path, image folder, dict of arrays, list of
+    feed dicts or a reader with ``get_next()``. Returns ``(samples, extras)``."""
+    if isinstance(src, (str, Path)):
+        if Path(src).is_dir():
+            return load_image_folder(src, specs, image, what=what), {}
+        return load_npz(src, specs, what=what)
+    if isinstance(src, dict):
+        return samples_from_arrays(dict(src), specs, source=f"{what} dict", what=what)
+    if hasattr(src, "get_next"):
+        feeds = []
+        for _ in range(MAX_READER_SAMPLES):
+            f = src.get_next()
+            if f is None:
+                break
+            if not isinstance(f, dict):
+                raise DataError(f"{what} data: get_next() returned {type(f).__name__}, expected a feed dict or None")
+            feeds.append(f)
+        src = feeds
+    arrays = {f"{i}__{k}": np.asarray(v) for i, f in enumerate(src) for k, v in f.items()}
+    if not arrays:
+        raise DataError(f"{what} data: no samples given")
+    return samples_from_arrays(arrays, specs, source=f"{what} feeds", what=what)
+
+
+def _load_data(run: _Run, model: ir.Model):
+    """Calibration samples, validation samples and labels (validation held out of calibration when
+    no validation data is given; random inputs, with a note, when no data at all)."""
+    d, quantizing = run.recipe.data, any(s.spec.int8 for s in run.recipe.stages)
+    static = any(s.name in ("quantize-static", "quantize-auto") for s in run.recipe.stages)
+    specs = input_specs(model)
+    labels = None
+    if d.calibration is not None:
+        calib, _ = _samples(d.calibration, specs, d.image, "calibration")
+    else:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            calib = random_samples(specs, 16)
+        for x in w:
+            run.note(str(x.message), warn=static)  # calibrating on noise deserves more than a note
+    if d.validation is not None:
+        val, vextras = _samples(d.validation, specs, d.image, "validation")
+        labels = _labels(run, vextras.get("labels"), val, d.validation)
+        where = d.validation if isinstance(d.validation, (str, Path)) else "the given data"
+        run.note(f"validation on {len(val)} {'images' if isinstance(d.validation, (str, Path)) and Path(d.validation).is_dir() else 'held-out samples'} from {where}")
+    else:
+        calib, val = split_holdout(calib)
+        if calib is val:
+            run.note("only one sample: validation uses the calibration sample (nothing held out)")
+        else:
+            used = (f"; calibration uses the other {len(calib)}" if static and quantizing else
+                    f"; the other {len(calib)} serve the per-pass checks")
+            given = "the given data" if d.calibration is not None else "the random inputs (no data given)"
+            run.note(f"validation on {len(val)} samples held out of {given} (never used to calibrate){used}")
+    return calib[: d.max_calibration_samples], val, labels
+
+
+def _labels(run: _Run, labels, val, source):
+    """Check the validation labels (1-D integer class indices, one per row of the first input)."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    rows = sum(int(next(iter(f.values())).shape[0]) if next(iter(f.values())).ndim else 1 for f in val)
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise DataError(f"{source}: 'labels' must be a 1-D array of integer class indices, "
+                        f"got {labels.dtype} {list(labels.shape)}")
+    if labels.shape[0] != rows:  # a warning: accuracy needs one label per row of the first *output*
+        run.note(f"{source}: 'labels' has {labels.shape[0]} entries for {rows} rows of the first "
+                 "input; accuracy is reported only when they match the first output's rows", warn=True)
+    return labels
+
+
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training")
+
+
+def _check_runtime(run: _Run, original: ir.Model) -> bool:
+    """Whether ORT loads the input. A model with custom ops it cannot load is still fused (checked
+    by onnx.checker only), never quantized.
+
+    Raises:
+        OnnxCompressError: ORT refuses a model without custom ops, or quantization was asked for one.
+    """
+    ok, custom = _runtime_loads(original)
+    if ok:
+        return True
+    if any(s.spec.int8 for s in run.recipe.stages):
+        raise OnnxCompressError(
+            f"ONNX Runtime cannot load this model ({custom}); quantization needs to run it for "
+            "calibration and validation. Register the custom ops with ONNX Runtime or exclude them first.")
+    run.note(f"ONNX Runtime cannot load this model ({custom}); the custom ops are kept as they are. "
+             "Passes are exact rewrites checked by onnx.checker only: no numeric validation was possible.")
+    return False
+
+
+def _runtime_loads(model: ir.Model) -> tuple[bool, str]:
+    """Whether ORT can load the input; if not because of custom-domain ops, name them.
+
+    Raises:
+        OnnxCompressError: ORT refuses a model that has no custom ops (its message is given).
+    """
+    from .runtime import make_session
+
+    try:
+        make_session(model, optimize=False)
+        return True, ""
+    except Exception as exc:
+        custom = sorted({f"{n.domain}.{n.op_type} (node '{n.name}')"
+                         for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain not in _STANDARD_DOMAINS})
+        if not custom:
+            raise OnnxCompressError(f"ONNX Runtime cannot load the input model: {str(exc).splitlines()[0]}") from None
+        return False, "custom ops: " + ", ".join(custom[:5]) + (" ..." if len(custom) > 5 else "")
+
+
+def _note_unknown_names(run: _Run, original: ir.Model) -> None:
+    """A warning for every node name or op type the recipe names that the model does not have."""
+    r = run.recipe
+    names = {n.name for n in ir.traversal.RecursiveGraphIterator(original.graph)}
+    ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(original.graph)}
+    protect, ratios = (), ()
+    for st in r.stages:
+        if st.name == "prune-channels":
+            protect, ratios = protect + tuple(st.config.protect), ratios + tuple(st.config.ratios)
+    for what, given in (("--exclude", (*r.scope.exclude_nodes, *r.scope.exclude_op_types)),
+                        ("--prune-protect", protect), ("--prune-ratio", ratios)):
+        unknown = [e for e in dict.fromkeys(given) if e not in names and e not in ops]
+        if unknown:
+            run.note(f"{what}: no node or op type named {', '.join(repr(u) for u in unknown)} in the model", warn=True)
+
+
+def _report_head(run: _Run, original: ir.Model) -> dict[str, Any]:
+    cpu = cpu_features()
+    try:
+        recipe = run.recipe.to_dict()
+    except RecipeError:  # data given as arrays: the recipe without them
+        recipe = {"stages": [{"pass": s.name, **P.to_dict(s.config)} for s in run.recipe.stages]}
+    return {"tool": {"name": "onnxcompress", "version": __version__},
+            "input": str(run.inp) if run.inp else "<in-memory model>",
+            "output": str(run.out) if run.out else None, "recipe": _jsonable(recipe),
+            "cpu": {"arch": cpu.arch, "int8_target": cpu.int8_target, "avx2": cpu.avx2, "avx512": cpu.avx512,
+                    "vnni": cpu.vnni},
+            "before": summarize(original, run.inp), "passes": [], "notes": run.notes}
+
+
+@dataclass
+class _Int8:
+    """What the fallback needs from the int8 stage: where to re-quantize from and how."""
+
+    start: ir.Model | None
+    stage: Any
+    ctx: PassContext
+    reports: list[PassReport]
+
+
+def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
+    """Run the recipe's stages in order (exact ones checked pass by pass on ``ctx.check_samples``).
+
+    Returns ``(model, reports, int8)``; ``int8`` is ``None`` when no int8 stage ran.
+
+    Raises:
+        OnnxCompressError: an int8 stage failed (never hand back a float model as the int8 one).
+    """
+    r = run.recipe
+    reports: list[PassReport] = []
+    int8 = None
+    if r.stage("fuse") is None:  # what every later pass expects, fused or not
+        model, reps = run_passes(model, prepare_passes(ctx), ctx.check_samples)
+        reports += reps
+    for st in r.stages:
+        spec = st.spec
+        if spec.needs_data and r.data.calibration is None:
+            run.note(spec.needs_data)
+            continue
+        opset = model.opset_imports.get("", 1)
+        if spec.min_opset and opset < spec.min_opset:
+            run.say(f"upgrading opset {opset} -> {spec.min_opset}")
+            model, info = upgrade_opset(model, spec.min_opset, ctx.check_samples)
+            run.report["opset_upgrade"] = info
+        run.say(spec.describe(st.config) if spec.describe else st.name)
+        start = None
+        if spec.int8:
+            # the fallback re-quantizes from here: kept only when a gate could send it there (the
+            # snapshot keeps the float weights alive, a second copy once int8 replaced them)
+            start = snapshot(model) if r.gates.any and r.gates.fallback else None
+            ctx.cache = {}
+        passes = spec.passes(st.config, ctx)
+        model, reps = run_passes(model, passes, ctx.check_samples if spec.checked else [])
+        reports += [x for x in reps if not spec.quiet or x.changed or x.reverted]
+        if spec.int8:
+            if reps[0].reverted:
+                raise OnnxCompressError(f"{st.name} failed on this model ({reps[0].reverted}); nothing written "
+                                        "(report this model; --debug shows more)")
+            int8 = _Int8(start, st, ctx, reps)
+        if st.name == "prune-magnitude" and reps[0].changed:
+            _storage_note(run, model)
+    return model, reports, int8
+
+
+def _storage_note(run: _Run, model: ir.Model) -> None:
+    """What the zeros of unstructured pruning save in a file (measurement only)."""
+    try:
+        st = storage_report(model)
+        run.report["pruning_storage"] = st
+        run.note(f"sparse storage measured after pruning (before quantization): dense {st['dense_bytes']} B "
+                 f"({st['dense_zlib_bytes']} B zlib), sparse_initializer {st['sparse_initializer_bytes']} B "
+                 f"({st['sparse_initializer_zlib_bytes']} B zlib); kept: {st['choice']}")
+    except Exception as exc:  # measurement only
+        run.note(f"sparse storage not measured: {exc}")
+
+
+def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, runtime_ok):
+    """Validate on every provider, evaluate the gates, run the fallback when one is missed.
+
+    Returns ``(passed, validation, gates, reports, model)``."""
+    r = run.recipe
+    run.say("validating with ONNX Runtime")
+    providers, skipped = resolve_providers(list(r.output.providers))
+    run.notes.extend(skipped)
+    providers = providers if runtime_ok else []
+    latency = r.output.latency
+    if latency and run.report["before"]["size_bytes"] > QUICK_LATENCY_MAX_BYTES:
+        latency = False
+        run.note(f"quick latency not measured: the model is over {QUICK_LATENCY_MAX_BYTES >> 30} GB and the "
+                 "timing needs another pre-packed copy of its weights; use `onnxcompress bench`")
+    validation = validate_all(original, model, val, labels, providers, latency)
+    gates = evaluate_gates(r.gates, validation)
+    index_outs = sorted({o["name"] for v in validation for o in v["outputs"] if o.get("integer")})
+    if index_outs and (r.gates.max_rel_error is not None or r.gates.min_cosine is not None) \
+            and r.gates.min_top1_agreement is None:
+        run.note(f"index output(s) {', '.join(index_outs)} (int32/int64) are not judged by --max-rel-error / "
+                 "--min-cosine: their agreement (% equal) is gated by --min-top1-agreement")
+    if not runtime_ok and r.gates.any:
+        gates.append({"gate": "runtime", "provider": "none", "value": float("nan"), "limit": float("nan"),
+                      "passed": False, "why": "ONNX Runtime cannot run this model, so no gate can be checked"})
+    passed = all(g["passed"] for g in gates)
+    if not passed and int8 is not None and int8.start is not None:
+        fb = sensitive_fallback(run, original, int8, val, labels, providers)
+        if fb is not None:
+            model, qreps, validation, gates, passed = fb
+            reports = reports[: len(reports) - len(int8.reports)] + qreps
+            if passed and latency:
+                validation = validate_all(original, model, val, labels, providers, latency=True)
+    _slow_int8_notes(run, validation, int8)
+    return passed, validation, gates, reports, model
+
+
+def _slow_int8_notes(run: _Run, validation, int8) -> None:
+    if int8 is None:
+        return
+    mode = int8.stage.name.split("-", 1)[1]
+    for v in validation:
+        lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
+        if lr and lc and lc > 1.1 * lr:
+            other = "dynamic" if mode == "static" else "static"
+            run.note(f"the int8 model is {lc / lr:.2f}x SLOWER than fp32 on {v['provider']} at this input size "
+                     f"({lr:.3f} -> {lc:.3f} ms, quick median): check with `onnxcompress bench` (interleaved), "
+                     f"try --quantize {other}, a larger batch, or keep fp32", warn=True)
+
+
+def _fail(run: _Run, gates) -> None:
+    """Raise :class:`GateFailedError` naming the missed gates, the report attached."""
+    run.report["written"] = False
+    run.report["seconds"] = round(time.perf_counter() - run.t0, 2)
+    run.report["cost"] = _cost(run.meter)
+    where = f"{run.out} not written" if run.out is not None else "no model returned"
+    err = GateFailedError("; ".join(g.get("why") or f"{g['gate']} {g['value']:.6g} misses {g['limit']:g} on {g['provider']}"
+                                    for g in gates if not g["passed"]) + f" -- {where}")
+    err.report = run.report  # type: ignore[attr-defined]
+    raise err
+
+
+def _write(run: _Run, model: ir.Model, original: ir.Model, runtime_ok: bool) -> None:
+    """Write atomically (checked by onnx.checker and ORT first); zlib sizes when cheap or pruned."""
+    run.say(f"writing {run.out}")
+    after, before = run.report["after"], run.report["before"]
+    size = save_model(model, run.out, external_data=run.recipe.output.external_data, protect=tuple(run.in_files),
+                      runtime_check=runtime_ok)
+    after["file_bytes"] = size
+    pruned = any(s.name.startswith("prune-") for s in run.recipe.stages)
+    if run.in_files and (pruned or size + before.get("file_bytes", 0) <= ZLIB_MEASURE_BYTES):
+        after["compressed_bytes"] = compressed_size([run.out, *external_data_files(run.out)])
+        before["compressed_bytes"] = compressed_size(run.in_files)
+    elif run.in_files:
+        run.note(f"zlib sizes not measured (about 20 s per GB; done when input and output together are "
+                 f"at most {ZLIB_MEASURE_BYTES >> 20} MB, and always with pruning, whose zeros they show)")
+
+
+def _finish(run: _Run, model: ir.Model, *, written: bool) -> OptimizeResult:
+    run.report["written"] = written
+    run.report["seconds"] = round(time.perf_counter() - run.t0, 2)
+    run.report["cost"] = _cost(run.meter)
+    return OptimizeResult(run.out, run.report, True, model=model, recipe=run.recipe)
+
+
+def _cost(meter: StageMeter) -> dict[str, Any]:
+    """The run's own cost: per stage wall seconds and peak RSS (MiB), and the whole run's peak."""
+    stages = meter.finish()
+    return {"stages": stages, "peak_rss_mb": round(meter.process_peak_mb, 1),
+            "peak_per_stage": meter.exact}
