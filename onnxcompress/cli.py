@@ -91,6 +91,9 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
         rec = effective_recipe(recipe, given(flags))
     except OnnxCompressError as exc:
         _fail(exc)
+    except Exception as exc:  # a bug: still one line unless --debug
+        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback "
+                            "and report it)"))
     _check_out_paths(report=report, html=html)
     try:
         if quiet:

@@ -13,7 +13,7 @@ from rich.table import Table
 from . import params as P
 from .cli_common import _fail, app, out_console
 from .cli_flags import effective_recipe, given, with_flags
-from .errors import OnnxCompressError
+from .errors import InternalError, OnnxCompressError
 
 recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: what `optimize` runs, as TOML.")
 app.add_typer(recipe_app, name="recipe")
@@ -32,6 +32,8 @@ def _show(recipe: Optional[str], **flags):
         text = rec.to_toml()
     except OnnxCompressError as exc:
         _fail(exc)
+    except Exception as exc:  # a bug: still one line unless --debug
+        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"))
     for n in rec.notes:
         text += f"# note: {n}\n"
     print(text, end="", flush=True)

@@ -266,6 +266,8 @@ def loads(text: str, *, where: str = "recipe", base: Path | None = None) -> Reci
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{where}: invalid TOML ({exc})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
     return Recipe.from_dict(doc, where=where, base=base)
 
 

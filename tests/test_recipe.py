@@ -115,6 +115,7 @@ def test_recipe_errors_name_file_and_key(tmp_path):
         "[gates.outputs.y]\nmin_cos = 0.9": "unknown parameter 'min_cos'",
         "stages = 3": "must be an array of tables",
         "[[stages": "invalid TOML",
+        "x = " + "[" * 3000 + "]" * 3000: "nested too deeply",
     }
     for text, needle in bad.items():
         p = tmp_path / "r.toml"

@@ -343,6 +343,8 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"{p}: not a text file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{p}: invalid TOML ({exc})") from None
+    except RecursionError:
+        raise ManifestError(f"{p}: nested too deeply to be a manifest") from None
     base = p.resolve().parent
     known_top = {"run", "defaults", "recipes", "models", "version", "description"}
     bad = set(doc) - known_top
