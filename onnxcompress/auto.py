@@ -74,7 +74,9 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
                                 "(the candidates are written and timed as files)")
     t0 = time.perf_counter()
     inp, out = Path(model), Path(output)
-    protect = (inp, *external_data_files(inp))
+    from .pipeline import _data_files
+
+    protect = (inp, *external_data_files(inp), *_data_files(recipe))
     folder = check_output_path(out, protect, recipe.output.external_data)  # before two whole runs
     modes = ["dynamic", "static"] if recipe.data.calibration is not None else ["dynamic"]
     try:

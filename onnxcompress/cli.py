@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -94,7 +95,8 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
     except Exception as exc:  # a bug: still one line unless --debug
         _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback "
                             "and report it)"))
-    _check_out_paths(report=report, html=html)
+    _check_out_paths(report=report, html=html, inputs=_inputs(model, rec, recipe),
+                     outputs={"-o": output, "the model's external data": output.with_name(output.name + ".data")})
     try:
         if quiet:
             result = api_optimize(model, output, recipe=rec)
@@ -125,7 +127,23 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
             _fail(exc)
     if not quiet:
         _render(result.report)
-        console.print(f"[green]wrote[/] {result.output}")
+        console.print(f"[green]wrote[/] {escape(str(result.output))}")
+
+
+def _inputs(model: Path, rec, recipe: Optional[str]) -> dict:
+    """What an optimize run reads: the model, its external data, the data files, the recipe file."""
+    from .model_io import external_data_files
+
+    inputs = {"input model": model}
+    for i, f in enumerate(external_data_files(model) if model.is_file() else []):
+        inputs[f"input model's external data ({f.name})"] = f
+    for k in ("calibration", "validation"):
+        v = getattr(rec.data, k)
+        if isinstance(v, (str, Path)):
+            inputs[f"{k} data"] = Path(v)
+    if recipe is not None and Path(recipe).is_file():
+        inputs["recipe"] = Path(recipe)
+    return inputs
 
 
 def _optimize_command(**kw):
@@ -223,7 +241,7 @@ def _render(rep: dict) -> None:
         console.print(f"gate {g['gate']} on {g['provider']}: {value} (limit {limit}) {mark}")
     for n in rep.get("notes", []):
         if n not in _warned:
-            console.print(f"[dim]note:[/] {n}", highlight=False)
+            console.print(f"[dim]note:[/] {escape(n)}", highlight=False)
 
 
 # Command modules: each registers its commands on `app` when imported (one import per line).

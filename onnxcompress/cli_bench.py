@@ -81,7 +81,7 @@ def bench(
     except ValueError:
         _fail(OnnxCompressError(f"--batch takes integers (got {batch})"))
     shapes = _call(parse_shapes, shape)
-    _check_out_paths(report=report, html=html)
+    _check_out_paths(report=report, html=html, inputs={**{f"model {m}": m for m in models}, "--data": data})
     if html:
         from .report_html import _require
 
@@ -171,7 +171,7 @@ def validate(
     Exit code 0: every check passed; 1: a check failed; 2: bad input.
     """
     shapes = _call(parse_shapes, shape)
-    _check_out_paths(report=report, html=html)
+    _check_out_paths(report=report, html=html, inputs={"reference": reference, "candidate": candidate, "--data": data})
     if samples < 1:
         _fail(OnnxCompressError(f"--samples must be >= 1, got {samples}"))
     if html:

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import OnnxCompressError
 
@@ -37,7 +38,7 @@ class _RichWarnings(logging.Handler):
     def emit(self, record):  # warnings naming skipped nodes, reverted passes
         msg = record.getMessage()
         _warned.add(msg)
-        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -53,7 +54,7 @@ def _setup_logging(quiet: bool) -> None:
 def _fail(exc: Exception) -> None:
     if _state["debug"]:
         raise exc
-    console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 
@@ -67,20 +68,44 @@ def _fmt_bytes(n) -> str:
     return str(n)
 
 
-def _check_out_paths(**paths: Optional[Path]) -> None:
+def _check_out_paths(*, inputs: dict | None = None, outputs: dict | None = None, **paths: Optional[Path]) -> None:
     """Refuse ``--report`` / ``--html`` paths that cannot be written, before any work (a bad path
-    must not cost the user the run, nor leave an output behind)."""
-    for flag, path in paths.items():
-        if path is not None and (path.is_dir() or not path.resolve().parent.is_dir()):
-            _fail(OnnxCompressError(f"{path}: cannot write the --{flag} file there "
-                                    f"({'a folder' if path.is_dir() else 'its folder does not exist'})"))
+    must not cost the user the run, nor leave an output behind): an existing FIFO, device or
+    folder, a missing or read-only folder, or a path equal to an input or another output
+    (:mod:`onnxcompress.paths`).
+
+    Args:
+        inputs: label -> path of what the command reads (model, data, recipe).
+        outputs: label -> path of the command's other outputs (``-o`` and its ``.data``).
+        paths: flag name (``report``) -> path.
+    """
+    from .paths import check_distinct, check_output_file
+
+    try:
+        for flag, path in paths.items():
+            if path is not None:
+                check_output_file(path, f"--{flag} file")
+        check_distinct({**(outputs or {}), **{f"--{k}": v for k, v in paths.items()}}, inputs or {})
+    except OnnxCompressError as exc:
+        _fail(exc)
 
 
 def _write_json(path: Path, rep: dict) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
+    """Write ``rep`` as JSON atomically (a private temporary file in the same folder, renamed)."""
+    import tempfile
+
+    tmp = None
     try:
-        tmp.write_text(json.dumps(rep, indent=2, default=str))
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(rep, indent=2, default=str))
+        from .model_io import _default_mode
+
+        _default_mode(tmp)
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

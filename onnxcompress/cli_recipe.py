@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import params as P
@@ -67,23 +68,30 @@ def list_recipes():
 
 
 @recipe_app.command("params")
-def list_params(stage: Optional[str] = typer.Argument(None, help="Only this stage (default: every stage).")):
-    """Every declared parameter of every stage: default, allowed values, flag, help."""
+def list_params(stage: Optional[str] = typer.Argument(None, help="Only this stage or section (default: all).")):
+    """Every declared parameter of every stage and recipe section ([gates], [data], [scope],
+    [output]): default, allowed values, flag, help. Per-output gates: [gates.outputs.NAME] takes
+    max_rel_error, min_cosine and min_top1_agreement."""
     from .passes.registry import STAGES
 
-    if stage is not None and stage not in STAGES:
-        _fail(OnnxCompressError(f"no stage '{stage}' (stages: {', '.join(STAGES)})"))
-    for name, spec in STAGES.items():
-        if stage is not None and name != stage:
+    from .recipe import SECTIONS
+
+    tables = [(f'[[stages]] pass = "{name}": {spec.help}', spec.config) for name, spec in STAGES.items()
+              if stage is None or name == stage]
+    tables += [(f"[{name}]", cls) for name, cls in SECTIONS.items() if stage is None or name == stage]
+    if not tables:
+        _fail(OnnxCompressError(f"no stage or section '{stage}' (stages: {', '.join(STAGES)}; "
+                                f"sections: {', '.join(SECTIONS)})"))
+    for title, cls in tables:
+        decl = P.params_of(cls)
+        if not decl:
+            out_console.print(escape(title) + ": no parameters\n", highlight=False)
             continue
-        t = Table(title=f"[[stages]] pass = \"{name}\": {spec.help}", title_justify="left")
-        t.add_column("key")
-        t.add_column("default")
-        t.add_column("values")
-        t.add_column("flag")
-        t.add_column("help")
-        for key, p in P.params_of(spec.config).items():
-            vals = ", ".join(map(str, p.choices)) if p.choices else (p.range_text() if p.kind in ("int", "float")
-                                                                    else p.kind)
+        t = Table(title=escape(title), title_justify="left")
+        for col in ("key", "default", "values", "flag", "help"):
+            t.add_column(col)
+        for key, p in decl.items():
+            vals = (", ".join(map(str, p.choices)) if p.choices else ", ".join(map(str, p.search)) if p.search
+                    and p.kind == "any" else p.range_text() if p.kind in ("int", "float") else p.kind)
             t.add_row(key, "off" if p.default is None else str(p.default), vals, p.flag or "", p.help)
         out_console.print(t)

@@ -15,6 +15,7 @@ ignored by the samplers and returned separately by :func:`load_npz`.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -64,19 +65,48 @@ def load_npz(path: str | Path, specs: list[InputSpec], *, what: str = "calibrati
             samples, sample counts that disagree, wrong rank/static dims, a dtype that cannot
             be cast safely, or NaN/Inf values.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{what} data {p}: no such file")
+    from .paths import PathError, check_input_file
+
+    try:
+        p = check_input_file(path, f"{what} data")
+    except PathError as exc:
+        raise DataError(str(exc)) from None
     import zipfile
 
     if not zipfile.is_zipfile(p):
         raise DataError(f"{what} data {p}: not an .npz archive (numpy.savez writes one; see README for the format)")
+    names = {s.name for s in specs}
     try:
         with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            # only the arrays used are decompressed (model inputs, their ragged samples, labels),
+            # and only when their declared sizes fit in memory: an ignored key or a zip bomb
+            # costs nothing
+            used = [k for k in z.files if k in names or k in EXTRA_KEYS
+                    or ((m := _RAGGED.match(k)) is not None and m.group(2) in names)]
+            declared = sum(z.zip.getinfo(k + ".npy").file_size for k in used)
+            limit = max_data_bytes()
+            if declared > limit:
+                raise DataError(f"{what} data {p}: its arrays declare {declared / 2**30:.1f} GiB, more than "
+                                f"{limit / 2**30:.1f} GiB (half this machine's memory); give fewer samples")
+            arrays = {k: (z[k] if k in used else None) for k in z.files}
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{what} data {p}: not a readable .npz file ({exc})") from None
     return samples_from_arrays(arrays, specs, source=str(p), what=what)
+
+
+#: keys read besides the model's inputs
+EXTRA_KEYS = ("labels",)
+
+
+def max_data_bytes() -> int:
+    """The most bytes of arrays one data file may declare: half the physical memory (16 GiB
+    when it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
 
 
 def samples_from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], *, source: str = "data", what: str = "calibration"):

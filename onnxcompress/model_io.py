@@ -407,20 +407,28 @@ def check_output_path(path: str | os.PathLike, protect: tuple[str | os.PathLike,
             or in a missing folder; or its ``<name>.data`` file (unless ``external_data`` is
             ``False``) would overwrite a protected path.
     """
+    from .paths import PathError, check_output_file, same_file
+
     dest = Path(path)
     for prot in protect:
-        if dest.resolve() == Path(prot).resolve():
-            raise ModelWriteError(f"{dest}: output path is the input model (or its data); refusing to overwrite it")
+        if same_file(dest, prot):
+            raise ModelWriteError(f"{dest}: output path is an input (the model, its data or the calibration/"
+                                  "validation data); refusing to overwrite it")
     if dest.is_dir():
         raise ModelWriteError(f"{dest}: is a directory")
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise ModelWriteError(f"{folder}: output folder does not exist")
-    protected = {Path(p).resolve() for p in protect}
-    data_path = (folder / (dest.name + ".data")).resolve()
-    if external_data is not False and data_path in protected:
-        raise ModelWriteError(f"{dest}: its external data file {data_path.name} would overwrite the input's "
-                              "weights; choose another output name")
+    data_path = folder / (dest.name + ".data")
+    try:
+        check_output_file(dest, "model")
+        if external_data is not False:
+            check_output_file(data_path, "model's external data")
+    except PathError as exc:
+        raise ModelWriteError(str(exc)) from None
+    if external_data is not False and any(same_file(data_path, p) for p in protect):
+        raise ModelWriteError(f"{dest}: its external data file {data_path.name} would overwrite an input "
+                              "(the model's weights or its data); choose another output name")
     return folder
 
 

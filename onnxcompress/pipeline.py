@@ -35,7 +35,7 @@ from .util import compressed_size, jsonable as _jsonable
 from .validate import validate_all
 from .gates import evaluate as evaluate_gates
 from .inspect import summarize
-from .model_io import check_model, external_data_files, load_model, save_model
+from .model_io import check_model, check_output_path, external_data_files, load_model, save_model
 from .opset import upgrade_opset
 from .passes.base import PassContext, PassReport, Scope, run_passes, snapshot
 from .passes.prune_nm import storage_report
@@ -87,7 +87,8 @@ class _Run:
     t0: float = field(default_factory=time.perf_counter)
     notes: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
-    in_files: list = field(default_factory=list)
+    model_files: list = field(default_factory=list)  # the input model and its external data
+    in_files: list = field(default_factory=list)  # those and the data files: never overwritten
 
     def say(self, msg: str) -> None:
         """A stage starts: its time and peak memory go to ``report["cost"]``."""
@@ -106,6 +107,7 @@ def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str],
     run = _Run(rec, None, Path(output) if output is not None else None, progress)
     run.notes.extend(rec.notes)
     original = _load_input(run, model)
+    _check_paths(run)
     work = snapshot(original)  # shares every tensor with `original`: passes replace, never edit
     # every node needs a unique name: reports, --exclude and the fallback refer to nodes by name
     ir.passes.common.NameFixPass()(work)
@@ -129,6 +131,27 @@ def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str],
     return _finish(run, work, written=run.out is not None)
 
 
+def _data_files(recipe: Recipe) -> list[Path]:
+    """The calibration/validation files the recipe reads (folders of images excluded)."""
+    return [Path(v) for v in (recipe.data.calibration, recipe.data.validation)
+            if isinstance(v, (str, Path)) and not Path(v).is_dir()]
+
+
+def _check_paths(run: _Run) -> None:
+    """Before any work: data files are regular files, and the output (and its ``.data``) is a
+    new path or a regular file in a writable folder that is none of the inputs."""
+    from .paths import PathError, check_input_file
+
+    for f in _data_files(run.recipe):
+        try:
+            check_input_file(f, "data file")
+        except PathError as exc:
+            raise DataError(str(exc)) from None
+    run.in_files = [*run.model_files, *_data_files(run.recipe)]
+    if run.out is not None:
+        check_output_path(run.out, tuple(run.in_files), run.recipe.output.external_data)
+
+
 def _load_input(run: _Run, model) -> ir.Model:
     """Load and check the input model; refuse an output path equal to the input."""
     if isinstance(model, (str, Path)):
@@ -137,7 +160,7 @@ def _load_input(run: _Run, model) -> ir.Model:
             raise OnnxCompressError(f"{run.out}: output path is the input model; refusing to overwrite it")
         run.say("loading model")
         original = load_model(run.inp)
-        run.in_files = [run.inp, *original.meta.get("onnxcompress.external_files", [])]
+        run.model_files = [run.inp, *original.meta.get("onnxcompress.external_files", [])]
     elif isinstance(model, onnx.ModelProto):
         run.say("loading model")
         try:
@@ -272,8 +295,18 @@ def _runtime_loads(model: ir.Model) -> tuple[bool, str]:
 
 
 def _note_unknown_names(run: _Run, original: ir.Model) -> None:
-    """A warning for every node name or op type the recipe names that the model does not have."""
+    """A warning for every node name or op type the recipe names that the model does not have.
+
+    Raises:
+        RecipeError: a per-output gate names an output the model does not have (a gate that
+            would silently judge nothing).
+    """
     r = run.recipe
+    outputs = [v.name for v in original.graph.outputs]
+    unknown = [n for n in r.gates.outputs if n not in outputs]
+    if unknown:
+        raise RecipeError(f"[gates.outputs.{unknown[0]}]: the model has no output named '{unknown[0]}' "
+                          f"(outputs: {', '.join(outputs)})")
     names = {n.name for n in ir.traversal.RecursiveGraphIterator(original.graph)}
     ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(original.graph)}
     protect, ratios = (), ()
@@ -422,7 +455,7 @@ def _fail(run: _Run, gates) -> None:
     run.report["seconds"] = round(time.perf_counter() - run.t0, 2)
     run.report["cost"] = _cost(run.meter)
     where = f"{run.out} not written" if run.out is not None else "no model returned"
-    err = GateFailedError("; ".join(g.get("why") or f"{g['gate']} {g['value']:.6g} misses {g['limit']:g} on {g['provider']}"
+    err = GateFailedError("; ".join(g.get("why") or f"{g['gate']} {g['value']:.6g} misses {g['limit']:.10g} on {g['provider']}"
                                     for g in gates if not g["passed"]) + f" -- {where}")
     err.report = run.report  # type: ignore[attr-defined]
     raise err
@@ -436,10 +469,10 @@ def _write(run: _Run, model: ir.Model, original: ir.Model, runtime_ok: bool) -> 
                       runtime_check=runtime_ok)
     after["file_bytes"] = size
     pruned = any(s.name.startswith("prune-") for s in run.recipe.stages)
-    if run.in_files and (pruned or size + before.get("file_bytes", 0) <= ZLIB_MEASURE_BYTES):
+    if run.model_files and (pruned or size + before.get("file_bytes", 0) <= ZLIB_MEASURE_BYTES):
         after["compressed_bytes"] = compressed_size([run.out, *external_data_files(run.out)])
-        before["compressed_bytes"] = compressed_size(run.in_files)
-    elif run.in_files:
+        before["compressed_bytes"] = compressed_size(run.model_files)
+    elif run.model_files:
         run.note(f"zlib sizes not measured (about 20 s per GB; done when input and output together are "
                  f"at most {ZLIB_MEASURE_BYTES >> 20} MB, and always with pruning, whose zeros they show)")
 

@@ -121,6 +121,8 @@ class Stage:
 
 
 _SECTIONS = {"gates": Gates, "data": DataSettings, "scope": ScopeSettings, "output": OutputSettings}
+#: the recipe's sections and their declared parameters (``recipe params`` lists them)
+SECTIONS = {**_SECTIONS, "data.image": ImageSpec, "gates.outputs.NAME": OutputGates}
 
 
 @dataclass
@@ -280,9 +282,15 @@ def load(path: str | Path) -> Recipe:
     p = Path(path)
     if str(path) in BUILTIN and not p.exists():
         return builtin(str(path))
-    if not p.is_file():
+    if not p.exists():
         raise RecipeError(f"{p}: no such recipe file, and not a built-in recipe "
                           f"({', '.join(BUILTIN)}; `onnxcompress recipe list`)")
+    from .paths import PathError, check_input_file
+
+    try:
+        check_input_file(p, "recipe")
+    except PathError as exc:
+        raise RecipeError(str(exc)) from None
     if p.stat().st_size > 1 << 20:
         raise RecipeError(f"{p}: over 1 MB; not a recipe")
     try:

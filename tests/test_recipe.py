@@ -204,6 +204,9 @@ def test_gates_per_output_name(tmp_path):
         optimize(src, tmp_path / "q.onnx", recipe=strict)
     rows = ei.value.report["gates"]
     assert rows and all(r["outputs"] == ["a"] for r in rows) and not (tmp_path / "q.onnx").exists()
+    strict.gates.outputs = {"c": R.OutputGates(min_cosine=0.9)}  # a name the model does not have
+    with pytest.raises(R.RecipeError, match="no output named 'c'"):
+        optimize(src, tmp_path / "q.onnx", recipe=strict)
     strict.gates.outputs = {"b": R.OutputGates(min_cosine=0.9)}
     res = optimize(src, tmp_path / "q.onnx", recipe=strict)
     assert [r["outputs"] for r in res.report["gates"]] == [["b"]]

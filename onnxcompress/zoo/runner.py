@@ -16,6 +16,13 @@ the same key with ``ok`` and the output file still exists with the recorded size
 failure that the same inputs would reproduce (bad input, missed gate); timeouts, memory
 limits, crashes and unexpected errors are retried on the next run (``--retry-failed``
 retries every failure, ``--force`` reruns everything).
+
+Guards: every task has a time limit (:data:`DEFAULT_TIMEOUT_S` unless the command line or the
+manifest's ``[run] timeout_s`` says otherwise); inputs that are not regular files (a FIFO, a
+device) are refused per task before anything reads them (:func:`check_input`, the hasher); a
+manifest's ``fetch`` commands -- code that runs as the current user -- are refused when the
+manifest file is owned by someone else or writable by group/others, unless ``allow_fetch``
+(:func:`fetch_refusal`), and never run with ``no_fetch``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -37,15 +45,43 @@ from typing import Callable
 from .. import __version__
 from ..errors import OnnxCompressError
 from .manifest import Manifest, load_manifest
-from .worker import CACHEABLE_FAILURES, execute_task, kill_all, write_json_atomic
+from .worker import CACHEABLE_FAILURES, execute_task, kill_all, prepare, write_json_atomic
 
 STATE_NAME = "zoo_state.json"
 STATE_SCHEMA = 1
 KEY_SCHEMA = 2  # 2: the key hashes the recipe object (stages and configs), not flat options
+#: Per-task time limit when neither the command line nor the manifest's ``[run] timeout_s`` gives
+#: one (``timeout_s = false`` in ``[run]``, or ``--timeout-s 0``, turns the limit off).
+DEFAULT_TIMEOUT_S = 3600.0
 
 
 class ZooRunError(OnnxCompressError):
-    """The batch cannot run at all (output folder locked or unwritable, executor unavailable)."""
+    """The batch cannot run at all (output folder locked or unwritable, executor unavailable,
+    fetch commands refused)."""
+
+
+class TaskInputError(OnnxCompressError):
+    """One task's input cannot be hashed safely (not a regular file, unreadable): that task fails."""
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symbolic link"}
+
+
+def check_input(path: Path, what: str, *, folder_ok: bool = False) -> str | None:
+    """A one-line error when ``path`` exists but is not a regular file (or a folder, when
+    ``folder_ok``): reading a FIFO or a device would block or never end, before any task limit
+    applies. ``None`` for regular files, allowed folders and missing paths (reported elsewhere)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{what} cannot be read: {path} ({exc.strerror or exc})"
+    if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return None
+    return (f"{what} is not a regular file{' or folder' if folder_ok else ''} "
+            f"({_KINDS.get(stat.S_IFMT(mode), 'a special file')}): {path}")
 
 
 @dataclass
@@ -77,33 +113,56 @@ class _Hasher:
         self._memo: dict[Path, tuple[str, bool]] = {}
 
     def file(self, path: Path) -> tuple[str, bool]:
-        """(hex digest, whether the bytes mention ``location`` -- a hint of external data)."""
+        """(hex digest, whether the bytes mention ``location`` -- a hint of external data).
+
+        Raises:
+            TaskInputError: ``path`` (or a file in the folder) is not a regular file or folder,
+                or cannot be read. Files are opened non-blocking and checked with ``fstat``
+                before reading, so a FIFO or a device fails at once instead of hanging."""
         path = Path(path)
         if path not in self._memo:
             if path.is_dir():
                 h = hashlib.sha256(b"dir\0")
-                for p in sorted(q for q in path.rglob("*") if q.is_file()):
+                for p in sorted(path.rglob("*")):
+                    if p.is_dir() or not p.exists():  # sub-folders; dangling links (nothing to read)
+                        continue
                     h.update(str(p.relative_to(path)).encode() + b"\0" + self.file(p)[0].encode())
                 self._memo[path] = (h.hexdigest(), False)
             else:
                 h, hint, prev = hashlib.sha256(), False, b""
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        h.update(block)
-                        hint = hint or b"location" in prev[-8:] + block
-                        prev = block
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+                except OSError as exc:
+                    raise TaskInputError(f"cannot read {path} to hash it: {exc.strerror or exc}") from None
+                with open(fd, "rb") as f:
+                    mode = os.fstat(fd).st_mode
+                    if not stat.S_ISREG(mode):
+                        raise TaskInputError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'a special file')})"
+                                             f": {path}")
+                    try:
+                        for block in iter(lambda: f.read(1 << 22), b""):
+                            h.update(block)
+                            hint = hint or b"location" in prev[-8:] + block
+                            prev = block
+                    except OSError as exc:
+                        raise TaskInputError(f"cannot read {path} to hash it: {exc.strerror or exc}") from None
                 self._memo[path] = (h.hexdigest(), hint)
         return self._memo[path]
 
     def external(self, model: Path) -> dict[str, str]:
-        """Digests of the external data files a model names (empty for inline weights)."""
+        """Digests of the external data files a model names (empty for inline weights; a missing
+        file is recorded as ``"missing"``, which the worker then reports).
+
+        Raises:
+            TaskInputError: an external data file exists but cannot be hashed (not a regular
+                file, unreadable): the key must not silently leave it out."""
         if not self.file(model)[1]:
             return {}
         try:
             import onnx
 
             proto = onnx.load(str(model), load_external_data=False)
-        except Exception:  # noqa: BLE001 - the worker reports a bad model properly
+        except Exception:  # noqa: BLE001 - unparsable: no tensor can use external data; the worker reports it
             return {}
         locs = set()
 
@@ -126,7 +185,13 @@ class _Hasher:
         out = {}
         for loc in sorted(locs):
             p = model.parent / loc
-            out[loc] = self.file(p)[0] if p.is_file() else "missing"
+            if not os.path.lexists(p):
+                out[loc] = "missing"
+                continue
+            try:
+                out[loc] = self.file(p)[0]
+            except TaskInputError as exc:
+                raise TaskInputError(f"external data '{loc}' of {model}: {exc}") from None
         return out
 
 
@@ -213,13 +278,33 @@ def _lock(out: Path):
 # ----------------------------------------------------------------------------- fetching
 
 
-def _fetch(mf: Manifest, name: str, logs: Path) -> str | None:
-    """Run a model's fetch commands when its file is missing; return an error or ``None``."""
+def fetch_refusal(manifest: Path) -> str | None:
+    """Why the manifest's ``fetch`` commands must not run without ``--allow-fetch``: a manifest is
+    code (each command runs as the current user), so it must be owned by the current user and
+    not writable by group or others. ``None`` when it is (or the platform has no owners)."""
+    if not hasattr(os, "getuid"):
+        return None
+    st = os.stat(manifest)
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"it is writable by {'group' if st.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _fetch(mf: Manifest, name: str, logs: Path, no_fetch: bool = False) -> str | None:
+    """Run a model's fetch commands when its file is missing; return an error or ``None``.
+    A model path that exists but is not a regular file is an error (never read, never fetched)."""
     m = mf.models[name]
+    err = check_input(m.path, "model path")
+    if err:
+        return err
     if m.path.is_file():
         return None
     if not m.fetch:
         return f"model file not found: {m.path} (and the manifest gives no 'fetch' command for it)"
+    if no_fetch:
+        return f"model file not found: {m.path} (its 'fetch' commands were not run: --no-fetch)"
     log = logs / f"{name}.fetch.log"
     with open(log, "w") as f:
         for cmd in m.fetch:
@@ -246,6 +331,8 @@ Event = Callable[[str, dict], None]
 
 def _run_local(specs: list[dict], jobs: int, on_start: Event, on_done: Event) -> None:
     stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        prepare()  # the fork server dies with this process, not with a pool thread
 
     def one(spec):
         if stop.is_set():
@@ -339,17 +426,23 @@ def run_zoo(
     threads: int | None = None,
     retry_failed: bool = False,
     force: bool = False,
+    allow_fetch: bool = False,
+    no_fetch: bool = False,
     progress: Event | None = None,
 ) -> ZooResult:
     """Convert every (model, recipe) of a manifest; see the module docstring.
 
     Args mirror the command line; ``None`` takes the manifest's ``[run]`` value, then the
-    built-in default (jobs = CPU count, no limits, threads = CPUs // jobs). ``progress``
-    receives events ``("plan", {...})``, ``("start", spec)``, ``("done", row)``.
+    built-in default (jobs = CPU count, no memory limit, a :data:`DEFAULT_TIMEOUT_S` time limit,
+    threads = CPUs // jobs); a time limit of 0 means none. ``allow_fetch`` runs the manifest's
+    ``fetch`` commands even when :func:`fetch_refusal` objects; ``no_fetch`` never runs them
+    (models without their file then fail). ``progress`` receives events ``("plan", {...})``,
+    ``("start", spec)``, ``("done", row)``.
 
     Raises:
         ManifestError: bad manifest or ``--only``/``--recipe`` names.
-        ZooRunError: the output folder is locked or unwritable, or the executor is unavailable.
+        ZooRunError: the output folder is locked or unwritable, the executor is unavailable, or
+            fetch commands would run from a manifest that :func:`fetch_refusal` objects to.
     """
     t_start = time.time()
     say = progress or (lambda ev, d: None)
@@ -361,7 +454,17 @@ def run_zoo(
     cpus = os.cpu_count() or 1
     jobs = jobs or run.get("jobs") or (None if executor == "ray" else cpus)
     memory_limit_mb = memory_limit_mb if memory_limit_mb is not None else run.get("memory_limit_mb")
-    timeout_s = timeout_s if timeout_s is not None else run.get("timeout_s")
+    if timeout_s is None:  # [run] timeout_s = false is kept as None: no limit
+        timeout_s = run["timeout_s"] if "timeout_s" in run else DEFAULT_TIMEOUT_S
+    timeout_s = timeout_s if timeout_s and timeout_s > 0 else None
+    if allow_fetch and no_fetch:
+        raise ZooRunError("--allow-fetch and --no-fetch exclude each other")
+    if not no_fetch and not allow_fetch and any(
+            not mf.models[n].path.exists() and mf.models[n].fetch for n in dict.fromkeys(m for m, _ in tasks)):
+        why = fetch_refusal(mf.path)
+        if why:
+            raise ZooRunError(f"{mf.path}: refusing to run its 'fetch' commands: {why} (a manifest is code: "
+                              f"its commands run as you); check it, then pass --allow-fetch, or --no-fetch to skip them")
     threads = threads if threads is not None else run.get("threads")
     if threads is None and executor == "local":
         threads = max(1, cpus // max(1, jobs))
@@ -386,11 +489,12 @@ def run_zoo(
         hasher = _Hasher()
         model_errors: dict[str, str] = {}
         for name in dict.fromkeys(m for m, _ in tasks):
-            err = _fetch(mf, name, out / "logs")
+            err = _fetch(mf, name, out / "logs", no_fetch)
             m = mf.models[name]
             for what, p in (("calibration", m.calibration), ("validation", m.validation)):
-                if not err and p is not None and not p.exists():
-                    err = f"{what} data not found: {p}"
+                if not err and p is not None:
+                    err = check_input(p, f"{what} data", folder_ok=True) or (
+                        None if p.exists() else f"{what} data not found: {p}")
             if err:
                 model_errors[name] = err
 
@@ -403,7 +507,12 @@ def run_zoo(
                 rows[tid] = {"model": name, "recipe": recipe, "key": None, "status": "failed",
                              "kind": "missing", "error": model_errors[name], "wall_s": 0.0}
                 continue
-            key = task_key(mf, name, recipe, hasher)
+            try:
+                key = task_key(mf, name, recipe, hasher)
+            except TaskInputError as exc:  # a FIFO/device/unreadable file: this task fails, the others run
+                rows[tid] = {"model": name, "recipe": recipe, "key": None, "status": "failed",
+                             "kind": "input", "error": f"cannot compute the cache key: {exc}", "wall_s": 0.0}
+                continue
             entry = state["tasks"].get(tid)
             if not force and _finished(entry, key, retry_failed):
                 rows[tid] = dict(entry)
@@ -470,6 +579,7 @@ def run_zoo(
 
 def _spec(mf: Manifest, out: Path, model: str, recipe: str, key: str, memory_limit_mb, timeout_s, threads) -> dict:
     m = mf.models[model]
+    timeout_s = m.timeout_s if m.timeout_s is not None else timeout_s
     return {
         "model": model, "recipe": recipe, "key": key, "model_path": str(m.path),
         "recipe_data": mf.recipe_for(model, recipe).to_dict(),
@@ -477,7 +587,7 @@ def _spec(mf: Manifest, out: Path, model: str, recipe: str, key: str, memory_lim
         "report": str(out / "reports" / model / f"{recipe}.json"),
         "log": str(out / "logs" / f"{model}.{recipe}.log"),
         "work_dir": str(out / ".work" / f"{model}.{recipe}"),
-        "timeout_s": m.timeout_s if m.timeout_s is not None else timeout_s,
+        "timeout_s": timeout_s if timeout_s and timeout_s > 0 else None,  # 0: no limit
         "memory_limit_mb": m.memory_limit_mb if m.memory_limit_mb is not None else memory_limit_mb,
         "threads": threads,
     }

@@ -10,12 +10,25 @@ Inside the worker (:func:`child_main`): stdout/stderr go to the task's log file,
 space is capped with ``RLIMIT_AS``, :func:`onnxcompress.optimize` writes into the task's
 scratch folder, and only a finished model is moved into place (``os.replace``), then the
 full report and the result row are written (temp file + ``os.replace``).
+
+Guards (so that no worker outlives the batch, and none depends on the caller's folder):
+
+* the worker and the fork server die with their parent (Linux: ``PR_SET_PDEATHSIG``; every
+  platform: a watchdog thread in the worker that exits when the process that started it is
+  gone), and the worker enforces its own time limit (``SIGALRM``, a little after the parent's);
+* the fork server starts with ``PYTHONSAFEPATH`` (no current folder on ``sys.path``), the
+  worker moves into its task folder, drops the caller's folder from ``sys.path`` and checks
+  that it runs the same onnxcompress package as the caller;
+* a worker that ends without a result is classified by its cause: ``timeout``, ``import``
+  (died before the task started), ``memory`` (under a cap, with an allocation failure in its
+  log) or ``crash`` (a signal or an exit code).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -38,14 +51,52 @@ from .summary import summarize_report
 #: finished (cached). The others (timeout, memory, crash, error) are retried by a rerun.
 CACHEABLE_FAILURES = ("input", "gate")
 
+#: The worker stops itself this many seconds after its time limit (the parent kills it at the
+#: limit; the worker's own limit only matters when the parent is gone or stuck).
+SELF_LIMIT_GRACE_S = 2.0
+_EXIT_OWN_TIMEOUT = 124  # exit status of a worker whose watchdog hit the time limit
+_EXIT_ORPHANED = 125  # exit status of a worker whose parent is gone
+#: Set (to the parent's pid) only while the fork server starts: tells the preloaded module that
+#: it runs inside the fork server, which then asks to die with that parent.
+_FORKSERVER_ENV = "ONNXCOMPRESS_ZOO_FORKSERVER_OF"
+
 _ctx_lock = threading.Lock()
 _ctx = None
 _live: set = set()
 _live_lock = threading.Lock()
 
 
+def die_with_parent() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent exits (``prctl
+    PR_SET_PDEATHSIG``; the "parent" is the thread that forked it). Returns whether it is armed;
+    a no-op elsewhere (the worker's watchdog thread covers other platforms)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - no libc/prctl: the watchdog still applies
+        return False
+
+
+if os.environ.get(_FORKSERVER_ENV) == str(os.getppid()):
+    # imported as the fork server's preload: die with the zoo process that started it (otherwise a
+    # `kill -9` of that process leaves the fork server and its workers running); if that process
+    # already died between the check and prctl, leave now
+    _parent = int(os.environ.pop(_FORKSERVER_ENV))
+    if die_with_parent() and os.getppid() != _parent:
+        os._exit(0)
+
+
 def _context():
-    """Fork server context (POSIX) with onnxcompress preloaded; spawn elsewhere."""
+    """Fork server context (POSIX) with onnxcompress preloaded; spawn elsewhere.
+
+    The fork server is started with ``PYTHONSAFEPATH=1`` (Python 3.11+: no current folder on
+    its ``sys.path``, so a folder named ``onnxcompress`` in the current folder cannot shadow
+    the package) and, when started from the main thread, asks to die with this process (see
+    :func:`die_with_parent`; Linux ties that to the starting thread, hence :func:`prepare`)."""
     global _ctx
     with _ctx_lock:
         if _ctx is None:
@@ -53,9 +104,12 @@ def _context():
             # so both executors compute the same floats (summation order) and write the same bytes
             # (set only while the fork server starts: this process's environment is left as it was)
             blas = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-            saved = {v: os.environ.get(v) for v in blas}
+            saved = {v: os.environ.get(v) for v in (*blas, "PYTHONSAFEPATH", _FORKSERVER_ENV)}
             for var in blas:
                 os.environ.setdefault(var, "1")
+            os.environ.setdefault("PYTHONSAFEPATH", "1")
+            if threading.current_thread() is threading.main_thread():
+                os.environ[_FORKSERVER_ENV] = str(os.getpid())
             try:
                 if "forkserver" in multiprocessing.get_all_start_methods():
                     ctx = multiprocessing.get_context("forkserver")
@@ -73,6 +127,13 @@ def _context():
                         os.environ[var] = val
             _ctx = ctx
         return _ctx
+
+
+def prepare() -> None:
+    """Start the fork server now, from the calling thread: call it from the main thread before
+    starting worker threads, so that the fork server's ``PR_SET_PDEATHSIG`` follows this
+    process's lifetime and not that of a pool thread."""
+    _context()
 
 
 def kill_all() -> None:
@@ -122,7 +183,8 @@ def execute_task(spec: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     task_file = work / "task.json"
     result_file = work / "result.json"
-    write_json_atomic(task_file, spec)
+    # the worker watches this process (parent_pid) and checks that it imported this package
+    write_json_atomic(task_file, {**spec, "parent_pid": os.getpid(), "package_dir": str(_PACKAGE_DIR)})
     base = {"model": spec["model"], "recipe": spec["recipe"], "key": spec["key"], "status": "failed",
             "host": os.uname().nodename if hasattr(os, "uname") else "", "log": spec["log"]}
     t0 = time.perf_counter()
@@ -158,23 +220,44 @@ def execute_task(spec: dict) -> dict:
             return row
         except ValueError:
             pass
-    code = proc.exitcode
-    tail = _tail(Path(spec["log"]))
+    kind, how = classify_exit(proc.exitcode, started=(work / _STARTED).exists(), timeout_s=timeout,
+                              memory_limit_mb=limit, log_tail=_tail(Path(spec["log"])))
+    return {**base, "kind": kind, "wall_s": wall, "error": how}
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_STARTED = "started"  # marker file the worker writes first thing in child_main
+
+
+def classify_exit(code: int | None, *, started: bool, timeout_s: float | None, memory_limit_mb: int | None,
+                  log_tail: str = "") -> tuple[str, str]:
+    """(kind, message) for a worker that ended without writing a result, by its cause.
+
+    * ``import``: it exited before :func:`child_main` ran (could not import onnxcompress);
+    * ``timeout``: it stopped itself at its own time limit (``SIGALRM`` or its watchdog);
+    * ``memory``: a memory cap was set and its log shows an allocation failure;
+    * ``crash``: anything else -- a signal (named) or an exit code.
+    A memory cap alone no longer makes every non-zero exit a "memory limit"."""
     if code is not None and code < 0:
         try:
-            sig = signal.Signals(-code).name
+            what = f"worker process died ({signal.Signals(-code).name})"
         except ValueError:
-            sig = f"signal {-code}"
-        how = f"worker process died ({sig})"
+            what = f"worker process died (signal {-code})"
     else:
-        how = f"worker process exited with code {code} without a result"
-    kind = "crash"
-    if limit and (code is None or code != 0):
-        kind = "memory"
-        how = f"memory limit: {how} while capped at {limit} MB"
-    elif code == -signal.SIGKILL:
-        how += " -- killed from outside, or by the system's out-of-memory killer"
-    return {**base, "kind": kind, "wall_s": wall, "error": how + (f"; log: {tail}" if tail else "")}
+        what = f"worker process exited with code {code} without a result"
+    tail = f"; log: {log_tail}" if log_tail else ""
+    if not started and code is not None and code > 0:
+        return "import", (f"{what} before the task started: the worker could not import onnxcompress (a folder "
+                          f"named 'onnxcompress' in a folder on its sys.path? a broken install?); its traceback "
+                          f"is on the zoo command's stderr{tail}")
+    if code == _EXIT_OWN_TIMEOUT or (code is not None and hasattr(signal, "SIGALRM") and code == -signal.SIGALRM):
+        limit = f" after {timeout_s + SELF_LIMIT_GRACE_S:g} s" if timeout_s else ""
+        return "timeout", f"time limit: the worker stopped itself{limit} (its own limit){tail}"
+    if memory_limit_mb and _MEMORY_TEXT.search(log_tail):
+        return "memory", f"memory limit: {what} while capped at {memory_limit_mb} MB{tail}"
+    if hasattr(signal, "SIGKILL") and code == -signal.SIGKILL:
+        what += " -- killed from outside, or by the system's out-of-memory killer"
+    return "crash", what + tail
 
 
 # ----------------------------------------------------------------------------- inside the worker
@@ -242,15 +325,81 @@ def _lift_limit() -> None:
         pass
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (POSIX; on Windows signal 0 would kill it: assume alive)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _watchdog(parent_pid: int | None, deadline: float | None) -> None:
+    """Start a daemon thread that ends this worker when the process that started it is gone
+    (this process was re-parented, or ``parent_pid`` no longer exists) or past ``deadline``
+    (``time.monotonic()``): the portable backstop of ``PR_SET_PDEATHSIG`` and ``SIGALRM``."""
+    ppid = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != ppid or (parent_pid and not _alive(parent_pid)):
+                os._exit(_EXIT_ORPHANED)
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"time limit: the worker stops itself ({SELF_LIMIT_GRACE_S:g} s past its limit)", flush=True)
+                os._exit(_EXIT_OWN_TIMEOUT)
+
+    threading.Thread(target=watch, name="zoo-watchdog", daemon=True).start()
+
+
+def _guard_worker(spec: dict, work: Path) -> None:
+    """Make the worker independent of its parent's fate and folder: die with the parent, stop at
+    its own time limit (``timeout_s`` + :data:`SELF_LIMIT_GRACE_S`: ``SIGALRM``, which ends the
+    process even while C code holds the GIL, plus the watchdog), move into the task folder and
+    drop the caller's current folder from ``sys.path`` (lazy imports cannot pick up its files)."""
+    die_with_parent()  # the parent is the fork server, which itself dies with the zoo process
+    timeout = spec.get("timeout_s")
+    own = timeout + SELF_LIMIT_GRACE_S if timeout else None
+    if own and hasattr(signal, "setitimer"):
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, own)
+    _watchdog(spec.get("parent_pid"), time.monotonic() + own if own else None)
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd]
+    os.chdir(work)
+
+
+def _package_mismatch(spec: dict) -> str | None:
+    """A message when this worker imported a different onnxcompress package than the process
+    that started it (it would run other code than the cache key's fingerprint covers)."""
+    want = spec.get("package_dir")
+    if want and Path(want).resolve() != _PACKAGE_DIR:
+        return (f"the worker imported onnxcompress from {_PACKAGE_DIR}, not from {want} like the zoo process "
+                "(a folder named 'onnxcompress' in the current folder?)")
+    return None
+
+
 def child_main(task_file: str) -> None:
     """Entry point of the worker process: run the task, write ``result.json``."""
     spec = json.loads(Path(task_file).read_text())
     work = Path(task_file).parent
+    (work / _STARTED).touch()
+    _guard_worker(spec, work)
     log = open(spec["log"], "w", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     print(f"onnxcompress {__version__} zoo task {spec['model']} / {spec['recipe']} (key {spec['key'][:16]}) "
           f"pid {os.getpid()}", flush=True)
+    wrong = _package_mismatch(spec)
+    if wrong:
+        write_json_atomic(work / "result.json", {"model": spec["model"], "recipe": spec["recipe"],
+                                                 "key": spec["key"], "status": "failed", "kind": "import",
+                                                 "error": wrong})
+        return
     # scratch files (session skeletons, spilled calibration samples) go into the task's own
     # folder, which the runner removes even when this process is killed or exits without atexit
     import tempfile

@@ -1,0 +1,113 @@
+"""Paths a command reads and writes: nothing an input names is ever overwritten.
+
+Rules (the same for the CLI and the Python API):
+
+* an input (model, its external data, calibration/validation files, a recipe) must be a
+  regular file — a FIFO or a device would block or never end (:func:`check_input_file`);
+* an output (model, its ``.data``, ``--report``, ``--html``) is a new path or an existing
+  regular file in a writable folder — never a FIFO, a device or a folder
+  (:func:`check_output_file`);
+* every output differs from every input and from every other output, including through links
+  (:func:`check_distinct`).
+
+Each check runs before any work, so a bad path costs nothing and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .errors import OnnxCompressError
+
+
+class PathError(OnnxCompressError):
+    """An input or output path that must not be used (see the module docstring)."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a :class:`Path` when it is an existing regular file (links followed).
+
+    Raises:
+        PathError: missing, or a folder, FIFO, device or socket.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise PathError(f"{what} {p}: no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PathError(f"{what} {p}: {_kind(st.st_mode)}, not a regular file; refusing to read it")
+    return p
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Refuse an output path that is an existing non-regular file or whose folder is missing or
+    not writable. Returns the folder.
+
+    Raises:
+        PathError: naming the path and why.
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise PathError(f"{p}: cannot write the {what} there ({exc.strerror or exc})") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise PathError(f"{p}: cannot write the {what} there ({_kind(st.st_mode)}; outputs are regular files "
+                        "or new paths)")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise PathError(f"{p}: cannot write the {what} there (its folder does not exist)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PathError(f"{p}: cannot write the {what} there (the folder {folder} is not writable)")
+    return folder
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: equal once resolved, or the same inode (hard links)."""
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    try:
+        return os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def check_distinct(outputs: Mapping[str, str | os.PathLike | None],
+                   inputs: Mapping[str, str | os.PathLike | None] | Iterable[tuple[str, str | os.PathLike]]) -> None:
+    """Every output differs from every input and from the other outputs.
+
+    Args:
+        outputs: label (``"--report"``) -> path (``None`` entries are ignored).
+        inputs: label -> path, or (label, path) pairs.
+
+    Raises:
+        PathError: naming both.
+    """
+    outs = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    ins = [(k, Path(v)) for k, v in (inputs.items() if isinstance(inputs, Mapping) else inputs) if v is not None]
+    for i, (lo, po) in enumerate(outs):
+        for li, pi in ins:
+            if same_file(po, pi):
+                raise PathError(f"{po}: {lo} would overwrite the {li}; choose another path")
+        for lo2, po2 in outs[i + 1:]:
+            if same_file(po, po2):
+                raise PathError(f"{po}: {lo} and {lo2} name the same file; give each its own path")

@@ -1,0 +1,128 @@
+"""Nothing an input names is overwritten, nothing blocks: outputs equal to inputs or to each
+other, FIFOs as inputs or outputs, a zip bomb in a calibration file (issue "Any input, a clear
+answer, nothing lost"). FIFOs are made in a temp folder, never the system's devices."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from onnxcompress import OptimizeOptions, optimize
+from onnxcompress.cli import app
+from onnxcompress.errors import OnnxCompressError
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture
+def work(tmp_path):
+    for f in ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"):
+        shutil.copy(ROOT / "models" / f, tmp_path / f)
+    return tmp_path
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def _run(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    text = res.output
+    assert "Traceback" not in text, text
+    return res
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--report", "{m}"], "--report would overwrite the input model"),
+    (["--html", "{m}"], "--html would overwrite the input model"),
+    (["--report", "{c}", "--calibration", "{c}"], "--report would overwrite the calibration data"),
+    (["--report", "{v}", "--validation", "{v}"], "--report would overwrite the validation data"),
+    (["--report", "{o}"], "-o and --report name the same file"),
+    (["--report", "{r}", "--html", "{r}"], "name the same file"),
+    (["--report", "{link}", "--calibration", "{c}"], "--report would overwrite the calibration data"),
+])
+def test_outputs_never_overwrite_inputs_or_each_other(work, flags, needle):
+    before = _digest(work)
+    os.link(work / "digits_calib.npz", work / "hard.npz")
+    names = {"m": work / "digits_cnn.onnx", "c": work / "digits_calib.npz", "v": work / "digits_test.npz",
+             "o": work / "q.onnx", "r": work / "r.json", "link": work / "hard.npz"}
+    args = [a.format(**names) for a in flags]
+    res = _run("optimize", names["m"], "-o", names["o"], "--quantize", "dynamic", "-q", *args)
+    assert res.exit_code == 2 and needle in res.output, res.output
+    after = _digest(work)
+    after.pop("hard.npz")
+    assert after == before  # nothing written, nothing changed
+
+
+def test_output_model_equal_to_calibration_is_refused(work):
+    c = work / "digits_calib.npz"
+    before = c.read_bytes()
+    res = _run("optimize", work / "digits_cnn.onnx", "-o", c, "--quantize", "static", "--calibration", c, "-q")
+    assert res.exit_code == 2 and "-o would overwrite the calibration data" in res.output
+    assert c.read_bytes() == before
+    with pytest.raises(OnnxCompressError, match="refusing to overwrite"):  # the Python API too
+        optimize(work / "digits_cnn.onnx", c, OptimizeOptions(quantize="static", calibration=c))
+    assert c.read_bytes() == before
+
+
+def test_fifos_are_refused_as_inputs_and_outputs(work):
+    fifo = work / "pipe"
+    os.mkfifo(fifo)
+    m = work / "digits_cnn.onnx"
+    for args, needle in (
+            (["optimize", m, "-o", fifo], "a FIFO; outputs are regular files or new paths"),
+            (["optimize", m, "-o", work / "q.onnx", "--report", fifo], "a FIFO; outputs are regular files"),
+            (["optimize", m, "-o", work / "q.onnx", "--quantize", "static", "--calibration", fifo], "a FIFO, not a regular"),
+            (["optimize", m, "-o", work / "q.onnx", "--validation", fifo], "a FIFO, not a regular"),
+            (["optimize", m, "-o", work / "q.onnx", "--recipe", fifo], "a FIFO, not a regular"),
+            (["optimize", fifo, "-o", work / "q.onnx"], "not a regular file"),
+            (["inspect", fifo], "not a regular file")):
+        res = _run(*args)
+        assert res.exit_code == 2 and needle in res.output, (args, res.output)
+        assert fifo.exists() and not fifo.is_file()  # still the FIFO
+    assert not (work / "q.onnx").exists()
+
+
+def _npz_with_junk(path: Path, junk_bytes: int, key: str = "junk") -> None:
+    """The digits calibration arrays plus one highly compressible array of ``junk_bytes`` zeros."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with np.load(ROOT / "models" / "digits_calib.npz") as d:
+            for k in d.files:
+                buf = io.BytesIO()
+                np.save(buf, d[k])
+                zf.writestr(k + ".npy", buf.getvalue())
+        hdr = io.BytesIO()
+        np.lib.format.write_array_header_1_0(hdr, {"descr": "|u1", "fortran_order": False, "shape": (junk_bytes,)})
+        with zf.open(key + ".npy", "w", force_zip64=True) as f:
+            f.write(hdr.getvalue())
+            chunk = bytes(16 << 20)
+            for _ in range(junk_bytes // len(chunk)):
+                f.write(chunk)
+
+
+def test_ignored_npz_keys_are_never_decompressed(work, monkeypatch):
+    """A 512 MiB ignored array (a few hundred KB zipped) is not read: calibration works as without it."""
+    import onnxcompress.data as data
+
+    bomb = work / "bomb.npz"
+    _npz_with_junk(bomb, 512 << 20)
+    assert bomb.stat().st_size < 2 << 20
+    read = []
+    real = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, k: read.append(k) or real(self, k))
+    specs = data.input_specs(__import__("onnxcompress.model_io", fromlist=["x"]).load_model(work / "digits_cnn.onnx"))
+    samples, extras = data.load_npz(bomb, specs)
+    assert "junk" not in read and samples
+    # a used array declaring more than the memory bound is refused before it is read
+    monkeypatch.setattr(data, "max_data_bytes", lambda: 1 << 10)
+    with pytest.raises(OnnxCompressError, match="declare"):
+        data.load_npz(work / "digits_calib.npz", specs)
