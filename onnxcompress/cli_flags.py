@@ -81,7 +81,9 @@ def given(kw: dict[str, Any]) -> dict[str, Any]:
         elif field == "exclude_nodes":
             out["exclude_nodes"] = tuple(v)
             # names that look like op types (Conv, MatMul) also exclude every node of that type
-            out["exclude_op_types"] = tuple(e for e in v if e[:1].isupper() and "/" not in e and "." not in e)
+            ops = tuple(e for e in v if e[:1].isupper() and "/" not in e and "." not in e)
+            if ops:  # only when some: an --exclude beside --recipe keeps the recipe's op types otherwise
+                out["exclude_op_types"] = ops
         else:
             out[field] = parse(v) if parse else v
     image = _image({k: kw.get(k) for k in IMAGE_FLAGS})

@@ -77,15 +77,22 @@ def zoo(
     executor: str = typer.Option("local", "--executor", help="local (process per task, default) or ray."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
     memory_limit_mb: Optional[int] = typer.Option(None, "--memory-limit-mb", help="Per-task address-space cap (MB); a task over it fails, the rest go on."),
-    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Per-task time limit (s); the worker is killed past it."),
+    timeout_s: Optional[float] = typer.Option(None, "--timeout-s", help="Per-task time limit (s); the worker is killed past it (default: the manifest run.timeout_s, else 3600; 0 = no limit)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads per task (default: CPUs / jobs)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also rerun tasks that failed on bad input or a missed gate."),
     force: bool = typer.Option(False, "--force", help="Rerun every task, ignoring the state file."),
+    allow_fetch: bool = typer.Option(False, "--allow-fetch", help="Run the manifest's fetch commands even if the manifest is not yours or is group/other-writable."),
+    no_fetch: bool = typer.Option(False, "--no-fetch", help="Never run the manifest's fetch commands (models without their file fail)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; only failures and errors."),
 ):
     """Batch-convert every (model, recipe) of a manifest: parallel, resumable, failure-isolated.
 
-    Exit code: 0 all tasks ok, 1 some task failed, 2 bad manifest or arguments.
+    A manifest is code: a model's `fetch` commands run as you, with your permissions, when its
+    file is missing. Run only manifests you trust; fetch commands are refused when the manifest
+    is not owned by you or is writable by group/others, unless --allow-fetch (--no-fetch: never
+    run them). Each task runs under a time limit (default 3600 s).
+
+    Exit code: 0 all tasks ok, 1 some task failed, 2 bad manifest or arguments (or refused fetch).
     """
     from .zoo import run_zoo
 
@@ -95,7 +102,8 @@ def zoo(
     try:
         res = run_zoo(manifest, out, jobs=jobs, recipes=list(recipe) or None, only=list(only) or None,
                       executor=executor, address=address, memory_limit_mb=memory_limit_mb, timeout_s=timeout_s,
-                      threads=threads, retry_failed=retry_failed, force=force, progress=live)
+                      threads=threads, retry_failed=retry_failed, force=force, allow_fetch=allow_fetch,
+                      no_fetch=no_fetch, progress=live)
     except OnnxCompressError as exc:
         live.stop()
         _fail(exc)

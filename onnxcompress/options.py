@@ -45,7 +45,7 @@ PRUNE_MODE = Param("prune_mode", "unstructured", "unstructured (zeros; --prune =
 
 
 def _equalize_error(v) -> str | None:
-    return None if v in ("auto", True, False) else "must be auto, on or off"
+    return None if v == "auto" and isinstance(v, str) or v is True or v is False else "must be auto, on or off"
 
 
 EQUALIZE = Param("equalize", "auto", "Cross-layer equalization before int8: auto (static mode; kept only if the "
@@ -149,6 +149,8 @@ def check_data_source(src: Any, what: str) -> None:
     Raises:
         OnnxCompressError: naming the accepted forms.
     """
+    if isinstance(src, (str, Path)) and not str(src).strip():
+        raise OnnxCompressError(f"{what} data: an empty path")
     if src is None or isinstance(src, (str, Path)) or hasattr(src, "get_next"):
         return
     if isinstance(src, dict):

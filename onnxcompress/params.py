@@ -199,8 +199,11 @@ def check(obj, where: str = "") -> None:
 def to_dict(obj, *, drop_none: bool = True) -> dict[str, Any]:
     """A config's declared fields as TOML-ready values (tuples as lists; ``None`` left out)."""
     out: dict[str, Any] = {}
-    for name in params_of(obj):
+    for name, p in params_of(obj).items():
         v = getattr(obj, name)
+        if v is None and p.default is not None and p.optional and p.kind != "bool":
+            out[name] = False  # "off" where the default is on: TOML has no null (Param.check reads it back)
+            continue
         if drop_none and (v is None or (isinstance(v, dict) and not v)):
             continue
         out[name] = list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v

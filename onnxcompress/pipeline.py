@@ -63,8 +63,8 @@ class OptimizeResult:
         output: the written file (``None`` when no output path was given).
         report: see :func:`optimize`.
         passed: every gate held.
-        model: the optimized model (``onnx_ir.Model``; ``onnx_ir.to_proto(result.model)`` gives a
-            ``ModelProto`` for models under 2 GB).
+        model: the optimized model (``onnx_ir.Model``; ``onnxcompress.model_io.to_proto(result.model)``
+            gives the ``ModelProto`` that would be written, for models under 2 GB).
         recipe: the recipe that ran.
     """
 
@@ -89,6 +89,8 @@ class _Run:
     report: dict[str, Any] = field(default_factory=dict)
     model_files: list = field(default_factory=list)  # the input model and its external data
     in_files: list = field(default_factory=list)  # those and the data files: never overwritten
+    #: how passes are checked when no inputs run: "runtime" (checker + ORT load) or "checker"
+    structural: str | None = None
 
     def say(self, msg: str) -> None:
         """A stage starts: its time and peak memory go to ``report["cost"]``."""
@@ -115,11 +117,16 @@ def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str],
     runtime_ok = _check_runtime(run, original)
     if not runtime_ok:
         calib, val = [], []
+    else:
+        calib, val = _probe(run, original, calib, val)
+    if not calib:  # nothing to run the checks on: structural checks instead
+        run.structural = "runtime" if runtime_ok else "checker"
     _note_unknown_names(run, original)
     run.report.update(_report_head(run, original))
     ctx = PassContext(calibration=calib, check_samples=calib[:4], holdout=val[:16],
                       scope=Scope.of(rec.scope.exclude_nodes, rec.scope.exclude_op_types))
     work, reports, int8 = _run_stages(run, work, ctx)
+    _initializers_as_inputs(work)
     passed, validation, gates, reports, work = _validate_and_gate(run, original, work, reports, int8, val, labels,
                                                                   runtime_ok)
     run.report.update(passes=[r.to_dict() for r in reports], validation=validation, after=summarize(work),
@@ -128,6 +135,8 @@ def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str],
         _fail(run, gates)
     if run.out is not None:
         _write(run, work, original, runtime_ok)
+    else:  # returned, not written: the same checks as a written model
+        check_model(work, runtime=runtime_ok)
     return _finish(run, work, written=run.out is not None)
 
 
@@ -275,6 +284,39 @@ def _check_runtime(run: _Run, original: ir.Model) -> bool:
     return False
 
 
+def _probe(run: _Run, original: ir.Model, calib, val):
+    """Run the input model on the samples the checks will use, before any pass.
+
+    Generated inputs can break an operator's preconditions (a zero divisor, an out-of-range
+    index, axes given as inputs) or miss what an input is (a sequence, an optional): then the
+    passes run with structural checks only (onnx.checker), which the report says, and int8
+    (which needs the model to run) asks for data. Data the user gave must run: else a one-line
+    :class:`DataError` naming ONNX Runtime's complaint.
+
+    Returns:
+        ``(calib, val)``: as given, or both empty when generated inputs do not run.
+    """
+    from .passes.base import reference_outputs
+
+    d = run.recipe.data
+    given = d.calibration is not None or d.validation is not None
+    probe = ([*calib[:1], *val[:1]] if given else [*calib[:4], *val])
+    try:
+        reference_outputs(original, probe)
+        return calib, val
+    except Exception as exc:  # ORT's refusal, whatever its type
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if given:
+        raise DataError(f"ONNX Runtime cannot run the input model on the given data: {why}") from None
+    if any(s.spec.int8 for s in run.recipe.stages):
+        raise DataError("ONNX Runtime cannot run this model on generated inputs (" + why + "); int8 needs "
+                        "inputs the model runs on: give --calibration data") from None
+    run.note("ONNX Runtime cannot run this model on generated inputs (" + why + "): the passes were checked "
+             "structurally only (onnx.checker), with no numeric comparison; give --validation data to check "
+             "them numerically", warn=True)
+    return [], []
+
+
 def _runtime_loads(model: ir.Model) -> tuple[bool, str]:
     """Whether ORT can load the input; if not because of custom-domain ops, name them.
 
@@ -356,7 +398,7 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
     reports: list[PassReport] = []
     int8 = None
     if r.stage("fuse") is None:  # what every later pass expects, fused or not
-        model, reps = run_passes(model, prepare_passes(ctx), ctx.check_samples)
+        model, reps = run_passes(model, prepare_passes(ctx), ctx.check_samples, structural=run.structural)
         reports += reps
     for st in r.stages:
         spec = st.spec
@@ -376,7 +418,8 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
             start = snapshot(model) if r.gates.any and r.gates.fallback else None
             ctx.cache = {}
         passes = spec.passes(st.config, ctx)
-        model, reps = run_passes(model, passes, ctx.check_samples if spec.checked else [])
+        model, reps = run_passes(model, passes, ctx.check_samples if spec.checked else [],
+                                 structural=run.structural if spec.checked else None)
         reports += [x for x in reps if not spec.quiet or x.changed or x.reverted]
         if spec.int8:
             if reps[0].reverted:
@@ -386,6 +429,17 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
         if st.name == "prune-magnitude" and reps[0].changed:
             _storage_note(run, model)
     return model, reports, int8
+
+
+def _initializers_as_inputs(model: ir.Model) -> None:
+    """IR version < 4: every initializer must also be a graph input (the rule of those versions);
+    passes add initializers without listing them, so list them here."""
+    if model.ir_version is None or model.ir_version >= 4:
+        return
+    listed = {id(v) for v in model.graph.inputs}
+    for v in model.graph.initializers.values():
+        if id(v) not in listed:
+            model.graph.inputs.append(v)
 
 
 def _storage_note(run: _Run, model: ir.Model) -> None:

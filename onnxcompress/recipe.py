@@ -389,11 +389,13 @@ def to_options(r: Recipe) -> OptimizeOptions:
     decl = P.params_of(OptimizeOptions)
     by_param = {id(p): name for name, p in decl.items()}
     o.fuse = r.stage("fuse") is not None
+    taken: set[str] = set()
     for st in r.stages:
         for fname, p in P.params_of(st.config).items():
             flat = by_param.get(id(p))
-            if flat is not None:
+            if flat is not None and flat not in taken:  # the first stage that declares it
                 setattr(o, flat, getattr(st.config, fname))
+                taken.add(flat)
     pm = next((s for s in r.stages if s.name.startswith("prune-")), None)
     if pm is not None:
         o.prune_mode = {"prune-magnitude": "unstructured", "prune-channels": "channel", "prune-nm": "nm"}[pm.name]
@@ -434,11 +436,7 @@ def override(r: Recipe, given: Mapping[str, Any]) -> Recipe:
     given = {k: (v if k == "image" else decl[k].check(v)) for k, v in given.items()}
     out = _copy(r)
     if any(k in given for k in STRUCTURAL):
-        flat = replace(to_options(out), **given)
-        planned = from_options(flat)
-        planned.description = out.description
-        planned.gates.outputs = out.gates.outputs
-        return planned
+        return _replan(out, given, decl)
     for k, v in given.items():
         hit = False
         if k == "image":
@@ -458,6 +456,36 @@ def override(r: Recipe, given: Mapping[str, Any]) -> Recipe:
             out.notes.append(f"{p.name} is ignored here: no stage of this recipe takes it")
     out.check()
     return out
+
+
+def _replan(r: Recipe, given: Mapping[str, Any], decl: Mapping[str, P.Param]) -> Recipe:
+    """Plan the stages again from the recipe's flat view with ``given`` over it; each planned stage
+    the recipe already had keeps the recipe's settings that no flag can express (``percentile``,
+    ``repair_samples``, ...). The change of stages is noted."""
+    from .passes.quantize.config import EQUALIZE_MODE, SMOOTH_MODE
+
+    planned = from_options(replace(to_options(r), **given))
+    flagged = {id(p) for p in decl.values()} | {id(EQUALIZE_MODE), id(SMOOTH_MODE)}  # the planner sets these
+    old: dict[str, Stage] = {}
+    for s in r.stages:
+        old.setdefault(s.name, s)
+    for st in planned.stages:
+        prev = old.get(st.name)
+        if prev is None:
+            continue
+        for fname, p in P.params_of(st.config).items():
+            if id(p) not in flagged and fname in P.params_of(prev.config):
+                setattr(st.config, fname, getattr(prev.config, fname))
+    before, after = [s.name for s in r.stages], [s.name for s in planned.stages]
+    planned.description = r.description
+    planned.gates.outputs = r.gates.outputs
+    planned.notes = [*r.notes, *planned.notes]
+    if before != after:
+        flags = ", ".join(decl[k].name for k in given if k in STRUCTURAL)
+        planned.notes.append(f"{flags} re-planned the recipe's stages: {' -> '.join(before) or 'none'} became "
+                             f"{' -> '.join(after) or 'none'}")
+    planned.check()
+    return planned
 
 
 def _copy(r: Recipe) -> Recipe:

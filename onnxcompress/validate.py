@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .runtime import make_session, median_latency_ms, run_samples
-from .util import jsonable
+from .util import jsonable, plain_value
 
 
 @dataclass
@@ -75,7 +75,17 @@ def _is_index(a) -> bool:
 
 
 def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputMetrics:
-    """Metrics of one output over samples (see module docstring)."""
+    """Metrics of one output over samples (see module docstring). Sequence outputs are compared
+    element by element (their numbers concatenated), optional and string outputs for equality
+    (:func:`onnxcompress.util.plain_value`)."""
+    if any(not isinstance(x, np.ndarray) or x.dtype.kind in "OUSV" for x in (*refs, *cands)):
+        plain_r = [plain_value(r) for r in refs]
+        plain_c = [plain_value(c) for c in cands]
+        if any(kr != kc for (kr, _), (kc, _) in zip(plain_r, plain_c)):
+            return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None)
+        if any(a is None for _, a in plain_r):  # equal structures and values (strings, absent optionals)
+            return OutputMetrics(name, 0.0, 0.0, 1.0, float("inf"), None)
+        refs, cands = [a for _, a in plain_r], [a for _, a in plain_c]
     max_abs = max_rel = 0.0
     cos = 1.0
     sig = noise = 0.0

@@ -31,6 +31,7 @@ Debian's ``espeak-ng`` (``apt-get install -y espeak-ng``); MiniLM needs
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -558,6 +559,26 @@ def nms_count(out: np.ndarray, thr: float = 0.25, iou: float = 0.45) -> list[int
     return [int(o[k, 4:].argmax()) for k in chosen]
 
 
+def metadata_names(meta: dict[str, str]) -> dict:
+    """The class names in a model's metadata (``names``: ultralytics writes a dict literal such
+    as ``{0: 'person'}``), parsed with ``ast.literal_eval`` -- never ``eval``: the metadata comes
+    from a downloaded file, and a literal cannot run code. ``{}`` when absent.
+
+    Raises:
+        ValueError: ``names`` is not a Python literal dict.
+    """
+    if "names" not in meta:
+        return {}
+    text = meta["names"]
+    try:
+        names = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"model metadata 'names' is not a Python literal ({type(exc).__name__}): {text[:120]!r}") from None
+    if not isinstance(names, dict):
+        raise ValueError(f"model metadata 'names' must be a dict literal, got {type(names).__name__}: {text[:120]!r}")
+    return names
+
+
 def build_yolov8n(d: Path, rng) -> dict:
     """People photos letterboxed to the model size: 16 calib (camera, LFW A, ...), 32 val (astronaut, LFW B, ...)."""
     import onnx
@@ -566,7 +587,7 @@ def build_yolov8n(d: Path, rng) -> dict:
     m = onnx.load(str(d / "model.onnx"), load_external_data=False)
     meta = {p.key: p.value for p in m.metadata_props}
     size = int(json.loads(meta.get("imgsz", "[320, 320]"))[0])
-    names = eval(meta["names"]) if "names" in meta else {}  # ultralytics writes a dict literal
+    names = metadata_names(meta)
     lfw = data.lfw_subset()
     calib_src = ([("camera", to_rgb(data.camera()))] * 8 + [("lfw_0-99", lfw_montage(lfw[i * 25:(i + 1) * 25]))
                                                               for i in range(4)]

@@ -411,3 +411,266 @@ def test_zoo_runs_the_same_recipe_objects_as_optimize(zoo_dir):
     with pytest.raises(ManifestError, match="per-model"):
         load_manifest(_manifest(zoo_dir, DIGITS, recipes=tomli_w.dumps({"recipes": {"w": bad}}),
                                 defaults='recipes = ["w"]'))
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+def _hang_model(path: Path) -> Path:
+    """A valid model whose inference never ends in practice (a Loop of 2**62 steps): its task
+    hangs once the model is loaded."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.ones((1, 4), np.float32), "one")])
+    g = helper.make_graph([helper.make_node("Loop", ["M", "", "x"], ["y"], body=body)], "hang",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(np.array(2 ** 62, np.int64), "M")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    np.savez(path.with_suffix(".npz"), x=np.ones((2, 4), np.float32))
+    return path
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (no /proc entry, or a zombie nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+# the zoo parent without the current folder on sys.path, like the installed `onnxcompress` script
+PARENT = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+          "from onnxcompress.cli import app; sys.exit(app())")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill9_of_parent_kills_worker_and_forkserver(tmp_path):
+    _hang_model(tmp_path / "hang.onnx")
+    p = _manifest(tmp_path, '[models.hang]\npath = "hang.onnx"\ncalibration = "hang.npz"\n',
+                  defaults='recipes = ["fuse"]')
+    out = tmp_path / "out"
+    log = out / "logs" / "hang.fuse.log"
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, "zoo", str(p), "--out", str(out), "--quiet",
+                             "--timeout-s", "600"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and "loading model" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None, "the zoo run ended before its task started"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the zoo run ended: its task did not hang"
+        worker = int(log.read_text().split(" pid ")[1].split()[0])
+        forkserver = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert forkserver != proc.pid and not _gone(worker)
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, not its process group
+        proc.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and not (_gone(worker) and _gone(forkserver)):
+            time.sleep(0.1)
+        assert _gone(worker) and _gone(forkserver), "worker or fork server outlived the killed zoo process"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _child_task(tmp: Path, model: Path, timeout_s: float, parent_pid: int) -> Path:
+    from onnxcompress.zoo import load_manifest as load
+
+    mf = load(_manifest(tmp, f'[models.m]\npath = "{model.name}"\ncalibration = "{model.stem}.npz"\n',
+                        defaults='recipes = ["fuse"]'))
+    work = tmp / "work"
+    work.mkdir()
+    spec = {"model": "m", "recipe": "fuse", "key": "0" * 64, "model_path": str(model),
+            "recipe_data": mf.recipe_for("m", "fuse").to_dict(), "output": str(tmp / "o.onnx"),
+            "report": str(tmp / "r.json"), "log": str(tmp / "task.log"), "work_dir": str(work),
+            "timeout_s": timeout_s, "memory_limit_mb": None, "threads": 1, "parent_pid": parent_pid}
+    (work / "task.json").write_text(json.dumps(spec))
+    return work / "task.json"
+
+
+def _run_child(task: Path, wait_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from onnxcompress.zoo.worker import child_main; "
+                           "child_main(sys.argv[1])", str(task)], timeout=wait_s, capture_output=True)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX timer")
+def test_worker_enforces_its_own_time_limit(tmp_path):
+    from onnxcompress.zoo.worker import SELF_LIMIT_GRACE_S, classify_exit
+
+    task = _child_task(tmp_path, _hang_model(tmp_path / "hang.onnx"), 0.5, os.getpid())
+    t0 = time.perf_counter()
+    r = _run_child(task, 120)  # no parent kills it: it must stop itself
+    assert r.returncode == -signal.SIGALRM, (r.returncode, r.stderr.decode()[-2000:])
+    assert time.perf_counter() - t0 < 60
+    kind, msg = classify_exit(r.returncode, started=True, timeout_s=0.5, memory_limit_mb=None)
+    assert kind == "timeout" and f"{0.5 + SELF_LIMIT_GRACE_S:g} s" in msg
+    assert not (tmp_path / "work" / "result.json").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX pids")
+def test_worker_watchdog_exits_when_parent_is_gone(tmp_path):
+    """The portable backstop of PR_SET_PDEATHSIG: the worker exits when its parent pid is gone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    task = _child_task(tmp_path, _hang_model(tmp_path / "hang.onnx"), 600, dead.pid)
+    r = _run_child(task, 120)
+    assert r.returncode == 125, (r.returncode, r.stderr.decode()[-2000:])
+
+
+def test_default_time_limit(zoo_dir):
+    from onnxcompress.zoo.runner import DEFAULT_TIMEOUT_S
+
+    body = '[models.gone]\npath = "missing.onnx"\n'  # nothing runs: only the resolved limits matter
+    assert DEFAULT_TIMEOUT_S == 3600
+    assert run_zoo(_manifest(zoo_dir, body), zoo_dir / "o1").report["timeout_s"] == DEFAULT_TIMEOUT_S
+    assert run_zoo(_manifest(zoo_dir, body), zoo_dir / "o2", timeout_s=0).report["timeout_s"] is None
+    p = _manifest(zoo_dir, "[run]\ntimeout_s = false\n" + body)
+    assert run_zoo(p, zoo_dir / "o3").report["timeout_s"] is None
+    p = _manifest(zoo_dir, "[run]\ntimeout_s = 30\n" + body)
+    assert run_zoo(p, zoo_dir / "o4").report["timeout_s"] == 30
+    assert run_zoo(p, zoo_dir / "o5", timeout_s=7).report["timeout_s"] == 7
+    from onnxcompress.zoo.runner import _spec
+
+    mf = load_manifest(_manifest(zoo_dir, MLPS))
+    assert _spec(mf, zoo_dir, "mlp_a", "fuse", "k", None, DEFAULT_TIMEOUT_S, 1)["timeout_s"] == DEFAULT_TIMEOUT_S
+
+
+def test_folder_named_onnxcompress_in_cwd_does_not_break_workers(zoo_dir, tmp_path):
+    cwd = tmp_path / "here"
+    (cwd / "onnxcompress" / "zoo").mkdir(parents=True)  # a namespace package that shadows nothing real
+    p = _manifest(zoo_dir, MLPS, defaults='recipes = ["fuse"]')
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", PARENT, "zoo", str(p), "--out", str(out), "--quiet",
+                        "--memory-limit-mb", "6000", "--threads", "1"], cwd=cwd, capture_output=True, timeout=300)
+    rows = json.loads((out / "zoo_report.json").read_text())["rows"]
+    assert r.returncode == 0 and [x["status"] for x in rows] == ["ok", "ok"], (rows, r.stderr.decode()[-2000:])
+
+
+def test_worker_exit_is_classified_by_cause():
+    from onnxcompress.zoo.worker import _package_mismatch, classify_exit
+
+    kind, msg = classify_exit(1, started=False, timeout_s=60, memory_limit_mb=4000)
+    assert kind == "import" and "could not import onnxcompress" in msg and "memory" not in msg
+    kind, msg = classify_exit(1, started=True, timeout_s=60, memory_limit_mb=4000, log_tail="KeyError: 'x'")
+    assert kind == "crash" and "exited with code 1" in msg
+    kind, msg = classify_exit(-signal.SIGSEGV, started=True, timeout_s=None, memory_limit_mb=4000)
+    assert kind == "crash" and "SIGSEGV" in msg
+    kind, msg = classify_exit(-signal.SIGABRT, started=True, timeout_s=None, memory_limit_mb=4000,
+                              log_tail="terminate called after throwing an instance of 'std::bad_alloc'")
+    assert kind == "memory" and "4000 MB" in msg
+    kind, msg = classify_exit(-signal.SIGKILL, started=True, timeout_s=None, memory_limit_mb=None)
+    assert kind == "crash" and "out-of-memory killer" in msg
+    assert classify_exit(124, started=True, timeout_s=10, memory_limit_mb=4000)[0] == "timeout"
+    assert _package_mismatch({"package_dir": str(ROOT / "onnxcompress")}) is None
+    assert "not from /elsewhere/onnxcompress" in _package_mismatch({"package_dir": "/elsewhere/onnxcompress"})
+
+
+FETCHED = """
+[models.fetched]
+path = "cache/fetched.onnx"
+fetch = [["{python}", "-c", "import os, shutil; os.makedirs('cache', exist_ok=True); shutil.copy('mlp_a.onnx', 'cache/fetched.onnx')"]]
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners")
+def test_fetch_refused_from_untrusted_manifest(zoo_dir, monkeypatch):
+    from onnxcompress.zoo import ZooRunError
+
+    p = _manifest(zoo_dir, FETCHED, defaults='recipes = ["fuse"]')
+    p.chmod(0o664)  # group-writable: anyone in the group could put commands in it
+    with pytest.raises(ZooRunError) as ei:
+        run_zoo(p, zoo_dir / "out")
+    msg = str(ei.value)
+    assert "\n" not in msg and str(p) in msg and "--allow-fetch" in msg and "writable by group" in msg
+    assert not (zoo_dir / "cache").exists() and not (zoo_dir / "out").exists()
+    res = runner.invoke(app, ["zoo", str(p), "--out", str(zoo_dir / "out")])
+    assert res.exit_code == 2 and "--allow-fetch" in res.output and "a manifest is code" in res.output
+    # --no-fetch: the model fails as missing, nothing runs
+    res = run_zoo(p, zoo_dir / "out", no_fetch=True)
+    assert "--no-fetch" in res.rows[0]["error"] and not (zoo_dir / "cache").exists()
+    # owned by someone else
+    p.chmod(0o644)
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(p).st_uid + 1)
+    with pytest.raises(ZooRunError, match="owned by uid"):
+        run_zoo(p, zoo_dir / "out")
+    # --allow-fetch runs it anyway
+    res = runner.invoke(app, ["zoo", str(p), "--out", str(zoo_dir / "out"), "--allow-fetch", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (zoo_dir / "cache" / "fetched.onnx").is_file()
+    assert "manifest is code" in runner.invoke(app, ["zoo", "--help"]).output.replace("\n", " ").replace("│", "")
+
+
+def test_zoo_data_parses_metadata_names_without_eval(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zoo_data_under_test", ROOT / "scripts" / "zoo_data.py")
+    zd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zd)
+    assert zd.metadata_names({"names": "{0: 'person', 1: 'bicycle'}"}) == {0: "person", 1: "bicycle"}
+    assert zd.metadata_names({}) == {}
+    marker = tmp_path / "pwned"
+    with pytest.raises(ValueError, match="not a Python literal"):
+        zd.metadata_names({"names": f"__import__('pathlib').Path({str(marker)!r}).touch()"})
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="must be a dict"):
+        zd.metadata_names({"names": "['person']"})
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+def test_fifo_inputs_fail_their_task_without_hanging(zoo_dir):
+    import threading
+
+    from onnxcompress.zoo.runner import TaskInputError
+
+    fifo = zoo_dir / "calib.fifo"
+    os.mkfifo(fifo)
+    os.mkfifo(zoo_dir / "model.fifo")
+    m = onnx.load(str(zoo_dir / "mlp_b.onnx"))
+    onnx.save(m, str(zoo_dir / "ext.onnx"), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    (zoo_dir / "ext.bin").unlink()
+    os.mkfifo(zoo_dir / "ext.bin")
+    (zoo_dir / "folder").mkdir()
+    os.mkfifo(zoo_dir / "folder" / "img.png")
+    p = _manifest(zoo_dir, MLPS + """
+        [models.fifo_calib]
+        path = "mlp_a.onnx"
+        calibration = "calib.fifo"
+        [models.fifo_model]
+        path = "model.fifo"
+        [models.fifo_ext]
+        path = "ext.onnx"
+        [models.fifo_in_folder]
+        path = "mlp_a.onnx"
+        calibration = "folder"
+        """, defaults='recipes = ["fuse"]')
+    box = {}
+    t = threading.Thread(target=lambda: box.update(res=run_zoo(p, zoo_dir / "out", jobs=2, threads=1)), daemon=True)
+    t.start()
+    t.join(180)
+    assert not t.is_alive(), "the batch hangs on a FIFO"
+    by = {r["model"]: r for r in box["res"].rows}
+    assert by["mlp_a"]["status"] == by["mlp_b"]["status"] == "ok"
+    assert "calibration data is not a regular file or folder (a FIFO)" in by["fifo_calib"]["error"]
+    assert "model path is not a regular file (a FIFO)" in by["fifo_model"]["error"]
+    assert "external data 'ext.bin'" in by["fifo_ext"]["error"] and "a FIFO" in by["fifo_ext"]["error"]
+    assert "img.png" in by["fifo_in_folder"]["error"] and "a FIFO" in by["fifo_in_folder"]["error"]
+    for name in ("fifo_calib", "fifo_model", "fifo_ext", "fifo_in_folder"):
+        assert by[name]["status"] == "failed" and by[name]["kind"] == "input", by[name]
+        assert "\n" not in by[name]["error"] and not by[name].get("ran")
+    with pytest.raises(TaskInputError, match="FIFO"):
+        _Hasher().file(fifo)
+    if Path("/dev/null").exists():
+        with pytest.raises(TaskInputError, match="character device"):
+            _Hasher().file(Path("/dev/null"))

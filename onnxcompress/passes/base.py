@@ -163,12 +163,20 @@ def output_errors(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarr
     Relative error of an output = max|got - ref| / max(max|ref|, 1e-12). Shape or output-set
     mismatches count as infinite error.
     """
+    from ..util import plain_value
+
     worst_abs = worst_rel = 0.0
     for r, g in zip(ref, got):
         if set(r) - set(g):
             return float("inf"), float("inf")
         for name, a in r.items():
             b = g[name]
+            if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or a.dtype.kind in "OUSV":
+                (ka, a), (kb, b) = plain_value(a), plain_value(b)  # sequences, optionals, strings
+                if ka != kb:
+                    return float("inf"), float("inf")
+                if a is None:
+                    continue
             if a.shape != b.shape:
                 return float("inf"), float("inf")
             if a.dtype.kind not in "fc":
@@ -275,14 +283,33 @@ def keep_node_names(before: ir.Model, model: ir.Model) -> int:
     return renamed
 
 
+def _types(model: ir.Model) -> dict[int, tuple]:
+    """The declared type and shape of every value of every graph (by object identity)."""
+    from ..irutil import subgraphs
+
+    out = {}
+    for g in (model.graph, *subgraphs(model.graph)):
+        for v in (*g.inputs, *g.outputs, *(o for n in g for o in n.outputs)):
+            out[id(v)] = (str(v.type), str(v.shape))
+    return out
+
+
 def _run_one(model: ir.Model, p: CompressionPass) -> tuple[ir.Model, ir.Model]:
     """Run one pass; a pass that raises is reverted (a pass bug must not cost the user the run).
+    A pass that reports no change but changed a value's declared type or shape (shape inference
+    inside a rewrite) counts as changed, so the check sees it (``counts["value_types_changed"]``).
     Returns ``(model to go on with, snapshot from before the pass)``; they are the same object
     when the pass was reverted."""
     before = snapshot(model)
+    types = _types(model) if p.checked else None
     try:
         p(model)
         p.report.flush()
+        if types is not None and not p.report.changed:
+            moved = sum(1 for k, t in _types(model).items() if k in types and types[k] != t)
+            if moved:
+                p.report.changed = True
+                p.report.counts["value_types_changed"] = moved
         if p.report.changed:
             keep_node_names(before, model)
         return model, before
@@ -294,8 +321,18 @@ def _run_one(model: ir.Model, p: CompressionPass) -> tuple[ir.Model, ir.Model]:
         return before, before
 
 
-def _check(model: ir.Model, ref, samples) -> tuple[list | None, float, float, str | None]:
-    """``(outputs, max_abs_err, max_rel_err, why_not_run)`` of ``model`` against ``ref``."""
+def _check(model: ir.Model, ref, samples, structural: str | None = None) -> tuple[list | None, float, float, str | None]:
+    """``(outputs, max_abs_err, max_rel_err, why_not_run)`` of ``model`` against ``ref``; without
+    samples, the structural check (``onnx.checker``, and an ONNX Runtime load when ``structural``
+    is ``"runtime"``)."""
+    if not samples:
+        from ..model_io import check_model
+
+        try:
+            check_model(model, runtime=structural == "runtime")
+        except Exception as exc:
+            return None, float("inf"), float("inf"), f"the result fails the structural check: {exc}"
+        return None, 0.0, 0.0, None
     try:
         got = reference_outputs(model, samples)
     except Exception as exc:
@@ -304,8 +341,13 @@ def _check(model: ir.Model, ref, samples) -> tuple[list | None, float, float, st
     return got, abs_err, rel_err, None
 
 
-def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]]) -> tuple[ir.Model, list[PassReport]]:
+def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]], *,
+               structural: str | None = None) -> tuple[ir.Model, list[PassReport]]:
     """Run passes in order, checking each ``checked`` pass on ``samples``.
+
+    ``structural`` (``"checker"`` or ``"runtime"``): without samples, checked passes are still
+    checked, by ``onnx.checker`` (and an ONNX Runtime load): for models that cannot be run on
+    any inputs at hand.
 
     A checked pass whose outputs deviate beyond its ``rtol`` from the model before it, that
     raises, or that leaves a model ONNX Runtime cannot run, is reverted; the report says why.
@@ -332,26 +374,26 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
         while j < len(passes) and passes[j].checked:
             j += 1
         batch = passes[i:j]
-        start = snapshot(model) if samples else None
+        start = snapshot(model) if samples or structural else None
         for p in batch:
             model, _ = _run_one(model, p)
         changed = [p for p in batch if p.report.changed]
         if changed and start is not None:
-            if ref is None:
+            if ref is None and samples:
                 ref = reference_outputs(start, samples)
-            got, abs_err, rel_err, why = _check(model, ref, samples)
+            got, abs_err, rel_err, why = _check(model, ref, samples, structural)
             if why is None and rel_err <= min(p.rtol for p in changed):
                 for p in changed:
                     p.report.max_abs_err, p.report.max_rel_err = abs_err, rel_err
                 ref = got
             else:
-                model, ref, batch = _one_by_one(start, batch, ref, samples)
+                model, ref, batch = _one_by_one(start, batch, ref, samples, structural)
         reports.extend(p.report for p in batch)
         i = j
     return model, reports
 
 
-def _one_by_one(model: ir.Model, batch: list[CompressionPass], ref, samples):
+def _one_by_one(model: ir.Model, batch: list[CompressionPass], ref, samples, structural: str | None = None):
     """Replay ``batch`` from ``model`` (its start) with fresh pass objects, checking each one
     against the outputs before it and reverting those that miss their ``rtol`` or fail in ORT.
     Returns ``(model, ref, passes)``."""
@@ -362,8 +404,9 @@ def _one_by_one(model: ir.Model, batch: list[CompressionPass], ref, samples):
         model, before = _run_one(model, p)
         if not p.report.changed:
             continue
-        got, abs_err, rel_err, why = _check(model, ref, samples)
-        p.report.max_abs_err, p.report.max_rel_err = abs_err, rel_err
+        got, abs_err, rel_err, why = _check(model, ref, samples, structural)
+        if samples:
+            p.report.max_abs_err, p.report.max_rel_err = abs_err, rel_err
         if why or rel_err > p.rtol:
             p.report.reverted = why or f"outputs moved by {rel_err:.3g} relative (tolerance {p.rtol:g})"
             logger.warning("pass %s reverted: %s", p.name, p.report.reverted)

@@ -96,6 +96,8 @@ class Recipe:
     description: str = ""
     base: str | None = None
     recipe: R.Recipe | None = None
+    #: the flat options this recipe sets itself ([defaults] options do not override them)
+    sets: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -160,7 +162,10 @@ class Manifest:
                 o = options_from_dict({**flat, **data, **({"image": image} if image else {})})
                 return R.from_options(o)
             base = zr.recipe if zr.recipe is not None else R.builtin(zr.base)
-            layers = dict(flat)
+            m = self.models[model]
+            # defaults < the recipe (what it sets itself) < the model's options < its overrides
+            layers = {**{k: v for k, v in self.default_options.items() if k not in zr.sets},
+                      **zr.options, **m.options, **m.overrides.get(recipe, {})}
             if image:
                 layers["image"] = _image_spec(image)
             r = R.override(base, {**layers, **data}) if (layers or any(data.values())) else R._copy(base)
@@ -268,11 +273,30 @@ def _recipe(p: Path, name: str, t: dict) -> Recipe:
             rec = R.Recipe.from_dict(t, where=where)
         except OnnxCompressError as exc:
             raise ManifestError(str(exc)) from None
-        return Recipe(name, {}, desc or rec.description, recipe=rec)
+        return Recipe(name, {}, desc or rec.description, recipe=rec, sets=_keys_set(t))
     base = t.get("base")
     if base is not None and base not in R.BUILTIN:
         raise ManifestError(f"{where}: base '{base}' is not a built-in recipe ({', '.join(R.BUILTIN)})")
-    return Recipe(name, _norm_options(where, t), desc, base=base)
+    opts = _norm_options(where, t)
+    sets = frozenset(opts) | (frozenset(R.BUILTIN[base][1]) if base else frozenset())
+    return Recipe(name, opts, desc, base=base, sets=sets)
+
+
+def _keys_set(t: dict) -> frozenset[str]:
+    """The flat option names a whole-recipe table sets (its stage and section keys, by declaration)."""
+    from ..passes.registry import STAGES
+
+    flat = {id(p): k for k, p in P.params_of(OptimizeOptions).items()}
+    out = set()
+    for st in t.get("stages", []):
+        spec = STAGES.get(st.get("pass")) if isinstance(st, dict) else None
+        decl = P.params_of(spec.config) if spec else {}
+        out |= {flat[id(decl[k])] for k in st if k in decl and id(decl[k]) in flat}
+    for name, klass in R._SECTIONS.items():
+        sec = t.get(name, {})
+        decl = P.params_of(klass)
+        out |= {flat[id(decl[k])] for k in (sec if isinstance(sec, dict) else {}) if k in decl and id(decl[k]) in flat}
+    return frozenset(out)
 
 
 def _check_names(where: str, names) -> None:

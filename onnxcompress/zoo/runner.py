@@ -65,7 +65,7 @@ class TaskInputError(OnnxCompressError):
 
 
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symbolic link"}
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
 def check_input(path: Path, what: str, *, folder_ok: bool = False) -> str | None:
@@ -293,12 +293,8 @@ def fetch_refusal(manifest: Path) -> str | None:
 
 
 def _fetch(mf: Manifest, name: str, logs: Path, no_fetch: bool = False) -> str | None:
-    """Run a model's fetch commands when its file is missing; return an error or ``None``.
-    A model path that exists but is not a regular file is an error (never read, never fetched)."""
+    """Run a model's fetch commands when its file is missing; return an error or ``None``."""
     m = mf.models[name]
-    err = check_input(m.path, "model path")
-    if err:
-        return err
     if m.path.is_file():
         return None
     if not m.fetch:
@@ -487,16 +483,22 @@ def run_zoo(
         (out / ".work").mkdir(exist_ok=True)
 
         hasher = _Hasher()
-        model_errors: dict[str, str] = {}
+        model_errors: dict[str, tuple[str, str]] = {}  # model -> (kind, one-line error)
         for name in dict.fromkeys(m for m, _ in tasks):
-            err = _fetch(mf, name, out / "logs", no_fetch)
             m = mf.models[name]
+            # a FIFO or a device would hang the hashing below (no task limit applies yet): refuse it
+            bad = check_input(m.path, "model path") or next(
+                (e for what, p in (("calibration", m.calibration), ("validation", m.validation))
+                 if p is not None and (e := check_input(p, f"{what} data", folder_ok=True))), None)
+            if bad:
+                model_errors[name] = ("input", bad)
+                continue
+            err = _fetch(mf, name, out / "logs", no_fetch)
             for what, p in (("calibration", m.calibration), ("validation", m.validation)):
-                if not err and p is not None:
-                    err = check_input(p, f"{what} data", folder_ok=True) or (
-                        None if p.exists() else f"{what} data not found: {p}")
+                if not err and p is not None and not p.exists():
+                    err = f"{what} data not found: {p}"
             if err:
-                model_errors[name] = err
+                model_errors[name] = ("missing", err)
 
         rows: dict[str, dict] = {}
         to_run: list[dict] = []
@@ -504,8 +506,9 @@ def run_zoo(
         for name, recipe in tasks:
             tid = f"{name}/{recipe}"
             if name in model_errors:
+                kind, err = model_errors[name]
                 rows[tid] = {"model": name, "recipe": recipe, "key": None, "status": "failed",
-                             "kind": "missing", "error": model_errors[name], "wall_s": 0.0}
+                             "kind": kind, "error": err, "wall_s": 0.0}
                 continue
             try:
                 key = task_key(mf, name, recipe, hasher)
