@@ -238,7 +238,8 @@ def _render(rep: dict) -> None:
     for g in rep.get("gates", []):
         mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
         value, limit = _gate_value(g["value"], g["limit"])
-        console.print(f"gate {g['gate']} on {g['provider']}: {value} (limit {limit}) {mark}")
+        name = g["gate"] + (f" ({', '.join(g['outputs'])})" if g.get("outputs") else "")
+        console.print(f"gate {escape(name)} on {g['provider']}: {value} (limit {limit}) {mark}", highlight=False)
     for n in rep.get("notes", []):
         if n not in _warned:
             console.print(f"[dim]note:[/] {escape(n)}", highlight=False)

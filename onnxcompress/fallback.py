@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from .gates import evaluate as evaluate_gates
+from .gates import evaluate as evaluate_gates, label as gate_label
 from .passes.base import run_passes
 from .validate import validate_all
 
@@ -56,7 +56,7 @@ def sensitive_fallback(run, original, int8, val, labels, providers):
             gates = evaluate_gates(g, validation)
             passed = all(x["passed"] for x in gates)
             rounds.append({"kept_in_float": list(excluded), "passed": passed,
-                           "gates": {x["gate"]: x["value"] for x in gates}})
+                           "gates": {gate_label(x): x["value"] for x in gates}})
             if k == most:
                 break
             k = min(2 * k, most)

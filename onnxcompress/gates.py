@@ -119,6 +119,13 @@ def evaluate(gates, validation: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def label(row: dict[str, Any]) -> str:
+    """A gate row's name with the outputs it judged when limits differ per output
+    (``min-cosine[logits]``)."""
+    outs = row.get("outputs")
+    return f"{row['gate']}[{','.join(outs)}]" if outs else row["gate"]
+
+
 def output_failures(limits, m) -> list[str]:
     """What one output misses: ``limits`` (an :class:`onnxcompress.recipe.OutputGates`) against its
     metrics ``m`` (an :class:`onnxcompress.validate.OutputMetrics` or its dict)."""

@@ -33,7 +33,7 @@ from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressErro
 from .fallback import sensitive_fallback
 from .util import compressed_size, jsonable as _jsonable
 from .validate import validate_all
-from .gates import evaluate as evaluate_gates
+from .gates import evaluate as evaluate_gates, label as gate_label
 from .inspect import summarize
 from .model_io import check_model, check_output_path, external_data_files, load_model, save_model
 from .opset import upgrade_opset
@@ -107,7 +107,8 @@ class _Run:
 def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run ``rec`` on ``model`` (see :func:`onnxcompress.api.optimize` for the arguments, result and errors)."""
     run = _Run(rec, None, Path(output) if output is not None else None, progress)
-    run.notes.extend(rec.notes)
+    for n in rec.notes:  # the planner's: flags that had no effect, a re-planned recipe
+        run.note(n, warn=True)
     original = _load_input(run, model)
     _check_paths(run)
     work = snapshot(original)  # shares every tensor with `original`: passes replace, never edit
@@ -509,7 +510,7 @@ def _fail(run: _Run, gates) -> None:
     run.report["seconds"] = round(time.perf_counter() - run.t0, 2)
     run.report["cost"] = _cost(run.meter)
     where = f"{run.out} not written" if run.out is not None else "no model returned"
-    err = GateFailedError("; ".join(g.get("why") or f"{g['gate']} {g['value']:.6g} misses {g['limit']:.10g} on {g['provider']}"
+    err = GateFailedError("; ".join(g.get("why") or f"{gate_label(g)} {g['value']:.6g} misses {g['limit']:.10g} on {g['provider']}"
                                     for g in gates if not g["passed"]) + f" -- {where}")
     err.report = run.report  # type: ignore[attr-defined]
     raise err

@@ -89,12 +89,18 @@ def _same(a, b) -> bool:
     if a.shape != b.shape:
         return False
     if a.dtype.kind in "fc":
-        a64, b64 = a.astype(np.complex128 if a.dtype.kind == "c" else np.float64), b.astype(a.dtype).astype(
-            np.complex128 if a.dtype.kind == "c" else np.float64)
-        both_nan = np.isnan(a64) & np.isnan(b64)
-        scale = max(float(np.max(np.abs(np.nan_to_num(a64[~both_nan], posinf=0, neginf=0)), initial=0.0)), 1e-6)
-        return bool(np.all(both_nan | (np.abs(a64 - b64) <= 1e-3 * scale) | (a64 == b64)))
+        with np.errstate(invalid="ignore"):
+            return _close(a, b)
     return bool(np.array_equal(a, b))
+
+
+def _close(a, b) -> bool:
+    """Equal within 1e-3 of the largest finite magnitude; NaN where both are NaN, infinities equal."""
+    kind = np.complex128 if a.dtype.kind == "c" else np.float64
+    a64, b64 = a.astype(kind), b.astype(a.dtype).astype(kind)
+    both_nan = np.isnan(a64) & np.isnan(b64)
+    scale = max(float(np.max(np.abs(np.nan_to_num(a64[~both_nan], posinf=0, neginf=0)), initial=0.0)), 1e-6)
+    return bool(np.all(both_nan | (np.abs(a64 - b64) <= 1e-3 * scale) | (a64 == b64)))
 
 
 class _Timeout(Exception):
@@ -110,6 +116,10 @@ def _one(name, model, feeds, *, int8: bool, timeout: float) -> tuple[str, str]:
         ref = _run(model, feeds)
     except Exception:
         return "skip", "ONNX Runtime cannot run the original"
+    def _alarm(signum, frame):
+        raise _Timeout()
+
+    old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(int(timeout))
     try:
         opts = OptimizeOptions(latency=False, quantize="dynamic" if int8 else None)
@@ -126,6 +136,7 @@ def _one(name, model, feeds, *, int8: bool, timeout: float) -> tuple[str, str]:
             + f":{traceback.extract_tb(exc.__traceback__)[-1].lineno}"
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
     try:
         onnx.checker.check_model(out)
         got = _run(out, feeds)
@@ -147,10 +158,6 @@ def main(argv=None) -> int:
     logging.getLogger("onnxcompress").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    def _alarm(signum, frame):
-        raise _Timeout()
-
-    signal.signal(signal.SIGALRM, _alarm)
     rows, t0 = [], time.time()
     for i, (name, model, feeds) in enumerate(_cases()):
         if a.only and a.only not in name:

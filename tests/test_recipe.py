@@ -138,6 +138,20 @@ def test_flags_override_a_recipe():
     assert [s.name for s in r.stages] == ["fuse", "smooth-quant", "quantize-dynamic"]
     r = R.override(R.builtin("fuse"), {"calibration_method": "entropy"})
     assert any("--calibration-method is ignored" in n for n in r.notes)
+    # a flag that chooses stages re-plans, keeping the settings no flag expresses
+    tuned = R.override(base, {})
+    tuned.stage("quantize-static").config.percentile = 99.0
+    tuned.stages = [s for s in tuned.stages if s.name != "pair-permute"]
+    r = R.override(tuned, {"prune": 0.3})
+    assert r.stage("quantize-static").config.percentile == 99.0 and r.stage("prune-magnitude") is not None
+    assert any("re-planned" in n for n in r.notes)
+    r = R.override(tuned, {"quantize": "dynamic"})  # the smoothing mode follows the new int8 mode
+    assert r.stage("smooth-quant").config.mode == "dynamic"
+    # --exclude NODE keeps the recipe's op types; "off" round-trips
+    scoped = R.override(base, {"exclude_op_types": ("Gemm",)})
+    assert R.override(scoped, {"exclude_nodes": ("/conv1/Conv",)}).scope.exclude_op_types == ("Gemm",)
+    off = R.override(base, {"min_sqnr_db": None})
+    assert R.loads(off.to_toml()).stage("quantize-static").config.min_sqnr_db is None
 
 
 def _cases(tmp_path):
@@ -153,6 +167,7 @@ def _cases(tmp_path):
         (DIGITS, ["--quantize", "static", "--calibration", CALIB, "--validation", VAL, "--target", "avx2"]),
         (tr, []),
         (tr, ["--quantize", "static", "--calibration", cal, "--per-tensor"]),
+        (DIGITS, ["--quantize", "static", "--calibration", CALIB, "--min-node-sqnr", "0"]),  # "off" survives TOML
     ]
 
 

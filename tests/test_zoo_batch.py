@@ -609,7 +609,8 @@ def test_fetch_refused_from_untrusted_manifest(zoo_dir, monkeypatch):
     res = runner.invoke(app, ["zoo", str(p), "--out", str(zoo_dir / "out"), "--allow-fetch", "--quiet"])
     assert res.exit_code == 0, res.output
     assert (zoo_dir / "cache" / "fetched.onnx").is_file()
-    assert "manifest is code" in runner.invoke(app, ["zoo", "--help"]).output.replace("\n", " ").replace("│", "")
+    help_text = " ".join(runner.invoke(app, ["zoo", "--help"]).output.replace("│", " ").split())
+    assert "A manifest is code" in help_text and "--allow-fetch" in help_text and "--no-fetch" in help_text
 
 
 def test_zoo_data_parses_metadata_names_without_eval(tmp_path):
@@ -674,3 +675,37 @@ def test_fifo_inputs_fail_their_task_without_hanging(zoo_dir):
     if Path("/dev/null").exists():
         with pytest.raises(TaskInputError, match="character device"):
             _Hasher().file(Path("/dev/null"))
+
+
+def test_zoo_layers_over_whole_and_base_recipes(zoo_dir):
+    """[defaults] options < the recipe's own settings < the model's options < its overrides, for a
+    whole recipe and a built-in base alike; "off" survives the trip to the worker (TOML false)."""
+    recipes = """
+[recipes.custom]
+[[recipes.custom.stages]]
+pass = "quantize-static"
+percentile = 99.0
+[recipes.custom.gates]
+min_cosine = 0.999
+[recipes.custom.data]
+max_calibration_samples = 128
+[recipes.based]
+base = "int8-static"
+max_calibration_samples = 32
+"""
+    body = DIGITS + """
+[models.digits.overrides.custom]
+smooth_quant = false
+[models.digits.overrides.based]
+min_sqnr_db = false
+"""
+    p = _manifest(zoo_dir, body, recipes=recipes, defaults='recipes = ["custom", "based"]',
+                  options="latency = false, min_cosine = 0.9, max_calibration_samples = 64")
+    mf = load_manifest(p)
+    c = mf.recipe_for("digits", "custom")
+    assert c.gates.min_cosine == 0.999 and c.data.max_calibration_samples == 128  # the recipe's own
+    assert c.output.latency is False                                              # defaults fill the rest
+    assert c.stage("quantize-static").config.percentile == 99.0                   # kept through the re-plan
+    b = mf.recipe_for("digits", "based")
+    assert b.data.max_calibration_samples == 32 and b.gates.min_cosine == 0.9
+    assert b.to_dict()["stages"][-1]["min_sqnr_db"] is False
