@@ -470,6 +470,9 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
         run.note(f"quick latency not measured: the model is over {QUICK_LATENCY_MAX_BYTES >> 30} GB and the "
                  "timing needs another pre-packed copy of its weights; use `onnxcompress bench`")
     validation = validate_all(original, model, val, labels, providers, latency)
+    for v in validation:
+        if v.get("note"):
+            run.note(v["note"], warn=True)
     gates = evaluate_gates(r.gates, validation)
     index_outs = sorted({o["name"] for v in validation for o in v["outputs"] if o.get("integer")})
     if index_outs and (r.gates.max_rel_error is not None or r.gates.min_cosine is not None) \

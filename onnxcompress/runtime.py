@@ -179,9 +179,7 @@ def _with_buffers(path: str, so: ort.SessionOptions, providers: list[str], names
 def _options(optimize: bool, threads: int | None, extra_config: dict[str, str] | None,
              prepack: bool) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
+    so.graph_optimization_level = graph_level(optimize)
     so.log_severity_level = 3
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
@@ -190,6 +188,18 @@ def _options(optimize: bool, threads: int | None, extra_config: dict[str, str] |
     for k, v in (extra_config or {}).items():
         so.add_session_config_entry(k, v)
     return so
+
+
+#: ONNX Runtime's graph optimization levels by name, highest first
+LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+
+
+def graph_level(optimize: "bool | str") -> ort.GraphOptimizationLevel:
+    """``True`` -> ``ORT_ENABLE_ALL``, ``False`` -> ``ORT_DISABLE_ALL``, or a :data:`LEVELS` name."""
+    if isinstance(optimize, str):
+        return LEVELS[optimize]
+    return LEVELS["all"] if optimize else LEVELS["disable"]
 
 
 def run_samples(sess: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .runtime import make_session, median_latency_ms, run_samples
+from .runtime import LEVELS, make_session, median_latency_ms, run_samples
 from .util import jsonable, plain_value
 
 
@@ -130,6 +130,7 @@ def compare(
     labels: np.ndarray | None = None,
     provider: str = "CPUExecutionProvider",
     latency: bool = True,
+    level: str = "all",
 ) -> Comparison:
     """Run both models on ``samples`` and compare every output of the reference.
 
@@ -140,6 +141,8 @@ def compare(
         labels: optional int labels, one per row of the first output over all samples.
         provider: ONNX Runtime execution provider of the candidate (and reference).
         latency: also measure the median latency (ms) of both on the first sample.
+        level: ONNX Runtime graph optimization level of the candidate and the timed reference
+            (``all``, ``extended``, ``basic``, ``disable``; :data:`onnxcompress.runtime.LEVELS`).
 
     One ORT session exists at a time (reference, then the reference optimized for the latency
     figure, then the candidate), so validation holds at most one runtime's copy of weights.
@@ -152,11 +155,11 @@ def compare(
     del ref_sess
     comp = Comparison(provider=provider, n_samples=len(samples))
     if latency and samples:
-        ref_opt = make_session(reference, optimize=True, provider=provider)
+        ref_opt = make_session(reference, optimize=level, provider=provider)
         comp.latency_ms_reference = median_latency_ms(ref_opt, samples[0])
         del ref_opt
     # pre-packed weights (a copy of every GEMM weight) only where the candidate is timed
-    cand_sess = make_session(candidate, optimize=True, provider=provider, prepack=bool(latency and samples))
+    cand_sess = make_session(candidate, optimize=level, provider=provider, prepack=bool(latency and samples))
     cands = run_samples(cand_sess, samples)
     if latency and samples:
         comp.latency_ms_candidate = median_latency_ms(cand_sess, samples[0])
@@ -177,6 +180,54 @@ def compare(
 
 
 def validate_all(original: ir.Model, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:
-    """:func:`onnxcompress.validate.compare` on every provider, as JSON-ready dicts."""
-    return [jsonable(asdict(compare(original, model, val, labels=labels, provider=p, latency=latency)))
-            for p in providers]
+    """:func:`compare` on every provider, as JSON-ready dicts.
+
+    The candidate runs as it will be deployed, at ``ORT_ENABLE_ALL``. When ONNX Runtime cannot run
+    it there, the input model is tried at the same level: when that fails too, ONNX Runtime's own
+    optimizer breaks the model (not our rewrite), so both are compared at the highest level at
+    which the input runs, and the dict says so (``ort_level``, ``note``: deployment advice).
+
+    Raises:
+        OnnxCompressError: the result fails where the input runs (nothing may be written).
+    """
+    out = []
+    for p in providers:
+        try:
+            d = jsonable(asdict(compare(original, model, val, labels=labels, provider=p, latency=latency)))
+            d["ort_level"] = "all"
+        except Exception as exc:  # ORT's refusal, whatever its type
+            d = _lower_level(original, model, val, labels, p, latency, _first_line(exc))
+        out.append(d)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _lower_level(original, model, val, labels, provider: str, latency: bool, why: str) -> dict:
+    """Validate at the highest level at which the input runs (see :func:`validate_all`)."""
+    from .errors import OnnxCompressError
+
+    works = None
+    for name in LEVELS:
+        try:
+            run_samples(make_session(original, optimize=name, provider=provider), val[:1])
+            works = name
+            break
+        except Exception:  # noqa: BLE001 - trying the next level down
+            continue
+    if works == "all" or works is None:
+        where = "runs" if works == "all" else "does not run at any level either"
+        raise OnnxCompressError(f"ONNX Runtime cannot run the optimized model on {provider} ({why}); the input "
+                                f"model {where}: nothing written") from None
+    d = jsonable(asdict(compare(original, model, val, labels=labels, provider=provider, latency=latency,
+                                level=works)))
+    fusion = next((w.strip("'/ ") for w in why.replace(":", " ").split() if w.strip("'/").endswith("Fusion")), None)
+    d["ort_level"] = works
+    d["note"] = (f"ONNX Runtime's own graph optimizer breaks the input model at ORT_ENABLE_ALL on {provider}"
+                 + (f" ({fusion})" if fusion else "") + f": {why}. Validated at ORT_ENABLE_{works.upper()} "
+                 f"(deploy with SessionOptions.graph_optimization_level = ORT_ENABLE_{works.upper()}); the "
+                 "rewrites of onnxcompress are not the cause")
+    return d
