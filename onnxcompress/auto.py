@@ -15,6 +15,7 @@ EfficientNet-Lite0, YOLOv8n; dynamic: PP-OCRv4 det/rec, PP-OCR cls, MiniLM; ``sc
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -79,8 +80,9 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
     protect = (inp, *external_data_files(inp), *_data_files(recipe))
     folder = check_output_path(out, protect, recipe.output.external_data)  # before two whole runs
     modes = ["dynamic", "static"] if recipe.data.calibration is not None else ["dynamic"]
+    _sweep(folder)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".onnxcompress-auto-", dir=folder))
+        tmp = Path(tempfile.mkdtemp(prefix=f".onnxcompress-auto-{os.getpid()}-", dir=folder))
     except OSError as exc:
         raise ModelWriteError(f"{folder}: cannot write there ({exc.strerror or exc})") from None
     try:
@@ -99,6 +101,21 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
         return OptimizeResult(out, report, True, recipe=recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep(folder: Path) -> None:
+    """Remove candidate folders that killed runs left behind (their process is gone)."""
+    for d in folder.glob(".onnxcompress-auto-*-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # another user's live process
+            continue
 
 
 def _run_candidates(inp: Path, recipe: Recipe, modes, tmp: Path, say) -> dict[str, dict]:

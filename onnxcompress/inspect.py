@@ -92,6 +92,19 @@ def inspect_model(path: str | Path) -> dict:
     """Load ``path`` and return :func:`summarize` of it.
 
     Raises:
-        ModelLoadError: see :func:`onnxcompress.model_io.load_model`.
+        ModelLoadError: see :func:`onnxcompress.model_io.load_model`; or a tensor whose data does
+            not match its shape and type (named with ``onnx.checker``'s words).
     """
-    return summarize(load_model(path), path)
+    model = load_model(path)
+    try:
+        return summarize(model, path)
+    except (ValueError, TypeError) as exc:  # a tensor whose bytes do not fit its declaration
+        from .errors import ModelLoadError
+        from .model_io import check_model
+
+        why = str(exc)
+        try:
+            check_model(model, runtime=False)
+        except Exception as chk:  # noqa: BLE001 - the checker names the tensor
+            why = str(chk).split(": ", 1)[-1]
+        raise ModelLoadError(f"{path}: cannot read the model's tensors ({why})") from None

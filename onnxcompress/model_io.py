@@ -323,14 +323,15 @@ def _check_external_files(proto: onnx.ModelProto, base: Path) -> list[Path]:
         info = {e.key: e.value for e in tensor.external_data}
         loc = info.get("location", "")
         target = (base / loc).resolve()
+        # outside the folder first: whether an outside path exists is none of a model's business
+        if loc and root not in target.parents:
+            raise ModelLoadError(f"initializer '{tensor.name}' keeps its data in '{loc}', outside the model's "
+                                 f"folder ({base}); refusing to read it")
         if not loc or not target.is_file():
             raise ModelLoadError(
                 f"initializer '{tensor.name}' keeps its data in '{loc}', "
                 f"which does not exist next to the model ({base}) as a regular file"
             )
-        if root not in target.parents:
-            raise ModelLoadError(f"initializer '{tensor.name}' keeps its data in '{loc}', outside the model's "
-                                 f"folder ({base}); refusing to read it")
         size = files.setdefault(target, target.stat().st_size)
         try:
             offset, length = int(info.get("offset", 0) or 0), int(info.get("length", -1) or -1)

@@ -126,3 +126,31 @@ def test_ignored_npz_keys_are_never_decompressed(work, monkeypatch):
     monkeypatch.setattr(data, "max_data_bytes", lambda: 1 << 10)
     with pytest.raises(OnnxCompressError, match="declare"):
         data.load_npz(work / "digits_calib.npz", specs)
+
+
+def test_external_data_outside_the_folder_is_refused_whether_or_not_it_exists(work):
+    """A model cannot learn whether an outside path exists: the same refusal either way."""
+    import onnx
+
+    msgs = []
+    for loc in ("../../../../etc/hostname", "../../no/such/file.data"):
+        m = onnx.load(str(work / "digits_cnn.onnx"))
+        t = m.graph.initializer[0]
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=loc)
+        p = work / "ext.onnx"
+        p.write_bytes(m.SerializeToString())
+        res = _run("inspect", p)
+        assert res.exit_code == 2 and "outside the model's folder" in res.output, res.output
+        msgs.append(res.output.replace(loc, "LOC"))
+    assert msgs[0] == msgs[1]
+
+
+def test_a_killed_auto_run_leaves_nothing_behind_next_time(work):
+    stale = work / ".onnxcompress-auto-999999999-abc"  # no such process
+    stale.mkdir()
+    (stale / "dynamic.onnx").write_bytes(b"x")
+    res = _run("optimize", work / "digits_cnn.onnx", "-o", work / "q.onnx", "--quantize", "auto", "-q", "--no-latency")
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and not list(work.glob(".onnxcompress-auto-*"))

@@ -133,15 +133,26 @@ class IdentityDropoutPass(CompressionPass):
 
 
 class DeadCodePass(CompressionPass):
-    """Remove nodes whose outputs are never used and initializers nobody reads."""
+    """Remove nodes whose outputs are never used and initializers nobody reads — in the main
+    graph and in every subgraph (``If``/``Loop``/``Scan`` bodies: an int8 rewrite there replaces
+    a weight, and the float original must not stay behind)."""
 
     name = "dead-code"
 
     def apply(self, model: ir.Model) -> bool:
+        from ..irutil import subgraphs
+
         n_before = _count_nodes(model)
         i_before = len(model.graph.initializers)
         common.RemoveUnusedNodesPass()(model)
         common.RemoveUnusedFunctionsPass()(model)
+        sub_removed = 0
+        for g in subgraphs(model.graph):
+            inputs = {id(v) for v in g.inputs}
+            for name, v in list(g.initializers.items()):
+                if not v.uses() and not v.is_graph_output() and id(v) not in inputs:
+                    del g.initializers[name]
+                    sub_removed += 1
         self.report.counts["nodes_removed"] = n_before - _count_nodes(model)
-        self.report.counts["initializers_removed"] = i_before - len(model.graph.initializers)
+        self.report.counts["initializers_removed"] = i_before - len(model.graph.initializers) + sub_removed
         return bool(self.report.counts["nodes_removed"] or self.report.counts["initializers_removed"])
