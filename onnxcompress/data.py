@@ -210,7 +210,8 @@ def random_samples(specs: list[InputSpec], n: int = 8, *, seed: int = 0, shapes:
     for _ in range(n):
         feed = {}
         for s in specs:
-            shape = (shapes or {}).get(s.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in (s.shape or ()))
+            # symbolic dims -> 1; a declared 0-sized dim stays 0 (an empty tensor is what the model expects)
+            shape = (shapes or {}).get(s.name) or tuple(d if isinstance(d, int) and d >= 0 else 1 for d in (s.shape or ()))
             if s.dtype.kind == "f":
                 feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
             else:  # ints and bools: 0/1 are valid ids, masks and flags
