@@ -250,6 +250,7 @@ def _render(rep: dict) -> None:
 from . import cli_zoo  # noqa: E402,F401
 from . import cli_bench  # noqa: E402,F401
 from . import cli_recipe  # noqa: E402,F401
+from . import cli_tune  # noqa: E402,F401
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -280,9 +280,9 @@ def _check_runtime(run: _Run, original: ir.Model) -> bool:
         raise OnnxCompressError(
             f"ONNX Runtime cannot load this model ({custom}); quantization needs to run it for "
             "calibration and validation. Register the custom ops with ONNX Runtime or exclude them first.")
-    run.note(f"ONNX Runtime cannot load this model ({custom}): the result is written but NOT validated — "
-             "the passes were checked by onnx.checker only; register the custom ops with ONNX Runtime to "
-             "validate it", warn=True)
+    run.note(f"ONNX Runtime cannot load this model ({custom}): the result is written but NOT validated "
+             "(no numeric validation: the passes were checked by onnx.checker only); register the custom ops "
+             "with ONNX Runtime to validate it", warn=True)
     return False
 
 

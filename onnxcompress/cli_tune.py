@@ -1,0 +1,98 @@
+"""``onnxcompress tune``: a budget in, the best model found out (see :mod:`onnxcompress.tune`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .cli_common import _check_out_paths, _fail, _setup_logging, _write_json, app, console, out_console
+from .errors import InternalError, OnnxCompressError
+
+
+def _seconds(text: Optional[str]) -> Optional[float]:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m:
+        raise OnnxCompressError(f"--time-budget takes a duration like 90s, 20m or 1h, got {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@app.command()
+def tune(
+    model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the chosen model."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data (.npz or image folder)."),
+    validation: Optional[Path] = typer.Option(None, "--validation", help="Validation data (.npz): half scores the "
+                                              "trials, half (never seen by the search) checks the winner."),
+    metric: str = typer.Option("top1", "--metric", help="top1 (agreement with fp32, %), accuracy (needs labels), "
+                               "cosine (x100), max_rel_error (negated, x100) or python:module:function "
+                               "(session, feeds) -> float, higher is better."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="Most the metric may fall below fp32's (its units)."),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="fp32 latency / model latency at least this."),
+    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="The written model at most this many MB."),
+    trials: int = typer.Option(30, "--trials", min=1, help="Most trials (resumed ones count)."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop starting trials after this long "
+                                              "(90s, 20m, 1h)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="State folder of an earlier run to continue "
+                                          "(default state: OUT.tune, which a rerun also continues)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the tune report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+):
+    """Search recipes (quantization mode and settings, pruning) for a budget; write the best model.
+
+    Exit 0 when the budget is met; 3 when no trial met it (the closest model is written and the
+    failed constraint named). Every Pareto-optimal trial is saved as a recipe in OUT.tune/pareto/."""
+    from .tune import Budget, tune as run_tune
+
+    _setup_logging(True)
+    inputs = {"input model": model, "calibration data": calibration, "validation data": validation}
+    _check_out_paths(report=report, inputs=inputs, outputs={"-o": output})
+    try:
+        budget = Budget(metric, max_drop, min_speedup, max_size_mb)
+        seconds = _seconds(time_budget)
+        if quiet:
+            res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
+                           time_budget_s=seconds, state=resume)
+        else:
+            with console.status("tuning") as status:
+                res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
+                               time_budget_s=seconds, state=resume, progress=lambda s: status.update(escape(s)))
+    except OnnxCompressError as exc:
+        _fail(exc)
+    except Exception as exc:  # a bug: one line unless --debug
+        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+    if report:
+        _write_json(report, res.report)
+    if not quiet:
+        _render(res)
+    if not res.met:
+        console.print(f"[red]budget not met[/]: {escape('; '.join(res.report['failed']))} -- wrote the closest "
+                      f"model {escape(str(res.output))}", highlight=False)
+        raise typer.Exit(3)
+    if not quiet:
+        console.print(f"[green]wrote[/] {escape(str(res.output))} (recipe: {escape(res.report['chosen_recipe'])})")
+
+
+def _render(res) -> None:
+    t = Table(title="tune: trials (best first)")
+    for col in ("#", "recipe", "metric drop", "speed-up", "size", "s", "note"):
+        t.add_column(col, justify="right" if col not in ("recipe", "note") else "left")
+    order = sorted(res.trials, key=lambda x: (x.error is not None, not x.feasible(), -(x.speedup if x.speedup == x.speedup else 0)))
+    for x in order[:15]:
+        from .tune import _describe
+
+        mark = "chosen" if res.chosen is not None and x.number == res.chosen.number else ("" if x.feasible() else
+                                                                                          "over budget")
+        t.add_row(str(x.number), _describe(x.options), "-" if x.error else f"{x.drop:.2f}",
+                  "-" if x.error else f"{x.speedup:.2f}x", f"{x.size_bytes / 1e6:.3f} MB" if x.size_bytes else "-",
+                  f"{x.seconds:.1f}", escape(x.error[:60]) if x.error else mark)
+    out_console.print(t)
+    h = res.report["held_out"]
+    console.print(f"held-out check ({h['samples']} samples the search never saw): metric {h['metric']:.3f} vs fp32 "
+                  f"{h['fp32_metric']:.3f} (drop {h['drop']:.3f})", highlight=False)

@@ -1,0 +1,500 @@
+"""``onnxcompress tune``: state a budget (metric drop, speed-up, size); get the best model found.
+
+The search space is read from the declared parameters (:mod:`onnxcompress.params`): each entry
+of :data:`SPACE` names a flat option of :class:`~onnxcompress.OptimizeOptions` whose ``Param``
+carries a ``search`` range, and the condition under which it matters. Optuna (a proven search
+library with resumable storage) runs a multi-objective TPE search — metric up, latency ratio
+down, size down — with the budget as constraints (Optuna's ``constraints_func``), so the Pareto
+front bends toward models that meet it.
+
+Each trial: the planner turns the suggested options into a recipe; ``optimize`` runs it on the
+model with the calibration data (no file written); the metric is measured on the *search* half
+of the validation data against the fp32 model; latency is measured interleaved with the fp32
+model (``bench``'s engine: paired rounds, median ratio with its bootstrap interval); size is the
+written file's. The winner is re-measured on the *held-out* half, which the search never saw.
+
+Never empty-handed: the best model that meets the budget is written; if none does, the closest
+one (least normalised violation) is written, the failed constraint named, and the exit code is 3.
+Every Pareto-optimal trial is saved as a recipe (``<out>.tune/pareto/*.toml``), reproducible with
+``optimize --recipe``. Trials are cached by a content hash of model + data + recipe, and the
+Optuna study lives in ``<state>/study.db``: ``--resume STATE`` after a kill continues it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import DataError, GateFailedError, OnnxCompressError
+from .options import EQUALIZE, PRUNE, PRUNE_MODE, QUANTIZE, SMOOTH_QUANT, OptimizeOptions
+from .params import Param
+from .passes.prune_channels import ROUND_TO
+from .passes.quantize.config import BIAS_CORRECTION, CALIBRATION_METHOD, PER_CHANNEL
+
+METRICS = ("top1", "accuracy", "cosine", "max_rel_error")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One searched option: the flat field, its declaration (whose ``search`` gives the values
+    or range) and the condition ``{field: allowed values}`` under which it matters."""
+
+    field: str
+    param: Param
+    when: dict[str, tuple] = field(default_factory=dict)
+
+
+#: the search space, each axis a declared parameter (values from ``Param.search``)
+SPACE: tuple[Axis, ...] = (
+    Axis("quantize", QUANTIZE),
+    Axis("per_channel", PER_CHANNEL, {"quantize": ("dynamic", "static")}),
+    Axis("calibration_method", CALIBRATION_METHOD, {"quantize": ("static",)}),
+    Axis("bias_correction", BIAS_CORRECTION, {"quantize": ("static",)}),
+    Axis("equalize", EQUALIZE, {"quantize": ("static",)}),
+    Axis("smooth_quant", SMOOTH_QUANT, {"quantize": ("dynamic", "static")}),
+    Axis("prune_mode", PRUNE_MODE),
+    Axis("prune", PRUNE, {"prune_mode": ("unstructured", "channel")}),
+    Axis("prune_round_to", ROUND_TO, {"prune_mode": ("channel",)}),
+)
+
+
+@dataclass
+class Budget:
+    """What the user asks for.
+
+    Attributes:
+        metric: ``top1`` (top-1 agreement with fp32, %), ``accuracy`` (%, needs ``labels`` in the
+            validation data), ``cosine`` (worst output cosine x 100), ``max_rel_error`` (negated,
+            x 100), or ``python:module:function`` taking ``(onnxruntime.InferenceSession, list of
+            feed dicts)`` and returning a float, higher is better.
+        max_drop: the most the metric may fall below fp32's (its own units: percentage points).
+        min_speedup: fp32 latency / candidate latency at least this (``None``: no bound).
+        max_size_mb: the written model at most this many MB (10^6 bytes; ``None``: no bound).
+    """
+
+    metric: str = "top1"
+    max_drop: float = 1.0
+    min_speedup: float | None = None
+    max_size_mb: float | None = None
+
+    def check(self) -> None:
+        if self.metric not in METRICS and not self.metric.startswith("python:"):
+            raise OnnxCompressError(f"--metric must be one of {', '.join(METRICS)} or python:module:function, "
+                                    f"got {self.metric!r}")
+        if not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise OnnxCompressError(f"--max-drop must be >= 0, got {self.max_drop}")
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            raise OnnxCompressError(f"--min-speedup must be > 0, got {self.min_speedup}")
+        if self.max_size_mb is not None and not self.max_size_mb > 0:
+            raise OnnxCompressError(f"--max-size-mb must be > 0, got {self.max_size_mb}")
+
+
+@dataclass
+class Trial:
+    """One evaluated recipe."""
+
+    number: int
+    options: dict[str, Any]
+    recipe_toml: str = ""
+    metric: float = float("nan")
+    drop: float = float("inf")
+    speedup: float = float("nan")
+    speedup_ci: tuple[float, float] | None = None
+    size_bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    violation: float = float("inf")
+    path: str | None = None
+
+    def feasible(self) -> bool:
+        return self.error is None and self.violation <= 0.0
+
+
+@dataclass
+class TuneResult:
+    output: Path | None
+    chosen: Trial | None
+    trials: list[Trial]
+    report: dict[str, Any]
+    met: bool
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _user_metric(spec: str) -> Callable:
+    mod, _, fn = spec[len("python:"):].rpartition(":")
+    if not mod or not fn:
+        raise OnnxCompressError(f"--metric {spec}: write python:module:function")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as exc:
+        raise OnnxCompressError(f"--metric {spec}: cannot import it ({exc})") from None
+
+
+def measure(budget: Budget, model_path: Path, ref_outputs, feeds, labels) -> float:
+    """The budget's metric of the model at ``model_path`` on ``feeds`` (higher is better).
+
+    ``ref_outputs``: the fp32 model's outputs on ``feeds`` (first output used for top-1/cosine).
+    """
+    from .runtime import make_session, run_samples
+
+    sess = make_session(str(model_path), optimize=True)
+    if budget.metric.startswith("python:"):
+        return float(_user_metric(budget.metric)(sess, feeds))
+    outs = run_samples(sess, feeds)
+    first = sess.get_outputs()[0].name
+    if budget.metric == "accuracy":
+        if labels is None:
+            raise DataError("--metric accuracy needs 'labels' in the validation data")
+        pred = np.concatenate([o[first] for o in outs]).argmax(-1).ravel()
+        return float(100.0 * np.mean(pred == np.asarray(labels)[: pred.size]))
+    ref = [r[first] for r in ref_outputs]
+    got = [o[first] for o in outs]
+    if budget.metric == "top1":
+        same = sum(int(np.sum(np.asarray(r).argmax(-1) == np.asarray(g).argmax(-1))) for r, g in zip(ref, got))
+        n = sum(int(np.prod(np.asarray(r).shape[:-1])) for r in ref)
+        return 100.0 * same / max(n, 1)
+    if budget.metric == "cosine":
+        cos = []
+        for r, g in zip(ref, got):
+            a, b = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            cos.append(float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb))
+        return 100.0 * min(cos)
+    worst = max(float(np.max(np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64))))
+                / max(float(np.max(np.abs(np.asarray(r, np.float64)))), 1e-12) for r, g in zip(ref, got))
+    return -100.0 * worst
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def _suggest(trial, calibrated: bool) -> dict[str, Any]:
+    """Flat options for one Optuna trial, from :data:`SPACE` (conditional axes skipped)."""
+    chosen: dict[str, Any] = {}
+    for ax in SPACE:
+        if any(chosen.get(k) not in allowed for k, allowed in ax.when.items()):
+            continue
+        p = ax.param
+        if ax.field == "prune_mode":
+            values = ("none", *p.search)
+        elif ax.field == "quantize":
+            values = tuple("none" if v is None else v for v in p.search)
+            if not calibrated:
+                values = tuple(v for v in values if v != "static")
+        elif ax.field == "smooth_quant" and not calibrated:
+            continue
+        else:
+            values = p.search
+        if p.kind == "float" and p.choices is None and len(values) == 2 and ax.field == "prune":
+            chosen[ax.field] = round(trial.suggest_float(ax.field, values[0] + 0.05, values[1], step=0.05), 2)
+        else:
+            labels = [str(v) for v in values]
+            pick = trial.suggest_categorical(ax.field, labels)
+            chosen[ax.field] = values[labels.index(pick)]
+    chosen["quantize"] = None if chosen.get("quantize") == "none" else chosen.get("quantize")
+    if chosen.get("prune_mode") == "none":
+        chosen.pop("prune_mode")
+    return chosen
+
+
+def _options(chosen: dict[str, Any], base: OptimizeOptions) -> OptimizeOptions:
+    return replace(base, **chosen)
+
+
+def _key(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode() + b"\0")
+    return h.hexdigest()
+
+
+def _file_hash(path: Path | None) -> str:
+    if path is None:
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class _Search:
+    model: Path
+    budget: Budget
+    base: OptimizeOptions
+    state: Path
+    search_feeds: list
+    final_feeds: list
+    search_labels: Any
+    final_labels: Any
+    fp32_metric: float
+    ref_search: list
+    ref_final: list
+    bench_data: Path
+    fp32_size: int
+    cache: dict[str, dict] = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)
+    data_key: str = ""
+    say: Callable[[str], None] = lambda s: None
+
+    def violation(self, t: Trial) -> float:
+        """Sum of the budget's violations, each relative to its bound (0 when met)."""
+        b = self.budget
+        v = max(0.0, t.drop - b.max_drop) / max(b.max_drop, 1.0)
+        if b.min_speedup is not None:
+            v += max(0.0, b.min_speedup - (t.speedup if t.speedup == t.speedup else 0.0)) / b.min_speedup
+        if b.max_size_mb is not None:
+            v += max(0.0, t.size_bytes / 1e6 - b.max_size_mb) / b.max_size_mb
+        return v
+
+    def evaluate(self, number: int, chosen: dict[str, Any]) -> Trial:
+        from .api import optimize
+        from .bench import benchmark
+        from .recipe import from_options
+
+        opts = _options(chosen, self.base)
+        t = Trial(number, {k: v for k, v in chosen.items()})
+        t0 = time.perf_counter()
+        try:
+            rec = from_options(opts)
+            t.recipe_toml = rec.to_toml()
+        except OnnxCompressError as exc:
+            t.error = str(exc)
+            return t
+        key = _key(self.data_key, t.recipe_toml)
+        path = self.state / "trials" / f"{key[:16]}.onnx"
+        if key in self.cache and (self.cache[key].get("error") or path.exists()):
+            return replace(Trial(**{**self.cache[key], "number": number}), path=str(path) if path.exists() else None)
+        try:
+            optimize(self.model, path, recipe=rec)
+            t.path = str(path)
+            t.size_bytes = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+            t.metric = measure(self.budget, path, self.ref_search, self.search_feeds, self.search_labels)
+            t.drop = self.fp32_metric - t.metric
+            g = benchmark([self.model, path], data=self.bench_data, duration=1.5, warmup=2, memory=False).groups[0]
+            m = g.models[1]
+            t.speedup = float(1.0 / m.latency_ratio) if m.latency_ratio else float("nan")
+            if m.latency_ratio_ci:
+                t.speedup_ci = (1.0 / m.latency_ratio_ci[1], 1.0 / m.latency_ratio_ci[0])
+        except (GateFailedError, OnnxCompressError) as exc:
+            t.error = str(exc).splitlines()[0]
+        t.seconds = round(time.perf_counter() - t0, 2)
+        t.violation = self.violation(t) if t.error is None else float("inf")
+        self.cache[key] = {k: v for k, v in t.__dict__.items() if k not in ("number", "path")}
+        (self.state / "cache.json").write_text(json.dumps(self.cache, default=str))
+        return t
+
+
+def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=None, validation=None,
+         trials: int = 30, time_budget_s: float | None = None, state: str | Path | None = None,
+         seed: int = 0, progress: Callable[[str], None] | None = None) -> TuneResult:
+    """Search recipes for ``budget`` and write the best model found (see the module docstring).
+
+    Args:
+        model: the fp32 ``.onnx`` path (never modified).
+        output: where to write the chosen model.
+        budget: :class:`Budget`.
+        calibration / validation: data (paths or arrays, as ``optimize`` takes). The validation
+            samples are split in two: the search half scores trials, the held-out half re-measures
+            the winner. Without validation data, the calibration data is split three ways.
+        trials: the most trials (cached ones count); ``time_budget_s`` stops earlier.
+        state: folder for the Optuna study, the trial models and the cache (default
+            ``<output>.tune``); passing the same folder again resumes.
+
+    Returns:
+        :class:`TuneResult`; ``met`` is False when no trial met the budget (the closest was written).
+
+    Raises:
+        OnnxCompressError: bad input, or not one trial produced a model.
+    """
+    try:
+        import optuna
+    except ImportError:
+        raise OnnxCompressError("tune needs Optuna: pip install 'onnxcompress[tune]'") from None
+    budget.check()
+    say = progress or (lambda s: None)
+    out = Path(output)
+    st = Path(state) if state is not None else out.with_name(out.name + ".tune")
+    (st / "trials").mkdir(parents=True, exist_ok=True)
+    s = _prepare(Path(model), budget, calibration, validation, st, say)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_name = "tune-" + s.data_key[:16]
+    storage = f"sqlite:///{(st / 'study.db').resolve()}"
+
+    def constraints(ft):
+        return [ft.user_attrs.get("violation", 1.0)]
+
+    import warnings
+
+    with warnings.catch_warnings():  # constraints_func: deprecated in Optuna 5, supported until 7
+        warnings.simplefilter("ignore", FutureWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, n_startup_trials=min(8, trials))
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                directions=["maximize", "maximize", "minimize"], sampler=sampler)
+    t_start = time.perf_counter()
+    done = [ft for ft in study.trials if ft.state == optuna.trial.TrialState.COMPLETE]
+    for ft in done:  # resumed: the finished trials are known (their models in the cache)
+        s.trials.append(Trial(ft.number, json.loads(ft.user_attrs.get("options", "{}")),
+                              **json.loads(ft.user_attrs.get("result", "{}"))))
+    while len(s.trials) < trials:
+        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            break
+        ot = study.ask()
+        chosen = _suggest(ot, s.base.calibration is not None)
+        say(f"trial {ot.number + 1}/{trials}: {_describe(chosen)}" + _best_so_far(s.trials))
+        t = s.evaluate(ot.number, chosen)
+        s.trials.append(t)
+        ot.set_user_attr("violation", t.violation if t.error is None else 1e9)
+        ot.set_user_attr("options", json.dumps(chosen, default=str))
+        ot.set_user_attr("result", json.dumps({k: v for k, v in t.__dict__.items()
+                                               if k not in ("number", "options")}, default=str))
+        if t.error is not None:
+            study.tell(ot, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(ot, [t.metric, t.speedup if t.speedup == t.speedup else 0.0, t.size_bytes])
+    return _finish(s, out, st, say)
+
+
+def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say) -> _Search:
+    """Data splits, the fp32 reference outputs and metric, the timing data."""
+    from .model_io import load_model
+    from .pipeline import _Run, _samples
+    from .recipe import Recipe
+    from .data import input_specs
+
+    say("tune: reading the model and the data")
+    specs = input_specs(load_model(model))
+    if calibration is None and validation is None:
+        raise DataError("tune needs data: --calibration (and, better, --validation from another source)")
+    calib, _ = _samples(calibration, specs, Recipe().data.image, "calibration") if calibration is not None else ([], {})
+    if validation is not None:
+        val, extras = _samples(validation, specs, Recipe().data.image, "validation")
+        labels = extras.get("labels")
+    else:
+        k = max(1, len(calib) // 3)
+        val, calib, labels = calib[-2 * k:], calib[: -2 * k] or calib[:k], None
+        calibration = {f"{i}__{n}": a for i, f in enumerate(calib) for n, a in f.items()}
+    if len(val) < 2:
+        raise DataError("tune needs at least 2 validation samples (one half searches, the other checks)")
+    half = len(val) // 2
+    search, final = val[:half], val[half:]
+    lab_s = lab_f = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        rows = [int(next(iter(f.values())).shape[0]) for f in val]
+        cut = sum(rows[:half])
+        lab_s, lab_f = labels[:cut], labels[cut:]
+    if budget.metric == "accuracy" and labels is None:
+        raise DataError("--metric accuracy needs 'labels' in the validation data")
+    from .runtime import make_session, run_samples
+
+    sess = make_session(str(model), optimize=False)
+    ref_s, ref_f = run_samples(sess, search), run_samples(sess, final)
+    del sess
+    bench_data = st / "timing.npz"
+    np.savez(bench_data, **{f"{i}__{n}": a for i, f in enumerate(search[:8]) for n, a in f.items()})
+    data_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
+                                               for f in [*calib, *val] for k, a in f.items())],
+                    budget.__dict__)
+    base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False)
+    cache_file = st / "cache.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    s = _Search(model, budget, base, st, search, final, lab_s, lab_f, 0.0, ref_s, ref_f, bench_data,
+                model.stat().st_size, cache=cache, data_key=data_key, say=say)
+    s.fp32_metric = measure(budget, model, ref_s, search, lab_s)
+    return s
+
+
+def _describe(chosen: dict[str, Any]) -> str:
+    parts = [f"{chosen.get('quantize') or 'fp32'}"]
+    if chosen.get("prune_mode"):
+        parts.append(f"{chosen['prune_mode']} prune" + (f" {chosen['prune']:.2f}" if chosen.get("prune") else ""))
+    return ", ".join(parts)
+
+
+def _best_so_far(trials: list[Trial]) -> str:
+    ok = [t for t in trials if t.feasible()]
+    if not ok:
+        return ""
+    b = max(ok, key=lambda t: (t.speedup, -t.size_bytes))
+    return f" (best so far: {b.speedup:.2f}x, {b.size_bytes / 1e6:.3f} MB, drop {b.drop:.2f})"
+
+
+def _pareto(trials: list[Trial]) -> list[Trial]:
+    ok = [t for t in trials if t.error is None]
+    front = []
+    for t in ok:
+        dominated = any((o.metric >= t.metric and o.speedup >= t.speedup and o.size_bytes <= t.size_bytes)
+                        and (o.metric > t.metric or o.speedup > t.speedup or o.size_bytes < t.size_bytes)
+                        for o in ok)
+        if not dominated:
+            front.append(t)
+    return front
+
+
+def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
+    from .model_io import save_model, load_model
+
+    ok = [t for t in s.trials if t.error is None and t.path and Path(t.path).exists()]
+    if not ok:
+        errors = "; ".join(sorted({t.error or "" for t in s.trials}))[:400]
+        raise OnnxCompressError(f"tune: no trial produced a model ({errors})")
+    feasible = [t for t in ok if t.feasible()]
+    if feasible:
+        fastest = max(feasible, key=lambda t: (t.speedup, -t.size_bytes, t.metric))
+        # a trial wins on speed only beyond the noise: those whose interval reaches the fastest's
+        # median are ties, and the smallest of them (then the most faithful) is chosen
+        ties = [t for t in feasible if t is fastest or (t.speedup_ci is not None and t.speedup_ci[1] >= fastest.speedup)
+                or t.speedup >= 0.97 * fastest.speedup]
+        chosen = min(ties, key=lambda t: (t.size_bytes, -t.metric))
+        why = ("the fastest trial that meets the budget" if chosen is fastest else
+               f"as fast as the fastest within its interval ({chosen.speedup:.2f}x vs {fastest.speedup:.2f}x), and smaller")
+    else:
+        chosen = min(ok, key=lambda t: (t.violation, -t.speedup))
+        why = "no trial met the budget: the closest one (least violation)"
+    say("tune: checking the chosen model on the held-out data")
+    held = measure(s.budget, Path(chosen.path), s.ref_final, s.final_feeds, s.final_labels)
+    fp32_held = measure(s.budget, s.model, s.ref_final, s.final_feeds, s.final_labels)
+    save_model(load_model(chosen.path), out, protect=(s.model,))
+    pareto = _pareto(s.trials)
+    pdir = st / "pareto"
+    shutil.rmtree(pdir, ignore_errors=True)
+    pdir.mkdir()
+    for t in pareto:
+        (pdir / f"trial{t.number:03d}.toml").write_text(t.recipe_toml)
+    (st / "chosen.toml").write_text(chosen.recipe_toml)
+    failed = _failed(s, chosen)
+    report = {
+        "budget": s.budget.__dict__, "fp32_metric": s.fp32_metric, "chosen": chosen.number, "why": why,
+        "met": not failed, "failed": failed,
+        "held_out": {"metric": held, "fp32_metric": fp32_held, "drop": fp32_held - held,
+                     "samples": len(s.final_feeds)},
+        "trials": [{k: v for k, v in t.__dict__.items() if k != "recipe_toml"} for t in s.trials],
+        "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
+        "fp32_size_bytes": s.fp32_size,
+    }
+    (st / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return TuneResult(out, chosen, s.trials, report, met=not failed)
+
+
+def _failed(s: _Search, t: Trial) -> list[str]:
+    b, out = s.budget, []
+    if t.drop > b.max_drop:
+        out.append(f"{b.metric} drop {t.drop:.3g} > {b.max_drop:g}")
+    if b.min_speedup is not None and not t.speedup >= b.min_speedup:
+        out.append(f"speed-up {t.speedup:.3g}x < {b.min_speedup:g}x")
+    if b.max_size_mb is not None and t.size_bytes / 1e6 > b.max_size_mb:
+        out.append(f"size {t.size_bytes / 1e6:.4g} MB > {b.max_size_mb:g} MB")
+    return out

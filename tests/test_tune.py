@@ -1,0 +1,98 @@
+"""`onnxcompress tune`: a budget in, a model out — feasible, impossible (closest model, exit 3),
+resumed after a stop or a kill, cached, with a user metric; the chosen recipe reproduces the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("optuna")
+
+from onnxcompress.cli import app  # noqa: E402
+from onnxcompress.tune import Budget, tune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+M, C, V = (ROOT / "models" / f for f in ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"))
+runner = CliRunner()
+
+
+def test_feasible_budget_writes_a_model_its_recipe_reproduces(tmp_path):
+    out = tmp_path / "t.onnx"
+    res = runner.invoke(app, ["tune", str(M), "-o", str(out), "--calibration", str(C), "--validation", str(V),
+                              "--metric", "accuracy", "--max-drop", "1.0", "--trials", "4", "-q",
+                              "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["met"] and len(rep["trials"]) == 4 and rep["held_out"]["samples"] > 0
+    assert list(Path(rep["pareto_recipes"]).glob("*.toml"))
+    again = tmp_path / "again.onnx"
+    r2 = runner.invoke(app, ["optimize", str(M), "-o", str(again), "--recipe", rep["chosen_recipe"], "-q"])
+    assert r2.exit_code == 0, r2.output
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_impossible_budget_writes_the_closest_and_exits_3(tmp_path):
+    out = tmp_path / "t.onnx"
+    res = runner.invoke(app, ["tune", str(M), "-o", str(out), "--calibration", str(C), "--validation", str(V),
+                              "--max-size-mb", "0.001", "--trials", "3"])
+    assert res.exit_code == 3, res.output
+    assert "budget not met" in res.output and "size" in res.output and out.exists()
+
+
+def test_resume_continues_the_study_and_the_cache_skips_known_recipes(tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    b = Budget(metric="top1", max_drop=5.0)
+    first = tune(M, tmp_path / "a.onnx", b, calibration=C, validation=V, trials=2, state=state)
+    assert len(first.trials) == 2
+    second = tune(M, tmp_path / "b.onnx", b, calibration=C, validation=V, trials=4, state=state)
+    assert len(second.trials) == 4
+    assert [t.number for t in second.trials[:2]] == [t.number for t in first.trials]
+    # a recipe already evaluated is read from the cache, not optimized again
+    import onnxcompress.api as api
+    import onnxcompress.tune as T
+
+    s = T._prepare(M, b, C, V, state, lambda m: None)
+    chosen = dict(first.trials[0].options)
+    monkeypatch.setattr(api, "optimize", lambda *a, **k: pytest.fail("evaluated again"))
+    t = s.evaluate(99, chosen)
+    assert t.error is None and t.size_bytes == first.trials[0].size_bytes
+
+
+def test_resume_after_kill(tmp_path):
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "onnxcompress.cli", "tune", str(M), "-o", str(tmp_path / "k.onnx"),
+           "--calibration", str(C), "--validation", str(V), "--trials", "40", "--resume", str(state), "-q"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and done < 2:
+        time.sleep(1)
+        cache = state / "cache.json"
+        done = len(json.loads(cache.read_text())) if cache.exists() else 0
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert done >= 2
+    res = tune(M, tmp_path / "k.onnx", Budget(max_drop=5.0), calibration=C, validation=V, trials=done + 1, state=state)
+    assert res.output.exists() and len(res.trials) >= done + 1
+
+
+def test_user_metric(tmp_path, monkeypatch):
+    (tmp_path / "mymetric.py").write_text(
+        "import numpy as np\n"
+        "def score(session, feeds):\n"
+        "    name = session.get_inputs()[0].name\n"
+        "    return float(np.mean([session.run(None, {name: f[name]})[0].max() for f in feeds]))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = tune(M, tmp_path / "u.onnx", Budget(metric="python:mymetric:score", max_drop=100.0), calibration=C,
+               validation=V, trials=2)
+    assert res.met and all(t.error is None for t in res.trials)
+    with pytest.raises(Exception, match="cannot import"):
+        tune(M, tmp_path / "v.onnx", Budget(metric="python:no_such_module:f"), calibration=C, validation=V, trials=1)
