@@ -93,6 +93,10 @@ def _render(res) -> None:
                   "-" if x.error else f"{x.speedup:.2f}x", f"{x.size_bytes / 1e6:.3f} MB" if x.size_bytes else "-",
                   f"{x.seconds:.1f}", escape(x.error[:60]) if x.error else mark)
     out_console.print(t)
+    sens = res.report.get("sensitivity") or []
+    if sens:
+        console.print("most int8-sensitive nodes (int8 output SQNR): " + ", ".join(
+            f"{escape(x['node'])} {x['int8_sqnr_db']:.1f} dB" for x in sens[:5]), highlight=False)
     h = res.report["held_out"]
     console.print(f"held-out check ({h['samples']} samples the search never saw): metric {h['metric']:.3f} vs fp32 "
                   f"{h['fp32_metric']:.3f} (drop {h['drop']:.3f})", highlight=False)

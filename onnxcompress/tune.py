@@ -53,6 +53,9 @@ class Axis:
     when: dict[str, tuple] = field(default_factory=dict)
 
 
+KEEP_FLOAT = Param("keep_float", 0, "How many of the most int8-sensitive nodes (lowest int8 output SQNR, "
+                   "measured once before the search) stay in float.", kind="int", low=0, search=(0, 1, 2, 4, 8))
+
 #: the search space, each axis a declared parameter (values from ``Param.search``)
 SPACE: tuple[Axis, ...] = (
     Axis("quantize", QUANTIZE),
@@ -61,6 +64,7 @@ SPACE: tuple[Axis, ...] = (
     Axis("bias_correction", BIAS_CORRECTION, {"quantize": ("static",)}),
     Axis("equalize", EQUALIZE, {"quantize": ("static",)}),
     Axis("smooth_quant", SMOOTH_QUANT, {"quantize": ("dynamic", "static")}),
+    Axis("keep_float", KEEP_FLOAT, {"quantize": ("dynamic", "static")}),
     Axis("prune_mode", PRUNE_MODE),
     Axis("prune", PRUNE, {"prune_mode": ("unstructured", "channel")}),
     Axis("prune_round_to", ROUND_TO, {"prune_mode": ("channel",)}),
@@ -208,7 +212,12 @@ def _suggest(trial, calibrated: bool) -> dict[str, Any]:
     return chosen
 
 
-def _options(chosen: dict[str, Any], base: OptimizeOptions) -> OptimizeOptions:
+def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str] = ()) -> OptimizeOptions:
+    """Flat options of a trial; ``keep_float`` k becomes the k most sensitive nodes excluded."""
+    chosen = dict(chosen)
+    k = int(chosen.pop("keep_float", 0) or 0)
+    if k:
+        chosen["exclude_nodes"] = tuple(sensitive[:k])
     return replace(base, **chosen)
 
 
@@ -248,6 +257,8 @@ class _Search:
     trials: list[Trial] = field(default_factory=list)
     data_key: str = ""
     say: Callable[[str], None] = lambda s: None
+    #: (node, int8 output SQNR dB), most sensitive first (measured once, before the search)
+    sensitivity: list = field(default_factory=list)
 
     def violation(self, t: Trial) -> float:
         """Sum of the budget's violations, each relative to its bound (0 when met)."""
@@ -264,7 +275,7 @@ class _Search:
         from .bench import benchmark
         from .recipe import from_options
 
-        opts = _options(chosen, self.base)
+        opts = _options(chosen, self.base, [n for n, _ in self.sensitivity])
         t = Trial(number, {k: v for k, v in chosen.items()})
         t0 = time.perf_counter()
         try:
@@ -343,6 +354,9 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, n_startup_trials=min(8, trials))
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                 directions=["maximize", "maximize", "minimize"], sampler=sampler)
+    if not study.trials:
+        for seed_params in _seeds(budget, s.base.calibration is not None):
+            study.enqueue_trial(seed_params, skip_if_exists=True)
     t_start = time.perf_counter()
     done = [ft for ft in study.trials if ft.state == optuna.trial.TrialState.COMPLETE]
     for ft in done:  # resumed: the finished trials are known (their models in the cache)
@@ -365,6 +379,28 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         else:
             study.tell(ot, [t.metric, t.speedup if t.speedup == t.speedup else 0.0, t.size_bytes])
     return _finish(s, out, st, say)
+
+
+def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
+    """The first trials: the fixed recipes a user would try (``int8-dynamic``, ``int8-static``, all
+    settings at their declared defaults), so the search starts from — and can only improve on —
+    them; with a size budget, also channel pruning + int8 (what a size goal needs beyond int8)."""
+    def defaults(mode: str) -> dict[str, Any]:
+        d = {"quantize": mode, "per_channel": str(PER_CHANNEL.default), "keep_float": str(KEEP_FLOAT.default),
+             "prune_mode": "none"}
+        if calibrated:
+            d["smooth_quant"] = str(SMOOTH_QUANT.default)
+        if mode == "static":
+            d.update(calibration_method=str(CALIBRATION_METHOD.default), bias_correction=str(BIAS_CORRECTION.default),
+                     equalize=str(EQUALIZE.default))
+        return d
+
+    seeds = [defaults("dynamic")] + ([defaults("static")] if calibrated else [])
+    if budget.max_size_mb is not None:
+        mode = "static" if calibrated else "dynamic"
+        for ratio in (0.5, 0.3):
+            seeds.append({**defaults(mode), "prune_mode": "channel", "prune": ratio, "prune_round_to": "1"})
+    return seeds
 
 
 def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say) -> _Search:
@@ -414,11 +450,39 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     s = _Search(model, budget, base, st, search, final, lab_s, lab_f, 0.0, ref_s, ref_f, bench_data,
                 model.stat().st_size, cache=cache, data_key=data_key, say=say)
     s.fp32_metric = measure(budget, model, ref_s, search, lab_s)
+    s.sensitivity = _sensitivity(s, say)
     return s
+
+
+def _sensitivity(s: _Search, say) -> list[tuple[str, float]]:
+    """Per node, the int8 output SQNR (dB) one quantization measures (static with calibration
+    data, else dynamic); lowest first. It orders the fallback sets the search tries
+    (``keep_float``). Cached in the state folder."""
+    from .api import optimize
+
+    f = s.state / "sensitivity.json"
+    if f.exists():
+        try:
+            return [tuple(x) for x in json.loads(f.read_text())]
+        except (ValueError, TypeError):
+            pass
+    say("tune: per-node int8 sensitivity")
+    try:
+        res = optimize(s.model, None, replace(s.base, quantize="static"))
+    except OnnxCompressError:
+        return []
+    sq: dict[str, float] = {}
+    for p in res.report.get("passes", []):
+        sq.update({k: float(v) for k, v in (p.get("counts", {}).get("node_sqnr_db") or {}).items()})
+    out = sorted(sq.items(), key=lambda kv: kv[1])
+    f.write_text(json.dumps(out))
+    return out
 
 
 def _describe(chosen: dict[str, Any]) -> str:
     parts = [f"{chosen.get('quantize') or 'fp32'}"]
+    if chosen.get("keep_float"):
+        parts[0] += f" ({chosen['keep_float']} in float)"
     if chosen.get("prune_mode"):
         parts.append(f"{chosen['prune_mode']} prune" + (f" {chosen['prune']:.2f}" if chosen.get("prune") else ""))
     return ", ".join(parts)
@@ -484,6 +548,7 @@ def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
         "trials": [{k: v for k, v in t.__dict__.items() if k != "recipe_toml"} for t in s.trials],
         "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
         "fp32_size_bytes": s.fp32_size,
+        "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2)} for n, v in s.sensitivity],
     }
     (st / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return TuneResult(out, chosen, s.trials, report, met=not failed)

@@ -96,3 +96,13 @@ def test_user_metric(tmp_path, monkeypatch):
     assert res.met and all(t.error is None for t in res.trials)
     with pytest.raises(Exception, match="cannot import"):
         tune(M, tmp_path / "v.onnx", Budget(metric="python:no_such_module:f"), calibration=C, validation=V, trials=1)
+
+
+def test_digits_size_budget_is_met_by_pruning_and_int8(tmp_path):
+    """fp32 is 189 KB and int8 alone 52 KB: 30 KB at most 0.5 pp accuracy lost needs channel
+    pruning and int8 together (the size budget seeds them among the first trials)."""
+    res = tune(M, tmp_path / "s.onnx", Budget(metric="accuracy", max_drop=0.5, max_size_mb=0.03), calibration=C,
+               validation=V, trials=4)
+    assert res.met, res.report["failed"]
+    assert (tmp_path / "s.onnx").stat().st_size <= 30_000 and res.chosen.drop <= 0.5
+    assert res.report["held_out"]["drop"] <= 1.0
