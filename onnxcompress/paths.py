@@ -5,7 +5,8 @@ Rules (the same for the CLI and the Python API):
 * an input (model, its external data, calibration/validation files, a recipe) must be a
   regular file — a FIFO or a device would block or never end (:func:`check_input_file`);
 * an output (model, its ``.data``, ``--report``, ``--html``) is a new path or an existing
-  regular file in a writable folder — never a FIFO, a device or a folder
+  regular file in a writable folder — never a FIFO, a device, a folder or a symbolic link (the
+  atomic rename would replace the link: ``--html /dev/stdout`` would replace ``/dev/stdout``)
   (:func:`check_output_file`);
 * every output differs from every input and from every other output, including through links
   (:func:`check_distinct`).
@@ -64,11 +65,14 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     """
     p = Path(path)
     try:
-        st = p.stat()
+        st = p.lstat()  # the path itself: a link is replaced by the write, not written through
     except FileNotFoundError:
         st = None
     except OSError as exc:
         raise PathError(f"{p}: cannot write the {what} there ({exc.strerror or exc})") from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise PathError(f"{p}: cannot write the {what} there (a symbolic link: the write would replace the link; "
+                        "give the real path)")
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise PathError(f"{p}: cannot write the {what} there ({_kind(st.st_mode)}; outputs are regular files "
                         "or new paths)")

@@ -180,3 +180,16 @@ def test_unreadable_tensor_and_unsupported_opset_are_one_line_refusals(work):
                work / "digits_calib.npz", "-q")
     assert res.exit_code in (0, 2), res.output
     assert res.exit_code == 0 or len(res.output.strip().splitlines()) == 1
+
+
+def test_symlinked_outputs_are_refused(work):
+    """A rename onto a link replaces the link (``--html /dev/stdout`` would replace /dev/stdout): refused."""
+    target = work / "target.json"
+    link = work / "link.json"
+    link.symlink_to(target)
+    for flag in ("--report", "--html", "-o"):
+        args = ["optimize", work / "digits_cnn.onnx", "-q"] + (["-o", link] if flag == "-o" else
+                                                               ["-o", work / "q.onnx", flag, link])
+        res = _run(*args)
+        assert res.exit_code == 2 and "symbolic link" in res.output, (flag, res.output)
+        assert link.is_symlink() and not target.exists()
