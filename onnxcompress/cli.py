@@ -88,6 +88,8 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
     What runs is a recipe: the flags below (each a declared parameter), or --recipe FILE|NAME with
     the given flags overriding its fields (`onnxcompress recipe show ...` prints it)."""
     _setup_logging(quiet)
+    if not output.name or output.name in (".", ".."):
+        _fail(OnnxCompressError(f"-o {str(output)!r}: give an output file path"))
     try:
         rec = effective_recipe(recipe, given(flags))
     except OnnxCompressError as exc:

@@ -120,6 +120,10 @@ class Stage:
         return STAGES[self.name]
 
 
+#: a recipe's most stages (each stage runs the model through its checks: a longer list is a mistake
+#: or an attack, not a recipe)
+MAX_STAGES = 32
+
 _SECTIONS = {"gates": Gates, "data": DataSettings, "scope": ScopeSettings, "output": OutputSettings}
 #: the recipe's sections and their declared parameters (``recipe params`` lists them)
 SECTIONS = {**_SECTIONS, "data.image": ImageSpec, "gates.outputs.NAME": OutputGates}
@@ -139,7 +143,13 @@ class Recipe:
     notes: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def check(self) -> None:
-        """Check every value against its declaration; raise :class:`RecipeError`."""
+        """Check every value against its declaration, and the stage list: at most
+        :data:`MAX_STAGES` stages and one int8 stage. Raises :class:`RecipeError`."""
+        if len(self.stages) > MAX_STAGES:
+            raise RecipeError(f"{len(self.stages)} stages: a recipe has at most {MAX_STAGES}")
+        int8 = [s.name for s in self.stages if s.spec.int8]
+        if len(int8) > 1:
+            raise RecipeError(f"more than one int8 stage ({', '.join(int8)}): a recipe quantizes once")
         try:
             for st in self.stages:
                 P.check(st.config, f"stage '{st.name}'")
@@ -244,7 +254,10 @@ class Recipe:
         if not isinstance(desc, str):
             raise RecipeError(f"{where}: 'description' must be a string")
         r = cls(stages=stages, description=desc, **sections)
-        r.check()
+        try:
+            r.check()
+        except RecipeError as exc:
+            raise RecipeError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
         return r
 
     def to_toml(self) -> str:

@@ -154,7 +154,19 @@ def measure(budget: Budget, model_path: Path, ref_outputs, feeds, labels) -> flo
 
     sess = make_session(str(model_path), optimize=True)
     if budget.metric.startswith("python:"):
-        return float(_user_metric(budget.metric)(sess, feeds))
+        fn = _user_metric(budget.metric)
+        try:
+            value = fn(sess, feeds)
+        except BaseException as exc:  # the user's code: SystemExit and all, one line
+            raise OnnxCompressError(f"--metric {budget.metric} raised {type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        try:
+            value = float(value)
+        except (TypeError, ValueError, OverflowError):
+            value = float("nan")
+        if not math.isfinite(value):
+            raise OnnxCompressError(f"--metric {budget.metric} returned {value!r}, not a finite number")
+        return value
     outs = run_samples(sess, feeds)
     first = sess.get_outputs()[0].name
     if budget.metric == "accuracy":
@@ -219,6 +231,73 @@ def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str]
     if k:
         chosen["exclude_nodes"] = tuple(sensitive[:k])
     return replace(base, **chosen)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a state file atomically (a private temporary file renamed over it: never written
+    through a link, never half-written)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+#: what the state folder holds (checked before any work: regular files or new, none an input)
+STATE_FILES = ("study.db", "cache.json", "sensitivity.json", "timing.npz", "report.json", "chosen.toml")
+STATE_DIRS = ("trials", "pareto")
+
+
+def _check_state(st: Path, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Refuse a state folder that is not a folder, holds a non-regular file or a link where a
+    state file goes, or where a state file is an input or another output.
+
+    Raises:
+        OnnxCompressError: one line naming the path.
+    """
+    from .paths import check_distinct, check_output_file
+
+    if st.exists() and (st.is_symlink() or not st.is_dir()):
+        raise OnnxCompressError(f"{st}: the tune state folder is not a folder; give --resume a folder")
+    if not st.exists():
+        check_output_file(st, "tune state folder")
+    for d in STATE_DIRS:
+        p = st / d
+        if p.exists() and (p.is_symlink() or not p.is_dir()):
+            raise OnnxCompressError(f"{p}: expected a folder of the tune state; remove it or use another --resume")
+    state = {f"tune state file {f}": st / f for f in STATE_FILES}
+    if st.exists():
+        for label, p in state.items():
+            check_output_file(p, label)
+    check_distinct({**state, **outputs}, {k: v for k, v in inputs.items() if v is not None and
+                                         not (isinstance(v, (str, Path)) and Path(v).is_dir())})
+    for label, v in inputs.items():
+        if isinstance(v, (str, Path)) and Path(v).exists() and st.exists():
+            try:
+                inside = Path(v).resolve().is_relative_to(st.resolve())
+            except (OSError, ValueError):
+                inside = False
+            if inside:
+                raise OnnxCompressError(f"{v}: the {label} is inside the tune state folder {st}, which tune "
+                                        "writes; keep inputs elsewhere")
+
+
+def _read_json(path: Path, default, kind: type):
+    """A state file's JSON, or ``default`` when it is missing or not what tune wrote (a corrupt
+    cache only costs re-evaluation)."""
+    if not path.exists():
+        return default
+    try:
+        v = json.loads(path.read_text())
+    except (ValueError, OSError, UnicodeDecodeError):
+        return default
+    return v if isinstance(v, kind) else default
 
 
 def _key(*parts: Any) -> str:
@@ -304,7 +383,7 @@ class _Search:
         t.seconds = round(time.perf_counter() - t0, 2)
         t.violation = self.violation(t) if t.error is None else float("inf")
         self.cache[key] = {k: v for k, v in t.__dict__.items() if k not in ("number", "path")}
-        (self.state / "cache.json").write_text(json.dumps(self.cache, default=str))
+        _write_text(self.state / "cache.json", json.dumps(self.cache, default=str))
         return t
 
 
@@ -337,8 +416,19 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     budget.check()
     say = progress or (lambda s: None)
     out = Path(output)
+    if not out.name:
+        raise OnnxCompressError("-o: give an output file path")
     st = Path(state) if state is not None else out.with_name(out.name + ".tune")
-    (st / "trials").mkdir(parents=True, exist_ok=True)
+    from .model_io import check_output_path
+
+    _check_state(st, {"input model": model, "calibration data": calibration, "validation data": validation},
+                 {"-o": out, "-o's external data": out.with_name(out.name + ".data")})
+    check_output_path(out, tuple(Path(v) for v in (model, calibration, validation)
+                                 if isinstance(v, (str, Path)) and Path(v).is_file()))
+    try:
+        (st / "trials").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxCompressError(f"{st}: cannot create the tune state folder ({exc.strerror or exc})") from None
     s = _prepare(Path(model), budget, calibration, validation, st, say)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = "tune-" + s.data_key[:16]
@@ -352,8 +442,12 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     with warnings.catch_warnings():  # constraints_func: deprecated in Optuna 5, supported until 7
         warnings.simplefilter("ignore", FutureWarning)
         sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, n_startup_trials=min(8, trials))
-    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                                directions=["maximize", "maximize", "minimize"], sampler=sampler)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                    directions=["maximize", "maximize", "minimize"], sampler=sampler)
+    except Exception as exc:  # a corrupt or foreign study.db
+        raise OnnxCompressError(f"{st / 'study.db'}: not a tune study Optuna can open "
+                                f"({str(exc).splitlines()[0][:200]}); remove it or use another --resume folder") from None
     if not study.trials:
         for seed_params in _seeds(budget, s.base.calibration is not None):
             study.enqueue_trial(seed_params, skip_if_exists=True)
@@ -440,13 +534,18 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     ref_s, ref_f = run_samples(sess, search), run_samples(sess, final)
     del sess
     bench_data = st / "timing.npz"
-    np.savez(bench_data, **{f"{i}__{n}": a for i, f in enumerate(search[:8]) for n, a in f.items()})
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{f"{i}__{n}": a for i, f in enumerate(search[:8]) for n, a in f.items()})
+    tmp = st / ".timing.npz.tmp"
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(bench_data)
     data_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
                                                for f in [*calib, *val] for k, a in f.items())],
                     budget.__dict__)
     base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False)
-    cache_file = st / "cache.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    cache = {k: v for k, v in _read_json(st / "cache.json", {}, dict).items() if isinstance(v, dict)}
     s = _Search(model, budget, base, st, search, final, lab_s, lab_f, 0.0, ref_s, ref_f, bench_data,
                 model.stat().st_size, cache=cache, data_key=data_key, say=say)
     s.fp32_metric = measure(budget, model, ref_s, search, lab_s)
@@ -461,11 +560,10 @@ def _sensitivity(s: _Search, say) -> list[tuple[str, float]]:
     from .api import optimize
 
     f = s.state / "sensitivity.json"
-    if f.exists():
-        try:
-            return [tuple(x) for x in json.loads(f.read_text())]
-        except (ValueError, TypeError):
-            pass
+    known = _read_json(f, [], list)
+    if known and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+                     and isinstance(x[1], (int, float)) for x in known):
+        return [(n, float(v)) for n, v in known]
     say("tune: per-node int8 sensitivity")
     try:
         res = optimize(s.model, None, replace(s.base, quantize="static"))
@@ -475,7 +573,7 @@ def _sensitivity(s: _Search, say) -> list[tuple[str, float]]:
     for p in res.report.get("passes", []):
         sq.update({k: float(v) for k, v in (p.get("counts", {}).get("node_sqnr_db") or {}).items()})
     out = sorted(sq.items(), key=lambda kv: kv[1])
-    f.write_text(json.dumps(out))
+    _write_text(f, json.dumps(out))
     return out
 
 
@@ -537,8 +635,8 @@ def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
     shutil.rmtree(pdir, ignore_errors=True)
     pdir.mkdir()
     for t in pareto:
-        (pdir / f"trial{t.number:03d}.toml").write_text(t.recipe_toml)
-    (st / "chosen.toml").write_text(chosen.recipe_toml)
+        _write_text(pdir / f"trial{t.number:03d}.toml", t.recipe_toml)
+    _write_text(st / "chosen.toml", chosen.recipe_toml)
     failed = _failed(s, chosen)
     report = {
         "budget": s.budget.__dict__, "fp32_metric": s.fp32_metric, "chosen": chosen.number, "why": why,
@@ -550,7 +648,7 @@ def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
         "fp32_size_bytes": s.fp32_size,
         "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2)} for n, v in s.sensitivity],
     }
-    (st / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    _write_text(st / "report.json", json.dumps(report, indent=1, default=str))
     return TuneResult(out, chosen, s.trials, report, met=not failed)
 
 

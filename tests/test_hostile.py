@@ -182,6 +182,11 @@ def test_unreadable_tensor_and_unsupported_opset_are_one_line_refusals(work):
     assert res.exit_code == 0 or len(res.output.strip().splitlines()) == 1
 
 
+def test_empty_output_path_is_a_one_line_error(work):
+    res = _run("optimize", work / "digits_cnn.onnx", "-o", "")
+    assert res.exit_code == 2 and "give an output file path" in res.output
+
+
 def test_symlinked_outputs_are_refused(work):
     """A rename onto a link replaces the link (``--html /dev/stdout`` would replace /dev/stdout): refused."""
     target = work / "target.json"

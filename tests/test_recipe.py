@@ -116,6 +116,8 @@ def test_recipe_errors_name_file_and_key(tmp_path):
         "stages = 3": "must be an array of tables",
         "[[stages": "invalid TOML",
         "x = " + "[" * 3000 + "]" * 3000: "nested too deeply",
+        "[[stages]]\npass = 'fuse'\n" * 40: "at most 32",
+        "[[stages]]\npass = 'quantize-auto'\n" * 2: "more than one int8 stage",
     }
     for text, needle in bad.items():
         p = tmp_path / "r.toml"

@@ -106,3 +106,67 @@ def test_digits_size_budget_is_met_by_pruning_and_int8(tmp_path):
     assert res.met, res.report["failed"]
     assert (tmp_path / "s.onnx").stat().st_size <= 30_000 and res.chosen.drop <= 0.5
     assert res.report["held_out"]["drop"] <= 1.0
+
+
+def _tune_cli(*args):
+    res = runner.invoke(app, ["tune", str(M), "--calibration", str(C), "--trials", "1", "-q", *map(str, args)])
+    assert "Traceback" not in res.output
+    return res
+
+
+def test_hostile_state_folders_and_outputs_are_refused_and_inputs_survive(tmp_path):
+    import shutil
+
+    cal, val = tmp_path / "cal.npz", tmp_path / "val.npz"
+    shutil.copy(C, cal)
+    shutil.copy(V, val)
+    before = {p: p.read_bytes() for p in (cal, val)}
+    # state files that are links to the inputs
+    st = tmp_path / "s.onnx.tune"
+    st.mkdir()
+    (st / "report.json").symlink_to(val)
+    res = _tune_cli("-o", tmp_path / "s.onnx", "--validation", val, "--resume", st)
+    assert res.exit_code == 2 and "symbolic link" in res.output, res.output
+    # an input inside the state folder
+    st2 = tmp_path / "y.onnx.tune"
+    st2.mkdir()
+    shutil.copy(V, st2 / "timing.npz")
+    res = _tune_cli("-o", tmp_path / "y.onnx", "--validation", st2 / "timing.npz")
+    assert res.exit_code == 2 and "tune state" in res.output, res.output
+    # outputs colliding with the state, a FIFO in it, a state "folder" that is a file
+    st3 = tmp_path / "z"
+    st3.mkdir()
+    res = _tune_cli("-o", st3 / "study.db", "--validation", val, "--resume", st3)
+    assert res.exit_code == 2, res.output
+    os.mkfifo(st3 / "report.json")
+    res = _tune_cli("-o", tmp_path / "z.onnx", "--validation", val, "--resume", st3)
+    assert res.exit_code == 2 and "FIFO" in res.output, res.output
+    res = _tune_cli("-o", tmp_path / "w.onnx", "--validation", val, "--resume", cal)
+    assert res.exit_code == 2 and "not a folder" in res.output, res.output
+    # a corrupt study database: one line naming it
+    st4 = tmp_path / "g"
+    st4.mkdir()
+    (st4 / "study.db").write_bytes(b"not a database" * 100)
+    res = _tune_cli("-o", tmp_path / "g.onnx", "--validation", val, "--resume", st4)
+    assert res.exit_code == 2 and "study.db" in res.output, res.output
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_a_corrupt_cache_only_costs_re_evaluation(tmp_path):
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "cache.json").write_text("[]")
+    (st / "sensitivity.json").write_text("[[1, 2, 3]]")
+    res = tune(M, tmp_path / "c.onnx", Budget(max_drop=5.0), calibration=C, validation=V, trials=1, state=st)
+    assert res.output.exists() and isinstance(json.loads((st / "cache.json").read_text()), dict)
+
+
+def test_user_metric_failures_are_one_line_errors(tmp_path, monkeypatch):
+    (tmp_path / "badmetric.py").write_text(
+        "def boom(session, feeds):\n    raise RuntimeError('no')\n"
+        "def nan(session, feeds):\n    return float('nan')\n"
+        "def leave(session, feeds):\n    raise SystemExit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for fn, needle in (("boom", "raised RuntimeError"), ("nan", "not a finite number"), ("leave", "raised SystemExit")):
+        res = _tune_cli("-o", tmp_path / f"{fn}.onnx", "--validation", V, "--metric", f"python:badmetric:{fn}")
+        assert res.exit_code == 2 and needle in res.output, (fn, res.output)
