@@ -94,9 +94,15 @@ def zoo(
 
     Exit code: 0 all tasks ok, 1 some task failed, 2 bad manifest or arguments (or refused fetch).
     """
+    import math
+
     from .zoo import run_zoo
 
     _setup_logging(quiet)
+    for flag, v, ok in (("--jobs", jobs, lambda x: x >= 1), ("--timeout-s", timeout_s, lambda x: math.isfinite(x) and x >= 0),
+                        ("--threads", threads, lambda x: x >= 1), ("--memory-limit-mb", memory_limit_mb, lambda x: x >= 0)):
+        if v is not None and not ok(v):
+            _fail(OnnxCompressError(f"{flag} {v}: out of range"))
     live = _Live(quiet)
     t0 = time.perf_counter()
     try:
