@@ -64,7 +64,7 @@ def bench(
     warmup: int = typer.Option(5, "--warmup", help="Untimed runs per model first."),
     runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per model."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed runs per provider x batch (default 10 when --runs is not given)."),
-    block: Optional[int] = typer.Option(None, "--block", help="Timed runs of one model in a row per turn, after one untimed switch run (default: ~250 ms of the first model's runs, 2-10; 1: A B C A B C run by run)."),
+    block: Optional[int] = typer.Option(None, "--block", help="Timed runs of one model in a row per turn, after one untimed switch run. Default: blocks of ~250 ms of the first model's runs (2-10 runs: AAA BBB CCC AAA ...), which keeps caches warm per model; 1: run by run (A B C A B C), which README explains is misleading for small models."),
     data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npz, README format); default: synthesized."),
     shape: List[str] = typer.Option([], "--shape", help="NAME=1x3x224x224 for a synthesized input's symbolic dims (repeatable)."),
     profile: bool = typer.Option(False, "--profile", help="ORT profiler: top ops by time and node placement per provider."),
@@ -75,7 +75,7 @@ def bench(
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib, jinja2)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors (and --report/--html files)."),
 ):
-    """Time models interleaved (A B C A B C ..., --block runs per turn) with ONNX Runtime: latency, throughput, memory, ratios."""
+    """Time models interleaved in blocks (AAA BBB CCC AAA ..., see --block) with ONNX Runtime: latency, throughput, memory, ratios against the first model."""
     try:
         batches = [int(b) for item in batch for b in item.split(",") if b.strip()]
     except ValueError:
@@ -111,7 +111,8 @@ def _render_group(g) -> None:
     first = g.models[0].label
     prov = g.provider.replace("ExecutionProvider", "")
     t = Table(title=f"{prov}, batch {g.batch}: latency over {g.rounds} timed runs per model, interleaved in blocks (ratio vs {first})")
-    for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "ratio [95 % CI]"):
+    for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s",
+                f"latency ratio vs {first} [95 % CI] (lower is faster)", "speed-up"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for m in g.models:
         lat = m.latency
@@ -120,10 +121,10 @@ def _render_group(g) -> None:
                   _ratio(m.throughput, ".1f"),
                   # the bootstrap interval is not symmetric around the ratio: print its ends
                   (f"{m.latency_ratio:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{m.latency_ratio:.3f}")
-                  if m.latency_ratio else "-")
+                  if m.latency_ratio else "-", f"{1 / m.latency_ratio:.2f}x" if m.latency_ratio else "-")
     out_console.print(t)
     r = Table(title=f"{prov}, batch {g.batch}: size and memory (ratio vs {first})")
-    for col in ("model", "file size", "ratio", "peak RSS", "ratio", "session ms"):
+    for col in ("model", "file size", "ratio", "peak RSS above baseline", "ratio", "session ms"):
         r.add_column(col, justify="left" if col == "model" else "right")
     for m in g.models:
         r.add_row(m.label, _fmt_bytes(m.file_bytes), _ratio(m.size_ratio), _fmt_bytes(m.peak_rss_bytes),
