@@ -709,3 +709,19 @@ min_sqnr_db = false
     b = mf.recipe_for("digits", "based")
     assert b.data.max_calibration_samples == 32 and b.gates.min_cosine == 0.9
     assert b.to_dict()["stages"][-1]["min_sqnr_db"] is False
+
+
+def test_a_rerun_repairs_an_interrupted_fetch(zoo_dir):
+    """The model file arrived but the data step died: the next run fetches again (the data is
+    missing), instead of failing every task with "calibration data not found"."""
+    (zoo_dir / "cache").mkdir()
+    shutil.copy(zoo_dir / "mlp_a.onnx", zoo_dir / "cache" / "m.onnx")  # what the interrupted fetch left
+    p = _manifest(zoo_dir, """
+        [models.m]
+        path = "cache/m.onnx"
+        calibration = "cache/m.npz"
+        fetch = [["{python}", "-c", "import shutil; shutil.copy('mlp_a.npz', 'cache/m.npz')"]]
+        """, defaults='recipes = ["fuse"]')
+    res = run_zoo(p, zoo_dir / "out", jobs=1)
+    assert [r["status"] for r in res.rows] == ["ok"], res.rows
+    assert (zoo_dir / "cache" / "m.npz").is_file()

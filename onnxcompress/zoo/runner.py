@@ -292,15 +292,25 @@ def fetch_refusal(manifest: Path) -> str | None:
     return None
 
 
+def _missing(m) -> list[Path]:
+    """The model's files that do not exist yet: the model, its calibration and validation data
+    (a fetch interrupted after the model was written leaves the data missing)."""
+    return [p for p in (m.path, m.calibration, m.validation) if p is not None and not p.exists()]
+
+
 def _fetch(mf: Manifest, name: str, logs: Path, no_fetch: bool = False) -> str | None:
-    """Run a model's fetch commands when its file is missing; return an error or ``None``."""
+    """Run a model's fetch commands when its model file or its data is missing (so a rerun
+    repairs an interrupted fetch); return an error or ``None``."""
     m = mf.models[name]
-    if m.path.is_file():
+    missing = _missing(m)
+    if not missing:
         return None
+    what = ("model file" if missing[0] == m.path else "calibration data" if missing[0] == m.calibration
+            else "validation data")
     if not m.fetch:
-        return f"model file not found: {m.path} (and the manifest gives no 'fetch' command for it)"
+        return f"{what} not found: {missing[0]} (and the manifest gives no 'fetch' command for it)"
     if no_fetch:
-        return f"model file not found: {m.path} (its 'fetch' commands were not run: --no-fetch)"
+        return f"{what} not found: {missing[0]} (its 'fetch' commands were not run: --no-fetch)"
     log = logs / f"{name}.fetch.log"
     with open(log, "w") as f:
         for cmd in m.fetch:
@@ -314,8 +324,9 @@ def _fetch(mf: Manifest, name: str, logs: Path, no_fetch: bool = False) -> str |
             if rc != 0:
                 lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
                 return f"fetch failed (exit {rc}): {' '.join(cmd)}: {lines[-1][-200:] if lines else ''} (log: {log})"
-    if not m.path.is_file():
-        return f"fetch ran but {m.path} still does not exist (log: {log})"
+    still = _missing(m)
+    if still:
+        return f"fetch ran but {still[0]} still does not exist (log: {log})"
     return None
 
 
@@ -456,7 +467,7 @@ def run_zoo(
     if allow_fetch and no_fetch:
         raise ZooRunError("--allow-fetch and --no-fetch exclude each other")
     if not no_fetch and not allow_fetch and any(
-            not mf.models[n].path.exists() and mf.models[n].fetch for n in dict.fromkeys(m for m, _ in tasks)):
+            _missing(mf.models[n]) and mf.models[n].fetch for n in dict.fromkeys(m for m, _ in tasks)):
         why = fetch_refusal(mf.path)
         if why:
             raise ZooRunError(f"{mf.path}: refusing to run its 'fetch' commands: {why} (a manifest is code: "
