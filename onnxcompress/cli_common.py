@@ -25,6 +25,27 @@ if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH") and not os.e
     # piped --help (less, files, CI logs): 120 columns, so option names are not cut to "--calibration-m…"
     typer.rich_utils.MAX_WIDTH = 120
 
+def _no_flag_metavar() -> None:
+    """Flags (``--quiet``, ``--per-channel/--per-tensor``) take no value: typer's help shows a
+    ``<bool>`` type column for them anyway, which reads as if a value were expected. typer has no
+    setting for it; its help renderer asks ``display_type_rich``, so flags answer "nothing"."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - another typer layout: keep its help as it is
+        return
+    orig = getattr(TyperOption, "display_type_rich", None)
+    if orig is None or getattr(orig, "_onnxcompress", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else orig(self, ctx)
+
+    display_type_rich._onnxcompress = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_flag_metavar()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Make trained ONNX models smaller and faster, validated by ONNX Runtime.")
 # Piped output (CI logs, files) gets 120 columns so numbers are not wrapped mid-value.
