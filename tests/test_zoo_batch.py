@@ -725,3 +725,15 @@ def test_a_rerun_repairs_an_interrupted_fetch(zoo_dir):
     res = run_zoo(p, zoo_dir / "out", jobs=1)
     assert [r["status"] for r in res.rows] == ["ok"], res.rows
     assert (zoo_dir / "cache" / "m.npz").is_file()
+
+
+def test_fetch_failure_names_the_cause_not_the_last_line(zoo_dir):
+    p = _manifest(zoo_dir, """
+        [models.m]
+        path = "cache/m.onnx"
+        fetch = [["{python}", "-c", "import sys; print('starting'); sys.stderr.write('ModuleNotFoundError: No module named \\\\'cv2\\\\'\\\\n'); print('done in 0.6 s'); sys.exit(1)"]]
+        """, defaults='recipes = ["fuse"]')
+    res = run_zoo(p, zoo_dir / "out", jobs=1)
+    err = res.rows[0]["error"]
+    assert "No module named 'cv2'" in err and "[zoo]" in err, err
+    assert err.count("done in 0.6 s") == 1  # only in the echoed command, not as the reason

@@ -292,6 +292,25 @@ def fetch_refusal(manifest: Path) -> str | None:
     return None
 
 
+def failure_cause(log: Path) -> str:
+    """The line of a failed command's log that says why: the last exception or error line (not
+    the last line, which is often a "done in 0.6 s"), with the fix when it is known."""
+    import re
+
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    pat = re.compile(r"(^\w*(Error|Exception|Exit)\b|Error:|error:|^E\s)")
+    cause = next((ln for ln in reversed(lines) if pat.search(ln)), lines[-1] if lines else "")
+    m = re.search(r"No module named '([\w.]+)'", cause)
+    if m:
+        cause += (f" (install what the zoo needs: pip install -e '.[zoo]' torch=={_TORCH}; "
+                  f"'{m.group(1).split('.')[0]}' is missing)")
+    return cause[-300:]
+
+
+#: the CPU build of torch the zoo's fetch scripts use (README: pip install torch==...)
+_TORCH = "2.13.0"
+
+
 def _missing(m) -> list[Path]:
     """The model's files that do not exist yet: the model, its calibration and validation data
     (a fetch interrupted after the model was written leaves the data missing)."""
@@ -322,8 +341,7 @@ def _fetch(mf: Manifest, name: str, logs: Path, no_fetch: bool = False) -> str |
             except (OSError, subprocess.TimeoutExpired) as exc:
                 return f"fetch failed: {' '.join(cmd)}: {exc} (log: {log})"
             if rc != 0:
-                lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-                return f"fetch failed (exit {rc}): {' '.join(cmd)}: {lines[-1][-200:] if lines else ''} (log: {log})"
+                return f"fetch failed (exit {rc}): {' '.join(cmd)}: {failure_cause(log)} (log: {log})"
     still = _missing(m)
     if still:
         return f"fetch ran but {still[0]} still does not exist (log: {log})"
