@@ -737,3 +737,15 @@ def test_fetch_failure_names_the_cause_not_the_last_line(zoo_dir):
     err = res.rows[0]["error"]
     assert "No module named 'cv2'" in err and "[zoo]" in err, err
     assert err.count("done in 0.6 s") == 1  # only in the echoed command, not as the reason
+
+
+def test_report_tells_gated_from_ungated_results(zoo_dir):
+    recipes = RECIPES + """
+[recipes.gated]
+quantize = "dynamic"
+min_cosine = 0.9
+"""
+    p = _manifest(zoo_dir, MLPS, recipes=recipes, defaults='recipes = ["dyn", "gated"]')
+    res = run_zoo(p, zoo_dir / "out", jobs=1)
+    md = res.paths["md"].read_text() if "md" in res.paths else (zoo_dir / "out" / "zoo_report.md").read_text()
+    assert "written (no gate)" in md and "ok (gates held)" in md

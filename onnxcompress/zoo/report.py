@@ -54,8 +54,11 @@ HEAD = ["model", "recipe", "status", "MB before→after", "× smaller", "ms befo
 
 
 def _status(r: dict) -> str:
+    """``ok (gates held)`` when the recipe's gates judged the model, ``written (no gate)`` when the
+    recipe set none (written and valid, but nobody said it is good enough), or the failure."""
     if r["status"] == "ok":
-        return "ok" if r.get("ran") else "ok (cached)"
+        what = "ok (gates held)" if r.get("gated") else "written (no gate)"
+        return what if r.get("ran") else f"{what} (cached)"
     return f"FAILED ({r.get('kind') or 'error'})" + ("" if r.get("ran") else " (cached)")
 
 

@@ -29,6 +29,8 @@ def summarize_report(rep: dict) -> dict[str, Any]:
         "compressed_bytes_before": before.get("compressed_bytes"), "compressed_bytes_after": after.get("compressed_bytes"),
         "nodes_before": before.get("n_nodes"), "nodes_after": after.get("n_nodes"),
         "sparsity_pct_after": after.get("sparsity_pct"),
+        # gates the recipe set and that held: "ok" means judged good, not only written
+        "gated": bool([g for g in rep.get("gates") or [] if g.get("passed")]),
     }
     val = (rep.get("validation") or [{}])[0]
     outs = val.get("outputs", []) or []
