@@ -91,6 +91,8 @@ class _Run:
     in_files: list = field(default_factory=list)  # those and the data files: never overwritten
     #: how passes are checked when no inputs run: "runtime" (checker + ORT load) or "checker"
     structural: str | None = None
+    #: the input's outputs on the check samples (the probe's), reused by the first pass check
+    probe_ref: list | None = None
 
     def say(self, msg: str) -> None:
         """A stage starts: its time and peak memory go to ``report["cost"]``."""
@@ -295,6 +297,10 @@ def _probe(run: _Run, original: ir.Model, calib, val):
     (which needs the model to run) asks for data. Data the user gave must run: else a one-line
     :class:`DataError` naming ONNX Runtime's complaint.
 
+    The probe runs the check samples (``calib[:4]``) and one validation sample; the check
+    samples' outputs become the first per-pass check's reference (``run.probe_ref``), so the
+    probe costs one forward pass more than no probe.
+
     Returns:
         ``(calib, val)``: as given, or both empty when generated inputs do not run.
     """
@@ -302,9 +308,10 @@ def _probe(run: _Run, original: ir.Model, calib, val):
 
     d = run.recipe.data
     given = d.calibration is not None or d.validation is not None
-    probe = ([*calib[:1], *val[:1]] if given else [*calib[:4], *val])
+    check = calib[:4]
     try:
-        reference_outputs(original, probe)
+        outs = reference_outputs(original, [*check, *val[:1]])
+        run.probe_ref = outs[: len(check)] if check else None
         return calib, val
     except Exception as exc:  # ORT's refusal, whatever its type
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -399,9 +406,11 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
     r = run.recipe
     reports: list[PassReport] = []
     int8 = None
+    ref0, run.probe_ref = run.probe_ref, None  # the input's outputs: valid until the model changes
     if r.stage("fuse") is None:  # what every later pass expects, fused or not
-        model, reps = run_passes(model, prepare_passes(ctx), ctx.check_samples, structural=run.structural)
+        model, reps = run_passes(model, prepare_passes(ctx), ctx.check_samples, structural=run.structural, ref=ref0)
         reports += reps
+        ref0 = None
     for st in r.stages:
         spec = st.spec
         if spec.needs_data and r.data.calibration is None:
@@ -409,6 +418,7 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
             continue
         opset = model.opset_imports.get("", 1)
         if spec.min_opset and opset < spec.min_opset:
+            ref0 = None
             run.say(f"upgrading opset {opset} -> {spec.min_opset}")
             model, info = upgrade_opset(model, spec.min_opset, ctx.check_samples)
             run.report["opset_upgrade"] = info
@@ -421,7 +431,8 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
             ctx.cache = {}
         passes = spec.passes(st.config, ctx)
         model, reps = run_passes(model, passes, ctx.check_samples if spec.checked else [],
-                                 structural=run.structural if spec.checked else None)
+                                 structural=run.structural if spec.checked else None, ref=ref0 if spec.checked else None)
+        ref0 = None
         reports += [x for x in reps if not spec.quiet or x.changed or x.reverted]
         if spec.int8:
             if reps[0].reverted:

@@ -347,12 +347,13 @@ def _check(model: ir.Model, ref, samples, structural: str | None = None) -> tupl
 
 
 def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]], *,
-               structural: str | None = None) -> tuple[ir.Model, list[PassReport]]:
+               structural: str | None = None, ref: list | None = None) -> tuple[ir.Model, list[PassReport]]:
     """Run passes in order, checking each ``checked`` pass on ``samples``.
 
     ``structural`` (``"checker"`` or ``"runtime"``): without samples, checked passes are still
     checked, by ``onnx.checker`` (and an ONNX Runtime load): for models that cannot be run on
-    any inputs at hand.
+    any inputs at hand. ``ref``: the model's outputs on ``samples`` when already known (the
+    pipeline's probe), saving one run.
 
     A checked pass whose outputs deviate beyond its ``rtol`` from the model before it, that
     raises, or that leaves a model ONNX Runtime cannot run, is reverted; the report says why.
@@ -365,7 +366,7 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
         ``(model, reports)``; ``model`` may be a new object (a snapshot) when a pass was reverted.
     """
     reports: list[PassReport] = []
-    ref = None  # outputs of `model` as it stands, when known
+    # `ref`: outputs of `model` as it stands, when known
     i = 0
     while i < len(passes):
         if not passes[i].checked:
