@@ -207,7 +207,7 @@ def _write_chosen(inp, out: Path, recipe: Recipe, cands, chosen, summary, auto, 
     report["after"] = {**report.get("after", {}), "file_bytes": size,
                        "compressed_bytes": compressed_size([out, *external_data_files(out)])}
     report["output"] = str(out)
-    report["recipe"] = jsonable(_recipe_dict(recipe))
+    report["recipe"] = jsonable(recipe.report_dict())
     report["auto"] = jsonable(auto)
     others = [f"{m}: {summary[m].get('left_out') or summary[m].get('error') or ''}".rstrip(": ")
               for m in cands if m != chosen]
@@ -218,12 +218,3 @@ def _write_chosen(inp, out: Path, recipe: Recipe, cands, chosen, summary, auto, 
                                f"({summary[chosen]['latency_ms']} vs {auto['fp32_latency_ms']} ms): consider fp32")
     report["written"] = True
     return report
-
-
-def _recipe_dict(recipe: Recipe) -> dict:
-    from .recipe import RecipeError
-
-    try:
-        return recipe.to_dict()
-    except RecipeError:
-        return {"stages": [s.name for s in recipe.stages]}

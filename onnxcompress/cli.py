@@ -16,11 +16,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .cli_common import (_check_out_paths, _fail, _fmt_bytes, _setup_logging, _state, _warned,  # noqa: F401
+from .cli_common import (_bug, _check_out_paths, _fail, _fmt_bytes, _setup_logging, _state, _warned,  # noqa: F401
                          _write_json, app, console, out_console)
 from .api import optimize as api_optimize
 from .cli_flags import effective_recipe, given, with_flags
-from .errors import GateFailedError, InternalError, OnnxCompressError
+from .errors import GateFailedError, OnnxCompressError
 from .inspect import inspect_model
 
 @app.callback()
@@ -53,8 +53,7 @@ def inspect(
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:
-        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
-                            "run with --debug for the traceback and report it)"))
+        _bug(exc)
     if as_json:
         try:
             print(json.dumps(info, indent=2), flush=True)
@@ -95,8 +94,7 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:  # a bug: still one line unless --debug
-        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback "
-                            "and report it)"))
+        _bug(exc)
     _check_out_paths(report=report, html=html, inputs=_inputs(model, rec, recipe),
                      outputs={"-o": output, "the model's external data": output.with_name(output.name + ".data")})
     try:
@@ -116,8 +114,7 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
-        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
-                            "run with --debug for the traceback and report it)"))
+        _bug(exc)
     if report:
         _write_json(report, result.report)
     if html:

@@ -12,8 +12,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .bench import benchmark, parse_shapes, validate_models, write_json
-from .cli_common import _check_out_paths, _fail, _fmt_bytes, app, console, out_console
-from .errors import InternalError, OnnxCompressError
+from .cli_common import _bug, _check_out_paths, _fail, _fmt_bytes, app, console, out_console
+from .errors import OnnxCompressError
 
 
 @contextmanager
@@ -51,8 +51,7 @@ def _call(fn, *args, **kwargs):
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
-        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
-                            "run with --debug for the traceback and report it)"))
+        _bug(exc)
 
 
 @app.command()

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import OnnxCompressError
+from .errors import InternalError, OnnxCompressError
 
 if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH") and not os.environ.get("COLUMNS"):
     import typer.rich_utils
@@ -72,6 +72,14 @@ def _setup_logging(quiet: bool) -> None:
     log.setLevel(logging.WARNING)
 
 
+def _bug(exc: Exception) -> None:
+    """Fail on an exception that is not the input's fault: still one line (exit 1), unless --debug."""
+    if _state["debug"]:
+        raise exc
+    _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
+                        "run with --debug for the traceback and report it)"))
+
+
 def _fail(exc: Exception) -> None:
     if _state["debug"]:
         raise exc
@@ -112,21 +120,10 @@ def _check_out_paths(*, inputs: dict | None = None, outputs: dict | None = None,
 
 
 def _write_json(path: Path, rep: dict) -> None:
-    """Write ``rep`` as JSON atomically (a private temporary file in the same folder, renamed)."""
-    import tempfile
+    """Write ``rep`` as JSON atomically (:func:`onnxcompress.model_io.write_atomic`)."""
+    from .model_io import write_atomic
 
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(rep, indent=2, default=str))
-        from .model_io import _default_mode
-
-        _default_mode(tmp)
-        os.replace(tmp, path)
-        tmp = None
+        write_atomic(path, json.dumps(rep, indent=2, default=str))
     except OSError as exc:
         _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)

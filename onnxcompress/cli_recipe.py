@@ -12,9 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import params as P
-from .cli_common import _fail, app, out_console
+from .cli_common import _bug, _fail, app, out_console
 from .cli_flags import effective_recipe, given, with_flags
-from .errors import InternalError, OnnxCompressError
+from .errors import OnnxCompressError
 
 recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: what `optimize` runs, as TOML.")
 app.add_typer(recipe_app, name="recipe")
@@ -34,7 +34,7 @@ def _show(recipe: Optional[str], **flags):
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:  # a bug: still one line unless --debug
-        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+        _bug(exc)
     for n in rec.notes:
         text += f"# note: {n}\n"
     print(text, end="", flush=True)

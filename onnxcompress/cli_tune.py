@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import _check_out_paths, _fail, _setup_logging, _write_json, app, console, out_console
-from .errors import InternalError, OnnxCompressError
+from .cli_common import _bug, _check_out_paths, _fail, _setup_logging, _write_json, app, console, out_console
+from .errors import OnnxCompressError
 
 
 def _seconds(text: Optional[str]) -> Optional[float]:
@@ -66,7 +66,7 @@ def tune(
     except OnnxCompressError as exc:
         _fail(exc)
     except Exception as exc:  # a bug: one line unless --debug
-        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"))
+        _bug(exc)
     if report:
         _write_json(report, res.report)
     if not quiet:

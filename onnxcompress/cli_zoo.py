@@ -10,8 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from .cli_common import _fail, _setup_logging, app, console
-from .errors import InternalError, OnnxCompressError
+from .cli_common import _bug, _fail, _setup_logging, app, console
+from .errors import OnnxCompressError
 
 
 class _Live:
@@ -119,8 +119,7 @@ def zoo(
         raise typer.Exit(130)
     except Exception as exc:  # a bug: one line unless --debug
         live.stop()
-        _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
-                            "run with --debug for the traceback and report it)"))
+        _bug(exc)
     live.stop()
     c = res.report["counts"]
     if not quiet:

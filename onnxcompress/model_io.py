@@ -595,6 +595,26 @@ def _default_mode(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a small file (a report, a recipe, a state file) atomically: a private temporary file
+    in the same folder, given a plain file's permissions, renamed over ``path`` — never written
+    through a link, never left half-written.
+
+    Raises:
+        OSError: the folder cannot be written (nothing is left behind).
+    """
+    dest = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent if str(dest.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        _default_mode(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def model_size_bytes(model: ir.Model | onnx.ModelProto) -> int:
     """Size in bytes of the model serialized with its weights inline, computed from its skeleton
     and its tensors' sizes (nothing of the weights is serialized): what :func:`save_model` writes

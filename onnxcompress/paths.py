@@ -28,16 +28,14 @@ class PathError(OnnxCompressError):
     """An input or output path that must not be used (see the module docstring)."""
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
+#: what a file that is not a regular file is, by its ``stat`` type
+KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symbolic link"}
+
+
+def file_kind(mode: int) -> str:
+    """``"a FIFO"``, ``"a character device"``, ... for a ``st_mode`` (``"a special file"`` else)."""
+    return KINDS.get(stat.S_IFMT(mode), "a special file")
 
 
 def check_input_file(path: str | os.PathLike, what: str) -> Path:
@@ -52,7 +50,7 @@ def check_input_file(path: str | os.PathLike, what: str) -> Path:
     except OSError:
         raise PathError(f"{what} {p}: no such file") from None
     if not stat.S_ISREG(st.st_mode):
-        raise PathError(f"{what} {p}: {_kind(st.st_mode)}, not a regular file; refusing to read it")
+        raise PathError(f"{what} {p}: {file_kind(st.st_mode)}, not a regular file; refusing to read it")
     return p
 
 
@@ -74,7 +72,7 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
         raise PathError(f"{p}: cannot write the {what} there (a symbolic link: the write would replace the link; "
                         "give the real path)")
     if st is not None and not stat.S_ISREG(st.st_mode):
-        raise PathError(f"{p}: cannot write the {what} there ({_kind(st.st_mode)}; outputs are regular files "
+        raise PathError(f"{p}: cannot write the {what} there ({file_kind(st.st_mode)}; outputs are regular files "
                         "or new paths)")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():

@@ -26,7 +26,6 @@ import onnx
 import onnx_ir as ir
 
 from . import __version__
-from . import params as P
 from .cost import StageMeter
 from .data import input_specs, load_image_folder, load_npz, random_samples, samples_from_arrays, split_holdout
 from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressError
@@ -373,10 +372,7 @@ def _note_unknown_names(run: _Run, original: ir.Model) -> None:
 
 def _report_head(run: _Run, original: ir.Model) -> dict[str, Any]:
     cpu = cpu_features()
-    try:
-        recipe = run.recipe.to_dict()
-    except RecipeError:  # data given as arrays: the recipe without them
-        recipe = {"stages": [{"pass": s.name, **P.to_dict(s.config)} for s in run.recipe.stages]}
+    recipe = run.recipe.report_dict()
     return {"tool": {"name": "onnxcompress", "version": __version__},
             "input": str(run.inp) if run.inp else "<in-memory model>",
             "output": str(run.out) if run.out else None, "recipe": _jsonable(recipe),

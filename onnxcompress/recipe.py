@@ -195,6 +195,14 @@ class Recipe:
         d["output"] = P.to_dict(self.output)
         return d
 
+    def report_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` for a report: with data given as arrays (which a file cannot hold), the
+        stages and their settings without the data."""
+        try:
+            return self.to_dict()
+        except RecipeError:
+            return {"stages": [{"pass": s.name, **P.to_dict(s.config)} for s in self.stages]}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "recipe", base: Path | None = None) -> "Recipe":
         """Build and check a recipe from a dict (a parsed TOML document).

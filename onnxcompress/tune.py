@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import DataError, GateFailedError, OnnxCompressError
+from .model_io import write_atomic
 from .options import EQUALIZE, PRUNE, PRUNE_MODE, QUANTIZE, SMOOTH_QUANT, OptimizeOptions
 from .params import Param
 from .passes.prune_channels import ROUND_TO
@@ -151,6 +152,7 @@ def measure(budget: Budget, model_path: Path, ref_outputs, feeds, labels) -> flo
     ``ref_outputs``: the fp32 model's outputs on ``feeds`` (first output used for top-1/cosine).
     """
     from .runtime import make_session, run_samples
+    from .validate import output_metrics
 
     sess = make_session(str(model_path), optimize=True)
     if budget.metric.startswith("python:"):
@@ -180,16 +182,9 @@ def measure(budget: Budget, model_path: Path, ref_outputs, feeds, labels) -> flo
         same = sum(int(np.sum(np.asarray(r).argmax(-1) == np.asarray(g).argmax(-1))) for r, g in zip(ref, got))
         n = sum(int(np.prod(np.asarray(r).shape[:-1])) for r in ref)
         return 100.0 * same / max(n, 1)
-    if budget.metric == "cosine":
-        cos = []
-        for r, g in zip(ref, got):
-            a, b = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
-            na, nb = np.linalg.norm(a), np.linalg.norm(b)
-            cos.append(float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(na == nb))
-        return 100.0 * min(cos)
-    worst = max(float(np.max(np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64))))
-                / max(float(np.max(np.abs(np.asarray(r, np.float64)))), 1e-12) for r, g in zip(ref, got))
-    return -100.0 * worst
+    # cosine and relative error as validation and the gates measure them (worst over samples)
+    m = output_metrics(first, ref, got)
+    return 100.0 * float(m.cosine) if budget.metric == "cosine" else -100.0 * float(m.max_rel_err)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -231,22 +226,6 @@ def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str]
     if k:
         chosen["exclude_nodes"] = tuple(sensitive[:k])
     return replace(base, **chosen)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a state file atomically (a private temporary file renamed over it: never written
-    through a link, never half-written)."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 #: what the state folder holds (checked before any work: regular files or new, none an input)
@@ -372,6 +351,8 @@ class _Search:
             t.path = str(path)
             t.size_bytes = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
             t.metric = measure(self.budget, path, self.ref_search, self.search_feeds, self.search_labels)
+            if not math.isfinite(t.metric):  # a broken candidate (non-finite outputs): no score to search on
+                raise OnnxCompressError(f"{self.budget.metric} of the result is not finite")
             t.drop = self.fp32_metric - t.metric
             g = benchmark([self.model, path], data=self.bench_data, duration=1.5, warmup=2, memory=False).groups[0]
             m = g.models[1]
@@ -383,7 +364,7 @@ class _Search:
         t.seconds = round(time.perf_counter() - t0, 2)
         t.violation = self.violation(t) if t.error is None else float("inf")
         self.cache[key] = {k: v for k, v in t.__dict__.items() if k not in ("number", "path")}
-        _write_text(self.state / "cache.json", json.dumps(self.cache, default=str))
+        write_atomic(self.state / "cache.json", json.dumps(self.cache, default=str))
         return t
 
 
@@ -500,7 +481,7 @@ def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
 def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say) -> _Search:
     """Data splits, the fp32 reference outputs and metric, the timing data."""
     from .model_io import load_model
-    from .pipeline import _Run, _samples
+    from .pipeline import _samples
     from .recipe import Recipe
     from .data import input_specs
 
@@ -538,9 +519,7 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
 
     buf = io.BytesIO()
     np.savez(buf, **{f"{i}__{n}": a for i, f in enumerate(search[:8]) for n, a in f.items()})
-    tmp = st / ".timing.npz.tmp"
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(bench_data)
+    write_atomic(bench_data, buf.getvalue())
     data_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
                                                for f in [*calib, *val] for k, a in f.items())],
                     budget.__dict__)
@@ -573,7 +552,7 @@ def _sensitivity(s: _Search, say) -> list[tuple[str, float]]:
     for p in res.report.get("passes", []):
         sq.update({k: float(v) for k, v in (p.get("counts", {}).get("node_sqnr_db") or {}).items()})
     out = sorted(sq.items(), key=lambda kv: kv[1])
-    _write_text(f, json.dumps(out))
+    write_atomic(f, json.dumps(out))
     return out
 
 
@@ -635,8 +614,8 @@ def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
     shutil.rmtree(pdir, ignore_errors=True)
     pdir.mkdir()
     for t in pareto:
-        _write_text(pdir / f"trial{t.number:03d}.toml", t.recipe_toml)
-    _write_text(st / "chosen.toml", chosen.recipe_toml)
+        write_atomic(pdir / f"trial{t.number:03d}.toml", t.recipe_toml)
+    write_atomic(st / "chosen.toml", chosen.recipe_toml)
     failed = _failed(s, chosen)
     report = {
         "budget": s.budget.__dict__, "fp32_metric": s.fp32_metric, "chosen": chosen.number, "why": why,
@@ -648,7 +627,7 @@ def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
         "fp32_size_bytes": s.fp32_size,
         "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2)} for n, v in s.sensitivity],
     }
-    _write_text(st / "report.json", json.dumps(report, indent=1, default=str))
+    write_atomic(st / "report.json", json.dumps(report, indent=1, default=str))
     return TuneResult(out, chosen, s.trials, report, met=not failed)
 
 

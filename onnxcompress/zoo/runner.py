@@ -44,6 +44,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import OnnxCompressError
+from ..paths import file_kind
 from .manifest import Manifest, load_manifest
 from .worker import CACHEABLE_FAILURES, execute_task, kill_all, prepare, write_json_atomic
 
@@ -64,8 +65,6 @@ class TaskInputError(OnnxCompressError):
     """One task's input cannot be hashed safely (not a regular file, unreadable): that task fails."""
 
 
-_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
 def check_input(path: Path, what: str, *, folder_ok: bool = False) -> str | None:
@@ -81,7 +80,7 @@ def check_input(path: Path, what: str, *, folder_ok: bool = False) -> str | None
     if stat.S_ISREG(mode) or (folder_ok and stat.S_ISDIR(mode)):
         return None
     return (f"{what} is not a regular file{' or folder' if folder_ok else ''} "
-            f"({_KINDS.get(stat.S_IFMT(mode), 'a special file')}): {path}")
+            f"({file_kind(mode)}): {path}")
 
 
 @dataclass
@@ -137,7 +136,7 @@ class _Hasher:
                 with open(fd, "rb") as f:
                     mode = os.fstat(fd).st_mode
                     if not stat.S_ISREG(mode):
-                        raise TaskInputError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'a special file')})"
+                        raise TaskInputError(f"not a regular file ({file_kind(mode)})"
                                              f": {path}")
                     try:
                         for block in iter(lambda: f.read(1 << 22), b""):
