@@ -5,7 +5,7 @@ Public API::
     from onnxcompress import optimize, OptimizeOptions, inspect_model, compare
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .api import OptimizeOptions, OptimizeResult, optimize  # noqa: E402
 from .errors import OnnxCompressError  # noqa: E402

@@ -2,15 +2,20 @@
 
 Dynamic always, static when calibration data is given (calibrating on random inputs is no basis
 for a choice). Each candidate is the recipe with its ``quantize-auto`` stage planned for one mode
-(:func:`onnxcompress.recipe.quantize_stages`), run through the whole pipeline (gates and fallback
-included) into a temporary folder beside the output. Among the candidates that passed the gates,
-those whose fidelity (:func:`fidelity`: worst-output cosine on the validation data) is within
-:data:`AUTO_COSINE_SLACK` of the best one's are timed together on the validation inputs with
-:func:`onnxcompress.bench.benchmark` (interleaved, the first requested provider; only when the
-target is this machine) and the fastest is written (atomically, after the usual checks) — if it
-is at least :data:`AUTO_SPEED_MARGIN` faster than the next; otherwise the more faithful one (then
-the smaller). On the zoo this picks the mode that meets each model's task goal (static:
-EfficientNet-Lite0, YOLOv8n; dynamic: PP-OCRv4 det/rec, PP-OCR cls, MiniLM; ``scripts/auto_zoo.py``).
+(:func:`onnxcompress.recipe.quantize_stages`), run through the whole pipeline (gates, default
+floor and fallback included) into a temporary folder beside the output.
+
+The choice is decided on the task: a candidate *keeps the answers* when it meets the user's gates,
+or — without gates — the default floor (:func:`onnxcompress.gates.floor`: top-1 agreement for
+class scores and index outputs, mean cosine for other outputs). The candidates that keep the
+answers are timed together on the validation inputs with :func:`onnxcompress.bench.benchmark`
+(interleaved, the first requested provider; only when the target is this machine) and the
+fastest is written (atomically, after the usual checks) — if it is at least
+:data:`AUTO_SPEED_MARGIN` faster than the next; otherwise the more faithful one (:func:`fidelity`,
+then the smaller). Only when no candidate keeps the answers (``--accept-degraded``, or no floor
+applies) does fidelity alone choose, within :data:`AUTO_COSINE_SLACK` of the best worst-output
+cosine. A worst-sample cosine window is the wrong test for logits: it left static's speed on the
+table on classifiers that kept 98.9 % top-1 (issue 18).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from .pipeline import OptimizeResult, _load_data, _Run, run
 from .runtime import cpu_features
 from .util import compressed_size, jsonable
 
-#: a candidate whose worst-output cosine is within this of the best one's keeps the answers
+#: when no candidate meets the task criterion: those whose worst-output cosine is within this of
+#: the best one's are timed
 AUTO_COSINE_SLACK = 0.01
 #: a candidate must be this much faster (median ratio) to win on speed; closer is a tie
 AUTO_SPEED_MARGIN = 1.05
@@ -47,6 +53,22 @@ def fidelity(report: dict) -> float:
         return min(cos)
     agree = [float(o["top1_agreement"]) / 100.0 for o in outs if o.get("top1_agreement") is not None]
     return min(agree) if agree else float("nan")
+
+
+def keeps_answers(report: dict) -> bool:
+    """Whether a candidate that was written meets the task criterion: every gate row (the user's
+    gates or the default floor) passed. ``False`` when nothing judged it."""
+    rows = report.get("gates") or []
+    return bool(rows) and all(g["passed"] for g in rows)
+
+
+def criterion(recipe: Recipe) -> str:
+    """The task criterion in words (for the report)."""
+    g = recipe.gates
+    if g.any:
+        return "your gates"
+    return (f"default floor: top-1 agreement >= {g.floor_top1_agreement:g} % for class scores, "
+            f"mean cosine >= {g.floor_mean_cosine:g} for other outputs")
 
 
 def candidate(recipe: Recipe, mode: str) -> Recipe:
@@ -89,9 +111,11 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
         cands = _run_candidates(inp, recipe, modes, tmp, say)
         ok = {m: c for m, c in cands.items() if c["passed"]}
         summary = {m: {"passed": c["passed"], "fidelity": fidelity(c["report"]) if c["report"] else None,
+                       "keeps_answers": keeps_answers(c["report"]) if c["passed"] else False,
                        "file_bytes": c["report"].get("after", {}).get("file_bytes"), "error": c.get("error")}
                    for m, c in cands.items()}
-        auto: dict[str, Any] = {"candidates": summary, "chosen": None, "fidelity": "worst-output cosine"}
+        auto: dict[str, Any] = {"candidates": summary, "chosen": None, "fidelity": "worst-output cosine",
+                                "criterion": criterion(recipe)}
         if not ok:
             _none_passed(cands, auto, out, t0)
         chosen, why = _choose(inp, recipe, modes, ok, summary, auto, tmp, say)
@@ -147,21 +171,29 @@ def _none_passed(cands, auto, out: Path, t0: float) -> None:
 
 
 def _choose(inp, recipe: Recipe, modes, ok, summary, auto, tmp: Path, say) -> tuple[str, str]:
-    """The mode to write and why: fidelity first (within the slack), then interleaved speed."""
+    """The mode to write and why: the candidates that keep the answers (task criterion) are timed;
+    when none does, fidelity (within the slack) first."""
     fid = {m: summary[m]["fidelity"] for m in ok}
     best = max((f for f in fid.values() if f == f), default=float("nan"))
-    keep = [m for m in ok if not (fid[m] < best - AUTO_COSINE_SLACK)]
-    for m in ok:
-        if m not in keep:
-            summary[m]["left_out"] = (f"fidelity {fid[m]:.5f} is more than {AUTO_COSINE_SLACK:g} below the best "
-                                      f"({best:.5f})")
+    keep = [m for m in ok if summary[m]["keeps_answers"]]
+    if keep:
+        for m in ok:
+            if m not in keep:
+                summary[m]["left_out"] = "misses the task criterion"
+    else:
+        keep = [m for m in ok if not (fid[m] < best - AUTO_COSINE_SLACK)]
+        for m in ok:
+            if m not in keep:
+                summary[m]["left_out"] = (f"fidelity {fid[m]:.5f} is more than {AUTO_COSINE_SLACK:g} below the best "
+                                          f"({best:.5f})")
     by_fidelity = sorted(keep, key=lambda m: (-(fid[m] if fid[m] == fid[m] else -1.0), summary[m]["file_bytes"] or 0))
     if len(modes) == 1:
         return by_fidelity[0], "static not tried (no --calibration data to calibrate on)"
     if len(ok) == 1:
         return by_fidelity[0], "the only mode that passed"
     if len(keep) == 1:
-        return by_fidelity[0], "the other lost more fidelity"
+        return by_fidelity[0], ("the only mode that keeps the answers" if summary[keep[0]]["keeps_answers"]
+                                else "the other lost more fidelity")
     target = recipe.stage("quantize-auto").config.target
     if target not in ("auto", cpu_features().int8_target):
         return by_fidelity[0], f"the more faithful one (target {target} is not this machine: no timing here)"
@@ -188,9 +220,10 @@ def _time(inp, recipe: Recipe, ok, keep, chosen, summary, auto, tmp: Path, say) 
     fastest = sorted(keep, key=lambda m: lat[m])
     if lat[fastest[1]] >= AUTO_SPEED_MARGIN * lat[fastest[0]]:
         chosen = fastest[0]
+        among = ("the modes that keep the answers" if summary[chosen]["keeps_answers"] else
+                 f"the modes within {AUTO_COSINE_SLACK:g} of the best fidelity")
         why = (f"fastest ({lat[chosen]:.4g} vs {lat[fastest[1]]:.4g} ms median, interleaved on "
-               f"{bench.groups[0].provider.replace('ExecutionProvider', '')}) of the modes within "
-               f"{AUTO_COSINE_SLACK:g} of the best fidelity")
+               f"{bench.groups[0].provider.replace('ExecutionProvider', '')}) of {among}")
     else:
         why = (f"speeds within {AUTO_SPEED_MARGIN - 1:.0%} of each other "
                f"({', '.join(f'{m} {lat[m]:.4g} ms' for m in keep)}): the more faithful one")

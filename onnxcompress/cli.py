@@ -218,6 +218,8 @@ def _render(rep: dict) -> None:
             desc = f"rel {float(o['max_rel_err']):.3g}, cos {float(o['cosine']):.5f}, SQNR {float(o['sqnr_db']):.1f} dB"
             if o.get("top1_agreement") is not None:
                 desc += f", top-1 {o['top1_agreement']:.1f} %"
+                if o.get("n_decisive") and o["n_decisive"] != v["n_samples"] and o.get("top1_agreement_decisive") is not None:
+                    desc += f" ({o['top1_agreement_decisive']:.1f} % of {o['n_decisive']} decisive)"
             t.add_row(f"fidelity {o['name']} ({prov}, n={v['n_samples']})", "", desc, "")
     out_console.print(t)
     p = Table(title="passes")

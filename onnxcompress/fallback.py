@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from .gates import evaluate as evaluate_gates, label as gate_label
+from .gates import label as gate_label
 from .passes.base import run_passes
 from .validate import validate_all
 
 logger = logging.getLogger("onnxcompress")
 
 
-def sensitive_fallback(run, original, int8, val, labels, providers):
+def sensitive_fallback(run, original, int8, val, labels, providers, judge):
     """Run the fallback rounds (see the module docstring).
 
     Args:
@@ -28,10 +28,13 @@ def sensitive_fallback(run, original, int8, val, labels, providers):
         original: the input model (validation reference).
         int8: ``pipeline._Int8``: the pre-int8 snapshot, the int8 stage, its context and reports.
         val, labels, providers: validation data and where to run it.
+        judge: ``validation -> (gate rows, passed)`` (the user's gates and the default floor).
 
     Returns:
         ``(model, reports, validation, gates, passed)`` of the last round (the first int8 model
-        when no round could run). ``run.report["fallback"]`` records every round.
+        when no round could run). ``run.report["fallback"]`` records every round and
+        ``float_weight_share``: the share of the quantized nodes' constant inputs (bytes, fp32)
+        that the last round kept in float.
     """
     g = run.recipe.gates
     sqnr: dict[str, float] = {}  # every int8 node: integer pass, QAttention, weight-only
@@ -53,8 +56,7 @@ def sensitive_fallback(run, original, int8, val, labels, providers):
             ctx = replace(int8.ctx, keep_float=excluded)
             model, reports = run_passes(int8.start.clone(), int8.stage.spec.passes(int8.stage.config, ctx), [])
             validation = validate_all(original, model, val, labels, providers, latency=False)
-            gates = evaluate_gates(g, validation)
-            passed = all(x["passed"] for x in gates)
+            gates, passed = judge(validation)
             rounds.append({"kept_in_float": list(excluded), "passed": passed,
                            "gates": {gate_label(x): x["value"] for x in gates}})
             if k == most:
@@ -65,8 +67,24 @@ def sensitive_fallback(run, original, int8, val, labels, providers):
     if not passed:
         run.note(f"fallback: the gates still fail with {len(rounds[-1]['kept_in_float']) if rounds else 0} "
                  f"of {len(order)} quantized nodes kept in float")
-    run.report["fallback"] = {"rounds": rounds, "kept_in_float": rounds[-1]["kept_in_float"] if rounds else [],
-                              "passed": passed, "node_sqnr_db": dict(sqnr)}
+    kept = rounds[-1]["kept_in_float"] if rounds else []
+    run.report["fallback"] = {"rounds": rounds, "kept_in_float": kept, "passed": passed, "node_sqnr_db": dict(sqnr),
+                              "float_weight_share": _weight_share(int8.start, kept, order)}
     if not rounds:
         return None
     return model, reports, validation, gates, passed
+
+
+def _weight_share(model, kept, quantized) -> float | None:
+    """Share of the constant-input bytes of the ``quantized`` nodes (names in ``model``) held by
+    the ``kept`` ones; ``None`` when those nodes have no constant inputs."""
+    by_name = {n.name: n for n in model.graph.all_nodes()} if model is not None else {}
+
+    def nbytes(name: str) -> int:
+        n = by_name.get(name)
+        if n is None:
+            return 0
+        return sum(v.const_value.size * 4 for v in n.inputs if v is not None and v.const_value is not None)
+
+    total = sum(nbytes(n) for n in quantized)
+    return round(sum(nbytes(n) for n in kept) / total, 4) if total else None

@@ -3,8 +3,20 @@
 Used by ``optimize`` (and its fallback and ``--quantize auto``) and by ``validate`` (through
 :func:`output_failures`). Limits come from :class:`onnxcompress.recipe.Gates`: global ones and,
 per output name, ``[gates.outputs.<name>]`` overrides. Float outputs are judged by
-``max_rel_error`` (max|Δ| / max|ref|, a fraction) and ``min_cosine``; index outputs (int32/int64)
-and class scores by ``min_top1_agreement`` (%, equal values for index outputs).
+``max_rel_error`` (max|Δ| / max|ref|, a fraction), ``min_cosine`` (worst sample) and
+``min_mean_cosine`` (mean over samples); index outputs (int32/int64) and class scores by
+``min_top1_agreement`` (%, equal values for index outputs).
+
+**The default floor** (:func:`floor`): a quantized model for which the user set no gate must
+still keep the task's answers on real validation data — top-1 agreement ≥
+``floor_top1_agreement`` (97 %) for class-score and index outputs (for class scores over the
+rows where the reference is decisive, :data:`onnxcompress.validate.DECISIVE_PROB`, when there are
+at least :data:`FLOOR_MIN_DECISIVE` of them: photo crops that show no ImageNet class flip between
+near-ties without losing an answer), mean cosine ≥
+``floor_mean_cosine`` (0.99) for the other float outputs (embeddings, maps, regressions). A
+worst-sample cosine is the wrong test for logits (a tie between two classes moves it without
+changing an answer); the top-1 agreement is the answer itself. ``accept_degraded`` writes a model
+that misses the floor anyway, the report saying so.
 """
 
 from __future__ import annotations
@@ -20,12 +32,23 @@ MAX_REL_ERROR = Param("max_rel_error", None, "Gate: max |Δ|/max|ref| per output
                       low=0.0, optional=True, flag="--max-rel-error")
 MIN_COSINE = Param("min_cosine", None, "Gate: minimum cosine similarity per output.", kind="float", low=-1.0,
                    high=1.0, optional=True, flag="--min-cosine")
+MIN_MEAN_COSINE = Param("min_mean_cosine", None, "Gate: minimum cosine similarity per output, averaged over the "
+                         "validation samples.", kind="float", low=-1.0, high=1.0, optional=True,
+                         flag="--min-mean-cosine")
 MIN_TOP1 = Param("min_top1_agreement", None, "Gate: minimum top-1 agreement in % (99 for 99 %).", kind="float",
                  low=1.0, high=100.0, low_open=True, optional=True, flag="--min-top1-agreement",
                  hint="a percentage: for 99 % write 99")
 FALLBACK = Param("fallback", True, "When a gate is missed after quantization, keep the least int8-friendly nodes in "
                  "float until it holds.", kind="bool", flag="--fallback/--no-fallback")
 MAX_FALLBACK_ROUNDS = Param("max_fallback_rounds", 6, "Most re-quantizations the fallback tries.", kind="int", low=0)
+FLOOR_TOP1 = Param("floor_top1_agreement", 97.0, "Default fidelity floor of a quantized model when no gate is set: "
+                   "top-1 agreement in % for class-score and index outputs (judged on real data only).",
+                   kind="float", low=1.0, high=100.0, low_open=True, hint="a percentage: for 97 % write 97")
+FLOOR_MEAN_COSINE = Param("floor_mean_cosine", 0.99, "Default fidelity floor of a quantized model when no gate is "
+                          "set: mean cosine over samples for the other float outputs.", kind="float", low=-1.0,
+                          high=1.0)
+ACCEPT_DEGRADED = Param("accept_degraded", False, "Write a quantized model even when it misses the default "
+                        "fidelity floor (the report's 'floor' says so).", kind="bool", flag="--accept-degraded")
 
 @dataclass
 class OutputGates:
@@ -34,6 +57,7 @@ class OutputGates:
     max_rel_error: float | None = MAX_REL_ERROR.field()
     min_cosine: float | None = MIN_COSINE.field()
     min_top1_agreement: float | None = MIN_TOP1.field()
+    min_mean_cosine: float | None = MIN_MEAN_COSINE.field()
 
 
 @dataclass
@@ -43,14 +67,18 @@ class Gates:
     max_rel_error: float | None = MAX_REL_ERROR.field()
     min_cosine: float | None = MIN_COSINE.field()
     min_top1_agreement: float | None = MIN_TOP1.field()
+    min_mean_cosine: float | None = MIN_MEAN_COSINE.field()
     fallback: bool = FALLBACK.field()
     max_fallback_rounds: int = MAX_FALLBACK_ROUNDS.field()
+    floor_top1_agreement: float = FLOOR_TOP1.field()
+    floor_mean_cosine: float = FLOOR_MEAN_COSINE.field()
+    accept_degraded: bool = ACCEPT_DEGRADED.field()
     outputs: dict[str, OutputGates] = field(default_factory=dict)
 
     def limits(self, output: str) -> OutputGates:
         """The limits that apply to ``output``."""
         o = self.outputs.get(output)
-        g = OutputGates(self.max_rel_error, self.min_cosine, self.min_top1_agreement)
+        g = OutputGates(self.max_rel_error, self.min_cosine, self.min_top1_agreement, self.min_mean_cosine)
         if o is not None:
             g = replace(g, **{k: v for k, v in dataclasses.asdict(o).items() if v is not None})
         return g
@@ -58,7 +86,7 @@ class Gates:
     @property
     def any(self) -> bool:
         """Whether any gate is set (globally or for one output)."""
-        lim = [self.max_rel_error, self.min_cosine, self.min_top1_agreement]
+        lim = [self.max_rel_error, self.min_cosine, self.min_top1_agreement, self.min_mean_cosine]
         lim += [v for o in self.outputs.values() for v in dataclasses.astuple(o)]
         return any(v is not None for v in lim)
 
@@ -67,7 +95,16 @@ class Gates:
 #: (gate name, limit field, metric key, worst-of, passes(value, limit))
 KINDS = (("max-rel-error", "max_rel_error", "max_rel_err", max, operator.le),
          ("min-cosine", "min_cosine", "cosine", min, operator.ge),
-         ("min-top1-agreement", "min_top1_agreement", "top1_agreement", min, operator.ge))
+         ("min-top1-agreement", "min_top1_agreement", "top1_agreement", min, operator.ge),
+         ("min-mean-cosine", "min_mean_cosine", "mean_cosine", min, operator.ge))
+
+
+def mean_cosine(o) -> float:
+    """An output's mean cosine over samples (its worst-sample cosine where no mean was measured:
+    outputs that could not be compared, reports of older versions)."""
+    get = o.get if isinstance(o, dict) else lambda k, d=None: getattr(o, k, d)
+    m = get("mean_cosine")
+    return float(m if m is not None else get("cosine"))
 
 
 def _judged(attr: str, o: dict) -> bool:
@@ -110,7 +147,7 @@ def evaluate(gates, validation: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "passed": False, "why": why})
                 continue
             for lim, outs in by_limit.items():
-                worst = worst_of(float(o[key]) for o in outs)
+                worst = worst_of(mean_cosine(o) if key == "mean_cosine" else float(o[key]) for o in outs)
                 row = {"gate": gate, "provider": v["provider"], "value": worst, "limit": lim,
                        "passed": bool(ok(worst, lim))}
                 if gates.outputs:
@@ -135,7 +172,40 @@ def output_failures(limits, m) -> list[str]:
         failed.append(f"max rel error {float(get('max_rel_err')):.4g} > {limits.max_rel_error:g}")
     if limits.min_cosine is not None and not get("integer") and float(get("cosine")) < limits.min_cosine:
         failed.append(f"cosine {float(get('cosine')):.6f} < {limits.min_cosine:g}")
+    if limits.min_mean_cosine is not None and not get("integer") and mean_cosine(m) < limits.min_mean_cosine:
+        failed.append(f"mean cosine {mean_cosine(m):.6f} < {limits.min_mean_cosine:g}")
     top1 = get("top1_agreement")
     if limits.min_top1_agreement is not None and top1 is not None and top1 < limits.min_top1_agreement:
         failed.append(f"top-1 {top1:.2f} % < {limits.min_top1_agreement:g} %")
     return failed
+
+
+#: the default floor judges class scores on their decisive rows when there are at least this many
+FLOOR_MIN_DECISIVE = 10
+
+
+def floor_top1(o) -> float:
+    """The top-1 agreement the floor reads for one output: over the decisive rows when there are
+    at least :data:`FLOOR_MIN_DECISIVE`, else over all rows."""
+    dec, n = o.get("top1_agreement_decisive"), o.get("n_decisive")
+    return float(dec if dec is not None and n is not None and n >= FLOOR_MIN_DECISIVE else o["top1_agreement"])
+
+
+def floor(gates: Gates, validation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The default floor's rows (see the module docstring), shaped like :func:`evaluate`'s with
+    ``"floor": True``: per provider, the worst top-1 agreement (:func:`floor_top1`) over the
+    outputs that have one (class scores, index outputs), and the worst mean cosine over the other
+    float outputs."""
+    rows = []
+    for v in validation:
+        top1 = [o for o in v["outputs"] if o.get("top1_agreement") is not None]
+        other = [o for o in v["outputs"] if o.get("top1_agreement") is None and not o.get("integer")]
+        for gate, outs, value, lim in (
+                ("floor-top1-agreement", top1, floor_top1, gates.floor_top1_agreement),
+                ("floor-mean-cosine", other, mean_cosine, gates.floor_mean_cosine)):
+            if outs:
+                worst = min(value(o) for o in outs)
+                rows.append({"gate": gate, "provider": v["provider"], "value": worst, "limit": lim,
+                             "passed": bool(worst >= lim), "floor": True,
+                             "outputs": [o.get("name", "") for o in outs]})
+    return rows

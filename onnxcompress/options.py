@@ -17,7 +17,8 @@ from typing import Any
 from . import params as P
 from .data import ImageSpec
 from .errors import OnnxCompressError
-from .gates import FALLBACK, MAX_FALLBACK_ROUNDS, MAX_REL_ERROR, MIN_COSINE, MIN_TOP1
+from .gates import (ACCEPT_DEGRADED, FALLBACK, FLOOR_MEAN_COSINE, FLOOR_TOP1, MAX_FALLBACK_ROUNDS, MAX_REL_ERROR,
+                    MIN_COSINE, MIN_MEAN_COSINE, MIN_TOP1)
 from .params import Param
 from .passes.prune import MIN_SIZE, SCOPE as PRUNE_SCOPE, SKIP_FIRST_LAST
 from .passes.prune_channels import CHANNEL_SCOPE, IMPORTANCE_P, PROTECT, RATIOS, REPAIR, ROUND_TO
@@ -32,8 +33,8 @@ PRUNE_MODES = ("unstructured", "channel", "nm")
 # -- what the planner builds -------------------------------------------------------------
 FUSE = Param("fuse", True, "Clean-up and fusion passes (--no-fuse skips them).", kind="bool", flag="--no-fuse")
 QUANTIZE = Param("quantize", None, "Int8 quantization: dynamic, static, or auto (tries both — static only with "
-                 "calibration data — and writes the fastest whose worst-output cosine is within 0.01 of the best; "
-                 "each must pass the gates).", kind="str", choices=QUANTIZE_MODES, optional=True,
+                 "calibration data — and writes the fastest that keeps the task's answers: your gates, else the "
+                 "default floor).", kind="str", choices=QUANTIZE_MODES, optional=True,
                  flag="--quantize", search=(None, "dynamic", "static"))
 PRUNE = Param("prune", None, "Pruning amount: sparsity for --prune-mode unstructured (default), share of channels "
               "removed per dependency group for channel.", kind="float", low=0.0, high=1.0, high_open=True,
@@ -116,6 +117,10 @@ class OptimizeOptions:
     max_rel_error: float | None = MAX_REL_ERROR.field()
     min_cosine: float | None = MIN_COSINE.field()
     min_top1_agreement: float | None = MIN_TOP1.field()
+    min_mean_cosine: float | None = MIN_MEAN_COSINE.field()
+    accept_degraded: bool = ACCEPT_DEGRADED.field()
+    floor_top1_agreement: float = FLOOR_TOP1.field()
+    floor_mean_cosine: float = FLOOR_MEAN_COSINE.field()
     external_data: bool | None = EXTERNAL_DATA.field()
     latency: bool = LATENCY.field()
     fallback: bool = FALLBACK.field()

@@ -32,7 +32,7 @@ from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressErro
 from .fallback import sensitive_fallback
 from .util import compressed_size, jsonable as _jsonable
 from .validate import validate_all
-from .gates import evaluate as evaluate_gates, label as gate_label
+from .gates import evaluate as evaluate_gates, floor as floor_rows, label as gate_label
 from .inspect import summarize
 from .model_io import check_model, check_output_path, external_data_files, load_model, save_model
 from .opset import upgrade_opset
@@ -423,7 +423,8 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
         if spec.int8:
             # the fallback re-quantizes from here: kept only when a gate could send it there (the
             # snapshot keeps the float weights alive, a second copy once int8 replaced them)
-            start = snapshot(model) if r.gates.any and r.gates.fallback else None
+            start = snapshot(model) if r.gates.fallback and (r.gates.any or _floor_applies(run, True) is None) \
+                else None
             ctx.cache = {}
         passes = spec.passes(st.config, ctx)
         model, reps = run_passes(model, passes, ctx.check_samples if spec.checked else [],
@@ -463,8 +464,38 @@ def _storage_note(run: _Run, model: ir.Model) -> None:
         run.note(f"sparse storage not measured: {exc}")
 
 
+def _floor_applies(run: _Run, int8) -> str | None:
+    """Why the default floor (:func:`onnxcompress.gates.floor`) does not judge this run, or
+    ``None`` when it does: a quantized model, no gate of the user's, real data."""
+    r = run.recipe
+    if int8 is None:
+        return "no int8 stage"
+    if r.gates.any:
+        return "your gates judge the model"
+    pruned = [s.name for s in r.stages if s.name.startswith("prune-")]
+    if pruned:
+        return (f"{pruned[0]} changes the answers by design (the floor judges int8 against the input); "
+                "set a gate to judge the result")
+    if r.data.calibration is None and r.data.validation is None:
+        return "no real data (random inputs cannot tell a kept answer from a lost one)"
+    return None
+
+
+def _judge(run: _Run, validation, floor_on: bool):
+    """The gate rows for ``validation``: the user's gates, plus the default floor's rows when it
+    applies. Returns ``(rows, passed)``; floor rows decide ``passed`` unless the recipe accepts
+    degraded models."""
+    r = run.recipe
+    rows = evaluate_gates(r.gates, validation)
+    if floor_on:
+        rows += floor_rows(r.gates, validation)
+    blocking = [g for g in rows if not (g.get("floor") and r.gates.accept_degraded)]
+    return rows, all(g["passed"] for g in blocking)
+
+
 def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, runtime_ok):
-    """Validate on every provider, evaluate the gates, run the fallback when one is missed.
+    """Validate on every provider, evaluate the gates (and the default floor), run the fallback
+    when one is missed.
 
     Returns ``(passed, validation, gates, reports, model)``."""
     r = run.recipe
@@ -481,7 +512,8 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
     for v in validation:
         if v.get("note"):
             run.note(v["note"], warn=True)
-    gates = evaluate_gates(r.gates, validation)
+    no_floor = _floor_applies(run, int8) if providers else "nothing was validated"
+    gates, passed = _judge(run, validation, no_floor is None)
     index_outs = sorted({o["name"] for v in validation for o in v["outputs"] if o.get("integer")})
     if index_outs and (r.gates.max_rel_error is not None or r.gates.min_cosine is not None) \
             and r.gates.min_top1_agreement is None:
@@ -490,16 +522,56 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
     if not runtime_ok and r.gates.any:
         gates.append({"gate": "runtime", "provider": "none", "value": float("nan"), "limit": float("nan"),
                       "passed": False, "why": "ONNX Runtime cannot run this model, so no gate can be checked"})
-    passed = all(g["passed"] for g in gates)
+        passed = False
     if not passed and int8 is not None and int8.start is not None:
-        fb = sensitive_fallback(run, original, int8, val, labels, providers)
+        fb = sensitive_fallback(run, original, int8, val, labels, providers,
+                                judge=lambda v: _judge(run, v, no_floor is None))
         if fb is not None:
             model, qreps, validation, gates, passed = fb
             reports = reports[: len(reports) - len(int8.reports)] + qreps
             if passed and latency:
                 validation = validate_all(original, model, val, labels, providers, latency=True)
+    _floor_report(run, gates, no_floor)
     _slow_int8_notes(run, validation, int8)
+    if run.report.get("fallback"):
+        _fallback_cost_note(run, validation)
     return passed, validation, gates, reports, model
+
+
+def _floor_report(run: _Run, gates, no_floor: str | None) -> None:
+    """``report["floor"]``: whether the default floor judged the model, and its verdict; a loud
+    note when a degraded model is written on request."""
+    r = run.recipe.gates
+    if no_floor is not None:
+        run.report["floor"] = {"applied": False, "why": no_floor}
+        return
+    rows = [g for g in gates if g.get("floor")]
+    ok = all(g["passed"] for g in rows)
+    run.report["floor"] = {"applied": True, "passed": ok, "top1_agreement": r.floor_top1_agreement,
+                           "mean_cosine": r.floor_mean_cosine, "accepted_degraded": not ok and r.accept_degraded}
+    if not ok and r.accept_degraded:
+        missed = "; ".join(f"{g['gate']} {g['value']:.5g} < {g['limit']:g} ({', '.join(g['outputs'])})"
+                           for g in rows if not g["passed"])
+        run.note(f"DEGRADED: the quantized model misses the default fidelity floor ({missed}); written because "
+                 "--accept-degraded was given", warn=True)
+
+
+def _fallback_cost_note(run: _Run, validation) -> None:
+    """Say what the fallback gave up: the share of int8 weights kept in float, and the measured
+    speed of the result beside fp32's."""
+    fb = run.report["fallback"]
+    share = fb.get("float_weight_share")
+    if share is None or share < 0.5:
+        return
+    speed = ""
+    for v in validation:
+        lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
+        if lr and lc:
+            speed = f"; quick median latency {lc / lr:.2f}x of fp32's on {v['provider']}"
+            break
+    run.note(f"the fallback kept {len(fb['kept_in_float'])} of {len(fb['node_sqnr_db'])} quantized nodes in float, "
+             f"holding {share:.0%} of their weights: most of int8's speed and size gain is given up{speed}. "
+             "Consider --quantize dynamic, a looser gate, or keeping fp32", warn=True)
 
 
 def _slow_int8_notes(run: _Run, validation, int8) -> None:
@@ -521,8 +593,14 @@ def _fail(run: _Run, gates) -> None:
     run.report["seconds"] = round(time.perf_counter() - run.t0, 2)
     run.report["cost"] = _cost(run.meter)
     where = f"{run.out} not written" if run.out is not None else "no model returned"
-    err = GateFailedError("; ".join(g.get("why") or f"{gate_label(g)} {g['value']:.6g} misses {g['limit']:.10g} on {g['provider']}"
-                                    for g in gates if not g["passed"]) + f" -- {where}")
+    missed = [g for g in gates if not g["passed"]]
+    msg = "; ".join(g.get("why") or f"{gate_label(g)} {g['value']:.6g} misses {g['limit']:.10g} on {g['provider']}"
+                    for g in missed)
+    if any(g.get("floor") for g in missed):
+        msg = (f"the quantized model misses the default fidelity floor: {msg}. New in 0.2: a quantized model "
+               "below the floor is not written; --accept-degraded writes it anyway, your own gate "
+               "(--min-top1-agreement, --min-mean-cosine, ...) replaces the floor")
+    err = GateFailedError(msg + f" -- {where}")
     err.report = run.report  # type: ignore[attr-defined]
     raise err
 

@@ -390,7 +390,9 @@ def from_options(o: OptimizeOptions) -> Recipe:
     r = Recipe(
         stages=stages,
         gates=Gates(max_rel_error=o.max_rel_error, min_cosine=o.min_cosine, min_top1_agreement=o.min_top1_agreement,
-                    fallback=o.fallback, max_fallback_rounds=o.max_fallback_rounds),
+                    min_mean_cosine=o.min_mean_cosine, fallback=o.fallback, max_fallback_rounds=o.max_fallback_rounds,
+                    floor_top1_agreement=o.floor_top1_agreement, floor_mean_cosine=o.floor_mean_cosine,
+                    accept_degraded=o.accept_degraded),
         data=DataSettings(calibration=o.calibration, validation=o.validation,
                           max_calibration_samples=o.max_calibration_samples, image=o.image),
         scope=ScopeSettings(exclude_nodes=tuple(o.exclude_nodes), exclude_op_types=tuple(o.exclude_op_types)),

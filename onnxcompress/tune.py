@@ -523,7 +523,10 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     data_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
                                                for f in [*calib, *val] for k, a in f.items())],
                     budget.__dict__)
-    base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False)
+    # the budget judges each trial on its metric: the default floor (a fixed task criterion) must not
+    # refuse a trial that the budget would accept
+    base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False,
+                           accept_degraded=True)
     cache = {k: v for k, v in _read_json(st / "cache.json", {}, dict).items() if isinstance(v, dict)}
     s = _Search(model, budget, base, st, search, final, lab_s, lab_f, 0.0, ref_s, ref_f, bench_data,
                 model.stat().st_size, cache=cache, data_key=data_key, say=say)

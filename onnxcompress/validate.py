@@ -7,10 +7,17 @@ samples (the style of Polygraphy's comparator):
 * ``max_abs_err``: max |cand - ref|;
 * ``max_rel_err``: max |cand - ref| / max |ref| (per sample, worst sample);
 * ``cosine``: cosine similarity of the flattened outputs, worst sample;
+* ``mean_cosine``: the same, averaged over samples (the default floor's measure for outputs
+  that are not class scores: embeddings, maps, regressions);
 * ``sqnr_db``: 10 log10(sum ref^2 / sum (cand - ref)^2) over all samples;
 * ``top1_agreement`` (%): for outputs that look like class scores (rank 2, last axis > 1, a
-  name that does not say embedding/hidden/feature/pool/state):
-  share of rows whose argmax agrees;
+  name that does not say embedding/hidden/feature/pool/state; or higher rank whose last axis
+  holds probability distributions, such as a CTC recognizer's per-timestep softmax):
+  share of rows (all leading positions) whose argmax agrees;
+* ``top1_agreement_decisive`` (%) and ``n_decisive``: the same over the rows where the reference
+  is decisive — its top class has probability >= :data:`DECISIVE_PROB` (the row itself when it is
+  a probability distribution, else its softmax). A flip between two near-tied classes is not a
+  lost answer; the default floor judges class scores by this share (``gates.floor``);
 * ``accuracy`` (%): when labels are given, for both models.
 """
 
@@ -37,6 +44,28 @@ class OutputMetrics:
     #: is the % of equal elements; the float gates (relative error, cosine) do not apply to it.
     #: uint8 / bool outputs (images, masks) are values and keep the float gates.
     integer: bool = False
+    #: cosine averaged over samples (``None`` where the outputs could not be compared: then
+    #: ``cosine`` is -1)
+    mean_cosine: float | None = None
+    #: top-1 agreement over the reference's decisive rows, and their count (class scores only)
+    top1_agreement_decisive: float | None = None
+    n_decisive: int | None = None
+
+
+#: a reference row is decisive when its top class has at least this probability
+DECISIVE_PROB = 0.3
+
+
+def _decisive(rows: np.ndarray) -> np.ndarray:
+    """Per row of class scores ``[N, C]``: whether the top class has probability >=
+    :data:`DECISIVE_PROB` (rows that already are distributions as they are, else softmax)."""
+    r = np.asarray(rows, np.float64)
+    if np.all(r >= 0) and np.allclose(r.sum(-1), 1.0, atol=1e-3):
+        p = r
+    else:
+        e = np.exp(r - r.max(-1, keepdims=True))
+        p = e / e.sum(-1, keepdims=True)
+    return p.max(-1) >= DECISIVE_PROB
 
 
 @dataclass
@@ -63,9 +92,14 @@ _NOT_SCORES = ("embed", "hidden", "feature", "pool", "state", "token")
 
 
 def _looks_like_scores(a: np.ndarray, name: str = "") -> bool:
-    """Rank-2 float output with >1 column whose name does not say it is an embedding."""
-    return (a.dtype.kind == "f" and a.ndim == 2 and a.shape[-1] > 1
-            and not any(k in name.lower() for k in _NOT_SCORES))
+    """Class scores: a rank-2 float output with >1 column whose name does not say it is an
+    embedding, or a higher-rank one whose last axis holds probability distributions (a CTC
+    recognizer's per-timestep softmax ``[N, T, C]``: top-1 per row is the decoded character)."""
+    if a.dtype.kind != "f" or a.ndim < 2 or a.shape[-1] <= 1 or any(k in name.lower() for k in _NOT_SCORES):
+        return False
+    if a.ndim == 2:
+        return True
+    return bool(a.size and np.all(a >= 0) and np.allclose(a.sum(-1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def _is_index(a) -> bool:
@@ -89,7 +123,8 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
     max_abs = max_rel = 0.0
     cos = 1.0
     sig = noise = 0.0
-    agree = total = 0
+    agree = total = agree_d = total_d = 0
+    cosines: list[float] = []
     for r, c in zip(refs, cands):
         r64 = np.asarray(r, np.float64)
         c64 = np.asarray(c, np.float64)
@@ -105,21 +140,30 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             scale = float(np.abs(r64).max())
             max_rel = max(max_rel, float(d.max()) / scale if scale > 0 else (0.0 if d.max() == 0 else float("inf")))
             nr, nc = np.linalg.norm(r64), np.linalg.norm(c64)
-            if nr > 0 and nc > 0:
-                cos = min(cos, float(np.dot(r64.ravel(), c64.ravel()) / (nr * nc)))
-            elif nr != nc:
-                cos = min(cos, 0.0)
+            one = float(np.dot(r64.ravel(), c64.ravel()) / (nr * nc)) if nr > 0 and nc > 0 else \
+                (0.0 if nr != nc else 1.0)
+            cos = min(cos, one)
+            cosines.append(one)
             sig += float(np.sum(r64**2))
             noise += float(np.sum(d**2))
         if _looks_like_scores(r, name):
-            agree += int(np.sum(r.argmax(-1) == c.argmax(-1)))
-            total += r.shape[0]
+            rows_r, rows_c = r.reshape(-1, r.shape[-1]), c.reshape(-1, c.shape[-1])
+            same = rows_r.argmax(-1) == rows_c.argmax(-1)
+            dec = _decisive(rows_r) if np.all(np.isfinite(r)) else np.zeros(rows_r.shape[0], bool)
+            agree += int(np.sum(same))
+            total += rows_r.shape[0]
+            agree_d += int(np.sum(same & dec))
+            total_d += int(np.sum(dec))
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
+    mean_cos = float(np.mean(cosines)) if cosines else 1.0
     if refs and all(_is_index(r) for r in refs):
         same = sum(int(np.sum(np.asarray(r) == np.asarray(c))) for r, c in zip(refs, cands))
         n = sum(np.asarray(r).size for r in refs)
-        return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * same / n if n else 100.0, integer=True)
-    return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * agree / total if total else None)
+        return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * same / n if n else 100.0, integer=True,
+                             mean_cosine=mean_cos)
+    return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * agree / total if total else None,
+                         mean_cosine=mean_cos, top1_agreement_decisive=100.0 * agree_d / total_d if total_d else None,
+                         n_decisive=total_d if total else None)
 
 
 def compare(

@@ -372,7 +372,8 @@ def _worker(argv: list[str]) -> int:
 
         mode, model, out, calib, val = rest
         opts = OptimizeOptions(quantize=None if mode == "fuse" else mode,
-                               calibration=None if calib == "-" else calib, validation=val, latency=False)
+                               calibration=None if calib == "-" else calib, validation=val, latency=False,
+                               accept_degraded=True)
         try:
             optimize(model, out, opts)
         except OnnxCompressError as exc:  # as the CLI: one line, its exit code
@@ -451,6 +452,8 @@ class Bench:
             cmd += ["--calibration", str(calib)]
         if cli_has("--no-latency"):
             cmd.append("--no-latency")
+        if mode != "fuse" and cli_has("--accept-degraded"):  # the bench measures fidelity itself
+            cmd.append("--accept-degraded")
         return cmd
 
     def ort_cmd(self, mode: str, model: Path, out: Path, calib: Path, ext: bool) -> list[str]:

@@ -221,6 +221,39 @@ def test_static_scalar_affine_runs_in_uint8(tmp_path):
     _assert_close(m, out, xs[12:])
 
 
+@pytest.mark.parametrize("alpha", [1 / 6, 0.2])
+def test_static_hardswish_and_hardsigmoid_run_in_integer(tmp_path, alpha):
+    """MobileNetV3 block: Conv -> HardSwish -> depthwise Conv -> HardSwish -> SE (GlobalAveragePool
+    -> Conv -> Relu -> Conv -> HardSigmoid) -> Mul -> Conv. ONNX Runtime has no integer HardSwish:
+    written as QLinearAdd (+ QLinearMul) whose output quantization is the clip, nothing of it runs
+    in float (issue 18: float HardSwish between DQ and Q made static int8 slower than fp32). ONNX's
+    default HardSigmoid (alpha 0.2) works the same way."""
+    rng = np.random.default_rng(35)
+    inits = [G.init("w1", rng.standard_normal((8, 3, 3, 3)) * 0.5), G.init("b1", rng.standard_normal(8) * 0.5),
+             G.init("w2", rng.standard_normal((8, 1, 3, 3)) * 0.5), G.init("b2", rng.standard_normal(8) * 0.5),
+             G.init("w3", rng.standard_normal((4, 8, 1, 1)) * 0.5), G.init("b3", rng.standard_normal(4) * 0.1),
+             G.init("w4", rng.standard_normal((8, 4, 1, 1)) * 0.5), G.init("b4", rng.standard_normal(8) * 0.1),
+             G.init("w5", rng.standard_normal((6, 8, 1, 1)) * 0.5), G.init("b5", rng.standard_normal(6) * 0.1)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("HardSwish", ["c1"], ["a1"], name="hswish1"),
+             helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], pads=[1] * 4, group=8, name="dw"),
+             helper.make_node("HardSwish", ["c2"], ["a2"], name="hswish2"),
+             helper.make_node("GlobalAveragePool", ["a2"], ["p"], name="gap"),
+             helper.make_node("Conv", ["p", "w3", "b3"], ["s1"], name="se1"),
+             helper.make_node("Relu", ["s1"], ["s1r"], name="se_relu"),
+             helper.make_node("Conv", ["s1r", "w4", "b4"], ["s2"], name="se2"),
+             helper.make_node("HardSigmoid", ["s2"], ["g"], alpha=alpha, beta=0.5, name="hsig"),
+             helper.make_node("Mul", ["a2", "g"], ["m"], name="se_mul"),
+             helper.make_node("Conv", ["m", "w5", "b5"], ["y"], name="conv_out")]
+    m = G.model(nodes, [G.vi("x", [1, 3, 12, 12])], [G.vi("y", [1, 6, 12, 12])], inits, opset=14)
+    xs = rng.uniform(-2, 2, (20, 1, 3, 12, 12)).astype(np.float32)
+    out = _static_int8(tmp_path, m, xs[:16], target="vnni", fuse=False)
+    ops = _optimized_ops(out)
+    assert not {"HardSwish", "HardSigmoid", "Mul", "Add"} & set(ops), ops
+    assert ops.count("QLinearAdd") == 3 and ops.count("QLinearMul") == 3 and ops.count("QLinearConv") >= 4, ops
+    _assert_close(m, out, xs[16:])
+
+
 @pytest.mark.parametrize("target", ["vnni", "tensorrt"])
 def test_static_matmul_bias_form_by_target(tmp_path, target):
     """A rank-2 MatMul + bias Add (a Gemm after the fusion stage): ONNX Runtime's CPU provider runs

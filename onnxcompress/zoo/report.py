@@ -54,10 +54,13 @@ HEAD = ["model", "recipe", "status", "MB before→after", "× smaller", "ms befo
 
 
 def _status(r: dict) -> str:
-    """``ok (gates held)`` when the recipe's gates judged the model, ``written (no gate)`` when the
-    recipe set none (written and valid, but nobody said it is good enough), or the failure."""
+    """``ok (gates held)`` when the recipe's gates judged the model, ``ok (floor held)`` when only
+    the default floor of int8 models did, ``written (DEGRADED ...)`` when the floor failed and
+    ``accept_degraded`` wrote it, ``written (no gate)`` when nothing did (written and valid,
+    but nobody said it is good enough), or the failure."""
     if r["status"] == "ok":
-        what = "ok (gates held)" if r.get("gated") else "written (no gate)"
+        what = {"floor": "ok (floor held)", "degraded": "written (DEGRADED: below the floor, accepted)",
+                None: "written (no gate)", False: "written (no gate)"}.get(r.get("gated"), "ok (gates held)")
         return what if r.get("ran") else f"{what} (cached)"
     return f"FAILED ({r.get('kind') or 'error'})" + ("" if r.get("ran") else " (cached)")
 

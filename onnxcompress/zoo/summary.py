@@ -30,7 +30,10 @@ def summarize_report(rep: dict) -> dict[str, Any]:
         "nodes_before": before.get("n_nodes"), "nodes_after": after.get("n_nodes"),
         "sparsity_pct_after": after.get("sparsity_pct"),
         # gates the recipe set and that held: "ok" means judged good, not only written
-        "gated": bool([g for g in rep.get("gates") or [] if g.get("passed")]),
+        # "gates": the recipe's gates judged it; "floor": only the default floor of int8 models did
+        "gated": ("degraded" if any(g.get("floor") and not g.get("passed") for g in rep.get("gates") or [])
+                  else "gates" if any(not g.get("floor") for g in rep.get("gates") or [])
+                  else "floor" if rep.get("gates") else False),
     }
     val = (rep.get("validation") or [{}])[0]
     outs = val.get("outputs", []) or []

@@ -11,6 +11,16 @@ Relu/Clip so the runtime folds the activation into the output range. Shape-only 
 Add/Concat between quantized tensors are kept in the integer domain; linear ``Resize``
 is not (it does not commute with quantization, shared/cases case11).
 
+``HardSwish`` and ``HardSigmoid`` (MobileNetV3-style nets; the elementwise ``x·Clip(x+3,0,6)/6``
+pattern becomes ``HardSwish`` in fusion) have no integer kernel in ONNX Runtime: between DQ and Q
+they ran in float and made static int8 slower than fp32 (0.68-0.73x on a MobileNetV3-small
+shape). They are written as integer glue instead (:func:`_integer_hard_activation`):
+``HardSigmoid(x) = Clip(x + β/α, 0, 1/α)·α`` is a ``QLinearAdd`` whose output quantization
+(scale ``(1/α)/255``, zero point 0) saturates exactly at the clip bounds, read back with scale
+``1/255`` (so the ``·α`` costs nothing), and ``HardSwish(x) = x·HardSigmoid(x)`` adds a
+``QLinearMul``: 0.87-1.06x of fp32 there, same fidelity (``scripts/exp_hardswish.py``; a lookup
+table through ``Gather`` and float blocks were 3-4x slower).
+
 Gemm ``alpha``/``beta`` are folded into B and C before quantizing. Nodes inside
 ``If``/``Loop`` bodies are not calibrated (ORT cannot expose subgraph tensors) and are not
 run in int8: :mod:`.weight_only` stores their weights in int8 with float compute (named in
@@ -33,7 +43,9 @@ from .sensitivity import node_outputs, sqnr_db
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops ONNX Runtime runs on quantized tensors when Q/DQ surround them
 GLUE = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten",
-        "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Sigmoid", "HardSigmoid", "Mul", "Split")
+        "Transpose", "Squeeze", "Unsqueeze", "Resize", "Pad", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Split")
+#: glue rewritten into QLinearAdd (+ QLinearMul) after Q/DQ placement (see the module docstring)
+HARD_ACT = ("HardSigmoid", "HardSwish")
 #: data-movement glue: its outputs take the input's quantization range (values are a subset), so
 #: ONNX Runtime runs it on uint8 with the Q/DQ pair dropped (equal scales are its condition)
 SAME_RANGE_GLUE = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Split")
@@ -127,6 +139,8 @@ class StaticQuantizePass(CompressionPass):
                 continue
             ranges[name] = st.range(method, c.percentile)
         for node in graph:  # topological: a chain of data-movement ops shares one range
+            if node in glue and node.op_type == "HardSigmoid" and node.outputs[0].name in ranges:
+                ranges[node.outputs[0].name] = (0.0, 1.0)  # its exact range: the rewrite's output scale 1/255
             if node in glue and node.op_type in SAME_RANGE_GLUE and node.inputs[0].name in ranges:
                 for o in node.outputs:
                     if o.name in ranges:
@@ -179,6 +193,8 @@ class StaticQuantizePass(CompressionPass):
                 if node.op_type in ("Conv", "ConvTranspose") and not o.is_graph_output():
                     outputs_of_kept.add(o.name)
         for node in glue:
+            if node.op_type in HARD_ACT and not node.outputs[0].is_graph_output():
+                outputs_of_kept.add(node.outputs[0].name)  # its Q makes the rewrite's Mul/Add integer
             for v in node.inputs if node.op_type in MULTI_INPUT_GLUE else node.inputs[:1]:
                 if v is not None and v.name in ranges:
                     needed[v.name] = v
@@ -241,6 +257,11 @@ class StaticQuantizePass(CompressionPass):
                 graph.append(ir.Node("", "DequantizeLinear", [q_v, s_v, z_v], outputs=[out],
                                      name=unique_name(f"{v.name}_DQ", taken)))
                 node.replace_input_with(i, out)
+
+        hard = [n for n in glue if n.op_type in HARD_ACT]
+        n_hard = sum(_integer_hard_activation(graph, n, taken, zp_of) for n in hard)
+        if hard:
+            self.report.counts["hard_activations_integer"] = n_hard
 
         n_w = 0
         bits = {}
@@ -651,6 +672,69 @@ def integer_matmul(name: str, xq: ir.Value, xz: ir.Value, wq: ir.Value, wz: ir.V
         nodes.append(ir.Node("", "Mul", [y_f, scale], outputs=[y_mm], name=unique_name(f"{name}_Mul", taken)))
         nodes.append(ir.Node("", "Add", [y_mm, bias], name=unique_name(f"{name}_Add", taken)))
     return nodes, nodes[-1].outputs[0]
+
+
+def _integer_hard_activation(graph: ir.Graph, node: ir.Node, taken: set[str], zp_of: dict) -> bool:
+    """Rewrite a Q/DQ-wrapped ``HardSigmoid`` / ``HardSwish`` (its input read through a
+    ``DequantizeLinear`` with constant scale and zero point, its output re-quantized) into
+    standard ops ONNX Runtime fuses into integer kernels (ONNX operator spec: ``HardSigmoid(x) =
+    max(0, min(1, αx + β))``, ``HardSwish(x) = x·HardSigmoid_{α=1/6, β=1/2}(x)``)::
+
+        t = Add(DQ(x_q), DQ(c_q))                  # c = β/α, an exact uint8 constant   -> QLinearAdd
+        h = DQ(Q(t, (1/α)/255, 0), 1/255, 0)       # saturation = the clip; ·α = the scale ratio
+        HardSigmoid: h                             (its consumer's Q(1/255, 0) matches: dropped)
+        HardSwish:   Mul(DQ'(x_q), h)              # a second DQ of x (one consumer each) -> QLinearMul
+
+    Returns False (node left as it is: float between DQ and Q) when the input is not such a DQ,
+    ``α <= 0``, or ``β/α`` is not exactly representable as a uint8 constant.
+    """
+    dq = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 3 \
+            or not all(_is_const(v) for v in dq.inputs[1:3]):
+        return False
+    if node.op_type == "HardSwish":
+        alpha, beta = 1.0 / 6.0, 0.5
+    else:
+        alpha, beta = float(_attr(node, "alpha", 0.2)), float(_attr(node, "beta", 0.5))
+    if not alpha > 0:
+        return False
+    c = np.float32(beta / alpha)
+    if c > 0:
+        sc, cz, cq = np.float32(c / np.float32(255.0)), 0, 255
+    elif c < 0:
+        sc, cz, cq = np.float32(-c / np.float32(255.0)), 255, 0
+    else:
+        sc, cz, cq = np.float32(1.0), 0, 0
+    if np.float32(sc * np.float32(cq - cz)) != c:
+        return False
+    name = node.name or node.op_type
+    x = node.inputs[0]
+    cq_v = add_initializer(graph, np.array(cq, np.uint8), f"{name}_c_q", taken)
+    cs_v = add_initializer(graph, np.array(sc, np.float32), f"{name}_c_s", taken)
+    cz_v = add_initializer(graph, np.array(cz, np.uint8), f"{name}_c_zp", taken)
+    z0 = zp_of.get(0)
+    if z0 is None:
+        z0 = zp_of[0] = add_initializer(graph, np.array(0, np.uint8), "zero_point_u8_0", taken)
+    c_v = ir.Value(name=unique_name(f"{name}_c", taken))
+    t = ir.Value(name=unique_name(f"{name}_shifted", taken))
+    t_q = ir.Value(name=unique_name(f"{name}_shifted_q", taken))
+    h = ir.Value(name=unique_name(f"{name}_hsig", taken))
+    ts_v = add_initializer(graph, np.array(np.float32(1.0 / alpha) / np.float32(255.0), np.float32), f"{name}_clip_s", taken)
+    hs_v = add_initializer(graph, np.array(np.float32(1.0) / np.float32(255.0), np.float32), f"{name}_hsig_s", taken)
+    nodes = [ir.Node("", "DequantizeLinear", [cq_v, cs_v, cz_v], outputs=[c_v], name=unique_name(f"{name}_c_DQ", taken)),
+             ir.Node("", "Add", [x, c_v], outputs=[t], name=unique_name(f"{name}_Add", taken)),
+             ir.Node("", "QuantizeLinear", [t, ts_v, z0], outputs=[t_q], name=unique_name(f"{name}_clip_Q", taken)),
+             ir.Node("", "DequantizeLinear", [t_q, hs_v, z0], outputs=[h], name=unique_name(f"{name}_hsig_DQ", taken))]
+    y = h
+    if node.op_type == "HardSwish":
+        xm = ir.Value(name=unique_name(f"{x.name}_dq2", taken), type=x.type, shape=x.shape)
+        y = ir.Value(name=unique_name(f"{name}_mul", taken))
+        nodes += [ir.Node("", "DequantizeLinear", list(dq.inputs), attributes=list(dq.attributes.values()),
+                          outputs=[xm], name=unique_name(f"{dq.name}_2", taken)),
+                  ir.Node("", "Mul", [xm, h], outputs=[y], name=unique_name(f"{name}_Mul", taken))]
+    graph.extend(nodes)
+    replace_node(graph, node, y)
+    return True
 
 
 def _glue_outputs(node: ir.Node) -> list[ir.Value]:
