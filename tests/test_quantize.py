@@ -254,6 +254,33 @@ def test_static_hardswish_and_hardsigmoid_run_in_integer(tmp_path, alpha):
     _assert_close(m, out, xs[16:])
 
 
+def test_static_output_head_concat_of_scores_and_boxes_stays_float(tmp_path):
+    """A detector head concatenates class scores in [0, 1] with box coordinates in pixels into one
+    output (through data movement: a Transpose, as PicoDet/YOLO exports do): one uint8 scale (here
+    ~1.2 per step) would turn every score into 0 or 1.2. The Concat stays float, each part keeps
+    its own quantization (issue 18)."""
+    rng = np.random.default_rng(37)
+    inits = [G.init("w1", rng.standard_normal((4, 3, 3, 3)) * 0.5), G.init("b1", rng.standard_normal(4) * 0.1),
+             G.init("w2", rng.standard_normal((4, 3, 3, 3)) * 0.5), G.init("b2", rng.standard_normal(4) * 0.1),
+             G.init("stride", [100.0])]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 4, name="cls_conv"),
+             helper.make_node("Sigmoid", ["c1"], ["scores"], name="sig"),
+             helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], pads=[1] * 4, name="box_conv"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu"),
+             helper.make_node("Mul", ["r2", "stride"], ["boxes"], name="scale"),
+             helper.make_node("Concat", ["boxes", "scores"], ["cat"], axis=1, name="head"),
+             helper.make_node("Transpose", ["cat"], ["t"], perm=[0, 2, 3, 1], name="nhwc"),
+             helper.make_node("Transpose", ["t"], ["y"], perm=[0, 3, 1, 2], name="nchw")]
+    m = G.model(nodes, [G.vi("x", [1, 3, 8, 8])], [G.vi("y", [1, 8, 8, 8])], inits, opset=13)
+    xs = rng.uniform(-1, 1, (20, 1, 3, 8, 8)).astype(np.float32)
+    out = _static_int8(tmp_path, m, xs[:16], target="vnni", fuse=False)
+    for x in xs[16:]:
+        ref, got = G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]
+        assert np.abs(ref[:, 4:] - got[:, 4:]).max() < 0.02  # the scores: 1/255 steps, not 1.2
+        assert _rel(ref[:, :4], got[:, :4]) < REL
+    assert "Concat" in _optimized_ops(out)
+
+
 @pytest.mark.parametrize("target", ["vnni", "tensorrt"])
 def test_static_matmul_bias_form_by_target(tmp_path, target):
     """A rank-2 MatMul + bias Add (a Gemm after the fusion stage): ONNX Runtime's CPU provider runs

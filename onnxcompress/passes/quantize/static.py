@@ -55,6 +55,10 @@ FUSED_ACT = ("Relu", "Clip")
 FLOAT = ir.DataType.FLOAT
 
 
+#: a Concat whose inputs' ranges differ by more than this stays float (``_split_heads``): the
+#: smallest input would keep fewer than 4 of its 8 bits
+CONCAT_RANGE_RATIO = 16.0
+
 #: calibration samples the sequential bias correction runs (per corrected node)
 SEQ_BIAS_SAMPLES = 16
 
@@ -138,6 +142,7 @@ class StaticQuantizePass(CompressionPass):
                 del act_t[name]
                 continue
             ranges[name] = st.range(method, c.percentile)
+        self._split_heads(glue, ranges)
         for node in graph:  # topological: a chain of data-movement ops shares one range
             if node in glue and node.op_type == "HardSigmoid" and node.outputs[0].name in ranges:
                 ranges[node.outputs[0].name] = (0.0, 1.0)  # its exact range: the rewrite's output scale 1/255
@@ -407,6 +412,30 @@ class StaticQuantizePass(CompressionPass):
             for o in outs:
                 act_t[o.name] = o
         return glue
+
+    def _split_heads(self, glue: set[ir.Node], ranges: dict) -> None:
+        """Keep in float a ``Concat`` whose inputs' calibrated ranges differ by more than
+        :data:`CONCAT_RANGE_RATIO`: one uint8 scale for all of them would crush the small-range
+        parts (a detector's class scores in [0, 1] beside box coordinates in pixels, in one
+        output tensor), and the glue after it. Only a Concat that reaches a graph output through
+        data movement (an output head): inside the network a float Concat would cost a Q/DQ round
+        trip. Its inputs keep their own Q/DQ for their other consumers."""
+        for node in [n for n in glue if n.op_type == "Concat" and _reaches_output(n.outputs[0])]:
+            spans = [(ranges[v.name][1] - ranges[v.name][0], v.name) for v in node.inputs
+                     if v is not None and v.name in ranges]
+            if len(spans) < 2 or min(spans)[0] <= 0:
+                continue
+            (small, a), (large, b) = min(spans), max(spans)
+            if large / small > CONCAT_RANGE_RATIO:
+                stack = [node]  # and the glue after it (its Q/DQ would crush the same way)
+                while stack:
+                    n = stack.pop()
+                    glue.discard(n)
+                    stack += [u.node for o in n.outputs for u in o.uses() if u.node in glue]
+                self.report.skip(node.name, f"Concat kept in float: its inputs' ranges differ {large / small:.0f}x "
+                                            f"({a}: {small:.3g}, {b}: {large:.3g}); one int8 scale would crush "
+                                            "the smaller")
+                self.report.counts["concat_kept_float"] = self.report.counts.get("concat_kept_float", 0) + 1
 
     # -- calibration -------------------------------------------------------------------
     def _calibrate(self, model, names, samples, method):
@@ -735,6 +764,16 @@ def _integer_hard_activation(graph: ir.Graph, node: ir.Node, taken: set[str], zp
     graph.extend(nodes)
     replace_node(graph, node, y)
     return True
+
+
+def _reaches_output(v: ir.Value, depth: int = 8) -> bool:
+    """Whether ``v`` is a graph output or reaches one through data-movement ops only."""
+    if v.is_graph_output():
+        return True
+    if depth == 0:
+        return False
+    return any(u.node.op_type in (*SAME_RANGE_GLUE, "Concat", "Identity")
+               and any(_reaches_output(o, depth - 1) for o in u.node.outputs) for u in v.uses())
 
 
 def _glue_outputs(node: ir.Node) -> list[ir.Value]:
