@@ -20,6 +20,7 @@ from .errors import OnnxCompressError
 from .gates import (ACCEPT_DEGRADED, FALLBACK, FLOOR_MEAN_COSINE, FLOOR_TOP1, MAX_FALLBACK_ROUNDS, MAX_REL_ERROR,
                     MIN_COSINE, MIN_MEAN_COSINE, MIN_TOP1)
 from .params import Param
+from .passes.lowrank import TARGET_RATIO as LOW_RANK
 from .passes.prune import MIN_SIZE, SCOPE as PRUNE_SCOPE, SKIP_FIRST_LAST
 from .passes.prune_channels import CHANNEL_SCOPE, IMPORTANCE_P, PROTECT, RATIOS, REPAIR, ROUND_TO
 from .passes.prune_nm import PATTERN
@@ -83,9 +84,9 @@ class OptimizeOptions:
 
     The planner (:func:`onnxcompress.recipe.from_options`) turns these into recipe stages:
     ``fuse`` -> ``fuse``; ``prune``/``prune_mode`` -> ``prune-magnitude`` | ``prune-channels`` |
-    ``prune-nm``; ``quantize`` -> ``equalize`` (static, or ``equalize`` on), ``pair-permute``
-    (static), ``smooth-quant`` (``smooth_quant``), ``quantize-dynamic`` | ``quantize-static``
-    (``auto``: one ``quantize-auto`` stage, both tried). ``calibration`` / ``validation``: an
+    ``prune-nm``; ``low_rank`` -> ``low-rank`` (its ``target_ratio``); ``quantize`` -> ``equalize``
+    (static, or ``equalize`` on), ``pair-permute`` (static), ``smooth-quant`` (``smooth_quant``),
+    ``quantize-dynamic`` | ``quantize-static`` (``auto``: one ``quantize-auto`` stage, both tried). ``calibration`` / ``validation``: an
     ``.npz`` path, an image folder (read with ``image``), a dict of arrays (the ``.npz`` layout),
     a list of feed dicts or an object with ``get_next()`` (ONNX Runtime's ``CalibrationDataReader``).
     """
@@ -103,6 +104,7 @@ class OptimizeOptions:
     prune_protect: tuple[str, ...] = PROTECT.field()
     prune_nm: str = PATTERN.field()
     prune_ratios: dict[str, float] | None = RATIOS.field()
+    low_rank: float | None = LOW_RANK.field()
     quantize: str | None = QUANTIZE.field()
     calibration: Any = CALIBRATION.field()
     validation: Any = VALIDATION.field()

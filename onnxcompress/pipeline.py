@@ -423,8 +423,8 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
         if spec.int8:
             # the fallback re-quantizes from here: kept only when a gate could send it there (the
             # snapshot keeps the float weights alive, a second copy once int8 replaced them)
-            start = snapshot(model) if r.gates.fallback and (r.gates.any or _floor_applies(run, True) is None) \
-                else None
+            floor_fb = _floor_applies(run, True) is None and not r.gates.accept_degraded
+            start = snapshot(model) if r.gates.fallback and (r.gates.any or floor_fb) else None
             ctx.cache = {}
         passes = spec.passes(st.config, ctx)
         model, reps = run_passes(model, passes, ctx.check_samples if spec.checked else [],
@@ -472,9 +472,9 @@ def _floor_applies(run: _Run, int8) -> str | None:
         return "no int8 stage"
     if r.gates.any:
         return "your gates judge the model"
-    pruned = [s.name for s in r.stages if s.name.startswith("prune-")]
-    if pruned:
-        return (f"{pruned[0]} changes the answers by design (the floor judges int8 against the input); "
+    lossy = [s.name for s in r.stages if s.spec.lossy]
+    if lossy:
+        return (f"{lossy[0]} changes the answers by design (the floor judges int8 against the input); "
                 "set a gate to judge the result")
     if r.data.calibration is None and r.data.validation is None:
         return "no real data (random inputs cannot tell a kept answer from a lost one)"
@@ -513,6 +513,11 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
         if v.get("note"):
             run.note(v["note"], warn=True)
     no_floor = _floor_applies(run, int8) if providers else "nothing was validated"
+    if int8 is not None and not providers and runtime_ok:
+        run.note("the quantized model was not validated (no requested provider is available): no gate and no "
+                 "fidelity floor judged it", warn=True)
+    if r.gates.accept_degraded and no_floor is not None:
+        run.note(f"--accept-degraded has no effect here: the default floor does not apply ({no_floor})")
     gates, passed = _judge(run, validation, no_floor is None)
     index_outs = sorted({o["name"] for v in validation for o in v["outputs"] if o.get("integer")})
     if index_outs and (r.gates.max_rel_error is not None or r.gates.min_cosine is not None) \
@@ -534,7 +539,7 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
     _floor_report(run, gates, no_floor)
     _slow_int8_notes(run, validation, int8)
     if run.report.get("fallback"):
-        _fallback_cost_note(run, validation)
+        _fallback_cost_note(run, model, validation)
     return passed, validation, gates, reports, model
 
 
@@ -552,11 +557,19 @@ def _floor_report(run: _Run, gates, no_floor: str | None) -> None:
     if not ok and r.accept_degraded:
         missed = "; ".join(f"{g['gate']} {g['value']:.5g} < {g['limit']:g} ({', '.join(g['outputs'])})"
                            for g in rows if not g["passed"])
-        run.note(f"DEGRADED: the quantized model misses the default fidelity floor ({missed}); written because "
-                 "--accept-degraded was given", warn=True)
+        run.note(f"DEGRADED: the quantized model misses the default fidelity floor ({missed}); written as "
+                 "quantized (no fallback for the floor) because --accept-degraded was given", warn=True)
 
 
-def _fallback_cost_note(run: _Run, validation) -> None:
+def summarize_size(model: ir.Model) -> int | None:
+    """The weights' bytes of ``model`` (as ``inspect.summarize`` counts them), or None."""
+    try:
+        return int(summarize(model)["size_bytes"])
+    except Exception:  # noqa: BLE001 - a measurement for a note
+        return None
+
+
+def _fallback_cost_note(run: _Run, model, validation) -> None:
     """Say what the fallback gave up: the share of int8 weights kept in float, and the measured
     speed of the result beside fp32's."""
     fb = run.report["fallback"]
@@ -569,6 +582,9 @@ def _fallback_cost_note(run: _Run, validation) -> None:
         if lr and lc:
             speed = f"; quick median latency {lc / lr:.2f}x of fp32's on {v['provider']}"
             break
+    before, after = run.report.get("before", {}).get("size_bytes"), summarize_size(model)
+    if before and after:
+        speed += f"; size {after / before:.2f}x of fp32's"
     run.note(f"the fallback kept {len(fb['kept_in_float'])} of {len(fb['node_sqnr_db'])} quantized nodes in float, "
              f"holding {share:.0%} of their weights: most of int8's speed and size gain is given up{speed}. "
              "Consider --quantize dynamic, a looser gate, or keeping fp32", warn=True)

@@ -51,6 +51,7 @@ from .errors import OnnxCompressError
 from .gates import Gates, OutputGates
 from .options import (CALIBRATION, EXCLUDE_NODES, EXCLUDE_OP_TYPES, EXTERNAL_DATA, LATENCY, MAX_CALIBRATION_SAMPLES,
                       PROVIDERS, VALIDATION, AutoQuantizeConfig, OptimizeOptions)
+from .passes.lowrank import LowRankConfig
 from .passes.prune import MagnitudePruneConfig
 from .passes.prune_channels import ChannelPruneConfig
 from .passes.prune_nm import NMPruneConfig
@@ -374,6 +375,8 @@ def from_options(o: OptimizeOptions) -> Recipe:
             stages.append(Stage("prune-magnitude", MagnitudePruneConfig(
                 sparsity=o.prune, scope=o.prune_scope, min_size=o.prune_min_size,
                 skip_first_last=o.prune_skip_first_last)))
+    if o.low_rank:
+        stages.append(Stage("low-rank", LowRankConfig(target_ratio=o.low_rank)))
     q = _from_flat(AutoQuantizeConfig, o)
     if o.quantize == "auto":
         stages.append(Stage("quantize-auto", q))
@@ -402,7 +405,7 @@ def from_options(o: OptimizeOptions) -> Recipe:
 
 
 #: flat option fields that choose stages (given beside a recipe, they re-plan it)
-STRUCTURAL = ("fuse", "quantize", "prune", "prune_mode", "equalize", "smooth_quant")
+STRUCTURAL = ("fuse", "quantize", "prune", "prune_mode", "equalize", "smooth_quant", "low_rank")
 
 
 def to_options(r: Recipe) -> OptimizeOptions:

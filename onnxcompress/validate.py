@@ -11,9 +11,9 @@ samples (the style of Polygraphy's comparator):
   that are not class scores: embeddings, maps, regressions);
 * ``sqnr_db``: 10 log10(sum ref^2 / sum (cand - ref)^2) over all samples;
 * ``top1_agreement`` (%): for outputs that look like class scores (rank 2, last axis > 1, a
-  name that does not say embedding/hidden/feature/pool/state; or higher rank whose last axis
-  holds probability distributions, such as a CTC recognizer's per-timestep softmax):
-  share of rows (all leading positions) whose argmax agrees;
+  name that does not say embedding/hidden/feature/pool/state): share of rows whose argmax
+  agrees; ``top1_agreement_rows`` the same for a higher-rank output whose last axis holds
+  probability distributions (a CTC recognizer's per-timestep softmax), over all leading positions;
 * ``top1_agreement_decisive`` (%) and ``n_decisive``: the same over the rows where the reference
   is decisive — its top class has probability >= :data:`DECISIVE_PROB` (the row itself when it is
   a probability distribution, else its softmax). A flip between two near-tied classes is not a
@@ -47,9 +47,17 @@ class OutputMetrics:
     #: cosine averaged over samples (``None`` where the outputs could not be compared: then
     #: ``cosine`` is -1)
     mean_cosine: float | None = None
-    #: top-1 agreement over the reference's decisive rows, and their count (class scores only)
+    #: top-1 agreement over the reference's decisive rows, their count and all rows' (class scores)
     top1_agreement_decisive: float | None = None
     n_decisive: int | None = None
+    n_rows: int | None = None
+    #: per-row top-1 agreement of a higher-rank output whose last axis holds distributions (a CTC
+    #: recognizer's per-timestep softmax); kept apart from ``top1_agreement``, which the
+    #: ``--min-top1-agreement`` gate reads for rank-2 class scores only
+    top1_agreement_rows: float | None = None
+    #: an output whose shape differs between the models on some sample (data-dependent shapes:
+    #: NMS, NonZero); the default floor does not judge it
+    shapes_differ: bool = False
 
 
 #: a reference row is decisive when its top class has at least this probability
@@ -125,17 +133,24 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
     sig = noise = 0.0
     agree = total = agree_d = total_d = 0
     cosines: list[float] = []
+    scores = False
     for r, c in zip(refs, cands):
         r64 = np.asarray(r, np.float64)
         c64 = np.asarray(c, np.float64)
         if r64.shape != c64.shape:
             idx = _is_index(r)
             return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"),
-                                 0.0 if idx or _looks_like_scores(r, name) else None, integer=idx)
+                                 0.0 if idx or (r64.ndim == 2 and _looks_like_scores(r, name)) else None,
+                                 integer=idx, shapes_differ=True)
+        fin_r, fin_c = np.isfinite(r64), np.isfinite(c64)
+        if not (fin_r.all() and fin_c.all()):
+            # equal non-finite values in the same places (log-probabilities, masked scores) match;
+            # the metrics are taken over the finite rest
+            if not np.array_equal(fin_r, fin_c) or not np.array_equal(r64[~fin_r], c64[~fin_c], equal_nan=True):
+                return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None)
+            r64, c64 = np.where(fin_r, r64, 0.0), np.where(fin_c, c64, 0.0)
         d = np.abs(r64 - c64)
         if d.size:
-            if not np.all(np.isfinite(c64)):
-                return OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None)
             max_abs = max(max_abs, float(d.max()))
             scale = float(np.abs(r64).max())
             max_rel = max(max_rel, float(d.max()) / scale if scale > 0 else (0.0 if d.max() == 0 else float("inf")))
@@ -143,10 +158,12 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             one = float(np.dot(r64.ravel(), c64.ravel()) / (nr * nc)) if nr > 0 and nc > 0 else \
                 (0.0 if nr != nc else 1.0)
             cos = min(cos, one)
-            cosines.append(one)
+            if nr > 0:  # an all-zero reference has no direction: judged by the errors, not the mean cosine
+                cosines.append(one)
             sig += float(np.sum(r64**2))
             noise += float(np.sum(d**2))
         if _looks_like_scores(r, name):
+            scores = True
             rows_r, rows_c = r.reshape(-1, r.shape[-1]), c.reshape(-1, c.shape[-1])
             same = rows_r.argmax(-1) == rows_c.argmax(-1)
             dec = _decisive(rows_r) if np.all(np.isfinite(r)) else np.zeros(rows_r.shape[0], bool)
@@ -155,15 +172,18 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             agree_d += int(np.sum(same & dec))
             total_d += int(np.sum(dec))
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
-    mean_cos = float(np.mean(cosines)) if cosines else 1.0
+    mean_cos = float(np.mean(cosines)) if cosines else (1.0 if cos == 1.0 else cos)
     if refs and all(_is_index(r) for r in refs):
         same = sum(int(np.sum(np.asarray(r) == np.asarray(c))) for r, c in zip(refs, cands))
         n = sum(np.asarray(r).size for r in refs)
         return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * same / n if n else 100.0, integer=True,
                              mean_cosine=mean_cos)
-    return OutputMetrics(name, max_abs, max_rel, cos, sqnr, 100.0 * agree / total if total else None,
-                         mean_cosine=mean_cos, top1_agreement_decisive=100.0 * agree_d / total_d if total_d else None,
-                         n_decisive=total_d if total else None)
+    rank2 = bool(refs) and np.asarray(refs[0]).ndim == 2
+    share = 100.0 * agree / total if total else None
+    return OutputMetrics(name, max_abs, max_rel, cos, sqnr, share if rank2 else None, mean_cosine=mean_cos,
+                         top1_agreement_decisive=100.0 * agree_d / total_d if total_d else None,
+                         n_decisive=total_d if scores else None, n_rows=total if scores else None,
+                         top1_agreement_rows=share if scores and not rank2 else None)
 
 
 def compare(

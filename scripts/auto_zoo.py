@@ -2,9 +2,10 @@
 
 For each model in ``zoo_cache/`` (``scripts/fetch_zoo.py`` + ``scripts/zoo_data.py``) runs
 ``optimize(..., quantize="auto", calibration=calib.npz, validation=val.npz)`` and prints one
-markdown row: the chosen mode, each candidate's worst-output cosine on the validation data and
-its median latency from the interleaved timing (only candidates within 0.01 of the best cosine
-are timed). About 3 minutes on 2 cores.
+markdown row: the chosen mode and, per candidate, whether it keeps the answers (the task
+criterion: the default fidelity floor, as no gate is set), its floor value and worst-output
+cosine on the validation data, and its median latency from the interleaved timing (only the
+candidates that keep the answers are timed). About 5 minutes on 2 cores.
 
 Usage::
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     from onnxcompress import OptimizeOptions, optimize
 
-    print("| model | chosen | dynamic: worst cos / ms | static: worst cos / ms | why | s |")
+    print("| model | chosen | dynamic: keeps answers, floor value, worst cos / ms | static: the same | why | s |")
     print("|---|---|---|---|---|---|")
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,14 +50,32 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | error: {str(exc)[:120]} | | | | |")
                 continue
             auto = res.report["auto"]
+            floor_vals = {m: _floor_value(res.report, m, auto) for m in ("dynamic", "static")}
+            for m, v in floor_vals.items():
+                if m in auto["candidates"]:
+                    auto["candidates"][m]["floor_value"] = v
             cell = []
             for mode in ("dynamic", "static"):
                 c = auto["candidates"].get(mode)
-                cell.append("-" if c is None else
-                            f"{c['fidelity']:.5f} / {c.get('latency_ms', '-')}" if c["passed"] else "failed")
+                cell.append("-" if c is None else _cell(c) if c["passed"] else
+                            "refused: " + (c.get("error") or "failed")[:90])
             print(f"| {name} | {auto['chosen']} | {cell[0]} | {cell[1]} | {auto['why']} | "
                   f"{time.perf_counter() - t0:.0f} |", flush=True)
     return 1 if bad else 0
+
+
+def _floor_value(report: dict, mode: str, auto: dict) -> str:
+    """The chosen candidate's floor rows (only its report is kept); '' for the other."""
+    if mode != auto.get("chosen"):
+        return ""
+    return ", ".join(f"{g['gate'].replace('floor-', '')} {g['value']:.4g}" for g in report.get("gates", [])
+                     if g.get("floor"))
+
+
+def _cell(c: dict) -> str:
+    keeps = "yes" if c.get("keeps_answers") else "no"
+    fv = f" ({c['floor_value']})" if c.get("floor_value") else ""
+    return f"{keeps}{fv}, {c['fidelity']:.5f} / {c.get('latency_ms', '-')}"
 
 
 if __name__ == "__main__":

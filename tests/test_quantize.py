@@ -278,7 +278,8 @@ def test_static_output_head_concat_of_scores_and_boxes_stays_float(tmp_path):
         ref, got = G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]
         assert np.abs(ref[:, 4:] - got[:, 4:]).max() < 0.02  # the scores: 1/255 steps, not 1.2
         assert _rel(ref[:, :4], got[:, :4]) < REL
-    assert "Concat" in _optimized_ops(out)
+    ops = _optimized_ops(out)
+    assert "Concat" in ops and "QLinearSigmoid" in ops, ops  # the parts are still computed in integer
 
 
 @pytest.mark.parametrize("target", ["vnni", "tensorrt"])
@@ -429,8 +430,9 @@ def test_calibration_methods_on_an_outlier_tensor():
     assert st.range("minmax") == (st.lo, st.hi)
     lo_e, hi_e = st.range("entropy")
     assert hi_e < 10
-    auto = st.range("auto")
-    assert st.expected_mse(*auto) <= min(st.expected_mse(*st.range(m)) for m in ("minmax", "percentile", "entropy", "mse"))
+    auto = st.range("auto")  # the least error over the data and the data scaled by DEPLOY_SHIFT
+    assert st.shifted_mse(*auto) <= min(st.shifted_mse(*st.range(m)) for m in ("minmax", "percentile", "entropy", "mse"))
+    assert st.shifted_mse(*auto) < st.expected_mse(*auto) * 10
     scalar = TensorStats(with_hist=True)
     scalar.update(np.float32(3.0))  # 0-d tensors (case18 kind)
     assert scalar.range("entropy") == (3.0, 3.0)

@@ -28,6 +28,8 @@ class StageSpec:
         checked: run its passes with the per-pass numeric check (exact rewrites); lossy stages
             are judged by validation and the gates instead.
         int8: a quantization stage (the fallback re-runs it; its failure is an error, not a revert).
+        lossy: it changes the model's answers by design (pruning, factorization): the default
+            fidelity floor of int8, which compares with the input, does not judge such a recipe.
         min_opset: the model is upgraded to this default-domain opset before the stage (0: none).
         needs_data: skipped (with this reason as a note) when no calibration data was given.
         quiet: its report is shown only when it changed or was reverted.
@@ -40,6 +42,7 @@ class StageSpec:
     help: str
     checked: bool = True
     int8: bool = False
+    lossy: bool = False
     min_opset: int = 0
     needs_data: str = ""
     quiet: bool = False
@@ -66,6 +69,7 @@ def one(cls: type[CompressionPass]) -> Callable[[Any, PassContext], list[Compres
 from .cleanup import ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass, LiftConstantsPass  # noqa: E402
 from .fusion import (ConvAffinePass, ConvBiasPass, FoldBatchNormPass, FusePadIntoConvPass, HardSwishPass,  # noqa: E402
                      MatMulAddToGemmPass)
+from .lowrank import LowRankConfig, LowRankPass  # noqa: E402
 from .prune import MagnitudePruneConfig, MagnitudePrunePass  # noqa: E402
 from .prune_channels import ChannelPruneConfig, ChannelPrunePass  # noqa: E402
 from .prune_nm import NMPruneConfig, NMPrunePass  # noqa: E402
@@ -109,13 +113,13 @@ register(StageSpec("fuse", NoConfig, _fuse, "clean-up and fusion: constant foldi
                    describe=lambda c: "clean-up and fusion"))
 register(StageSpec("prune-magnitude", MagnitudePruneConfig, one(MagnitudePrunePass),
                    "unstructured magnitude pruning (Han et al. 2015): zeros that shrink the compressed file",
-                   checked=False, describe=lambda c: f"magnitude pruning to {c.sparsity:.0%}"))
+                   checked=False, describe=lambda c: f"magnitude pruning to {c.sparsity:.0%}", lossy=True))
 register(StageSpec("prune-channels", ChannelPruneConfig, one(ChannelPrunePass),
                    "structured channel pruning by dependency group, then least-squares repair: smaller tensors",
                    checked=False, describe=lambda c: f"channel pruning {c.ratio:.0%} per group"
-                   + (" + least-squares repair" if c.repair else "")))
+                   + (" + least-squares repair" if c.repair else ""), lossy=True))
 register(StageSpec("prune-nm", NMPruneConfig, one(NMPrunePass), "N:M semi-structured sparsity (2:4 by default)",
-                   checked=False, describe=lambda c: f"{c.pattern} semi-structured pruning"))
+                   checked=False, describe=lambda c: f"{c.pattern} semi-structured pruning", lossy=True))
 register(StageSpec("equalize", EqualizeConfig, one(CrossLayerEqualizationPass),
                    "cross-layer equalization (Nagel et al. 2019) before int8", describe=lambda c: "cross-layer equalization"))
 register(StageSpec("pair-permute", TargetConfig, one(PairPermutePass),
@@ -131,3 +135,8 @@ register(StageSpec("quantize-dynamic", QuantizeConfig, _quantize("dynamic"),
 register(StageSpec("quantize-static", StaticQuantizeConfig, _quantize("static"),
                    "static int8 QDQ with calibrated activation ranges, bias correction and per-node fallback",
                    checked=False, int8=True, min_opset=13, describe=lambda c: "static int8 quantization"))
+register(StageSpec("low-rank", LowRankConfig, one(LowRankPass), "low-rank factorization of MatMul/Gemm/1x1 Conv/"
+                   "Attention weights through rank r, whitened by calibration activations (ASVD / SVD-LLM)",
+                   checked=False, lossy=True, describe=lambda c: "low-rank factorization" + (
+                       f" removing {c.target_ratio:.0%} of the factorizable MACs" if c.target_ratio is not None and
+                       c.rank is None else f" at rank {c.rank}" if c.rank is not None else f" keeping {c.energy:g} energy")))

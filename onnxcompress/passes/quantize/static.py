@@ -204,7 +204,7 @@ class StaticQuantizePass(CompressionPass):
                 if v is not None and v.name in ranges:
                     needed[v.name] = v
             for o in _glue_outputs(node):
-                if o.name in ranges:
+                if o.name in ranges and node not in self._float_out:
                     needed[o.name] = o
 
         qparams = {}
@@ -414,27 +414,31 @@ class StaticQuantizePass(CompressionPass):
         return glue
 
     def _split_heads(self, glue: set[ir.Node], ranges: dict) -> None:
-        """Keep in float a ``Concat`` whose inputs' calibrated ranges differ by more than
-        :data:`CONCAT_RANGE_RATIO`: one uint8 scale for all of them would crush the small-range
-        parts (a detector's class scores in [0, 1] beside box coordinates in pixels, in one
-        output tensor), and the glue after it. Only a Concat that reaches a graph output through
-        data movement (an output head): inside the network a float Concat would cost a Q/DQ round
-        trip. Its inputs keep their own Q/DQ for their other consumers."""
-        for node in [n for n in glue if n.op_type == "Concat" and _reaches_output(n.outputs[0])]:
+        """A ``Concat`` whose inputs' calibrated ranges differ by more than
+        :data:`CONCAT_RANGE_RATIO` keeps a float output (``self._float_out``): one uint8 scale for
+        all of them would crush the small-range parts (a detector's class scores in [0, 1] beside
+        box coordinates in pixels, in one output tensor). Its inputs keep their Q/DQ (their
+        producers still run in integer); the glue after it is dropped. Only a Concat that reaches
+        a graph output through data movement (an output head) and whose output would be
+        re-quantized (a glue consumer: a Concat that *is* the graph output never was)."""
+        self._float_out: set[ir.Node] = set()
+        for node in [n for n in glue if n.op_type == "Concat" and _reaches_output(n.outputs[0])
+                     and any(u.node in glue for u in n.outputs[0].uses())]:
             spans = [(ranges[v.name][1] - ranges[v.name][0], v.name) for v in node.inputs
                      if v is not None and v.name in ranges]
             if len(spans) < 2 or min(spans)[0] <= 0:
                 continue
             (small, a), (large, b) = min(spans), max(spans)
             if large / small > CONCAT_RANGE_RATIO:
-                stack = [node]  # and the glue after it (its Q/DQ would crush the same way)
-                while stack:
+                self._float_out.add(node)
+                stack = [u.node for u in node.outputs[0].uses() if u.node in glue]
+                while stack:  # the glue after it: its Q/DQ would crush the same way
                     n = stack.pop()
                     glue.discard(n)
                     stack += [u.node for o in n.outputs for u in o.uses() if u.node in glue]
-                self.report.skip(node.name, f"Concat kept in float: its inputs' ranges differ {large / small:.0f}x "
-                                            f"({a}: {small:.3g}, {b}: {large:.3g}); one int8 scale would crush "
-                                            "the smaller")
+                self.report.skip(node.name, f"Concat output kept in float: its inputs' ranges differ "
+                                            f"{large / small:.0f}x ({a}: {small:.3g}, {b}: {large:.3g}); one int8 "
+                                            "scale would crush the smaller")
                 self.report.counts["concat_kept_float"] = self.report.counts.get("concat_kept_float", 0) + 1
 
     # -- calibration -------------------------------------------------------------------
