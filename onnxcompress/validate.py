@@ -55,6 +55,11 @@ class OutputMetrics:
     #: recognizer's per-timestep softmax); kept apart from ``top1_agreement``, which the
     #: ``--min-top1-agreement`` gate reads for rank-2 class scores only
     top1_agreement_rows: float | None = None
+    #: for such a higher-rank distribution output: the % of sequences (``[..., T, C]`` rows over
+    #: the leading axes) whose greedy CTC decoding (argmax per position, repeats collapsed, the
+    #: blank — the reference's most frequent class — dropped) is equal: text lines kept
+    sequence_agreement: float | None = None
+    n_sequences: int | None = None
     #: an output whose shape differs between the models on some sample (data-dependent shapes:
     #: NMS, NonZero); the default floor does not judge it
     shapes_differ: bool = False
@@ -132,6 +137,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
     cos = 1.0
     sig = noise = 0.0
     agree = total = agree_d = total_d = 0
+    seq_same = seq_total = 0
     cosines: list[float] = []
     scores = False
     for r, c in zip(refs, cands):
@@ -171,6 +177,10 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             total += rows_r.shape[0]
             agree_d += int(np.sum(same & dec))
             total_d += int(np.sum(dec))
+            if r.ndim >= 3:
+                eq = _sequences_equal(r, c)
+                seq_same += int(np.sum(eq))
+                seq_total += eq.size
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
     mean_cos = float(np.mean(cosines)) if cosines else (1.0 if cos == 1.0 else cos)
     if refs and all(_is_index(r) for r in refs):
@@ -183,7 +193,28 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
     return OutputMetrics(name, max_abs, max_rel, cos, sqnr, share if rank2 else None, mean_cosine=mean_cos,
                          top1_agreement_decisive=100.0 * agree_d / total_d if total_d else None,
                          n_decisive=total_d if scores else None, n_rows=total if scores else None,
-                         top1_agreement_rows=share if scores and not rank2 else None)
+                         top1_agreement_rows=share if scores and not rank2 else None,
+                         sequence_agreement=100.0 * seq_same / seq_total if seq_total else None,
+                         n_sequences=seq_total or None)
+
+
+def _ctc_decode(path: np.ndarray, blank: int) -> tuple[int, ...]:
+    """Greedy CTC decoding of one argmax path: repeats collapsed, then the blank dropped."""
+    if path.size == 0:
+        return ()
+    keep = np.ones(path.size, bool)
+    keep[1:] = path[1:] != path[:-1]
+    out = path[keep]
+    return tuple(int(v) for v in out[out != blank])
+
+
+def _sequences_equal(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Per sequence of a ``[..., T, C]`` distribution output: whether the greedy CTC decodings of
+    reference and candidate are equal (the blank: the reference's most frequent argmax class)."""
+    pr = r.reshape(-1, r.shape[-2], r.shape[-1]).argmax(-1)
+    pc = c.reshape(-1, c.shape[-2], c.shape[-1]).argmax(-1)
+    blank = int(np.bincount(pr.ravel()).argmax()) if pr.size else 0
+    return np.array([_ctc_decode(a, blank) == _ctc_decode(b, blank) for a, b in zip(pr, pc)], bool)
 
 
 def compare(

@@ -247,3 +247,29 @@ def test_a_fallback_that_gives_up_the_speed_says_so(tmp_path):
     assert rep["fallback"]["kept_in_float"][0] == "big"
     assert rep["fallback"]["float_weight_share"] > 0.9
     assert any(n.startswith("the fallback kept") and "given up" in n and "size" in n for n in rep["notes"])
+
+
+def test_ctc_outputs_are_judged_by_decoded_sequences():
+    """A recognizer's per-timestep softmax [N, T, C]: one extra character in one of four lines is
+    a lost answer (75 % of sequences), although 97.5 % of the positions agree; a blank between two
+    equal characters changes no text. The floor reads the sequences, the top-1 gate's key stays
+    empty (its meaning is unchanged for rank > 2)."""
+    from onnxcompress.validate import output_metrics
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+    r = np.zeros((4, 10, 5))
+    r[..., 0] = 5  # blank
+    r[:, 3, 2] = r[:, 4, 2] = r[:, 7, 3] = 9  # "2 3" (a repeated 2 collapses)
+    extra = r.copy()
+    extra[1, 5, 4] = 20
+    m = output_metrics("probs", [softmax(r)], [softmax(extra)])
+    assert m.sequence_agreement == 75.0 and m.n_sequences == 4 and m.top1_agreement_rows == 97.5
+    assert m.top1_agreement is None
+    row = floor(Gates(), [{"provider": "CPU", "outputs": [m.__dict__]}])[0]
+    assert row["gate"] == "floor-top1-agreement" and row["value"] == 75.0 and not row["passed"]
+    split = r.copy()
+    split[2, 4, 2], split[2, 4, 0] = 0, 10
+    assert output_metrics("probs", [softmax(r)], [softmax(split)]).sequence_agreement == 100.0
