@@ -1,8 +1,14 @@
 """One self-contained HTML report (tables + matplotlib plots as base64 PNG) from a report dict.
 
-The page is rendered from the Jinja2 template ``templates/report.html.j2``; plots are drawn
-with matplotlib's object API (no pyplot global state, no display needed) and embedded as
-``<img src="data:image/png;base64,...">``, so the file opens anywhere, offline.
+The page is rendered from the Jinja2 templates in ``templates/`` (``report.html.j2`` for bench
+and validate, ``optimize.html.j2`` for optimize); plots are drawn with matplotlib's object API
+(no pyplot global state, no display needed) and embedded as ``<img src="data:image/png;base64,...">``,
+so the file opens anywhere, offline.
+
+The plots are meant to be read, not decoded: latency histograms span p1-p99 of the runs (the
+few outliers beyond are counted in the caption instead of stretching the axis), with a log axis
+when p99/p1 > 10; latency over time is a rolling median with its p10-p90 band; the optimize page
+shows the same ratio column as the terminal and bar charts of size and latency before/after.
 
 matplotlib and jinja2 are optional (the ``[report]`` extra); without them
 :func:`write_html` raises :class:`~onnxcompress.errors.OnnxCompressError` with the install
@@ -20,6 +26,12 @@ from .errors import OnnxCompressError
 
 TEMPLATES = Path(__file__).with_name("templates")
 INSTALL_HINT = "install the report extra of onnxcompress, or: pip install matplotlib jinja2"
+
+#: one colour per model, the same on every chart of a page (matplotlib's tab10)
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+#: p99/p1 above this: the latency axis is logarithmic
+LOG_SPREAD = 10.0
 
 
 def _require():
@@ -43,57 +55,179 @@ def _short(p: str) -> str:
     return p.replace("ExecutionProvider", "")
 
 
+def _colour(i: int) -> str:
+    return COLOURS[i % len(COLOURS)]
+
+
+def ratio_text(before, after, better: str, worse: str) -> str:
+    """``"3.63× smaller"`` / ``"1.37× slower"``, as the terminal's ratio column prints it: never a
+    ratio below 1 called an improvement; empty when either side is missing or zero."""
+    if not before or not after:
+        return ""
+    r = before / after
+    return f"{r:.2f}× {better}" if r >= 1 else f"{1 / r:.2f}× {worse}"
+
+
+def _ms(v: float) -> str:
+    """A latency in ms with 3 significant digits (0.0259, 1.74, 48.2)."""
+    return f"{v:.3g}"
+
+
+def _log_ticks(ax, axis: str = "x") -> None:
+    """Plain numbers (0.02, 0.05, 0.1) instead of 10^-2 on a log axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+
+
+def latency_axis(latencies: list) -> tuple[float, float, bool]:
+    """``(lo, hi, log)``: the histogram axis for one group's models: from the smallest p1 to the
+    largest p99 of their runs (outliers beyond are counted, not drawn), logarithmic when
+    ``hi / lo > LOG_SPREAD``."""
+    import numpy as np
+
+    p1 = [float(np.percentile(np.asarray(ms, float), 1)) for ms in latencies if len(ms)]
+    p99 = [float(np.percentile(np.asarray(ms, float), 99)) for ms in latencies if len(ms)]
+    if not p1:
+        return 0.0, 1.0, False
+    lo, hi = min(p1), max(p99)
+    if hi <= lo:
+        hi = lo * 1.01 + 1e-6
+    return lo, hi, bool(lo > 0 and hi / lo > LOG_SPREAD)
+
+
+def rolling_bands(ms, max_points: int = 200) -> dict:
+    """Consecutive windows of a model's runs (in time order): ``x`` (window centre, run index),
+    ``median``, ``p10``, ``p90`` and ``window`` (runs per window); the median of a window is
+    what a reader means by "the latency then", the band how much it wandered."""
+    import numpy as np
+
+    ms = np.asarray(ms, float)
+    n = len(ms)
+    w = max(1, min(max(5, -(-n // max_points)), n))
+    k = n // w
+    chunks = ms[: k * w].reshape(k, w)
+    p10, med, p90 = np.percentile(chunks, [10, 50, 90], axis=1)
+    return {"x": (np.arange(k) * w + (w - 1) / 2).tolist(), "median": med.tolist(), "p10": p10.tolist(),
+            "p90": p90.tolist(), "window": w}
+
+
 def _bench_plots(rep: dict) -> list[dict]:
     import numpy as np
     from matplotlib.figure import Figure
 
+    labels = list(rep.get("config", {}).get("labels") or [])
     plots = []
     for g in rep["groups"]:
         title = f"{_short(g['provider'])}, batch {g['batch']}"
-        fig = Figure(figsize=(7.5, 3.4))
-        ax = fig.add_subplot(1, 1, 1)
-        all_ms = np.concatenate([np.asarray(m["latencies_ms"], float) for m in g["models"]])
-        lo, hi = np.percentile(all_ms, [0.5, 99.5])
-        bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 60)
-        for i, m in enumerate(g["models"]):
-            ms = np.clip(np.asarray(m["latencies_ms"], float), bins[0], bins[-1])
-            line = ax.hist(ms, bins=bins, histtype="step", linewidth=1.6, label=m["label"])[2][0]
-            ax.axvline(m["latency"]["p50_ms"], color=line.get_edgecolor(), linestyle="--", linewidth=1)
-        ax.set_xlabel("latency (ms); dashed: p50")
-        ax.set_ylabel("runs")
-        ax.set_title(f"Latency distribution ({title})")
-        ax.legend(fontsize=8)
-        plots.append({"title": f"Latency distribution, {title}", "png": _png(fig)})
+        models = [m for m in g["models"] if m.get("latencies_ms")]
+        if not models:
+            continue
+        colour = {m["label"]: _colour(labels.index(m["label"]) if m["label"] in labels else i)
+                  for i, m in enumerate(models)}
+        runs = [np.asarray(m["latencies_ms"], float) for m in models]
+        lo, hi, log = latency_axis(runs)
 
-        fig = Figure(figsize=(7.5, 2.8))
+        # --- histograms, one row per model, one shared axis over p1-p99
+        fig = Figure(figsize=(8.5, 0.6 + 1.45 * len(models)))
+        axes = fig.subplots(len(models), 1, sharex=True, squeeze=False)[:, 0]
+        bins = np.geomspace(lo, hi, 60) if log else np.linspace(lo, hi, 60)
+        beyond = []
+        for ax, m, ms in zip(axes, models, runs):
+            inside = ms[(ms >= lo) & (ms <= hi)]
+            c = colour[m["label"]]
+            counts = ax.hist(inside, bins=bins, color=c, alpha=0.75, edgecolor=c)[0]
+            p10, p50, p90, p99 = np.percentile(ms, [10, 50, 90, 99])
+            ax.axvspan(p10, p90, color=c, alpha=0.08, lw=0)
+            ax.axvline(p50, color="#222", linestyle="--", linewidth=1)
+            ax.text(0.995, 0.92, f"{m['label']}\np50 {_ms(p50)} · p90 {_ms(p90)} · p99 {_ms(p99)} ms",
+                    transform=ax.transAxes, ha="right", va="top", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5})
+            ax.set_ylabel("runs", fontsize=8)
+            ax.tick_params(labelsize=8)
+            ax.set_ylim(0, max(float(counts.max()) if len(counts) else 0, 1) * 1.6)  # room for the label
+            below, above = int((ms < lo).sum()), int((ms > hi).sum())
+            if above or below:
+                beyond.append(f"{m['label']}: {above} run(s) ({100 * above / len(ms):.1f} %) above {_ms(hi)} ms, "
+                              f"up to {_ms(float(ms.max()))} ms" + (f"; {below} below {_ms(lo)} ms" if below else ""))
+        axes[0].set_xlim(lo, hi)
+        if log:
+            axes[0].set_xscale("log")
+            _log_ticks(axes[-1])
+        axes[-1].set_xlabel("latency (ms)" + (", log scale" if log else "")
+                            + "; dashed: median, shaded: p10-p90")
+        fig.suptitle(f"Latency distribution ({title})", fontsize=11)
+        fig.tight_layout()
+        cap = (f"Latency distribution, {title}: axis {_ms(lo)}-{_ms(hi)} ms, from the lowest p1 to the highest p99 "
+               "of the models' runs" + (" (log scale: p99/p1 > 10)" if log else "") + ". ")
+        cap += ("Outliers not drawn: " + "; ".join(beyond) + "." if beyond else "No run outside the axis.")
+        plots.append({"title": f"Latency distribution, {title}", "png": _png(fig), "caption": cap,
+                      "axis_ms": [lo, hi], "log": log})
+
+        # --- latency over time: rolling median with p10-p90 band per model
+        fig = Figure(figsize=(8.5, 3.0))
         ax = fig.add_subplot(1, 1, 1)
-        for m in g["models"]:
-            ax.plot(np.asarray(m["latencies_ms"], float), linewidth=0.8, label=m["label"])
-        ax.set_xlabel("timed run (models interleaved in blocks of runs)")
+        tops, bottoms, maxes, window = [], [], [], 1
+        for m, ms in zip(models, runs):
+            b = rolling_bands(ms)
+            window = b["window"]
+            c = colour[m["label"]]
+            ax.fill_between(b["x"], b["p10"], b["p90"], color=c, alpha=0.2, lw=0)
+            ax.plot(b["x"], b["median"], color=c, linewidth=1.4, label=f"{m['label']} (median {_ms(float(np.median(ms)))} ms)")
+            tops.append(max(b["p90"]))
+            bottoms.append(min(b["p10"]))
+            maxes.append(f"{m['label']} {_ms(float(ms.max()))} ms")
+        top, bottom = max(tops), min(bottoms)
+        if bottom > 0 and top / bottom > LOG_SPREAD:
+            ax.set_yscale("log")
+            ax.set_ylim(bottom / 1.3, top * 1.3)
+            _log_ticks(ax, "y")
+        else:
+            ax.set_ylim(0, top * 1.15 or 1)
+        ax.set_xlim(0, max(len(ms) for ms in runs))
+        block = g.get("block") or 1
+        ax.set_xlabel(f"timed run of each model (interleaved in blocks of {block}: the same x is about the same moment)",
+                      fontsize=8)
         ax.set_ylabel("latency (ms)")
-        ax.set_title(f"Latency over time ({title}): drift hits all models alike")
-        ax.legend(fontsize=8)
-        plots.append({"title": f"Latency over time, {title}", "png": _png(fig)})
+        ax.set_title(f"Latency over time ({title}): median of each {window} runs, band p10-p90", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+        fig.tight_layout()
+        plots.append({"title": f"Latency over time, {title}", "png": _png(fig),
+                      "caption": (f"Latency over time, {title}: a line is the median of {window} consecutive runs, the band "
+                                  "their p10-p90; drift shows as all lines moving together. Single slow runs above the "
+                                  "band are not drawn (slowest: " + ", ".join(maxes) + ").")})
 
-    fig = Figure(figsize=(6.5, 4))
-    ax = fig.add_subplot(1, 1, 1)
-    for g in rep["groups"]:
-        xs = [m["file_bytes"] / 1e6 for m in g["models"]]
-        ys = [m["latency"]["p50_ms"] for m in g["models"]]
-        ax.scatter(xs, ys, label=f"{_short(g['provider'])}, batch {g['batch']}")
-        for m, x, y in zip(g["models"], xs, ys):
-            ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    sizes = [m["file_bytes"] for g in rep["groups"] for m in g["models"]]
-    if min(sizes) > 0 and max(sizes) / min(sizes) > 20:
-        ax.set_xscale("log")
-    else:
-        ax.set_xlim(left=0, right=max(sizes) / 1e6 * 1.15 or None)
-    ax.set_ylim(bottom=0, top=max(m["latency"]["p50_ms"] for g in rep["groups"] for m in g["models"]) * 1.15 or None)
-    ax.set_xlabel("file size (MB)")
-    ax.set_ylabel("p50 latency (ms)")
-    ax.set_title("Size vs latency")
-    ax.legend(fontsize=8)
-    plots.append({"title": "Size vs latency", "png": _png(fig)})
+    # --- size vs median latency
+    pts = [(g, i, m) for g in rep["groups"] for i, m in enumerate(g["models"]) if m.get("latency")]
+    if pts:
+        fig = Figure(figsize=(6.5, 3.4))
+        ax = fig.add_subplot(1, 1, 1)
+        markers = "osD^v<>"
+        for gi, g in enumerate(rep["groups"]):
+            for i, m in enumerate(g["models"]):
+                c = _colour(labels.index(m["label"]) if m["label"] in labels else i)
+                ax.scatter([m["file_bytes"] / 1e6], [m["latency"]["p50_ms"]], s=60, color=c, edgecolors="k",
+                           marker=markers[gi % len(markers)], zorder=3,
+                           label=f"{m['label']}" + (f" ({_short(g['provider'])}, batch {g['batch']})"
+                                                    if len(rep["groups"]) > 1 else ""))
+        sizes = [m["file_bytes"] for _, _, m in pts]
+        if min(sizes) > 0 and max(sizes) / min(sizes) > 20:
+            ax.set_xscale("log")
+            ax.margins(x=0.15)
+        else:
+            ax.set_xlim(0, max(sizes) / 1e6 * 1.15 or 1)
+        ax.set_ylim(0, max(m["latency"]["p50_ms"] for _, _, m in pts) * 1.2 or 1)
+        ax.set_xlabel("file size (MB)")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_title("Size vs median latency (lower left is better)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.tight_layout()
+        plots.append({"title": "Size vs latency", "png": _png(fig), "caption": "Size vs median latency of each model."})
     return plots
 
 
@@ -115,7 +249,8 @@ def _validate_plots(rep: dict) -> list[dict]:
     ax.set_xticks(range(len(vals)), names, fontsize=7)
     ax.set_ylabel("SQNR (dB, 200 = identical)")
     ax.set_title("Output fidelity")
-    return [{"title": "Output fidelity (SQNR per output)", "png": _png(fig)}]
+    return [{"title": "Output fidelity (SQNR per output)", "png": _png(fig),
+             "caption": "Output fidelity: SQNR per output (green: at least 20 dB)."}]
 
 
 def _fmt_bytes(n) -> str:
@@ -137,6 +272,18 @@ def _fmt(v, spec: str = ".3g") -> str:
     return format(v, spec)
 
 
+def _env(strict: bool = False):
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.StrictUndefined if strict else jinja2.Undefined)
+    env.filters["bytes"] = _fmt_bytes
+    env.filters["num"] = _fmt
+    env.filters["short"] = _short
+    return env
+
+
 def render_html(report: dict) -> str:
     """The HTML text of ``report`` (a ``to_dict()`` of a bench or validate result).
 
@@ -144,41 +291,161 @@ def render_html(report: dict) -> str:
         OnnxCompressError: matplotlib or jinja2 is missing (with the install hint).
     """
     _require()
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]),
-                             undefined=jinja2.StrictUndefined)
-    env.filters["bytes"] = _fmt_bytes
-    env.filters["num"] = _fmt
-    env.filters["short"] = _short
     plots = _bench_plots(report) if report.get("kind") == "bench" else _validate_plots(report)
-    return env.get_template("report.html.j2").render(rep=report, plots=plots)
+    return _env(strict=True).get_template("report.html.j2").render(rep=report, plots=plots)
+
+
+# --------------------------------------------------------------------------- optimize
+
+
+def optimize_rows(rep: dict) -> list[dict]:
+    """The before/after rows with the terminal's ratio column: ``{"label", "before", "after",
+    "ratio"}`` (size "3.63× smaller", latency "1.37× slower", accuracy "+0.00 pp")."""
+    b, a = rep["before"], rep["after"]
+    sb, sa = b.get("file_bytes") or b["size_bytes"], a.get("file_bytes") or a["size_bytes"]
+    rows = [{"label": "size", "before": _fmt_bytes(sb), "after": _fmt_bytes(sa),
+             "ratio": ratio_text(sb, sa, "smaller", "larger")}]
+    if b.get("compressed_bytes") and a.get("compressed_bytes"):
+        rows.append({"label": "size (zlib)", "before": _fmt_bytes(b["compressed_bytes"]),
+                     "after": _fmt_bytes(a["compressed_bytes"]),
+                     "ratio": ratio_text(b["compressed_bytes"], a["compressed_bytes"], "smaller", "larger")})
+    rows.append({"label": "nodes", "before": str(b["n_nodes"]), "after": str(a["n_nodes"]), "ratio": ""})
+    rows.append({"label": "parameters", "before": str(b.get("parameters", "-")), "after": str(a.get("parameters", "-")),
+                 "ratio": ""})
+    rounded = bool(a.get("int8_initializers")) and not b.get("int8_initializers")
+    rows.append({"label": "zero weights", "before": f"{b.get('sparsity_pct', '-')} %",
+                 "after": f"{a.get('sparsity_pct', '-')} %", "ratio": "int8 rounding, not pruning" if rounded else ""})
+    for v in rep.get("validation", []):
+        prov = _short(v["provider"])
+        lr, lc = v.get("latency_ms_reference"), v.get("latency_ms_candidate")
+        if lr and lc:
+            rows.append({"label": f"latency {prov} (median, ms)", "before": f"{lr:.3f}", "after": f"{lc:.3f}",
+                         "ratio": ratio_text(lr, lc, "faster", "slower")})
+        if v.get("accuracy_reference") is not None and v.get("accuracy_candidate") is not None:
+            rows.append({"label": f"accuracy {prov}", "before": f"{v['accuracy_reference']:.2f} %",
+                         "after": f"{v['accuracy_candidate']:.2f} %",
+                         "ratio": f"{v['accuracy_candidate'] - v['accuracy_reference']:+.2f} pp"})
+    cost = rep.get("cost")
+    if cost and cost.get("stages"):
+        slow = max(cost["stages"], key=lambda st: st["seconds"])
+        rows.append({"label": "tool's own cost", "before": "",
+                     "after": f"{sum(st['seconds'] for st in cost['stages']):.1f} s, peak {cost['peak_rss_mb'] / 1024:.2f} GB RSS",
+                     "ratio": f"slowest: {slow['stage']} ({slow['seconds']:.1f} s)"})
+    return rows
+
+
+def kept_in_float(rep: dict) -> list[dict]:
+    """Nodes left in float and why: ``{"node", "by", "reason"}`` from the passes' skips and the
+    fallback's rounds."""
+    fb = rep.get("fallback") or {}
+    sq = fb.get("node_sqnr_db") or {}
+    by_fallback = set(fb.get("kept_in_float", []))
+    rows, seen = [], set()
+    for p in rep.get("passes", []):
+        if p["name"].startswith("quantize"):
+            for s in p.get("skipped", []):
+                if s["node"] not in by_fallback and (s["node"], s["reason"]) not in seen:
+                    seen.add((s["node"], s["reason"]))
+                    rows.append({"node": s["node"], "by": p["name"], "reason": s["reason"]})
+    for n in fb.get("kept_in_float", []):
+        why = "fallback: the gates failed with it in int8"
+        if n in sq:
+            why += f" (one-node SQNR {sq[n]:.1f} dB, among the lowest)"
+        rows.append({"node": n, "by": "fallback", "reason": why})
+    return rows
+
+
+def _node_sqnr(rep: dict) -> dict[str, float]:
+    sq: dict[str, float] = {}
+    for p in rep.get("passes", []):
+        s = (p.get("counts") or {}).get("node_sqnr_db")
+        if isinstance(s, dict):
+            sq.update({k: float(v) for k, v in s.items() if isinstance(v, (int, float))})
+    sq.update({k: float(v) for k, v in ((rep.get("fallback") or {}).get("node_sqnr_db") or {}).items()})
+    return sq
+
+
+def _bar_labels(ax, bars, texts) -> None:
+    for b, t in zip(bars, texts):
+        ax.annotate(t, (b.get_x() + b.get_width() / 2, b.get_height()), textcoords="offset points", xytext=(0, 3),
+                    ha="center", va="bottom", fontsize=8)
 
 
 def _optimize_plots(rep: dict) -> list[dict]:
-    """Size (MB) vs median latency (ms), before and after, per provider."""
+    """Bars of size and median latency before/after (ratio in each title), and the one-node SQNR
+    of each int8 node (worst first) with the ones kept in float marked."""
     from matplotlib.figure import Figure
 
     plots = []
-    b = rep["before"].get("file_bytes") or rep["before"]["size_bytes"]
-    a = rep["after"].get("file_bytes") or rep["after"]["size_bytes"]
-    for v in rep.get("validation", []):
-        if not v.get("latency_ms_reference") or not v.get("latency_ms_candidate"):
-            continue
-        fig = Figure(figsize=(5.5, 3.6), dpi=100)
-        ax = fig.add_subplot()
-        for label, size, ms, colour in (("before", b, v["latency_ms_reference"], "#888"),
-                                        ("after", a, v["latency_ms_candidate"], "#1f77b4")):
-            ax.scatter([size / 1e6], [ms], s=60, color=colour, label=label)
-            ax.annotate(label, (size / 1e6, ms), textcoords="offset points", xytext=(6, 4))
-        ax.set_xlabel("size (MB)")
-        ax.set_ylabel("median latency (ms)")
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=.3)
+    b, a = rep["before"], rep["after"]
+    sb, sa = b.get("file_bytes") or b["size_bytes"], a.get("file_bytes") or a["size_bytes"]
+    lat = [v for v in rep.get("validation", []) if v.get("latency_ms_reference") and v.get("latency_ms_candidate")]
+    fig = Figure(figsize=(3.0 * (1 + len(lat)) + 0.6, 3.0))
+    axes = fig.subplots(1, 1 + len(lat), squeeze=False)[0]
+    before_c, after_c = "#9e9e9e", "#1f77b4"
+
+    def bars(ax, vals, unit, fmt, title):
+        bs = ax.bar(["before", "after"], vals, color=[before_c, after_c], width=0.6)
+        _bar_labels(ax, bs, [fmt(x) for x in vals])
+        ax.set_ylim(0, max(vals) * 1.25 or 1)
+        ax.set_ylabel(unit)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+
+    mb = sa < 1e6 and sb < 1e6
+    scale, unit = (1024, "KiB") if mb else (1024 * 1024, "MiB")
+    bars(axes[0], [sb / scale, sa / scale], f"file size ({unit})", lambda x: f"{x:.1f}",
+         f"size: {ratio_text(sb, sa, 'smaller', 'larger')}")
+    for ax, v in zip(axes[1:], lat):
+        lr, lc = v["latency_ms_reference"], v["latency_ms_candidate"]
+        bars(ax, [lr, lc], "median latency (ms)", lambda x: f"{x:.3g}",
+             f"latency {_short(v['provider'])}: {ratio_text(lr, lc, 'faster', 'slower')}")
+    fig.tight_layout()
+    plots.append({"title": "size and latency before / after", "png": _png(fig),
+                  "caption": "File size and median latency (quick in-process timing; use onnxcompress bench for "
+                             "interleaved runs) before and after; lower is better."})
+
+    sq = _node_sqnr(rep)
+    if sq:
+        kept = {r["node"]: r["by"] for r in kept_in_float(rep)}
+        limit = None
+        for st in (rep.get("recipe") or {}).get("stages", []):
+            if st.get("min_sqnr_db") is not None:
+                limit = float(st["min_sqnr_db"])
+        order = sorted(sq, key=lambda n: sq[n])
+        shown = order[:30]
+        fig = Figure(figsize=(8.5, 0.9 + 0.24 * len(shown)))
+        ax = fig.add_subplot(1, 1, 1)
+        ys = range(len(shown))[::-1]
+        colours = ["#d62728" if kept.get(n) == "fallback" else "#ff7f0e" if n in kept else after_c for n in shown]
+        ax.barh(list(ys), [sq[n] for n in shown], color=colours, height=0.7)
+        names = [n if len(n) <= 42 else "…" + n[-41:] for n in shown]
+        ax.set_yticks(list(ys), names, fontsize=7)
+        for y, n in zip(ys, shown):
+            ax.annotate(f"{sq[n]:.1f}", (sq[n], y), textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
+        if limit is not None:
+            ax.axvline(limit, color="#d62728", linestyle="--", linewidth=1)
+        ax.set_xlim(min(0, min(sq.values())), max(sq[n] for n in shown) * 1.12)
+        ax.set_ylim(-0.7, len(shown) - 0.3)
+        ax.set_xlabel("one-node output SQNR in int8 (dB, higher is closer to float)"
+                      + (f"; dashed: {limit:g} dB, below stays float" if limit is not None else ""))
+        ax.grid(axis="x", alpha=0.3)
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=after_c, label="int8")]
+        if any(kept.get(n) == "fallback" for n in shown):
+            handles.append(Patch(color="#d62728", label="kept in float by the fallback"))
+        if any(n in kept and kept[n] != "fallback" for n in shown):
+            handles.append(Patch(color="#ff7f0e", label="kept in float by its pass"))
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title("Per-node int8 error (worst first)", fontsize=10)
         fig.tight_layout()
-        plots.append({"title": f"size vs latency on {_short(v['provider'])}", "png": _png(fig)})
+        more = f"; {len(order) - len(shown)} more node(s) not shown, all above {sq[shown[-1]]:.1f} dB" \
+            if len(order) > len(shown) else ""
+        plots.append({"title": "per-node SQNR", "png": _png(fig),
+                      "caption": "Each quantized node's output SQNR with only that node in int8, on calibration "
+                                 f"data: the lowest are where int8 error comes from{more}."})
     return plots
 
 
@@ -189,14 +456,8 @@ def render_optimize_html(report: dict) -> str:
         OnnxCompressError: matplotlib or jinja2 is missing (with the install hint).
     """
     _require()
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]))
-    env.filters["bytes"] = _fmt_bytes
-    env.filters["num"] = _fmt
-    env.filters["short"] = _short
-    return env.get_template("optimize.html.j2").render(rep=report, plots=_optimize_plots(report))
+    return _env().get_template("optimize.html.j2").render(rep=report, plots=_optimize_plots(report),
+                                                          rows=optimize_rows(report), kept=kept_in_float(report))
 
 
 def write_html(report: dict, path: str | os.PathLike) -> None:

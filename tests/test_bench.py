@@ -281,6 +281,59 @@ def test_html_report_has_embedded_plots(html_report):
     assert "http://" not in text and "https://" not in text  # self-contained
 
 
+def test_html_bench_page_reads_well(html_report):
+    """Histograms span p1-p99 with the outliers in the caption, latency over time is a rolling
+    median with a band, and the ratio column says it is a latency ratio, lower is faster."""
+    text = html_report.read_text()
+    assert "latency ratio vs digits_cnn.onnx [95 % CI] (lower is faster)" in text
+    assert "speed-up (higher is faster)" in text and "peak RSS above baseline" in text
+    assert "from the lowest p1 to the highest p99" in text
+    assert "band their p10-p90" in text
+    assert "A B C A B C" not in text.split("Timing:")[1][:40]  # the timing line names the block mode first
+
+
+def _bench_dict(runs: dict[str, list[float]]) -> dict:
+    return {"kind": "bench", "config": {"labels": list(runs)}, "groups": [{
+        "provider": "CPUExecutionProvider", "batch": 1, "block": 10,
+        "models": [{"label": k, "file_bytes": 1000 * (i + 1), "latencies_ms": v,
+                    "latency": {"p50_ms": float(np.median(v))}} for i, (k, v) in enumerate(runs.items())]}]}
+
+
+def test_html_histogram_axis_is_p1_to_p99_and_log_when_wide():
+    """~1 % of runs 300x slower do not stretch the histogram axis: it spans the lowest p1 to the
+    highest p99 of the models, the outliers are counted in the caption; a wide spread (p99/p1 >
+    10) gets a log axis."""
+    pytest.importorskip("matplotlib")
+    from onnxcompress.report_html import _bench_plots, latency_axis
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.02, 0.002, 5000)
+    a[rng.choice(5000, 50, replace=False)] = 6.0  # outliers, 1 %
+    b = rng.normal(0.03, 0.003, 5000)
+    plots = _bench_plots(_bench_dict({"a": a.tolist(), "b": b.tolist()}))
+    hist = plots[0]
+    lo, hi = hist["axis_ms"]
+    assert lo == pytest.approx(min(np.percentile(a, 1), np.percentile(b, 1)))
+    assert hi == pytest.approx(max(np.percentile(a, 99), np.percentile(b, 99)))
+    assert hi < 0.1 and not hist["log"]
+    assert "Outliers not drawn: a: " in hist["caption"] and "up to 6 ms" in hist["caption"]
+    wide = np.concatenate([rng.uniform(0.01, 0.02, 500), rng.uniform(1, 2, 500)])
+    assert latency_axis([wide])[2] is True
+    assert "band" in plots[1]["caption"] and len(plots) == 3
+
+
+def test_rolling_bands_summarize_windows_in_time_order():
+    from onnxcompress.report_html import rolling_bands
+
+    ms = np.r_[np.full(1000, 1.0), np.full(1000, 2.0)]
+    ms[::97] = 50.0  # single slow runs do not move the median
+    b = rolling_bands(ms, max_points=100)
+    assert b["window"] == 20 and len(b["median"]) == 100
+    assert b["median"][0] == 1.0 and b["median"][-1] == 2.0 and max(b["median"]) == 2.0
+    assert all(lo <= m <= hi for lo, m, hi in zip(b["p10"], b["median"], b["p90"]))
+    assert rolling_bands([0.5, 0.6, 0.7])["window"] == 3
+
+
 def test_validate_html(tmp_path, digits):
     pytest.importorskip("matplotlib")
     pytest.importorskip("jinja2")

@@ -233,6 +233,43 @@ def test_optimize_html_report(digits, tmp_path):
     assert "data:image/png;base64," in text and "quantize-static" in text and "logits" in text
 
 
+def test_optimize_html_shows_the_terminal_ratio_column_gates_and_fidelity(digits, tmp_path):
+    """The optimize page carries what the terminal prints: the ratio column ("3.63× smaller",
+    "1.05× slower", "+0.00 pp"), the default-floor gate rows and whether the floor applied, and
+    per-output fidelity (mean cosine, top-1 on decisive rows); a floor that did not apply says why."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    from onnxcompress.cli import _ratio
+    from onnxcompress.report_html import optimize_rows, ratio_text, render_optimize_html
+
+    out, html, rep = tmp_path / "q.onnx", tmp_path / "r.html", tmp_path / "r.json"
+    res = _invoke("optimize", digits["model"], "-o", out, "--quantize", "static", "--calibration", digits["calib"],
+                  "--validation", digits["test"], "--report", rep, "--html", html, "-q")
+    assert res.exit_code == 0, res.output
+    text, report = html.read_text(), json.loads(rep.read_text())
+    b, a = report["before"], report["after"]
+    size = ratio_text(b["file_bytes"], a["file_bytes"], "smaller", "larger")
+    assert size == _ratio(b["file_bytes"], a["file_bytes"], "smaller", "larger") and size.endswith("× smaller")
+    assert size in text
+    v = report["validation"][0]
+    lat = _ratio(v["latency_ms_reference"], v["latency_ms_candidate"], "faster", "slower")
+    assert lat and lat in text
+    assert f"{v['accuracy_candidate'] - v['accuracy_reference']:+.2f} pp" in text
+    assert [r["ratio"] for r in optimize_rows(report)][:1] == [size]
+    floor_rows = [g for g in report["gates"] if g.get("floor")]
+    assert floor_rows and report["floor"]["applied"]
+    assert "default floor" in text and floor_rows[0]["gate"] in text and "Default fidelity floor <b>applied</b>" in text
+    assert "mean cosine" in text and "top-1 on decisive rows" in text
+    assert f"{v['outputs'][0]['mean_cosine']:.5f}" in text
+    assert "Per-node int8 error" in text or "per-node SQNR" in text
+    assert "http://" not in text and "https://" not in text
+    report["floor"] = {"applied": False, "why": "your gates judge the model"}
+    report["gates"] = [dict(floor_rows[0], floor=False, gate="min-cosine", passed=False)]
+    other = render_optimize_html(report)
+    assert "Default fidelity floor <b>not applied</b>: your gates judge the model" in other
+    assert "your gate" in other and "FAIL" in other
+
+
 def test_input_external_data_is_never_overwritten(tmp_path, small):
     """Input a.onnx keeps its weights in b.onnx.data; writing b.onnx with external data would
     clobber them. The tool refuses and the input still loads."""

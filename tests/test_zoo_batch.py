@@ -750,3 +750,49 @@ min_cosine = 0.9
     md = res.paths["md"].read_text() if "md" in res.paths else (zoo_dir / "out" / "zoo_report.md").read_text()
     # fuse: nothing judges it; dyn: int8 without gates meets the default floor; gated: its own gate
     assert "written (no gate)" in md and "ok (gates held)" in md and "ok (floor held)" in md
+
+
+def test_zoo_html_shares_one_fidelity_scale_and_labels_do_not_collide():
+    """The same min cosine gets the same colour on every chart and in the table (fixed bins, a
+    legend on the page), and labels of points close together do not overlap."""
+    pytest.importorskip("matplotlib")
+    from onnxcompress.zoo.report import FIDELITY_BINS, fidelity_colour, html_report
+
+    assert fidelity_colour(0.974) == fidelity_colour(0.974) == [c for lo, _, c in FIDELITY_BINS if lo == 0.95][0]
+    assert fidelity_colour(0.809) != fidelity_colour(0.974) and fidelity_colour(None) == "#cccccc"
+    base = {"status": "ok", "ran": True, "bytes_before": 4e6, "latency_ms_before": 2.0, "wall_s": 1.0}
+    rows = [dict(base, model="m1", recipe="fuse", bytes_after=4e6, latency_ms_after=1.9, min_cosine=1.0),
+            dict(base, model="m1", recipe="int8-a", bytes_after=1e6, latency_ms_after=1.0, min_cosine=0.974),
+            dict(base, model="m1", recipe="int8-b", bytes_after=1.01e6, latency_ms_after=1.01, min_cosine=0.9741),
+            dict(base, model="m2", recipe="int8-a", bytes_after=1e6, latency_ms_after=1.0, min_cosine=0.974),
+            dict(base, model="m2", recipe="int8-c", bytes_after=1.2e6, latency_ms_after=1.5, min_cosine=0.809)]
+    rep = {"rows": rows, "counts": {"tasks": 5, "ok": 5, "failed": 0, "ran": 5, "cached": 0}, "tool": {"version": "x"},
+           "manifest": "zoo.toml", "executor": "local", "jobs": 1, "threads_per_task": 1, "started": "now",
+           "wall_s": 1.0, "notes": []}
+    text = html_report(rep)
+    assert "one scale for the table and every chart" in text
+    assert text.count(f'background:{fidelity_colour(0.974)}') >= 3  # legend + both 0.974 rows
+    assert text.count('src="data:image/png;base64,') == 2
+
+
+def test_zoo_chart_labels_do_not_overlap():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from onnxcompress.zoo.report import place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    pts = [(1.0, 1.0), (1.01, 1.01), (1.02, 0.99), (4.0, 1.9), (4.0, 2.0)]
+    ax.scatter(*zip(*pts))
+    ax.set_xlim(0, 5)
+    ax.set_ylim(0.5, 2.5)
+    anns = place_labels(fig, ax, pts, [f"recipe-{i}\ncos 0.9999" for i in range(len(pts))])
+    r = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(r) for a in anns]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (i, j)
+    plt.close(fig)

@@ -111,9 +111,74 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+#: the fidelity colour scale shared by every chart and the table: (lowest min cosine, label, colour),
+#: fixed bins, so the same value has the same colour on every chart of every report
+FIDELITY_BINS = ((0.9999, "≥ 0.9999", "#1a9850"), (0.999, "0.999 – 0.9999", "#91cf60"),
+                 (0.99, "0.99 – 0.999", "#fee08b"), (0.95, "0.95 – 0.99", "#fc8d59"),
+                 (-math.inf, "< 0.95", "#d73027"))
+UNKNOWN_COLOUR = "#cccccc"
+#: bumped when the charts change, so cached PNGs of an older look are redrawn
+CHART_VERSION = "2"
+
+
+def fidelity_colour(cos: float | None) -> str:
+    """The colour of a min cosine on the shared scale (:data:`FIDELITY_BINS`); grey when unknown."""
+    if cos is None or (isinstance(cos, float) and not math.isfinite(cos)):
+        return UNKNOWN_COLOUR
+    return next(c for lo, _, c in FIDELITY_BINS if cos >= lo)
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def place_labels(fig, ax, points: list[tuple[float, float]], texts: list[str], fontsize: float = 8) -> list:
+    """Annotate each data point with its text where the text box overlaps no other label, no
+    marker and stays inside the axes (greedy over 16 candidate offsets, the least overlap when
+    none is free); far offsets get a thin leader line. Returns the annotations."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    px = [ax.transData.transform(p) for p in points]
+    r = 7 * fig.dpi / 72  # marker radius, px
+    markers = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in px]
+    inside = ax.get_window_extent(renderer)
+    near = [(7, -3, "left", "top"), (7, 3, "left", "bottom"), (-7, 3, "right", "bottom"), (-7, -3, "right", "top"),
+            (0, 9, "center", "bottom"), (0, -9, "center", "top"), (9, 0, "left", "center"), (-9, 0, "right", "center")]
+    cands = near + [(dx * 3, dy * 3, ha, va) for dx, dy, ha, va in near]
+    placed, out = [], []
+    order = sorted(range(len(points)), key=lambda i: (px[i][0], px[i][1]))
+    for i in order:
+        best = None
+        for dx, dy, ha, va in cands:
+            far = abs(dx) > 10 or abs(dy) > 10
+            ann = ax.annotate(texts[i], points[i], textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                              fontsize=fontsize, zorder=5,
+                              arrowprops={"arrowstyle": "-", "color": "#888", "lw": 0.6} if far else None)
+            bb = ann.get_window_extent(renderer).expanded(1.04, 1.08)
+            cost = sum(_overlap(bb, o) for o in placed) + sum(_overlap(bb, m) for j, m in enumerate(markers) if j != i)
+            clipped = bb.width * bb.height - _overlap(bb, inside)
+            cost += 2 * clipped + (0.5 if far else 0)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, bb)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
+        out.append(best[1])
+    return out
+
+
 def chart_png(model: str, rows: list[dict]) -> bytes | None:
-    """Size (MB) vs latency (ms) of each recipe of one model, colour = min cosine, with the
-    original model and the Pareto front; ``None`` when nothing to plot or no matplotlib."""
+    """Size (MB) vs latency (ms) of each recipe of one model, colour = min cosine on the shared
+    fidelity scale (:data:`FIDELITY_BINS`, legend on every chart), with the original model and
+    the Pareto front, labels placed so they do not collide; ``None`` when nothing to plot or no
+    matplotlib."""
     ok = [r for r in rows if r["status"] == "ok" and r.get("bytes_after") and r.get("latency_ms_after")]
     if not ok:
         return None
@@ -122,28 +187,26 @@ def chart_png(model: str, rows: list[dict]) -> bytes | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         return None
     with _mpl_lock:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+        fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=90)
         ref_lat = sorted(r["latency_ms_before"] for r in ok if r.get("latency_ms_before"))
         ref = None
         if ref_lat and ok[0].get("bytes_before"):
             ref = (ok[0]["bytes_before"] / 1e6, ref_lat[len(ref_lat) // 2])
             ax.scatter([ref[0]], [ref[1]], marker="s", s=70, c="#999999", edgecolors="k", zorder=3)
-            ax.annotate("original", ref, textcoords="offset points", xytext=(-10, 10), fontsize=8, color="#555")
         pts = [(r["bytes_after"] / 1e6, r["latency_ms_after"]) for r in ok]
         cos = [r.get("min_cosine") for r in ok]
-        known = [c for c in cos if c is not None]
-        vmin = min(min(known) if known else 0.99, 0.99)
-        cmap = plt.get_cmap("RdYlGn")
-        colours = [cmap((c - vmin) / max(1 - vmin, 1e-9)) if c is not None else "#cccccc" for c in cos]
-        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colours, s=80, edgecolors="k", zorder=4)
-        for r, p, c in zip(ok, pts, cos):
-            ax.annotate(f"{r['recipe']}\ncos {_f(c, '{:.4f}')}", p, textcoords="offset points", xytext=(6, -4),
-                        fontsize=8)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[fidelity_colour(c) for c in cos], s=80,
+                   edgecolors="k", zorder=4)
         allp = pts + ([ref] if ref else [])
         front = pareto_front(allp)
+        handles = [Line2D([], [], marker="o", linestyle="", markersize=8, markerfacecolor=colour,
+                          markeredgecolor="k", label=label) for _, label, colour in FIDELITY_BINS]
+        handles.append(Line2D([], [], marker="s", linestyle="", markersize=7, markerfacecolor="#999999",
+                              markeredgecolor="k", label="original"))
         if len(front) > 1:
             xs, ys = [], []
             for i in front:
@@ -152,18 +215,23 @@ def chart_png(model: str, rows: list[dict]) -> bytes | None:
                     ys.append(ys[-1])
                 xs.append(allp[i][0])
                 ys.append(allp[i][1])
-            ax.plot(xs, ys, "--", color="#1f77b4", lw=1, zorder=2, label="Pareto front")
-            ax.legend(loc="upper right", fontsize=8)
-        sm = matplotlib.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(vmin, 1.0))
-        fig.colorbar(sm, ax=ax, label="fidelity (min cosine)")
-        del sc
+            ax.plot(xs, ys, "--", color="#1f77b4", lw=1, zorder=2)
+            handles.append(Line2D([], [], linestyle="--", color="#1f77b4", label="Pareto front"))
+        ax.legend(handles=handles, title="min cosine", fontsize=8, title_fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.set_xlabel("model size (MB)")
         ax.set_ylabel("median latency (ms)")
         ax.set_title(model)
         ax.grid(alpha=0.3)
-        ax.margins(0.2)
-        buf = io.BytesIO()
+        xs_all, ys_all = [p[0] for p in allp], [p[1] for p in allp]
+        xspan = (max(xs_all) - min(xs_all)) or max(xs_all) or 1
+        yspan = (max(ys_all) - min(ys_all)) or max(ys_all) or 1
+        ax.set_xlim(max(0.0, min(xs_all) - 0.25 * xspan), max(xs_all) + 0.45 * xspan)
+        ax.set_ylim(max(0.0, min(ys_all) - 0.3 * yspan), max(ys_all) + 0.3 * yspan)
         fig.tight_layout()
+        texts = [f"{r['recipe']}\ncos {_f(c, '{:.4f}')}" for r, c in zip(ok, cos)]
+        place_labels(fig, ax, allp, texts + (["original"] if ref else []))
+        buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
     return buf.getvalue()
@@ -175,7 +243,7 @@ def _chart_cached(model: str, rows: list[dict], cache: Path | None) -> bytes | N
     import hashlib
     import json
 
-    sig = json.dumps([[r.get(k) for k in ("recipe", "status", "bytes_before", "bytes_after", "latency_ms_before",
+    sig = CHART_VERSION + json.dumps([[r.get(k) for k in ("recipe", "status", "bytes_before", "bytes_after", "latency_ms_before",
                                           "latency_ms_after", "min_cosine")] for r in rows], default=str)
     path = None
     if cache is not None:
@@ -210,7 +278,12 @@ def html_report(rep: dict, chart_cache: Path | None = None) -> str:
         cells = [f'<td class="l">{e(r["model"])}</td>', f'<td class="l">{e(r["recipe"])}</td>',
                  f'<td class="l status">{e(_status(r))}</td>']
         if r["status"] == "ok" or r.get("bytes_before"):
-            cells += [f"<td>{e(x)}</td>" for x in _cells(r)]
+            vals = _cells(r)
+            cells += [f"<td>{e(x)}</td>" for x in vals[:4]]
+            sw = f'<span class="sw" style="background:{fidelity_colour(r.get("min_cosine"))}"></span>' \
+                if r.get("min_cosine") is not None else ""
+            cells.append(f'<td class="cos">{sw}{e(vals[4])}</td>')
+            cells += [f"<td>{e(x)}</td>" for x in vals[5:]]
         else:
             cells.append(f'<td class="err" colspan="9">{e(str(r.get("error", "")))}</td>')
         cells.append(f"<td>{e(_f(r.get('wall_s'), '{:.1f}'))}</td>")
@@ -242,10 +315,13 @@ def html_report(rep: dict, chart_cache: Path | None = None) -> str:
             f"ORT thread(s)/task &middot; started {e(rep['started'])}")
     summary = (f"<b>{c['tasks']}</b> tasks: <b>{c['ok']}</b> ok, <b>{c['failed']}</b> failed; "
                f"{c['ran']} ran this time, {c['cached']} cached; wall {rep['wall_s']} s.")
+    legend = ('<p class="legend">min cosine (one scale for the table and every chart): ' + " ".join(
+        f'<span class="sw" style="background:{c}"></span>{e(label)}' for _, label, c in FIDELITY_BINS)
+        + f' <span class="sw" style="background:{UNKNOWN_COLOUR}"></span>unknown</p>')
     tpl = string.Template(TEMPLATE.read_text(encoding="utf-8"))
     return tpl.safe_substitute(title=e(f"onnxcompress zoo: {Path(rep['manifest']).name}"), meta=meta,
                                summary=summary, notes=notes, table=table, charts="\n".join(charts),
-                               failures=failures)
+                               failures=failures, legend=legend)
 
 
 def _write_text(path: Path, text: str) -> None:
