@@ -1,0 +1,670 @@
+"""Knowledge distillation: train a (pruned, low-rank, smaller) student to match a teacher's outputs.
+
+The teacher is any ONNX model, run once over the data by ONNX Runtime; its outputs are cached as
+memory-mapped ``.npy`` files in a state folder (the inputs too), so memory stays bounded by one
+batch whatever the data's size. The student is an ONNX model turned into a trainable
+``torch.nn.Module`` by `onnx2torch <https://github.com/ENOT-AutoDL/onnx2torch>`_, or a user's
+``torch.nn.Module`` (Python API). The loss follows Hinton et al. 2015, "Distilling the Knowledge in
+a Neural Network": ``KL(softmax(t/T) || softmax(s/T))·T²`` for class scores, MSE or cosine for
+other outputs, optionally mixed with cross-entropy on labels (weight ``alpha``). Training runs on
+the CPU with Adam, checkpoints every epoch and resumes; the trained student is exported with
+``torch.onnx.export`` (opset 17, dynamic batch axis), checked by ``onnx.checker``, compared with
+the torch module in ONNX Runtime on a few samples, and written atomically
+(:func:`onnxcompress.model_io.save_model`).
+
+Converter (onnx2torch 1.5.15, evaluated here) — where it falls short and what this module does:
+
+* Its ``import`` needs torchvision (for ``NonMaxSuppression`` / ``RoiAlign``). The torchvision
+  wheel on PyPI is built against CUDA torch and fails to import beside the CPU build of torch
+  (``operator torchvision::nms does not exist``): a stand-in ``torchvision`` is given to
+  onnx2torch's import, so only those two ops are lost.
+* Float initializers read by plain ops (a ``MatMul`` / ``Add`` weight, as in transformers and our
+  low-rank factors) become *buffers*, so they would not train: they are turned into parameters
+  here (scalars and BatchNorm statistics stay fixed).
+* No converter for: quantized ops (``QuantizeLinear``, ``DequantizeLinear``, ``QLinearConv``,
+  ``QLinearMatMul``, ``MatMulInteger``, ``ConvInteger``, ``DynamicQuantizeLinear``: distil the
+  float model, quantize afterwards), any ``com.microsoft`` op (``Attention``,
+  ``SkipLayerNormalization``, ``FusedConv``: produce the student without fusion), control flow
+  (``If``, ``Loop``), recurrent layers (``LSTM``, ``GRU``, ``RNN``), ``Gelu`` (opset 20),
+  ``GroupNormalization``, ``Mish``, ``Trilu``, ``SpaceToDepth``, ``OneHot``, ``Hardmax``,
+  ``Upsample``, ``GridSample``, ``Size``. They are named in one :class:`DistillError` before any
+  work. An op whose converter exists only for an older opset is retried after
+  ``onnx.version_converter`` brings the model to opset 17.
+* Dimensions baked into a ``Reshape`` constant (a fixed batch) stay fixed in the module; the
+  data then has to come in that batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .errors import DataError, InvalidModelError, OnnxCompressError
+
+log = logging.getLogger("onnxcompress")
+
+LOSSES = ("auto", "kl", "mse", "cosine")
+OPSET = 17
+STATE_VERSION = 1
+
+
+class DistillError(OnnxCompressError):
+    """Distillation cannot run: torch missing, the student cannot be converted, or the state
+    folder belongs to another run."""
+
+
+@dataclass
+class DistillProgress:
+    """What a progress callback gets: ``phase`` is ``"teacher"`` (caching its outputs),
+    ``"train"`` (one per batch: ``epoch`` 1-based, ``step`` of ``steps``, running mean ``loss``),
+    ``"epoch"`` (an epoch ended: its mean ``loss``) or ``"export"``."""
+
+    phase: str
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    loss: Optional[float] = None
+
+
+@dataclass
+class DistillResult:
+    output: Path
+    report: dict = field(default_factory=dict)
+    module: Any = None  # the trained torch module (eval mode)
+
+
+# --------------------------------------------------------------------------- torch and the converter
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise DistillError("distillation needs PyTorch: pip install 'onnxcompress[torch]' (torch==2.13.0, "
+                           "onnx2torch)") from None
+    return torch
+
+
+def _onnx2torch():
+    """Import onnx2torch; with a stand-in torchvision where the installed one cannot be imported."""
+    if "onnx2torch" in sys.modules:
+        return sys.modules["onnx2torch"]
+    stub = None
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        if getattr(exc, "name", None) != "torchvision":
+            stub = _torchvision_stub()
+    except Exception:  # the CUDA-built wheel beside CPU torch: "operator torchvision::nms does not exist"
+        stub = _torchvision_stub()
+    if stub is not None:
+        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[k]
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, stub.ops
+    try:
+        import onnx2torch
+    except ImportError:
+        raise DistillError("distilling an ONNX student needs onnx2torch: pip install 'onnxcompress[torch]' "
+                           "(or pass a torch.nn.Module student through the Python API)") from None
+    finally:
+        if stub is not None:  # onnx2torch keeps its reference; nothing else sees the stand-in
+            for k in ("torchvision.ops", "torchvision"):
+                if sys.modules.get(k) in (stub, stub.ops):
+                    del sys.modules[k]
+    return onnx2torch
+
+
+def _torchvision_stub() -> types.ModuleType:
+    def unavailable(*args, **kwargs):
+        raise DistillError("this op needs torchvision, which cannot be imported beside this torch build")
+
+    tv = types.ModuleType("torchvision")
+    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
+    ops = types.ModuleType("torchvision.ops")
+    ops.__spec__ = importlib.machinery.ModuleSpec("torchvision.ops", None)
+    ops.nms = ops.roi_align = ops.box_convert = ops.batched_nms = unavailable
+    tv.ops = ops
+    return tv
+
+
+def unsupported_ops(model) -> list[str]:
+    """``domain::op`` (or ``op``) of the nodes onnx2torch has no converter for, at the model's opset."""
+    _onnx2torch()
+    from onnx2torch.node_converters.registry import get_converter
+
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    bad = []
+    for node in model.graph.node:
+        dom = node.domain or ""
+        try:
+            get_converter(node.op_type, opsets.get("ai.onnx" if dom == "" else dom, opsets.get(dom, OPSET)), dom)
+        except NotImplementedError:
+            name = f"{dom}::{node.op_type}" if dom else node.op_type
+            if name not in bad:
+                bad.append(name)
+    return bad
+
+
+def onnx_to_torch(model) -> "Any":
+    """An ``onnx.ModelProto`` as a trainable ``torch.nn.Module`` (onnx2torch, float initializers made
+    parameters). Raises :class:`DistillError` naming the ops that cannot be converted."""
+    import onnx
+
+    torch = _torch()
+    o2t = _onnx2torch()
+    bad = unsupported_ops(model)
+    if bad:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+        if opset > OPSET and not any("::" in b for b in bad):
+            try:
+                lowered = onnx.version_converter.convert_version(model, OPSET)
+            except Exception:
+                lowered = None
+            if lowered is not None and not unsupported_ops(lowered):
+                log.warning(f"student converted from opset {opset} to {OPSET} for onnx2torch")
+                model, bad = lowered, []
+        if bad:
+            raise DistillError(f"student: onnx2torch cannot convert op(s) {', '.join(bad)} to PyTorch (see "
+                               "onnxcompress.distill for the list; distil a float model without fused ops)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = o2t.convert(model)
+    except Exception as exc:
+        raise DistillError(f"student: onnx2torch failed: {_what_node(exc)}") from None
+    container = getattr(module, "initializers", None)
+    if container is not None:
+        for name, buf in list(container.named_buffers(recurse=False)):
+            if buf.is_floating_point() and buf.numel() > 1:
+                del container._buffers[name]
+                container.register_parameter(name, torch.nn.Parameter(buf.detach().clone()))
+    return module
+
+
+def _what_node(exc: Exception) -> str:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {msg}"[:300]
+
+
+# --------------------------------------------------------------------------- data and the teacher cache
+
+
+def _file_id(p: Path) -> dict:
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _fixed_batch(shape) -> Optional[int]:
+    if not shape:
+        return None
+    d = shape[0]
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, batch_size: int,
+                   progress: Optional[Callable]) -> dict:
+    """Inputs and the teacher's outputs as ``.npy`` files in ``state`` (read back memory-mapped);
+    reused when ``key`` matches the cached one."""
+    meta_path = state / "cache.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        if meta and meta.get("key") == key and all((state / f).is_file() for f in meta["files"]):
+            return meta
+    from .data import input_specs, load_npz
+    from .model_io import load_model
+    from .runtime import make_session
+
+    tmodel = load_model(teacher_path)
+    specs = input_specs(tmodel)
+    samples, _ = load_npz(data_path, specs, what="distillation")
+    inputs = {}
+    for s in specs:
+        shapes = {a.shape[1:] for a in (x[s.name] for x in samples)}
+        if len(shapes) != 1:
+            raise DataError(f"distillation data {data_path}: input '{s.name}' has samples of different shapes "
+                            f"{sorted(shapes)[:3]}; training needs one shape per input")
+        inputs[s.name] = np.concatenate([x[s.name] for x in samples], axis=0)
+    del samples
+    n = {len(v) for v in inputs.values()}
+    if len(n) != 1:
+        raise DataError(f"distillation data {data_path}: inputs have different row counts {sorted(n)}")
+    rows = n.pop()
+    files: dict[str, Any] = {"inputs": [], "outputs": []}
+    for i, (name, arr) in enumerate(inputs.items()):
+        f = f"input_{i}.npy"
+        np.save(state / f, arr)
+        files["inputs"].append({"name": name, "file": f, "dtype": str(arr.dtype), "shape": list(arr.shape)})
+    del inputs
+    ins = {d["name"]: np.load(state / d["file"], mmap_mode="r") for d in files["inputs"]}
+    sess = make_session(str(teacher_path), optimize=True)
+    out_names = [o.name for o in sess.get_outputs()]
+    fixed = _fixed_batch(specs[0].shape)
+    step = fixed or batch_size
+    outs = None
+    n_steps = -(-rows // step)
+    for k, start in enumerate(range(0, rows, step)):
+        stop = min(rows, start + step)
+        if fixed and stop - start != fixed:
+            break  # the teacher takes exactly `fixed` rows: the remainder is dropped
+        res = sess.run(None, {name: np.ascontiguousarray(a[start:stop]) for name, a in ins.items()})
+        if outs is None:
+            outs = []
+            for j, (name, r) in enumerate(zip(out_names, res)):
+                if r.ndim == 0 or r.shape[0] != stop - start:
+                    raise DataError(f"teacher output '{name}' has shape {list(r.shape)}: its first axis is not the "
+                                    "batch, which distillation needs")
+                f = f"teacher_{j}.npy"
+                mm = np.lib.format.open_memmap(state / f, mode="w+", dtype=r.dtype, shape=(rows,) + r.shape[1:])
+                outs.append(mm)
+                files["outputs"].append({"name": name, "file": f, "dtype": str(r.dtype), "shape": list(mm.shape)})
+        for mm, r in zip(outs, res):
+            mm[start:stop] = r
+        if progress:
+            progress(DistillProgress("teacher", step=k + 1, steps=n_steps))
+    if fixed:
+        rows = (rows // fixed) * fixed
+    for mm in outs or ():
+        mm.flush()
+    del outs, sess
+    meta = {"key": key, "rows": rows, "inputs": files["inputs"], "outputs": files["outputs"],
+            "files": [d["file"] for d in files["inputs"] + files["outputs"]]}
+    from .model_io import write_atomic
+
+    write_atomic(meta_path, json.dumps(meta, indent=1))
+    return meta
+
+
+def _labels(data_path: Path, key: str, rows: int) -> np.ndarray:
+    with np.load(data_path, allow_pickle=False) as z:
+        if key not in z.files:
+            raise DataError(f"distillation data {data_path}: no array '{key}' for the labels; keys {sorted(z.files)}")
+        y = np.asarray(z[key])
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"labels '{key}' in {data_path}: need one integer class per row, got {y.dtype} "
+                        f"{list(y.shape)}")
+    if len(y) < rows:
+        raise DataError(f"labels '{key}' in {data_path}: {len(y)} labels for {rows} rows")
+    return y[:rows].astype(np.int64)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def is_class_output(shape) -> bool:
+    """Class scores: ``[batch, classes]`` with more than one class."""
+    return len(shape) == 2 and shape[1] > 1
+
+
+def _loss_fns(kinds: list[str], temperature: float):
+    torch = _torch()
+    F = torch.nn.functional
+    T = float(temperature)
+
+    def kl(s, t):
+        c = s.shape[-1]
+        log_ps = F.log_softmax(s.reshape(-1, c) / T, dim=-1)
+        log_pt = F.log_softmax(t.reshape(-1, c) / T, dim=-1)
+        return F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * (T * T)
+
+    def mse(s, t):
+        return F.mse_loss(s, t)
+
+    def cosine(s, t):
+        return (1 - F.cosine_similarity(s.reshape(len(s), -1), t.reshape(len(t), -1), dim=1, eps=1e-8)).mean()
+
+    table = {"kl": kl, "mse": mse, "cosine": cosine}
+    return [table[k] for k in kinds]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _as_tuple(out):
+    if isinstance(out, (tuple, list)):
+        return tuple(out)
+    if isinstance(out, dict):
+        return tuple(out.values())
+    return (out,)
+
+
+def distill(
+    teacher: str | os.PathLike,
+    student: "str | os.PathLike | Any",
+    output: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    labels: Optional[str] = None,
+    epochs: int = 10,
+    loss: str = "auto",
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    state: Optional[str | os.PathLike] = None,
+    resume: bool = True,
+    seed: int = 0,
+    check_samples: int = 8,
+    threads: Optional[int] = None,
+    progress: Optional[Callable[[DistillProgress], None]] = None,
+) -> DistillResult:
+    """Train ``student`` to reproduce ``teacher`` on ``data``, export it to ONNX and write ``output``.
+
+    Args:
+        teacher: ONNX model (path), run by ONNX Runtime; its outputs on ``data`` are cached once.
+        student: ONNX model (path) converted with onnx2torch, or a ``torch.nn.Module`` (a copy is
+            trained; its outputs pair with the teacher's in order).
+        output: where the trained student is written (never an input).
+        data: ``.npz`` of the teacher's inputs (unlabelled is fine), the format of ``--calibration``.
+        labels: key of an integer label array in ``data``: cross-entropy on the first class output
+            is mixed in with weight ``alpha`` (``(1 - alpha)·distillation + alpha·CE``).
+        epochs: total epochs (a resumed run trains the missing ones).
+        loss: ``auto`` (KL for class scores ``[batch, classes]``, MSE for the rest), or ``kl``,
+            ``mse``, ``cosine`` for every output.
+        temperature: softmax temperature T of the KL loss (scaled by T²).
+        lr, batch_size, seed: Adam's learning rate, rows per step, shuffling and initialisation.
+        state: folder for the cached teacher outputs and the per-epoch checkpoint (default
+            ``OUTPUT.distill``, kept afterwards so a rerun with more epochs continues).
+        resume: continue from the checkpoint in ``state`` when there is one.
+        check_samples: rows on which ONNX Runtime's outputs of the export are compared with torch's.
+        threads: torch intra-op threads (default: torch's).
+        progress: called with :class:`DistillProgress` events (the CLI draws its progress bars).
+
+    Returns:
+        :class:`DistillResult` (``report``: losses, epochs, export check, seconds).
+
+    Raises:
+        DistillError: torch/onnx2torch missing, an unconvertible op, a state folder of another run.
+        DataError, PathError, ModelLoadError, ModelWriteError, InvalidModelError: as ``optimize``.
+    """
+    t0 = time.perf_counter()
+    if loss not in LOSSES:
+        raise DistillError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    for name, v, ok in (("epochs", epochs, epochs >= 1), ("batch_size", batch_size, batch_size >= 1),
+                        ("temperature", temperature, temperature > 0), ("lr", lr, lr > 0),
+                        ("alpha", alpha, 0 <= alpha <= 1), ("check_samples", check_samples, check_samples >= 1)):
+        if not ok:
+            raise DistillError(f"{name} {v!r} is out of range")
+    from .model_io import external_data_files
+    from .paths import check_distinct, check_input_file, check_output_file
+
+    teacher_p = check_input_file(teacher, "teacher model")
+    data_p = check_input_file(data, "distillation data")
+    student_is_path = isinstance(student, (str, os.PathLike))
+    student_p = check_input_file(student, "student model") if student_is_path else None
+    out = Path(output)
+    if not out.name or out.name in (".", ".."):
+        raise DistillError(f"output {str(output)!r}: give an output file path")
+    state_p = Path(state) if state is not None else out.with_name(out.name + ".distill")
+    inputs = {"teacher model": teacher_p, "distillation data": data_p}
+    for f in external_data_files(teacher_p):
+        inputs[f"teacher's external data ({f.name})"] = f
+    if student_p is not None:
+        inputs["student model"] = student_p
+        for f in external_data_files(student_p):
+            inputs[f"student's external data ({f.name})"] = f
+    check_output_file(out, "model")
+    check_output_file(out.with_name(out.name + ".data"), "model's external data")
+    check_distinct({"-o": out, "the model's external data": out.with_name(out.name + ".data"),
+                    "the state folder": state_p}, inputs)
+    if state_p.exists() and not state_p.is_dir():
+        raise DistillError(f"state folder {state_p}: exists and is not a folder")
+    torch = _torch()
+    if threads:
+        torch.set_num_threads(threads)
+
+    # the student
+    import onnx
+
+    if student_is_path:
+        from .model_io import load_model, to_proto
+
+        sproto = to_proto(load_model(student_p))
+        module = onnx_to_torch(sproto)
+        s_in = [i.name for i in sproto.graph.input if i.name not in {x.name for x in sproto.graph.initializer}]
+        s_out = [o.name for o in sproto.graph.output]
+        del sproto
+        student_id = _file_id(student_p)
+    else:
+        import copy
+
+        if not isinstance(student, torch.nn.Module):
+            raise DistillError(f"student: a path to an ONNX model or a torch.nn.Module, not {type(student).__name__}")
+        module = copy.deepcopy(student)
+        s_in = s_out = None
+        student_id = {"module": type(student).__qualname__,
+                      "params": [[n, list(p.shape)] for n, p in module.state_dict().items()]}
+
+    state_p.mkdir(parents=True, exist_ok=True)
+    cache_key = {"v": STATE_VERSION, "teacher": _file_id(teacher_p), "data": _file_id(data_p),
+                 "batch": batch_size}
+    meta = _cache_teacher(teacher_p, data_p, state_p, {k: v for k, v in cache_key.items() if k != "batch"},
+                          batch_size, progress)
+    rows = meta["rows"]
+    if rows < 1:
+        raise DataError(f"distillation data {data_p}: no rows to train on")
+    X = [np.load(state_p / d["file"], mmap_mode="r") for d in meta["inputs"]]
+    Y = [np.load(state_p / d["file"], mmap_mode="r") for d in meta["outputs"]]
+    in_names = s_in or [d["name"] for d in meta["inputs"]]
+    out_names = s_out or [d["name"] for d in meta["outputs"]]
+    if len(in_names) != len(X):
+        raise DistillError(f"student has {len(in_names)} input(s), the teacher {len(X)}; they must take the same inputs")
+    if s_in is not None and set(s_in) == {d["name"] for d in meta["inputs"]}:  # pair by name when they share them
+        order = {d["name"]: i for i, d in enumerate(meta["inputs"])}
+        X = [X[order[n]] for n in s_in]
+    y_lab = _labels(data_p, labels, rows) if labels else None
+
+    # loss per output
+    kinds = []
+    for d in meta["outputs"]:
+        if loss == "auto":
+            kinds.append("kl" if is_class_output(d["shape"]) else "mse")
+        else:
+            kinds.append(loss)
+    class_idx = next((i for i, d in enumerate(meta["outputs"]) if is_class_output(d["shape"])), None)
+    if y_lab is not None and class_idx is None:
+        raise DistillError("labels given but no teacher output is class scores [batch, classes]")
+    fns = _loss_fns(kinds, temperature)
+    ce = torch.nn.functional.cross_entropy
+
+    def batch(idx):
+        xs = [torch.from_numpy(np.ascontiguousarray(x[idx])) for x in X]
+        ys = [torch.from_numpy(np.ascontiguousarray(y[idx])).float() for y in Y]
+        return xs, ys
+
+    def objective(outs, ys, idx):
+        outs = _as_tuple(outs)
+        if len(outs) < len(ys):
+            raise DistillError(f"student gives {len(outs)} output(s), the teacher {len(ys)}")
+        total = 0
+        for f, s, t in zip(fns, outs, ys):
+            if s.shape != t.shape:
+                raise DistillError(f"student output shape {list(s.shape)} differs from the teacher's {list(t.shape)}")
+            total = total + f(s.float(), t)
+        if y_lab is not None:
+            total = (1 - alpha) * total + alpha * ce(outs[class_idx].float(), torch.from_numpy(y_lab[idx]))
+        return total
+
+    def evaluate() -> float:
+        module.eval()
+        tot = 0.0
+        with torch.no_grad():
+            for start in range(0, rows, batch_size):
+                idx = np.arange(start, min(rows, start + batch_size))
+                xs, ys = batch(idx)
+                tot += float(objective(module(*xs), ys, idx)) * len(idx)
+        return tot / rows
+
+    # checkpoint and resume
+    run_key = {"v": STATE_VERSION, "teacher": cache_key["teacher"], "data": cache_key["data"], "student": student_id,
+               "loss": kinds, "temperature": temperature, "labels": labels, "alpha": alpha if labels else None}
+    ckpt = state_p / "checkpoint.pt"
+    optim = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+    done, history, initial = 0, [], None
+    resumed = False
+    if resume and ckpt.is_file():
+        try:
+            c = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise DistillError(f"state folder {state_p}: unreadable checkpoint ({_what_node(exc)}); remove it") from None
+        if c.get("key") != json.loads(json.dumps(run_key)):
+            diff = [k for k in run_key if c.get("key", {}).get(k) != json.loads(json.dumps(run_key[k]))]
+            raise DistillError(f"state folder {state_p}: its checkpoint is from another run (differs in "
+                               f"{', '.join(diff) or 'format'}); remove the folder or choose another state folder")
+        module.load_state_dict(c["model"])
+        with contextlib.suppress(Exception):
+            optim.load_state_dict(c["optim"])
+        for g in optim.param_groups:
+            g["lr"] = lr
+        torch.set_rng_state(c["torch_rng"])
+        done, history, initial = c["epoch"], c["history"], c["initial_loss"]
+        resumed = True
+    else:
+        torch.manual_seed(seed)
+    if initial is None:
+        initial = evaluate()
+    steps = -(-rows // batch_size)
+    for epoch in range(done + 1, epochs + 1):
+        module.train()
+        perm = np.random.default_rng(seed + epoch).permutation(rows)
+        run_sum, seen = 0.0, 0
+        for k in range(steps):
+            idx = np.sort(perm[k * batch_size:(k + 1) * batch_size])
+            xs, ys = batch(idx)
+            optim.zero_grad(set_to_none=True)
+            value = objective(module(*xs), ys, idx)
+            if not torch.isfinite(value):
+                raise DistillError(f"the loss became {float(value)} in epoch {epoch}; lower --lr")
+            value.backward()
+            optim.step()
+            run_sum += value.detach().item() * len(idx)
+            seen += len(idx)
+            if progress:
+                progress(DistillProgress("train", epoch, epochs, k + 1, steps, run_sum / seen))
+        history.append(run_sum / seen)
+        _save_checkpoint(torch, ckpt, {"key": run_key, "epoch": epoch, "model": module.state_dict(),
+                                       "optim": optim.state_dict(), "torch_rng": torch.get_rng_state(),
+                                       "history": history, "initial_loss": initial})
+        if progress:
+            progress(DistillProgress("epoch", epoch, epochs, steps, steps, history[-1]))
+    final = evaluate()
+    t_train = time.perf_counter() - t0
+
+    # export, check, write
+    if progress:
+        progress(DistillProgress("export", epochs, epochs))
+    module.eval()
+    n_check = min(check_samples, rows)
+    idx = np.arange(max(2, n_check) if rows >= 2 else 1)
+    xs, _ = batch(idx)
+    proto = export_onnx(module, xs, in_names, out_names, state_p)
+    max_rel = compare_with_ort(module, proto, xs, in_names)
+    from .model_io import save_model
+    import onnx_ir as ir
+
+    size = save_model(ir.from_proto(proto), out, protect=tuple(inputs.values()))
+    report = {"output": str(out), "state": str(state_p), "rows": rows, "epochs": epochs,
+              "epochs_trained_now": epochs - done if epochs > done else 0, "resumed_from_epoch": done if resumed else None,
+              "loss_kinds": dict(zip(out_names, kinds)), "temperature": temperature, "labels": labels,
+              "alpha": alpha if labels else None, "lr": lr, "batch_size": batch_size,
+              "initial_loss": initial, "final_loss": final, "epoch_losses": history,
+              "loss_ratio": (initial / final) if final > 0 else float("inf"),
+              "export_check": {"samples": int(len(idx)), "max_rel_error": max_rel, "opset": OPSET},
+              "parameters": int(sum(p.numel() for p in module.parameters())), "file_bytes": size,
+              "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(t_train, 2)}
+    return DistillResult(out, report, module)
+
+
+def _save_checkpoint(torch, path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_onnx(module, xs: list, in_names: list[str], out_names: list[str], folder: Path):
+    """``torch.onnx.export`` at opset 17 with a dynamic batch axis on every input and output, then
+    ``onnx.checker``. The TorchScript exporter first (it handles onnx2torch's modules, in a fraction of
+    the dynamo exporter's time), the dynamo exporter when it fails."""
+    import onnx
+
+    torch = _torch()
+    dyn = {n: {0: "batch"} for n in list(in_names) + list(out_names)}
+    errors = []
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = os.path.join(tmp, "student.onnx")
+        for dynamo in (False, True):
+            try:
+                with warnings.catch_warnings(), _quiet_torch_logs():
+                    warnings.simplefilter("ignore")
+                    if dynamo:
+                        shapes = tuple({0: torch.export.Dim("batch")} for _ in xs)
+                        torch.onnx.export(module, tuple(xs), path, input_names=in_names, output_names=out_names,
+                                          opset_version=OPSET, dynamo=True, dynamic_shapes=shapes, verbose=False)
+                    else:
+                        torch.onnx.export(module, tuple(xs), path, input_names=in_names, output_names=out_names,
+                                          opset_version=OPSET, dynamo=False, dynamic_axes=dyn)
+                proto = onnx.load(path)
+                break
+            except Exception as exc:
+                errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {_what_node(exc)}")
+        else:
+            raise DistillError("torch.onnx.export failed: " + "; ".join(errors))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise InvalidModelError(f"exported student fails onnx.checker: {_what_node(exc)}") from None
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    lg = logging.getLogger("torch.onnx")
+    level = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def compare_with_ort(module, proto, xs: list, in_names: list[str], rtol: float = 1e-4) -> float:
+    """max|ORT − torch| / max|torch| over the outputs on ``xs``; raises :class:`InvalidModelError`
+    above ``rtol``."""
+    torch = _torch()
+    from .runtime import make_session
+
+    sess = make_session(proto.SerializeToString(), optimize=False)
+    feed = {n: x.numpy() for n, x in zip(in_names, xs)}
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {n: feed[n] for n in names if n in feed})
+    with torch.no_grad():
+        ref = [t.numpy() for t in _as_tuple(module(*xs))]
+    worst = 0.0
+    for g, r in zip(got, ref):
+        scale = max(float(np.abs(r).max()) if r.size else 0.0, 1e-12)
+        worst = max(worst, float(np.abs(g.astype(np.float64) - r).max()) / scale if r.size else 0.0)
+    if worst > rtol:
+        raise InvalidModelError(f"exported student disagrees with the torch module in ONNX Runtime: "
+                                f"max relative error {worst:.2e} > {rtol:g}")
+    return worst

@@ -1,0 +1,178 @@
+"""Distillation (`[torch]` extra): a tiny student learns a tiny teacher; export, resume, bad input."""
+
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+from onnxcompress import distill as D  # noqa: E402
+from onnxcompress.errors import OnnxCompressError  # noqa: E402
+
+try:
+    D._onnx2torch()
+except OnnxCompressError:
+    pytest.skip("onnx2torch is not installed", allow_module_level=True)
+
+K, H, C = 16, 32, 6
+
+
+def _mlp(seed, hidden=H, scale=0.5, extra=None, opset=17):
+    """x[batch, K] -> MatMul -> Add -> Relu -> MatMul -> Add -> logits[batch, C] (weights seeded)."""
+    r = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((r.standard_normal((K, hidden)) * scale).astype(np.float32), "W1"),
+             numpy_helper.from_array((r.standard_normal(hidden) * 0.1).astype(np.float32), "b1"),
+             numpy_helper.from_array((r.standard_normal((hidden, C)) * scale).astype(np.float32), "W2"),
+             numpy_helper.from_array((r.standard_normal(C) * 0.1).astype(np.float32), "b2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]), helper.make_node("MatMul", ["h2", "W2"], ["h3"]),
+             helper.make_node("Add", ["h3", "b2"], ["logits" if extra is None else "z"])]
+    if extra is not None:
+        nodes.append(helper.make_node(extra, ["z"], ["logits"]))
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", K])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", C])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.fixture
+def setup(tmp_path):
+    teacher, student = tmp_path / "teacher.onnx", tmp_path / "student.onnx"
+    onnx.save(_mlp(0, scale=0.6), teacher)
+    onnx.save(_mlp(1, hidden=24, scale=0.3), student)  # random init, narrower
+    x = np.random.default_rng(2).standard_normal((512, K)).astype(np.float32)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, labels=np.argmax(x[:, :C], axis=1))
+    return teacher, student, data, tmp_path
+
+
+def _digest(p):
+    import hashlib
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_cuts_loss_tenfold_fast_and_exports_faithfully(setup):
+    teacher, student, data, tmp = setup
+    before = (_digest(teacher), _digest(student), _digest(data))
+    events = []
+    t0 = time.perf_counter()
+    res = D.distill(teacher, student, tmp / "out.onnx", data, epochs=30, lr=1e-2, batch_size=64,
+                    progress=events.append)
+    seconds = time.perf_counter() - t0
+    r = res.report
+    assert seconds < 30, seconds
+    assert r["loss_kinds"] == {"logits": "kl"}
+    assert r["initial_loss"] / r["final_loss"] >= 10, (r["initial_loss"], r["final_loss"])
+    assert (_digest(teacher), _digest(student), _digest(data)) == before  # inputs untouched
+    assert {e.phase for e in events} >= {"teacher", "train", "epoch"}
+    assert [e.epoch for e in events if e.phase == "epoch"] == list(range(1, 31))
+    # the output: checked, opset 17, same I/O names, dynamic batch, ORT agrees with the module
+    m = onnx.load(tmp / "out.onnx")
+    onnx.checker.check_model(m, full_check=True)
+    assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 17
+    assert [i.name for i in m.graph.input] == ["x"] and [o.name for o in m.graph.output] == ["logits"]
+    sess = ort.InferenceSession(str(tmp / "out.onnx"))
+    x = np.random.default_rng(9).standard_normal((5, K)).astype(np.float32)
+    got = sess.run(None, {"x": x})[0]
+    with torch.no_grad():
+        ref = res.module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    # and it now agrees with the teacher far more often than chance
+    t = ort.InferenceSession(str(teacher)).run(None, {"x": x})[0]
+    x2 = np.random.default_rng(10).standard_normal((400, K)).astype(np.float32)
+    agree = (sess.run(None, {"x": x2})[0].argmax(1) == ort.InferenceSession(str(teacher)).run(None, {"x": x2})[0]
+             .argmax(1)).mean()
+    assert agree > 0.8, agree
+    assert t.shape == got.shape
+
+
+def test_resume_continues_from_the_checkpoint(setup):
+    teacher, student, data, tmp = setup
+    kw = dict(lr=1e-2, batch_size=64)
+    a = D.distill(teacher, student, tmp / "a.onnx", data, epochs=4, **kw).report
+    b1 = D.distill(teacher, student, tmp / "b.onnx", data, epochs=2, **kw).report
+    assert (tmp / "b.onnx.distill" / "checkpoint.pt").is_file()
+    b2 = D.distill(teacher, student, tmp / "b.onnx", data, epochs=4, **kw).report
+    assert b1["resumed_from_epoch"] is None and b2["resumed_from_epoch"] == 2
+    assert b2["epochs_trained_now"] == 2 and len(b2["epoch_losses"]) == 4
+    assert b2["epoch_losses"][:2] == b1["epoch_losses"]
+    # same as training 4 epochs straight (shuffles seeded per epoch, optimizer state restored)
+    np.testing.assert_allclose(b2["epoch_losses"], a["epoch_losses"], rtol=1e-5)
+    np.testing.assert_allclose(b2["final_loss"], a["final_loss"], rtol=1e-5)
+    # a checkpoint of another run is refused, not silently mixed
+    with pytest.raises(D.DistillError, match="another run.*temperature"):
+        D.distill(teacher, student, tmp / "b.onnx", data, epochs=5, temperature=2.0, **kw)
+    # resume=False starts over in the same folder
+    c = D.distill(teacher, student, tmp / "b.onnx", data, epochs=1, resume=False, temperature=2.0, **kw).report
+    assert c["resumed_from_epoch"] is None and len(c["epoch_losses"]) == 1
+
+
+def test_labels_mse_cosine_and_a_torch_module_student(setup):
+    teacher, student, data, tmp = setup
+    r = D.distill(teacher, student, tmp / "l.onnx", data, epochs=2, labels="labels", alpha=0.3).report
+    assert r["labels"] == "labels" and r["alpha"] == 0.3
+    for loss in ("mse", "cosine"):
+        r = D.distill(teacher, student, tmp / f"{loss}.onnx", data, epochs=3, loss=loss, lr=1e-2).report
+        assert r["loss_kinds"] == {"logits": loss} and r["final_loss"] < r["initial_loss"]
+    net = torch.nn.Sequential(torch.nn.Linear(K, 20), torch.nn.ReLU(), torch.nn.Linear(20, C))
+    w0 = net[0].weight.detach().clone()
+    res = D.distill(teacher, net, tmp / "m.onnx", data, epochs=5, lr=1e-2)
+    assert torch.equal(net[0].weight, w0)  # the caller's module is not trained in place
+    assert res.report["final_loss"] < res.report["initial_loss"]
+    m = onnx.load(tmp / "m.onnx")
+    assert [i.name for i in m.graph.input] == ["x"] and [o.name for o in m.graph.output] == ["logits"]
+    x = np.ones((3, K), np.float32)
+    assert ort.InferenceSession(str(tmp / "m.onnx")).run(None, {"x": x})[0].shape == (3, C)
+
+
+def test_bad_paths_and_inputs_are_refused(setup):
+    teacher, student, data, tmp = setup
+    before = (_digest(teacher), _digest(student), _digest(data))
+    for out, what in ((student, "student model"), (teacher, "teacher model"), (data, "distillation data")):
+        with pytest.raises(OnnxCompressError, match=f"would overwrite the {what}"):
+            D.distill(teacher, student, out, data, epochs=1)
+    with pytest.raises(OnnxCompressError, match="no such file"):
+        D.distill(teacher, tmp / "nope.onnx", tmp / "o.onnx", data, epochs=1)
+    with pytest.raises(OnnxCompressError, match="folder does not exist"):
+        D.distill(teacher, student, tmp / "no" / "o.onnx", data, epochs=1)
+    with pytest.raises(OnnxCompressError, match="loss 'huber'"):
+        D.distill(teacher, student, tmp / "o.onnx", data, loss="huber")
+    with pytest.raises(OnnxCompressError, match="no array 'y'"):
+        D.distill(teacher, student, tmp / "o.onnx", data, labels="y", epochs=1)
+    (tmp / "file").write_text("x")
+    with pytest.raises(OnnxCompressError, match="not a folder"):
+        D.distill(teacher, student, tmp / "o2.onnx", data, state=tmp / "file", epochs=1)
+    assert (_digest(teacher), _digest(student), _digest(data)) == before
+    assert not (tmp / "o.onnx").exists()
+
+
+def test_unconvertible_op_is_named(setup):
+    teacher, _, data, tmp = setup
+    bad = tmp / "hardmax.onnx"
+    onnx.save(_mlp(3, extra="Hardmax"), bad)
+    with pytest.raises(D.DistillError, match="cannot convert op.*Hardmax"):
+        D.distill(teacher, bad, tmp / "o.onnx", data, epochs=1)
+
+
+def test_cli(setup):
+    from onnxcompress.cli import app
+
+    teacher, student, data, tmp = setup
+    runner = CliRunner()
+    res = runner.invoke(app, ["distill", str(teacher), str(student), "-o", str(tmp / "c.onnx"), "--data", str(data),
+                              "--epochs", "2", "--report", str(tmp / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and (tmp / "c.onnx").is_file() and (tmp / "r.json").is_file()
+    res = runner.invoke(app, ["distill", str(teacher), str(student), "-o", str(tmp / "c.onnx"), "--data", str(data),
+                              "--epochs", "3"])
+    assert res.exit_code == 0 and "resumed after epoch 2" in res.output, res.output
+    res = runner.invoke(app, ["distill", str(teacher), str(student), "-o", str(student), "--data", str(data)])
+    assert res.exit_code == 2 and "would overwrite the student model" in res.output
+    res = runner.invoke(app, ["distill", str(teacher), str(student), "-o", str(tmp / "d.onnx"), "--data", str(data),
+                              "--resume", str(tmp)])
+    assert res.exit_code == 2 and "no checkpoint" in res.output
