@@ -216,9 +216,11 @@ def _render(rep: dict) -> None:
                       f"{v['accuracy_candidate'] - v['accuracy_reference']:+.2f} pp")
         for o in v["outputs"]:
             desc = f"rel {float(o['max_rel_err']):.3g}, cos {float(o['cosine']):.5f}, SQNR {float(o['sqnr_db']):.1f} dB"
+            if o.get("sequence_agreement") is not None:
+                desc += f", sequences {o['sequence_agreement']:.1f} % of {o['n_sequences']}"
             if o.get("top1_agreement") is not None:
                 desc += f", top-1 {o['top1_agreement']:.1f} %"
-                if o.get("n_decisive") and o["n_decisive"] != v["n_samples"] and o.get("top1_agreement_decisive") is not None:
+                if o.get("n_decisive") and o["n_decisive"] != o.get("n_rows") and o.get("top1_agreement_decisive") is not None:
                     desc += f" ({o['top1_agreement_decisive']:.1f} % of {o['n_decisive']} decisive)"
             t.add_row(f"fidelity {o['name']} ({prov}, n={v['n_samples']})", "", desc, "")
     out_console.print(t)

@@ -166,7 +166,9 @@ def test_manifest_missing_and_bad_selection(tmp_path, zoo_dir):
 def test_shipped_zoo_manifest():
     mf = load_manifest(ROOT / "models" / "zoo.toml")
     assert len(mf.models) == 7
-    assert all(len(m.recipes) >= 3 for m in mf.models.values())
+    # every model runs fuse and both int8 modes, but PP-OCRv4 rec, whose static model the default floor refuses
+    assert all(len(m.recipes) >= 3 for n, m in mf.models.items() if n != "ppocr_rec")
+    assert mf.models["ppocr_rec"].recipes == ["fuse", "int8-dynamic"]
     for name, m in mf.models.items():
         assert m.path == (ROOT / "zoo_cache" / name / "model.onnx").resolve()
         assert m.calibration.name == "calib.npz" and m.validation.name == "val.npz"
