@@ -80,7 +80,10 @@ def distill(
         r = res.report
         if r["resumed_from_epoch"] is not None:
             console.print(f"resumed after epoch {r['resumed_from_epoch']}", highlight=False)
-        console.print(f"loss {r['initial_loss']:.4g} → {r['final_loss']:.4g} ({r['loss_ratio']:.1f}× lower) "
+        for w in r.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        ratio = f"{r['loss_ratio']:.1f}× lower" if r.get("loss_ratio") else "no lower"
+        console.print(f"loss {r['initial_loss']:.4g} → {r['final_loss']:.4g} ({ratio}) "
                       f"over {r['epochs']} epochs on {r['rows']} rows; export checked in ONNX Runtime (max rel. "
                       f"error {r['export_check']['max_rel_error']:.1e}); {r['seconds']:.1f} s", highlight=False)
         console.print(f"[green]wrote[/] {escape(str(res.output))} (state: {escape(r['state'])})")

@@ -274,7 +274,10 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
                 mm = np.lib.format.open_memmap(state / f, mode="w+", dtype=r.dtype, shape=(rows,) + r.shape[1:])
                 outs.append(mm)
                 files["outputs"].append({"name": name, "file": f, "dtype": str(r.dtype), "shape": list(mm.shape)})
-        for mm, r in zip(outs, res):
+        for name, mm, r in zip(out_names, outs, res):
+            if r.shape[1:] != mm.shape[1:]:
+                raise DataError(f"teacher output '{name}' changes shape between batches ({list(mm.shape[1:])} vs "
+                                f"{list(r.shape[1:])}); distillation needs fixed output shapes")
             mm[start:stop] = r
         if progress:
             progress(DistillProgress("teacher", step=k + 1, steps=n_steps))
@@ -480,6 +483,11 @@ def distill(
     class_idx = next((i for i, d in enumerate(meta["outputs"]) if is_class_output(d["shape"])), None)
     if y_lab is not None and class_idx is None:
         raise DistillError("labels given but no teacher output is class scores [batch, classes]")
+    if y_lab is not None:
+        n_cls = int(meta["outputs"][class_idx]["shape"][1])
+        if y_lab.min() < 0 or y_lab.max() >= n_cls:
+            raise DataError(f"labels '{labels}' in {data_p}: values {int(y_lab.min())}..{int(y_lab.max())} outside "
+                            f"0..{n_cls - 1} (the class output has {n_cls} classes)")
     fns = _loss_fns(kinds, temperature)
     ce = torch.nn.functional.cross_entropy
 
@@ -501,6 +509,14 @@ def distill(
             total = (1 - alpha) * total + alpha * ce(outs[class_idx].float(), torch.from_numpy(y_lab[idx]))
         return total
 
+    def forward(xs):
+        try:
+            return module(*xs)
+        except (RuntimeError, ValueError, IndexError) as exc:  # shapes the student cannot take
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistillError(f"the student failed on a batch of {len(xs[0]) if xs else 0} row(s): {msg} (a student "
+                               "with a fixed batch size needs --batch-size equal to it)") from None
+
     def evaluate() -> float:
         module.eval()
         tot = 0.0
@@ -508,7 +524,7 @@ def distill(
             for start in range(0, rows, batch_size):
                 idx = np.arange(start, min(rows, start + batch_size))
                 xs, ys = batch(idx)
-                tot += float(objective(module(*xs), ys, idx)) * len(idx)
+                tot += float(objective(forward(xs), ys, idx)) * len(idx)
         return tot / rows
 
     # checkpoint and resume
@@ -546,9 +562,11 @@ def distill(
         run_sum, seen = 0.0, 0
         for k in range(steps):
             idx = np.sort(perm[k * batch_size:(k + 1) * batch_size])
+            if len(idx) == 1 and rows > 1:
+                continue  # a last batch of one row: BatchNorm cannot train on it
             xs, ys = batch(idx)
             optim.zero_grad(set_to_none=True)
-            value = objective(module(*xs), ys, idx)
+            value = objective(forward(xs), ys, idx)
             if not torch.isfinite(value):
                 raise DistillError(f"the loss became {float(value)} in epoch {epoch}; lower --lr")
             value.backward()
@@ -565,6 +583,10 @@ def distill(
             progress(DistillProgress("epoch", epoch, epochs, steps, steps, history[-1]))
     final = evaluate()
     t_train = time.perf_counter() - t0
+    warnings_: list[str] = []
+    if final > initial:
+        warnings_.append(f"the distillation loss rose from {initial:.4g} to {final:.4g}: the written student is worse "
+                         "than before training (lower --lr, fewer --epochs, or check the student)")
 
     # export, check, write
     if progress:
@@ -579,12 +601,13 @@ def distill(
     import onnx_ir as ir
 
     size = save_model(ir.from_proto(proto), out, protect=tuple(inputs.values()))
-    report = {"output": str(out), "state": str(state_p), "rows": rows, "epochs": epochs,
+    report = {"output": str(out), "state": str(state_p), "rows": rows, "epochs": max(epochs, done),
+              "warnings": warnings_,
               "epochs_trained_now": epochs - done if epochs > done else 0, "resumed_from_epoch": done if resumed else None,
               "loss_kinds": dict(zip(out_names, kinds)), "temperature": temperature, "labels": labels,
               "alpha": alpha if labels else None, "lr": lr, "batch_size": batch_size,
               "initial_loss": initial, "final_loss": final, "epoch_losses": history,
-              "loss_ratio": (initial / final) if final > 0 else float("inf"),
+              "loss_ratio": (initial / final) if final > 0 and initial > 0 else None,
               "export_check": {"samples": int(len(idx)), "max_rel_error": max_rel, "opset": OPSET},
               "parameters": int(sum(p.numel() for p in module.parameters())), "file_bytes": size,
               "seconds": round(time.perf_counter() - t0, 2), "train_seconds": round(t_train, 2)}
