@@ -215,6 +215,7 @@ def floor(gates: Gates, validation: list[dict[str, Any]]) -> list[dict[str, Any]
     sample (NMS, NonZero) are not judged (``skipped``); a NaN value fails."""
     rows = []
     for v in validation:
+        first = len(rows)
         judged = [o for o in v["outputs"] if not o.get("shapes_differ")]
         skipped = [o.get("name", "") for o in v["outputs"] if o.get("shapes_differ")]
         top1 = [(o, floor_top1(o)) for o in judged]
@@ -236,6 +237,6 @@ def floor(gates: Gates, validation: list[dict[str, Any]]) -> list[dict[str, Any]
             rows.append({"gate": "floor-mean-cosine", "provider": v["provider"], "value": worst,
                          "limit": gates.floor_mean_cosine, "passed": bool(ok), "floor": True,
                          "outputs": [o.get("name", "") for o in other]})
-        if skipped and rows:
+        if skipped and len(rows) > first:  # on this provider's last row
             rows[-1]["skipped"] = skipped
     return rows
