@@ -8,6 +8,20 @@ import numpy as np
 import onnx_ir as ir
 
 
+def attr(node: ir.Node, name: str, default=None):
+    """The value of ``node``'s attribute ``name``, or ``default`` when it is not set."""
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def const_array(v: ir.Value | None) -> np.ndarray | None:
+    """The array of a constant value that is not also a graph input (an overridable
+    initializer is not a constant), else None."""
+    if v is None or v.const_value is None or v.is_graph_input():
+        return None
+    return v.const_value.numpy()
+
+
 def subgraphs(graph: ir.Graph) -> Iterator[ir.Graph]:
     """Every graph nested in ``graph``'s nodes (``If`` branches, ``Loop``/``Scan`` bodies), recursively."""
     for node in ir.traversal.RecursiveGraphIterator(graph):

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..irutil import add_initializer, all_value_names, unique_name
+from ..irutil import add_initializer, all_value_names, attr as _attr, const_array as _const, replace_node, unique_name
 from ..params import Param
 from .base import CompressionPass
 
@@ -136,17 +136,6 @@ class Layer:
         """Relative squared error of rank ``r`` (the share of the spectrum's energy dropped)."""
         e = self.sv ** 2
         return float(e[r:].sum() / max(e.sum(), 1e-300))
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    if v is None or v.const_value is None or v.is_graph_input():
-        return None
-    return v.const_value.numpy()
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def _round_up(r: int, m: int, top: int) -> int:
@@ -502,12 +491,7 @@ def _rewrite(model: ir.Model, ly: Layer, a: np.ndarray, b: np.ndarray, taken: se
             second = ir.Node("", "Gemm", [mid, bv, *c_in], attributes=attrs, outputs=[out],
                              name=unique_name(f"{name}_lowrank_b", taken))
     graph.insert_before(node, [first, second])
-    old = node.outputs[0]
-    out.type, out.shape = old.type, old.shape
-    oname = old.name
-    old.replace_all_uses_with(out, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    out.name = oname
+    replace_node(graph, node, out)
 
 
 def _drop_unused(model: ir.Model, values: list[ir.Value]) -> None:

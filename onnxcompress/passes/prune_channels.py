@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..irutil import UnionFind as _UF, all_value_names, set_input_array as _set_input_array, subgraphs, unique_name
+from ..irutil import UnionFind as _UF, all_value_names, attr as _attr, const_array as _const, set_input_array as _set_input_array, subgraphs, unique_name
 from ..runtime import run_with_outputs  # noqa: F401 - re-exported (prune_repair, tests)
 from ..params import Param
 from .base import CompressionPass, snapshot
@@ -105,17 +105,6 @@ class Group:
     roots: list[ir.Node]
     classes: list[int]  # union-find roots, in the order of the first root's channels
     blocked: str | None = None
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    if v is None or v.const_value is None or v.is_graph_input():
-        return None
-    return v.const_value.numpy()
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def value_shapes(model: ir.Model) -> dict[str, tuple]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..irutil import all_value_names
+from ..irutil import all_value_names, attr as _attr
 
 
 def fidelity(reference: ir.Model, candidate: ir.Model, samples: list[dict[str, np.ndarray]]) -> dict[str, float | None]:
@@ -33,11 +33,6 @@ def fidelity(reference: ir.Model, candidate: ir.Model, samples: list[dict[str, n
     agree = [m.top1_agreement for m in ms if m.top1_agreement is not None]
     return {"max_rel_err": round(max(m.max_rel_err for m in ms), 6), "cosine": round(min(m.cosine for m in ms), 6),
             "sqnr_db": round(float(min(m.sqnr_db for m in ms)), 3), "top1_agreement": min(agree) if agree else None}
-
-
-def _attr(node, name, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def _patches(x: np.ndarray, node: ir.Node, kshape: tuple[int, int], n_rows: int, rng: np.random.Generator,

@@ -51,7 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..base import CompressionPass
-from ...irutil import add_initializer, all_value_names
+from ...irutil import add_initializer, all_value_names, attr as _attr
 from . import params
 from .config import EqualizeConfig
 from .policy import resolve_policy
@@ -84,11 +84,6 @@ S_LIMIT = 1e6
 SQNR_CAP = 300.0
 #: a channel whose range is below DEAD x the tensor's largest is dead: left alone, not in ratios
 DEAD = 1e-6
-
-
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def _const_f32(v: ir.Value | None) -> bool:

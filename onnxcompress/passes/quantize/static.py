@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..base import CompressionPass, snapshot
-from ...irutil import add_initializer, all_value_names, replace_node, unique_name
+from ...irutil import add_initializer, all_value_names, attr as _attr, replace_node, unique_name
 from . import calibrate, params
 from .config import StaticQuantizeConfig
 from .policy import resolve_policy
@@ -61,11 +61,6 @@ CONCAT_RANGE_RATIO = 16.0
 
 #: calibration samples the sequential bias correction runs (per corrected node)
 SEQ_BIAS_SAMPLES = 16
-
-
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def _is_const(v: ir.Value | None) -> bool:
@@ -247,12 +242,7 @@ class StaticQuantizePass(CompressionPass):
                 if c is None:
                     continue
                 cv = v.const_value.numpy()
-                if c > 0:
-                    sc, zp, q = c / 255.0, 0, 255
-                elif c < 0:
-                    sc, zp, q = -c / 255.0, 255, 0
-                else:
-                    sc, zp, q = 1.0, 0, 0
+                sc, zp, q = _u8_constant(c)
                 if abs(float(np.float32(np.float32(sc) * np.float32(q - zp))) - c) > 1e-6 * abs(c):
                     continue  # not representable to float32 rounding: leave it (the node then runs in float)
                 q_v = add_initializer(graph, np.full(cv.shape, q, np.uint8), f"{v.name}_q", taken)
@@ -707,6 +697,17 @@ def integer_matmul(name: str, xq: ir.Value, xz: ir.Value, wq: ir.Value, wz: ir.V
     return nodes, nodes[-1].outputs[0]
 
 
+def _u8_constant(c: float) -> tuple[np.float32, int, int]:
+    """``(scale, zero_point, q)`` of a uint8 ``DequantizeLinear`` meant to give the scalar ``c``:
+    ``q - zero_point`` is 255 (c > 0), -255 (c < 0) or 0 (c == 0, scale 1). The caller checks that
+    ``scale·(q - zero_point)`` is ``c`` to the precision it needs."""
+    if c > 0:
+        return np.float32(c / 255.0), 0, 255
+    if c < 0:
+        return np.float32(-c / 255.0), 255, 0
+    return np.float32(1.0), 0, 0
+
+
 def _integer_hard_activation(graph: ir.Graph, node: ir.Node, taken: set[str], zp_of: dict) -> bool:
     """Rewrite a Q/DQ-wrapped ``HardSigmoid`` / ``HardSwish`` (its input read through a
     ``DequantizeLinear`` with constant scale and zero point, its output re-quantized) into
@@ -732,12 +733,7 @@ def _integer_hard_activation(graph: ir.Graph, node: ir.Node, taken: set[str], zp
     if not alpha > 0:
         return False
     c = np.float32(beta / alpha)
-    if c > 0:
-        sc, cz, cq = np.float32(c / np.float32(255.0)), 0, 255
-    elif c < 0:
-        sc, cz, cq = np.float32(-c / np.float32(255.0)), 255, 0
-    else:
-        sc, cz, cq = np.float32(1.0), 0, 0
+    sc, cz, cq = _u8_constant(c)
     if np.float32(sc * np.float32(cq - cz)) != c:
         return False
     name = node.name or node.op_type
