@@ -137,7 +137,7 @@ class StaticQuantizePass(CompressionPass):
                 del act_t[name]
                 continue
             ranges[name] = st.range(method, c.percentile)
-        self._split_heads(glue, ranges)
+        self._split_heads(graph, glue, ranges)
         for node in graph:  # topological: a chain of data-movement ops shares one range
             if node in glue and node.op_type == "HardSigmoid" and node.outputs[0].name in ranges:
                 ranges[node.outputs[0].name] = (0.0, 1.0)  # its exact range: the rewrite's output scale 1/255
@@ -167,6 +167,7 @@ class StaticQuantizePass(CompressionPass):
         if not kept:
             return False
         aware = set(kept) | glue
+        glue_order = [n for n in graph if n in glue]  # iterate in graph order: names and files deterministic
 
         # sequential bias correction: the float model's per-channel output means, measured now
         seq = c.bias_correction and c.bias_correction_mode == "sequential"
@@ -192,7 +193,7 @@ class StaticQuantizePass(CompressionPass):
                 # re-quantized MatMul output with outlier channels would only lose precision
                 if node.op_type in ("Conv", "ConvTranspose") and not o.is_graph_output():
                     outputs_of_kept.add(o.name)
-        for node in glue:
+        for node in glue_order:
             if node.op_type in HARD_ACT and not node.outputs[0].is_graph_output():
                 outputs_of_kept.add(node.outputs[0].name)  # its Q makes the rewrite's Mul/Add integer
             for v in node.inputs if node.op_type in MULTI_INPUT_GLUE else node.inputs[:1]:
@@ -234,7 +235,7 @@ class StaticQuantizePass(CompressionPass):
                 user.replace_input_with(idx, dq_out)
             n_qdq += 1
 
-        for node in glue:  # exact uint8 DequantizeLinear for a glue Mul/Add's constant scalar
+        for node in glue_order:  # exact uint8 DequantizeLinear for a glue Mul/Add's constant scalar
             if node.op_type not in ("Mul", "Add"):
                 continue
             for i, v in enumerate(node.inputs):
@@ -253,7 +254,7 @@ class StaticQuantizePass(CompressionPass):
                                      name=unique_name(f"{v.name}_DQ", taken)))
                 node.replace_input_with(i, out)
 
-        hard = [n for n in glue if n.op_type in HARD_ACT]
+        hard = [n for n in glue_order if n.op_type in HARD_ACT]
         n_hard = sum(_integer_hard_activation(graph, n, taken, zp_of) for n in hard)
         if hard:
             self.report.counts["hard_activations_integer"] = n_hard
@@ -403,7 +404,7 @@ class StaticQuantizePass(CompressionPass):
                 act_t[o.name] = o
         return glue
 
-    def _split_heads(self, glue: set[ir.Node], ranges: dict) -> None:
+    def _split_heads(self, graph: ir.Graph, glue: set[ir.Node], ranges: dict) -> None:
         """A ``Concat`` whose inputs' calibrated ranges differ by more than
         :data:`CONCAT_RANGE_RATIO` keeps a float output (``self._float_out``): one uint8 scale for
         all of them would crush the small-range parts (a detector's class scores in [0, 1] beside
@@ -412,7 +413,7 @@ class StaticQuantizePass(CompressionPass):
         a graph output through data movement (an output head) and whose output would be
         re-quantized (a glue consumer: a Concat that *is* the graph output never was)."""
         self._float_out: set[ir.Node] = set()
-        for node in [n for n in glue if n.op_type == "Concat" and _reaches_output(n.outputs[0])
+        for node in [n for n in graph if n in glue and n.op_type == "Concat" and _reaches_output(n.outputs[0])
                      and any(u.node in glue for u in n.outputs[0].uses())]:
             spans = [(ranges[v.name][1] - ranges[v.name][0], v.name) for v in node.inputs
                      if v is not None and v.name in ranges]
