@@ -45,8 +45,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -55,11 +53,13 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 from fetch_unseen import MODELS, ctc_decode, default_cache  # noqa: E402
+# bench_int8's helpers (one copy): deployed CPU session, machine facts, ORT's calibration reader and
+# pre-processing
+from bench_int8 import _Reader, machine_info, ort_pre_process as ort_pre, session  # noqa: E402
 
 THREADS = 2
 ONNXCOMPRESS = [sys.executable, "-m", "onnxcompress.cli"] if not shutil.which("onnxcompress") else ["onnxcompress"]
@@ -68,30 +68,9 @@ ONNXCOMPRESS = [sys.executable, "-m", "onnxcompress.cli"] if not shutil.which("o
 # ----------------------------------------------------------------------------- helpers
 
 
-def session(path, threads: int = THREADS) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def short(exc: BaseException | str, n: int = 200) -> str:
     msg = " ".join((exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}").split())
     return msg[:n] + ("…" if len(msg) > n else "")
-
-
-def machine_info() -> dict:
-    name, flags = "?", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "?":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return {"cpu": name, "isa": isa, "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
-            "threads": THREADS, "python": platform.python_version()}
 
 
 def op_census(path: Path) -> dict:
@@ -107,28 +86,6 @@ def op_census(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- quantizers
-
-
-class _Reader:
-    def __init__(self, feeds):
-        self.feeds = feeds
-        self.it = iter(feeds)
-
-    def get_next(self):
-        return next(self.it, None)
-
-    def rewind(self):
-        self.it = iter(self.feeds)
-
-
-def ort_pre(src: Path, dst: Path) -> tuple[Path, str | None]:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        quant_pre_process(str(src), str(dst))
-        return dst, None
-    except Exception as exc:  # noqa: BLE001
-        return src, f"quant_pre_process failed ({short(exc, 80)}); quantized the raw model"
 
 
 def ort_static(pre: Path, dst: Path, calib, fmt: str) -> None:

@@ -72,7 +72,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import subprocess
 import sys
@@ -98,6 +97,10 @@ MODELS = {
 }
 #: wheels that only provide validation data
 DATA_WHEELS = {"pygame": "2.6.1", "captcha": "0.7.1"}
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the zoo's data helpers (one copy): ORT session, JSON, sentences.txt, fonts, image to RGB uint8
+from zoo_data import _font as font, load_sentences, session, to_rgb as rgb_uint8, write_json  # noqa: E402
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -137,31 +140,6 @@ def extract(whl: Path, member_prefix: str, out: Path) -> Path:
     return out / member_prefix
 
 
-def session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float) + "\n")
-
-
-def load_sentences() -> dict:
-    """``scripts/sentences.txt`` sections: {'calib': [...], 'val': [...]} (pairs flattened)."""
-    out: dict[str, list[str]] = {"calib": [], "val": [], "pairs": []}
-    section = None
-    for line in SENTENCES.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("#@"):
-            section = line[2:].strip()
-        elif line and not line.startswith("#") and section:
-            out.setdefault(section, []).extend(p.strip() for p in line.split("||"))
-    return out
-
-
 def zen_lines() -> list[str]:
     """The Zen of Python (``import this``), decoded without printing it."""
     import codecs
@@ -172,23 +150,6 @@ def zen_lines() -> list[str]:
         import this  # noqa: F401
 
     return [s for s in codecs.decode(sys.modules["this"].s, "rot13").splitlines() if s.strip()]
-
-
-def font(name: str, size: int):
-    from PIL import ImageFont
-
-    return ImageFont.truetype(str(FONT_DIR / name), size)
-
-
-def rgb_uint8(img) -> np.ndarray:
-    img = np.asarray(img)
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    elif img.dtype != np.uint8:
-        img = np.clip(img * (255.0 if img.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, -1)
-    return np.ascontiguousarray(img[..., :3])
 
 
 def wrap(text: str, fnt, width: int, draw) -> list[str]:
