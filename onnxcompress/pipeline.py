@@ -133,6 +133,8 @@ def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str],
                                                                   runtime_ok)
     run.report.update(passes=[r.to_dict() for r in reports], validation=validation, after=summarize(work),
                       gates=gates)
+    if run.report.get("fallback"):
+        _fallback_cost_note(run, validation)
     if not passed:
         _fail(run, gates)
     if run.out is not None:
@@ -538,8 +540,6 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
                 validation = validate_all(original, model, val, labels, providers, latency=True)
     _floor_report(run, gates, no_floor)
     _slow_int8_notes(run, validation, int8)
-    if run.report.get("fallback"):
-        _fallback_cost_note(run, model, validation)
     return passed, validation, gates, reports, model
 
 
@@ -561,17 +561,9 @@ def _floor_report(run: _Run, gates, no_floor: str | None) -> None:
                  "quantized (no fallback for the floor) because --accept-degraded was given", warn=True)
 
 
-def summarize_size(model: ir.Model) -> int | None:
-    """The weights' bytes of ``model`` (as ``inspect.summarize`` counts them), or None."""
-    try:
-        return int(summarize(model)["size_bytes"])
-    except Exception:  # noqa: BLE001 - a measurement for a note
-        return None
-
-
-def _fallback_cost_note(run: _Run, model, validation) -> None:
+def _fallback_cost_note(run: _Run, validation) -> None:
     """Say what the fallback gave up: the share of int8 weights kept in float, and the measured
-    speed of the result beside fp32's."""
+    speed and size of the result beside fp32's (the report's "after", already summarized)."""
     fb = run.report["fallback"]
     share = fb.get("float_weight_share")
     if share is None or share < 0.5:
@@ -582,7 +574,7 @@ def _fallback_cost_note(run: _Run, model, validation) -> None:
         if lr and lc:
             speed = f"; quick median latency {lc / lr:.2f}x of fp32's on {v['provider']}"
             break
-    before, after = run.report.get("before", {}).get("size_bytes"), summarize_size(model)
+    before, after = run.report["before"].get("size_bytes"), run.report["after"].get("size_bytes")
     if before and after:
         speed += f"; size {after / before:.2f}x of fp32's"
     run.note(f"the fallback kept {len(fb['kept_in_float'])} of {len(fb['node_sqnr_db'])} quantized nodes in float, "
