@@ -43,7 +43,10 @@ def optimize(
         options: flags as :class:`OptimizeOptions` (or a :class:`Recipe`).
         recipe: a :class:`Recipe`, a recipe file or a built-in recipe name (not with ``options``;
             to change a recipe's fields use :func:`onnxcompress.recipe.override`).
-        progress: callback receiving a short stage description.
+        progress: callback receiving a :class:`onnxcompress.progress.ProgressEvent` — a ``str``
+            (the stage, or ``"stage: step done/total unit"``) whose attributes carry the stage
+            that just finished (``closed``: seconds, peak RSS) and what the stage counts
+            (samples, nodes, tensors: ``done``, ``total``, ``unit``).
 
     Returns:
         :class:`OptimizeResult` with the report: ``before``/``after`` summaries (size in bytes,

@@ -34,6 +34,7 @@ from .errors import GateFailedError, ModelWriteError, OnnxCompressError
 from .model_io import check_output_path, external_data_files, load_model, save_model
 from .recipe import Recipe, _copy, quantize_stages
 from .pipeline import OptimizeResult, _load_data, _Run, run
+from .progress import ProgressEvent
 from .runtime import cpu_features
 from .util import compressed_size, jsonable
 
@@ -148,7 +149,7 @@ def _run_candidates(inp: Path, recipe: Recipe, modes, tmp: Path, say) -> dict[st
         say(f"auto: trying --quantize {mode}")
         path = tmp / f"{mode}.onnx"
         try:
-            res = run(inp, path, candidate(recipe, mode), progress=lambda m, mode=mode: say(f"auto ({mode}): {m}"))
+            res = run(inp, path, candidate(recipe, mode), progress=lambda m, mode=mode: say(_prefixed(m, f"auto ({mode}): ")))
             cands[mode] = {"path": path, "report": res.report, "passed": True}
         except GateFailedError as exc:
             cands[mode] = {"report": getattr(exc, "report", {}), "passed": False,
@@ -251,3 +252,8 @@ def _write_chosen(inp, out: Path, recipe: Recipe, cands, chosen, summary, auto, 
                                f"({summary[chosen]['latency_ms']} vs {auto['fp32_latency_ms']} ms): consider fp32")
     report["written"] = True
     return report
+
+
+def _prefixed(msg: str, prefix: str) -> str:
+    """A candidate run's progress message, named by its mode (events keep their numbers)."""
+    return msg.prefixed(prefix) if isinstance(msg, ProgressEvent) else prefix + msg

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .cli_common import (_bug, _check_out_paths, _fail, _fmt_bytes, _setup_logging, _state, _warned,  # noqa: F401
-                         _write_json, app, console, out_console)
+                         _write_json, app, console, out_console, StageBars)
 from .api import optimize as api_optimize
 from .cli_flags import effective_recipe, given, with_flags
 from .errors import GateFailedError, OnnxCompressError
@@ -101,8 +101,8 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
         if quiet:
             result = api_optimize(model, output, recipe=rec)
         else:
-            with console.status("optimizing") as status:
-                result = api_optimize(model, output, recipe=rec, progress=lambda s: status.update(s))
+            with StageBars(console) as bars:
+                result = api_optimize(model, output, recipe=rec, progress=bars)
     except GateFailedError as exc:
         rep = getattr(exc, "report", None)
         if rep is not None:

@@ -127,3 +127,80 @@ def _write_json(path: Path, rep: dict) -> None:
         write_atomic(path, json.dumps(rep, indent=2, default=str))
     except OSError as exc:
         _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))
+
+
+class StageBars:
+    """One progress line per stage of a run, fed by the API's ``progress`` callback
+    (:class:`onnxcompress.progress.ProgressEvent`): a bar with what the stage counts (samples,
+    nodes, tensors) while it runs, its wall time and peak RSS once it is done.
+
+    A context manager and the callback in one: ``with StageBars(console) as bars: optimize(...,
+    progress=bars)``. Plain strings (``tune``'s, ``auto``'s own steps) start a stage without
+    numbers. On a terminal the lines update in place; elsewhere (a CI log) they are printed once,
+    when the run ends."""
+
+    def __init__(self, con: Console) -> None:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+        from rich.table import Column
+
+        # long stage names (an output path) are cut, never the numbers
+        self._bars = Progress(SpinnerColumn(finished_text="[green]✓[/]"),
+                              TextColumn("{task.description}", table_column=Column(max_width=48, no_wrap=True,
+                                                                                   overflow="ellipsis")),
+                              BarColumn(bar_width=20),
+                              TextColumn("{task.fields[count]}", table_column=Column(no_wrap=True)),
+                              _cost_column(table_column=Column(no_wrap=True)), console=con, transient=False)
+        self._task = None
+
+    def __enter__(self) -> "StageBars":
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._task is not None:
+            t = self._bars.tasks[self._task]
+            self._bars.update(self._task, description=f"{t.description} [red](stopped)[/]" if exc[0] else
+                              t.description, total=t.total or 1, completed=t.total or 1)
+            self._bars.stop_task(self._task)
+            self._task = None
+        self._bars.stop()
+
+    def __call__(self, msg: str) -> None:
+        from .progress import ProgressEvent
+
+        ev = msg if isinstance(msg, ProgressEvent) else ProgressEvent(str(msg))
+        if ev.done is None:
+            self._close(ev.closed)
+            if not ev.final:
+                self._task = self._bars.add_task(escape(ev.stage), total=None, count="", cost="")
+            return
+        if self._task is None:
+            self._task = self._bars.add_task(escape(ev.stage), total=None, count="", cost="")
+        count = f"{ev.done}/{ev.total}" if ev.total is not None else f"{ev.done}"
+        self._bars.update(self._task, total=ev.total, completed=ev.done,
+                          count=escape(f"{ev.step} {count} {ev.unit}".strip()))
+
+    def _close(self, closed: dict | None) -> None:
+        if self._task is None:
+            return
+        t = self._bars.tasks[self._task]
+        cost = (f"{closed['seconds']:.1f} s · {closed['peak_rss_mb']:.0f} MiB peak" if closed else
+                f"{t.elapsed or 0:.1f} s")
+        done = t.total or 1
+        self._bars.update(self._task, total=done, completed=done, cost=cost)
+        self._bars.stop_task(self._task)
+        self._task = None
+
+
+def _cost_column(**kw):
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class CostColumn(ProgressColumn):
+        """Seconds so far while a stage runs; its wall time and peak RSS once done."""
+
+        def render(self, task):
+            cost = task.fields.get("cost")
+            return Text(cost, style="dim") if cost else Text(f"{task.elapsed or 0:.1f} s", style="cyan")
+
+    return CostColumn(**kw)

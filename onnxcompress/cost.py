@@ -73,20 +73,23 @@ class StageMeter:
         with self._lock:
             self._peak = max(self._peak, rss)
 
-    def start(self, name: str) -> None:
-        self._close()
+    def start(self, name: str) -> dict | None:
+        """Close the running stage (returned: its record, ``None`` if none ran) and open ``name``."""
+        closed = self._close()
         self._name, self._t0 = name, time.perf_counter()
         with self._lock:
             self._peak = _rss_mib() or 0.0
+        return closed
 
-    def _close(self) -> None:
+    def _close(self) -> dict | None:
         if self._name is None:
-            return
+            return None
         with self._lock:
             peak = max(self._peak, _rss_mib() or 0.0) if self.exact else peak_rss_mib()
         self.stages.append({"stage": self._name, "seconds": round(time.perf_counter() - self._t0, 3),
                             "peak_rss_mb": round(peak, 1)})
         self._name = None
+        return self.stages[-1]
 
     @property
     def process_peak_mb(self) -> float:

@@ -26,6 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from .errors import InvalidModelError, ModelLoadError, ModelWriteError
+from .progress import counted, tick
 from .skeleton import (BIG_TENSOR_BYTES, PLACEHOLDER, _BUFFER_DTYPES, _RAW_DTYPES, _detachable, _unused,  # noqa: F401
                        skeleton, skeleton_file, weight_buffer)
 
@@ -562,16 +563,17 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
             f.write(_MODEL_GRAPH + _varint(glen))
             f.write(graph)
             del graph
-            for head, buf in entries:
+            for k, (head, buf) in enumerate(entries):
                 f.write(head)
                 f.write(_le_bytes(buf))
+                tick("writing", k + 1, len(entries), "tensors")
             f.flush()
             os.fsync(f.fileno())
         return
     offsets: dict[str, int] = {}
     pos = 0
     with open(data_path or os.path.join(folder, data_name), "wb") as f:
-        for v in _detachable(model):
+        for v in counted(list(_detachable(model)), "writing", "tensors"):
             buf = weight_buffer(v.const_value)
             if buf.nbytes >= ALIGN_THRESHOLD and pos % ALIGNMENT:
                 f.write(b"\0" * (ALIGNMENT - pos % ALIGNMENT))

@@ -36,6 +36,7 @@ from .gates import evaluate as evaluate_gates, floor as floor_rows, label as gat
 from .inspect import summarize
 from .model_io import check_model, check_output_path, external_data_files, load_model, save_model
 from .opset import upgrade_opset
+from .progress import ProgressEvent, listening
 from .passes.base import PassContext, PassReport, Scope, run_passes, snapshot
 from .passes.prune_nm import storage_report
 from .passes.registry import prepare_passes
@@ -82,6 +83,7 @@ class _Run:
     inp: Path | None
     out: Path | None
     progress: Callable[[str], None] | None
+    stage: str = ""
     meter: StageMeter = field(default_factory=StageMeter)
     t0: float = field(default_factory=time.perf_counter)
     notes: list[str] = field(default_factory=list)
@@ -94,10 +96,12 @@ class _Run:
     probe_ref: list | None = None
 
     def say(self, msg: str) -> None:
-        """A stage starts: its time and peak memory go to ``report["cost"]``."""
-        self.meter.start(msg)
+        """A stage starts: its time and peak memory go to ``report["cost"]``; the progress
+        callback gets a :class:`~onnxcompress.progress.ProgressEvent` carrying the last one's."""
+        closed = self.meter.start(msg)
+        self.stage = msg
         if self.progress:
-            self.progress(msg)
+            self.progress(ProgressEvent(msg, closed=closed))
 
     def note(self, msg: str, *, warn: bool = False) -> None:
         self.notes.append(msg)
@@ -106,8 +110,17 @@ class _Run:
 
 
 def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str], None] | None = None) -> OptimizeResult:
-    """Run ``rec`` on ``model`` (see :func:`onnxcompress.api.optimize` for the arguments, result and errors)."""
+    """Run ``rec`` on ``model`` (see :func:`onnxcompress.api.optimize` for the arguments, result and errors).
+
+    ``progress`` gets a :class:`~onnxcompress.progress.ProgressEvent` (a ``str``) at each stage
+    start and, inside a stage, for what it counts (samples, nodes, tensors)."""
     run = _Run(rec, None, Path(output) if output is not None else None, progress)
+    with listening(lambda: run.stage, progress):
+        return _run(run, model)
+
+
+def _run(run: _Run, model) -> OptimizeResult:
+    rec = run.recipe
     for n in rec.notes:  # the planner's: flags that had no effect, a re-planned recipe
         run.note(n, warn=True)
     original = _load_input(run, model)
@@ -115,7 +128,9 @@ def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str],
     work = snapshot(original)  # shares every tensor with `original`: passes replace, never edit
     # every node needs a unique name: reports, --exclude and the fallback refer to nodes by name
     ir.passes.common.NameFixPass()(work)
+    run.say("reading data")
     calib, val, labels = _load_data(run, work)
+    run.say("running the input with ONNX Runtime")
     runtime_ok = _check_runtime(run, original)
     if not runtime_ok:
         calib, val = [], []
@@ -633,6 +648,8 @@ def _finish(run: _Run, model: ir.Model, *, written: bool) -> OptimizeResult:
     run.report["written"] = written
     run.report["seconds"] = round(time.perf_counter() - run.t0, 2)
     run.report["cost"] = _cost(run.meter)
+    if run.progress and run.report["cost"]["stages"]:
+        run.progress(ProgressEvent("done", closed=run.report["cost"]["stages"][-1], final=True))
     return OptimizeResult(run.out, run.report, True, model=model, recipe=run.recipe)
 
 

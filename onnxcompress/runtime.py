@@ -202,14 +202,19 @@ def graph_level(optimize: "bool | str") -> ort.GraphOptimizationLevel:
     return LEVELS["all"] if optimize else LEVELS["disable"]
 
 
-def run_samples(sess: ort.InferenceSession, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Run every sample (a feed dict) and return the outputs by name, one dict per sample."""
+def run_samples(sess: ort.InferenceSession, samples: list[dict[str, np.ndarray]], step: str = "") -> list[dict[str, np.ndarray]]:
+    """Run every sample (a feed dict) and return the outputs by name, one dict per sample
+    (counted as ``step`` for the progress listener, :mod:`onnxcompress.progress`, when given)."""
+    from .progress import tick
+
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
     results = []
-    for feed in samples:
+    for i, feed in enumerate(samples):
         outs = sess.run(None, {k: v for k, v in feed.items() if k in wanted})
         results.append(dict(zip(names, outs)))
+        if step:
+            tick(step, i + 1, len(samples), "samples")
     return results
 
 

@@ -246,7 +246,7 @@ def compare(
     """
     ref_sess = make_session(reference, optimize=False, provider=provider)
     ref_outputs = [o.name for o in ref_sess.get_outputs()]
-    refs = run_samples(ref_sess, samples)
+    refs = run_samples(ref_sess, samples, f"input model on {provider.replace('ExecutionProvider', '')}")
     del ref_sess
     comp = Comparison(provider=provider, n_samples=len(samples))
     if latency and samples:
@@ -255,7 +255,7 @@ def compare(
         del ref_opt
     # pre-packed weights (a copy of every GEMM weight) only where the candidate is timed
     cand_sess = make_session(candidate, optimize=level, provider=provider, prepack=bool(latency and samples))
-    cands = run_samples(cand_sess, samples)
+    cands = run_samples(cand_sess, samples, f"result on {provider.replace('ExecutionProvider', '')}")
     if latency and samples:
         comp.latency_ms_candidate = median_latency_ms(cand_sess, samples[0])
     del cand_sess

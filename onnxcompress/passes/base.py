@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..params import NoConfig, build, check
+from ..progress import tick
 
 logger = logging.getLogger("onnxcompress")
 
@@ -369,6 +370,8 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
     # `ref`: outputs of `model` as it stands, when known
     i = 0
     while i < len(passes):
+        if len(passes) > 1:
+            tick("running", i, len(passes), "passes", weak=True)
         if not passes[i].checked:
             model, _ = _run_one(model, passes[i])
             if passes[i].report.changed:
@@ -381,7 +384,9 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
             j += 1
         batch = passes[i:j]
         start = snapshot(model) if samples or structural else None
-        for p in batch:
+        for k, p in enumerate(batch):
+            if k and len(passes) > 1:
+                tick("running", i + k, len(passes), "passes", weak=True)
             model, _ = _run_one(model, p)
         changed = [p for p in batch if p.report.changed or p.touched_types]
         if changed and start is not None:
@@ -396,6 +401,8 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
                 model, ref, batch = _one_by_one(start, batch, ref, samples, structural)
         reports.extend(p.report for p in batch)
         i = j
+    if len(passes) > 1:
+        tick("running", len(passes), len(passes), "passes", weak=True)
     return model, reports
 
 

@@ -363,13 +363,16 @@ def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndar
     the weights are read in place). With optimizations off, Q/DQ pairs run as separate operators:
     the ONNX semantics of an int8 model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a
     fused kernel's."""
+    from ...progress import tick
     from ...runtime import make_session
 
     names = list(dict.fromkeys(tensor_names))
     if not samples:
         return
     largest = max(samples, key=lambda f: sum(np.asarray(v).size for v in f.values()))
-    for chunk in plan_chunks(names, value_bytes(model, largest), budget) or [[]]:
+    chunks = plan_chunks(names, value_bytes(model, largest), budget) or [[]]
+    runs = len(chunks) * len(samples)
+    for ci, chunk in enumerate(chunks):
         sess = make_session(model, optimize=False, extra_outputs=chunk)
         produced = {o.name for o in sess.get_outputs()}
         wanted = [c for c in chunk if c in produced]
@@ -381,6 +384,7 @@ def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndar
             # on PP-OCRv4 det, never returned); a copy of one chunk is bounded by the budget
             yield k, {n: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for n, v in zip(wanted, vals)}
             del vals
+            tick("recording activations", ci * len(samples) + k + 1, runs, "sample runs")
         del sess
 
 

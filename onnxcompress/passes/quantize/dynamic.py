@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from ..base import CompressionPass
 from ...irutil import add_initializer, all_value_names, replace_node, subgraphs, unique_name
+from ...progress import counted
 from . import params
 from .config import QuantizeConfig
 from .policy import resolve_policy
@@ -116,7 +117,7 @@ class DynamicQuantizePass(CompressionPass):
 
         recorded = self._record(model, [n for n in chosen if n.graph is model.graph]) if min_sqnr is not None else []
         quantized, sqnrs, dql = [], {}, {}
-        for node in chosen:
+        for node in counted(chosen, "quantizing weights", "nodes"):
             w, alpha = self._weight_kn(node)
             qmax = policy.weight_qmax(node.op_type, False)
             axis = 1 if per_channel else None

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from ..base import CompressionPass, snapshot
 from ...irutil import add_initializer, all_value_names, attr as _attr, replace_node, unique_name
+from ...progress import counted
 from . import calibrate, params
 from .config import StaticQuantizeConfig
 from .policy import resolve_policy
@@ -150,7 +151,8 @@ class StaticQuantizePass(CompressionPass):
         kept = []
         sqnrs = {}
         self._bias_shift: dict = {}
-        for node in chosen:
+        check = "per-node SQNR check" if min_sqnr is not None and recorded else "choosing nodes"
+        for node in counted(chosen, check, "nodes"):
             acts = self._act_inputs(node)
             if any(a.name not in ranges for a in acts):
                 self.report.skip(node.name, "an input was not calibrated; left in float")
@@ -261,7 +263,7 @@ class StaticQuantizePass(CompressionPass):
 
         n_w = 0
         bits = {}
-        for node in kept:
+        for node in counted(kept, "quantizing weights", "nodes"):
             if self._quantize_weight(graph, node, in_scale_of.get(node), policy, per_channel, taken, bits):
                 n_w += 1
         graph.sort()
@@ -662,7 +664,7 @@ class StaticQuantizePass(CompressionPass):
 
         all_names = {n.outputs[0].name: targets[n.outputs[0].name] for n in order}
         before = residual(calibrate.channel_means(model, all_names, sub))
-        for node in order:
+        for node in counted(order, "bias correction", "nodes"):
             name = node.outputs[0].name
             q = calibrate.channel_means(cut_model([name]), {name: targets[name]}, sub).get(name)
             f = float_means[name]
