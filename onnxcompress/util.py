@@ -8,16 +8,36 @@ from pathlib import Path
 import numpy as np
 
 
+#: bytes per independently compressed block of :func:`compressed_size`
+ZLIB_BLOCK = 16 << 20
+
+
 def compressed_size(paths: list[Path]) -> int:
-    """zlib (level 6) size in bytes of the files together, streamed in 16 MiB chunks."""
-    total = 0
-    for p in paths:
-        comp = zlib.compressobj(6)
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(16 << 20), b""):
-                total += len(comp.compress(chunk))
-        total += len(comp.flush())
-    return total
+    """zlib (level 6) size in bytes of the files, each compressed in blocks of
+    :data:`ZLIB_BLOCK` bytes, the blocks compressed in parallel (zlib releases the GIL; a block
+    restarts zlib's 32 KiB window, which changes the total by a few bytes per block). About
+    30 MB/s per core on float weights. Memory: one block per worker."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    def blocks():
+        for p in paths:
+            with open(p, "rb") as f:
+                yield from iter(lambda: f.read(ZLIB_BLOCK), b"")
+
+    def size(block: bytes) -> int:
+        return len(zlib.compress(block, 6))
+
+    workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        # map() would read every block up front: submit a window of `workers` blocks at a time
+        total, pending = 0, []
+        for b in blocks():
+            pending.append(pool.submit(size, b))
+            del b
+            if len(pending) >= workers:
+                total += pending.pop(0).result()
+        return total + sum(f.result() for f in pending)
 
 
 def jsonable(obj):
