@@ -55,7 +55,7 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             run.say(f"fallback: {len(excluded)} node(s) kept in float")
             ctx = replace(int8.ctx, keep_float=excluded)
             model, reports = run_passes(int8.start.clone(), int8.stage.spec.passes(int8.stage.config, ctx), [])
-            validation = validate_all(original, model, val, labels, providers, latency=False)
+            validation = validate_all(original, model, val, labels, providers, latency=False, cache=run.ref_cache)
             gates, passed = judge(validation)
             rounds.append({"kept_in_float": list(excluded), "passed": passed,
                            "gates": {gate_label(x): x["value"] for x in gates}})

@@ -95,6 +95,9 @@ class _Run:
     structural: str | None = None
     #: the input's outputs on the check samples (the probe's), reused by the first pass check
     probe_ref: list | None = None
+    #: the input's outputs on the validation samples per provider, reused by every validation
+    #: of this run (the fallback's rounds): :func:`onnxcompress.validate.compare`
+    ref_cache: dict = field(default_factory=dict)
 
     def say(self, msg: str) -> None:
         """A stage starts: its time and peak memory go to ``report["cost"]``; the progress
@@ -526,7 +529,7 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
         latency = False
         run.note(f"quick latency not measured: the model is over {QUICK_LATENCY_MAX_BYTES >> 30} GB and the "
                  "timing needs another pre-packed copy of its weights; use `onnxcompress bench`")
-    validation = validate_all(original, model, val, labels, providers, latency)
+    validation = validate_all(original, model, val, labels, providers, latency, cache=run.ref_cache)
     for v in validation:
         if v.get("note"):
             run.note(v["note"], warn=True)
@@ -553,7 +556,8 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
             model, qreps, validation, gates, passed = fb
             reports = reports[: len(reports) - len(int8.reports)] + qreps
             if passed and latency:
-                validation = validate_all(original, model, val, labels, providers, latency=True)
+                validation = validate_all(original, model, val, labels, providers, latency=True,
+                                          cache=run.ref_cache)
     _floor_report(run, gates, no_floor)
     _slow_int8_notes(run, validation, int8)
     return passed, validation, gates, reports, model

@@ -67,6 +67,8 @@ class OutputMetrics:
 
 #: a reference row is decisive when its top class has at least this probability
 DECISIVE_PROB = 0.3
+#: largest total of reference outputs (bytes) :func:`compare` keeps in a caller's ``cache``
+REF_CACHE_BYTES = 256 << 20
 
 
 def _decisive(rows: np.ndarray) -> np.ndarray:
@@ -226,6 +228,7 @@ def compare(
     provider: str = "CPUExecutionProvider",
     latency: bool = True,
     level: str = "all",
+    cache: dict | None = None,
 ) -> Comparison:
     """Run both models on ``samples`` and compare every output of the reference.
 
@@ -238,16 +241,24 @@ def compare(
         latency: also measure the median latency (ms) of both on the first sample.
         level: ONNX Runtime graph optimization level of the candidate and the timed reference
             (``all``, ``extended``, ``basic``, ``disable``; :data:`onnxcompress.runtime.LEVELS`).
+        cache: a dict the caller keeps while ``reference`` and ``samples`` stay the same (the
+            fallback's rounds): the reference's outputs per provider are kept there (when they
+            total at most :data:`REF_CACHE_BYTES`) and reused instead of running it again.
 
     One ORT session exists at a time (reference, then the reference optimized for the latency
     figure, then the candidate), so validation holds at most one runtime's copy of weights.
 
     A reference output missing from the candidate counts as infinitely wrong.
     """
-    ref_sess = make_session(reference, optimize=False, provider=provider)
-    ref_outputs = [o.name for o in ref_sess.get_outputs()]
-    refs = run_samples(ref_sess, samples, f"input model on {provider.replace('ExecutionProvider', '')}")
-    del ref_sess
+    if cache is not None and provider in cache:
+        ref_outputs, refs = cache[provider]
+    else:
+        ref_sess = make_session(reference, optimize=False, provider=provider)
+        ref_outputs = [o.name for o in ref_sess.get_outputs()]
+        refs = run_samples(ref_sess, samples, f"input model on {provider.replace('ExecutionProvider', '')}")
+        del ref_sess
+        if cache is not None and sum(getattr(v, "nbytes", 0) for r in refs for v in r.values()) <= REF_CACHE_BYTES:
+            cache[provider] = (ref_outputs, refs)
     comp = Comparison(provider=provider, n_samples=len(samples))
     if latency and samples:
         ref_opt = make_session(reference, optimize=level, provider=provider)
@@ -274,7 +285,8 @@ def compare(
     return comp
 
 
-def validate_all(original: ir.Model, model: ir.Model, val, labels, providers: list[str], latency: bool) -> list[dict]:
+def validate_all(original: ir.Model, model: ir.Model, val, labels, providers: list[str], latency: bool,
+                 cache: dict | None = None) -> list[dict]:
     """:func:`compare` on every provider, as JSON-ready dicts.
 
     The candidate runs as it will be deployed, at ``ORT_ENABLE_ALL``. When ONNX Runtime cannot run
@@ -288,7 +300,8 @@ def validate_all(original: ir.Model, model: ir.Model, val, labels, providers: li
     out = []
     for p in providers:
         try:
-            d = jsonable(asdict(compare(original, model, val, labels=labels, provider=p, latency=latency)))
+            d = jsonable(asdict(compare(original, model, val, labels=labels, provider=p, latency=latency,
+                                        cache=cache)))
             d["ort_level"] = "all"
         except Exception as exc:  # ORT's refusal, whatever its type
             d = _lower_level(original, model, val, labels, p, latency, _first_line(exc))
