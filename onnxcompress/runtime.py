@@ -110,6 +110,7 @@ def make_session(
     extra_config: dict[str, str] | None = None,
     extra_outputs: tuple[str, ...] | list[str] = (),
     prepack: bool | None = None,
+    arena: bool = True,
 ) -> ort.InferenceSession:
     """Create an ORT session.
 
@@ -134,9 +135,11 @@ def make_session(
         prepack: let kernels pre-pack constant weights (default: ``optimize``); off when the
             session is not timed, it saves a copy of the GEMM weights (results are the same
             kernels' up to summation order).
+        arena: ORT's CPU memory arena (``SessionOptions.enable_cpu_mem_arena``); off where
+            several sessions stay alive together and each would keep its peak reserved.
     """
     prepack = optimize if prepack is None else prepack
-    so = _options(optimize, threads, extra_config, prepack)
+    so = _options(optimize, threads, extra_config, prepack, arena)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     if isinstance(model, (bytes, str)):
         if extra_outputs:
@@ -156,7 +159,7 @@ def make_session(
                 raise
             # a graph transformer wanted a weight's values (Q/DQ fusion, constant folding): it
             # read the empty stand-in and failed; ORT then gets the values in its graph (a copy)
-            so = _options(optimize, threads, extra_config, prepack)
+            so = _options(optimize, threads, extra_config, prepack, arena)
             sess = _with_buffers(path, so, providers, names, keep, inject=True)
     sess.onnxcompress_weights = (so, keep)  # ORT reads these buffers for the session's lifetime
     return sess
@@ -177,8 +180,9 @@ def _with_buffers(path: str, so: ort.SessionOptions, providers: list[str], names
 
 
 def _options(optimize: bool, threads: int | None, extra_config: dict[str, str] | None,
-             prepack: bool) -> ort.SessionOptions:
+             prepack: bool, arena: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = graph_level(optimize)
     so.log_severity_level = 3
     if not prepack:

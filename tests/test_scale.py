@@ -269,3 +269,45 @@ def test_many_external_files_and_corrupt_bytes(tmp_path):
     (tmp_path / "zeros.onnx").write_bytes(b"\0" * (8 << 20))
     with pytest.raises(ModelLoadError, match="field number 0"):
         model_io.load_model(tmp_path / "zeros.onnx")
+
+
+def _residual_cnn(seed=0):
+    """x -> Conv -> Relu (r1) -> Conv -> Relu (r2) -> Add(r2, r1) -> Conv -> y, plus a Mul of x
+    read only by the last node (a value carried past two segments)."""
+    rng = np.random.default_rng(seed)
+    w = [helper.make_tensor(f"w{i}", onnx.TensorProto.FLOAT, [8, 8, 3, 3],
+                            rng.standard_normal((8, 8, 3, 3)).astype(np.float32).ravel() * 0.2) for i in range(3)]
+    nodes = [helper.make_node("Mul", ["x", "x"], ["xx"], name="sq"),
+             helper.make_node("Conv", ["x", "w0"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w1"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Add", ["r2", "r1"], ["s"], name="add"),
+             helper.make_node("Conv", ["s", "w2"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c3", "xx"], ["y"], name="out")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 16, 16])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 16, 16])], w)
+    return ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_recording_in_segments_equals_one_session():
+    """Calibration reads values in chunks: with several chunks the graph runs as consecutive
+    segments (one forward pass per sample); every value equals a one-session run's exactly."""
+    from onnxcompress.passes.quantize import calibrate as C
+
+    model = _residual_cnn()
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(3)]
+    names = ["x", "xx", "c1", "r1", "c2", "r2", "s", "c3"]
+    one = {(k, n): v for k, outs in C.iter_outputs(model, names, samples) for n, v in outs.items()}
+    # one value per chunk (8 x 16 x 16 floats): seven segments, r1 and xx carried past segments
+    seg = {(k, n): v for k, outs in C.iter_outputs(model, names, samples, budget=8 * 16 * 16 * 4)
+           for n, v in outs.items()}
+    assert set(one) == set(seg) == {(k, n) for k in range(3) for n in names}
+    for key in one:
+        np.testing.assert_array_equal(one[key], seg[key])
+    order = [n for k, outs in C.iter_outputs(model, names, samples, budget=8 * 16 * 16 * 4) for n in outs if n == "r1"]
+    assert len(order) == 3  # once per sample
+    # the model is untouched: same nodes, same outputs
+    assert [n.name for n in model.graph] == ["sq", "conv1", "relu1", "conv2", "relu2", "add", "conv3", "out"]
+    assert [v.name for v in model.graph.outputs] == ["y"]

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 BINS = 2048
@@ -354,49 +355,159 @@ def plan_chunks(names: list[str], sizes: dict[str, int], budget: int) -> list[li
 def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndarray]], *,
                  budget: int = RECORD_BUDGET_BYTES):
     """Run ``samples`` through ``model`` (ORT, optimizations off) with ``tensor_names`` made graph
-    outputs; yield ``(sample index, {name: value})`` for the names ONNX Runtime produced.
+    outputs; yield ``(sample index, {name: value})`` for the names ONNX Runtime produced. Each
+    name's values come in sample order; a name comes once per sample.
 
-    The names are read in chunks (in the given order) of about ``budget`` bytes per sample, planned
-    from the value sizes shape inference gives for the largest sample (:func:`value_bytes`), each
-    chunk by its own session over every sample (chunk-major: a name's values come in sample
-    order). Memory is bounded by the budget (plus one value larger than it), not by the size of
-    all activations; a model whose values all fit the budget runs in one session as before.
-    Each chunk's session runs a copy of the graph cut after the chunk's values (:func:`_cut`:
-    only the nodes they depend on), so the early chunks of a deep model cost a fraction of a
-    forward pass. Names that are graph inputs come straight from the samples.
+    ORT keeps every declared output's buffer for the whole run, so the names (those main-graph
+    nodes produce, in graph order) are read in chunks of about ``budget`` bytes per sample,
+    planned from the value sizes shape inference gives for the largest sample
+    (:func:`value_bytes`). Memory is bounded by the budget (plus one value larger than it), not
+    by the size of all activations.
 
+    * One chunk: one session on a copy of the graph cut after the names (:func:`_cut`).
+    * Several (a detector at 992 x 736): the graph is split into consecutive *segments*, one
+      per chunk, each its own session (:func:`_segments`); a sample runs through them in turn,
+      each segment fed the earlier values it reads, so every sample costs one forward pass
+      whatever the number of chunks. Graphs with subgraphs (If/Loop/Scan, whose bodies may
+      read any earlier value) take one session per chunk instead, each cut after its chunk.
+
+    Names that are graph inputs come straight from the samples (with the first chunk).
     ``model`` is an ``onnx_ir.Model`` and is not modified (the sessions' copies share its
     weights, read in place). With optimizations off, Q/DQ pairs run as separate operators:
     the ONNX semantics of an int8 model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a
     fused kernel's."""
-    from ...progress import tick
-    from ...runtime import make_session
-
     names = list(dict.fromkeys(tensor_names))
     if not samples:
         return
     inputs = {v.name for v in model.graph.inputs}
+    direct = [n for n in names if n in inputs]
+    index = {v.name: i for i, node in enumerate(model.graph) for v in node.outputs}
+    computed = sorted((n for n in names if n in index and n not in inputs), key=index.__getitem__)
     largest = max(samples, key=lambda f: sum(np.asarray(v).size for v in f.values()))
-    chunks = plan_chunks(names, value_bytes(model, largest), budget) or [[]]
+    chunks = plan_chunks(computed, value_bytes(model, largest), budget) if computed else []
+    if len(chunks) > 1 and not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                   for node in model.graph for a in node.attributes.values()):
+        yield from _segments(model, chunks, direct, samples, index)
+    else:
+        yield from _chunk_major(model, chunks or [[]], direct, samples)
+
+
+def _owned(v):
+    # owned copies: ORT's outputs are views of its buffers, and some numpy paths (np.save among
+    # them) kept those buffers alive after the views were gone (+250 MB per chunk on PP-OCRv4
+    # det, never returned); a copy of one chunk is bounded by the budget
+    return np.array(v, copy=True) if isinstance(v, np.ndarray) else v
+
+
+def _chunk_major(model, chunks: list[list[str]], direct: list[str], samples):
+    """:func:`iter_outputs` with one session per chunk (each on the graph cut after it) over
+    every sample."""
+    from ...progress import tick
+    from ...runtime import make_session
+
     runs = len(chunks) * len(samples)
     for ci, chunk in enumerate(chunks):
-        direct = [c for c in chunk if c in inputs]
-        computed = [c for c in chunk if c not in inputs]
-        sess = make_session(_cut(model, computed), optimize=False) if computed else None
+        sess = make_session(_cut(model, chunk), optimize=False) if chunk else None
         produced = {o.name for o in sess.get_outputs()} if sess else set()
-        wanted = [c for c in computed if c in produced]
+        wanted = [c for c in chunk if c in produced]
         feeds_ok = {x.name for x in sess.get_inputs()} if sess else set()
         for k, feed in enumerate(samples):
             vals = sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok}) if wanted else []
-            # owned copies: ORT's outputs are views of its buffers, and some numpy paths (np.save
-            # among them) kept those buffers alive after the views were gone (+250 MB per chunk
-            # on PP-OCRv4 det, never returned); a copy of one chunk is bounded by the budget
-            got = {n: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for n, v in zip(wanted, vals)}
-            got.update((n, np.array(feed[n], copy=True)) for n in direct if n in feed)
+            got = {n: _owned(v) for n, v in zip(wanted, vals)}
+            if ci == 0:
+                got.update((n, np.array(feed[n], copy=True)) for n in direct if n in feed)
             yield k, got
             del vals, got
             tick("recording activations", ci * len(samples) + k + 1, runs, "sample runs")
         del sess
+
+
+def _segments(model, chunks: list[list[str]], direct: list[str], samples, index: dict[str, int]):
+    """:func:`iter_outputs` over consecutive segments of the main graph, sample by sample.
+
+    Segment ``s`` holds the nodes after segment ``s - 1`` up to the last producer of chunk ``s``
+    (graph order is topological). Its session's outputs are chunk ``s`` and the values it
+    produces that later segments read; its inputs are the graph inputs and the earlier values
+    its nodes read, fed from the sample and from what the earlier segments returned for that
+    sample (dropped once no later segment reads them). Sessions are built when the first sample
+    reaches them (input types from the values) without ORT's memory arena (all stay alive; an
+    arena would keep each one's peak). Peak: one segment's run plus the values carried over."""
+    from ...progress import tick
+    from ...runtime import make_session
+
+    nodes = list(model.graph)
+    ends = [max(index[n] for n in ch) for ch in chunks]
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    seg_of = {n: next(s for s, e in enumerate(ends) if i <= e) for n, i in index.items() if i <= ends[-1]}
+    reads: list[list[str]] = []  # earlier segments' values each segment reads
+    last_read: dict[str, int] = {}
+    for s, (a, b) in enumerate(zip(starts, ends)):
+        r = list(dict.fromkeys(v.name for node in nodes[a:b + 1] for v in node.inputs
+                               if v is not None and seg_of.get(v.name, s) < s))
+        reads.append(r)
+        for n in r:
+            last_read[n] = s
+    passes_on = [[n for n in last_read if seg_of[n] == s] for s in range(len(chunks))]
+    outs = [list(dict.fromkeys([*chunks[s], *passes_on[s]])) for s in range(len(chunks))]
+    sessions: list = [None] * len(chunks)
+    graph_inputs = [v.name for v in model.graph.inputs]
+    runs = len(chunks) * len(samples)
+    for k, feed in enumerate(samples):
+        live: dict[str, np.ndarray] = {}
+        for s in range(len(chunks)):
+            if sessions[s] is None:
+                sessions[s] = make_session(_segment(model, reads[s], outs[s], live), optimize=False, arena=False)
+            sess = sessions[s]
+            want = {x.name for x in sess.get_inputs()}
+            fed = {n: feed[n] for n in graph_inputs if n in want and n in feed}
+            fed.update((n, live[n]) for n in reads[s])
+            res = dict(zip(outs[s], sess.run(outs[s], fed)))
+            got = {n: _owned(res[n]) for n in chunks[s]}
+            if s == 0:
+                got.update((n, np.array(feed[n], copy=True)) for n in direct if n in feed)
+            for n in passes_on[s]:
+                live[n] = _owned(res[n])
+            for n in reads[s]:
+                if last_read[n] == s:
+                    del live[n]
+            del res, fed
+            yield k, got
+            del got
+            tick("recording activations", k * len(chunks) + s + 1, runs, "sample runs")
+    del sessions
+
+
+def _segment(model, reads: list[str], outs: list[str], values: dict[str, np.ndarray]):
+    """A copy of ``model`` (tensors shared) computing ``outs`` from the graph inputs and the
+    earlier values ``reads`` (new graph inputs, typed from ``values``); the nodes before and
+    after are removed."""
+    import onnx_ir.convenience as conv
+    import onnx_ir.passes.common as common
+
+    from ..base import snapshot
+
+    m = snapshot(model)
+    vals = {v.name: v for node in m.graph for v in node.outputs}
+    out_vals = [vals[n] for n in outs]
+    for v in out_vals:
+        if v.type is None:
+            v.type = ir.TensorType(ir.DataType.FLOAT)
+    m.graph.outputs.clear()
+    m.graph.outputs.extend(out_vals)
+    taken = set(vals) | {v.name for v in m.graph.inputs} | set(m.graph.initializers)
+    for n in reads:
+        old, arr = vals[n], values[n]
+        alias = n + "__before_cut"
+        while alias in taken:
+            alias += "_"
+        taken.add(alias)
+        old.name = alias
+        new = ir.Value(name=n, type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                       shape=ir.Shape([None] * arr.ndim))
+        conv.replace_all_uses_with(old, new)
+        m.graph.inputs.append(new)
+    common.RemoveUnusedNodesPass()(m)
+    return m
 
 
 def _cut(model, names: list[str]):
