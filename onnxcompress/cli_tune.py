@@ -42,6 +42,9 @@ def tune(
     resume: Optional[Path] = typer.Option(None, "--resume", help="State folder of an earlier run to continue "
                                           "(default state: OUT.tune, which a rerun also continues)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the tune report as JSON."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the tune report as one self-contained HTML page: "
+                                        "the trials (speed-up vs metric drop, the Pareto set, the chosen one), the "
+                                        "trial table and the per-node sensitivity ([report] extra)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
 ):
     """Search recipes (quantization mode and settings, pruning) for a budget; write the best model.
@@ -52,7 +55,7 @@ def tune(
 
     _setup_logging(True)
     inputs = {"input model": model, "calibration data": calibration, "validation data": validation}
-    _check_out_paths(report=report, inputs=inputs, outputs={"-o": output})
+    _check_out_paths(report=report, html=html, inputs=inputs, outputs={"-o": output})
     try:
         budget = Budget(metric, max_drop, min_speedup, max_size_mb)
         seconds = _seconds(time_budget)
@@ -69,6 +72,13 @@ def tune(
         _bug(exc)
     if report:
         _write_json(report, res.report)
+    if html:
+        from .report_html import write_html
+
+        try:
+            write_html(res.report, html)
+        except OnnxCompressError as exc:
+            _fail(exc)
     if not quiet:
         _render(res)
     if not res.met:

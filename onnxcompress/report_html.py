@@ -460,13 +460,110 @@ def render_optimize_html(report: dict) -> str:
                                                           rows=optimize_rows(report), kept=kept_in_float(report))
 
 
+def _tune_plots(rep: dict) -> list[dict]:
+    """The trials as speed-up vs metric drop (marker area: size; the budget's bounds dashed; the
+    Pareto set outlined, the chosen trial starred), and the per-node sensitivity (worst first)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    plots = []
+    b = rep["budget"]
+    trials = [t for t in rep["trials"] if not t.get("error") and _finite(t.get("speedup")) and _finite(t.get("drop"))]
+    if trials:
+        pareto, chosen = set(rep.get("pareto") or []), rep.get("chosen")
+        sizes = [t["size_bytes"] for t in trials]
+        big = max(sizes) or 1
+        fig = Figure(figsize=(8.0, 4.6))
+        ax = fig.add_subplot(1, 1, 1)
+        ok = "#2ca02c"
+        for t in trials:
+            feas = t.get("violation", 1) <= 0
+            ax.scatter(t["speedup"], t["drop"], s=40 + 360 * t["size_bytes"] / big,
+                       color=ok if feas else "#9e9e9e", alpha=0.55 if feas else 0.4,
+                       edgecolors="#222" if t["number"] in pareto else "none", linewidths=1.2, zorder=3)
+            ax.annotate(str(t["number"]), (t["speedup"], t["drop"]), fontsize=7, ha="center", va="center", zorder=4)
+        c = next((t for t in trials if t["number"] == chosen), None)
+        if c is not None:
+            ax.scatter(c["speedup"], c["drop"], marker="*", s=380, color="#d62728", edgecolors="#222", zorder=5)
+        ax.axhline(b["max_drop"], color="#d62728", linestyle="--", linewidth=1)
+        if b.get("min_speedup") is not None:
+            ax.axvline(b["min_speedup"], color="#d62728", linestyle="--", linewidth=1)
+        ax.axvline(1.0, color="#888", linewidth=0.8)
+        lo = min(min(t["drop"] for t in trials), 0.0)
+        hi = max(max(t["drop"] for t in trials), b["max_drop"])
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlabel("speed-up over fp32 (fp32 latency / model latency; right is faster)")
+        ax.set_ylabel(f"{b['metric']} drop vs fp32 (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        handles = [Line2D([], [], marker="o", linestyle="", color=ok, alpha=0.6, label="meets the budget"),
+                   Line2D([], [], marker="o", linestyle="", color="#9e9e9e", alpha=0.5, label="over budget"),
+                   Line2D([], [], marker="o", linestyle="", color="white", markeredgecolor="#222", label="Pareto set"),
+                   Line2D([], [], marker="*", linestyle="", color="#d62728", markersize=12, label="chosen"),
+                   Line2D([], [], linestyle="--", color="#d62728", label="budget bounds")]
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title("Trials: speed-up vs metric drop (marker area: file size; number: trial)", fontsize=10)
+        fig.tight_layout()
+        failed = len(rep["trials"]) - len(trials)
+        plots.append({"title": "trials", "png": _png(fig),
+                      "caption": "Each trial on the search half of the validation data. The chosen one is re-checked "
+                                 "on the held-out half (the verdict above)." + (f" {failed} trial(s) produced no model and "
+                                                                          "are not drawn." if failed else "")})
+    sens = rep.get("sensitivity") or []
+    if sens:
+        shown = sens[:30]
+        fig = Figure(figsize=(8.5, 0.9 + 0.24 * len(shown)))
+        ax = fig.add_subplot(1, 1, 1)
+        ys = list(range(len(shown)))[::-1]
+        vals = [x["int8_sqnr_db"] for x in shown]
+        ax.barh(ys, vals, color="#1f77b4", height=0.7)
+        ax.set_yticks(ys, [x["node"] if len(x["node"]) <= 42 else "…" + x["node"][-41:] for x in shown], fontsize=7)
+        for y, v in zip(ys, vals):
+            ax.annotate(f"{v:.1f}", (v, y), textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
+        ax.set_xlim(min(0, min(vals)), max(vals) * 1.12 or 1)
+        ax.set_xlabel("one-node output SQNR in int8 (dB; lowest first: the first kept in float by 'keep_float')")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title("Per-node int8 sensitivity (worst first)", fontsize=10)
+        fig.tight_layout()
+        plots.append({"title": "sensitivity", "png": _png(fig),
+                      "caption": "Each node's output SQNR with only that node in int8, on calibration data; a trial "
+                                 "with keep_float = k keeps the first k of this order in float"
+                                 + (f" ({len(sens) - len(shown)} more not shown)." if len(sens) > len(shown) else ".")})
+    return plots
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and v == v and v not in (float("inf"), float("-inf"))
+
+
+def render_tune_html(report: dict) -> str:
+    """The HTML text of a ``tune`` report (:func:`onnxcompress.tune.tune`'s ``report``).
+
+    Raises:
+        OnnxCompressError: matplotlib or jinja2 is missing (with the install hint).
+    """
+    from .tune import _describe
+
+    _require()
+    rows = []
+    for t in sorted(report["trials"], key=lambda t: t["number"]):
+        rows.append({**t, "recipe": _describe(t.get("options") or {}),
+                     "feasible": not t.get("error") and (t.get("violation", 1) <= 0),
+                     "pareto": t["number"] in (report.get("pareto") or []),
+                     "chosen": t["number"] == report.get("chosen")})
+    return _env().get_template("tune.html.j2").render(rep=report, plots=_tune_plots(report), rows=rows)
+
+
 def write_html(report: dict, path: str | os.PathLike) -> None:
-    """Write the self-contained HTML report (bench, validate or optimize) atomically.
+    """Write the self-contained HTML report (bench, validate, optimize or tune) atomically.
 
     Raises:
         OnnxCompressError: matplotlib/jinja2 missing, or the file cannot be written.
     """
-    text = render_html(report) if report.get("kind") in ("bench", "validate") else render_optimize_html(report)
+    kind = report.get("kind")
+    text = (render_html(report) if kind in ("bench", "validate") else render_tune_html(report) if kind == "tune"
+            else render_optimize_html(report))
     path = Path(path)
     tmp = path.with_name("." + path.name + ".tmp")
     try:

@@ -453,7 +453,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
             study.tell(ot, state=optuna.trial.TrialState.FAIL)
         else:
             study.tell(ot, [t.metric, t.speedup if t.speedup == t.speedup else 0.0, t.size_bytes])
-    return _finish(s, out, st, say)
+    return _finish(s, out, st, say, t_start)
 
 
 def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
@@ -588,7 +588,7 @@ def _pareto(trials: list[Trial]) -> list[Trial]:
     return front
 
 
-def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
+def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
     from .model_io import save_model, load_model
 
     ok = [t for t in s.trials if t.error is None and t.path and Path(t.path).exists()]
@@ -620,7 +620,10 @@ def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
         write_atomic(pdir / f"trial{t.number:03d}.toml", t.recipe_toml)
     write_atomic(st / "chosen.toml", chosen.recipe_toml)
     failed = _failed(s, chosen)
+    from . import __version__
+
     report = {
+        "kind": "tune", "version": __version__, "input": str(s.model), "output": str(out),
         "budget": s.budget.__dict__, "fp32_metric": s.fp32_metric, "chosen": chosen.number, "why": why,
         "met": not failed, "failed": failed,
         "held_out": {"metric": held, "fp32_metric": fp32_held, "drop": fp32_held - held,
@@ -629,6 +632,7 @@ def _finish(s: _Search, out: Path, st: Path, say) -> TuneResult:
         "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
         "fp32_size_bytes": s.fp32_size,
         "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2)} for n, v in s.sensitivity],
+        "seconds": round(time.perf_counter() - t_start, 1),
     }
     write_atomic(st / "report.json", json.dumps(report, indent=1, default=str))
     return TuneResult(out, chosen, s.trials, report, met=not failed)

@@ -28,10 +28,15 @@ def test_feasible_budget_writes_a_model_its_recipe_reproduces(tmp_path):
     out = tmp_path / "t.onnx"
     res = runner.invoke(app, ["tune", str(M), "-o", str(out), "--calibration", str(C), "--validation", str(V),
                               "--metric", "accuracy", "--max-drop", "1.0", "--trials", "4", "-q",
-                              "--report", str(tmp_path / "r.json")])
+                              "--report", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["met"] and len(rep["trials"]) == 4 and rep["held_out"]["samples"] > 0
+    assert rep["kind"] == "tune" and rep["seconds"] > 0
+    page = (tmp_path / "r.html").read_text()
+    # the verdict, every trial's row, the trials plot and the sensitivity chart
+    assert "Budget met" in page and f"Chosen: trial {rep['chosen']}" in page
+    assert page.count("<tr class=") == 4 and page.count("data:image/png;base64,") == 2
     assert list(Path(rep["pareto_recipes"]).glob("*.toml"))
     again = tmp_path / "again.onnx"
     r2 = runner.invoke(app, ["optimize", str(M), "-o", str(again), "--recipe", rep["chosen_recipe"], "-q"])

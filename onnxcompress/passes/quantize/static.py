@@ -444,8 +444,9 @@ class StaticQuantizePass(CompressionPass):
         """
         cache = self.context.cache
         if cache is not None and cache.get("method") == method and all(n in cache["stats"] for n in names):
-            return ({n: cache["stats"][n] for n in names},
-                    [{n: rec[n] for n in names if n in rec} for rec in cache["recorded"]])
+            # the recorded samples as they are (mappings that open one memory map per lookup): a
+            # dict of every value would map them all at once and keep each page read resident
+            return {n: cache["stats"][n] for n in names}, cache["recorded"]
 
         # one pass over the data: statistics of every sample, values of the first two (per-node check)
         stats, recorded = calibrate.observe(model, names, samples, keep=2, method=method)
