@@ -317,21 +317,29 @@ def _probe(run: _Run, original: ir.Model, calib, val):
     (which needs the model to run) asks for data. Data the user gave must run: else a one-line
     :class:`DataError` naming ONNX Runtime's complaint.
 
-    The probe runs the check samples (``calib[:4]``) and one validation sample; the check
-    samples' outputs become the first per-pass check's reference (``run.probe_ref``), so the
-    probe costs one forward pass more than no probe.
+    The probe runs the check samples (``calib[:4]``) and the validation samples; the check
+    samples' outputs become the first per-pass check's reference (``run.probe_ref``) and the
+    validation samples' the CPU validation's reference (``run.ref_cache``, when they total at
+    most :data:`onnxcompress.validate.REF_CACHE_BYTES`), so the probe costs no forward pass
+    that would not run anyway.
 
     Returns:
         ``(calib, val)``: as given, or both empty when generated inputs do not run.
     """
     from .passes.base import reference_outputs
+    from .validate import REF_CACHE_BYTES
 
     d = run.recipe.data
     given = d.calibration is not None or d.validation is not None
     check = calib[:4]
     try:
-        outs = reference_outputs(original, [*check, *val[:1]])
+        outs = reference_outputs(original, [*check, *val])
         run.probe_ref = outs[: len(check)] if check else None
+        # the validation samples' outputs are the CPU validation's reference (the same session
+        # settings, :func:`onnxcompress.validate.compare`): kept, it does not run the input again
+        vouts = outs[len(check):]
+        if vouts and sum(getattr(v, "nbytes", 0) for o in vouts for v in o.values()) <= REF_CACHE_BYTES:
+            run.ref_cache["CPUExecutionProvider"] = (list(vouts[0]), vouts)
         return calib, val
     except Exception as exc:  # ORT's refusal, whatever its type
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
