@@ -24,3 +24,30 @@ def save(m, path, **feeds):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture
+def screenshot(tmp_path):
+    """``screenshot(html_path) -> png path``: the page rendered by headless Chromium; where
+    Chromium is missing it returns ``None`` and checks nothing (the rest of the test still runs;
+    ``tests/test_bench.py``'s Chromium test shows the skip)."""
+    import subprocess
+
+    if not CHROMIUM.exists():
+        return lambda page: None
+
+    def shot(page: Path) -> Path:
+        png = tmp_path / (page.stem + ".png")
+        proc = subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,2400", f"--screenshot={png}",
+             page.resolve().as_uri()], capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+        return png
+
+    return shot

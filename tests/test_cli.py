@@ -222,7 +222,7 @@ def test_console_script_entry_point(digits):
     assert r.returncode == 0 and json.loads(r.stdout)["opsets"]
 
 
-def test_optimize_html_report(digits, tmp_path):
+def test_optimize_html_report(digits, tmp_path, screenshot):
     pytest.importorskip("matplotlib")
     pytest.importorskip("jinja2")
     out, html = tmp_path / "q.onnx", tmp_path / "r.html"
@@ -231,6 +231,7 @@ def test_optimize_html_report(digits, tmp_path):
     assert res.exit_code == 0, res.output
     text = html.read_text()
     assert "data:image/png;base64," in text and "quantize-static" in text and "logits" in text
+    screenshot(html)  # the page renders in a browser
 
 
 def test_optimize_html_shows_the_terminal_ratio_column_gates_and_fidelity(digits, tmp_path):

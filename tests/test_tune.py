@@ -24,7 +24,7 @@ M, C, V = (ROOT / "models" / f for f in ("digits_cnn.onnx", "digits_calib.npz", 
 runner = CliRunner()
 
 
-def test_feasible_budget_writes_a_model_its_recipe_reproduces(tmp_path):
+def test_feasible_budget_writes_a_model_its_recipe_reproduces(tmp_path, screenshot):
     out = tmp_path / "t.onnx"
     res = runner.invoke(app, ["tune", str(M), "-o", str(out), "--calibration", str(C), "--validation", str(V),
                               "--metric", "accuracy", "--max-drop", "1.0", "--trials", "4", "-q",
@@ -37,6 +37,7 @@ def test_feasible_budget_writes_a_model_its_recipe_reproduces(tmp_path):
     # the verdict, every trial's row, the trials plot and the sensitivity chart
     assert "Budget met" in page and f"Chosen: trial {rep['chosen']}" in page
     assert page.count("<tr class=") == 4 and page.count("data:image/png;base64,") == 2
+    screenshot(tmp_path / "r.html")
     assert list(Path(rep["pareto_recipes"]).glob("*.toml"))
     again = tmp_path / "again.onnx"
     r2 = runner.invoke(app, ["optimize", str(M), "-o", str(again), "--recipe", rep["chosen_recipe"], "-q"])
