@@ -255,6 +255,7 @@ from . import cli_bench  # noqa: E402,F401
 from . import cli_recipe  # noqa: E402,F401
 from . import cli_tune  # noqa: E402,F401
 from . import cli_distill  # noqa: E402,F401
+from . import cli_export  # noqa: E402,F401
 
 
 if __name__ == "__main__":  # pragma: no cover

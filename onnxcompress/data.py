@@ -100,6 +100,46 @@ def load_npz(path: str | Path, specs: list[InputSpec], *, what: str = "calibrati
 EXTRA_KEYS = ("labels",)
 
 
+def read_npz_arrays(path: str | Path, *, what: str = "sample") -> dict[str, np.ndarray]:
+    """Every numeric array of an ``.npz`` file but ``labels``, by key in file order, with the
+    same checks as :func:`load_npz` (a regular readable file, a zip archive, no pickles, declared
+    sizes within :func:`max_data_bytes`, finite values, at least one array of rank >= 1).
+
+    Raises:
+        DataError: any of those fails.
+    """
+    from .paths import PathError, check_input_file
+    import zipfile
+
+    try:
+        p = check_input_file(path, f"{what} data")
+    except PathError as exc:
+        raise DataError(str(exc)) from None
+    if not zipfile.is_zipfile(p):
+        raise DataError(f"{what} data {p}: not an .npz archive (numpy.savez writes one)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = [k for k in z.files if k not in EXTRA_KEYS]
+            declared = sum(z.zip.getinfo(k + ".npy").file_size for k in keys)
+            if declared > max_data_bytes():
+                raise DataError(f"{what} data {p}: its arrays declare {declared / 2**30:.1f} GiB, more than half "
+                                "this machine's memory")
+            arrays = {k: z[k] for k in keys}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{what} data {p}: not a readable .npz file ({exc})") from None
+    for k, a in arrays.items():
+        if a.dtype.kind not in "biuf" or a.ndim < 1 or a.shape[0] < 1:
+            raise DataError(f"{what} data {p}: {k!r} is {a.dtype} {list(a.shape)}; give numeric arrays with a "
+                            "leading batch axis")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise DataError(f"{what} data {p}: {k!r} holds NaN or Inf")
+    if not arrays:
+        raise DataError(f"{what} data {p}: no arrays")
+    return arrays
+
+
 def max_data_bytes() -> int:
     """The most bytes of arrays one data file may declare: half the physical memory (16 GiB
     when it cannot be read)."""
