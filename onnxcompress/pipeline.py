@@ -85,6 +85,7 @@ class _Run:
     out: Path | None
     progress: Callable[[str], None] | None
     stage: str = ""
+    listener: Any = None  # progress.Listener of the run
     meter: StageMeter = field(default_factory=StageMeter)
     t0: float = field(default_factory=time.perf_counter)
     notes: list[str] = field(default_factory=list)
@@ -102,6 +103,8 @@ class _Run:
     def say(self, msg: str) -> None:
         """A stage starts: its time and peak memory go to ``report["cost"]``; the progress
         callback gets a :class:`~onnxcompress.progress.ProgressEvent` carrying the last one's."""
+        if self.listener is not None:
+            self.listener.raise_pending()  # the progress callback failed inside a pass
         closed = self.meter.start(msg)
         self.stage = msg
         if self.progress:
@@ -119,7 +122,7 @@ def run(model, output: str | Path | None, rec: Recipe, progress: Callable[[str],
     ``progress`` gets a :class:`~onnxcompress.progress.ProgressEvent` (a ``str``) at each stage
     start and, inside a stage, for what it counts (samples, nodes, tensors)."""
     run = _Run(rec, None, Path(output) if output is not None else None, progress)
-    with listening(lambda: run.stage, progress):
+    with listening(lambda: run.stage, progress) as run.listener:
         return _run(run, model)
 
 
@@ -317,29 +320,37 @@ def _probe(run: _Run, original: ir.Model, calib, val):
     (which needs the model to run) asks for data. Data the user gave must run: else a one-line
     :class:`DataError` naming ONNX Runtime's complaint.
 
-    The probe runs the check samples (``calib[:4]``) and the validation samples; the check
-    samples' outputs become the first per-pass check's reference (``run.probe_ref``) and the
-    validation samples' the CPU validation's reference (``run.ref_cache``, when they total at
-    most :data:`onnxcompress.validate.REF_CACHE_BYTES`), so the probe costs no forward pass
-    that would not run anyway.
+    The probe runs the check samples (``calib[:4]``) and the first validation sample; the check
+    samples' outputs become the first per-pass check's reference (``run.probe_ref``). When CPU
+    validates and the validation outputs total at most
+    :data:`onnxcompress.validate.REF_CACHE_BYTES` (estimated from the first sample's), the
+    other validation samples run too and their outputs become the CPU validation's reference
+    (``run.ref_cache``): the input model is not run again there.
 
     Returns:
         ``(calib, val)``: as given, or both empty when generated inputs do not run.
     """
-    from .passes.base import reference_outputs
+    from .runtime import make_session, run_samples
     from .validate import REF_CACHE_BYTES
 
     d = run.recipe.data
     given = d.calibration is not None or d.validation is not None
     check = calib[:4]
     try:
-        outs = reference_outputs(original, [*check, *val])
+        sess = make_session(original, optimize=False)  # as passes.base.reference_outputs
+        outs = run_samples(sess, [*check, *val[:1]])
         run.probe_ref = outs[: len(check)] if check else None
         # the validation samples' outputs are the CPU validation's reference (the same session
-        # settings, :func:`onnxcompress.validate.compare`): kept, it does not run the input again
-        vouts = outs[len(check):]
-        if vouts and sum(getattr(v, "nbytes", 0) for o in vouts for v in o.values()) <= REF_CACHE_BYTES:
+        # settings, :func:`onnxcompress.validate.compare`): kept when CPU validates and they fit
+        # (estimated from the first sample's), the input is not run again there
+        first = outs[len(check):]
+        sizes = [_nbytes(v) for o in first for v in o.values()]
+        per = None if None in sizes else sum(sizes)
+        cpu = "CPUExecutionProvider" in resolve_providers(list(run.recipe.output.providers))[0]
+        if first and cpu and per is not None and per * len(val) <= REF_CACHE_BYTES:
+            vouts = first + run_samples(sess, val[1:])
             run.ref_cache["CPUExecutionProvider"] = (list(vouts[0]), vouts)
+        del sess
         return calib, val
     except Exception as exc:  # ORT's refusal, whatever its type
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -352,6 +363,11 @@ def _probe(run: _Run, original: ir.Model, calib, val):
              "structurally only (onnx.checker), with no numeric comparison; give --validation data to check "
              "them numerically", warn=True)
     return [], []
+
+
+def _nbytes(v) -> int | None:
+    """Bytes of one output value (``None`` for what is not a tensor: a sequence, a map)."""
+    return v.nbytes if isinstance(v, np.ndarray) else None
 
 
 def _runtime_loads(model: ir.Model) -> tuple[bool, str]:

@@ -83,8 +83,22 @@ def counted(items, step: str, unit: str):
         tick(step, k + 1, n, unit)
 
 
+class Listener:
+    """What :func:`listening` yields: :meth:`raise_pending` re-raises, outside the passes, an
+    exception the caller's callback raised inside one (a pass's failure is caught and reported
+    as the pass's; the callback's is the caller's own)."""
+
+    def __init__(self) -> None:
+        self.pending: BaseException | None = None
+
+    def raise_pending(self) -> None:
+        if self.pending is not None:
+            exc, self.pending = self.pending, None
+            raise exc
+
+
 @contextlib.contextmanager
-def listening(stage: Callable[[], str], emit: Callable[[ProgressEvent], None] | None) -> Iterator[None]:
+def listening(stage: Callable[[], str], emit: Callable[[ProgressEvent], None] | None) -> Iterator[Listener]:
     """Within the block, :func:`tick` calls become :class:`ProgressEvent`s of the stage that
     ``stage()`` names, passed to ``emit`` at most every :data:`MIN_INTERVAL_S` per step (and
     always when a step completes).
@@ -92,14 +106,21 @@ def listening(stage: Callable[[], str], emit: Callable[[ProgressEvent], None] | 
     A step that has ticked and is not complete holds the bar until it completes (or the stage
     changes): the counts of loops nested inside it (each node's calibration runs inside bias
     correction's loop over nodes) are not shown, so the bar does not jump between the two.
-    A ``weak`` step (:func:`tick`) never holds it."""
+    A ``weak`` step (:func:`tick`) never holds it.
+
+    An exception ``emit`` raises inside a tick is kept (no more ticks are sent) and raised by
+    the yielded :class:`Listener`'s ``raise_pending()``, or when the block ends."""
+    guard = Listener()
     if emit is None:
-        yield
+        yield guard
         return
     last: dict[str, float] = {}
     owner: list = [None, None]  # (stage, step) of the step in progress
+    failed = [False]
 
     def on_tick(step: str, done: int, total: int | None, unit: str, weak: bool) -> None:
+        if failed[0]:
+            return
         st = stage()
         if owner[0] != st:
             owner[:] = [st, None]
@@ -112,10 +133,15 @@ def listening(stage: Callable[[], str], emit: Callable[[ProgressEvent], None] | 
         now = time.perf_counter()
         if complete or now - last.get(step, 0.0) >= MIN_INTERVAL_S:
             last[step] = now
-            emit(ProgressEvent(st, step, done, total, unit))
+            try:
+                emit(ProgressEvent(st, step, done, total, unit))
+            except BaseException as exc:  # noqa: BLE001 - the caller's; raised outside the pass
+                failed[0] = True
+                guard.pending = exc
 
     token = _listener.set(on_tick)
     try:
-        yield
+        yield guard
     finally:
         _listener.reset(token)
+    guard.raise_pending()

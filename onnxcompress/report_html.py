@@ -406,7 +406,8 @@ def _optimize_plots(rep: dict) -> list[dict]:
                   "caption": "File size and median latency (quick in-process timing; use onnxcompress bench for "
                              "interleaved runs) before and after; lower is better."})
 
-    sq = _node_sqnr(rep)
+    sq_all = _node_sqnr(rep)
+    sq = {n: v for n, v in sq_all.items() if _finite(v)}
     if sq:
         kept = {r["node"]: r["by"] for r in kept_in_float(rep)}
         limit = None
@@ -420,8 +421,7 @@ def _optimize_plots(rep: dict) -> list[dict]:
         ys = range(len(shown))[::-1]
         colours = ["#d62728" if kept.get(n) == "fallback" else "#ff7f0e" if n in kept else after_c for n in shown]
         ax.barh(list(ys), [sq[n] for n in shown], color=colours, height=0.7)
-        names = [n if len(n) <= 42 else "…" + n[-41:] for n in shown]
-        ax.set_yticks(list(ys), names, fontsize=7)
+        ax.set_yticks(list(ys), [_label(n) for n in shown], fontsize=7)
         for y, n in zip(ys, shown):
             ax.annotate(f"{sq[n]:.1f}", (sq[n], y), textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
         if limit is not None:
@@ -443,6 +443,8 @@ def _optimize_plots(rep: dict) -> list[dict]:
         fig.tight_layout()
         more = f"; {len(order) - len(shown)} more node(s) not shown, all above {sq[shown[-1]]:.1f} dB" \
             if len(order) > len(shown) else ""
+        if len(sq_all) > len(sq):
+            more += f"; {len(sq_all) - len(sq)} node(s) with an infinite SQNR (int8 exact, or a zero float output) not drawn"
         plots.append({"title": "per-node SQNR", "png": _png(fig),
                       "caption": "Each quantized node's output SQNR with only that node in int8, on calibration "
                                  f"data: the lowest are where int8 error comes from{more}."})
@@ -471,14 +473,14 @@ def _tune_plots(rep: dict) -> list[dict]:
     trials = [t for t in rep["trials"] if not t.get("error") and _finite(t.get("speedup")) and _finite(t.get("drop"))]
     if trials:
         pareto, chosen = set(rep.get("pareto") or []), rep.get("chosen")
-        sizes = [t["size_bytes"] for t in trials]
+        sizes = [t["size_bytes"] or 0 for t in trials]
         big = max(sizes) or 1
         fig = Figure(figsize=(8.0, 4.6))
         ax = fig.add_subplot(1, 1, 1)
         ok = "#2ca02c"
         for t in trials:
             feas = t.get("violation", 1) <= 0
-            ax.scatter(t["speedup"], t["drop"], s=40 + 360 * t["size_bytes"] / big,
+            ax.scatter(t["speedup"], t["drop"], s=40 + 360 * (t["size_bytes"] or 0) / big,
                        color=ok if feas else "#9e9e9e", alpha=0.55 if feas else 0.4,
                        edgecolors="#222" if t["number"] in pareto else "none", linewidths=1.2, zorder=3)
             ax.annotate(str(t["number"]), (t["speedup"], t["drop"]), fontsize=7, ha="center", va="center", zorder=4)
@@ -510,7 +512,8 @@ def _tune_plots(rep: dict) -> list[dict]:
                       "caption": "Each trial on the search half of the validation data. The chosen one is re-checked "
                                  "on the held-out half (the verdict above)." + (f" {failed} trial(s) produced no model and "
                                                                           "are not drawn." if failed else "")})
-    sens = rep.get("sensitivity") or []
+    allsens = rep.get("sensitivity") or []
+    sens = [x for x in allsens if _finite(x.get("int8_sqnr_db"))]
     if sens:
         shown = sens[:30]
         fig = Figure(figsize=(8.5, 0.9 + 0.24 * len(shown)))
@@ -518,7 +521,7 @@ def _tune_plots(rep: dict) -> list[dict]:
         ys = list(range(len(shown)))[::-1]
         vals = [x["int8_sqnr_db"] for x in shown]
         ax.barh(ys, vals, color="#1f77b4", height=0.7)
-        ax.set_yticks(ys, [x["node"] if len(x["node"]) <= 42 else "…" + x["node"][-41:] for x in shown], fontsize=7)
+        ax.set_yticks(ys, [_label(x["node"]) for x in shown], fontsize=7)
         for y, v in zip(ys, vals):
             ax.annotate(f"{v:.1f}", (v, y), textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
         ax.set_xlim(min(0, min(vals)), max(vals) * 1.12 or 1)
@@ -529,8 +532,17 @@ def _tune_plots(rep: dict) -> list[dict]:
         plots.append({"title": "sensitivity", "png": _png(fig),
                       "caption": "Each node's output SQNR with only that node in int8, on calibration data; a trial "
                                  "with keep_float = k keeps the first k of this order in float"
-                                 + (f" ({len(sens) - len(shown)} more not shown)." if len(sens) > len(shown) else ".")})
+                                 + (f" ({len(sens) - len(shown)} more not shown)." if len(sens) > len(shown) else ".")
+                                 + (f" {len(allsens) - len(sens)} node(s) with an infinite SQNR (int8 exact, or a "
+                                    "zero float output) are not drawn." if len(allsens) > len(sens) else "")})
     return plots
+
+
+def _label(name: str) -> str:
+    """A node name as a plot label: at most 42 characters, ``$`` escaped (matplotlib would read
+    ``$...$`` as math and fail on what it cannot parse)."""
+    name = name if len(name) <= 42 else "…" + name[-41:]
+    return name.replace("$", r"\$")
 
 
 def _finite(v) -> bool:
@@ -562,8 +574,16 @@ def write_html(report: dict, path: str | os.PathLike) -> None:
         OnnxCompressError: matplotlib/jinja2 missing, or the file cannot be written.
     """
     kind = report.get("kind")
-    text = (render_html(report) if kind in ("bench", "validate") else render_tune_html(report) if kind == "tune"
-            else render_optimize_html(report))
+    try:
+        text = (render_html(report) if kind in ("bench", "validate") else render_tune_html(report) if kind == "tune"
+                else render_optimize_html(report))
+    except OnnxCompressError:
+        raise
+    except Exception as exc:  # a value matplotlib cannot draw: the page is lost, not the run
+        from .errors import InternalError
+
+        raise InternalError(f"{path}: cannot draw the HTML report ({type(exc).__name__}: {exc}); the JSON report "
+                            "has the same content (report this)") from None
     path = Path(path)
     tmp = path.with_name("." + path.name + ".tmp")
     try:

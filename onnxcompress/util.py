@@ -16,7 +16,7 @@ def compressed_size(paths: list[Path]) -> int:
     """zlib (level 6) size in bytes of the files, each compressed in blocks of
     :data:`ZLIB_BLOCK` bytes, the blocks compressed in parallel (zlib releases the GIL; a block
     restarts zlib's 32 KiB window, which changes the total by a few bytes per block). About
-    30 MB/s per core on float weights. Memory: one block per worker."""
+    30 MB/s per core on float weights. Memory: up to one block per worker plus the one being read."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 

@@ -257,7 +257,8 @@ def compare(
         ref_outputs = [o.name for o in ref_sess.get_outputs()]
         refs = run_samples(ref_sess, samples, f"input model on {provider.replace('ExecutionProvider', '')}")
         del ref_sess
-        if cache is not None and sum(getattr(v, "nbytes", 0) for r in refs for v in r.values()) <= REF_CACHE_BYTES:
+        if cache is not None and all(isinstance(v, np.ndarray) for r in refs for v in r.values()) \
+                and sum(v.nbytes for r in refs for v in r.values()) <= REF_CACHE_BYTES:
             cache[provider] = (ref_outputs, refs)
     comp = Comparison(provider=provider, n_samples=len(samples))
     if latency and samples:

@@ -87,3 +87,41 @@ def test_cli_prints_one_line_per_stage(digits, tmp_path):
     assert any("loading model" in l and "MiB peak" in l for l in lines), res.output
     assert any("dynamic int8" in l.lower() or "quantiz" in l.lower() for l in lines), res.output
     assert any(l.startswith("✓ writing") for l in lines), res.output
+
+
+def test_a_failing_callback_is_the_callers_error_not_a_pass_failure(digits):
+    """The callback runs inside passes now: its exception surfaces as itself, after the pass,
+    not as 'quantize-static failed on this model'."""
+    import pytest
+
+    def cb(ev):
+        if ev.done is not None and ev.step == "recording activations":
+            raise KeyError("callback bug")
+
+    opts = OptimizeOptions(quantize="static", calibration=digits["calib"], validation=digits["test"])
+    with pytest.raises(KeyError, match="callback bug"):
+        optimize(digits["model"], None, opts, progress=cb)
+
+
+def test_pages_draw_infinite_sqnr_and_dollar_names(tmp_path):
+    """A node whose int8 output is exact (SQNR +inf) or whose name holds matplotlib's math
+    markers ($...$) does not break the tune page."""
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("jinja2")
+    from onnxcompress.report_html import render_tune_html
+
+    trial = {"number": 0, "options": {"quantize": "static"}, "metric": 97.0, "drop": 0.3, "speedup": 1.4,
+             "speedup_ci": [1.3, 1.5], "size_bytes": 1000, "seconds": 1.0, "error": None, "violation": 0.0,
+             "path": None}
+    rep = {"kind": "tune", "version": "x", "input": "m.onnx", "output": "o.onnx", "seconds": 1.0,
+           "budget": {"metric": "top1", "max_drop": 1.0, "min_speedup": None, "max_size_mb": None},
+           "fp32_metric": 97.3, "fp32_size_bytes": 4000, "chosen": 0, "why": "w", "met": True, "failed": [],
+           "held_out": {"metric": 97.0, "fp32_metric": 97.3, "drop": 0.3, "samples": 10}, "trials": [trial],
+           "pareto": [0], "pareto_recipes": "p", "chosen_recipe": "c.toml",
+           "sensitivity": [{"node": "a$\\frac{$b", "int8_sqnr_db": 12.0}, {"node": "exact", "int8_sqnr_db": float("inf")},
+                           {"node": "<script>", "int8_sqnr_db": 30.0}]}
+    page = render_tune_html(rep)
+    assert page.count("data:image/png;base64,") == 2 and "<script>" not in page
+    assert "infinite SQNR" in page

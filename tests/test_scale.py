@@ -311,3 +311,33 @@ def test_recording_in_segments_equals_one_session():
     # the model is untouched: same nodes, same outputs
     assert [n.name for n in model.graph] == ["sq", "conv1", "relu1", "conv2", "relu2", "add", "conv3", "out"]
     assert [v.name for v in model.graph.outputs] == ["y"]
+
+
+def test_recording_in_segments_carries_any_tensor_and_keeps_a_nodes_outputs_together():
+    """Segments hand over untyped int64 values (a Shape read two segments later), record both
+    outputs of a Split whose outputs fall in two chunks, and return initializers by value;
+    everything equals a one-session run."""
+    from onnxcompress.passes.quantize import calibrate as C
+
+    w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [8, 8, 1, 1], np.eye(8, dtype=np.float32).ravel())
+    nodes = [helper.make_node("Shape", ["x"], ["shp"], name="shape"),
+             helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"),
+             helper.make_node("Split", ["c1"], ["a", "b"], name="split", axis=1, num_outputs=2),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+             helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+             helper.make_node("Concat", ["ra", "rb"], ["cat"], name="cat", axis=1),
+             helper.make_node("Reshape", ["cat", "shp"], ["y"], name="reshape")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 8, 8])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w])
+    model = ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    for v in (v for n in model.graph for v in n.outputs):
+        v.type, v.shape = None, None  # as after a failed shape inference
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(2)]
+    names = ["w", "x", "c1", "b", "a", "ra", "rb", "cat"]
+    one = {(k, n): v for k, outs in C.iter_outputs(model, names, samples) for n, v in outs.items()}
+    seg = {(k, n): v for k, outs in C.iter_outputs(model, names, samples, budget=4 * 8 * 8 * 4)
+           for n, v in outs.items()}
+    assert set(one) == set(seg) == {(k, n) for k in range(2) for n in names}
+    for key in one:
+        np.testing.assert_array_equal(one[key], seg[key])

@@ -368,10 +368,13 @@ def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndar
     * Several (a detector at 992 x 736): the graph is split into consecutive *segments*, one
       per chunk, each its own session (:func:`_segments`); a sample runs through them in turn,
       each segment fed the earlier values it reads, so every sample costs one forward pass
-      whatever the number of chunks. Graphs with subgraphs (If/Loop/Scan, whose bodies may
-      read any earlier value) take one session per chunk instead, each cut after its chunk.
+      whatever the number of chunks. The values carried to later segments (a U-Net's skip
+      connections) are held for the sample besides the budget. Graphs with subgraphs
+      (If/Loop/Scan, whose bodies may read any earlier value) or non-tensor values (sequences,
+      optionals, ai.onnx.ml maps) take one session per chunk instead, each cut after its chunk.
 
-    Names that are graph inputs come straight from the samples (with the first chunk).
+    Names that are graph inputs come straight from the samples, initializers from their values
+    (with the first chunk). Graph order must be topological (as ``onnx.checker`` requires).
     ``model`` is an ``onnx_ir.Model`` and is not modified (the sessions' copies share its
     weights, read in place). With optimizations off, Q/DQ pairs run as separate operators:
     the ONNX semantics of an int8 model (``QuantizeLinear`` / ``DequantizeLinear`` spec), not a
@@ -380,16 +383,38 @@ def iter_outputs(model, tensor_names: list[str], samples: list[dict[str, np.ndar
     if not samples:
         return
     inputs = {v.name for v in model.graph.inputs}
-    direct = [n for n in names if n in inputs]
+    inits = model.graph.initializers
+    direct = [n for n in names if n in inputs or (n in inits and inits[n].const_value is not None)]
     index = {v.name: i for i, node in enumerate(model.graph) for v in node.outputs}
-    computed = sorted((n for n in names if n in index and n not in inputs), key=index.__getitem__)
+    computed = sorted((n for n in names if n in index and n not in direct), key=index.__getitem__)
     largest = max(samples, key=lambda f: sum(np.asarray(v).size for v in f.values()))
     chunks = plan_chunks(computed, value_bytes(model, largest), budget) if computed else []
-    if len(chunks) > 1 and not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                                   for node in model.graph for a in node.attributes.values()):
+    if len(chunks) > 1 and all(_segmentable(node) for node in model.graph):
         yield from _segments(model, chunks, direct, samples, index)
     else:
         yield from _chunk_major(model, chunks or [[]], direct, samples)
+
+
+#: ops whose outputs are not tensors (sequences, optionals): such values cannot be handed from
+#: one segment's session to the next as a typed tensor input
+_NON_TENSOR_OPS = {"SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceAt",
+                   "SplitToSequence", "ConcatFromSequence", "SequenceLength", "SequenceMap", "Optional",
+                   "OptionalGetElement", "OptionalHasElement"}
+
+
+def _segmentable(node) -> bool:
+    """Whether the graph may be cut before or after ``node``: no subgraph (a body may read any
+    earlier value), no sequence/optional/map value (ai.onnx.ml's maps included)."""
+    return (node.domain != "ai.onnx.ml" and node.op_type not in _NON_TENSOR_OPS
+            and not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()))
+
+
+def _direct(model, direct: list[str], feed: dict) -> dict:
+    """Graph inputs from the sample, initializers from their values (owned copies)."""
+    inits = model.graph.initializers
+    return {n: np.array(feed[n] if n in feed else inits[n].const_value.numpy(), copy=True)
+            for n in direct if n in feed or n in inits}
+
 
 
 def _owned(v):
@@ -415,7 +440,7 @@ def _chunk_major(model, chunks: list[list[str]], direct: list[str], samples):
             vals = sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok}) if wanted else []
             got = {n: _owned(v) for n, v in zip(wanted, vals)}
             if ci == 0:
-                got.update((n, np.array(feed[n], copy=True)) for n in direct if n in feed)
+                got.update(_direct(model, direct, feed))
             yield k, got
             del vals, got
             tick("recording activations", ci * len(samples) + k + 1, runs, "sample runs")
@@ -436,7 +461,13 @@ def _segments(model, chunks: list[list[str]], direct: list[str], samples, index:
     from ...runtime import make_session
 
     nodes = list(model.graph)
-    ends = [max(index[n] for n in ch) for ch in chunks]
+    # segments end at each chunk's last producer; a name belongs to its producer's segment (the
+    # outputs of one node, a Split's, can fall in two chunks: one segment records them all)
+    ends = sorted({max(index[n] for n in ch) for ch in chunks})
+    names = [n for ch in chunks for n in ch]
+    chunks = [[] for _ in ends]
+    for n in names:
+        chunks[next(s for s, e in enumerate(ends) if index[n] <= e)].append(n)
     starts = [0] + [e + 1 for e in ends[:-1]]
     seg_of = {n: next(s for s, e in enumerate(ends) if i <= e) for n, i in index.items() if i <= ends[-1]}
     reads: list[list[str]] = []  # earlier segments' values each segment reads
@@ -464,7 +495,7 @@ def _segments(model, chunks: list[list[str]], direct: list[str], samples, index:
             res = dict(zip(outs[s], sess.run(outs[s], fed)))
             got = {n: _owned(res[n]) for n in chunks[s]}
             if s == 0:
-                got.update((n, np.array(feed[n], copy=True)) for n in direct if n in feed)
+                got.update(_direct(model, direct, feed))
             for n in passes_on[s]:
                 live[n] = _owned(res[n])
             for n in reads[s]:
@@ -488,12 +519,8 @@ def _segment(model, reads: list[str], outs: list[str], values: dict[str, np.ndar
 
     m = snapshot(model)
     vals = {v.name: v for node in m.graph for v in node.outputs}
-    out_vals = [vals[n] for n in outs]
-    for v in out_vals:
-        if v.type is None:
-            v.type = ir.TensorType(ir.DataType.FLOAT)
-    m.graph.outputs.clear()
-    m.graph.outputs.extend(out_vals)
+    m.graph.outputs.clear()  # outputs of unknown type stay untyped: ONNX Runtime infers them
+    m.graph.outputs.extend(vals[n] for n in outs)
     taken = set(vals) | {v.name for v in m.graph.inputs} | set(m.graph.initializers)
     for n in reads:
         old, arr = vals[n], values[n]
@@ -513,19 +540,14 @@ def _segment(model, reads: list[str], outs: list[str], values: dict[str, np.ndar
 def _cut(model, names: list[str]):
     """A copy of ``model`` (tensors shared, :func:`~onnxcompress.passes.base.snapshot`) whose
     graph outputs are the ``names`` a main-graph node produces, with every node they do not
-    depend on removed. A value of unknown type is declared float (as the session's outputs
-    always were)."""
-    import onnx_ir as ir
+    depend on removed. Outputs of unknown type stay untyped (ONNX Runtime infers them)."""
     import onnx_ir.passes.common as common
 
     from ..base import snapshot
 
     m = snapshot(model)
     produced = {v.name: v for node in m.graph for v in node.outputs}
-    outs = [produced[n] for n in names if n in produced]
-    for v in outs:
-        if v.type is None:
-            v.type = ir.TensorType(ir.DataType.FLOAT)
+    outs = [produced[n] for n in names if n in produced]  # untyped ones stay so: ORT infers them
     m.graph.outputs.clear()
     m.graph.outputs.extend(outs)
     common.RemoveUnusedNodesPass()(m)
