@@ -30,8 +30,10 @@ def tune(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration data (.npz or image folder)."),
     validation: Optional[Path] = typer.Option(None, "--validation", help="Validation data (.npz): half scores the "
                                               "trials, half (never seen by the search) checks the winner."),
-    metric: str = typer.Option("top1", "--metric", help="top1 (agreement with fp32, %), accuracy (needs labels), "
-                               "cosine (x100), max_rel_error (negated, x100) or python:module:function "
+    metric: str = typer.Option("top1", "--metric", help="top1 (agreement with fp32 over every row, %), task (what the "
+                               "default fidelity floor reads: top-1 on rows where fp32 is decisive, decoded CTC "
+                               "sequences, or mean cosine x100), accuracy (needs labels), "
+                               "cosine (worst, x100), max_rel_error (negated, x100) or python:module:function "
                                "(session, feeds) -> float, higher is better."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="Most the metric may fall below fp32's (its units)."),
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="fp32 latency / model latency at least this."),

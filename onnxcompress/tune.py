@@ -41,7 +41,7 @@ from .params import Param
 from .passes.prune_channels import ROUND_TO
 from .passes.quantize.config import BIAS_CORRECTION, CALIBRATION_METHOD, PER_CHANNEL
 
-METRICS = ("top1", "accuracy", "cosine", "max_rel_error")
+METRICS = ("top1", "task", "accuracy", "cosine", "max_rel_error")
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,12 @@ class Budget:
     """What the user asks for.
 
     Attributes:
-        metric: ``top1`` (top-1 agreement with fp32, %), ``accuracy`` (%, needs ``labels`` in the
-            validation data), ``cosine`` (worst output cosine x 100), ``max_rel_error`` (negated,
-            x 100), or ``python:module:function`` taking ``(onnxruntime.InferenceSession, list of
+        metric: ``top1`` (top-1 agreement with fp32 over every row, %), ``task`` (what the default
+            fidelity floor reads, :func:`onnxcompress.gates.floor_top1`, on the first output: top-1
+            agreement over the rows where fp32 is decisive for class scores, equally decoded
+            sequences for CTC-style outputs, equal elements for index outputs, else mean cosine
+            x 100), ``accuracy`` (%, needs ``labels`` in the validation data), ``cosine`` (worst
+            output cosine x 100), ``max_rel_error`` (negated, x 100), or ``python:module:function`` taking ``(onnxruntime.InferenceSession, list of
             feed dicts)`` and returning a float, higher is better.
         max_drop: the most the metric may fall below fp32's (its own units: percentage points).
         min_speedup: fp32 latency / candidate latency at least this (``None``: no bound).
@@ -178,6 +181,14 @@ def measure(budget: Budget, model_path: Path, ref_outputs, feeds, labels) -> flo
         return float(100.0 * np.mean(pred == np.asarray(labels)[: pred.size]))
     ref = [r[first] for r in ref_outputs]
     got = [o[first] for o in outs]
+    if budget.metric == "task":
+        from dataclasses import asdict
+
+        from .gates import floor_top1, mean_cosine
+
+        d = asdict(output_metrics(first, ref, got))
+        t = floor_top1(d)
+        return float(t[0]) if t is not None else 100.0 * float(mean_cosine(d))
     if budget.metric == "top1":
         same = sum(int(np.sum(np.asarray(r).argmax(-1) == np.asarray(g).argmax(-1))) for r, g in zip(ref, got))
         n = sum(int(np.prod(np.asarray(r).shape[:-1])) for r in ref)

@@ -176,3 +176,23 @@ def test_user_metric_failures_are_one_line_errors(tmp_path, monkeypatch):
     for fn, needle in (("boom", "raised RuntimeError"), ("nan", "not a finite number"), ("leave", "raised SystemExit")):
         res = _tune_cli("-o", tmp_path / f"{fn}.onnx", "--validation", V, "--metric", f"python:badmetric:{fn}")
         assert res.exit_code == 2 and needle in res.output, (fn, res.output)
+
+
+def test_task_metric_reads_what_the_floor_reads(tmp_path):
+    """--metric task is the default floor's measure: on the digits logits, top-1 agreement over
+    the rows where fp32 is decisive; the fp32 model scores 100 against itself."""
+    from onnxcompress.data import input_specs, load_npz
+    from onnxcompress.model_io import load_model
+    from onnxcompress.runtime import make_session, run_samples
+    from onnxcompress.tune import measure
+
+    feeds, _ = load_npz(V, input_specs(load_model(M)), what="validation")
+    ref = run_samples(make_session(str(M), optimize=True), feeds)
+    assert measure(Budget("task"), M, ref, feeds, None) == 100.0
+    res = runner.invoke(app, ["tune", str(M), "-o", str(tmp_path / "t.onnx"), "--calibration", str(C),
+                              "--validation", str(V), "--metric", "task", "--max-drop", "1.0", "--trials", "2", "-q",
+                              "--report", str(tmp_path / "r.json")])
+    assert res.exit_code in (0, 3), res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["budget"]["metric"] == "task" and rep["fp32_metric"] == 100.0
+    assert all(t["error"] or 0.0 <= t["metric"] <= 100.0 for t in rep["trials"])
