@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,12 +14,11 @@ from .errors import DataError, OnnxCompressError
 
 
 def _shape(text: str) -> list[int]:
+    parts = text.replace("x", ",").split(",")
     try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+        dims = [int(d) for d in parts]
     except ValueError:
         raise DataError(f"--input-shape {text!r}: give dimensions as integers, e.g. 1,3,224,224") from None
-    if not dims:
-        raise DataError(f"--input-shape {text!r}: no dimensions")
     return dims
 
 
@@ -48,20 +48,32 @@ def export(
     Checked before writing: onnx.checker, an ONNX Runtime load, every output against PyTorch's on
     the samples (--rtol) and, with a dynamic batch, at another batch size. Over 2 GB it is
     written as OUT + OUT.data. Needs the \[torch] extra: pip install 'onnxcompress\[torch]'."""
-    from .export import export as run_export, load_factory, sample_inputs
+    from .export import export as run_export, load_factory, module_file, sample_inputs
+    from .model_io import check_output_path
 
     _setup_logging(quiet)
+    # absolute before the user's code runs: a factory that changes folder moves nothing
+    output, data, report = (None if p is None else Path(os.path.abspath(p)) for p in (output, data, report))
     inputs = {"--data": data} if data is not None else {}
+    src = module_file(factory)
+    if src is not None:
+        inputs[f"the factory's source ({src.name})"] = src
     _check_out_paths(report=report, inputs=inputs,
                      outputs={"-o": output, "the model's external data": output.with_name(output.name + ".data")})
     try:
-        if (data is None) == (not input_shape):
+        check_output_path(output, protect=tuple(inputs.values()))
+        if data is not None and input_shape:
+            raise OnnxCompressError("give the sample inputs by --input-shape or by --data, not both")
+        if data is None and not input_shape:
             raise OnnxCompressError("give the sample inputs: --input-shape (one per input) or --data FILE.npz")
         if data is not None:
             from .data import read_npz_arrays
 
             arrays = read_npz_arrays(data)
             xs = [a[:rows] for a in arrays.values()]
+            if any(a.shape[0] < rows for a in arrays.values()) and not quiet:
+                console.print(f"note: --data has fewer than {rows} rows; using {min(a.shape[0] for a in arrays.values())}",
+                              highlight=False)
         else:
             xs = sample_inputs([_shape(s) for s in input_shape], input_dtype)
         module = load_factory(factory)
@@ -79,8 +91,8 @@ def export(
         for n in r["notes"]:
             console.print(f"[yellow]note:[/] {escape(n)}", highlight=False)
         worst = max((o["max_rel_error"] for o in r["outputs"]), default=0.0)
-        batch = (f"; batch axis checked at {r['dynamic_batch_checked_at']}" if r["dynamic_batch_checked_at"] else
-                 "; static batch")
+        batch = (f"; batch axis checked at batch size {r['dynamic_batch_checked_at']}"
+                 if r["dynamic_batch_checked_at"] else "; static batch")
         console.print(f"{r['exporter']} exporter, opset {r['opset']}: ONNX Runtime matches PyTorch (max rel. error "
                       f"{worst:.1e} ≤ {r['rtol']:g}){batch}; {r['parameters']:,} parameters, {r['seconds']:.1f} s",
                       highlight=False)

@@ -52,6 +52,56 @@ class ExportResult:
     report: dict[str, Any]
 
 
+@contextlib.contextmanager
+def _user_code(what: str):
+    """Run the user's code (their module's import, factory, forward): its exceptions, ``sys.exit``
+    included, become one-line errors naming ``what``; Ctrl-C stays Ctrl-C."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except OnnxCompressError:
+        raise
+    except SystemExit as exc:
+        raise OnnxCompressError(f"{what} called sys.exit({exc.code!r})") from None
+    except BaseException as exc:  # noqa: BLE001 - the user's code: any error is theirs
+        text = _clean(str(exc))
+        raise OnnxCompressError(f"{what} failed: {type(exc).__name__}: {text}") from None
+
+
+def _clean(text: str, lines: int = 2) -> str:
+    """An exception text for one line: ANSI colour codes removed, the first ``lines`` non-empty
+    lines joined, at most 400 characters."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text or "")
+    parts = [t.strip() for t in text.splitlines() if t.strip()][:lines]
+    return " / ".join(parts)[:400]
+
+
+def module_file(spec: str) -> Path | None:
+    """The source file of ``module`` in ``module:function`` without running it (``None`` when it
+    cannot be found; the import says why later)."""
+    import importlib.util
+
+    mod_name = spec.partition(":")[0]
+    if not mod_name or mod_name.startswith(".") or "/" in mod_name or mod_name.endswith(".py"):
+        return None
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        with _user_code(f"finding {mod_name!r}"):
+            found = importlib.util.find_spec(mod_name)
+    except OnnxCompressError:
+        return None
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(os.getcwd())
+    return Path(found.origin) if found is not None and found.origin and found.has_location else None
+
+
 def _torch():
     try:
         import torch
@@ -67,19 +117,23 @@ def load_factory(spec: str):
 
     Raises:
         OnnxCompressError: a malformed spec, a module that cannot be imported, a missing or
-            failing factory, or a result that is not a ``torch.nn.Module``.
+            failing factory (``sys.exit`` included), or a result that is not a ``torch.nn.Module``.
     """
     torch = _torch()
     mod_name, _, fn_name = spec.partition(":")
-    if not mod_name or not fn_name:
+    if not mod_name or not fn_name or ":" in fn_name:
         raise OnnxCompressError(f"{spec!r}: give the module factory as module:function (e.g. mynet:build)")
+    if "/" in mod_name or mod_name.endswith(".py"):
+        raise OnnxCompressError(f"{spec!r}: give the module's import name (mynet for ./mynet.py), not a file path")
     added = os.getcwd() not in sys.path
     if added:
         sys.path.insert(0, os.getcwd())
     try:
-        mod = importlib.import_module(mod_name)
-    except Exception as exc:  # the user's module: any error is theirs, said in one line
-        raise OnnxCompressError(f"cannot import {mod_name!r}: {type(exc).__name__}: {exc}") from None
+        try:
+            with _user_code(f"importing {mod_name!r}"):
+                mod = importlib.import_module(mod_name)
+        except OnnxCompressError as exc:
+            raise OnnxCompressError(f"cannot import {mod_name!r}: {str(exc).split(' failed: ', 1)[-1]}") from None
     finally:
         if added:
             with contextlib.suppress(ValueError):
@@ -87,25 +141,47 @@ def load_factory(spec: str):
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise OnnxCompressError(f"{mod_name!r} has no callable {fn_name!r}")
-    try:
+    with _user_code(f"{spec}()"):
         module = fn()
-    except Exception as exc:
-        raise OnnxCompressError(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(module, torch.nn.Module):
         raise OnnxCompressError(f"{spec}() returned {type(module).__name__}, not a torch.nn.Module")
     return module
 
 
+#: dtypes of generated samples
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
 def sample_inputs(shapes: Sequence[Sequence[int]], dtype: str = "float32", seed: int = 0) -> list[np.ndarray]:
-    """Standard-normal inputs of the given shapes (integers: 0..9), one array per input."""
-    rng = np.random.default_rng(seed)
+    """Standard-normal inputs of the given shapes (integers: 0..9; bool: random), one array per
+    input, in ``dtype`` (one of :data:`DTYPES`).
+
+    Raises:
+        DataError: an unknown dtype, a dimension below 1, or samples larger than half the memory.
+    """
+    from .data import max_data_bytes
+
+    if dtype not in DTYPES:
+        raise DataError(f"--input-dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     dt = np.dtype(dtype)
+    total = 0
+    for s in shapes:
+        if not s or any(int(d) < 1 for d in s):
+            raise DataError(f"--input-shape {','.join(map(str, s))}: every dimension must be >= 1")
+        total += int(np.prod([int(d) for d in s], dtype=object)) * dt.itemsize
+    if total > max_data_bytes():
+        raise DataError(f"--input-shape: the samples would take {total / 2**30:.1f} GiB, more than half this "
+                        "machine's memory")
+    rng = np.random.default_rng(seed)
     out = []
     for s in shapes:
-        if any(int(d) < 1 for d in s):
-            raise DataError(f"--input-shape {','.join(map(str, s))}: every dimension must be >= 1")
-        out.append(rng.integers(0, 10, size=tuple(s)).astype(dt) if dt.kind in "iu" else
-                   rng.standard_normal(tuple(s)).astype(dt))
+        shape = tuple(int(d) for d in s)
+        if dt.kind == "b":
+            out.append(rng.integers(0, 2, size=shape).astype(bool))
+        elif dt.kind in "iu":
+            out.append(rng.integers(0, 10, size=shape).astype(dt))
+        else:
+            out.append(rng.standard_normal(shape, dtype=np.float32).astype(dt))
     return out
 
 
@@ -139,6 +215,8 @@ def export(module, inputs: Sequence, output: str | os.PathLike, *, opset: int = 
     torch = _torch()
     if exporter not in EXPORTERS:
         raise OnnxCompressError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < float("inf")):
+        raise OnnxCompressError(f"--rtol must be a positive finite number, got {rtol!r}")
     t0 = time.perf_counter()
     out = Path(output)
     module.eval()
@@ -146,9 +224,13 @@ def export(module, inputs: Sequence, output: str | os.PathLike, *, opset: int = 
     if not xs:
         raise DataError("export needs at least one sample input")
     in_names = list(input_names or [f"input_{i}" for i in range(len(xs))])
-    with torch.no_grad():
+    shapes = ", ".join(f"{list(x.shape)} {str(x.dtype).replace('torch.', '')}" for x in xs)
+    with torch.no_grad(), _user_code(f"the module on the samples ({shapes})"):
         ref = _as_list(module(*xs))
     out_names = list(output_names or [f"output_{i}" for i in range(len(ref))])
+    for kind, names in (("input", in_names), ("output", out_names)):
+        if len(set(names)) != len(names) or not all(names):
+            raise OnnxCompressError(f"{kind} names must be distinct and not empty, got {names}")
     if len(in_names) != len(xs) or len(out_names) != len(ref):
         raise OnnxCompressError(f"{len(in_names)} input name(s) for {len(xs)} input(s), {len(out_names)} output "
                                 f"name(s) for {len(ref)} output(s)")
@@ -164,20 +246,28 @@ def export(module, inputs: Sequence, output: str | os.PathLike, *, opset: int = 
         errors = _compare(model, xs, ref, in_names, out_names, rtol)
         batch_check = None
         if dynamic_batch:
+            n_big = CHECK_BATCH * _rows(xs)
+            hint = ("a batch size is likely baked into the module or the graph (x.view(1, ...), a Reshape "
+                    "constant): fix the module or export with --static-batch")
             big = [x.repeat_interleave(CHECK_BATCH, 0) if x.ndim else x for x in xs]
-            with torch.no_grad():
-                ref_big = _as_list(module(*big))
+            try:
+                with torch.no_grad(), _user_code(f"the module at batch {n_big}"):
+                    ref_big = _as_list(module(*big))
+            except OnnxCompressError as exc:
+                raise ExportError(f"{exc}; axis 0 must be the batch for a dynamic batch: {hint}") from None
+            for n, r, rb in zip(out_names, ref, ref_big):
+                if r.ndim and rb.shape[0] != CHECK_BATCH * r.shape[0]:
+                    raise ExportError(f"output {n!r} has {rb.shape[0]} rows at batch {n_big} (and {r.shape[0]} at "
+                                      f"{_rows(xs)}): its axis 0 does not follow the batch; {hint}")
             try:
                 _compare(model, big, ref_big, in_names, out_names, rtol)
-            except (ExportError, OnnxCompressError) as exc:
-                raise ExportError(f"the export does not hold at batch {CHECK_BATCH * _rows(xs)} ({exc}); a batch size "
-                                  "is likely baked into the graph (x.view(1, ...), a Reshape constant): fix the "
-                                  "module or export with --static-batch") from None
-            batch_check = CHECK_BATCH * _rows(xs)
+            except OnnxCompressError as exc:
+                raise ExportError(f"the export does not hold at batch {n_big} ({exc}); {hint}") from None
+            batch_check = n_big
         size = save_model(model, out, protect=tuple(protect))
         del model
     notes = [] if got_opset == opset else [f"the {used} exporter wrote opset {got_opset}, not the {opset} asked for "
-                                             "(it could not convert the graph)"]
+                                             "(it cannot convert this graph to that opset)"]
     report = {"output": str(out), "exporter": used, "opset": got_opset, "opset_asked": opset, "notes": notes,
               "dynamic_batch": dynamic_batch,
               "dynamic_batch_checked_at": batch_check,
@@ -208,7 +298,8 @@ def _run_exporter(torch, module, xs, path: Path, in_names, out_names, opset, dyn
     errors = []
     for kind in order:
         try:
-            with warnings.catch_warnings(), _quiet(), contextlib.redirect_stdout(io.StringIO()):
+            with warnings.catch_warnings(), _quiet(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 if kind == "dynamo":
                     shapes = tuple({0: torch.export.Dim("batch")} if dynamic_batch and x.ndim else None for x in xs)
@@ -222,9 +313,17 @@ def _run_exporter(torch, module, xs, path: Path, in_names, out_names, opset, dyn
             if path.is_file():
                 return kind
             errors.append(f"{kind} exporter: wrote nothing")
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as exc:
+            raise OnnxCompressError(f"the module called sys.exit({exc.code!r}) during the export") from None
         except Exception as exc:  # the exporter's refusal, whatever its type
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            errors.append(f"{kind} exporter: {type(exc).__name__}: {first[:300]}")
+            cause = exc
+            while cause is not None:  # Ctrl-C inside the exporter comes back wrapped
+                if isinstance(cause, KeyboardInterrupt):
+                    raise KeyboardInterrupt from None
+                cause = cause.__cause__ or cause.__context__
+            errors.append(f"{kind} exporter: {type(exc).__name__}: {_clean(str(exc)) or '(no message)'}")
     raise ExportError("torch.onnx.export failed: " + "; ".join(errors))
 
 

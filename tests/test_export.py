@@ -42,6 +42,17 @@ NET = textwrap.dedent('''
         torch.manual_seed(0)
         return Baked()
 
+    class Flat(Net):  # collapses the batch: fine at batch 1, wrong at any other
+        def forward(self, x):
+            return torch.relu(self.c(x)).view(1, -1)
+
+    def flat():
+        return Flat()
+
+    def exits():
+        import sys
+        sys.exit(0)
+
     def not_a_module():
         return 3
 
@@ -55,6 +66,9 @@ def netdir(tmp_path, monkeypatch):
     (tmp_path / "exportnet.py").write_text(NET)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    import sys
+
+    monkeypatch.delitem(sys.modules, "exportnet", raising=False)  # each test imports its own copy
     return tmp_path
 
 
@@ -103,12 +117,23 @@ def test_cli_export_and_its_errors(netdir):
                          (["exportnet:raises"], "no weights here"),
                          (["nosuchmodule:build"], "cannot import"),
                          (["exportnet"], "module:function"),
-                         (["exportnet:baked"], "--static-batch")):
+                         (["exportnet:baked"], "--static-batch"),
+                         (["exportnet:flat"], "does not follow the batch"),
+                         (["exportnet:exits"], "sys.exit(0)"),
+                         (["./exportnet.py:build"], "import name"),
+                         (["exportnet:build", "--input-dtype", "bogus"], "--input-dtype"),
+                         (["exportnet:build", "--rtol", "nan"], "--rtol"),
+                         (["exportnet:build", "--input-shape", "2,5"], "the module on the samples")):
         res = runner.invoke(app, ["export", *args, "-o", "e.onnx", "--input-shape", "1,3,16,16"])
         assert res.exit_code == 2, res.output
         assert "Traceback" not in res.output and needle in res.output, res.output
         assert not (netdir / "e.onnx").exists()
     res = runner.invoke(app, ["export", "exportnet:build", "-o", "e.onnx"])
     assert res.exit_code == 2 and "--input-shape" in res.output
+    src = (netdir / "exportnet.py").read_bytes()
+    for out in ("exportnet.py", "missing/e.onnx"):  # the factory's own source; a folder that is not there
+        res = runner.invoke(app, ["export", "exportnet:build", "-o", out, "--input-shape", "1,3,16,16"])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert (netdir / "exportnet.py").read_bytes() == src
     res = runner.invoke(app, ["export", "exportnet:build", "-o", "x.npz", "--data", "x.npz"])
     assert res.exit_code == 2 and (netdir / "x.npz").read_bytes() == before
