@@ -143,13 +143,20 @@ class StageBars:
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
         from rich.table import Column
 
-        # long stage names (an output path) are cut, never the numbers
-        self._bars = Progress(SpinnerColumn(finished_text="[green]✓[/]"),
-                              TextColumn("{task.description}", table_column=Column(max_width=48, no_wrap=True,
-                                                                                   overflow="ellipsis")),
-                              BarColumn(bar_width=20),
-                              TextColumn("{task.fields[count]}", table_column=Column(no_wrap=True)),
-                              _cost_column(table_column=Column(no_wrap=True)), console=con, transient=False)
+        # long stage names (an output path) and counts are cut, never the cost; below 110
+        # columns the bar goes (the counts show the progress) so that an 80-column terminal
+        # keeps one line per stage
+        narrow = con.width < 110
+        desc_w = 28 if narrow else 44
+        cols = [SpinnerColumn(finished_text="[green]✓[/]"),
+                TextColumn("{task.description}", table_column=Column(max_width=desc_w, no_wrap=True,
+                                                                     overflow="ellipsis"))]
+        if not narrow:
+            cols.append(BarColumn(bar_width=20))
+        cols += [TextColumn("{task.fields[count]}", table_column=Column(
+                     no_wrap=True, overflow="ellipsis", max_width=max(10, con.width - desc_w - 24) if narrow else None)),
+                 _cost_column(table_column=Column(no_wrap=True))]
+        self._bars = Progress(*cols, console=con, transient=False)
         self._task = None
 
     def __enter__(self) -> "StageBars":
@@ -177,14 +184,16 @@ class StageBars:
         if self._task is None:
             self._task = self._bars.add_task(escape(ev.stage), total=None, count="", cost="")
         count = f"{ev.done}/{ev.total}" if ev.total is not None else f"{ev.done}"
-        self._bars.update(self._task, total=ev.total, completed=ev.done,
-                          count=escape(f"{ev.step} {count} {ev.unit}".strip()))
+        done = ev.total is not None and ev.done >= ev.total
+        # while it runs: what it counts; once a step is complete only the numbers stay
+        text = f"{count} {ev.unit}" if done else f"{ev.step} {count} {ev.unit}"
+        self._bars.update(self._task, total=ev.total, completed=ev.done, count=escape(text.strip()))
 
     def _close(self, closed: dict | None) -> None:
         if self._task is None:
             return
         t = self._bars.tasks[self._task]
-        cost = (f"{closed['seconds']:.1f} s · {closed['peak_rss_mb']:.0f} MiB peak" if closed else
+        cost = (f"{closed['seconds']:.1f} s, {closed['peak_rss_mb']:.0f} MiB peak" if closed else
                 f"{t.elapsed or 0:.1f} s")
         done = t.total or 1
         self._bars.update(self._task, total=done, completed=done, cost=cost)

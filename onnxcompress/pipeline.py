@@ -137,7 +137,7 @@ def _run(run: _Run, model) -> OptimizeResult:
     ir.passes.common.NameFixPass()(work)
     run.say("reading data")
     calib, val, labels = _load_data(run, work)
-    run.say("running the input with ONNX Runtime")
+    run.say("reference run of the input")
     runtime_ok = _check_runtime(run, original)
     if not runtime_ok:
         calib, val = [], []
