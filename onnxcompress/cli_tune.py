@@ -112,3 +112,7 @@ def _render(res) -> None:
     h = res.report["held_out"]
     console.print(f"held-out check ({h['samples']} samples the search never saw): metric {h['metric']:.3f} vs fp32 "
                   f"{h['fp32_metric']:.3f} (drop {h['drop']:.3f})", highlight=False)
+    if not h.get("within_budget", True):
+        console.print(f"[yellow]warning:[/] on the held-out samples the drop ({h['drop']:.3f}) exceeds --max-drop "
+                      f"{res.report['budget']['max_drop']:g}: the search half was too small or too easy to judge "
+                      "this budget (give more --validation data)", highlight=False)

@@ -631,6 +631,12 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         write_atomic(pdir / f"trial{t.number:03d}.toml", t.recipe_toml)
     write_atomic(st / "chosen.toml", chosen.recipe_toml)
     failed = _failed(s, chosen)
+    # the chosen model may be no faster than fp32 (a size or accuracy budget, or nothing faster met it)
+    lo = chosen.speedup_ci[0] if chosen.speedup_ci else chosen.speedup
+    if not lo > 1.0:
+        why += ("; it is not faster than fp32 beyond the timing noise" + (" and keeps every int8 candidate node in float"
+                if chosen.options.get("keep_float") and s.sensitivity and chosen.options["keep_float"] >= len(s.sensitivity)
+                else ""))
     from . import __version__
 
     report = {
@@ -638,6 +644,7 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         "budget": s.budget.__dict__, "fp32_metric": s.fp32_metric, "chosen": chosen.number, "why": why,
         "met": not failed, "failed": failed,
         "held_out": {"metric": held, "fp32_metric": fp32_held, "drop": fp32_held - held,
+                     "within_budget": bool(fp32_held - held <= s.budget.max_drop + 1e-9),
                      "samples": len(s.final_feeds)},
         "trials": [{k: v for k, v in t.__dict__.items() if k != "recipe_toml"} for t in s.trials],
         "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
