@@ -77,7 +77,7 @@ def _bug(exc: Exception) -> None:
     if _state["debug"]:
         raise exc
     _fail(InternalError(f"internal error: {type(exc).__name__}: {exc} (not a problem found in the input; "
-                        "run with --debug for the traceback and report it)"))
+                        "rerun as onnxcompress --debug COMMAND ... for the traceback, and report it)"))
 
 
 def _fail(exc: Exception) -> None:
