@@ -346,6 +346,8 @@ class _Search:
 
         opts = _options(chosen, self.base, [n for n, _ in self.sensitivity])
         t = Trial(number, {k: v for k, v in chosen.items()})
+        if t.options.get("keep_float"):  # what the trial really kept (at most the ranked nodes), for its label
+            t.options["keep_float"] = min(int(t.options["keep_float"]), len(self.sensitivity))
         t0 = time.perf_counter()
         try:
             rec = from_options(opts)
