@@ -246,7 +246,14 @@ def quantize_bias(b: np.ndarray, in_scale: float, w_scale: np.ndarray) -> tuple[
 
 
 def fake_quant_activation(x: np.ndarray, scale: float, zp: int, dtype=np.uint8) -> np.ndarray:
-    """Quantize-dequantize an activation (numpy simulation of a Q/DQ pair)."""
+    """Quantize-dequantize an activation (numpy simulation of a Q/DQ pair): float32
+    ``(clip(round(x / scale) + zp, qmin, qmax) - zp) * scale``, in one new array (the same
+    operations in the same order, in place)."""
     info = np.iinfo(dtype)
-    q = np.clip(np.round(x / scale) + zp, info.min, info.max)
-    return ((q - zp) * scale).astype(np.float32)
+    q = np.divide(x, scale, dtype=np.float32) if np.asarray(x).dtype == np.float32 else np.asarray(x / scale)
+    np.round(q, out=q)
+    q += zp
+    np.clip(q, info.min, info.max, out=q)
+    q -= zp
+    q *= scale
+    return q.astype(np.float32, copy=False)
