@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .cli_common import (_bug, _check_out_paths, _fail, _fmt_bytes, _setup_logging, _state, _warned,  # noqa: F401
+from .cli_common import (_bug, one_line_errors, _check_out_paths, _fail, _fmt_bytes, _setup_logging, _state, _warned,  # noqa: F401
                          _write_json, app, console, out_console, StageBars)
 from .api import optimize as api_optimize
 from .cli_flags import effective_recipe, given, with_flags
@@ -48,12 +48,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Describe a model: I/O, opset, op histogram, parameters, weights, subgraphs, sparsity."""
-    try:
+    with one_line_errors():
         info = inspect_model(model)
-    except OnnxCompressError as exc:
-        _fail(exc)
-    except Exception as exc:
-        _bug(exc)
     if as_json:
         try:
             print(json.dumps(info, indent=2), flush=True)
@@ -89,12 +85,8 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
     _setup_logging(quiet)
     if not output.name or output.name in (".", ".."):
         _fail(OnnxCompressError(f"-o {str(output)!r}: give an output file path"))
-    try:
+    with one_line_errors():
         rec = effective_recipe(recipe, given(flags))
-    except OnnxCompressError as exc:
-        _fail(exc)
-    except Exception as exc:  # a bug: still one line unless --debug
-        _bug(exc)
     _check_out_paths(report=report, html=html, inputs=_inputs(model, rec, recipe),
                      outputs={"-o": output, "the model's external data": output.with_name(output.name + ".data")})
     try:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .bench import benchmark, parse_shapes, validate_models, write_json
-from .cli_common import _bug, _check_out_paths, _fail, _fmt_bytes, app, console, out_console
+from .cli_common import one_line_errors, _check_out_paths, _fail, _fmt_bytes, app, console, out_console
 from .errors import OnnxCompressError
 
 
@@ -46,12 +46,8 @@ def _outputs(rep: dict, report: Optional[Path], html: Optional[Path]) -> None:
 
 
 def _call(fn, *args, **kwargs):
-    try:
+    with one_line_errors():
         return fn(*args, **kwargs)
-    except OnnxCompressError as exc:
-        _fail(exc)
-    except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
-        _bug(exc)
 
 
 @app.command()

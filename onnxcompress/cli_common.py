@@ -6,6 +6,7 @@ here, never from each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,6 +86,19 @@ def _fail(exc: Exception) -> None:
         raise exc
     console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(getattr(exc, "exit_code", 2))
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """The CLI's error contract around a call into the API: an :class:`OnnxCompressError` ends
+    the command with its one-line message and exit code (:func:`_fail`), anything else with a
+    one-line internal error, exit 1 (:func:`_bug`; ``--debug`` re-raises both)."""
+    try:
+        yield
+    except OnnxCompressError as exc:
+        _fail(exc)
+    except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
+        _bug(exc)
 
 
 def _fmt_bytes(n) -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .cli_common import _bug, _check_out_paths, _fail, _setup_logging, _write_json, app, console
+from .cli_common import one_line_errors, _check_out_paths, _fail, _setup_logging, _write_json, app, console
 from .errors import OnnxCompressError
 
 
@@ -51,7 +51,7 @@ def distill(
                      outputs={"-o": output, "the model's external data": output.with_name(output.name + ".data")})
     kw = dict(labels=labels_from, epochs=epochs, loss=loss, temperature=temperature, alpha=alpha, lr=lr,
               batch_size=batch_size, seed=seed, state=resume, threads=threads)
-    try:
+    with one_line_errors():
         if quiet:
             res = run_distill(teacher, student, output, data, **kw)
         else:
@@ -70,10 +70,6 @@ def distill(
                     bar.update(tasks[key], completed=ev.step, loss=loss_s)
 
                 res = run_distill(teacher, student, output, data, progress=progress, **kw)
-    except OnnxCompressError as exc:
-        _fail(exc)
-    except Exception as exc:  # a bug: one line unless --debug
-        _bug(exc)
     if report:
         _write_json(report, res.report)
     if not quiet:

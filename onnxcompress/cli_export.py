@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .cli_common import _bug, _check_out_paths, _fail, _setup_logging, _write_json, app, console
+from .cli_common import one_line_errors, _check_out_paths, _setup_logging, _write_json, app, console
 from .errors import DataError, OnnxCompressError
 
 
@@ -60,7 +60,7 @@ def export(
         inputs[f"the factory's source ({src.name})"] = src
     _check_out_paths(report=report, inputs=inputs,
                      outputs={"-o": output, "the model's external data": output.with_name(output.name + ".data")})
-    try:
+    with one_line_errors():
         check_output_path(output, protect=tuple(inputs.values()))
         if data is not None and input_shape:
             raise OnnxCompressError("give the sample inputs by --input-shape or by --data, not both")
@@ -80,10 +80,6 @@ def export(
         res = run_export(module, xs, output, opset=opset, dynamic_batch=not static_batch,
                          input_names=input_names or None, output_names=output_names or None, rtol=rtol,
                          exporter=exporter, protect=tuple(inputs.values()))
-    except OnnxCompressError as exc:
-        _fail(exc)
-    except Exception as exc:  # a bug: one line unless --debug
-        _bug(exc)
     if report:
         _write_json(report, res.report)
     if not quiet:

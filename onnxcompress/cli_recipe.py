@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import params as P
-from .cli_common import _bug, _fail, app, out_console
+from .cli_common import one_line_errors, _fail, app, out_console
 from .cli_flags import effective_recipe, given, with_flags
 from .errors import OnnxCompressError
 
@@ -24,17 +24,13 @@ def _show(recipe: Optional[str], **flags):
     """Print the recipe these flags mean, as TOML (`optimize IN -o OUT --recipe FILE` runs it).
 
     `onnxcompress recipe show --quantize static --prune 0.3 --prune-mode channel > r.toml`"""
-    try:
+    with one_line_errors():
         rec = effective_recipe(recipe, given(flags))
         for k in ("calibration", "validation"):  # a file that works from any folder
             v = getattr(rec.data, k)
             if isinstance(v, (str, Path)):
                 setattr(rec.data, k, str(Path(v).expanduser().resolve()))
         text = rec.to_toml()
-    except OnnxCompressError as exc:
-        _fail(exc)
-    except Exception as exc:  # a bug: still one line unless --debug
-        _bug(exc)
     for n in rec.notes:
         text += f"# note: {n}\n"
     print(text, end="", flush=True)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import _bug, _check_out_paths, _fail, _setup_logging, _write_json, app, console, out_console
+from .cli_common import one_line_errors, _check_out_paths, _fail, _setup_logging, _write_json, app, console, out_console
 from .errors import OnnxCompressError
 
 
@@ -58,7 +58,7 @@ def tune(
     _setup_logging(True)
     inputs = {"input model": model, "calibration data": calibration, "validation data": validation}
     _check_out_paths(report=report, html=html, inputs=inputs, outputs={"-o": output})
-    try:
+    with one_line_errors():
         budget = Budget(metric, max_drop, min_speedup, max_size_mb)
         seconds = _seconds(time_budget)
         if quiet:
@@ -68,10 +68,6 @@ def tune(
             with console.status("tuning") as status:
                 res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
                                time_budget_s=seconds, state=resume, progress=lambda s: status.update(escape(s)))
-    except OnnxCompressError as exc:
-        _fail(exc)
-    except Exception as exc:  # a bug: one line unless --debug
-        _bug(exc)
     if report:
         _write_json(report, res.report)
     if html:
