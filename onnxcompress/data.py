@@ -65,6 +65,22 @@ def load_npz(path: str | Path, specs: list[InputSpec], *, what: str = "calibrati
             samples, sample counts that disagree, wrong rank/static dims, a dtype that cannot
             be cast safely, or NaN/Inf values.
     """
+    names = {s.name for s in specs}
+    # only the arrays used are decompressed (model inputs, their ragged samples, labels)
+    p, arrays = _read_npz(path, what, lambda k: k in names or k in EXTRA_KEYS
+                          or ((m := _RAGGED.match(k)) is not None and m.group(2) in names))
+    return samples_from_arrays(arrays, specs, source=str(p), what=what)
+
+
+def _read_npz(path: str | Path, what: str, used) -> tuple[Path, dict[str, np.ndarray | None]]:
+    """Open an ``.npz`` file as untrusted input: a regular readable file (:func:`check_input_file`),
+    a zip archive, no pickles; only the keys ``used(key)`` accepts are decompressed, and only
+    when their declared sizes fit :func:`max_data_bytes` (an ignored key or a zip bomb costs
+    nothing). Returns ``(path, {key: array, or None for a key not used})``.
+
+    Raises:
+        DataError: any of those fails.
+    """
     from .paths import PathError, check_input_file
 
     try:
@@ -75,25 +91,19 @@ def load_npz(path: str | Path, specs: list[InputSpec], *, what: str = "calibrati
 
     if not zipfile.is_zipfile(p):
         raise DataError(f"{what} data {p}: not an .npz archive (numpy.savez writes one; see README for the format)")
-    names = {s.name for s in specs}
     try:
         with np.load(p, allow_pickle=False) as z:
-            # only the arrays used are decompressed (model inputs, their ragged samples, labels),
-            # and only when their declared sizes fit in memory: an ignored key or a zip bomb
-            # costs nothing
-            used = [k for k in z.files if k in names or k in EXTRA_KEYS
-                    or ((m := _RAGGED.match(k)) is not None and m.group(2) in names)]
-            declared = sum(z.zip.getinfo(k + ".npy").file_size for k in used)
+            keys = [k for k in z.files if used(k)]
+            declared = sum(z.zip.getinfo(k + ".npy").file_size for k in keys)
             limit = max_data_bytes()
             if declared > limit:
                 raise DataError(f"{what} data {p}: its arrays declare {declared / 2**30:.1f} GiB, more than "
                                 f"{limit / 2**30:.1f} GiB (half this machine's memory); give fewer samples")
-            arrays = {k: (z[k] if k in used else None) for k in z.files}
+            return p, {k: (z[k] if k in keys else None) for k in z.files}
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"{what} data {p}: not a readable .npz file ({exc})") from None
-    return samples_from_arrays(arrays, specs, source=str(p), what=what)
 
 
 #: keys read besides the model's inputs
@@ -101,34 +111,15 @@ EXTRA_KEYS = ("labels",)
 
 
 def read_npz_arrays(path: str | Path, *, what: str = "sample") -> dict[str, np.ndarray]:
-    """Every numeric array of an ``.npz`` file but ``labels``, by key in file order, with the
-    same checks as :func:`load_npz` (a regular readable file, a zip archive, no pickles, declared
-    sizes within :func:`max_data_bytes`, finite values, at least one array of rank >= 1).
+    """Every numeric array of an ``.npz`` file but ``labels``, by key in file order, opened as
+    :func:`load_npz` opens one (:func:`_read_npz`), each array numeric and finite with a leading
+    batch axis.
 
     Raises:
         DataError: any of those fails.
     """
-    from .paths import PathError, check_input_file
-    import zipfile
-
-    try:
-        p = check_input_file(path, f"{what} data")
-    except PathError as exc:
-        raise DataError(str(exc)) from None
-    if not zipfile.is_zipfile(p):
-        raise DataError(f"{what} data {p}: not an .npz archive (numpy.savez writes one)")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            keys = [k for k in z.files if k not in EXTRA_KEYS]
-            declared = sum(z.zip.getinfo(k + ".npy").file_size for k in keys)
-            if declared > max_data_bytes():
-                raise DataError(f"{what} data {p}: its arrays declare {declared / 2**30:.1f} GiB, more than half "
-                                "this machine's memory")
-            arrays = {k: z[k] for k in keys}
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{what} data {p}: not a readable .npz file ({exc})") from None
+    p, read = _read_npz(path, what, lambda k: k not in EXTRA_KEYS)
+    arrays = {k: a for k, a in read.items() if a is not None}
     for k, a in arrays.items():
         if a.dtype.kind not in "biuf" or a.ndim < 1 or a.shape[0] < 1:
             raise DataError(f"{what} data {p}: {k!r} is {a.dtype} {list(a.shape)}; give numeric arrays with a "
