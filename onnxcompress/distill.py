@@ -626,33 +626,22 @@ def _save_checkpoint(torch, path: Path, obj: dict) -> None:
 
 
 def export_onnx(module, xs: list, in_names: list[str], out_names: list[str], folder: Path):
-    """``torch.onnx.export`` at opset 17 with a dynamic batch axis on every input and output, then
-    ``onnx.checker``. The TorchScript exporter first (it handles onnx2torch's modules, in a fraction of
-    the dynamo exporter's time), the dynamo exporter when it fails."""
+    """``torch.onnx.export`` at opset 17 with a dynamic batch axis on every input and output
+    (:mod:`onnxcompress.export`'s exporter loop: the TorchScript exporter first, as it handles
+    onnx2torch's modules in a fraction of the dynamo exporter's time, the dynamo exporter when it
+    fails), then ``onnx.checker``."""
     import onnx
 
+    from .export import ExportError, _run_exporter
+
     torch = _torch()
-    dyn = {n: {0: "batch"} for n in list(in_names) + list(out_names)}
-    errors = []
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        path = os.path.join(tmp, "student.onnx")
-        for dynamo in (False, True):
-            try:
-                with warnings.catch_warnings(), _quiet_torch_logs():
-                    warnings.simplefilter("ignore")
-                    if dynamo:
-                        shapes = tuple({0: torch.export.Dim("batch")} for _ in xs)
-                        torch.onnx.export(module, tuple(xs), path, input_names=in_names, output_names=out_names,
-                                          opset_version=OPSET, dynamo=True, dynamic_shapes=shapes, verbose=False)
-                    else:
-                        torch.onnx.export(module, tuple(xs), path, input_names=in_names, output_names=out_names,
-                                          opset_version=OPSET, dynamo=False, dynamic_axes=dyn)
-                proto = onnx.load(path)
-                break
-            except Exception as exc:
-                errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {_what_node(exc)}")
-        else:
-            raise DistillError("torch.onnx.export failed: " + "; ".join(errors))
+        path = Path(tmp) / "student.onnx"
+        try:
+            _run_exporter(torch, module, xs, path, list(in_names), list(out_names), OPSET, True, "auto")
+        except ExportError as exc:
+            raise DistillError(str(exc)) from None
+        proto = onnx.load(str(path))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
@@ -660,34 +649,18 @@ def export_onnx(module, xs: list, in_names: list[str], out_names: list[str], fol
     return proto
 
 
-@contextlib.contextmanager
-def _quiet_torch_logs():
-    lg = logging.getLogger("torch.onnx")
-    level = lg.level
-    lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        lg.setLevel(level)
-
-
 def compare_with_ort(module, proto, xs: list, in_names: list[str], rtol: float = 1e-4) -> float:
-    """max|ORT − torch| / max|torch| over the outputs on ``xs``; raises :class:`InvalidModelError`
-    above ``rtol``."""
-    torch = _torch()
-    from .runtime import make_session
+    """max|ORT − torch| / max|torch| over the outputs on ``xs`` (:func:`onnxcompress.export._compare`);
+    raises :class:`InvalidModelError` above ``rtol``."""
+    import onnx_ir as ir
 
-    sess = make_session(proto.SerializeToString(), optimize=False)
-    feed = {n: x.numpy() for n, x in zip(in_names, xs)}
-    names = [i.name for i in sess.get_inputs()]
-    got = sess.run(None, {n: feed[n] for n in names if n in feed})
+    from .export import ExportError, _compare
+
+    torch = _torch()
     with torch.no_grad():
-        ref = [t.numpy() for t in _as_tuple(module(*xs))]
-    worst = 0.0
-    for g, r in zip(got, ref):
-        scale = max(float(np.abs(r).max()) if r.size else 0.0, 1e-12)
-        worst = max(worst, float(np.abs(g.astype(np.float64) - r).max()) / scale if r.size else 0.0)
-    if worst > rtol:
-        raise InvalidModelError(f"exported student disagrees with the torch module in ONNX Runtime: "
-                                f"max relative error {worst:.2e} > {rtol:g}")
-    return worst
+        ref = list(_as_tuple(module(*xs)))
+    try:
+        errs = _compare(ir.from_proto(proto), xs, ref, in_names, [o.name for o in proto.graph.output], rtol)
+    except ExportError as exc:
+        raise InvalidModelError(f"exported student disagrees with the torch module in ONNX Runtime: {exc}") from None
+    return max((e["max_rel_error"] for e in errs.values()), default=0.0)
