@@ -87,19 +87,28 @@ def module_file(spec: str) -> Path | None:
     mod_name = spec.partition(":")[0]
     if not mod_name or mod_name.startswith(".") or "/" in mod_name or mod_name.endswith(".py"):
         return None
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
     try:
-        with _user_code(f"finding {mod_name!r}"):
+        with _cwd_first(), _user_code(f"finding {mod_name!r}"):
             found = importlib.util.find_spec(mod_name)
     except OnnxCompressError:
         return None
+    return Path(found.origin) if found is not None and found.origin and found.has_location else None
+
+
+@contextlib.contextmanager
+def _cwd_first():
+    """The current folder first on ``sys.path`` while the user's module is found or imported (as
+    ``python -m`` does); removed afterwards, even when the import changed folder."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
     finally:
         if added:
             with contextlib.suppress(ValueError):
-                sys.path.remove(os.getcwd())
-    return Path(found.origin) if found is not None and found.origin and found.has_location else None
+                sys.path.remove(cwd)
 
 
 def _torch():
@@ -125,19 +134,11 @@ def load_factory(spec: str):
         raise OnnxCompressError(f"{spec!r}: give the module factory as module:function (e.g. mynet:build)")
     if "/" in mod_name or mod_name.endswith(".py"):
         raise OnnxCompressError(f"{spec!r}: give the module's import name (mynet for ./mynet.py), not a file path")
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
     try:
-        try:
-            with _user_code(f"importing {mod_name!r}"):
-                mod = importlib.import_module(mod_name)
-        except OnnxCompressError as exc:
-            raise OnnxCompressError(f"cannot import {mod_name!r}: {str(exc).split(' failed: ', 1)[-1]}") from None
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(os.getcwd())
+        with _cwd_first(), _user_code(f"importing {mod_name!r}"):
+            mod = importlib.import_module(mod_name)
+    except OnnxCompressError as exc:
+        raise OnnxCompressError(f"cannot import {mod_name!r}: {str(exc).split(' failed: ', 1)[-1]}") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise OnnxCompressError(f"{mod_name!r} has no callable {fn_name!r}")
