@@ -290,6 +290,18 @@ def _residual_cnn(seed=0):
     return ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def _assert_segments_equal_one_session(model, names, samples, budget):
+    """``iter_outputs`` at ``budget`` (several chunks) gives every name once per sample, each value
+    equal to a one-session run's."""
+    from onnxcompress.passes.quantize import calibrate as C
+
+    one = {(k, n): v for k, outs in C.iter_outputs(model, names, samples) for n, v in outs.items()}
+    seg = {(k, n): v for k, outs in C.iter_outputs(model, names, samples, budget=budget) for n, v in outs.items()}
+    assert set(one) == set(seg) == {(k, n) for k in range(len(samples)) for n in names}
+    for key in one:
+        np.testing.assert_array_equal(one[key], seg[key])
+
+
 def test_recording_in_segments_equals_one_session():
     """Calibration reads values in chunks: with several chunks the graph runs as consecutive
     segments (one forward pass per sample); every value equals a one-session run's exactly."""
@@ -299,13 +311,8 @@ def test_recording_in_segments_equals_one_session():
     rng = np.random.default_rng(1)
     samples = [{"x": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(3)]
     names = ["x", "xx", "c1", "r1", "c2", "r2", "s", "c3"]
-    one = {(k, n): v for k, outs in C.iter_outputs(model, names, samples) for n, v in outs.items()}
     # one value per chunk (8 x 16 x 16 floats): seven segments, r1 and xx carried past segments
-    seg = {(k, n): v for k, outs in C.iter_outputs(model, names, samples, budget=8 * 16 * 16 * 4)
-           for n, v in outs.items()}
-    assert set(one) == set(seg) == {(k, n) for k in range(3) for n in names}
-    for key in one:
-        np.testing.assert_array_equal(one[key], seg[key])
+    _assert_segments_equal_one_session(model, names, samples, budget=8 * 16 * 16 * 4)
     order = [n for k, outs in C.iter_outputs(model, names, samples, budget=8 * 16 * 16 * 4) for n in outs if n == "r1"]
     assert len(order) == 3  # once per sample
     # the model is untouched: same nodes, same outputs
@@ -317,8 +324,6 @@ def test_recording_in_segments_carries_any_tensor_and_keeps_a_nodes_outputs_toge
     """Segments hand over untyped int64 values (a Shape read two segments later), record both
     outputs of a Split whose outputs fall in two chunks, and return initializers by value;
     everything equals a one-session run."""
-    from onnxcompress.passes.quantize import calibrate as C
-
     w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [8, 8, 1, 1], np.eye(8, dtype=np.float32).ravel())
     nodes = [helper.make_node("Shape", ["x"], ["shp"], name="shape"),
              helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"),
@@ -335,9 +340,4 @@ def test_recording_in_segments_carries_any_tensor_and_keeps_a_nodes_outputs_toge
     rng = np.random.default_rng(0)
     samples = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(2)]
     names = ["w", "x", "c1", "b", "a", "ra", "rb", "cat"]
-    one = {(k, n): v for k, outs in C.iter_outputs(model, names, samples) for n, v in outs.items()}
-    seg = {(k, n): v for k, outs in C.iter_outputs(model, names, samples, budget=4 * 8 * 8 * 4)
-           for n, v in outs.items()}
-    assert set(one) == set(seg) == {(k, n) for k in range(2) for n in names}
-    for key in one:
-        np.testing.assert_array_equal(one[key], seg[key])
+    _assert_segments_equal_one_session(model, names, samples, budget=4 * 8 * 8 * 4)
