@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .bench import benchmark, parse_shapes, validate_models, write_json
 from .cli_common import one_line_errors, _check_out_paths, _fail, _fmt_bytes, app, console, out_console
 from .errors import OnnxCompressError
 
@@ -38,6 +37,8 @@ def _providers(text: str) -> list[str]:
 
 def _outputs(rep: dict, report: Optional[Path], html: Optional[Path]) -> None:
     if report:
+        from .bench import write_json
+
         write_json(report, rep)
     if html:
         from .report_html import write_html
@@ -75,6 +76,8 @@ def bench(
         batches = [int(b) for item in batch for b in item.split(",") if b.strip()]
     except ValueError:
         _fail(OnnxCompressError(f"--batch takes integers (got {batch})"))
+    from .bench import benchmark, parse_shapes
+
     shapes = _call(parse_shapes, shape)
     _check_out_paths(report=report, html=html, inputs={**{f"model {m}": m for m in models}, "--data": data})
     if html:
@@ -166,6 +169,8 @@ def validate(
 
     Exit code 0: every check passed; 1: a check failed; 2: bad input.
     """
+    from .bench import parse_shapes, validate_models
+
     shapes = _call(parse_shapes, shape)
     _check_out_paths(report=report, html=html, inputs={"reference": reference, "candidate": candidate, "--data": data})
     if samples < 1:

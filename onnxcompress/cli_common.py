@@ -1,7 +1,7 @@
 """What every command module shares: the typer app, the consoles, logging, errors, paths.
 
-Command modules (``cli.py``, ``cli_bench.py``, ``cli_zoo.py``, ``cli_recipe.py``) import from
-here, never from each other.
+Command modules (``cli.py``, ``cli_optimize.py``, ``cli_bench.py``, ``cli_zoo.py``,
+``cli_recipe.py``, ...) import from here, never from each other.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.main
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 from rich.markup import escape
 
 from .errors import InternalError, OnnxCompressError
@@ -47,7 +49,68 @@ def _no_flag_metavar() -> None:
 
 _no_flag_metavar()
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+#: commands whose definition needs the declared parameters (and so onnx-ir and the passes):
+#: name -> (module, the first line of its help). The module is imported only when the command
+#: runs or its own help is asked for; the root help lists it from this line (a test checks that it
+#: is the command's). Each module registers its commands on a ``commands = command_group()``.
+LAZY_COMMANDS = {
+    "optimize": ("onnxcompress.cli_optimize", "Clean up and fuse, prune, quantize, validate with ONNX Runtime, then "
+                 "write OUT atomically."),
+    "recipe": ("onnxcompress.cli_recipe", "Recipes: what `optimize` runs, as TOML."),
+}
+#: the order of the root help
+COMMAND_ORDER = ("inspect", "optimize", "zoo", "bench", "validate", "recipe", "tune", "distill", "export")
+
+
+class _LazyGroup(TyperGroup):
+    """The root command: :data:`LAZY_COMMANDS` are imported on use (click's lazy-loading group
+    pattern), so that ``onnxcompress --help`` and light commands start without onnx-ir, sympy and
+    onnxscript (about 0.7 s)."""
+
+    _listing = False
+
+    def format_help(self, ctx, formatter):
+        self._listing = True  # the root help: one line per command, from the table
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def list_commands(self, ctx):
+        names = [*self.commands, *(n for n in LAZY_COMMANDS if n not in self.commands)]
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+    def get_command(self, ctx, name):
+        cmd = self.commands.get(name)
+        if cmd is not None or name not in LAZY_COMMANDS:
+            return cmd
+        module, short = LAZY_COMMANDS[name]
+        if self._listing:
+            return TyperCommand(name, help=short, short_help=short)
+        import importlib
+
+        group = typer.main.get_group(importlib.import_module(module).commands)
+        cmd = self.commands[name] = group.get_command(ctx, name)
+        return cmd
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name is not None and name not in self.list_commands(ctx) and not ctx.resilient_parsing \
+                and not name.startswith("-"):
+            from difflib import get_close_matches  # typer suggests from the loaded commands only
+
+            matches = get_close_matches(name, self.list_commands(ctx))
+            if matches:
+                ctx.fail(f"No such command {name!r}. Did you mean " + ", ".join(map(repr, matches)) + "?")
+        return super().resolve_command(ctx, args)
+
+
+def command_group() -> typer.Typer:
+    """The typer app a module of :data:`LAZY_COMMANDS` registers its commands on."""
+    return typer.Typer(add_completion=False)
+
+
+app = typer.Typer(cls=_LazyGroup, add_completion=False, no_args_is_help=True,
                   help="Make trained ONNX models smaller and faster, validated by ONNX Runtime.")
 # Piped output (CI logs, files) gets 120 columns so numbers are not wrapped mid-value.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)

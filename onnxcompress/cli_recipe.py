@@ -12,12 +12,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import params as P
-from .cli_common import one_line_errors, _fail, app, out_console
+from .cli_common import command_group, one_line_errors, _fail, out_console
 from .cli_flags import effective_recipe, given, with_flags
 from .errors import OnnxCompressError
 
 recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: what `optimize` runs, as TOML.")
-app.add_typer(recipe_app, name="recipe")
+commands = command_group()
+commands.add_typer(recipe_app, name="recipe")
 
 
 def _show(recipe: Optional[str], **flags):

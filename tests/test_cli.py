@@ -240,7 +240,7 @@ def test_optimize_html_shows_the_terminal_ratio_column_gates_and_fidelity(digits
     per-output fidelity (mean cosine, top-1 on decisive rows); a floor that did not apply says why."""
     pytest.importorskip("matplotlib")
     pytest.importorskip("jinja2")
-    from onnxcompress.cli import _ratio
+    from onnxcompress.cli_optimize import _ratio
     from onnxcompress.report_html import optimize_rows, ratio_text, render_optimize_html
 
     out, html, rep = tmp_path / "q.onnx", tmp_path / "r.html", tmp_path / "r.json"
@@ -326,7 +326,7 @@ def test_bad_report_path_fails_before_writing_anything(digits, tmp_path):
 
 def test_gate_values_print_enough_digits_to_differ_from_the_limit():
     """A failed cosine gate never reads '0.995 (limit 0.995) FAIL'."""
-    from onnxcompress.cli import _gate_value
+    from onnxcompress.cli_optimize import _gate_value
 
     assert _gate_value(0.99498, 0.995) == ("0.99498", "0.995")
     assert _gate_value(0.99612, 0.995) == ("0.9961", "0.995")
@@ -446,7 +446,7 @@ def test_quantize_auto_tries_both_modes_and_writes_one(digits, tmp_path):
 def test_internal_failure_is_not_reported_as_bad_input(tmp_path, monkeypatch):
     """A failure of the tool's own (here a library error inside the pipeline) exits 1 with one
     line, never with the bad-input code 2."""
-    import onnxcompress.cli as cli_mod
+    import onnxcompress.cli_optimize as cli_mod
 
     def boom(*a, **k):
         raise RuntimeError("Failed to serialize proto")
@@ -457,3 +457,44 @@ def test_internal_failure_is_not_reported_as_bad_input(tmp_path, monkeypatch):
     assert res.exit_code == 1, res.output
     assert "internal error" in res.output and "Failed to serialize proto" in res.output
     assert "Traceback" not in res.output
+
+
+def test_root_help_lists_each_lazy_command_with_its_own_first_line():
+    """The root help prints optimize/recipe from cli_common.LAZY_COMMANDS without importing them:
+    each line there must be the first line of the command's own help."""
+    import importlib
+
+    import typer.main
+
+    from onnxcompress.cli_common import LAZY_COMMANDS
+
+    for name, (module, short) in LAZY_COMMANDS.items():
+        cmd = typer.main.get_group(importlib.import_module(module).commands).get_command(None, name)
+        assert cmd is not None, name
+        assert cmd.help.strip().splitlines()[0] == short, name
+    r = CliRunner().invoke(app, ["--help"], terminal_width=200)
+    assert r.exit_code == 0
+    for name, (_, short) in LAZY_COMMANDS.items():
+        assert short in r.output
+
+
+def test_root_help_and_light_commands_do_not_import_onnx():
+    """`onnxcompress --help`, `--version` and the help of the commands that need no declarations
+    start without onnx, onnx-ir or ONNX Runtime (the lazy root group, PEP 562 in __init__);
+    optimize's help loads them."""
+    code = ("import sys\nfrom onnxcompress.cli import app\n"
+            "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('onnx', 'onnx_ir', 'onnxruntime', 'onnxscript') if m in sys.modules))")
+    for args, heavy in ((["--help"], "[]"), (["--version"], "[]"), (["bench", "--help"], "[]"),
+                        (["tune", "--help"], "[]"), (["optimize", "--help"], None)):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        line = next(x for x in r.stdout.splitlines() if x.startswith("HEAVY"))
+        if heavy is None:
+            assert "onnx_ir" in line, (args, line)
+        else:
+            assert line == f"HEAVY {heavy}", (args, line)
+
+
+def test_a_mistyped_lazy_command_is_suggested():
+    r = CliRunner().invoke(app, ["optimze"])
+    assert r.exit_code == 2 and "Did you mean 'optimize'?" in r.output

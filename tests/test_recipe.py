@@ -53,7 +53,7 @@ def test_every_stage_declares_typed_params_with_help():
 
 
 def test_each_cli_flag_maps_to_exactly_one_declared_param():
-    cmd = typer.main.get_command(app).commands["optimize"]
+    cmd = typer.main.get_command(app).get_command(None, "optimize")  # a lazy command: loaded here
     flags = {o: prm.name for prm in cmd.params for o in (*prm.opts, *prm.secondary_opts) if o.startswith("--")}
     own = {"--output", "--recipe", "--report", "--html", "--quiet",
            "--image-size", "--mean", "--std", "--layout", "--channels"}  # image flags: ImageSpec's params
