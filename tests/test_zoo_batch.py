@@ -206,7 +206,7 @@ def test_key_covers_content_not_paths(zoo_dir, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- runs
 
 
-def test_corrupt_and_non_onnx_rows_fail_rest_succeed(zoo_dir):
+def test_corrupt_and_non_onnx_rows_fail_rest_succeed(zoo_dir, screenshot):
     p = _manifest(zoo_dir, DIGITS + MLPS + """
         [models.corrupt]
         path = "corrupt.onnx"
@@ -236,6 +236,7 @@ def test_corrupt_and_non_onnx_rows_fail_rest_succeed(zoo_dir):
     assert "FAILED (input)" in md and "not a readable ONNX model" in md
     html = (out / "zoo_report.html").read_text()
     assert "not a readable ONNX model" in html and "<table>" in html
+    screenshot(out / "zoo_report.html")  # the page, failed rows included, renders in a browser
     assert by["digits", "dyn"]["accuracy_candidate"] is not None
     assert not (out / ".work").exists() or not any((out / ".work").iterdir())
 
