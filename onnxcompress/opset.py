@@ -24,7 +24,8 @@ def min_ir_version(opset: int) -> int:
     return onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
 
 
-def upgrade_opset(model: ir.Model, target: int, samples: list[dict[str, np.ndarray]], *, rtol: float = 1e-5) -> tuple[ir.Model, dict]:
+def upgrade_opset(model: ir.Model, target: int, samples: list[dict[str, np.ndarray]], *, rtol: float = 1e-5,
+                  ref: list | None = None) -> tuple[ir.Model, dict]:
     """Return ``model`` converted to default-domain opset ``target`` (>= current), checked.
 
     Args:
@@ -32,6 +33,7 @@ def upgrade_opset(model: ir.Model, target: int, samples: list[dict[str, np.ndarr
         target: wanted opset of the default domain.
         samples: feed dicts used to compare outputs before/after.
         rtol: allowed max|Δ| / max|ref| per output.
+        ref: ``model``'s outputs on ``samples`` when already known (the checks before), saving a run.
 
     Returns:
         ``(model, info)`` with ``info = {"from": old, "to": new, "ir_version": ..., "max_rel_err": ...}``.
@@ -71,7 +73,8 @@ def upgrade_opset(model: ir.Model, target: int, samples: list[dict[str, np.ndarr
             "upsample_converted": len(upsample_outputs)}
     if samples:
         try:
-            ref = reference_outputs(model, samples)
+            if ref is None:
+                ref = reference_outputs(model, samples)
             got = reference_outputs(new, samples)
         except Exception as exc:
             raise ConversionError(f"opset {current} -> {target}: converted model does not run ({exc})") from None

@@ -37,7 +37,7 @@ from .inspect import summarize
 from .model_io import check_model, check_output_path, external_data_files, load_model, save_model
 from .opset import upgrade_opset
 from .progress import ProgressEvent, listening
-from .passes.base import PassContext, PassReport, Scope, run_passes, snapshot
+from .passes.base import PassContext, PassReport, Scope, run_passes_ref, snapshot
 from .passes.prune_nm import storage_report
 from .passes.registry import prepare_passes
 from .recipe import Recipe, RecipeError
@@ -449,9 +449,9 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
     int8 = None
     ref0, run.probe_ref = run.probe_ref, None  # the input's outputs: valid until the model changes
     if r.stage("fuse") is None:  # what every later pass expects, fused or not
-        model, reps = run_passes(model, prepare_passes(ctx), ctx.check_samples, structural=run.structural, ref=ref0)
+        model, reps, ref0 = run_passes_ref(model, prepare_passes(ctx), ctx.check_samples, structural=run.structural,
+                                           ref=ref0)
         reports += reps
-        ref0 = None
     for st in r.stages:
         spec = st.spec
         if spec.needs_data and r.data.calibration is None:
@@ -459,9 +459,9 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
             continue
         opset = model.opset_imports.get("", 1)
         if spec.min_opset and opset < spec.min_opset:
-            ref0 = None
             run.say(f"upgrading opset {opset} -> {spec.min_opset}")
-            model, info = upgrade_opset(model, spec.min_opset, ctx.check_samples)
+            model, info = upgrade_opset(model, spec.min_opset, ctx.check_samples, ref=ref0)
+            ref0 = None
             run.report["opset_upgrade"] = info
         run.say(spec.describe(st.config) if spec.describe else st.name)
         start = None
@@ -472,9 +472,12 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
             start = snapshot(model) if r.gates.fallback and (r.gates.any or floor_fb) else None
             ctx.cache = {}
         passes = spec.passes(st.config, ctx)
-        model, reps = run_passes(model, passes, ctx.check_samples if spec.checked else [],
-                                 structural=run.structural if spec.checked else None, ref=ref0 if spec.checked else None)
-        ref0 = None
+        # the outputs of the model as it stands carry over from one checked stage to the next
+        model, reps, ref0 = run_passes_ref(model, passes, ctx.check_samples if spec.checked else [],
+                                           structural=run.structural if spec.checked else None,
+                                           ref=ref0 if spec.checked else None)
+        if not spec.checked:
+            ref0 = None
         reports += [x for x in reps if not spec.quiet or x.changed or x.reverted]
         if spec.int8:
             if reps[0].reverted:

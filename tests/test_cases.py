@@ -576,3 +576,20 @@ def test_case24_no_in_memory_serialisation_over_2gb(mode, tmp_path, monkeypatch)
     check_accuracy(run)
     check_quantized(run)
     assert (run.out_path.parent / "out.onnx.data").is_file()
+
+
+def test_case22_the_upgrade_reuses_the_checked_outputs(tmp_path, monkeypatch):
+    """The opset upgrade before int8 compares the converted model with the outputs that the
+    clean-up stage's checks already have, instead of running the model before it again."""
+    import onnxcompress.opset as opset_mod
+    from onnxcompress.api import OptimizeOptions, optimize
+
+    case = build_case22()
+    src = tmp_path / "in.onnx"
+    onnx.save(case.model, str(src))
+    runs = []
+    orig = opset_mod.reference_outputs
+    monkeypatch.setattr(opset_mod, "reference_outputs", lambda m, s: runs.append(1) or orig(m, s))
+    res = optimize(src, tmp_path / "out.onnx", OptimizeOptions(quantize="static", latency=False))
+    assert res.report["opset_upgrade"]["to"] >= 13 and res.report["opset_upgrade"]["max_rel_err"] <= 1e-5
+    assert len(runs) == 1  # the converted model only

@@ -88,3 +88,26 @@ def test_fallback_keeps_worst_nodes_in_float_until_the_gate_holds(digits, tmp_pa
     assert res.report["validation"][0]["outputs"][0]["cosine"] >= target
     sqnr = next(p for p in plain.report["passes"] if p["name"] == "quantize-static")["counts"]["node_sqnr_db"]
     assert fb["kept_in_float"][0] == min(sqnr, key=sqnr.get)  # the least int8-friendly node goes first
+
+
+def test_fallback_rounds_reuse_the_per_node_checks_and_write_the_same_model(digits, tmp_path, monkeypatch):
+    """The rounds re-quantize the same pre-int8 model on the same recordings: each node's one-node
+    SQNR (and bias shift) is computed once, in the first quantization, and the written model is
+    the one the rounds would write with every check recomputed."""
+    from onnxcompress.passes.quantize import static as static_mod
+
+    opts = OptimizeOptions(quantize="static", calibration=digits["calib"], validation=digits["test"], latency=False)
+    plain = optimize(digits["model"], tmp_path / "a.onnx", opts)
+    opts.min_cosine = 1 - (1 - plain.report["validation"][0]["outputs"][0]["cosine"]) / 4
+    calls = []
+    orig = static_mod.StaticQuantizePass._node_sqnr
+    monkeypatch.setattr(static_mod.StaticQuantizePass, "_node_sqnr",
+                        lambda self, node, *a: calls.append(node.name) or orig(self, node, *a))
+    res = optimize(digits["model"], tmp_path / "b.onnx", opts)
+    assert len(res.report["fallback"]["rounds"]) >= 1
+    assert len(calls) == len(set(calls)), calls  # never twice for one node
+    monkeypatch.setattr(static_mod.StaticQuantizePass, "_node_sqnr_cached",
+                        lambda self, node, *a: orig(self, node, *a))  # no memo: every round recomputes
+    again = optimize(digits["model"], tmp_path / "c.onnx", opts)
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    assert again.report["fallback"]["kept_in_float"] == res.report["fallback"]["kept_in_float"]

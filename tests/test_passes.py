@@ -290,3 +290,23 @@ def test_fusion_keeps_node_names_of_sibling_branches():
     assert reps[0].counts["batchnorm_folded"] == 2
     by_out = {n.output[0]: n.name for n in out.graph.node}
     assert by_out == {"ya": "/a/Conv", "yb": "/b/Conv"}
+
+
+def test_run_passes_ref_returns_the_outputs_of_the_model_it_returns():
+    """The next stage's checks start from these outputs instead of running the model again: they
+    must be the returned model's, and ``None`` once an unchecked pass changed it."""
+    from onnxcompress.passes.base import reference_outputs, run_passes_ref
+
+    m = G.mlp()
+    x = [{"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}]
+    model = ir.from_proto(m)
+    ir.passes.common.ShapeInferencePass()(model)
+    model, reps, ref = run_passes_ref(model, [MatMulAddToGemmPass()], x)
+    assert reps[0].changed and ref is not None
+    got = reference_outputs(model, x)
+    assert all(np.array_equal(ref[0][k], got[0][k]) for k in got[0])
+    same, _, ref2 = run_passes_ref(model, [MatMulAddToGemmPass()], x, ref=ref)  # nothing to fuse: ref carries
+    assert ref2 is ref
+    ctx = PassContext()
+    _, reps3, ref3 = run_passes_ref(same, [MagnitudePrunePass(ctx, sparsity=0.5, min_size=1)], x, ref=ref)
+    assert reps3[0].changed and ref3 is None  # a lossy, unchecked rewrite: the outputs are not known

@@ -349,6 +349,15 @@ def _check(model: ir.Model, ref, samples, structural: str | None = None) -> tupl
 
 def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]], *,
                structural: str | None = None, ref: list | None = None) -> tuple[ir.Model, list[PassReport]]:
+    """Run passes in order, checking each ``checked`` pass on ``samples`` (:func:`run_passes_ref`,
+    without the outputs). Returns ``(model, reports)``."""
+    model, reports, _ = run_passes_ref(model, passes, samples, structural=structural, ref=ref)
+    return model, reports
+
+
+def run_passes_ref(model: ir.Model, passes: list[CompressionPass], samples: list[dict[str, np.ndarray]], *,
+                   structural: str | None = None,
+                   ref: list | None = None) -> tuple[ir.Model, list[PassReport], list | None]:
     """Run passes in order, checking each ``checked`` pass on ``samples``.
 
     ``structural`` (``"checker"`` or ``"runtime"``): without samples, checked passes are still
@@ -364,7 +373,10 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
     rewrites, judged later by validation) only make the reference outputs stale.
 
     Returns:
-        ``(model, reports)``; ``model`` may be a new object (a snapshot) when a pass was reverted.
+        ``(model, reports, ref)``; ``model`` may be a new object (a snapshot) when a pass was
+        reverted; ``ref``: the outputs of the returned model on ``samples`` when known (the
+        last check's, or the ``ref`` given when nothing changed since), else ``None`` — the
+        next stage's checks start from it instead of running the model again.
     """
     reports: list[PassReport] = []
     # `ref`: outputs of `model` as it stands, when known
@@ -399,11 +411,13 @@ def run_passes(model: ir.Model, passes: list[CompressionPass], samples: list[dic
                 ref = got
             else:
                 model, ref, batch = _one_by_one(start, batch, ref, samples, structural)
+        elif changed:
+            ref = None  # changed and not run: the outputs are not known
         reports.extend(p.report for p in batch)
         i = j
     if len(passes) > 1:
         tick("running", len(passes), len(passes), "passes", weak=True)
-    return model, reports
+    return model, reports, ref if samples else None
 
 
 def _one_by_one(model: ir.Model, batch: list[CompressionPass], ref, samples, structural: str | None = None):
