@@ -337,7 +337,9 @@ def _probe(run: _Run, original: ir.Model, calib, val):
     given = d.calibration is not None or d.validation is not None
     check = calib[:4]
     try:
-        sess = make_session(original, optimize=False)  # as passes.base.reference_outputs
+        # as passes.base.reference_outputs; without ORT's arena (runtime.make_session): with it,
+        # PP-OCRv4 det's probe left ~200 MB held through every later stage
+        sess = make_session(original, optimize=False)
         outs = run_samples(sess, [*check, *val[:1]])
         run.probe_ref = outs[: len(check)] if check else None
         # the validation samples' outputs are the CPU validation's reference (the same session

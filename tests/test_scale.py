@@ -341,3 +341,14 @@ def test_recording_in_segments_carries_any_tensor_and_keeps_a_nodes_outputs_toge
     samples = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(2)]
     names = ["w", "x", "c1", "b", "a", "ra", "rb", "cat"]
     _assert_segments_equal_one_session(model, names, samples, budget=4 * 8 * 8 * 4)
+
+
+def test_reference_sessions_run_without_the_arena_deployed_ones_with_it():
+    """References and checks (optimizations off) run without ORT's memory arena, whose high mark
+    stayed held after the session was gone; sessions as deployed (and timed) keep it."""
+    from onnxcompress.runtime import make_session
+
+    m = ir.from_proto(G.mlp())
+    assert make_session(m, optimize=False).get_session_options().enable_cpu_mem_arena is False
+    assert make_session(m, optimize=True).get_session_options().enable_cpu_mem_arena is True
+    assert make_session(m, optimize=False, arena=True).get_session_options().enable_cpu_mem_arena is True

@@ -297,6 +297,8 @@ def _mse_threshold(h: _Hist, levels: int) -> float:
 #: the copies, the statistics): PP-OCRv4 det static, 2-core Xeon, whole run: 256 MB -> 1.27 GB
 #: peak, 8.3 s static stage; 128 MB -> 0.85 GB, 10.6 s (chunks cut after their values, :func:`_cut`)
 RECORD_BUDGET_BYTES = 128 << 20
+#: a chunk's session keeps ORT's memory arena only when it runs more samples than this
+ARENA_MIN_RUNS = 4
 #: values per chunk when their sizes cannot be inferred
 UNKNOWN_CHUNK = 32
 
@@ -432,7 +434,9 @@ def _chunk_major(model, chunks: list[list[str]], direct: list[str], samples):
 
     runs = len(chunks) * len(samples)
     for ci, chunk in enumerate(chunks):
-        sess = make_session(_cut(model, chunk), optimize=False) if chunk else None
+        # ORT's arena pays off over many runs; for a few (the per-node checks' two samples) it
+        # would only keep a high mark above what a run needs (runtime.make_session)
+        sess = make_session(_cut(model, chunk), optimize=False, arena=len(samples) > ARENA_MIN_RUNS) if chunk else None
         produced = {o.name for o in sess.get_outputs()} if sess else set()
         wanted = [c for c in chunk if c in produced]
         feeds_ok = {x.name for x in sess.get_inputs()} if sess else set()
