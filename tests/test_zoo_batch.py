@@ -268,6 +268,7 @@ def test_rerun_skips_everything_then_recipe_change_reruns_only_it(zoo_dir):
     fifth = run_zoo(p, out, only=["mlp_b"])
     assert fifth.executed == [] and [r["model"] for r in fifth.rows] == ["mlp_b", "mlp_b"]
     assert len(fifth.report["other_finished"]) == 4
+    assert "4 other finished task(s)" in (out / "zoo_report.md").read_text()  # the page says what it leaves out
 
 
 def test_kill9_midway_then_resume(zoo_dir):
@@ -728,6 +729,14 @@ def test_a_rerun_repairs_an_interrupted_fetch(zoo_dir):
     res = run_zoo(p, zoo_dir / "out", jobs=1)
     assert [r["status"] for r in res.rows] == ["ok"], res.rows
     assert (zoo_dir / "cache" / "m.npz").is_file()
+    # a truncated data file is not missing: the task fails on it and says how to have it rebuilt
+    data = zoo_dir / "cache" / "m.npz"
+    data.write_bytes(data.read_bytes()[:100])
+    res = run_zoo(p, zoo_dir / "out", jobs=1)
+    assert res.rows[0]["status"] == "failed" and "delete that file and rerun" in res.rows[0]["error"], res.rows
+    data.unlink()
+    res = run_zoo(p, zoo_dir / "out", jobs=1)
+    assert [r["status"] for r in res.rows] == ["ok"], res.rows
 
 
 def test_fetch_failure_names_the_cause_not_the_last_line(zoo_dir):

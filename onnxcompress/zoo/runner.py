@@ -428,6 +428,17 @@ def _run_ray(specs: list[dict], jobs: int | None, address: str | None, on_start:
             ray.shutdown()
 
 
+def _repair_hint(mf: Manifest, row: dict) -> None:
+    """A task that failed on a file its model's ``fetch`` commands make (a truncated download, a
+    corrupt data file): say how to have it rebuilt — fetch runs only for missing files."""
+    m = mf.models.get(row.get("model"))
+    err = row.get("error") or ""
+    if row.get("status") == "ok" or row.get("kind") != "input" or m is None or not m.fetch:
+        return
+    if any(p is not None and str(p) in err for p in (m.path, m.calibration, m.validation)):
+        row["error"] = err + " (delete that file and rerun: the manifest's fetch commands rebuild missing files)"
+
+
 def _failed(spec: dict, kind: str, msg: str) -> dict:
     return {"model": spec["model"], "recipe": spec["recipe"], "key": spec.get("key"), "status": "failed",
             "kind": kind, "error": msg, "wall_s": 0.0}
@@ -563,6 +574,7 @@ def run_zoo(
 
         def done(ev: str, row: dict) -> None:
             tid = f"{row['model']}/{row['recipe']}"
+            _repair_hint(mf, row)
             row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             rows[tid] = row
             executed.append(tid)
@@ -598,7 +610,10 @@ def run_zoo(
                        "failed": sum(r["status"] != "ok" for r in ordered), "ran": len(executed),
                        "cached": len(cached)},
             "notes": notes + ([f"latency measured with {jobs} tasks in parallel on {cpus} CPUs, "
-                               f"{threads} ORT thread(s) per task"] if jobs and jobs > 1 and to_run else []),
+                               f"{threads} ORT thread(s) per task"] if jobs and jobs > 1 and to_run else [])
+            + ([f"this report covers the selected tasks only: {len(extra)} other finished task(s) of the manifest "
+                "are listed under other_finished in zoo_report.json; a run without --only/--recipe reports every "
+                "task (finished ones from the cache)"] if extra else []),
             "rows": ordered,
             "other_finished": sorted(extra.values(), key=lambda e: (e["model"], e["recipe"])),
         }
