@@ -156,6 +156,33 @@ class BenchGroup:
 
 
 @dataclass
+class ModelFidelity:
+    """One model's task fidelity on the samples of ``--data`` (``benchmark(fidelity=True)``),
+    as deployed on the CPU provider (``ORT_ENABLE_ALL``).
+
+    Attributes:
+        label: the model's label (as in the groups).
+        output: the output compared: the first model's first output, or this model's first
+            when it has no output of that name (another architecture).
+        n_samples: samples run.
+        accuracy_pct: top-1 accuracy (%) of that output against the data's ``labels`` (one
+            per row of the rank-2 scores), or ``None``.
+        top1_agreement_pct: % of rows whose top-1 class equals the first model's (class
+            scores), or ``None``.
+        mean_cosine: cosine with the first model's output, averaged over samples.
+        error: why the model could not be measured (ONNX Runtime refused it), else ``None``.
+    """
+
+    label: str
+    output: str | None = None
+    n_samples: int = 0
+    accuracy_pct: float | None = None
+    top1_agreement_pct: float | None = None
+    mean_cosine: float | None = None
+    error: str | None = None
+
+
+@dataclass
 class BenchResult:
     """What :func:`benchmark` returns; :meth:`to_dict` gives the JSON report."""
 
@@ -164,6 +191,8 @@ class BenchResult:
     machine: dict
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: per model, in order: task fidelity on ``--data`` (``fidelity=True``), else empty
+    fidelity: list[ModelFidelity] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = _jsonable(asdict(self))
@@ -559,6 +588,7 @@ def benchmark(
     top: int = 10,
     progress: Progress | None = None,
     block: int | None = None,
+    fidelity: bool = False,
 ) -> BenchResult:
     """Time ``models`` interleaved with ONNX Runtime and measure their memory.
 
@@ -618,6 +648,8 @@ def benchmark(
         raise OnnxCompressError(f"--warmup must be >= 0 (got {warmup})")
     if block is not None and block < 1:
         raise OnnxCompressError(f"--block must be >= 1 (got {block})")
+    if fidelity and data is None:
+        raise DataError("--fidelity needs --data: the samples (and labels) to measure each model on")
     prog = progress or (lambda *a: None)
     provs, skipped = resolve_providers(list(providers))
     labels = _labels(paths)
@@ -664,14 +696,76 @@ def benchmark(
                     raise OnnxCompressError(f"profiling {labels[i]} on {g.provider} failed: {exc}") from None
     for g in groups:
         _ratios(g)
+    fid = _fidelity(paths, labels, specs, data, threads, prog, notes) if fidelity else []
     config = {"models": [str(p) for p in paths], "labels": labels, "providers_requested": list(providers),
               "providers": provs, "threads": threads, "batches": batches, "warmup": warmup, "runs": runs,
               "duration_s": duration, "data": str(data) if data else None,
               "inputs": "data" if data else "synthesized", "shapes": {k: list(v) for k, v in (shapes or {}).items()},
               "memory": memory, "memory_repeats": memory_repeats, "profile": profile, "timing": "interleaved in blocks of " + (
                   str(block) if block is not None else ", ".join(str(g.block) for g in groups) + " (auto)")}
+    config["fidelity"] = fidelity
     return BenchResult(groups=groups, config=config, machine=machine_info(), skipped=skipped,
-                       notes=list(dict.fromkeys(notes)))
+                       notes=list(dict.fromkeys(notes)), fidelity=fid)
+
+
+#: at most this many samples of ``--data`` are run for ``--fidelity``; and the first model's
+#: outputs kept for the comparison stay under FIDELITY_MAX_BYTES (fewer samples otherwise, noted)
+FIDELITY_MAX_SAMPLES = 1000
+FIDELITY_MAX_BYTES = 256 << 20
+
+
+def _fidelity(paths: list[Path], labels: list[str], specs: list, data, threads, prog, notes: list[str]) -> list[ModelFidelity]:
+    """Each model's task fidelity on the samples of ``data`` (:class:`ModelFidelity`): the
+    architectures-side-by-side figure (original, pruned, low-rank, distilled, int8) that
+    latency alone does not give. Runs on the CPU provider as deployed, outside the timing."""
+    from .data import load_npz
+    from .validate import output_metrics
+
+    out: list[ModelFidelity] = []
+    ref: list | None = None
+    ref_name = None
+    n_max = FIDELITY_MAX_SAMPLES
+    truth = None
+    for i, (p, sp) in enumerate(zip(paths, specs)):
+        prog(f"fidelity {labels[i]}", i, len(paths))
+        samples, extras = load_npz(data, sp, what=f"--fidelity ({p.name})")
+        samples = samples[:n_max]
+        f = ModelFidelity(label=labels[i])
+        try:
+            sess = make_session(str(p), optimize=True, threads=threads)
+            names = [o.name for o in sess.get_outputs()]
+            name = ref_name if ref_name in names else names[0]
+            outs = []
+            for k, feed in enumerate(samples):
+                outs.append(sess.run([name], feed)[0])
+                if i == 0 and k == 0:  # the first model's outputs are kept: bound their bytes
+                    n_max = max(1, min(n_max, FIDELITY_MAX_BYTES // max(1, outs[0].nbytes)))
+                    if n_max < len(samples):
+                        notes.append(f"--fidelity: {n_max} of {len(samples)} samples (the first model's outputs are "
+                                     f"kept for the comparison, at most {FIDELITY_MAX_BYTES >> 20} MiB)")
+                        samples = samples[:n_max]
+            del sess
+        except Exception as exc:  # ORT's refusal, whatever its type: this model's row says so
+            f.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            out.append(f)
+            continue
+        f.output, f.n_samples = name, len(outs)
+        if i == 0:
+            ref, ref_name = outs, name
+            truth = extras.get("labels")
+        rows = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs]) if outs and outs[0].ndim == 2 else None
+        if truth is not None and rows is not None and len(truth) >= rows.shape[0] and rows.shape[1] > 1:
+            t = np.asarray(truth).reshape(-1)[: rows.shape[0]]
+            f.accuracy_pct = float(100.0 * np.mean(rows.argmax(-1) == t))
+        if ref is not None and len(ref) >= len(outs):
+            try:
+                m = output_metrics(name, ref[: len(outs)], outs)
+                f.top1_agreement_pct, f.mean_cosine = m.top1_agreement, m.mean_cosine
+            except Exception:  # noqa: BLE001 - shapes that do not compare (another head): left empty
+                pass
+        out.append(f)
+    prog("fidelity", len(paths), len(paths))
+    return out
 
 
 def _short(provider: str) -> str:

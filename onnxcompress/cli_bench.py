@@ -67,6 +67,11 @@ def bench(
     top: int = typer.Option(10, "--top", help="Op types listed by --profile."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS on the CPU provider (one child process per model and batch size)."),
     memory_repeats: int = typer.Option(1, "--memory-repeats", help="Child processes per model and batch size for peak RSS (median)."),
+    fidelity: bool = typer.Option(False, "--fidelity", help="Also run the samples of --data (at most 1000) through "
+                                  "each model as deployed on the CPU, outside the timing: accuracy with the data's "
+                                  "labels, top-1 agreement and mean cosine of the first output against the first "
+                                  "model's; the HTML page charts them against the latency ratio (architectures side "
+                                  "by side)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write every figure, machine and versions as JSON."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib, jinja2)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors (and --report/--html files)."),
@@ -88,7 +93,7 @@ def bench(
         result = _call(benchmark, models, providers=_providers(providers), threads=threads, batches=batches,
                        warmup=warmup, runs=runs, duration=duration, data=data, shapes=shapes or None,
                        memory=memory, memory_repeats=memory_repeats, profile=profile, top=top, progress=prog,
-                       block=block)
+                       block=block, fidelity=fidelity)
     rep = result.to_dict()
     _call(_outputs, rep, report, html)
     if quiet:
@@ -97,12 +102,32 @@ def bench(
         console.print(f"[yellow]skipped:[/] {escape(s)}", highlight=False)
     for g in result.groups:
         _render_group(g)
+    if result.fidelity:
+        _render_fidelity(result)
     for n in result.notes:
         console.print(f"[dim]note:[/] {escape(n)}", highlight=False)
 
 
 def _ratio(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _render_fidelity(result) -> None:
+    g = result.groups[0]
+    first = result.fidelity[0].label
+    n = max((f.n_samples for f in result.fidelity), default=0)
+    t = Table(title=f"task fidelity on {n} samples of --data (CPU, as deployed), against {first}; "
+                    f"latency ratio from {g.provider.replace('ExecutionProvider', '')}, batch {g.batch}")
+    for col in ("model", "output", "accuracy %", f"top-1 agreement with {first} %", f"mean cosine with {first}",
+                "latency ratio (lower is faster)", "size ratio"):
+        t.add_column(col, justify="left" if col in ("model", "output") else "right")
+    for f, m in zip(result.fidelity, g.models):
+        if f.error:
+            t.add_row(f.label, "-", f"[red]{escape(f.error[:60])}[/]", "", "", "", "")
+            continue
+        t.add_row(f.label, escape(f.output or "-"), _ratio(f.accuracy_pct, ".2f"), _ratio(f.top1_agreement_pct, ".1f"),
+                  _ratio(f.mean_cosine, ".5f"), _ratio(m.latency_ratio), _ratio(m.size_ratio))
+    out_console.print(t)
 
 
 def _render_group(g) -> None:

@@ -228,7 +228,55 @@ def _bench_plots(rep: dict) -> list[dict]:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         fig.tight_layout()
         plots.append({"title": "Size vs latency", "png": _png(fig), "caption": "Size vs median latency of each model."})
+    fid = _fidelity_plot(rep)
+    if fid:
+        plots.append(fid)
     return plots
+
+
+def _fidelity_plot(rep: dict) -> dict | None:
+    """``bench --fidelity``: task metric against latency ratio, marker area by file size — the
+    architectures side by side (original, pruned, low-rank, distilled, each with or without int8)."""
+    from matplotlib.figure import Figure
+
+    fid = [f for f in rep.get("fidelity") or [] if not f.get("error")]
+    g = rep["groups"][0] if rep.get("groups") else None
+    if not fid or g is None:
+        return None
+    by_label = {m["label"]: m for m in g["models"]}
+    for key, what in (("accuracy_pct", "accuracy (%)"), ("top1_agreement_pct", f"top-1 agreement with {fid[0]['label']} (%)"),
+                      ("mean_cosine", f"mean cosine with {fid[0]['label']}")):
+        pts = [(f, by_label.get(f["label"])) for f in fid]
+        pts = [(f, m) for f, m in pts if m and f.get(key) is not None and m.get("latency_ratio")]
+        if len(pts) == len(fid):
+            break
+    else:
+        return None
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    biggest = max(m["file_bytes"] for _, m in pts) or 1
+    labels = list(rep.get("config", {}).get("labels") or [])
+    for i, (f, m) in enumerate(pts):
+        c = _colour(labels.index(f["label"]) if f["label"] in labels else i)
+        ax.scatter([m["latency_ratio"]], [f[key]], s=40 + 460 * m["file_bytes"] / biggest, color=c, edgecolors="k",
+                   alpha=0.85, zorder=3, label=f"{f['label']} ({_fmt_bytes(m['file_bytes'])})")
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--", zorder=1)
+    ax.axhline(pts[0][0][key], color="grey", lw=0.8, ls="--", zorder=1)
+    xs = [m["latency_ratio"] for _, m in pts]
+    ax.set_xlim(min(xs + [1.0]) * 0.85, max(xs + [1.0]) * 1.15)
+    ys = [f[key] for f, _ in pts]
+    pad = (max(ys) - min(ys)) * 0.2 or abs(max(ys)) * 0.01 or 0.01
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    ax.set_xlabel(f"latency ratio vs {pts[0][0]['label']} ({_short(g['provider'])}, batch {g['batch']}; lower is faster)")
+    ax.set_ylabel(what)
+    ax.set_title("Task fidelity vs latency (upper left is better; marker area = file size)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=0.5)
+    fig.tight_layout()
+    n = max(f["n_samples"] for f, _ in pts)
+    return {"title": "Task fidelity vs latency", "png": _png(fig),
+            "caption": f"{what} on {n} samples of --data (CPU, as deployed) against the latency ratio; dashed: "
+                       f"{pts[0][0]['label']}'s values."}
 
 
 def _validate_plots(rep: dict) -> list[dict]:

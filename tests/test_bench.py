@@ -372,3 +372,32 @@ def test_ratio_interval_resamples_whole_turns():
     lo_r, hi_r = _bootstrap_ratio_ci(a, b, block=1)
     assert lo_t <= float(np.median(b) / np.median(a)) <= hi_t
     assert (hi_t - lo_t) > 1.5 * (hi_r - lo_r)
+
+
+def test_fidelity_puts_architectures_side_by_side(tmp_path, digits, screenshot):
+    """bench --fidelity: each model's accuracy on the data's labels and its agreement with the
+    first, beside its latency ratio — the same accuracy optimize's validation reports."""
+    from onnxcompress.api import OptimizeOptions, optimize
+
+    int8 = tmp_path / "d8.onnx"
+    res = optimize(digits["model"], int8, OptimizeOptions(quantize="static", calibration=digits["calib"],
+                                                          validation=digits["test"], latency=False))
+    broken = _broken_copy(digits["model"], tmp_path / "broken.onnx")
+    rep, html = tmp_path / "b.json", tmp_path / "b.html"
+    r = _invoke("bench", digits["model"], int8, broken, "--data", digits["test"], "--fidelity", "--runs", 20,
+                "--warmup", 1, "--no-memory", "--report", rep, "--html", html)
+    assert r.exit_code == 0, r.output
+    fid = json.loads(rep.read_text())["fidelity"]
+    assert [f["label"] for f in fid] == ["digits_cnn.onnx", "d8.onnx", "broken.onnx"]
+    v = res.report["validation"][0]
+    assert fid[0]["accuracy_pct"] == pytest.approx(v["accuracy_reference"])
+    assert fid[1]["accuracy_pct"] == pytest.approx(v["accuracy_candidate"])
+    assert fid[0]["top1_agreement_pct"] == 100.0 and fid[0]["mean_cosine"] == pytest.approx(1.0)
+    assert fid[2]["mean_cosine"] < 0.999 and fid[2]["n_samples"] == 450
+    assert "task fidelity on 450 samples" in r.output
+    page = html.read_text()
+    assert "Task fidelity on the samples of --data" in page and "Task fidelity vs latency" in page
+    screenshot(html)
+    # without data there is nothing to measure: a one-line error, exit 2
+    r = _invoke("bench", digits["model"], "--fidelity", "--runs", 5)
+    assert r.exit_code == 2 and "--fidelity needs --data" in r.output
