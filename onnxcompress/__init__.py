@@ -22,11 +22,16 @@ __all__ = [*_PUBLIC, "__version__"]
 
 
 def __getattr__(name: str):
+    import importlib
+    import importlib.util
+
     module = _PUBLIC.get(name)
     if module is None:
-        raise AttributeError(f"module 'onnxcompress' has no attribute {name!r}")
-    import importlib
-
+        # a submodule (``onnxcompress.api``), reachable as an attribute as with the eager imports
+        # of 0.1; anything else is a missing name
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'onnxcompress' has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

@@ -59,7 +59,7 @@ LAZY_COMMANDS = {
     "recipe": ("onnxcompress.cli_recipe", "Recipes: what `optimize` runs, as TOML."),
 }
 #: the order of the root help
-COMMAND_ORDER = ("inspect", "optimize", "zoo", "bench", "validate", "recipe", "tune", "distill", "export")
+COMMAND_ORDER = ("inspect", "optimize", "zoo", "bench", "validate", "tune", "distill", "export", "recipe")
 
 
 class _LazyGroup(TyperGroup):

@@ -474,10 +474,13 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
             start = snapshot(model) if r.gates.fallback and (r.gates.any or floor_fb) else None
             ctx.cache = {}
         passes = spec.passes(st.config, ctx)
-        # the outputs of the model as it stands carry over from one checked stage to the next
+        # the outputs of the model as it stands carry over from one checked stage to the next;
+        # an unchecked stage (int8, pruning) changes the model: they are dropped before it runs
+        if not spec.checked:
+            ref0 = None
         model, reps, ref0 = run_passes_ref(model, passes, ctx.check_samples if spec.checked else [],
                                            structural=run.structural if spec.checked else None,
-                                           ref=ref0 if spec.checked else None)
+                                           ref=ref0)
         if not spec.checked:
             ref0 = None
         reports += [x for x in reps if not spec.quiet or x.changed or x.reverted]

@@ -498,3 +498,15 @@ def test_root_help_and_light_commands_do_not_import_onnx():
 def test_a_mistyped_lazy_command_is_suggested():
     r = CliRunner().invoke(app, ["optimze"])
     assert r.exit_code == 2 and "Did you mean 'optimize'?" in r.output
+
+
+def test_the_package_names_and_submodules_load_on_use():
+    """PEP 562: the public names load on first use; submodules stay reachable as attributes (as
+    the eager imports of 0.1 made them); anything else is an AttributeError."""
+    code = ("import onnxcompress as oc, sys\n"
+            "assert 'onnxcompress.api' not in sys.modules\n"
+            "assert oc.optimize is oc.api.optimize and oc.compare is oc.validate.compare\n"
+            "assert oc.runtime.make_session and oc.OnnxCompressError.__name__ == 'OnnxCompressError'\n"
+            "try:\n    oc.no_such_name\nexcept AttributeError:\n    print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "ok", r.stderr
