@@ -3,6 +3,7 @@ memory/time limits, and the Ray executor. Uses the committed digits CNN and tiny
 models only (never zoo_cache)."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -808,3 +809,49 @@ def test_zoo_chart_labels_do_not_overlap():
         for j in range(i + 1, len(boxes)):
             assert not boxes[i].overlaps(boxes[j]), (i, j)
     plt.close(fig)
+
+
+def test_a_tune_budget_per_model_runs_as_a_zoo_task(zoo_dir):
+    """[models.X] tune = {...}: the model's budget search runs as the task X / tune beside its
+    recipes; met -> ok with the model written; an impossible budget -> failed (budget), naming it."""
+    pytest.importorskip("optuna")
+    p = _manifest(zoo_dir, DIGITS.replace('validation = "digits_test.npz"', 'validation = "digits_test.npz"\n'
+                                          'tune = { metric = "top1", max_drop = 5.0, trials = 2 }'),
+                  defaults='recipes = ["fuse"]')
+    res = run_zoo(p, zoo_dir / "out", jobs=1)
+    by = {r["recipe"]: r for r in res.rows}
+    assert set(by) == {"fuse", "tune"}
+    t = by["tune"]
+    assert t["status"] == "ok", t
+    assert t["tune"]["trials"] == 2 and t["tune"]["drop"] <= 5.0 and t["bytes_after"] < t["bytes_before"]
+    out = zoo_dir / "out" / "models" / "digits" / "tune.onnx"
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert "ok (budget met: top1 drop" in (zoo_dir / "out" / "zoo_report.md").read_text()
+    again = run_zoo(p, zoo_dir / "out", jobs=1)  # cached by the budget's content
+    assert again.executed == []
+    # an impossible budget: the row fails and says which constraint, other tasks are unaffected
+    p = _manifest(zoo_dir, DIGITS.replace('validation = "digits_test.npz"', 'validation = "digits_test.npz"\n'
+                                          'tune = { max_drop = 0.0, max_size_mb = 0.000001, trials = 1 }'),
+                  defaults='recipes = ["fuse"]')
+    res = run_zoo(p, zoo_dir / "out2", jobs=1, recipes=["tune"])
+    assert [r["recipe"] for r in res.rows] == ["tune"]
+    row = res.rows[0]
+    assert row["status"] == "failed" and row["kind"] == "budget" and "size" in row["error"], row
+
+
+@pytest.mark.parametrize("tune, needle", [
+    ('tune = { metric = "bogus" }', "--metric must be one of"),
+    ('tune = { trials = 0 }', "trials must be >= 1"),
+    ('tune = { max_dorp = 1.0 }', "unknown key(s) ['max_dorp']"),
+    ('tune = "fast"', "'tune' must be a table"),
+])
+def test_a_bad_tune_table_is_a_manifest_error(zoo_dir, tune, needle):
+    p = _manifest(zoo_dir, DIGITS + tune + "\n")
+    with pytest.raises(ManifestError, match=re.escape(needle)):
+        load_manifest(p)
+
+
+def test_tune_is_not_a_recipe_name(zoo_dir):
+    p = _manifest(zoo_dir, DIGITS, recipes=RECIPES + "[recipes.tune]\nquantize = \"dynamic\"\n")
+    with pytest.raises(ManifestError, match="names a model's budget search"):
+        load_manifest(p)

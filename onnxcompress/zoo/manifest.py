@@ -37,8 +37,16 @@ Layout (every table but ``[models]`` optional; see ``models/zoo.toml``)::
     options = { exclude_op_types = ["Resize"] }         # this model, every recipe
     image = { size = [224, 224], mean = [123.7, 116.3, 103.5], std = [58.4, 57.1, 57.4] }  # image folders
     timeout_s = 600                                     # this model's limits
+    tune = { metric = "task", max_drop = 1.0, min_speedup = 1.2, trials = 10 }   # a budget search task
     [models.ppocr_det.overrides.int8-static]           # this model, one recipe
     calibration_method = "percentile"
+
+A model's ``tune`` table (or ``[defaults] tune``; ``tune = false`` turns that off for a model)
+adds the task ``<model> / tune``: ``onnxcompress tune`` with that budget (``metric``,
+``max_drop``, ``min_speedup``, ``max_size_mb``, as :class:`onnxcompress.tune.Budget`) and
+``trials`` (default 10) / ``time_budget_s``, on the model's calibration and validation data. Its row
+is ok when the budget was met (the chosen model is written); else it fails with the constraint
+missed (kind ``budget``). ``tune`` is therefore not a recipe name.
 
 Options are merged in this order (later wins): ``OptimizeOptions`` defaults, ``[defaults]
 options``, the recipe, the model's ``options``, the model's ``overrides.<recipe>``; each task
@@ -82,7 +90,14 @@ _PER_MODEL_ONLY = ("calibration", "validation", "image")
 _FLAT = {k: p for k, p in P.params_of(OptimizeOptions).items() if k not in _PER_MODEL_ONLY}
 _RUN_KEYS = {"jobs": "int", "timeout_s": "float?", "memory_limit_mb": "int?", "threads": "int?"}
 _MODEL_KEYS = {"path", "calibration", "validation", "fetch", "recipes", "options", "overrides", "image",
-               "timeout_s", "memory_limit_mb", "description"}
+               "timeout_s", "memory_limit_mb", "description", "tune"}
+#: the task name of a model's budget search (``tune = {...}``): not a recipe name
+TUNE_TASK = "tune"
+#: ``tune = {...}`` keys (:class:`onnxcompress.tune.Budget` fields, then the search's own) and types
+_TUNE_KEYS = {"metric": "str", "max_drop": "float", "min_speedup": "float", "max_size_mb": "float",
+              "trials": "int", "time_budget_s": "float"}
+#: trials of a zoo tune task when its table does not say
+TUNE_TRIALS = 10
 _IMAGE_KEYS = {f.name for f in dataclasses.fields(ImageSpec)}
 
 
@@ -116,6 +131,8 @@ class ModelEntry:
     timeout_s: float | None = None
     memory_limit_mb: int | None = None
     description: str = ""
+    #: the budget of the model's ``tune`` task (``onnxcompress tune``'s options), or ``None``
+    tune: dict[str, Any] | None = None
 
 
 @dataclass
@@ -186,15 +203,46 @@ class Manifest:
             if name not in self.models:
                 raise ManifestError(f"--only {name}: no such model in {self.path} (models: {', '.join(self.models)})")
         for r in recipes or []:
-            if r not in self.recipes:
-                raise ManifestError(f"--recipe {r}: no such recipe in {self.path} (recipes: {', '.join(self.recipes)})")
+            if r not in self.recipes and r != TUNE_TASK:
+                raise ManifestError(f"--recipe {r}: no such recipe in {self.path} (recipes: "
+                                    f"{', '.join([*self.recipes, TUNE_TASK])})")
         out = []
         for name, m in self.models.items():
             if only and name not in only:
                 continue
             for r in (recipes or m.recipes):
-                out.append((name, r))
+                if r != TUNE_TASK:
+                    out.append((name, r))
+            if m.tune is not None and (recipes is None or TUNE_TASK in recipes):
+                out.append((name, TUNE_TASK))  # the model's budget search, after its recipes
         return out
+
+
+def _tune(where: str, value: Any) -> dict[str, Any] | None:
+    """A ``tune = {metric = "top1", max_drop = 1.0, ...}`` table: ``onnxcompress tune``'s budget
+    (:class:`onnxcompress.tune.Budget`) and the search's ``trials`` / ``time_budget_s``;
+    ``false`` turns a ``[defaults]`` tune off for the model."""
+    if value is False:
+        return None
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: 'tune' must be a table like {{ metric = \"top1\", max_drop = 1.0 }} "
+                            "(or false)")
+    bad = set(value) - set(_TUNE_KEYS)
+    if bad:
+        raise ManifestError(f"{where}: tune: unknown key(s) {sorted(bad)} (known: {', '.join(_TUNE_KEYS)})")
+    t = {k: _check_value(f"{where} tune", k, kind, value[k]) for k, kind in _TUNE_KEYS.items() if k in value}
+    t.setdefault("metric", "top1")
+    t.setdefault("max_drop", 1.0)
+    t.setdefault("trials", TUNE_TRIALS)
+    if t["trials"] < 1 or ("time_budget_s" in t and not t["time_budget_s"] > 0):
+        raise ManifestError(f"{where}: tune: trials must be >= 1 and time_budget_s > 0")
+    from ..tune import Budget
+
+    try:
+        Budget(**{k: t[k] for k in ("metric", "max_drop", "min_speedup", "max_size_mb") if k in t}).check()
+    except OnnxCompressError as exc:
+        raise ManifestError(f"{where}: tune: {exc}") from None
+    return t
 
 
 def _image_spec(img: dict[str, Any]) -> ImageSpec:
@@ -392,6 +440,9 @@ def load_manifest(path: str | Path) -> Manifest:
     recipes = {}
     for name, t in recipes_t.items():
         where = f"{p}: [recipes.{name}]"
+        if name == TUNE_TASK:
+            raise ManifestError(f"{where}: '{TUNE_TASK}' names a model's budget search (tune = {{...}} in "
+                                "[models.<name>] or [defaults]); give the recipe another name")
         if not isinstance(t, dict):
             raise ManifestError(f"{where}: must be a table of optimize options")
         recipes[name] = _recipe(p, name, t)
@@ -399,9 +450,10 @@ def load_manifest(path: str | Path) -> Manifest:
     defaults_t = doc.get("defaults", {})
     if not isinstance(defaults_t, dict):
         raise ManifestError(f"{p}: [defaults] must be a table")
-    bad = set(defaults_t) - {"recipes", "options"}
+    bad = set(defaults_t) - {"recipes", "options", "tune"}
     if bad:
-        raise ManifestError(f"{p}: [defaults] unknown key(s) {sorted(bad)} (known: recipes, options)")
+        raise ManifestError(f"{p}: [defaults] unknown key(s) {sorted(bad)} (known: recipes, options, tune)")
+    default_tune = _tune(f"{p}: [defaults]", defaults_t["tune"]) if "tune" in defaults_t else None
     default_recipes = defaults_t.get("recipes", list(recipes))
     if not isinstance(default_recipes, list) or not all(isinstance(r, str) for r in default_recipes):
         raise ManifestError(f"{p}: [defaults] recipes must be a list of recipe names")
@@ -451,7 +503,8 @@ def load_manifest(path: str | Path) -> Manifest:
             fetch=_fetch(where, t.get("fetch")), recipes=list(rlist),
             options=_norm_options(f"{where} options", t.get("options", {})), overrides=overrides,
             image=_image(where, t["image"]) if "image" in t else None,
-            description=str(t.get("description", "")), **lim)
+            description=str(t.get("description", "")),
+            tune=_tune(where, t["tune"]) if "tune" in t else default_tune, **lim)
 
     mf = Manifest(p.resolve(), models, recipes, list(default_recipes), default_options, run)
     # every task's options must be acceptable to optimize(): fail now, not after an hour

@@ -54,13 +54,19 @@ HEAD = ["model", "recipe", "status", "MB before→after", "× smaller", "ms befo
 
 
 def _status(r: dict) -> str:
-    """``ok (gates held)`` when the recipe's gates judged the model, ``ok (floor held)`` when only
+    """``ok (budget met: ...)`` for a tune task that met its budget, ``ok (gates held)`` when the
+    recipe's gates judged the model, ``ok (floor held)`` when only
     the default floor of int8 models did, ``written (DEGRADED ...)`` when the floor failed and
     ``accept_degraded`` wrote it, ``written (no gate)`` when nothing did (written and valid,
     but nobody said it is good enough), or the failure."""
     if r["status"] == "ok":
         what = {"floor": "ok (floor held)", "degraded": "written (DEGRADED: below the floor, accepted)",
                 None: "written (no gate)", False: "written (no gate)"}.get(r.get("gated"), "ok (gates held)")
+        t = r.get("tune") or {}
+        if r.get("gated") == "budget":  # a tune task: the search met the manifest's budget
+            drop = t.get("drop")
+            what = f"ok (budget met: {t.get('metric')} drop {drop:.3g}, {t.get('trials')} trials)" \
+                if isinstance(drop, (int, float)) else "ok (budget met)"
         return what if r.get("ran") else f"{what} (cached)"
     return f"FAILED ({r.get('kind') or 'error'})" + ("" if r.get("ran") else " (cached)")
 

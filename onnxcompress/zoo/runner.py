@@ -45,7 +45,7 @@ from typing import Callable
 from .. import __version__
 from ..errors import OnnxCompressError
 from ..paths import file_kind
-from .manifest import Manifest, load_manifest
+from .manifest import TUNE_TASK, Manifest, load_manifest
 from .worker import CACHEABLE_FAILURES, execute_task, kill_all, prepare, write_json_atomic
 
 STATE_NAME = "zoo_state.json"
@@ -217,7 +217,11 @@ def code_fingerprint() -> str:
 def task_key(mf: Manifest, model: str, recipe: str, hasher: _Hasher) -> str:
     """The content key of one task (see the module docstring)."""
     m = mf.models[model]
-    rec = mf.recipe_for(model, recipe).to_dict()
+    if recipe == TUNE_TASK:  # the budget search: its budget and the data it reads
+        rec = {"tune": m.tune, "data": {k: str(getattr(m, k)) if getattr(m, k) else None
+                                        for k in ("calibration", "validation")}}
+    else:
+        rec = mf.recipe_for(model, recipe).to_dict()
     for k in ("calibration", "validation"):
         if rec["data"].get(k):
             rec["data"][k] = hasher.file(Path(rec["data"][k]))[0]
@@ -628,7 +632,10 @@ def _spec(mf: Manifest, out: Path, model: str, recipe: str, key: str, memory_lim
     timeout_s = m.timeout_s if m.timeout_s is not None else timeout_s
     return {
         "model": model, "recipe": recipe, "key": key, "model_path": str(m.path),
-        "recipe_data": mf.recipe_for(model, recipe).to_dict(),
+        "recipe_data": mf.recipe_for(model, recipe).to_dict() if recipe != TUNE_TASK else None,
+        "tune": m.tune if recipe == TUNE_TASK else None,
+        "calibration": str(m.calibration) if m.calibration else None,
+        "validation": str(m.validation) if m.validation else None,
         "output": str(out / "models" / model / f"{recipe}.onnx"),
         "report": str(out / "reports" / model / f"{recipe}.json"),
         "log": str(out / "logs" / f"{model}.{recipe}.log"),

@@ -48,7 +48,7 @@ from .summary import summarize_report
 
 #: Failure kinds that a rerun with the same inputs would reproduce exactly: recorded as
 #: finished (cached). The others (timeout, memory, crash, error) are retried by a rerun.
-CACHEABLE_FAILURES = ("input", "gate")
+CACHEABLE_FAILURES = ("input", "gate", "budget")
 
 #: The worker stops itself this many seconds after its time limit (the parent kills it at the
 #: limit; the worker's own limit only matters when the parent is gone or stuck).
@@ -430,17 +430,46 @@ def child_main(task_file: str) -> None:
     write_json_atomic(work / "result.json", row)
 
 
+def _tune(spec: dict, scratch: Path, work: Path, row: dict) -> dict:
+    """The model's budget search (``tune`` task): :func:`onnxcompress.tune.tune` with the
+    manifest's budget; the row is ok when the budget was met, else it fails (kind ``budget``)
+    naming the constraints missed. Returns the tune report."""
+    from ..tune import Budget, tune
+
+    t = spec["tune"]
+    budget = Budget(**{k: t[k] for k in ("metric", "max_drop", "min_speedup", "max_size_mb") if k in t})
+    res = tune(spec["model_path"], scratch, budget, calibration=spec.get("calibration"),
+               validation=spec.get("validation"), trials=int(t.get("trials", 10)),
+               time_budget_s=t.get("time_budget_s"), state=work / "tune-state",
+               progress=lambda s: print(f"  {s}", flush=True))
+    rep, c = res.report, res.chosen
+    fb, fa = rep.get("fp32_size_bytes"), c.size_bytes if c else None
+    row.update(bytes_before=fb, bytes_after=fa, size_ratio=(fb / fa if fb and fa else None),
+               speedup=c.speedup if c and c.speedup == c.speedup else None, gated="budget",
+               tune={"metric": budget.metric, "fp32_metric": rep.get("fp32_metric"), "metric_after": c.metric if c else None,
+                     "drop": c.drop if c else None, "held_out": rep.get("held_out"), "trials": len(res.trials),
+                     "chosen_options": c.options if c else None, "why": rep.get("why")})
+    if res.met:
+        row.update(status="ok", kind=None, error=None)
+    else:
+        row.update(status="failed", kind="budget", error="budget missed: " + "; ".join(rep.get("failed") or []))
+    return rep
+
+
 def _run(spec: dict, work: Path) -> dict:
-    rec = Recipe.from_dict(spec["recipe_data"], where=f"zoo recipe {spec['recipe']}")
     _set_threads(spec.get("threads"))
     final = Path(spec["output"])
     scratch = work / final.name
     row: dict[str, Any] = {"model": spec["model"], "recipe": spec["recipe"], "key": spec["key"]}
     report = None
+    rec = Recipe.from_dict(spec["recipe_data"], where=f"zoo recipe {spec['recipe']}") if not spec.get("tune") else None
     try:
-        res = optimize(spec["model_path"], scratch, recipe=rec, progress=lambda s: print(f"  {s}", flush=True))
-        report = res.report
-        row.update(status="ok", kind=None, error=None)
+        if rec is None:
+            report = _tune(spec, scratch, work, row)
+        else:
+            res = optimize(spec["model_path"], scratch, recipe=rec, progress=lambda s: print(f"  {s}", flush=True))
+            report = res.report
+            row.update(status="ok", kind=None, error=None)
     except GateFailedError as exc:
         report = getattr(exc, "report", None)
         row.update(status="failed", kind="gate", error=f"gate missed: {exc}")
@@ -452,7 +481,7 @@ def _run(spec: dict, work: Path) -> dict:
             row.update(status="failed", kind="memory", error=mem)
         else:
             row.update(status="failed", kind="input", error=str(exc))
-    if report is not None:
+    if report is not None and rec is not None:
         row.update(summarize_report(report))
     if row["status"] == "ok":
         final.parent.mkdir(parents=True, exist_ok=True)
