@@ -218,6 +218,12 @@ def export(module, inputs: Sequence, output: str | os.PathLike, *, opset: int = 
         raise OnnxCompressError(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if not (isinstance(rtol, (int, float)) and 0 < rtol < float("inf")):
         raise OnnxCompressError(f"--rtol must be a positive finite number, got {rtol!r}")
+    import onnx.defs
+
+    newest = onnx.defs.onnx_opset_version()
+    if not (isinstance(opset, int) and 7 <= opset <= newest):
+        raise OnnxCompressError(f"--opset {opset!r}: the installed onnx {onnx.__version__} knows default-domain "
+                                f"opsets 7 to {newest}")
     t0 = time.perf_counter()
     out = Path(output)
     module.eval()

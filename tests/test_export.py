@@ -123,6 +123,7 @@ def test_cli_export_and_its_errors(netdir):
                          (["./exportnet.py:build"], "import name"),
                          (["exportnet:build", "--input-dtype", "bogus"], "--input-dtype"),
                          (["exportnet:build", "--rtol", "nan"], "--rtol"),
+                         (["exportnet:build", "--opset", "99"], "knows default-domain opsets 7 to"),
                          (["exportnet:build", "--input-shape", "2,5"], "the module on the samples")):
         res = runner.invoke(app, ["export", *args, "-o", "e.onnx", "--input-shape", "1,3,16,16"])
         assert res.exit_code == 2, res.output
