@@ -94,7 +94,8 @@ def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | 
                     dynamic: bool, refs: list[np.ndarray] | None = None,
                     chan_ranges: list[tuple[np.ndarray, np.ndarray]] | None = None,
                     pairs: tuple[int, bool] | None = None,
-                    col_weights: list[np.ndarray] | None = None) -> float:
+                    col_weights: list[np.ndarray] | None = None,
+                    ref_energy: list[float] | None = None) -> float:
     """Sum over consumers of the relative squared int8 error ``|XW - Q(X/s) Q(sW)|^2 / |XW|^2``.
 
     Args:
@@ -111,8 +112,9 @@ def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | 
         pairs: saturation-free weight scales (``params.weight_params``), as the target uses.
         col_weights: per consumer, a weight [N] per column of ``ws`` (columns sampled with a
             stride count that many times: :func:`sample_columns`); default 1.
+        ref_energy: :func:`reference_energy` of ``refs`` and ``col_weights``, when known.
     """
-    x2 = [x.reshape(-1, x.shape[-1]).astype(np.float32) for x in xs]
+    x2 = [x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False) for x in xs]
     xsm = [x / s[None, :] for x in x2] if s is not None else x2
     if chan_ranges is not None:
         inv = 1.0 / s if s is not None else 1.0
@@ -125,18 +127,33 @@ def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | 
         lo = min(r[0] for r in rng)
         hi = max(r[1] for r in rng)
         xq = _fake_act(np.concatenate(xsm), lo, hi)  # one range for every sample: one pass
-    xall = np.concatenate(x2)
+    xall = np.concatenate(x2) if refs is None else None
     err = 0.0
     for i, w in enumerate(ws):
         ref = refs[i] if refs is not None else xall @ w
         got = xq @ _fake_weight(w * s[:, None] if s is not None else w, qmax, pairs)
         cw = col_weights[i] if col_weights is not None else None
         e_col = np.sum((ref - got).astype(np.float64) ** 2, axis=0)
-        r_col = np.sum(ref.astype(np.float64) ** 2, axis=0)
+        if ref_energy is not None:  # the reference's part is the same for every smoothing factor
+            r_sum = ref_energy[i]
+        else:
+            r_col = np.sum(ref.astype(np.float64) ** 2, axis=0)
+            r_sum = float((r_col * cw).sum() if cw is not None else r_col.sum())
         if cw is not None:
-            e_col, r_col = e_col * cw, r_col * cw
-        err += float(e_col.sum()) / max(float(r_col.sum()), 1e-30)
+            e_col = e_col * cw
+        err += float(e_col.sum()) / max(r_sum, 1e-30)
     return err
+
+
+def reference_energy(refs: list[np.ndarray], col_weights: list[np.ndarray] | None = None) -> list[float]:
+    """Per consumer, the (column-weighted) energy ``sum(ref^2)`` of :func:`simulated_error`'s
+    denominator: computed once for a tensor's alpha search instead of once per alpha."""
+    out = []
+    for i, ref in enumerate(refs):
+        r_col = np.sum(ref.astype(np.float64) ** 2, axis=0)
+        cw = col_weights[i] if col_weights is not None else None
+        out.append(float((r_col * cw).sum() if cw is not None else r_col.sum()))
+    return out
 
 
 def sample_columns(x: np.ndarray, w: np.ndarray, n: int = SIM_COLS) -> tuple[np.ndarray, np.ndarray]:
@@ -239,11 +256,12 @@ class SmoothQuantPass(CompressionPass):
             cws = [cw for _, cw in picks]
             del full
             refs = [xall @ w for w in ws]
-            base = simulated_error(sim, ws, None, qmax, dynamic, refs, ranges, pairs, cws)
+            energy = reference_energy(refs, cws)
+            base = simulated_error(sim, ws, None, qmax, dynamic, refs, ranges, pairs, cws, energy)
             best = (base, None, None)
             for a in ALPHAS:
                 s = smoothing_factors(sim, ws, a, r["absmax"], absmax_w)
-                e = simulated_error(sim, ws, s, qmax, dynamic, refs, ranges, pairs, cws)
+                e = simulated_error(sim, ws, s, qmax, dynamic, refs, ranges, pairs, cws, energy)
                 if e < best[0]:
                     best = (e, a, s)
             err, alpha, s = best
