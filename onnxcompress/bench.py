@@ -717,55 +717,112 @@ FIDELITY_MAX_BYTES = 256 << 20
 def _fidelity(paths: list[Path], labels: list[str], specs: list, data, threads, prog, notes: list[str]) -> list[ModelFidelity]:
     """Each model's task fidelity on the samples of ``data`` (:class:`ModelFidelity`): the
     architectures-side-by-side figure (original, pruned, low-rank, distilled, int8) that
-    latency alone does not give. Runs on the CPU provider as deployed, outside the timing."""
+    latency alone does not give. Runs on the CPU provider as deployed, outside the timing; every
+    model sees the same samples (at most :data:`FIDELITY_MAX_SAMPLES`, fewer when the first
+    model's outputs, kept for the comparison, would pass :data:`FIDELITY_MAX_BYTES`)."""
     from .data import load_npz
     from .validate import output_metrics
 
     out: list[ModelFidelity] = []
     ref: list | None = None
     ref_name = None
-    n_max = FIDELITY_MAX_SAMPLES
-    truth = None
+    n_max = None
+    truth, truth_why = None, None
     for i, (p, sp) in enumerate(zip(paths, specs)):
         prog(f"fidelity {labels[i]}", i, len(paths))
         samples, extras = load_npz(data, sp, what=f"--fidelity ({p.name})")
-        samples = samples[:n_max]
+        if i == 0:
+            n_all = len(samples)
+            n_max = min(n_all, FIDELITY_MAX_SAMPLES)
+            truth, truth_why = _fidelity_labels(extras.get("labels"))
+            # rows per sample (axis 0 of its first input): the labels of the samples run
+            per = [int(np.asarray(next(iter(x.values()))).shape[0]) if np.asarray(next(iter(x.values()))).ndim else 1
+                   for x in samples]
         f = ModelFidelity(label=labels[i])
+        outs: list = []
         try:
             sess = make_session(str(p), optimize=True, threads=threads)
             names = [o.name for o in sess.get_outputs()]
             name = ref_name if ref_name in names else names[0]
-            outs = []
-            for k, feed in enumerate(samples):
-                outs.append(sess.run([name], feed)[0])
+            for k, feed in enumerate(samples[:n_max]):
+                if k >= n_max:
+                    break
+                try:
+                    outs.append(sess.run([name], feed)[0])
+                except Exception as exc:  # ORT's refusal: name the sample
+                    raise RuntimeError(f"sample {k}: {_first_line(exc)}") from None
                 if i == 0 and k == 0:  # the first model's outputs are kept: bound their bytes
-                    n_max = max(1, min(n_max, FIDELITY_MAX_BYTES // max(1, outs[0].nbytes)))
-                    if n_max < len(samples):
-                        notes.append(f"--fidelity: {n_max} of {len(samples)} samples (the first model's outputs are "
+                    size = _value_bytes(outs[0])
+                    cap = max(1, FIDELITY_MAX_BYTES // max(1, size))
+                    if cap < n_max:
+                        n_max = cap
+                        notes.append(f"--fidelity: {n_max} of {n_all} samples (the first model's outputs are "
                                      f"kept for the comparison, at most {FIDELITY_MAX_BYTES >> 20} MiB)")
-                        samples = samples[:n_max]
             del sess
         except Exception as exc:  # ORT's refusal, whatever its type: this model's row says so
-            f.error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            f.error = _first_line(exc)
             out.append(f)
             continue
         f.output, f.n_samples = name, len(outs)
-        if i == 0:
+        if i == 0:  # the first model: the reference of the comparisons
             ref, ref_name = outs, name
-            truth = extras.get("labels")
-        rows = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs]) if outs and outs[0].ndim == 2 else None
-        if truth is not None and rows is not None and len(truth) >= rows.shape[0] and rows.shape[1] > 1:
-            t = np.asarray(truth).reshape(-1)[: rows.shape[0]]
-            f.accuracy_pct = float(100.0 * np.mean(rows.argmax(-1) == t))
-        if ref is not None and len(ref) >= len(outs):
-            try:
-                m = output_metrics(name, ref[: len(outs)], outs)
-                f.top1_agreement_pct, f.mean_cosine = m.top1_agreement, m.mean_cosine
-            except Exception:  # noqa: BLE001 - shapes that do not compare (another head): left empty
-                pass
+        tensors = all(isinstance(o, np.ndarray) for o in outs)
+        if tensors and outs and all(o.ndim == 2 for o in outs) and outs[0].shape[1] > 1 and truth is not None:
+            rows = np.concatenate(outs)
+            if not np.isfinite(rows).all():
+                notes.append(f"--fidelity: {labels[i]}'s '{name}' has NaN or Inf values: no accuracy")
+            elif len(truth) != sum(per) or rows.shape[0] != sum(per[: len(outs)]):
+                notes.append(f"--fidelity: 'labels' has {len(truth)} entries for {sum(per)} rows of the data "
+                             f"({rows.shape[0]} rows of {labels[i]}'s '{name}'): no accuracy (one label per row)")
+            else:
+                f.accuracy_pct = float(100.0 * np.mean(rows.argmax(-1) == truth[: rows.shape[0]]))
+        if ref is None:
+            pass  # the first model did not run: nothing to compare with (its row says why)
+        elif ref is not outs and len(ref) >= len(outs):
+            same = all(isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
+                       for a, b in zip(ref, outs))
+            if not same:
+                notes.append(f"--fidelity: {labels[i]}'s '{name}' does not have the first model's output shapes: "
+                             "not compared with it")
+            else:
+                try:
+                    m = output_metrics(name, ref[: len(outs)], outs)
+                    f.top1_agreement_pct, f.mean_cosine = m.top1_agreement, m.mean_cosine
+                except Exception as exc:  # noqa: BLE001 - values that do not compare: said, left empty
+                    notes.append(f"--fidelity: {labels[i]} not compared with the first model ({_first_line(exc)})")
+        elif ref is outs:
+            f.top1_agreement_pct = 100.0 if tensors and outs and outs[0].ndim == 2 and outs[0].shape[1] > 1 else None
+            f.mean_cosine = 1.0 if tensors else None
         out.append(f)
+    if truth_why:
+        notes.append(f"--fidelity: {truth_why}")
     prog("fidelity", len(paths), len(paths))
     return out
+
+
+def _fidelity_labels(labels) -> tuple[np.ndarray | None, str | None]:
+    """The data's ``labels`` as 1-D integer class indices, or ``(None, why not)``."""
+    if labels is None:
+        return None, None
+    a = np.asarray(labels)
+    if a.ndim != 1 or a.dtype.kind not in "iu" or a.size == 0:
+        return None, (f"'labels' must be a non-empty 1-D array of integer class indices (got {a.dtype} "
+                      f"{list(a.shape)}): no accuracy")
+    return a, None
+
+
+def _value_bytes(v) -> int:
+    """Bytes of an output value (a tensor, or the tensors of a sequence)."""
+    if isinstance(v, np.ndarray):
+        return v.nbytes
+    if isinstance(v, (list, tuple)):
+        return sum(_value_bytes(x) for x in v)
+    return 64
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _short(provider: str) -> str:

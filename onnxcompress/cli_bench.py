@@ -114,7 +114,7 @@ def _ratio(v, spec=".3f") -> str:
 
 def _render_fidelity(result) -> None:
     g = result.groups[0]
-    first = result.fidelity[0].label
+    first = escape(result.fidelity[0].label)
     n = max((f.n_samples for f in result.fidelity), default=0)
     t = Table(title=f"task fidelity on {n} samples of --data (CPU, as deployed), against {first}; "
                     f"latency ratio from {g.provider.replace('ExecutionProvider', '')}, batch {g.batch}")
@@ -123,15 +123,19 @@ def _render_fidelity(result) -> None:
         t.add_column(col, justify="left" if col in ("model", "output") else "right")
     for f, m in zip(result.fidelity, g.models):
         if f.error:
-            t.add_row(f.label, "-", f"[red]{escape(f.error[:60])}[/]", "", "", "", "")
+            t.add_row(escape(f.label), "-", "[red]failed[/] (below)", "", "", "", "")
             continue
-        t.add_row(f.label, escape(f.output or "-"), _ratio(f.accuracy_pct, ".2f"), _ratio(f.top1_agreement_pct, ".1f"),
-                  _ratio(f.mean_cosine, ".5f"), _ratio(m.latency_ratio), _ratio(m.size_ratio))
+        t.add_row(escape(f.label), escape(f.output or "-"), _ratio(f.accuracy_pct, ".2f"),
+                  _ratio(f.top1_agreement_pct, ".1f"), _ratio(f.mean_cosine, ".5f"), _ratio(m.latency_ratio),
+                  _ratio(m.size_ratio))
     out_console.print(t)
+    for f in result.fidelity:
+        if f.error:
+            console.print(f"[red]fidelity of {escape(f.label)} failed:[/] {escape(f.error)}", highlight=False)
 
 
 def _render_group(g) -> None:
-    first = g.models[0].label
+    first = escape(g.models[0].label)
     prov = g.provider.replace("ExecutionProvider", "")
     t = Table(title=f"{prov}, batch {g.batch}: latency over {g.rounds} timed runs per model, interleaved in blocks (ratio vs {first})")
     for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s",
@@ -140,7 +144,7 @@ def _render_group(g) -> None:
     for m in g.models:
         lat = m.latency
         lo, hi = m.latency_ratio_ci or (None, None)
-        t.add_row(m.label, f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.mean_ms:.3f}",
+        t.add_row(escape(m.label), f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.mean_ms:.3f}",
                   _ratio(m.throughput, ".1f"),
                   # the bootstrap interval is not symmetric around the ratio: print its ends
                   (f"{m.latency_ratio:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{m.latency_ratio:.3f}")
@@ -150,13 +154,13 @@ def _render_group(g) -> None:
     for col in ("model", "file size", "ratio", "peak RSS above baseline", "ratio", "session ms"):
         r.add_column(col, justify="left" if col == "model" else "right")
     for m in g.models:
-        r.add_row(m.label, _fmt_bytes(m.file_bytes), _ratio(m.size_ratio), _fmt_bytes(m.peak_rss_bytes),
+        r.add_row(escape(m.label), _fmt_bytes(m.file_bytes), _ratio(m.size_ratio), _fmt_bytes(m.peak_rss_bytes),
                   _ratio(m.memory_ratio, ".2f"), f"{m.session_ms:.1f}")
     out_console.print(r)
     for m in g.models:
         if not m.profile:
             continue
-        p = Table(title=f"profile {m.label} on {g.provider.replace('ExecutionProvider', '')}: "
+        p = Table(title=f"profile {escape(m.label)} on {g.provider.replace('ExecutionProvider', '')}: "
                         f"{m.profile['kernel_ms_per_run']:.3f} ms of kernels per run")
         for col in ("op type", "ms/run", "share %", "calls/run", "providers"):
             p.add_column(col, justify="left" if col in ("op type", "providers") else "right")

@@ -66,9 +66,10 @@ def list_recipes():
 
 @recipe_app.command("params")
 def list_params(stage: Optional[str] = typer.Argument(None, help="Only this stage or section (default: all).")):
-    """Every declared parameter of every stage and recipe section ([gates], [data], [scope],
-    [output]): default, allowed values, flag, help. Per-output gates: [gates.outputs.NAME] takes
+    """Every declared parameter of every stage and recipe section (\\[gates], \\[data], \\[scope],
+    \\[output]): default, allowed values, flag, help. Per-output gates: \\[gates.outputs.NAME] takes
     max_rel_error, min_cosine, min_top1_agreement and min_mean_cosine."""
+    # (the backslashes above keep rich from reading the TOML section names as markup in --help)
     from .passes.registry import STAGES
 
     from .recipe import SECTIONS

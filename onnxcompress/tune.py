@@ -99,9 +99,9 @@ class Budget:
             raise OnnxCompressError(f"--metric must be one of {', '.join(METRICS)} or python:module:function, "
                                     f"got {self.metric!r}")
         if not math.isfinite(self.max_drop) or self.max_drop < 0:
-            raise OnnxCompressError(f"--max-drop must be >= 0, got {self.max_drop}")
-        if self.min_speedup is not None and not self.min_speedup > 0:
-            raise OnnxCompressError(f"--min-speedup must be > 0, got {self.min_speedup}")
+            raise OnnxCompressError(f"--max-drop must be a finite number >= 0, got {self.max_drop}")
+        if self.min_speedup is not None and not (self.min_speedup > 0 and math.isfinite(self.min_speedup)):
+            raise OnnxCompressError(f"--min-speedup must be a finite number > 0, got {self.min_speedup}")
         if self.max_size_mb is not None and not self.max_size_mb > 0:
             raise OnnxCompressError(f"--max-size-mb must be > 0, got {self.max_size_mb}")
 
@@ -509,7 +509,13 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     else:
         k = max(1, len(calib) // 3)
         val, calib, labels = calib[-2 * k:], calib[: -2 * k] or calib[:k], None
-        calibration = {f"{i}__{n}": a for i, f in enumerate(calib) for n, a in f.items()}
+        # the calibration third as a file in the state folder: trial recipes name their data by path
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **{f"{i}__{n}": a for i, f in enumerate(calib) for n, a in f.items()})
+        write_atomic(st / "calibration.npz", buf.getvalue())
+        calibration = str(st / "calibration.npz")
     if len(val) < 2:
         raise DataError("tune needs at least 2 validation samples (one half searches, the other checks)")
     half = len(val) // 2
@@ -606,6 +612,9 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
 
     ok = [t for t in s.trials if t.error is None and t.path and Path(t.path).exists()]
     if not ok:
+        if not s.trials:
+            raise OnnxCompressError("tune: the time budget ran out before the first trial finished "
+                                    "(give a longer --time-budget)")
         errors = "; ".join(sorted({t.error or "" for t in s.trials}))[:400]
         raise OnnxCompressError(f"tune: no trial produced a model ({errors})")
     feasible = [t for t in ok if t.feasible()]

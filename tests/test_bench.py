@@ -401,3 +401,30 @@ def test_fidelity_puts_architectures_side_by_side(tmp_path, digits, screenshot):
     # without data there is nothing to measure: a one-line error, exit 2
     r = _invoke("bench", digits["model"], "--fidelity", "--runs", 5)
     assert r.exit_code == 2 and "--fidelity needs --data" in r.output
+
+
+def test_fidelity_says_what_it_cannot_compare(tmp_path, digits):
+    """Another output shape is not compared (no 0 % agreement), labels that do not fit give no
+    accuracy and a note; the numbers of the other models are unaffected."""
+    m = onnx.load(str(digits["model"]))
+    out = m.graph.output[0].name
+    m.graph.node.append(helper.make_node("Unsqueeze", [out, "ax"], ["r3"]))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "ax"))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("r3", TensorProto.FLOAT, None))
+    other = tmp_path / "r3.onnx"
+    onnx.save(m, str(other))
+    z = dict(np.load(digits["test"]))
+    bad = tmp_path / "bad_labels.npz"
+    np.savez(bad, input=z["input"], labels=z["labels"][:-1])
+    r = _invoke("bench", digits["model"], other, "--data", digits["test"], "--fidelity", "--runs", 5,
+                "--warmup", 1, "--no-memory", "--report", tmp_path / "a.json")
+    assert r.exit_code == 0, r.output
+    fid = json.loads((tmp_path / "a.json").read_text())["fidelity"]
+    assert fid[0]["accuracy_pct"] > 90 and fid[1]["top1_agreement_pct"] is None and fid[1]["mean_cosine"] is None
+    assert "not compared with it" in r.output
+    r = _invoke("bench", digits["model"], "--data", bad, "--fidelity", "--runs", 5, "--warmup", 1, "--no-memory",
+                "--report", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b.json").read_text())["fidelity"][0]["accuracy_pct"] is None
+    assert "one label per row" in r.output.replace("\n", " ")

@@ -196,3 +196,18 @@ def test_task_metric_reads_what_the_floor_reads(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["budget"]["metric"] == "task" and rep["fp32_metric"] == 100.0
     assert all(t["error"] or 0.0 <= t["metric"] <= 100.0 for t in rep["trials"])
+
+
+def test_calibration_only_splits_it_and_bad_budgets_are_one_line_errors(tmp_path):
+    """Without validation data the calibration data is split three ways (its calibration third is a
+    file in the state folder, so trial recipes can name it); an infinite speed-up and a time budget
+    that ends before the first trial are one-line errors."""
+    out = tmp_path / "c.onnx"
+    res = runner.invoke(app, ["tune", str(M), "-o", str(out), "--calibration", str(C), "--trials", "2", "-q"])
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and (tmp_path / "c.onnx.tune" / "calibration.npz").is_file()
+    for args, needle in ((["--min-speedup", "inf"], "finite number > 0"),
+                         (["--time-budget", "0s"], "ran out before the first trial")):
+        res = runner.invoke(app, ["tune", str(M), "-o", str(tmp_path / "x.onnx"), "--calibration", str(C),
+                                  "--validation", str(V), "--trials", "2", *args])
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output

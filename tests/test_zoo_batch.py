@@ -855,3 +855,12 @@ def test_tune_is_not_a_recipe_name(zoo_dir):
     p = _manifest(zoo_dir, DIGITS, recipes=RECIPES + "[recipes.tune]\nquantize = \"dynamic\"\n")
     with pytest.raises(ManifestError, match="names a model's budget search"):
         load_manifest(p)
+
+
+def test_asking_for_tune_where_no_model_has_a_budget_is_an_error(zoo_dir):
+    p = _manifest(zoo_dir, DIGITS, defaults='recipes = ["fuse"]')
+    with pytest.raises(ManifestError, match="no selected model has it"):
+        load_manifest(p).tasks(recipes=["tune"])
+    p = _manifest(zoo_dir, DIGITS + 'recipes = ["tune"]\n', defaults='recipes = ["fuse"]')
+    with pytest.raises(ManifestError, match="is not a recipe: give the model a tune"):
+        load_manifest(p)

@@ -215,6 +215,10 @@ class Manifest:
                     out.append((name, r))
             if m.tune is not None and (recipes is None or TUNE_TASK in recipes):
                 out.append((name, TUNE_TASK))  # the model's budget search, after its recipes
+        if recipes and not out:  # asked for by name, and nothing matches: say so, not "0 tasks, ok"
+            raise ManifestError(f"--recipe {', '.join(recipes)}: no selected model has it" +
+                                (f" (a '{TUNE_TASK}' task needs a tune = {{...}} table in the model or [defaults])"
+                                 if TUNE_TASK in recipes else ""))
         return out
 
 
@@ -227,6 +231,7 @@ def _tune(where: str, value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ManifestError(f"{where}: 'tune' must be a table like {{ metric = \"top1\", max_drop = 1.0 }} "
                             "(or false)")
+    value = {str(k).replace("-", "_"): v for k, v in value.items()}  # dashes or underscores, as options
     bad = set(value) - set(_TUNE_KEYS)
     if bad:
         raise ManifestError(f"{where}: tune: unknown key(s) {sorted(bad)} (known: {', '.join(_TUNE_KEYS)})")
@@ -234,8 +239,12 @@ def _tune(where: str, value: Any) -> dict[str, Any] | None:
     t.setdefault("metric", "top1")
     t.setdefault("max_drop", 1.0)
     t.setdefault("trials", TUNE_TRIALS)
-    if t["trials"] < 1 or ("time_budget_s" in t and not t["time_budget_s"] > 0):
-        raise ManifestError(f"{where}: tune: trials must be >= 1 and time_budget_s > 0")
+    if t["trials"] < 1:
+        raise ManifestError(f"{where}: tune: trials must be >= 1, got {t['trials']}")
+    if "time_budget_s" in t and not t["time_budget_s"] > 0:
+        raise ManifestError(f"{where}: tune: time_budget_s must be > 0 seconds, got {t['time_budget_s']}")
+    if isinstance(t["metric"], str) and t["metric"].startswith("python:") and t["metric"].count(":") < 2:
+        raise ManifestError(f"{where}: tune: metric {t['metric']!r}: write python:module:function")
     from ..tune import Budget
 
     try:
@@ -481,6 +490,9 @@ def load_manifest(path: str | Path) -> Manifest:
         if not isinstance(rlist, list) or not all(isinstance(r, str) for r in rlist):
             raise ManifestError(f"{where}: 'recipes' must be a list of recipe names")
         for r in rlist:
+            if r == TUNE_TASK:
+                raise ManifestError(f"{where}: '{TUNE_TASK}' is not a recipe: give the model a tune = {{...}} table "
+                                    "(its budget) instead")
             if r not in recipes:
                 raise ManifestError(f"{where}: recipe '{r}' is not defined (recipes: {', '.join(recipes)})")
         overrides_t = t.get("overrides", {})

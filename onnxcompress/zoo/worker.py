@@ -444,8 +444,10 @@ def _tune(spec: dict, scratch: Path, work: Path, row: dict) -> dict:
                progress=lambda s: print(f"  {s}", flush=True))
     rep, c = res.report, res.chosen
     fb, fa = rep.get("fp32_size_bytes"), c.size_bytes if c else None
-    row.update(bytes_before=fb, bytes_after=fa, size_ratio=(fb / fa if fb and fa else None),
-               speedup=c.speedup if c and c.speedup == c.speedup else None, gated="budget",
+    if res.met:  # sizes and speed of the model written; a missed budget writes none
+        row.update(bytes_before=fb, bytes_after=fa, size_ratio=(fb / fa if fb and fa else None),
+                   speedup=c.speedup if c and c.speedup == c.speedup else None)
+    row.update(gated="budget",
                tune={"metric": budget.metric, "fp32_metric": rep.get("fp32_metric"), "metric_after": c.metric if c else None,
                      "drop": c.drop if c else None, "held_out": rep.get("held_out"), "trials": len(res.trials),
                      "chosen_options": c.options if c else None, "why": rep.get("why")})
