@@ -145,8 +145,12 @@ def _bug(exc: Exception) -> None:
 
 
 def _fail(exc: Exception) -> None:
+    """End the command on ``exc``: its one-line message and exit code (2 unless it says); with
+    ``--debug`` its traceback first, and the same exit code."""
     if _state["debug"]:
-        raise exc
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
     console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(getattr(exc, "exit_code", 2))
 

@@ -211,7 +211,8 @@ def test_custom_domain_op_reported(tmp_path):
 
 def test_debug_shows_traceback(tmp_path):
     res = runner.invoke(app, ["--debug", "optimize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")])
-    assert res.exit_code != 0 and res.exception is not None
+    assert res.exit_code == 2, res.output  # bad input: the traceback, and the same exit code as without --debug
+    assert "Traceback" in res.output and "error:" in res.output
 
 
 def test_console_script_entry_point(digits):
