@@ -400,7 +400,8 @@ def _labels(paths: list[Path]) -> list[str]:
     names = [p.name for p in paths]
     out = []
     for i, p in enumerate(paths):
-        label = p.name if names.count(p.name) == 1 else f"{p.parent.name}/{p.name}"
+        # a relative path in the current folder has parent name "": no leading slash then
+        label = p.name if names.count(p.name) == 1 or not p.parent.name else f"{p.parent.name}/{p.name}"
         if label in out:
             label = f"{label}#{i + 1}"
         out.append(label)

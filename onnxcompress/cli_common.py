@@ -105,12 +105,16 @@ class _LazyGroup(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
+#: ``-h`` as well as ``--help``, on every command
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
 def command_group() -> typer.Typer:
     """The typer app a module of :data:`LAZY_COMMANDS` registers its commands on."""
-    return typer.Typer(add_completion=False)
+    return typer.Typer(add_completion=False, context_settings=CONTEXT)
 
 
-app = typer.Typer(cls=_LazyGroup, add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=_LazyGroup, add_completion=False, no_args_is_help=True, context_settings=CONTEXT,
                   help="Make trained ONNX models smaller and faster, validated by ONNX Runtime.")
 # Piped output (CI logs, files) gets 120 columns so numbers are not wrapped mid-value.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)

@@ -12,11 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import params as P
-from .cli_common import command_group, one_line_errors, _fail, out_console
+from .cli_common import CONTEXT, command_group, one_line_errors, _fail, out_console
 from .cli_flags import effective_recipe, given, with_flags
 from .errors import OnnxCompressError
 
-recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: what `optimize` runs, as TOML.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Recipes: what `optimize` runs, as TOML.", context_settings=CONTEXT)
 commands = command_group()
 commands.add_typer(recipe_app, name="recipe")
 

@@ -428,3 +428,10 @@ def test_fidelity_says_what_it_cannot_compare(tmp_path, digits):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b.json").read_text())["fidelity"][0]["accuracy_pct"] is None
     assert "one label per row" in r.output.replace("\n", " ")
+
+
+def test_labels_of_files_with_the_same_name():
+    from onnxcompress.bench import _labels
+
+    assert _labels([Path("x.onnx"), Path("x.onnx")]) == ["x.onnx", "x.onnx#2"]  # no leading "/"
+    assert _labels([Path("a/x.onnx"), Path("b/x.onnx")]) == ["a/x.onnx", "b/x.onnx"]

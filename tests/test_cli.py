@@ -511,3 +511,13 @@ def test_the_package_names_and_submodules_load_on_use():
             "try:\n    oc.no_such_name\nexcept AttributeError:\n    print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_short_help_and_python_dash_m(tmp_path):
+    """-h works like --help on the root and on every command (lazy ones included);
+    ``python -m onnxcompress`` is the command line."""
+    for args in (["-h"], ["optimize", "-h"], ["bench", "-h"], ["recipe", "show", "-h"], ["zoo", "-h"]):
+        r = CliRunner().invoke(app, args, terminal_width=200)
+        assert r.exit_code == 0 and "Usage:" in r.output, (args, r.output)
+    r = subprocess.run([sys.executable, "-m", "onnxcompress", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == __import__("onnxcompress").__version__

@@ -1,0 +1,5 @@
+"""``python -m onnxcompress ...``: the command line (:mod:`onnxcompress.cli`)."""
+
+from .cli import app
+
+app(prog_name="onnxcompress")
