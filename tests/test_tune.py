@@ -211,3 +211,29 @@ def test_calibration_only_splits_it_and_bad_budgets_are_one_line_errors(tmp_path
         res = runner.invoke(app, ["tune", str(M), "-o", str(tmp_path / "x.onnx"), "--calibration", str(C),
                                   "--validation", str(V), "--trials", "2", *args])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
+
+
+def test_finalists_are_timed_together_before_one_is_chosen(monkeypatch, tmp_path):
+    """Trials that tie by their short search timings are timed again together with fp32; the
+    choice follows that timing (a noisy search had let a 1.0x trial tie with a 1.7x one)."""
+    from types import SimpleNamespace
+
+    import onnxcompress.bench as bench_mod
+    from onnxcompress.tune import Trial, _final_timing
+
+    ratios = {"a.onnx": 1.0, "b.onnx": 0.6}  # b: 1.67x faster than fp32 when timed together
+
+    def fake(paths, **kw):
+        models = [SimpleNamespace(latency_ratio=1.0, latency_ratio_ci=(1.0, 1.0))]
+        models += [SimpleNamespace(latency_ratio=ratios[Path(p).name], latency_ratio_ci=None) for p in paths[1:]]
+        return SimpleNamespace(groups=[SimpleNamespace(models=models)])
+
+    monkeypatch.setattr(bench_mod, "benchmark", fake)
+    s = SimpleNamespace(model=M, bench_data=tmp_path / "t.npz", final_timing=[])
+    a = Trial(1, {"quantize": "dynamic"}, speedup=1.3, speedup_ci=(0.9, 1.6), size_bytes=10, path=str(tmp_path / "a.onnx"))
+    b = Trial(2, {"quantize": "static"}, speedup=1.25, speedup_ci=(0.9, 1.5), size_bytes=11, path=str(tmp_path / "b.onnx"))
+    out = _final_timing(s, [a, b], lambda m: None)
+    by = {t.number: t for t in out}
+    assert by[1].speedup == pytest.approx(1.0) and by[2].speedup == pytest.approx(1 / 0.6)
+    assert [f["trial"] for f in s.final_timing] == [1, 2]
+    assert _final_timing(s, [a], lambda m: None) == [a]  # one finalist: nothing to time
