@@ -251,9 +251,12 @@ class StageBars:
     def __exit__(self, *exc) -> None:
         if self._task is not None:
             t = self._bars.tasks[self._task]
-            self._bars.update(self._task, description=f"{t.description} [red](stopped)[/]" if exc[0] else
-                              t.description, total=t.total or 1, completed=t.total or 1)
-            self._bars.stop_task(self._task)
+            if exc[0]:  # the stage did not finish: a red cross, not the spinner's check mark
+                self._bars.remove_task(self._task)
+                self._bars.console.print(f"[red]✗[/] {t.description} [red](stopped)[/]", highlight=False)
+            else:
+                self._bars.update(self._task, total=t.total or 1, completed=t.total or 1)
+                self._bars.stop_task(self._task)
             self._task = None
         self._bars.stop()
 
