@@ -722,7 +722,7 @@ def _fidelity(paths: list[Path], labels: list[str], specs: list, data, threads, 
     model sees the same samples (at most :data:`FIDELITY_MAX_SAMPLES`, fewer when the first
     model's outputs, kept for the comparison, would pass :data:`FIDELITY_MAX_BYTES`)."""
     from .data import load_npz
-    from .validate import output_metrics
+    from .validate import _first_line, output_metrics
 
     out: list[ModelFidelity] = []
     ref: list | None = None
@@ -737,8 +737,8 @@ def _fidelity(paths: list[Path], labels: list[str], specs: list, data, threads, 
             n_max = min(n_all, FIDELITY_MAX_SAMPLES)
             truth, truth_why = _fidelity_labels(extras.get("labels"))
             # rows per sample (axis 0 of its first input): the labels of the samples run
-            per = [int(np.asarray(next(iter(x.values()))).shape[0]) if np.asarray(next(iter(x.values()))).ndim else 1
-                   for x in samples]
+            firsts = [np.asarray(next(iter(x.values()))) for x in samples]
+            per = [int(a.shape[0]) if a.ndim else 1 for a in firsts]
         f = ModelFidelity(label=labels[i])
         outs: list = []
         try:
@@ -820,10 +820,6 @@ def _value_bytes(v) -> int:
         return sum(_value_bytes(x) for x in v)
     return 64
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _short(provider: str) -> str:

@@ -214,6 +214,20 @@ def _write_json(path: Path, rep: dict) -> None:
         _fail(OnnxCompressError(f"{path}: cannot write report ({exc.strerror or exc})"))
 
 
+def _write_reports(rep: dict, report: Optional[Path], html: Optional[Path]) -> None:
+    """``--report`` (JSON) and ``--html`` of a command's report, each when asked for; a file that
+    cannot be written ends the command with a one-line error."""
+    if report:
+        _write_json(report, rep)
+    if html:
+        from .report_html import write_html
+
+        try:
+            write_html(rep, html)
+        except OnnxCompressError as exc:
+            _fail(exc)
+
+
 class StageBars:
     """One progress line per stage of a run, fed by the API's ``progress`` callback
     (:class:`onnxcompress.progress.ProgressEvent`): a bar with what the stage counts (samples,

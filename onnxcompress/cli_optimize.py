@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .api import optimize as api_optimize
-from .cli_common import (_bug, _check_out_paths, _fail, _fmt_bytes, _setup_logging, _warned, _write_json,
+from .cli_common import (_bug, _check_out_paths, _fail, _fmt_bytes, _setup_logging, _warned, _write_json, _write_reports,
                          command_group, console, one_line_errors, out_console, StageBars)
 from .cli_flags import effective_recipe, given, with_flags
 from .errors import GateFailedError, OnnxCompressError
@@ -54,15 +54,7 @@ def _optimize(model: Path, output: Path, recipe: Optional[str], report: Optional
         _fail(exc)
     except Exception as exc:  # a bug or a runtime refusal: still one line unless --debug
         _bug(exc)
-    if report:
-        _write_json(report, result.report)
-    if html:
-        from .report_html import write_html
-
-        try:
-            write_html(result.report, html)
-        except OnnxCompressError as exc:
-            _fail(exc)
+    _write_reports(result.report, report, html)
     if not quiet:
         _render(result.report)
         console.print(f"[green]wrote[/] {escape(str(result.output))}")

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import one_line_errors, _check_out_paths, _fail, _setup_logging, _write_json, app, console, out_console
+from .cli_common import one_line_errors, _check_out_paths, _setup_logging, _write_reports, app, console, out_console
 from .errors import OnnxCompressError
 
 
@@ -68,15 +68,7 @@ def tune(
             with console.status("tuning") as status:
                 res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
                                time_budget_s=seconds, state=resume, progress=lambda s: status.update(escape(s)))
-    if report:
-        _write_json(report, res.report)
-    if html:
-        from .report_html import write_html
-
-        try:
-            write_html(res.report, html)
-        except OnnxCompressError as exc:
-            _fail(exc)
+    _write_reports(res.report, report, html)
     if not quiet:
         _render(res)
     if not res.met:

@@ -371,9 +371,7 @@ class _Search:
             t.drop = self.fp32_metric - t.metric
             g = benchmark([self.model, path], data=self.bench_data, duration=1.5, warmup=2, memory=False).groups[0]
             m = g.models[1]
-            t.speedup = float(1.0 / m.latency_ratio) if m.latency_ratio else float("nan")
-            if m.latency_ratio_ci:
-                t.speedup_ci = (1.0 / m.latency_ratio_ci[1], 1.0 / m.latency_ratio_ci[0])
+            t.speedup, t.speedup_ci = _speedup(m, float("nan"))
         except (GateFailedError, OnnxCompressError) as exc:
             t.error = str(exc).splitlines()[0]
         t.seconds = round(time.perf_counter() - t0, 2)
@@ -672,6 +670,13 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
     return TuneResult(out, chosen, s.trials, report, met=not failed)
 
 
+def _speedup(m, default: float) -> tuple[float, tuple[float, float] | None]:
+    """A bench row's speed-up over the first model (``ModelBench.speedup``, ``default`` when it has
+    none) and its interval (the inverse of ``latency_ratio_ci``), or ``None``."""
+    ci = m.latency_ratio_ci
+    return (float(m.speedup) if m.speedup else default), ((1.0 / ci[1], 1.0 / ci[0]) if ci else None)
+
+
 #: seconds of the finalists' joint timing (:func:`_final_timing`)
 FINAL_TIMING_S = 4.0
 #: at most this many finalists are timed together (the fastest by their search timing)
@@ -701,8 +706,8 @@ def _final_timing(s: _Search, ties: list[Trial], say) -> list[Trial]:
         return ties
     out = []
     for t, m in zip(ties, g.models[1:]):
-        ci = (1.0 / m.latency_ratio_ci[1], 1.0 / m.latency_ratio_ci[0]) if m.latency_ratio_ci else None
-        out.append(replace(t, speedup=float(1.0 / m.latency_ratio) if m.latency_ratio else t.speedup, speedup_ci=ci))
+        speedup, ci = _speedup(m, t.speedup)
+        out.append(replace(t, speedup=speedup, speedup_ci=ci))
     s.final_timing = [{"trial": t.number, "speedup": t.speedup, "speedup_ci": t.speedup_ci} for t in out]
     return out
 

@@ -69,7 +69,7 @@ def time_all(s, model: Path, rows: list[dict], duration: float) -> None:
     g = benchmark([model, *[Path(r["path"]) for r in written]], data=s.bench_data, duration=duration, warmup=2,
                   memory=False).groups[0]
     for r, m in zip(written, g.models[1:]):
-        r["speedup"] = 1.0 / m.latency_ratio if m.latency_ratio else None
+        r["speedup"] = m.speedup
 
 
 def one(name: str, folder: Path, args, work: Path) -> dict:

@@ -224,8 +224,10 @@ def test_finalists_are_timed_together_before_one_is_chosen(monkeypatch, tmp_path
     ratios = {"a.onnx": 1.0, "b.onnx": 0.6}  # b: 1.67x faster than fp32 when timed together
 
     def fake(paths, **kw):
-        models = [SimpleNamespace(latency_ratio=1.0, latency_ratio_ci=(1.0, 1.0))]
-        models += [SimpleNamespace(latency_ratio=ratios[Path(p).name], latency_ratio_ci=None) for p in paths[1:]]
+        # bench's rows: speedup is the inverse of latency_ratio (bench._ratios)
+        models = [SimpleNamespace(latency_ratio=1.0, speedup=1.0, latency_ratio_ci=(1.0, 1.0))]
+        models += [SimpleNamespace(latency_ratio=ratios[Path(p).name], speedup=1 / ratios[Path(p).name],
+                                   latency_ratio_ci=None) for p in paths[1:]]
         return SimpleNamespace(groups=[SimpleNamespace(models=models)])
 
     monkeypatch.setattr(bench_mod, "benchmark", fake)

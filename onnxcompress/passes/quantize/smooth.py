@@ -127,21 +127,18 @@ def simulated_error(xs: list[np.ndarray], ws: list[np.ndarray], s: np.ndarray | 
         lo = min(r[0] for r in rng)
         hi = max(r[1] for r in rng)
         xq = _fake_act(np.concatenate(xsm), lo, hi)  # one range for every sample: one pass
-    xall = np.concatenate(x2) if refs is None else None
+    if refs is None:
+        xall = np.concatenate(x2)
+        refs = [xall @ w for w in ws]
+    if ref_energy is None:  # the reference's part: the same for every smoothing factor
+        ref_energy = reference_energy(refs, col_weights)
     err = 0.0
     for i, w in enumerate(ws):
-        ref = refs[i] if refs is not None else xall @ w
         got = xq @ _fake_weight(w * s[:, None] if s is not None else w, qmax, pairs)
-        cw = col_weights[i] if col_weights is not None else None
-        e_col = np.sum((ref - got).astype(np.float64) ** 2, axis=0)
-        if ref_energy is not None:  # the reference's part is the same for every smoothing factor
-            r_sum = ref_energy[i]
-        else:
-            r_col = np.sum(ref.astype(np.float64) ** 2, axis=0)
-            r_sum = float((r_col * cw).sum() if cw is not None else r_col.sum())
-        if cw is not None:
-            e_col = e_col * cw
-        err += float(e_col.sum()) / max(r_sum, 1e-30)
+        e_col = np.sum((refs[i] - got).astype(np.float64) ** 2, axis=0)
+        if col_weights is not None:
+            e_col = e_col * col_weights[i]
+        err += float(e_col.sum()) / max(ref_energy[i], 1e-30)
     return err
 
 
