@@ -349,10 +349,11 @@ def _probe(run: _Run, original: ir.Model, calib, val):
         sizes = [_nbytes(v) for o in first for v in o.values()]
         per = None if None in sizes else sum(sizes)
         cpu = "CPUExecutionProvider" in resolve_providers(list(run.recipe.output.providers))[0]
-        if first and cpu and per is not None and per * len(val) <= REF_CACHE_BYTES:
-            vouts = first + run_samples(sess, val[1:])
-            run.ref_cache["CPUExecutionProvider"] = (list(vouts[0]), vouts)
         del sess
+        if first and cpu and per is not None and per * len(val) <= REF_CACHE_BYTES:
+            ref = _validation_reference(original, val)
+            if ref is not None:
+                run.ref_cache["CPUExecutionProvider"] = ref
         return calib, val
     except Exception as exc:  # ORT's refusal, whatever its type
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -365,6 +366,21 @@ def _probe(run: _Run, original: ir.Model, calib, val):
              "structurally only (onnx.checker), with no numeric comparison; give --validation data to check "
              "them numerically", warn=True)
     return [], []
+
+
+def _validation_reference(original: ir.Model, val: list[dict]) -> tuple[list[str], list[dict]] | None:
+    """The input's outputs on every validation sample, made as :func:`onnxcompress.validate.compare`
+    makes them (``runtime.reference_session``: ORT_ENABLE_ALL, no pre-packing, no arena), as its
+    ``cache`` entry ``(output names, outputs per sample)``; ``None`` where ORT's optimizer fails on
+    the input at run time (validation then finds its own level)."""
+    from .runtime import reference_session, run_samples
+
+    sess = reference_session(original)
+    try:
+        outs = run_samples(sess, val, "input model on CPU")
+    except Exception:  # noqa: BLE001 - ORT's refusal: validate.validate_all handles it
+        return None
+    return [o.name for o in sess.get_outputs()], outs
 
 
 def _nbytes(v) -> int | None:

@@ -1,7 +1,9 @@
 """Compare a candidate model with its reference on the same inputs (the judge).
 
-The reference runs with ONNX Runtime's graph optimizations off; the candidate with them on,
-as it will be deployed (Q/DQ fused into integer kernels). Metrics per output, over all
+Both run with ONNX Runtime's graph optimizations on, as they will be deployed (the candidate's
+Q/DQ fused into integer kernels); the reference without pre-packed weights or the memory arena
+(:func:`onnxcompress.runtime.reference_session`: unoptimized where ORT could only build it by
+copying its weights). Metrics per output, over all
 samples (the style of Polygraphy's comparator):
 
 * ``max_abs_err``: max |cand - ref|;
@@ -28,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .runtime import LEVELS, make_session, median_latency_ms, run_samples
+from .runtime import LEVELS, make_session, median_latency_ms, reference_session, run_samples
 from .util import jsonable, plain_value
 
 
@@ -253,7 +255,7 @@ def compare(
     if cache is not None and provider in cache:
         ref_outputs, refs = cache[provider]
     else:
-        ref_sess = make_session(reference, optimize=False, provider=provider)
+        ref_sess = reference_session(reference, level=level, provider=provider)
         ref_outputs = [o.name for o in ref_sess.get_outputs()]
         refs = run_samples(ref_sess, samples, f"input model on {provider.replace('ExecutionProvider', '')}")
         del ref_sess

@@ -352,3 +352,26 @@ def test_reference_sessions_run_without_the_arena_deployed_ones_with_it():
     assert make_session(m, optimize=False).get_session_options().enable_cpu_mem_arena is False
     assert make_session(m, optimize=True).get_session_options().enable_cpu_mem_arena is True
     assert make_session(m, optimize=False, arena=True).get_session_options().enable_cpu_mem_arena is True
+
+
+def test_reference_session_runs_optimized_within_its_copy_budget(monkeypatch):
+    """A reference runs at ORT_ENABLE_ALL (NCHWc conv kernels want their weights' values: copied
+    into ORT's graph up to REFERENCE_COPY_BYTES); over that budget it runs unoptimized, without a
+    copy. Both give the unoptimized outputs within float rounding."""
+    from onnxcompress import runtime
+    from onnxcompress.runtime import reference_session, run_samples
+
+    m = ir.from_proto(G.conv_bn_relu(c_in=16, c_out=32))  # a 32x16x3x3 weight: 18 KB, read in place
+    x = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    feeds = [{m.graph.inputs[0].name: x}]
+    plain = run_samples(make_session(m, optimize=False), feeds)[0]
+    fast = reference_session(m)
+    assert fast.onnxcompress_level == "all"
+    assert fast.get_session_options().enable_cpu_mem_arena is False
+    monkeypatch.setattr(runtime, "REFERENCE_COPY_BYTES", 1024)
+    lean = reference_session(m)
+    assert lean.onnxcompress_level == "disable"
+    for sess in (fast, lean):
+        got = run_samples(sess, feeds)[0]
+        for k, v in plain.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-5)
