@@ -81,7 +81,7 @@ def tune(
 
 def _render(res) -> None:
     t = Table(title="tune: trials (best first)")
-    for col in ("#", "recipe", "metric drop", "speed-up", "size", "s", "note"):
+    for col in ("#", "recipe", "metric drop (bound)", "speed-up", "size", "s", "note"):
         t.add_column(col, justify="right" if col not in ("recipe", "note") else "left")
     order = sorted(res.trials, key=lambda x: (x.error is not None, not x.feasible(), -(x.speedup if x.speedup == x.speedup else 0)))
     for x in order[:15]:
@@ -89,7 +89,8 @@ def _render(res) -> None:
 
         mark = "chosen" if res.chosen is not None and x.number == res.chosen.number else ("" if x.feasible() else
                                                                                           "over budget")
-        t.add_row(str(x.number), _describe(x.options), "-" if x.error else f"{x.drop:.2f}",
+        drop = "-" if x.error else f"{x.drop:.2f}" + (f" ({x.drop_bound:.2f})" if x.drop_bound == x.drop_bound else "")
+        t.add_row(str(x.number), _describe(x.options), drop,
                   "-" if x.error else f"{x.speedup:.2f}x", f"{x.size_bytes / 1e6:.3f} MB" if x.size_bytes else "-",
                   f"{x.seconds:.1f}", escape(x.error[:60]) if x.error else mark)
     out_console.print(t)
