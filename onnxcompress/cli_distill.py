@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .distill_params import BATCH_SIZE, EPOCHS, LOSS, LR, TEMPERATURE
 from .cli_common import one_line_errors, _check_out_paths, _fail, _setup_logging, _write_json, app, console
 from .errors import OnnxCompressError
 
@@ -21,14 +22,14 @@ def distill(
     data: Path = typer.Option(..., "--data", help="Inputs (.npz, the --calibration format); labels not needed."),
     labels_from: Optional[str] = typer.Option(None, "--labels-from", help="Key of integer labels in --data: "
                                               "cross-entropy mixed in with weight --alpha."),
-    epochs: int = typer.Option(10, "--epochs", min=1, help="Total epochs (a resumed run trains the missing ones)."),
-    loss: str = typer.Option("auto", "--loss", help="auto (KL for class scores, MSE otherwise), kl, mse or cosine."),
-    temperature: float = typer.Option(4.0, "--temperature", help="Softmax temperature of "
-                                      "the KL loss (Hinton et al. 2015; scaled by T²)."),
+    epochs: int = typer.Option(EPOCHS.default, "--epochs", min=1, help=EPOCHS.help + " A resumed run trains the "
+                               "missing ones."),
+    loss: str = typer.Option(LOSS.default, "--loss", help=LOSS.help),
+    temperature: float = typer.Option(TEMPERATURE.default, "--temperature", help=TEMPERATURE.help),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Weight of the label loss (with "
                                 "--labels-from)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Rows per training step."),
+    lr: float = typer.Option(LR.default, "--lr", help=LR.help),
+    batch_size: int = typer.Option(BATCH_SIZE.default, "--batch-size", min=1, help=BATCH_SIZE.help),
     seed: int = typer.Option(0, "--seed", help="Shuffling seed."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="PyTorch threads (default: torch's; 1 is "
                                           "fastest for small students on a busy machine)."),

@@ -20,6 +20,7 @@ from .errors import OnnxCompressError
 from .gates import (ACCEPT_DEGRADED, FALLBACK, FLOOR_MEAN_COSINE, FLOOR_TOP1, MAX_FALLBACK_ROUNDS, MAX_REL_ERROR,
                     MIN_COSINE, MIN_MEAN_COSINE, MIN_TOP1)
 from .params import Param
+from .distill_params import DISTILL
 from .passes.lowrank import TARGET_RATIO as LOW_RANK
 from .passes.prune import MIN_SIZE, SCOPE as PRUNE_SCOPE, SKIP_FIRST_LAST
 from .passes.prune_channels import CHANNEL_SCOPE, IMPORTANCE_P, PROTECT, RATIOS, REPAIR, ROUND_TO
@@ -84,7 +85,8 @@ class OptimizeOptions:
 
     The planner (:func:`onnxcompress.recipe.from_options`) turns these into recipe stages:
     ``fuse`` -> ``fuse``; ``prune``/``prune_mode`` -> ``prune-magnitude`` | ``prune-channels`` |
-    ``prune-nm``; ``low_rank`` -> ``low-rank`` (its ``target_ratio``); ``quantize`` -> ``equalize``
+    ``prune-nm``; ``low_rank`` -> ``low-rank`` (its ``target_ratio``); ``distill`` -> ``distill``
+    (its ``epochs``; the input model is the teacher, the calibration rows the data); ``quantize`` -> ``equalize``
     (static, or ``equalize`` on), ``pair-permute`` (static), ``smooth-quant`` (``smooth_quant``),
     ``quantize-dynamic`` | ``quantize-static`` (``auto``: one ``quantize-auto`` stage, both tried). ``calibration`` / ``validation``: an
     ``.npz`` path, an image folder (read with ``image``), a dict of arrays (the ``.npz`` layout),
@@ -105,6 +107,7 @@ class OptimizeOptions:
     prune_nm: str = PATTERN.field()
     prune_ratios: dict[str, float] | None = RATIOS.field()
     low_rank: float | None = LOW_RANK.field()
+    distill: int | None = DISTILL.field()
     quantize: str | None = QUANTIZE.field()
     calibration: Any = CALIBRATION.field()
     validation: Any = VALIDATION.field()

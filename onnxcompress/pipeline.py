@@ -148,7 +148,8 @@ def _run(run: _Run, model) -> OptimizeResult:
     _note_unknown_names(run, original)
     run.report.update(_report_head(run, original))
     ctx = PassContext(calibration=calib, check_samples=calib[:4], holdout=val[:16],
-                      scope=Scope.of(rec.scope.exclude_nodes, rec.scope.exclude_op_types))
+                      scope=Scope.of(rec.scope.exclude_nodes, rec.scope.exclude_op_types),
+                      teacher=original if rec.stage("distill") is not None else None)
     work, reports, int8 = _run_stages(run, work, ctx)
     _initializers_as_inputs(work)
     passed, validation, gates, reports, work = _validate_and_gate(run, original, work, reports, int8, val, labels,

@@ -51,6 +51,7 @@ from .errors import OnnxCompressError
 from .gates import Gates, OutputGates
 from .options import (CALIBRATION, EXCLUDE_NODES, EXCLUDE_OP_TYPES, EXTERNAL_DATA, LATENCY, MAX_CALIBRATION_SAMPLES,
                       PROVIDERS, VALIDATION, AutoQuantizeConfig, OptimizeOptions)
+from .passes.distill_stage import DistillConfig
 from .passes.lowrank import LowRankConfig
 from .passes.prune import MagnitudePruneConfig
 from .passes.prune_channels import ChannelPruneConfig
@@ -377,6 +378,8 @@ def from_options(o: OptimizeOptions) -> Recipe:
                 skip_first_last=o.prune_skip_first_last)))
     if o.low_rank:
         stages.append(Stage("low-rank", LowRankConfig(target_ratio=o.low_rank)))
+    if o.distill:
+        stages.append(Stage("distill", DistillConfig(epochs=o.distill)))
     q = _from_flat(AutoQuantizeConfig, o)
     if o.quantize == "auto":
         stages.append(Stage("quantize-auto", q))
@@ -405,7 +408,7 @@ def from_options(o: OptimizeOptions) -> Recipe:
 
 
 #: flat option fields that choose stages (given beside a recipe, they re-plan it)
-STRUCTURAL = ("fuse", "quantize", "prune", "prune_mode", "equalize", "smooth_quant", "low_rank")
+STRUCTURAL = ("fuse", "quantize", "prune", "prune_mode", "equalize", "smooth_quant", "low_rank", "distill")
 
 
 def to_options(r: Recipe) -> OptimizeOptions:
@@ -415,6 +418,8 @@ def to_options(r: Recipe) -> OptimizeOptions:
     decl = P.params_of(OptimizeOptions)
     by_param = {id(p): name for name, p in decl.items()}
     o.fuse = r.stage("fuse") is not None
+    ds = r.stage("distill")
+    o.distill = ds.config.epochs if ds is not None else None
     taken: set[str] = set()
     for st in r.stages:
         for fname, p in P.params_of(st.config).items():

@@ -107,6 +107,8 @@ class PassContext:
         keep_float: node names the fallback keeps in float (quantization passes).
         cache: state a pass may keep across re-runs of the same stage (the fallback's
             re-quantizations reuse the calibration ranges: ``passes/quantize/static.py``).
+        teacher: the input model as loaded (the ``distill`` stage's teacher); ``None`` outside
+            the pipeline. Read-only: its tensors are shared with the model the passes rewrite.
     """
 
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -115,6 +117,7 @@ class PassContext:
     scope: Scope = field(default_factory=Scope)
     keep_float: tuple[str, ...] = ()
     cache: dict[str, Any] = field(default_factory=dict)
+    teacher: ir.Model | None = None
 
 
 class CompressionPass(ir.passes.InPlacePass):

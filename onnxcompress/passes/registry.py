@@ -69,6 +69,7 @@ def one(cls: type[CompressionPass]) -> Callable[[Any, PassContext], list[Compres
 from .cleanup import ConstantFoldingPass, DeadCodePass, IdentityDropoutPass, InitializerInputsPass, LiftConstantsPass  # noqa: E402
 from .fusion import (ConvAffinePass, ConvBiasPass, FoldBatchNormPass, FusePadIntoConvPass, HardSwishPass,  # noqa: E402
                      MatMulAddToGemmPass)
+from .distill_stage import DistillConfig, DistillPass  # noqa: E402
 from .lowrank import LowRankConfig, LowRankPass  # noqa: E402
 from .prune import MagnitudePruneConfig, MagnitudePrunePass  # noqa: E402
 from .prune_channels import ChannelPruneConfig, ChannelPrunePass  # noqa: E402
@@ -140,3 +141,8 @@ register(StageSpec("low-rank", LowRankConfig, one(LowRankPass), "low-rank factor
                    checked=False, lossy=True, describe=lambda c: "low-rank factorization" + (
                        f" removing {c.target_ratio:.0%} of the factorizable MACs" if c.target_ratio is not None and
                        c.rank is None else f" at rank {c.rank}" if c.rank is not None else f" keeping {c.energy:g} energy")))
+register(StageSpec("distill", DistillConfig, one(DistillPass), "knowledge distillation (Hinton et al. 2015): train the "
+                   "model as it stands (pruned, low-rank) to reproduce the input model on the calibration rows "
+                   "(the [torch] extra)", checked=False, lossy=True,
+                   needs_data="distillation skipped: no --calibration data (the student trains on its rows)",
+                   describe=lambda c: f"distillation, {c.epochs} epoch(s)"))
