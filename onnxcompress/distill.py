@@ -125,7 +125,30 @@ def _onnx2torch():
             for k in ("torchvision.ops", "torchvision"):
                 if sys.modules.get(k) in (stub, stub.ops):
                     del sys.modules[k]
+    _register_type_only_versions()
     return onnx2torch
+
+
+#: op versions whose only change from the previous one is the set of types (ONNX's Changelog.md),
+#: which onnx2torch 1.5 does not register: ``(op, new version) -> version it registers``. Without
+#: them an opset-16+ transformer export (all-MiniLM-L6-v2's attention mask: GreaterOrEqual) cannot
+#: be converted. Our only addition to onnx2torch's converters.
+TYPE_ONLY_VERSIONS = {("GreaterOrEqual", 16): 12, ("LessOrEqual", 16): 12}
+
+
+def _register_type_only_versions() -> None:
+    from onnx2torch.node_converters.registry import add_converter, get_converter
+
+    for (op, new), old in TYPE_ONLY_VERSIONS.items():
+        try:
+            get_converter(op, new)
+            continue  # registered (by onnx2torch itself, or an earlier call)
+        except NotImplementedError:
+            pass
+        try:
+            add_converter(operation_type=op, version=new)(get_converter(op, old))
+        except (NotImplementedError, ValueError):  # another onnx2torch: leave it as it is
+            pass
 
 
 def _torchvision_stub() -> types.ModuleType:

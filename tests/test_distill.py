@@ -213,3 +213,19 @@ def test_optimize_prunes_distills_and_quantizes_in_one_run(tmp_path):
     assert [s.name for s in r.stages].count("distill") == 1
     again = loads(r.to_toml())
     assert again.stage("distill").config.epochs == 20 and to_options(again).distill == 20
+
+
+def test_type_only_op_versions_convert():
+    """GreaterOrEqual-16 / LessOrEqual-16 only widened the types (ONNX Changelog); onnx2torch 1.5
+    registers version 12 only, so an opset-17 transformer export (all-MiniLM-L6-v2's attention
+    mask) could not be converted. They convert, and compute what ONNX Runtime computes."""
+    nodes = [helper.make_node("GreaterOrEqual", ["a", "b"], ["ge"]), helper.make_node("LessOrEqual", ["a", "b"], ["le"])]
+    g = helper.make_graph(nodes, "cmp", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in "ab"],
+                          [helper.make_tensor_value_info(n, TensorProto.BOOL, [4]) for n in ("ge", "le")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert D.unsupported_ops(m) == []
+    a, b = np.array([1, 2, 3, 4], np.float32), np.array([2, 2, 2, 2], np.float32)
+    got = D.onnx_to_torch(m)(torch.from_numpy(a), torch.from_numpy(b))
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})
+    for x, y in zip(got, ref):
+        np.testing.assert_array_equal(x.numpy(), y)
