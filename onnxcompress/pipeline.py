@@ -332,29 +332,22 @@ def _probe(run: _Run, original: ir.Model, calib, val):
         ``(calib, val)``: as given, or both empty when generated inputs do not run.
     """
     from .runtime import make_session, run_samples
-    from .validate import REF_CACHE_BYTES
 
     d = run.recipe.data
     given = d.calibration is not None or d.validation is not None
     check = calib[:4]
     try:
-        # as passes.base.reference_outputs; without ORT's arena (runtime.make_session): with it,
-        # PP-OCRv4 det's probe left ~200 MB held through every later stage
-        sess = make_session(original, optimize=False)
-        outs = run_samples(sess, [*check, *val[:1]])
-        run.probe_ref = outs[: len(check)] if check else None
-        # the validation samples' outputs are the CPU validation's reference (the same session
-        # settings, :func:`onnxcompress.validate.compare`): kept when CPU validates and they fit
-        # (estimated from the first sample's), the input is not run again there
-        first = outs[len(check):]
-        sizes = [_nbytes(v) for o in first for v in o.values()]
-        per = None if None in sizes else sum(sizes)
-        cpu = "CPUExecutionProvider" in resolve_providers(list(run.recipe.output.providers))[0]
-        del sess
-        if first and cpu and per is not None and per * len(val) <= REF_CACHE_BYTES:
-            ref = _validation_reference(original, val)
-            if ref is not None:
-                run.ref_cache["CPUExecutionProvider"] = ref
+        run.probe_ref = None
+        if check:
+            # the per-pass checks' reference (as passes.base.reference_outputs: optimizations off);
+            # without ORT's arena (runtime.make_session): with it, PP-OCRv4 det's probe left ~200 MB
+            # held through every later stage
+            sess = make_session(original, optimize=False)
+            run.probe_ref = run_samples(sess, check)
+            del sess
+        if val:
+            cpu = "CPUExecutionProvider" in resolve_providers(list(run.recipe.output.providers))[0]
+            _validation_reference(run, original, val, cpu)
         return calib, val
     except Exception as exc:  # ORT's refusal, whatever its type
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -369,19 +362,32 @@ def _probe(run: _Run, original: ir.Model, calib, val):
     return [], []
 
 
-def _validation_reference(original: ir.Model, val: list[dict]) -> tuple[list[str], list[dict]] | None:
-    """The input's outputs on every validation sample, made as :func:`onnxcompress.validate.compare`
-    makes them (``runtime.reference_session``: ORT_ENABLE_ALL, no pre-packing, no arena), as its
-    ``cache`` entry ``(output names, outputs per sample)``; ``None`` where ORT's optimizer fails on
-    the input at run time (validation then finds its own level)."""
-    from .runtime import reference_session, run_samples
+def _validation_reference(run: _Run, original: ir.Model, val: list[dict], cpu: bool) -> None:
+    """Run the input on the first validation sample (it must run: else ORT's error is raised) and,
+    when CPU validates and the outputs of all samples fit :data:`onnxcompress.validate.REF_CACHE_BYTES`
+    (estimated from the first sample's), on the others: their outputs become the CPU validation's
+    reference (``run.ref_cache``), made as :func:`onnxcompress.validate.compare` makes them
+    (``runtime.reference_session``: ORT_ENABLE_ALL, no pre-packing, no arena), so the input is not
+    run again there. Where ORT's optimizer breaks the input at run time the sample runs unoptimized
+    and nothing is cached (validation then finds its own level, ``validate.validate_all``)."""
+    from .runtime import make_session, reference_session, run_samples
+    from .validate import REF_CACHE_BYTES
 
     sess = reference_session(original)
     try:
-        outs = run_samples(sess, val, "input model on CPU")
-    except Exception:  # noqa: BLE001 - ORT's refusal: validate.validate_all handles it
-        return None
-    return [o.name for o in sess.get_outputs()], outs
+        first = run_samples(sess, val[:1])
+        cacheable = cpu
+    except Exception:  # noqa: BLE001 - ORT's refusal: the same unoptimized, or the caller's error
+        if sess.onnxcompress_level == "disable":
+            raise
+        sess = make_session(original, optimize=False)
+        first = run_samples(sess, val[:1])
+        cacheable = False
+    sizes = [_nbytes(v) for o in first for v in o.values()]
+    per = None if None in sizes else sum(sizes)
+    if cacheable and per is not None and per * len(val) <= REF_CACHE_BYTES:
+        outs = first + run_samples(sess, val[1:])
+        run.ref_cache["CPUExecutionProvider"] = ([o.name for o in sess.get_outputs()], outs)
 
 
 def _nbytes(v) -> int | None:
