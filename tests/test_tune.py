@@ -239,3 +239,38 @@ def test_finalists_are_timed_together_before_one_is_chosen(monkeypatch, tmp_path
     assert by[1].speedup == pytest.approx(1.0) and by[2].speedup == pytest.approx(1 / 0.6)
     assert [f["trial"] for f in s.final_timing] == [1, 2]
     assert _final_timing(s, [a], lambda m: None) == [a]  # one finalist: nothing to time
+
+
+def test_drop_bound_adds_the_noise_of_few_samples():
+    """The budget judges a trial by the 80 % paired-bootstrap bound of its drop: above the point
+    drop when few samples decide it, close to it when many do; none for worst-sample metrics; a
+    trial within the budget only by the noise is not feasible."""
+    import numpy as np
+
+    from onnxcompress.tune import Budget, Trial, _Search, _score, drop_bound, judged_drop, resamples
+
+    rng = np.random.default_rng(0)
+
+    def pair(n, noise):
+        ref = [rng.standard_normal((4, 10)).astype(np.float32) * 3 for _ in range(n)]
+        return ref, [r + rng.standard_normal(r.shape).astype(np.float32) * noise for r in ref]
+
+    for metric in ("top1", "task"):
+        ref, got = pair(30, 0.4)
+        point = _score(metric, ref, ref, None, "logits") - _score(metric, ref, got, None, "logits")
+        bound = drop_bound(metric, ref, got, None, resamples(len(ref)), "logits")
+        assert point > 0 and bound > point, (metric, point, bound)
+    ref, got = pair(30, 0.4)
+    labels = np.concatenate([r.argmax(-1) for r in ref])
+    labels[::3] = 0
+    point = _score("accuracy", ref, ref, labels) - _score("accuracy", ref, got, labels)
+    assert drop_bound("accuracy", ref, got, labels, resamples(len(ref))) >= point
+    for metric in ("cosine", "max_rel_error"):
+        assert np.isnan(drop_bound(metric, ref, got, None, resamples(len(ref)), "logits"))
+    # a scalar first output cannot be split into rows by label: no bound (and no crash of the search)
+    assert np.isnan(drop_bound("accuracy", [np.float32(1.0)], [np.float32(1.0)], np.zeros(1), resamples(1)))
+    t = Trial(0, {}, drop=0.8, drop_bound=1.4)
+    assert judged_drop(t) == 1.4 and judged_drop(Trial(1, {}, drop=0.8)) == 0.8
+    s = _Search.__new__(_Search)
+    s.budget = Budget(metric="top1", max_drop=1.0)
+    assert s.violation(t) > 0 and s.violation(Trial(1, {}, drop=0.8)) == 0
