@@ -465,6 +465,7 @@ def distill(
         module = onnx_to_torch(sproto)
         s_in = [i.name for i in sproto.graph.input if i.name not in {x.name for x in sproto.graph.initializer}]
         s_out = [o.name for o in sproto.graph.output]
+        axes = dynamic_axes(sproto)
         del sproto
         student_id = _file_id(student_p)
     else:
@@ -474,6 +475,7 @@ def distill(
             raise DistillError(f"student: a path to an ONNX model or a torch.nn.Module, not {type(student).__name__}")
         module = copy.deepcopy(student)
         s_in = s_out = None
+        axes = None
         student_id = {"module": type(student).__qualname__,
                       "params": [[n, list(p.shape)] for n, p in module.state_dict().items()]}
 
@@ -618,7 +620,7 @@ def distill(
     n_check = min(check_samples, rows)
     idx = np.arange(max(2, n_check) if rows >= 2 else 1)
     xs, _ = batch(idx)
-    proto = export_onnx(module, xs, in_names, out_names, state_p)
+    proto = export_onnx(module, xs, in_names, out_names, state_p, axes)
     max_rel = compare_with_ort(module, proto, xs, in_names)
     from .model_io import save_model
     import onnx_ir as ir
@@ -648,9 +650,30 @@ def _save_checkpoint(torch, path: Path, obj: dict) -> None:
         raise
 
 
-def export_onnx(module, xs: list, in_names: list[str], out_names: list[str], folder: Path):
-    """``torch.onnx.export`` at opset 17 with a dynamic batch axis on every input and output
-    (:mod:`onnxcompress.export`'s exporter loop: the TorchScript exporter first, as it handles
+def dynamic_axes(model) -> dict[str, dict[int, str]]:
+    """Per graph input and output of an ``onnx.ModelProto``: the axes that are not fixed numbers,
+    by their dim name (``batch`` for an unnamed first axis, ``<name>_<axis>`` for other unnamed
+    ones), and the first axis always (distillation trains on batches): what the export keeps
+    dynamic, so the distilled model takes every shape the student took."""
+    inits = {x.name for x in model.graph.initializer}
+    out: dict[str, dict[int, str]] = {}
+    for v in [*[i for i in model.graph.input if i.name not in inits], *model.graph.output]:
+        t = v.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        a = {}
+        for k, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value") and k != 0:
+                continue
+            a[k] = d.dim_param if d.HasField("dim_param") and d.dim_param else ("batch" if k == 0 else f"{v.name}_{k}")
+        out[v.name] = a
+    return out
+
+
+def export_onnx(module, xs: list, in_names: list[str], out_names: list[str], folder: Path,
+                axes: dict[str, dict[int, str]] | None = None):
+    """``torch.onnx.export`` at opset 17 with the dynamic ``axes`` (:func:`dynamic_axes`; default: the
+    batch axis of every input and output) (:mod:`onnxcompress.export`'s exporter loop: the TorchScript exporter first, as it handles
     onnx2torch's modules in a fraction of the dynamo exporter's time, the dynamo exporter when it
     fails), then ``onnx.checker``."""
     import onnx
@@ -661,7 +684,7 @@ def export_onnx(module, xs: list, in_names: list[str], out_names: list[str], fol
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         path = Path(tmp) / "student.onnx"
         try:
-            _run_exporter(torch, module, xs, path, list(in_names), list(out_names), OPSET, True, "auto")
+            _run_exporter(torch, module, xs, path, list(in_names), list(out_names), OPSET, True, "auto", axes)
         except ExportError as exc:
             raise DistillError(str(exc)) from None
         proto = onnx.load(str(path))

@@ -300,7 +300,16 @@ def _as_list(y) -> list:
     raise ExportError(f"the module returns {type(y).__name__}; export needs a tensor or a tuple/list of tensors")
 
 
-def _run_exporter(torch, module, xs, path: Path, in_names, out_names, opset, dynamic_batch, exporter) -> str:
+def _ident(name: str) -> str:
+    """A dim name as a Python identifier (``torch.export.Dim`` wants one)."""
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return out if out and not out[0].isdigit() else "d_" + out
+
+
+def _run_exporter(torch, module, xs, path: Path, in_names, out_names, opset, dynamic_batch, exporter,
+                  axes: dict[str, dict[int, str]] | None = None) -> str:
+    """Export with the first exporter of ``exporter`` that works; returns its kind. ``axes``
+    (name -> {axis: dim name}) replaces ``dynamic_batch``'s batch-only dynamic axes."""
     order = {"auto": ("torchscript", "dynamo"), "torchscript": ("torchscript",), "dynamo": ("dynamo",)}[exporter]
     errors = []
     for kind in order:
@@ -309,12 +318,20 @@ def _run_exporter(torch, module, xs, path: Path, in_names, out_names, opset, dyn
                     contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 if kind == "dynamo":
-                    shapes = tuple({0: torch.export.Dim("batch")} if dynamic_batch and x.ndim else None for x in xs)
+                    if axes is not None:
+                        dims: dict[str, object] = {}
+                        shapes = tuple({a: dims.setdefault(d, torch.export.Dim(_ident(d))) for a, d in axes.get(n, {}).items()}
+                                       or None for n in in_names)
+                        dynamic_batch = True
+                    else:
+                        shapes = tuple({0: torch.export.Dim("batch")} if dynamic_batch and x.ndim else None for x in xs)
                     torch.onnx.export(module, tuple(xs), str(path), input_names=in_names, output_names=out_names,
                                       opset_version=opset, dynamo=True, external_data=True,
                                       dynamic_shapes=shapes if dynamic_batch else None, verbose=False)
                 else:
                     dyn = {n: {0: "batch"} for n in [*in_names, *out_names]} if dynamic_batch else None
+                    if axes is not None:
+                        dyn = {n: dict(a) for n, a in axes.items() if a}
                     torch.onnx.export(module, tuple(xs), str(path), input_names=in_names, output_names=out_names,
                                       opset_version=opset, dynamo=False, dynamic_axes=dyn)
             if path.is_file():

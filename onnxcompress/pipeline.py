@@ -370,15 +370,15 @@ def _validation_reference(run: _Run, original: ir.Model, val: list[dict], cpu: b
     (``runtime.reference_session``: ORT_ENABLE_ALL, no pre-packing, no arena), so the input is not
     run again there. Where ORT's optimizer breaks the input at run time the sample runs unoptimized
     and nothing is cached (validation then finds its own level, ``validate.validate_all``)."""
-    from .runtime import make_session, reference_session, run_samples
+    from .runtime import is_ort_error, make_session, reference_session, run_samples
     from .validate import REF_CACHE_BYTES
 
     sess = reference_session(original)
     try:
         first = run_samples(sess, val[:1])
         cacheable = cpu
-    except Exception:  # noqa: BLE001 - ORT's refusal: the same unoptimized, or the caller's error
-        if sess.onnxcompress_level == "disable":
+    except Exception as exc:  # noqa: BLE001 - ORT's refusal: the same unoptimized, or the caller's error
+        if sess.onnxcompress_level == "disable" or not is_ort_error(exc):
             raise
         sess = make_session(original, optimize=False)
         first = run_samples(sess, val[:1])
@@ -387,7 +387,7 @@ def _validation_reference(run: _Run, original: ir.Model, val: list[dict], cpu: b
     per = None if None in sizes else sum(sizes)
     if cacheable and per is not None and per * len(val) <= REF_CACHE_BYTES:
         outs = first + run_samples(sess, val[1:])
-        run.ref_cache["CPUExecutionProvider"] = ([o.name for o in sess.get_outputs()], outs)
+        run.ref_cache["CPUExecutionProvider"] = ([o.name for o in sess.get_outputs()], outs, sess.onnxcompress_level)
 
 
 def _nbytes(v) -> int | None:

@@ -497,6 +497,10 @@ def _replan(r: Recipe, given: Mapping[str, Any], decl: Mapping[str, P.Param]) ->
 
     planned = from_options(replace(to_options(r), **given))
     flagged = {id(p) for p in decl.values()} | {id(EQUALIZE_MODE), id(SMOOTH_MODE)}  # the planner sets these
+    if given.get("distill"):  # --distill N sets the stage's epochs
+        from .distill_params import EPOCHS
+
+        flagged.add(id(EPOCHS))
     old: dict[str, Stage] = {}
     for s in r.stages:
         old.setdefault(s.name, s)

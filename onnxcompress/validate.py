@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .runtime import LEVELS, make_session, median_latency_ms, reference_session, run_samples
+from .runtime import LEVELS, is_ort_error, make_session, median_latency_ms, reference_session, run_samples
 from .util import jsonable, plain_value
 
 
@@ -96,6 +96,8 @@ class Comparison:
     accuracy_candidate: float | None = None
     latency_ms_reference: float | None = None
     latency_ms_candidate: float | None = None
+    #: ORT graph optimization level the reference ran at (:func:`onnxcompress.runtime.reference_session`)
+    reference_level: str | None = None
 
     def worst(self, attr: str, lowest: bool) -> float | None:
         vals = [getattr(o, attr) for o in self.outputs if getattr(o, attr) is not None
@@ -244,25 +246,37 @@ def compare(
         level: ONNX Runtime graph optimization level of the candidate and the timed reference
             (``all``, ``extended``, ``basic``, ``disable``; :data:`onnxcompress.runtime.LEVELS`).
         cache: a dict the caller keeps while ``reference`` and ``samples`` stay the same (the
-            fallback's rounds): the reference's outputs per provider are kept there (when they
-            total at most :data:`REF_CACHE_BYTES`) and reused instead of running it again.
+            fallback's rounds): the reference's outputs per provider, ``(output names, outputs per
+            sample, ORT level)``, are kept there (when they total at most :data:`REF_CACHE_BYTES`)
+            and reused instead of running it again.
 
     One ORT session exists at a time (reference, then the reference optimized for the latency
     figure, then the candidate), so validation holds at most one runtime's copy of weights.
 
     A reference output missing from the candidate counts as infinitely wrong.
     """
+    ref_level = None
     if cache is not None and provider in cache:
-        ref_outputs, refs = cache[provider]
+        ref_outputs, refs, ref_level = cache[provider]
     else:
+        step = f"input model on {provider.replace('ExecutionProvider', '')}"
         ref_sess = reference_session(reference, level=level, provider=provider)
+        try:
+            refs = run_samples(ref_sess, samples, step)
+        except Exception as exc:  # noqa: BLE001 - ORT's optimizer broke the input at run time: unoptimized
+            if ref_sess.onnxcompress_level == "disable" or not is_ort_error(exc):
+                raise
+            ref_sess = make_session(reference, optimize=False, provider=provider)
+            ref_sess.onnxcompress_level = "disable"
+            refs = run_samples(ref_sess, samples, step)
         ref_outputs = [o.name for o in ref_sess.get_outputs()]
-        refs = run_samples(ref_sess, samples, f"input model on {provider.replace('ExecutionProvider', '')}")
+        ref_level = ref_sess.onnxcompress_level
         del ref_sess
         if cache is not None and all(isinstance(v, np.ndarray) for r in refs for v in r.values()) \
                 and sum(v.nbytes for r in refs for v in r.values()) <= REF_CACHE_BYTES:
-            cache[provider] = (ref_outputs, refs)
+            cache[provider] = (ref_outputs, refs, ref_level)
     comp = Comparison(provider=provider, n_samples=len(samples))
+    comp.reference_level = ref_level
     if latency and samples:
         ref_opt = make_session(reference, optimize=level, provider=provider)
         comp.latency_ms_reference = median_latency_ms(ref_opt, samples[0])

@@ -229,3 +229,37 @@ def test_type_only_op_versions_convert():
     ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})
     for x, y in zip(got, ref):
         np.testing.assert_array_equal(x.numpy(), y)
+
+
+def test_distill_stage_keeps_free_axes_keeps_a_better_model_and_obeys_the_flag(tmp_path):
+    """The distilled model takes every shape the model took (free height and width stay free); a
+    distillation that does not lower the loss leaves the model as it was; `--distill N` beside a
+    recipe sets the stage's epochs."""
+    from onnxcompress import OptimizeOptions, optimize
+    from onnxcompress.recipe import loads, override
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    model = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 16, 16),), str(model), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}, "y": {0: "b"}}, opset_version=17, dynamo=False)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((48, 3, 16, 16)).astype(np.float32))
+    res = optimize(model, tmp_path / "kd.onnx", OptimizeOptions(prune=0.5, prune_mode="channel", distill=2,
+                                                               calibration=str(calib), latency=False))
+    rep = next(p for p in res.report["passes"] if p["name"] == "distill")
+    assert rep["changed"], rep
+    dims = [d.dim_param or d.dim_value for d in onnx.load(tmp_path / "kd.onnx").graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3])), dims
+    y = ort.InferenceSession(str(tmp_path / "kd.onnx")).run(None, {"x": np.zeros((2, 3, 32, 24), np.float32)})[0]
+    assert y.shape == (2, 5)
+    # nothing to win back (no pruning: the loss starts near 0) and a learning rate that wrecks the
+    # student: the model stays as it was
+    rec = loads(f'[[stages]]\npass = "distill"\nepochs = 1\nlr = 1.0\n[data]\ncalibration = "{calib}"\n'
+                '[output]\nlatency = false\n')
+    res = optimize(model, tmp_path / "same.onnx", recipe=rec)
+    rep = next(p for p in res.report["passes"] if p["name"] == "distill")
+    assert not rep["changed"] and "did not lower the loss" in rep["skipped"][0]["reason"]
+    r = override(loads('[[stages]]\npass = "distill"\nepochs = 2\nlr = 0.01\n'), {"distill": 5})
+    assert r.stage("distill").config.epochs == 5 and r.stage("distill").config.lr == 0.01

@@ -61,6 +61,8 @@ class PassReport:
         self.skipped.append({"node": node, "reason": reason})
         if grouped:
             self._grouped.setdefault(reason, []).append(node)
+        elif not node:  # the whole model, not one node
+            logger.warning("%s: %s", self.name, reason)
         else:
             logger.warning("%s: skipped node '%s': %s", self.name, node, reason)
 

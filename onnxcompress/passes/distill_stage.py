@@ -72,21 +72,30 @@ class DistillPass(CompressionPass):
     Config = DistillConfig
 
     def apply(self, model: ir.Model) -> bool:
-        from ..distill import distill
+        from ..distill import DistillError, _onnx2torch, _torch, distill
         from ..model_io import load_model, save_model
         from ..progress import tick
 
         teacher = self.context.teacher
         feeds = self.context.calibration
         if teacher is None or not feeds:
-            self.report.skip("model", "no teacher or no calibration rows to distill on")
+            self.report.skip("", "no teacher or no calibration rows to distill on")
             return False
+        fixed = [(v.name, v.shape[0]) for v in model.graph.inputs
+                 if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)]
+        if fixed:
+            name, n = fixed[0]
+            self.report.skip("", f"input '{name}' has a fixed batch size of {n}: distillation trains on "
+                             "batches of rows (export the model with a dynamic batch axis)")
+            return False
+        _torch(), _onnx2torch()  # DistillError (the stage is reverted) before any file is written
         c = self.config
         try:
             rows = _stack(feeds)
         except ValueError as exc:
-            self.report.skip("model", str(exc))
+            self.report.skip("", str(exc))
             return False
+        before = _signature(model)
 
         def progress(ev) -> None:
             if ev.phase == "epoch":
@@ -94,29 +103,79 @@ class DistillPass(CompressionPass):
 
         with tempfile.TemporaryDirectory(prefix="onnxcompress-distill-") as tmp:
             folder = Path(tmp)
-            save_model(teacher, folder / "teacher.onnx")
-            save_model(model, folder / "student.onnx")
-            with open(folder / "rows.npz", "wb") as f:
-                np.savez(f, **rows)
+            save_model(teacher, folder / "teacher.onnx", check=False)
+            save_model(model, folder / "student.onnx", check=False)
+            _write_npz(folder / "rows.npz", rows)
             del rows
             res = distill(folder / "teacher.onnx", folder / "student.onnx", folder / "distilled.onnx",
                           folder / "rows.npz", epochs=c.epochs, loss=c.loss, temperature=c.temperature, lr=c.lr,
                           batch_size=c.batch_size, state=folder / "state", resume=False, progress=progress)
+            r = res.report
+            self.report.counts.update(rows=r["rows"], epochs=r["epochs"], initial_loss=round(r["initial_loss"], 6),
+                                      final_loss=round(r["final_loss"], 6),
+                                      loss_ratio=round(r["loss_ratio"], 3) if r["loss_ratio"] else None,
+                                      train_seconds=r["train_seconds"], parameters=r["parameters"])
+            if not r["final_loss"] < r["initial_loss"]:
+                self.report.skip("", f"distillation did not lower the loss ({r['initial_loss']:.4g} -> "
+                                 f"{r['final_loss']:.4g}): the model before it is kept (lower lr, or fewer epochs)")
+                return False
             new = load_model(folder / "distilled.onnx")
             _materialize(new)
-        r = res.report
-        self.report.counts.update(rows=r["rows"], epochs=r["epochs"], initial_loss=round(r["initial_loss"], 6),
-                                  final_loss=round(r["final_loss"], 6),
-                                  loss_ratio=round(r["loss_ratio"], 3) if r["loss_ratio"] else None,
-                                  export_max_rel_error=r["export_check"]["max_rel_error"],
-                                  train_seconds=r["train_seconds"], parameters=r["parameters"])
-        for w in r["warnings"]:
-            self.report.skip("model", w)
+        after = _signature(new)
+        lost = _lost_axes(before, after)
+        if lost:
+            raise DistillError("the distilled model's inputs/outputs differ from the model's: " + "; ".join(lost[:4]))
+        self.report.counts["export_max_rel_error"] = r["export_check"]["max_rel_error"]
         model.graph = new.graph
         model.ir_version = new.ir_version
         model.functions.clear()
         model.functions.update(new.functions)
+        gone = sorted(n for n in self.context.scope.nodes if not any(x.name == n for x in model.graph))
+        if gone:
+            self.report.skip("", "node names given to --exclude are not in the distilled model (PyTorch's "
+                             "export names nodes anew), so they exclude nothing after this stage: "
+                             + ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else "") + " (exclude op types, "
+                             "or quantize the distilled model in a second run)")
         return True
+
+
+def _signature(model: ir.Model) -> dict:
+    """Graph inputs and outputs: name -> (dtype, per axis: the fixed size or ``None``)."""
+    def one(v):
+        dims = None if v.shape is None else tuple(d if isinstance(d, int) else None for d in v.shape)
+        return v.dtype, dims
+    return {"in": {v.name: one(v) for v in model.graph.inputs}, "out": {v.name: one(v) for v in model.graph.outputs}}
+
+
+def _lost_axes(before: dict, after: dict) -> list[str]:
+    """What the distilled model no longer takes or gives: a missing name, another dtype or rank,
+    an axis that was free and became fixed (a fixed axis that became free is a widening)."""
+    out = []
+    for side in ("in", "out"):
+        for name, (dtype, dims) in before[side].items():
+            if name not in after[side]:
+                out.append(f"{'input' if side == 'in' else 'output'} '{name}' is missing")
+                continue
+            dtype2, dims2 = after[side][name]
+            if dtype is not None and dtype2 is not None and dtype != dtype2:
+                out.append(f"'{name}' is {dtype2}, was {dtype}")
+            elif dims is not None and dims2 is not None:
+                if len(dims) != len(dims2):
+                    out.append(f"'{name}' has rank {len(dims2)}, was {len(dims)}")
+                else:
+                    out += [f"axis {k} of '{name}' is fixed at {b}, was free" for k, (a, b) in
+                            enumerate(zip(dims, dims2)) if a is None and b is not None]
+    return out
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` for any key (a key named ``file`` collides with ``np.savez``'s own argument)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for k, a in arrays.items():
+            with z.open(k + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
 
 
 def _materialize(model: ir.Model) -> None:
