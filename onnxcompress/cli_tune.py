@@ -98,6 +98,8 @@ def _render(res) -> None:
     if sens:
         console.print("most int8-sensitive nodes (int8 output SQNR): " + ", ".join(
             f"{escape(x['node'])} {x['int8_sqnr_db']:.1f} dB" for x in sens[:5]), highlight=False)
+    for w in res.report.get("resolution") or []:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     h = res.report["held_out"]
     console.print(f"held-out check ({h['samples']} samples the search never saw): metric {h['metric']:.3f} vs fp32 "
                   f"{h['fp32_metric']:.3f} (drop {h['drop']:.3f})", highlight=False)

@@ -277,6 +277,30 @@ def drop_bound(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels
     return float(np.quantile(drops, DROP_QUANTILE)) if drops else float("nan")
 
 
+def answer_step(metric: str, ref: list, labels, first: str = "output") -> tuple[float, int] | None:
+    """What one changed answer costs in the metric: ``(percentage points, answers counted)`` for a
+    metric that counts answers (``top1``, ``accuracy``, ``task`` on class choices, decoded
+    sequences or index outputs); ``None`` for a continuous one (cosines, errors, a user metric).
+    With 38 decisive rows one flip is 2.6 pp: a ``--max-drop`` below that cannot tell a model with
+    one flip from one with none, on the search half or the held-out half."""
+    try:
+        parts = _per_sample(metric, ref, ref, labels, first)
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return None
+    if parts is None:
+        return None
+    if metric == "task":
+        from dataclasses import asdict
+
+        from .gates import floor_top1
+        from .validate import output_metrics
+
+        if floor_top1(asdict(output_metrics(first, ref, ref))) is None:
+            return None
+    n = int(parts[2].sum())
+    return (100.0 / n, n) if n > 0 else None
+
+
 def _per_sample(metric: str, ref, got, labels, first: str):
     """Per sample: (fp32's numerator, the candidate's numerator, denominator) of the metric as a
     ratio of sums (``None`` for a worst-sample metric)."""
@@ -463,6 +487,8 @@ class _Search:
     final_timing: list = field(default_factory=list)
     #: bootstrap resamples of the search samples (:func:`resamples`), the same for every trial
     boot_idx: np.ndarray | None = None
+    #: warnings that the data is too small to resolve the budget (:func:`answer_step`)
+    resolution: list = field(default_factory=list)
 
     def violation(self, t: Trial) -> float:
         """Sum of the budget's violations, each relative to its bound (0 when met). The drop is
@@ -686,6 +712,14 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                 model.stat().st_size, cache=cache, data_key=data_key, say=say)
     s.boot_idx = resamples(len(search))
     s.fp32_metric = measure(budget, model, ref_s, search, lab_s)
+    first = next(iter(ref_s[0]), "output") if ref_s else "output"
+    for half, refs, lab in (("search", ref_s, lab_s), ("held-out", ref_f, lab_f)):
+        step = answer_step(budget.metric, [r[first] for r in refs], lab, first) if refs else None
+        if step is not None and step[0] > budget.max_drop:
+            s.resolution.append(f"the {half} half has {step[1]} counted answers: one changed answer is "
+                                f"{step[0]:.3g} > --max-drop {budget.max_drop:g}, so the budget cannot tell a model "
+                                "with one changed answer from one with none there (give more --validation data)")
+            say("tune: warning: " + s.resolution[-1])
     s.sensitivity = _sensitivity(s, say)
     return s
 
@@ -796,6 +830,7 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         "held_out": {"metric": held, "fp32_metric": fp32_held, "drop": fp32_held - held,
                      "within_budget": bool(fp32_held - held <= s.budget.max_drop + 1e-9),
                      "samples": len(s.final_feeds)},
+        "resolution": s.resolution,
         "trials": [{k: v for k, v in t.__dict__.items() if k != "recipe_toml"} for t in s.trials],
         "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
         "fp32_size_bytes": s.fp32_size, "final_timing": s.final_timing,
