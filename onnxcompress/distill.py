@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .distill_params import LR, TEMPERATURE
 from .errors import DataError, InvalidModelError, OnnxCompressError
 
 log = logging.getLogger("onnxcompress")
@@ -276,7 +277,14 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
         files["inputs"].append({"name": name, "file": f, "dtype": str(arr.dtype), "shape": list(arr.shape)})
     del inputs
     ins = {d["name"]: np.load(state / d["file"], mmap_mode="r") for d in files["inputs"]}
-    sess = make_session(str(teacher_path), optimize=True)
+    from .runtime import is_ort_error
+
+    try:
+        sess = make_session(str(teacher_path), optimize=True)
+    except Exception as exc:  # ORT's refusal: an op it does not know, a broken model
+        if not is_ort_error(exc):
+            raise
+        raise DataError(f"ONNX Runtime cannot load the teacher: {_what_node(exc)}") from None
     out_names = [o.name for o in sess.get_outputs()]
     fixed = _fixed_batch(specs[0].shape)
     step = fixed or batch_size
@@ -286,7 +294,12 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
         stop = min(rows, start + step)
         if fixed and stop - start != fixed:
             break  # the teacher takes exactly `fixed` rows: the remainder is dropped
-        res = sess.run(None, {name: np.ascontiguousarray(a[start:stop]) for name, a in ins.items()})
+        try:
+            res = sess.run(None, {name: np.ascontiguousarray(a[start:stop]) for name, a in ins.items()})
+        except Exception as exc:
+            if not is_ort_error(exc):
+                raise
+            raise DataError(f"ONNX Runtime cannot run the teacher on the data: {_what_node(exc)}") from None
         if outs is None:
             outs = []
             for j, (name, r) in enumerate(zip(out_names, res)):
@@ -423,7 +436,8 @@ def distill(
     if loss not in LOSSES:
         raise DistillError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
     for name, v, ok in (("epochs", epochs, epochs >= 1), ("batch_size", batch_size, batch_size >= 1),
-                        ("temperature", temperature, temperature > 0), ("lr", lr, lr > 0),
+                        ("temperature", temperature, 0 < temperature <= TEMPERATURE.high),
+                        ("lr", lr, 0 < lr <= LR.high),
                         ("alpha", alpha, 0 <= alpha <= 1), ("check_samples", check_samples, check_samples >= 1)):
         if not ok:
             raise DistillError(f"{name} {v!r} is out of range")
@@ -593,7 +607,8 @@ def distill(
             optim.zero_grad(set_to_none=True)
             value = objective(forward(xs), ys, idx)
             if not torch.isfinite(value):
-                raise DistillError(f"the loss became {float(value)} in epoch {epoch}; lower --lr")
+                raise DistillError(f"the loss became {value.detach().item()} in epoch {epoch}: lower the learning "
+                                   "rate (lr) or the temperature")
             value.backward()
             optim.step()
             run_sum += value.detach().item() * len(idx)

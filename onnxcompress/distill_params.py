@@ -15,6 +15,6 @@ LOSS = Param("loss", "auto", "Distillation loss: auto (KL at the temperature for
              "MSE otherwise), or kl, mse, cosine for every output.", kind="str", choices=("auto", "kl", "mse", "cosine"))
 TEMPERATURE = Param("temperature", 4.0, "Softmax temperature T of the KL loss (Hinton et al. 2015; the loss is scaled "
                     "by T^2).",
-                    kind="float", low=0.0, low_open=True)
-LR = Param("lr", 1e-3, "Adam learning rate of the distillation.", kind="float", low=0.0, low_open=True)
+                    kind="float", low=0.0, low_open=True, high=1000.0)
+LR = Param("lr", 1e-3, "Adam learning rate of the distillation.", kind="float", low=0.0, low_open=True, high=10.0)
 BATCH_SIZE = Param("batch_size", 64, "Rows per distillation step.", kind="int", low=1)

@@ -152,6 +152,19 @@ class Recipe:
         int8 = [s.name for s in self.stages if s.spec.int8]
         if len(int8) > 1:
             raise RecipeError(f"more than one int8 stage ({', '.join(int8)}): a recipe quantizes once")
+        names = [s.name for s in self.stages]
+        for i, name in enumerate(names):
+            if name != "distill":
+                continue
+            before = names[:i]
+            if any(STAGES[b].int8 for b in before):
+                raise RecipeError("stage 'distill' comes after int8: distillation trains a float model (PyTorch "
+                                  "cannot train Q/DQ); put it before the quantize stage")
+            sparse = [b for b in before if b in ("prune-magnitude", "prune-nm")]
+            if sparse:
+                raise RecipeError(f"stage 'distill' after '{sparse[0]}': distillation trains every weight and "
+                                  "would fill the pruned zeros again; distil first and prune after it, or prune "
+                                  "channels (prune-channels), whose removed channels stay removed")
         try:
             for st in self.stages:
                 P.check(st.config, f"stage '{st.name}'")

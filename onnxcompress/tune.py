@@ -580,11 +580,17 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
                  {"-o": out, "-o's external data": out.with_name(out.name + ".data")})
     check_output_path(out, tuple(Path(v) for v in (model, calibration, validation)
                                  if isinstance(v, (str, Path)) and Path(v).is_file()))
+    created = not st.exists()
     try:
         (st / "trials").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OnnxCompressError(f"{st}: cannot create the tune state folder ({exc.strerror or exc})") from None
-    s = _prepare(Path(model), budget, calibration, validation, st, say)
+    try:
+        s = _prepare(Path(model), budget, calibration, validation, st, say)
+    except BaseException:
+        if created:  # made by this call and holding nothing worth resuming
+            shutil.rmtree(st, ignore_errors=True)
+        raise
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = "tune-" + s.data_key[:16]
     storage = f"sqlite:///{(st / 'study.db').resolve()}"
@@ -691,9 +697,19 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         raise DataError("--metric accuracy needs 'labels' in the validation data")
     from .runtime import make_session, run_samples
 
-    sess = make_session(str(model), optimize=False)
-    ref_s, ref_f = run_samples(sess, search), run_samples(sess, final)
+    from .runtime import is_ort_error
+
+    try:
+        sess = make_session(str(model), optimize=False)
+        ref_s, ref_f = run_samples(sess, search), run_samples(sess, final)
+    except Exception as exc:  # ORT's refusal: bad data or an op it does not know
+        if not is_ort_error(exc):
+            raise
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"ONNX Runtime cannot run the input model on the validation data: {why}") from None
     del sess
+    if budget.metric == "accuracy":
+        _check_labels(labels, [*ref_s, *ref_f])
     bench_data = st / "timing.npz"
     import io
 
@@ -722,6 +738,30 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
             say("tune: warning: " + s.resolution[-1])
     s.sensitivity = _sensitivity(s, say)
     return s
+
+
+def _check_labels(labels, refs: list[dict]) -> None:
+    """``--metric accuracy``'s labels: 1-D integer class indices, one per row of the first output,
+    each a valid index of its last axis.
+
+    Raises:
+        DataError: one line saying what is wrong.
+    """
+    lab = np.asarray(labels)
+    if lab.dtype.kind not in "iu" or lab.ndim != 1:
+        raise DataError(f"--metric accuracy: 'labels' must be a 1-D array of integer class indices, got "
+                        f"{lab.dtype} {list(lab.shape)}")
+    first = next(iter(refs[0]))
+    outs = [np.asarray(r[first]) for r in refs]
+    if any(o.ndim < 1 for o in outs):
+        raise DataError(f"--metric accuracy: the first output '{first}' is a scalar, not class scores")
+    rows = sum(int(o.reshape(-1, o.shape[-1]).shape[0]) if o.ndim > 1 else 1 for o in outs)
+    classes = int(outs[0].shape[-1])
+    if lab.shape[0] != rows:
+        raise DataError(f"--metric accuracy: {lab.shape[0]} labels for {rows} rows of the first output '{first}'")
+    if lab.size and (lab.min() < 0 or lab.max() >= classes):
+        raise DataError(f"--metric accuracy: labels {int(lab.min())}..{int(lab.max())} outside 0..{classes - 1} "
+                        f"(the first output '{first}' has {classes} classes)")
 
 
 def _sensitivity(s: _Search, say) -> list[tuple[str, float]]:

@@ -263,3 +263,25 @@ def test_distill_stage_keeps_free_axes_keeps_a_better_model_and_obeys_the_flag(t
     assert not rep["changed"] and "did not lower the loss" in rep["skipped"][0]["reason"]
     r = override(loads('[[stages]]\npass = "distill"\nepochs = 2\nlr = 0.01\n'), {"distill": 5})
     assert r.stage("distill").config.epochs == 5 and r.stage("distill").config.lr == 0.01
+
+
+def test_distill_stage_order_and_names():
+    """A recipe that distils after int8 or after zero-making pruning is refused (training would
+    need float weights / would fill the zeros again); the distilled nodes keep their names."""
+    from onnxcompress.passes.distill_stage import _restore_names
+    from onnxcompress.recipe import RecipeError, loads
+
+    for first in ("quantize-dynamic", "prune-magnitude", "prune-nm"):
+        extra = "\nsparsity = 0.5" if first == "prune-magnitude" else ""
+        with pytest.raises(RecipeError, match="distill"):
+            loads(f'[[stages]]\npass = "{first}"{extra}\n[[stages]]\npass = "distill"\n').check()
+    loads('[[stages]]\npass = "prune-channels"\nratio = 0.5\n[[stages]]\npass = "distill"\n').check()
+    import onnx_ir as ir
+
+    old = ir.from_proto(_mlp(0))
+    new = ir.from_proto(_mlp(1))
+    for n, o in zip(new.graph, old.graph):
+        o.name = f"/{o.op_type.lower()}"
+        n.name = f"/{n.op_type.lower()}/{n.op_type}"
+    assert _restore_names(old, new) == 3  # MatMul and Add twice: the second of each finds its name taken
+    assert [n.name for n in new.graph][:2] == ["/matmul", "/add"]

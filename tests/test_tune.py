@@ -274,3 +274,23 @@ def test_drop_bound_adds_the_noise_of_few_samples():
     s = _Search.__new__(_Search)
     s.budget = Budget(metric="top1", max_drop=1.0)
     assert s.violation(t) > 0 and s.violation(Trial(1, {}, drop=0.8)) == 0
+
+
+def test_accuracy_labels_are_checked_and_a_failed_start_leaves_no_state(tmp_path):
+    """--metric accuracy with labels of the wrong count, shape or range is a one-line data error
+    (an out-of-range label scored every model 0 % and let any recipe pass), and the state folder
+    that the failed run created is gone."""
+    import numpy as np
+
+    from onnxcompress.errors import DataError
+
+    d = np.load(V)
+    x, y = d["input"][:40], d["labels"][:40]
+    for bad, what in ((y[:30], "30 labels for 40 rows"), (y + 10, "outside 0..9"),
+                      (np.eye(10, dtype=np.int64)[y], "1-D array")):
+        val = tmp_path / "val.npz"
+        np.savez(val, input=x, labels=bad)
+        with pytest.raises(DataError, match=what):
+            tune(M, tmp_path / "o.onnx", Budget(metric="accuracy", max_drop=1.0), calibration=str(C),
+                 validation=str(val), trials=1)
+        assert not (tmp_path / "o.onnx.tune").exists()

@@ -126,6 +126,7 @@ class DistillPass(CompressionPass):
         if lost:
             raise DistillError("the distilled model's inputs/outputs differ from the model's: " + "; ".join(lost[:4]))
         self.report.counts["export_max_rel_error"] = r["export_check"]["max_rel_error"]
+        self.report.counts["names_kept"] = _restore_names(model, new)
         model.graph = new.graph
         model.ir_version = new.ir_version
         model.functions.clear()
@@ -137,6 +138,27 @@ class DistillPass(CompressionPass):
                              + ", ".join(gone[:5]) + (" ..." if len(gone) > 5 else "") + " (exclude op types, "
                              "or quantize the distilled model in a second run)")
         return True
+
+
+def _restore_names(old: ir.Model, new: ir.Model) -> int:
+    """Give the exported nodes their names from before the stage: onnx2torch names each module after
+    its node and PyTorch's exporter names the node ``<module>/<op type>`` (``/3/Conv`` becomes
+    ``/3/Conv/Conv``); where that module name is a node of the same op type before, the name
+    comes back, so reports, ``--exclude`` and the fallback keep naming the same nodes. Returns
+    how many were renamed."""
+    before = {n.name: n.op_type for n in old.graph}
+    used = {n.name for n in new.graph}
+    renamed = 0
+    for node in new.graph:
+        if node.name in before:
+            continue
+        base, sep, tail = (node.name or "").rpartition("/")
+        if sep and tail == node.op_type and before.get(base) == node.op_type and base not in used:
+            used.discard(node.name)
+            node.name = base
+            used.add(base)
+            renamed += 1
+    return renamed
 
 
 def _signature(model: ir.Model) -> dict:
