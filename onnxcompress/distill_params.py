@@ -9,7 +9,7 @@ from .params import Param
 EPOCHS = Param("epochs", 10, "Distillation epochs over the data (each a pass over every row).", kind="int", low=1)
 #: the flat option (``optimize --distill N``): a ``distill`` stage of N epochs after pruning / low-rank
 DISTILL = Param("distill", None, "Distill after pruning or low-rank: train the model for this many epochs to "
-                "reproduce the input model (the teacher) on the calibration rows, before int8 (the [torch] extra).",
+                "reproduce the input model (the teacher) on the calibration rows, before int8 (needs the torch extra: PyTorch and onnx2torch).",
                 kind="int", low=1, optional=True, flag="--distill")
 LOSS = Param("loss", "auto", "Distillation loss: auto (KL at the temperature for class scores (batch x classes), "
              "MSE otherwise), or kl, mse, cosine for every output.", kind="str", choices=("auto", "kl", "mse", "cosine"))

@@ -143,6 +143,6 @@ register(StageSpec("low-rank", LowRankConfig, one(LowRankPass), "low-rank factor
                        c.rank is None else f" at rank {c.rank}" if c.rank is not None else f" keeping {c.energy:g} energy")))
 register(StageSpec("distill", DistillConfig, one(DistillPass), "knowledge distillation (Hinton et al. 2015): train the "
                    "model as it stands (pruned, low-rank) to reproduce the input model on the calibration rows "
-                   "(the [torch] extra)", checked=False, lossy=True,
+                   "(needs the torch extra)", checked=False, lossy=True,
                    needs_data="distillation skipped: no --calibration data (the student trains on its rows)",
                    describe=lambda c: f"distillation, {c.epochs} epoch(s)"))
