@@ -81,8 +81,8 @@ class DistillPass(CompressionPass):
         if teacher is None or not feeds:
             self.report.skip("", "no teacher or no calibration rows to distill on")
             return False
-        fixed = [(v.name, v.shape[0]) for v in model.graph.inputs
-                 if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)]
+        fixed = [(v.name, v.shape[0]) for v in model.graph.inputs  # (-1: "unknown" in Paddle's exports)
+                 if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int) and v.shape[0] > 0]
         if fixed:
             name, n = fixed[0]
             self.report.skip("", f"input '{name}' has a fixed batch size of {n}: distillation trains on "
