@@ -60,7 +60,8 @@ class DistillPass(CompressionPass):
     Runtime read files); nothing the user named is written.
 
     Report counts: ``rows``, ``epochs``, ``initial_loss``, ``final_loss``, ``loss_ratio``,
-    ``export_max_rel_error``, ``train_seconds``, ``parameters``.
+    ``export_max_rel_error``, ``train_seconds``, ``parameters``, ``names_kept`` (nodes given their
+    names back), ``opset`` (``"13 -> 17"`` where the export changed it).
 
     Raises (the runner reverts the stage and the report names the reason):
         DistillError: torch or onnx2torch missing, an op onnx2torch cannot convert, a student that
@@ -127,6 +128,9 @@ class DistillPass(CompressionPass):
             raise DistillError("the distilled model's inputs/outputs differ from the model's: " + "; ".join(lost[:4]))
         self.report.counts["export_max_rel_error"] = r["export_check"]["max_rel_error"]
         self.report.counts["names_kept"] = _restore_names(model, new)
+        old_opset, new_opset = model.opset_imports.get("", None), new.opset_imports.get("", None)
+        if old_opset != new_opset:  # PyTorch's exporter writes its own opset
+            self.report.counts["opset"] = f"{old_opset} -> {new_opset}"
         model.graph = new.graph
         model.ir_version = new.ir_version
         model.functions.clear()
