@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Optional
@@ -58,7 +59,7 @@ def tune(
     _setup_logging(True)
     inputs = {"input model": model, "calibration data": calibration, "validation data": validation}
     _check_out_paths(report=report, html=html, inputs=inputs, outputs={"-o": output})
-    with one_line_errors():
+    with one_line_errors(), _resume_hint(resume if resume is not None else output.with_name(output.name + ".tune")):
         budget = Budget(metric, max_drop, min_speedup, max_size_mb)
         seconds = _seconds(time_budget)
         if quiet:
@@ -77,6 +78,18 @@ def tune(
         raise typer.Exit(3)
     if not quiet:
         console.print(f"[green]wrote[/] {escape(str(res.output))} (recipe: {escape(res.report['chosen_recipe'])})")
+
+
+@contextlib.contextmanager
+def _resume_hint(state: Path):
+    """On Ctrl-C: say where the finished trials are kept and how to continue (exit 130 stays)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (state / "study.db").is_file():
+            console.print(f"interrupted: the finished trials are kept in {escape(str(state))}; run the same command "
+                          f"(or --resume {escape(str(state))}) to continue", highlight=False)
+        raise
 
 
 def _render(res) -> None:
