@@ -180,12 +180,13 @@ def measure_with_bound(budget: Budget, model_path: Path, ref_outputs, feeds, lab
         except BaseException as exc:  # the user's code: SystemExit and all, one line
             raise OnnxCompressError(f"--metric {budget.metric} raised {type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        given = value
         try:
             value = float(value)
         except (TypeError, ValueError, OverflowError):
             value = float("nan")
         if not math.isfinite(value):
-            raise OnnxCompressError(f"--metric {budget.metric} returned {value!r}, not a finite number")
+            raise OnnxCompressError(f"--metric {budget.metric} returned {repr(given)[:80]}, not a finite number")
         return value, float("nan")
     outs = run_samples(sess, feeds)
     first = sess.get_outputs()[0].name
