@@ -4,7 +4,8 @@
 
 For each pruning ratio: `onnxcompress optimize models/digits_cnn.onnx --prune R --prune-mode channel
 --calibration models/digits_calib.npz`, then `onnxcompress distill` of the pruned model from the original
-on the unlabelled calibration inputs (256 rows). Accuracy is measured on the 450 held-out labelled test
+on the unlabelled calibration inputs (256 rows), then static int8 of the distilled model; and the same in
+one command (`optimize --prune R --prune-mode channel --distill EPOCHS --quantize static`). Accuracy is measured on the 450 held-out labelled test
 images (models/digits_test.npz), never seen by pruning or distillation. Needs the [torch] extra.
 """
 
@@ -81,6 +82,15 @@ def main() -> None:
         removed = macs.get("macs_removed_pct")
         rows.append((f"pruned {r} (least squares)", removed, accuracy(pruned), tp))
         rows.append((f"pruned {r} + distilled ({a.epochs} ep)", removed, accuracy(dist), td))
+        q = a.out / f"distilled_{r}_int8.onnx"
+        tq = cli("optimize", dist, "-o", q, "--quantize", "static", "--calibration", CALIB, "--accept-degraded", "-q")
+        rows.append(("  ... then static int8", removed, accuracy(q), td + tq))
+        # the same in one run: the distill stage (trains on the calibration rows minus the 64 held
+        # out for validation, torch at its default threads)
+        one = a.out / f"one_run_{r}.onnx"
+        to = cli("optimize", MODEL, "-o", one, "--prune", r, "--prune-mode", "channel", "--distill", a.epochs,
+                 "--quantize", "static", "--calibration", CALIB, "-q")
+        rows.append((f"one run: prune {r} + distill + int8", removed, accuracy(one), to))
         print(f"  prune {r}: loss {d['initial_loss']:.4f} -> {d['final_loss']:.4f}, train {d['train_seconds']} s, "
               f"export check {d['export_check']['max_rel_error']:.1e}")
     print(f"\n{'model':<36} {'MACs removed':>12} {'test acc %':>10} {'wall s':>8}")
