@@ -122,6 +122,7 @@ class DistillPass(CompressionPass):
                 return False
             new = load_model(folder / "distilled.onnx")
             _materialize(new)
+            tick("distillation", r["epochs"], r["epochs"], "epochs")  # the stage line counts epochs, not tensors
         after = _signature(new)
         lost = _lost_axes(before, after)
         if lost:
