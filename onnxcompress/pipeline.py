@@ -367,25 +367,15 @@ def _validation_reference(run: _Run, original: ir.Model, val: list[dict], cpu: b
     when CPU validates and the outputs of all samples fit :data:`onnxcompress.validate.REF_CACHE_BYTES`
     (estimated from the first sample's), on the others: their outputs become the CPU validation's
     reference (``run.ref_cache``), made as :func:`onnxcompress.validate.compare` makes them
-    (``runtime.reference_session``: ORT_ENABLE_ALL, no pre-packing, no arena), so the input is not
-    run again there. Where ORT's optimizer breaks the input at run time the sample runs unoptimized
-    and nothing is cached (validation then finds its own level, ``validate.validate_all``)."""
-    from .runtime import is_ort_error, make_session, reference_session, run_samples
+    (``runtime.run_reference``: ORT_ENABLE_ALL, no pre-packing, no arena; unoptimized where ORT's
+    optimizer breaks the input at run time), so the input is not run again there."""
+    from .runtime import run_reference, run_samples
     from .validate import REF_CACHE_BYTES
 
-    sess = reference_session(original)
-    try:
-        first = run_samples(sess, val[:1])
-        cacheable = cpu
-    except Exception as exc:  # noqa: BLE001 - ORT's refusal: the same unoptimized, or the caller's error
-        if sess.onnxcompress_level == "disable" or not is_ort_error(exc):
-            raise
-        sess = make_session(original, optimize=False)
-        first = run_samples(sess, val[:1])
-        cacheable = False
+    sess, first = run_reference(original, val[:1])
     sizes = [_nbytes(v) for o in first for v in o.values()]
     per = None if None in sizes else sum(sizes)
-    if cacheable and per is not None and per * len(val) <= REF_CACHE_BYTES:
+    if cpu and per is not None and per * len(val) <= REF_CACHE_BYTES:
         outs = first + run_samples(sess, val[1:])
         run.ref_cache["CPUExecutionProvider"] = ([o.name for o in sess.get_outputs()], outs, sess.onnxcompress_level)
 

@@ -223,6 +223,29 @@ def reference_session(model: "bytes | str | ir.Model", *, level: str = "all",
     return sess
 
 
+def run_reference(model: "bytes | str | ir.Model", samples: list[dict[str, np.ndarray]], *, level: str = "all",
+                  provider: str = "CPUExecutionProvider", step: str = ""):
+    """Run ``samples`` in a :func:`reference_session`; where ORT's optimizer breaks the model at run
+    time (the session built, a sample fails), run them unoptimized instead. Returns ``(session,
+    outputs per sample)``: the session goes on serving more samples the same way, its level in
+    ``session.onnxcompress_level``.
+
+    Raises:
+        whatever ONNX Runtime raises for a model it cannot run at ``ORT_DISABLE_ALL`` either, and
+        any error that is not ONNX Runtime's.
+    """
+    sess = reference_session(model, level=level, provider=provider)
+    try:
+        return sess, run_samples(sess, samples, step)
+    except Exception as exc:  # noqa: BLE001 - ORT's optimizer broke the model at run time: unoptimized
+        if sess.onnxcompress_level == "disable" or not is_ort_error(exc):
+            raise
+    del sess
+    sess = make_session(model, optimize=False, provider=provider)
+    sess.onnxcompress_level = "disable"
+    return sess, run_samples(sess, samples, step)
+
+
 def is_ort_error(exc: BaseException) -> bool:
     """An exception raised by ONNX Runtime (its pybind classes: ``Fail``, ``InvalidArgument``,
     ``RuntimeException``, ...), as opposed to a bug of ours that a fallback must not hide."""

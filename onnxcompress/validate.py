@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .runtime import LEVELS, is_ort_error, make_session, median_latency_ms, reference_session, run_samples
+from .runtime import LEVELS, make_session, median_latency_ms, run_reference, run_samples
 from .util import jsonable, plain_value
 
 
@@ -259,16 +259,8 @@ def compare(
     if cache is not None and provider in cache:
         ref_outputs, refs, ref_level = cache[provider]
     else:
-        step = f"input model on {provider.replace('ExecutionProvider', '')}"
-        ref_sess = reference_session(reference, level=level, provider=provider)
-        try:
-            refs = run_samples(ref_sess, samples, step)
-        except Exception as exc:  # noqa: BLE001 - ORT's optimizer broke the input at run time: unoptimized
-            if ref_sess.onnxcompress_level == "disable" or not is_ort_error(exc):
-                raise
-            ref_sess = make_session(reference, optimize=False, provider=provider)
-            ref_sess.onnxcompress_level = "disable"
-            refs = run_samples(ref_sess, samples, step)
+        ref_sess, refs = run_reference(reference, samples, level=level, provider=provider,
+                                       step=f"input model on {provider.replace('ExecutionProvider', '')}")
         ref_outputs = [o.name for o in ref_sess.get_outputs()]
         ref_level = ref_sess.onnxcompress_level
         del ref_sess
