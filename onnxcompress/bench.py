@@ -44,7 +44,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from . import __version__
-from .data import InputSpec, input_specs, load_npz, random_samples
+from .data import InputSpec, input_specs, load_npz, random_samples, save_npz
 from .errors import DataError, OnnxCompressError
 from .gates import OutputGates, output_failures
 from .model_io import load_model
@@ -471,7 +471,7 @@ def peak_memory(model: str | Path, feed: dict[str, np.ndarray], *, provider: str
     runtime_py = Path(__file__).with_name("runtime.py")
     with tempfile.TemporaryDirectory(prefix="onnxcompress-mem-") as tmp:
         feed_path = os.path.join(tmp, "feed.npz")
-        np.savez(feed_path, **feed)
+        save_npz(feed_path, feed)  # any input name (np.savez(**feed) fails on one named "file")
         args = json.dumps({"model": str(model), "feed": feed_path, "provider": provider, "threads": threads,
                            "runs": runs})
         try:

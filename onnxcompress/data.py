@@ -131,6 +131,17 @@ def read_npz_arrays(path: str | Path, *, what: str = "sample") -> dict[str, np.n
     return arrays
 
 
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` (uncompressed) for any key: a key named ``file``, an input name, collides with
+    ``np.savez``'s own argument. Readable by ``np.load`` and :func:`read_npz_arrays`."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for k, a in arrays.items():
+            with z.open(k + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
+
+
 def max_data_bytes() -> int:
     """The most bytes of arrays one data file may declare: half the physical memory (16 GiB
     when it cannot be read)."""

@@ -73,6 +73,7 @@ class DistillPass(CompressionPass):
     Config = DistillConfig
 
     def apply(self, model: ir.Model) -> bool:
+        from ..data import save_npz
         from ..distill import DistillError, _onnx2torch, _torch, distill
         from ..model_io import load_model, save_model
         from ..progress import tick
@@ -106,7 +107,7 @@ class DistillPass(CompressionPass):
             folder = Path(tmp)
             save_model(teacher, folder / "teacher.onnx", check=False)
             save_model(model, folder / "student.onnx", check=False)
-            _write_npz(folder / "rows.npz", rows)
+            save_npz(folder / "rows.npz", rows)
             del rows
             res = distill(folder / "teacher.onnx", folder / "student.onnx", folder / "distilled.onnx",
                           folder / "rows.npz", epochs=c.epochs, loss=c.loss, temperature=c.temperature, lr=c.lr,
@@ -193,16 +194,6 @@ def _lost_axes(before: dict, after: dict) -> list[str]:
                     out += [f"axis {k} of '{name}' is fixed at {b}, was free" for k, (a, b) in
                             enumerate(zip(dims, dims2)) if a is None and b is not None]
     return out
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` for any key (a key named ``file`` collides with ``np.savez``'s own argument)."""
-    import zipfile
-
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-        for k, a in arrays.items():
-            with z.open(k + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
 
 
 def _materialize(model: ir.Model) -> None:
