@@ -131,6 +131,19 @@ def read_npz_arrays(path: str | Path, *, what: str = "sample") -> dict[str, np.n
     return arrays
 
 
+def class_indices(labels, where: str) -> np.ndarray:
+    """``labels`` as a 1-D array of integer class indices.
+
+    Raises:
+        DataError: ``"{where}: 'labels' must be a 1-D array of integer class indices, got ..."``.
+    """
+    a = np.asarray(labels)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        raise DataError(f"{where}: 'labels' must be a 1-D array of integer class indices, got {a.dtype} "
+                        f"{list(a.shape)}")
+    return a
+
+
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` (uncompressed) for any key: a key named ``file``, an input name, collides with
     ``np.savez``'s own argument. Readable by ``np.load`` and :func:`read_npz_arrays`."""

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .cost import StageMeter
-from .data import input_specs, load_image_folder, load_npz, random_samples, samples_from_arrays, split_holdout
+from .data import class_indices, input_specs, load_image_folder, load_npz, random_samples, samples_from_arrays, split_holdout
 from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressError
 from .fallback import sensitive_fallback
 from .util import compressed_size, jsonable as _jsonable
@@ -278,11 +278,8 @@ def _labels(run: _Run, labels, val, source):
     """Check the validation labels (1-D integer class indices, one per row of the first input)."""
     if labels is None:
         return None
-    labels = np.asarray(labels)
+    labels = class_indices(labels, str(source))
     rows = sum(int(next(iter(f.values())).shape[0]) if next(iter(f.values())).ndim else 1 for f in val)
-    if labels.dtype.kind not in "iu" or labels.ndim != 1:
-        raise DataError(f"{source}: 'labels' must be a 1-D array of integer class indices, "
-                        f"got {labels.dtype} {list(labels.shape)}")
     if labels.shape[0] != rows:  # a warning: accuracy needs one label per row of the first *output*
         run.note(f"{source}: 'labels' has {labels.shape[0]} entries for {rows} rows of the first "
                  "input; accuracy is reported only when they match the first output's rows", warn=True)

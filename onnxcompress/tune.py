@@ -706,8 +706,9 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     except Exception as exc:  # ORT's refusal: bad data or an op it does not know
         if not is_ort_error(exc):
             raise
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"ONNX Runtime cannot run the input model on the validation data: {why}") from None
+        from .validate import _first_line
+
+        raise DataError(f"ONNX Runtime cannot run the input model on the validation data: {_first_line(exc)}") from None
     del sess
     if budget.metric == "accuracy":
         _check_labels(labels, [*ref_s, *ref_f])
@@ -748,10 +749,9 @@ def _check_labels(labels, refs: list[dict]) -> None:
     Raises:
         DataError: one line saying what is wrong.
     """
-    lab = np.asarray(labels)
-    if lab.dtype.kind not in "iu" or lab.ndim != 1:
-        raise DataError(f"--metric accuracy: 'labels' must be a 1-D array of integer class indices, got "
-                        f"{lab.dtype} {list(lab.shape)}")
+    from .data import class_indices
+
+    lab = class_indices(labels, "--metric accuracy")
     first = next(iter(refs[0]))
     outs = [np.asarray(r[first]) for r in refs]
     if any(o.ndim < 1 for o in outs):
