@@ -269,7 +269,7 @@ def drop_bound(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels
         return float("nan")
     if parts is None or not len(idx):
         return float("nan")
-    num_ref, num, den = parts
+    num_ref, num, den, _ = parts
     drops = []
     for pick in idx:
         d = den[pick].sum()
@@ -288,23 +288,16 @@ def answer_step(metric: str, ref: list, labels, first: str = "output") -> tuple[
         parts = _per_sample(metric, ref, ref, labels, first)
     except (ValueError, TypeError, IndexError, AttributeError):
         return None
-    if parts is None:
+    if parts is None or not parts[3]:
         return None
-    if metric == "task":
-        from dataclasses import asdict
-
-        from .gates import floor_top1
-        from .validate import output_metrics
-
-        if floor_top1(asdict(output_metrics(first, ref, ref))) is None:
-            return None
     n = int(parts[2].sum())
     return (100.0 / n, n) if n > 0 else None
 
 
 def _per_sample(metric: str, ref, got, labels, first: str):
     """Per sample: (fp32's numerator, the candidate's numerator, denominator) of the metric as a
-    ratio of sums (``None`` for a worst-sample metric)."""
+    ratio of sums, and whether it counts answers (``False``: ``task`` judged by mean cosine);
+    ``None`` for a worst-sample metric."""
     from dataclasses import asdict
 
     from .gates import floor_top1, mean_cosine
@@ -324,12 +317,12 @@ def _per_sample(metric: str, ref, got, labels, first: str):
             den[i] = len(y)
             num_ref[i] = np.sum(np.asarray(r).argmax(-1).ravel()[: len(y)] == y)
             num[i] = np.sum(np.asarray(g).argmax(-1).ravel()[: len(y)] == y)
-        return num_ref, num, den
+        return num_ref, num, den, True
     if metric == "top1":
         for i, (r, g) in enumerate(zip(ref, got)):
             den[i] = int(np.prod(np.asarray(r).shape[:-1]))
             num[i] = int(np.sum(np.asarray(r).argmax(-1) == np.asarray(g).argmax(-1)))
-        return den.copy(), num, den
+        return den.copy(), num, den, True
     # task: the measure the whole set is judged by, per sample
     whole = asdict(output_metrics(first, ref, got))
     t = floor_top1(whole)
@@ -346,7 +339,7 @@ def _per_sample(metric: str, ref, got, labels, first: str):
         else:
             den[i] = m.get("n_decisive") or 0
             num[i] = (m.get("top1_agreement_decisive") or 0.0) * den[i] / 100.0
-    return den.copy(), num, den
+    return den.copy(), num, den, t is not None
 
 
 # ----------------------------------------------------------------------------- the search
