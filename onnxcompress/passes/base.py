@@ -140,6 +140,10 @@ class CompressionPass(ir.passes.InPlacePass):
     checked: ClassVar[bool] = True
     rtol: ClassVar[float] = 1e-4
     Config: ClassVar[type] = NoConfig
+    #: op types the pass acts on: it can change a model only when every group has at least one
+    #: of its op types among the model's nodes (any graph, any function, any domain); otherwise
+    #: the runner skips it without a snapshot (:meth:`applicable`). Empty: always runs.
+    needs: ClassVar[tuple[frozenset[str], ...]] = ()
 
     def __init__(self, context: PassContext | None = None, config: Any = None, **params: Any) -> None:
         super().__init__()
@@ -155,6 +159,11 @@ class CompressionPass(ir.passes.InPlacePass):
     def fresh(self) -> "CompressionPass":
         """A new pass object with the same context and config (a replay starts from a clean report)."""
         return type(self)(self.context, self.config)
+
+    def applicable(self, model: ir.Model, ops: frozenset[str]) -> bool:
+        """Whether the pass could change ``model``, whose nodes have the op types ``ops``
+        (:func:`op_types`); ``False`` only where it provably cannot (see :attr:`needs`)."""
+        return all(group & ops for group in self.needs)
 
     def apply(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -304,13 +313,32 @@ def _types(model: ir.Model) -> dict[int, str]:
     return out
 
 
+def op_types(model: ir.Model) -> frozenset[str]:
+    """The op types of every node of ``model``: all graphs, subgraphs and model functions."""
+    ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    for f in model.functions.values():
+        ops.update(n.op_type for n in ir.traversal.RecursiveGraphIterator(f))
+    return frozenset(ops)
+
+
+def _can_change(model: ir.Model, p: CompressionPass) -> bool:
+    if not p.needs and type(p).applicable is CompressionPass.applicable:
+        return True  # the op types would not be read
+    return p.applicable(model, op_types(model))
+
+
 def _run_one(model: ir.Model, p: CompressionPass) -> tuple[ir.Model, ir.Model]:
     """Run one pass; a pass that raises is reverted (a pass bug must not cost the user the run).
     A pass that reports no change but changed a value's declared type (shape inference inside a
     rewrite turning a sequence into a tensor) is checked as if it had changed the model
-    (``touched_types``; ``counts["value_types_changed"]``).
+    (``touched_types``; ``counts["value_types_changed"]``). A pass that cannot act on the
+    model (:meth:`CompressionPass.applicable`: none of the op types it needs) is not run and
+    costs no snapshot.
     Returns ``(model to go on with, snapshot from before the pass)``; they are the same object
-    when the pass was reverted."""
+    when the pass was reverted or not run."""
+    if not _can_change(model, p):
+        p.report.changed = False
+        return model, model
     before = snapshot(model)
     types = _types(model) if p.checked else None
     try:
@@ -400,10 +428,12 @@ def run_passes_ref(model: ir.Model, passes: list[CompressionPass], samples: list
         while j < len(passes) and passes[j].checked:
             j += 1
         batch = passes[i:j]
-        start = snapshot(model) if samples or structural else None
+        start = None  # the model before the batch's first pass that can change it
         for k, p in enumerate(batch):
             if k and len(passes) > 1:
                 tick("running", i + k, len(passes), "passes", weak=True)
+            if start is None and (samples or structural) and _can_change(model, p):
+                start = snapshot(model)
             model, _ = _run_one(model, p)
         changed = [p for p in batch if p.report.changed or p.touched_types]
         if changed and start is not None:

@@ -31,6 +31,9 @@ class InitializerInputsPass(CompressionPass):
 
     name = "initializer-inputs"
 
+    def applicable(self, model: ir.Model, ops: frozenset[str]) -> bool:
+        return any(v.name in model.graph.initializers for v in model.graph.inputs)
+
     def apply(self, model: ir.Model) -> bool:
         inits = set(model.graph.initializers)
         dup = [v.name for v in model.graph.inputs if v.name in inits]
@@ -74,6 +77,7 @@ class LiftConstantsPass(CompressionPass):
     """
 
     name = "lift-constants"
+    needs = (frozenset({"Constant"}),)
 
     def apply(self, model: ir.Model) -> bool:
         before = sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "Constant")
@@ -120,6 +124,7 @@ class IdentityDropoutPass(CompressionPass):
     """Remove ``Identity`` nodes and inference-mode ``Dropout`` (outputs kept by name)."""
 
     name = "identity-dropout"
+    needs = (frozenset({"Identity", "Dropout"}),)
 
     def apply(self, model: ir.Model) -> bool:
         before = _count_nodes(model)

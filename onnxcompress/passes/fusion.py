@@ -123,6 +123,7 @@ class ConvBiasPass(CompressionPass):
     module docstring). Exact up to float rounding of the bias."""
 
     name = "fold-conv-bias"
+    needs = (frozenset({"Conv", "ConvTranspose"}), frozenset({"Add"}))
     #: exact in real arithmetic; float16 rounding of the summed bias moves outputs by ~5e-4
     rtol = 1e-3
 
@@ -140,6 +141,7 @@ class FoldBatchNormPass(CompressionPass):
     """Fold BatchNormalization into the preceding Conv / ConvTranspose / Gemm."""
 
     name = "fold-batchnorm"
+    needs = (frozenset({"BatchNormalization"}),)
     #: exact in real arithmetic; float32 rounding of the folded weights moves deep nets' outputs
     #: by more than the default 1e-4 on some inputs (PP-OCRv4 rec: 2.3e-4 relative on one
     #: rendered line), while a wrong fold moves them by O(1)
@@ -211,6 +213,7 @@ class MatMulAddToGemmPass(CompressionPass):
     """Fuse MatMul + Add into Gemm where legal (see module docstring)."""
 
     name = "matmul-add-to-gemm"
+    needs = (frozenset({"MatMul"}), frozenset({"Add"}))
 
     def apply(self, model: ir.Model) -> bool:
         infer_shapes(model)
@@ -226,6 +229,7 @@ class FusePadIntoConvPass(CompressionPass):
     padding). A Pad between Conv layers also blocks int8 kernel fusion in ONNX Runtime."""
 
     name = "fuse-pad-into-conv"
+    needs = (frozenset({"Conv"}),)  # also normalizes a Conv's auto_pad without a Pad
 
     def apply(self, model: ir.Model) -> bool:
         infer_shapes(model)
@@ -287,6 +291,7 @@ class ConvAffinePass(CompressionPass):
     weight and bias (see module docstring). Output equal within ``rtol``."""
 
     name = "fold-conv-affine"
+    needs = (frozenset({"Conv"}), frozenset({"Mul", "Add"}))
     #: exact in real arithmetic; float16 rounding of the folded weights alone moves outputs by
     #: ~5e-4 relative (as for BatchNorm folding)
     rtol = 1e-3
@@ -314,6 +319,7 @@ class HardSwishPass(CompressionPass):
     """Fuse decomposed HardSwish / HardSigmoid (see module docstring)."""
 
     name = "fuse-hardswish"
+    needs = (frozenset({"Clip", "HardSigmoid"}),)
 
     def apply(self, model: ir.Model) -> bool:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))

@@ -121,6 +121,7 @@ class AttentionFusionPass(CompressionPass):
     """
 
     name = "fuse-attention"
+    needs = (frozenset({"Softmax"}),)
     checked = True
 
     def apply(self, model: ir.Model) -> bool:

@@ -218,6 +218,7 @@ class AttentionQuantizePass(DynamicQuantizePass):
     Attention's QKV weight, 3 x hidden x hidden, would otherwise stay float32)."""
 
     name = "quantize-attention"
+    needs = (frozenset({"Attention"}),)
     only_attention = True
 
 

@@ -30,6 +30,7 @@ class GatherQuantizePass(CompressionPass):
     """Per-row int8 embedding tables (see module docstring)."""
 
     name = "quantize-gather"
+    needs = (frozenset({"Gather"}),)
     checked = False
     Config = QuantizeConfig
 
