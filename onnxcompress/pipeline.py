@@ -15,6 +15,7 @@ optional callback.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -261,6 +262,10 @@ def _load_data(run: _Run, model: ir.Model):
         val, vextras = _samples(d.validation, specs, d.image, "validation")
         labels = _labels(run, vextras.get("labels"), val, d.validation)
         where = d.validation if isinstance(d.validation, (str, Path)) else "the given data"
+        if d.calibration is not None and _same_data(d.calibration, d.validation, calib, val):
+            run.note("--validation is the same data as --calibration: the figures are measured on the rows "
+                     "that calibration, pruning's repair and distillation were fitted to, not on held-out data; "
+                     "give other data, or leave --validation out to hold out part of --calibration", warn=True)
         run.note(f"validation on {len(val)} {'images' if isinstance(d.validation, (str, Path)) and Path(d.validation).is_dir() else 'held-out samples'} from {where}")
     else:
         calib, val = split_holdout(calib)
@@ -272,6 +277,20 @@ def _load_data(run: _Run, model: ir.Model):
             given = "the given data" if d.calibration is not None else "the random inputs (no data given)"
             run.note(f"validation on {len(val)} samples held out of {given} (never used to calibrate){used}")
     return calib[: d.max_calibration_samples], val, labels
+
+
+def _same_data(calib_src, val_src, calib: list[dict], val: list[dict]) -> bool:
+    """Whether the validation data is the calibration data: the same file or folder, or the same
+    samples (equal arrays, in order) from another path."""
+    if isinstance(calib_src, (str, Path)) and isinstance(val_src, (str, Path)):
+        try:
+            if os.path.samefile(calib_src, val_src):
+                return True
+        except OSError:
+            pass
+    if len(calib) != len(val):
+        return False
+    return all(a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(calib, val))
 
 
 def _labels(run: _Run, labels, val, source):
