@@ -114,6 +114,7 @@ def make_session(
     prepack: bool | None = None,
     arena: bool | None = None,
     inject: bool | int = True,
+    quiet: bool = False,
 ) -> ort.InferenceSession:
     """Create an ORT session.
 
@@ -150,10 +151,14 @@ def make_session(
             weight's values, rebuild with the values copied into ORT's graph; ``False``: raise
             instead (a caller that has a copy-free alternative, :func:`reference_session`); an
             ``int``: only when the weights to copy total at most that many bytes, else raise.
+        quiet: ORT's own error log off (a failure is raised all the same): for a caller that
+            handles ORT's refusal itself (tries a lower optimization level) and says so in one line.
     """
     prepack = optimize if prepack is None else prepack
     arena = optimize is not False if arena is None else arena
     so = _options(optimize, threads, extra_config, prepack, arena)
+    if quiet:
+        so.log_severity_level = 4
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     if isinstance(model, (bytes, str)):
         if extra_outputs:
@@ -176,6 +181,8 @@ def make_session(
             # a graph transformer wanted a weight's values (Q/DQ fusion, constant folding): it
             # read the empty stand-in and failed; ORT then gets the values in its graph (a copy)
             so = _options(optimize, threads, extra_config, prepack, arena)
+            if quiet:
+                so.log_severity_level = 4
             sess = _with_buffers(path, so, providers, names, keep, inject=True)
     sess.onnxcompress_weights = (so, keep)  # ORT reads these buffers for the session's lifetime
     return sess
