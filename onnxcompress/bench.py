@@ -1004,50 +1004,66 @@ def validate_models(
                 warnings.simplefilter("ignore", UserWarning)
                 samples += random_samples(ref_specs, n=1, seed=i, shapes=shapes)
         notes.append(f"no --data: {n_samples} random inputs; give real inputs for a meaningful verdict")
-    outputs_cache: dict[tuple[str, str], tuple[list[str], list[dict]]] = {}
-    levels: dict[str, str] = {}  # provider -> ORT level both models run at (ORT_ENABLE_ALL unless lowered)
+    outputs_cache: dict[tuple[str, str, str], tuple[list[str], list[dict]]] = {}
+    # the one ORT level every model runs at on every provider: ORT_ENABLE_ALL (as deployed), lowered
+    # only where ONNX Runtime's own optimizer breaks the REFERENCE there (then everything runs lower)
+    state = {"level": "all"}
 
     def outputs(path: Path, prov: str, level: str):
         sess = make_session(str(path), optimize=level, provider=prov, threads=threads, quiet=True)
         return [o.name for o in sess.get_outputs()], run_samples(sess, samples)
 
     def run(path: Path, prov: str):
-        key = (str(path), prov)
+        level = state["level"]
+        key = (str(path), prov, level)
         if key not in outputs_cache:
             prog(f"running {path.name} ({_short(prov)})", 0, 1)
-            level = levels.get(prov, "all")
             try:
                 outputs_cache[key] = outputs(path, prov, level)
             except Exception as exc:
                 why = _first_line(exc)
-                lower = _lower_level(path, prov, level, outputs, exc) if level == "all" else None
+                # a candidate that fails where the reference runs is the candidate's failure
+                lower = _lower_level(path, prov, level, outputs, exc) if path == ref_p else None
                 if lower is None:
-                    raise OnnxCompressError(f"ONNX Runtime failed on {path.name} ({prov}): {why}") from None
-                # ORT's own optimizer breaks this model: both models compared at the level where it runs
-                levels[prov], outputs_cache[key] = lower
-                for k in [k for k in outputs_cache if k[1] == prov and k != key]:
-                    del outputs_cache[k]  # run again at the same level
+                    raise OnnxCompressError(f"ONNX Runtime failed on {path.name} ({prov}"
+                                            + (f", ORT_ENABLE_{level.upper()}" if level != "all" else "")
+                                            + f"): {why}") from None
+                state["level"] = lower[0]
+                outputs_cache[(str(path), prov, lower[0])] = lower[1]
                 fusion = next((w.strip("'/ ") for w in why.replace(":", " ").split()
                                if w.strip("'/").endswith("Fusion")), None)
-                notes.append(f"ONNX Runtime's own graph optimizer breaks {path.name} at ORT_ENABLE_ALL on {prov}"
-                             + (f" ({fusion})" if fusion else "") + f": {why}. Both models were compared at "
-                             f"ORT_ENABLE_{lower[0].upper()} (deploy with that "
-                             "SessionOptions.graph_optimization_level)")
+                notes.append(f"ONNX Runtime's own graph optimizer breaks the reference {path.name} at "
+                             f"ORT_ENABLE_{level.upper()} on {prov}" + (f" ({fusion})" if fusion else "")
+                             + f": {why}. Every model was compared at ORT_ENABLE_{lower[0].upper()} on every "
+                             "provider (deploy with that SessionOptions.graph_optimization_level)")
+                return outputs_cache[(str(path), prov, lower[0])]
         return outputs_cache[key]
 
-    checks: list[ValidationCheck] = []
-    if cand_p is not None:
-        for prov in provs:
-            checks.append(_check("models", ref_p, cand_p, prov, prov, run, atol, rtol, gate_allclose,
-                                 min_cosine, min_top1, len(samples)))
-    if cross_provider:
-        others = [p for p in provs if p != "CPUExecutionProvider"]
-        if not others:
-            skipped.append("--cross-provider: no GPU provider available; only CPU was run")
-        for path in [ref_p] + ([cand_p] if cand_p is not None else []):
-            for prov in others:
-                checks.append(_check("providers", path, path, prov, "CPUExecutionProvider", run, atol, rtol,
-                                     gate_allclose, min_cosine, min_top1, len(samples)))
+    def run_pair(a: Path, a_prov: str, b: Path, b_prov: str):
+        """Both sides at the same level: run again when the second lowered it."""
+        while True:
+            level = state["level"]
+            ra, rb = run(a, a_prov), run(b, b_prov)
+            if state["level"] == level:
+                return ra, rb
+
+    others = [p for p in provs if p != "CPUExecutionProvider"]
+    if cross_provider and not others:
+        skipped.append("--cross-provider: no GPU provider available; only CPU was run")
+    while True:  # again from the start when a later check lowered the level: every check at one level
+        level = state["level"]
+        checks: list[ValidationCheck] = []
+        if cand_p is not None:
+            for prov in provs:
+                checks.append(_check("models", ref_p, cand_p, prov, prov, run_pair, atol, rtol, gate_allclose,
+                                     min_cosine, min_top1, len(samples)))
+        if cross_provider:
+            for path in [ref_p] + ([cand_p] if cand_p is not None else []):
+                for prov in others:
+                    checks.append(_check("providers", path, path, prov, "CPUExecutionProvider", run_pair, atol,
+                                         rtol, gate_allclose, min_cosine, min_top1, len(samples)))
+        if state["level"] == level:
+            break
     if not checks:
         raise OnnxCompressError("nothing was compared: no GPU provider is available for --cross-provider "
                                 "and no CANDIDATE was given")
@@ -1056,7 +1072,7 @@ def validate_models(
     config = {"reference": str(ref_p), "candidate": str(cand_p) if cand_p else None, "providers": provs,
               "providers_requested": list(providers), "atol": atol, "rtol": rtol, "allclose_gated": gate_allclose,
               "min_cosine": min_cosine, "min_top1": min_top1, "cross_provider": cross_provider,
-              "data": str(data) if data else None, "n_samples": len(samples)}
+              "data": str(data) if data else None, "n_samples": len(samples), "ort_level": state["level"]}
     return ValidationResult(passed=all(c.passed for c in checks), checks=checks, config=config,
                             machine=machine_info(), skipped=skipped, notes=notes)
 
@@ -1083,9 +1099,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check(kind, ref_p, cand_p, prov, ref_prov, run, atol, rtol, gate_allclose, min_cosine, min_top1, n) -> ValidationCheck:
-    ref_names, refs = run(ref_p, ref_prov)
-    _, cands = run(cand_p, prov)
+def _check(kind, ref_p, cand_p, prov, ref_prov, run_pair, atol, rtol, gate_allclose, min_cosine, min_top1,
+           n) -> ValidationCheck:
+    (ref_names, refs), (_, cands) = run_pair(ref_p, ref_prov, cand_p, prov)
     outs = []
     for name in ref_names:
         if name not in cands[0]:

@@ -33,7 +33,8 @@ def tune(
                                               "trials, half (never seen by the search) checks the winner."),
     metric: str = typer.Option("top1", "--metric", help="top1 (agreement with fp32 over every row, %), task (what the "
                                "default fidelity floor reads: top-1 on rows where fp32 is decisive, decoded CTC "
-                               "sequences, or mean cosine x100), accuracy (needs labels), "
+                               "sequences, or mean cosine x100), accuracy (needs labels), boxes (YOLO-style detections "
+                               "[images, 4 + classes, anchors] after score 0.25 and NMS: F1 x100 against fp32's), "
                                "cosine (worst, x100), max_rel_error (negated, x100) or python:module:function "
                                "(session, feeds) -> float, higher is better."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="Most the metric may fall below fp32's (its units)."),

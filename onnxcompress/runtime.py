@@ -154,8 +154,9 @@ def make_session(
         quiet: ORT's own error log off (a failure is raised all the same): for a caller that
             handles ORT's refusal itself (tries a lower optimization level) and says so in one line.
     """
-    prepack = optimize if prepack is None else prepack
-    arena = optimize is not False if arena is None else arena
+    optimized = graph_level(optimize) != LEVELS["disable"]  # True, or a level name other than "disable"
+    prepack = optimized if prepack is None else prepack
+    arena = optimized if arena is None else arena
     so = _options(optimize, threads, extra_config, prepack, arena)
     if quiet:
         so.log_severity_level = 4

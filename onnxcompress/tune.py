@@ -43,7 +43,7 @@ from .params import Param
 from .passes.prune_channels import ROUND_TO
 from .passes.quantize.config import BIAS_CORRECTION, CALIBRATION_METHOD, PER_CHANNEL
 
-METRICS = ("top1", "task", "accuracy", "cosine", "max_rel_error")
+METRICS = ("top1", "task", "accuracy", "boxes", "cosine", "max_rel_error")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ class Budget:
             fidelity floor reads, :func:`onnxcompress.gates.floor_top1`, on the first output: top-1
             agreement over the rows where fp32 is decisive for class scores, equally decoded
             sequences for CTC-style outputs, equal elements for index outputs, else mean cosine
-            x 100), ``accuracy`` (%, needs ``labels`` in the validation data), ``cosine`` (worst
+            x 100), ``accuracy`` (%, needs ``labels`` in the validation data), ``boxes``
+            (detections kept: F1 x 100 of the candidate's detections matched to fp32's,
+            :func:`box_matches`), ``cosine`` (worst
             output cosine x 100), ``max_rel_error`` (negated, x 100), or ``python:module:function`` taking ``(onnxruntime.InferenceSession, list of
             feed dicts)`` and returning a float, higher is better.
         max_drop: the most the metric may fall below fp32's (its own units: percentage points).
@@ -217,6 +219,9 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
         d = asdict(output_metrics(first, ref, got))
         t = floor_top1(d)
         return float(t[0]) if t is not None else 100.0 * float(mean_cosine(d))
+    if metric == "boxes":
+        m = np.array([box_matches(r, g) for r, g in zip(ref, got)], dtype=np.float64).reshape(-1, 3).sum(0)
+        return 100.0 * 2 * m[0] / (m[1] + m[2]) if m[1] + m[2] else 100.0
     if metric == "top1":
         same = sum(int(np.sum(np.asarray(r).argmax(-1) == np.asarray(g).argmax(-1))) for r, g in zip(ref, got))
         n = sum(int(np.prod(np.asarray(r).shape[:-1])) for r in ref)
@@ -318,6 +323,11 @@ def _per_sample(metric: str, ref, got, labels, first: str):
             num_ref[i] = np.sum(np.asarray(r).argmax(-1).ravel()[: len(y)] == y)
             num[i] = np.sum(np.asarray(g).argmax(-1).ravel()[: len(y)] == y)
         return num_ref, num, den, True
+    if metric == "boxes":
+        for i, (r, g) in enumerate(zip(ref, got)):
+            matched, n_ref, n_got = box_matches(r, g)
+            den[i], num[i] = n_ref + n_got, 2 * matched
+        return den.copy(), num, den, True
     if metric == "top1":
         for i, (r, g) in enumerate(zip(ref, got)):
             den[i] = int(np.prod(np.asarray(r).shape[:-1]))
@@ -340,6 +350,83 @@ def _per_sample(metric: str, ref, got, labels, first: str):
             den[i] = m.get("n_decisive") or 0
             num[i] = (m.get("top1_agreement_decisive") or 0.0) * den[i] / 100.0
     return den.copy(), num, den, t is not None
+
+
+#: ``boxes``: a detection is a box whose best class score is at least this (YOLOv8's default)
+BOX_SCORE = 0.25
+#: ``boxes``: class-wise non-maximum suppression drops a box overlapping a better one this much
+BOX_NMS_IOU = 0.45
+#: ``boxes``: a candidate detection matches an fp32 one of the same class overlapping this much
+BOX_MATCH_IOU = 0.5
+
+
+def detections(out: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The detections in a YOLO-style raw output, per image: ``(boxes [k, 4] x1 y1 x2 y2, classes [k])``.
+
+    Layout (YOLOv8 and later, Ultralytics' export): ``[images, 4 + classes, anchors]`` float, each
+    anchor a box centre x, y, width, height, then one score per class (already sigmoid-ed); or the
+    same transposed, ``[images, anchors, 4 + classes]`` (told apart by which axis is shorter). A box
+    is kept when its best class score is at least :data:`BOX_SCORE`, then class-wise greedy
+    non-maximum suppression at IoU :data:`BOX_NMS_IOU` (as Ultralytics' ``non_max_suppression``).
+
+    Raises:
+        ValueError: not a rank-3 float output with at least one class.
+    """
+    a = np.asarray(out)
+    if a.ndim != 3 or a.dtype.kind != "f" or min(a.shape[1:]) < 5:
+        raise ValueError(f"--metric boxes needs a YOLO-style output [images, 4 + classes, anchors], got shape "
+                         f"{list(a.shape)} ({a.dtype})")
+    if a.shape[1] > a.shape[2]:
+        a = a.transpose(0, 2, 1)
+    res = []
+    for img in a:  # [4 + classes, anchors]
+        scores = img[4:]
+        cls, best = scores.argmax(0), scores.max(0)
+        keep = np.flatnonzero(best >= BOX_SCORE)
+        cx, cy, w, h = img[:4, keep]
+        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float64)
+        cls, best = cls[keep], best[keep]
+        kept = []
+        for c in np.unique(cls):
+            idx = np.flatnonzero(cls == c)
+            idx = idx[np.argsort(-best[idx], kind="stable")]
+            while idx.size:
+                kept.append(idx[0])
+                idx = idx[1:][_iou(boxes[idx[0]], boxes[idx[1:]]) <= BOX_NMS_IOU]
+        kept = np.array(sorted(kept), dtype=np.int64)
+        res.append((boxes[kept].reshape(-1, 4), cls[kept]))
+    return res
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one x1 y1 x2 y2 box with each of ``boxes`` [k, 4] (0 where a union is empty)."""
+    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
+    union = area(box) + area(boxes) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def box_matches(ref: np.ndarray, got: np.ndarray) -> tuple[int, int, int]:
+    """``(matched, fp32 detections, candidate detections)`` over the images of one sample: each fp32
+    detection (best score first per class, :func:`detections`) matches the unmatched candidate
+    detection of its class that overlaps it most, if by IoU >= :data:`BOX_MATCH_IOU`. F1 of the
+    candidate against fp32 = 2 matched / (fp32 + candidate detections)."""
+    matched = n_ref = n_got = 0
+    for (rb, rc), (gb, gc) in zip(detections(ref), detections(got)):
+        n_ref, n_got = n_ref + len(rb), n_got + len(gb)
+        free = np.ones(len(gb), bool)
+        for b, c in zip(rb, rc):
+            cand = np.flatnonzero(free & (gc == c))
+            if not cand.size:
+                continue
+            ious = _iou(b, gb[cand])
+            j = int(ious.argmax())
+            if ious[j] >= BOX_MATCH_IOU:
+                free[cand[j]] = False
+                matched += 1
+    return matched, n_ref, n_got
 
 
 # ----------------------------------------------------------------------------- the search

@@ -49,8 +49,9 @@ input's file bytes, ``.onnx`` plus ``.data``):
 * peak RSS: fuse and dynamic <= 1.5 x model + 0.5 GB; static <= 2 x model + 1 GB;
 * time: fuse <= 1.5 x ORT's optimizer; dynamic <= 2 x ``quantize_dynamic``; static <= 2 x
   ``quantize_static`` (the ``xORT`` column: onnxcompress seconds / its ORT counterpart's;
-  ``xORT w/o val`` leaves out the seconds onnxcompress spent running the input and the result
-  for validation, which ORT's tools do not do: :data:`VALIDATION_STAGES` of its ``--report``);
+  ``xORT w/o val`` leaves out the seconds of the stages in which onnxcompress runs the input and
+  the result for validation, which ORT's tools do not do: :data:`VALIDATION_STAGES` of its
+  ``--report``; those stages also summarize the model before and after, so it is a lower bound);
 * a failed run fails both.
 
 Run::
@@ -323,7 +324,9 @@ def data_npz(folder: Path, hidden: int, n: int, seed: int) -> Path:
 
 
 #: onnxcompress's stages that run models for validation, which ORT's tools do not do: the input
-#: on the check and validation samples, the result on the validation samples, fallback rounds
+#: on the check and validation samples, the result on the validation samples, fallback rounds.
+#: An approximation: the first two also hold the report's before/after summaries (one read of
+#: the weights) and a fallback round also re-quantizes; ``--report``'s ``cost`` lists every stage
 VALIDATION_STAGES = ("reference run of the input", "validating with ONNX Runtime", "fallback:")
 
 
@@ -471,7 +474,7 @@ class Bench:
             cmd.append("--no-latency")
         if mode != "fuse" and cli_has("--accept-degraded"):  # the bench measures fidelity itself
             cmd.append("--accept-degraded")
-        return cmd + ["--report", str(out.with_name("report.json"))]
+        return cmd + (["--report", str(out.with_name("report.json"))] if cli_has("--report") else [])
 
     def ort_cmd(self, mode: str, model: Path, out: Path, calib: Path, ext: bool) -> list[str]:
         e = "1" if ext else "0"
