@@ -296,6 +296,8 @@ def answer_step(metric: str, ref: list, labels, first: str = "output") -> tuple[
     if parts is None or not parts[3]:
         return None
     n = int(parts[2].sum())
+    if metric == "boxes":  # the denominator counts fp32's and the candidate's detections: 2 per answer
+        n //= 2
     return (100.0 / n, n) if n > 0 else None
 
 

@@ -294,3 +294,38 @@ def test_accuracy_labels_are_checked_and_a_failed_start_leaves_no_state(tmp_path
             tune(M, tmp_path / "o.onnx", Budget(metric="accuracy", max_drop=1.0), calibration=str(C),
                  validation=str(val), trials=1)
         assert not (tmp_path / "o.onnx.tune").exists()
+
+
+def test_boxes_metric_matches_detections_after_nms():
+    """``--metric boxes``: YOLO-style raw output [images, 4 + classes, anchors] (or transposed)
+    -> score threshold and class-wise NMS -> fp32's and the candidate's detections matched by class
+    and IoU: F1 x 100. Per-sample parts feed the bootstrap bound like the counting metrics."""
+    import numpy as np
+
+    from onnxcompress.tune import _score, answer_step, box_matches, detections, drop_bound, resamples
+
+    def raw(boxes, classes=3, anchors=50):
+        """boxes: (cx, cy, w, h, class, score) rows; the other anchors score 0."""
+        a = np.zeros((1, 4 + classes, anchors), np.float32)
+        for j, (cx, cy, w, h, c, s) in enumerate(boxes):
+            a[0, :4, j] = (cx, cy, w, h)
+            a[0, 4 + c, j] = s
+        return a
+
+    ref = raw([(50, 50, 20, 20, 0, 0.9), (52, 50, 20, 20, 0, 0.8),  # a duplicate NMS removes
+               (150, 150, 30, 30, 1, 0.7), (10, 10, 4, 4, 2, 0.1)])  # below the score threshold
+    (b, c), = detections(ref)
+    assert sorted(c.tolist()) == [0, 1] and np.allclose(b[c == 0][0], [40, 40, 60, 60])
+    assert box_matches(ref, ref) == (2, 2, 2)
+    assert detections(ref.transpose(0, 2, 1))[0][1].tolist() == c.tolist()  # [images, anchors, 4 + classes]
+    shifted = raw([(53, 50, 20, 20, 0, 0.9), (150, 150, 30, 30, 2, 0.7)])  # same box; a class flip
+    assert box_matches(ref, shifted) == (1, 2, 2)
+    assert _score("boxes", [ref], [shifted], None) == 50.0 and _score("boxes", [ref], [ref], None) == 100.0
+    moved = raw([(80, 50, 20, 20, 0, 0.9), (150, 150, 30, 30, 1, 0.7)])  # IoU 0.2: not the same detection
+    assert box_matches(ref, moved) == (1, 2, 2)
+    refs, gots = [ref] * 4 + [ref], [ref] * 4 + [shifted]
+    assert _score("boxes", refs, gots, None) == 90.0  # 2 x 9 matched / 20 detections
+    assert drop_bound("boxes", refs, gots, None, resamples(5)) >= 10.0 - 1e-9
+    assert answer_step("boxes", refs, None) == (10.0, 10)  # one detection of ten: 10 points
+    with pytest.raises(ValueError, match="YOLO-style"):
+        detections(np.zeros((1, 10), np.float32))
