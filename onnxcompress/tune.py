@@ -220,7 +220,10 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
         t = floor_top1(d)
         return float(t[0]) if t is not None else 100.0 * float(mean_cosine(d))
     if metric == "boxes":
-        m = np.array([box_matches(r, g) for r, g in zip(ref, got)], dtype=np.float64).reshape(-1, 3).sum(0)
+        try:
+            m = np.array([box_matches(r, g) for r, g in zip(ref, got)], dtype=np.float64).reshape(-1, 3).sum(0)
+        except ValueError as exc:  # not a detector's output
+            raise DataError(f"{exc} (output '{first}')") from None
         return 100.0 * 2 * m[0] / (m[1] + m[2]) if m[1] + m[2] else 100.0
     if metric == "top1":
         same = sum(int(np.sum(np.asarray(r).argmax(-1) == np.asarray(g).argmax(-1))) for r, g in zip(ref, got))
