@@ -1021,6 +1021,8 @@ def validate_models(
             try:
                 outputs_cache[key] = outputs(path, prov, level)
             except Exception as exc:
+                from .validate import _first_line
+
                 why = _first_line(exc)
                 # a candidate that fails where the reference runs is the candidate's failure
                 lower = _lower_level(path, prov, level, outputs, exc) if path == ref_p else None
@@ -1092,11 +1094,6 @@ def _lower_level(path: Path, prov: str, level: str, outputs, exc: BaseException)
             if not is_ort_error(e):
                 raise
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check(kind, ref_p, cand_p, prov, ref_prov, run_pair, atol, rtol, gate_allclose, min_cosine, min_top1,
