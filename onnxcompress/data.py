@@ -384,3 +384,38 @@ def load_image_folder(folder: str | Path, specs: list[InputSpec], image: ImageSp
             arr = arr.transpose(2, 0, 1)
         samples.append({spec.name: _check_value(arr[None].astype(np.float32), spec, str(folder), what, len(samples))})
     return samples
+
+
+def shared_samples(calib_src, val_src, calib: list[dict], val: list[dict]) -> int:
+    """How many samples of ``val`` are also samples of ``calib``: all of them when both name the
+    same file or folder; otherwise those equal to one (a copy under another name, a subset, a
+    reordering). Samples are first told apart by a key of their input names, dtypes, shapes and
+    512 values spread over each array (padded images share their first bytes); only samples that
+    share a key are compared in full.
+    """
+    import os
+
+    if isinstance(calib_src, (str, Path)) and isinstance(val_src, (str, Path)):
+        try:
+            if os.path.samefile(calib_src, val_src):
+                return len(val)
+        except OSError:
+            pass
+
+    def key(sample: dict) -> tuple:
+        parts = []
+        for k in sorted(sample):
+            a = np.asarray(sample[k])
+            flat = a.reshape(-1)
+            picked = flat[:: max(1, flat.size // 512)][:513]
+            parts.append((k, a.dtype.str, a.shape,
+                          picked.tobytes() if a.dtype.kind != "O" else repr(picked.tolist())))
+        return tuple(parts)
+
+    def equal(a: dict, b: dict) -> bool:
+        return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+    by_key: dict[tuple, list[dict]] = {}
+    for x in calib:
+        by_key.setdefault(key(x), []).append(x)
+    return sum(any(equal(v, c) for c in by_key.get(key(v), ())) for v in val)

@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .cost import StageMeter
-from .data import class_indices, input_specs, load_image_folder, load_npz, random_samples, samples_from_arrays, split_holdout
+from .data import class_indices, input_specs, shared_samples, load_image_folder, load_npz, random_samples, samples_from_arrays, split_holdout
 from .errors import DataError, GateFailedError, ModelLoadError, OnnxCompressError
 from .fallback import sensitive_fallback
 from .util import compressed_size, jsonable as _jsonable
@@ -262,10 +262,14 @@ def _load_data(run: _Run, model: ir.Model):
         val, vextras = _samples(d.validation, specs, d.image, "validation")
         labels = _labels(run, vextras.get("labels"), val, d.validation)
         where = d.validation if isinstance(d.validation, (str, Path)) else "the given data"
-        shared = _shared_samples(d.calibration, d.validation, calib, val) if d.calibration is not None else 0
+        fits = any(not st.spec.checked or st.spec.needs_data for st in run.recipe.stages)  # a stage fitted to data
+        shared = (shared_samples(d.calibration, d.validation, calib[: d.max_calibration_samples], val)
+                  if d.calibration is not None and fits else 0)
         if shared:
-            run.note(("--validation is the same data as --calibration" if shared == len(val) else
-                      f"{shared} of the {len(val)} --validation samples are also --calibration samples")
+            run.note(("--validation is the same data as --calibration" if shared == len(val) == len(calib) else
+                      f"{'every one' if shared == len(val) else shared} of the {len(val)} --validation samples "
+                      f"{'is' if shared == len(val) else 'are'} also {'a ' if shared == len(val) else ''}"
+                      f"--calibration sample{'' if shared == len(val) else 's'}")
                      + ": their figures are measured on rows that calibration, pruning's repair and distillation "
                      "were fitted to, not on held-out data; give other data, or leave --validation out to hold "
                      "out part of --calibration", warn=True)
@@ -281,35 +285,6 @@ def _load_data(run: _Run, model: ir.Model):
             given = "the given data" if d.calibration is not None else "the random inputs (no data given)"
             run.note(f"validation on {len(val)} samples held out of {given} (never used to calibrate){used}")
     return calib[: d.max_calibration_samples], val, labels
-
-
-def _shared_samples(calib_src, val_src, calib: list[dict], val: list[dict]) -> int:
-    """How many validation samples are also calibration samples: all of them for the same file or
-    folder; otherwise those equal to one (a copy under another name, a subset or a reordering is
-    found). Samples are first told apart by a key of their names, dtypes, shapes and first 4 KiB
-    per array; only those sharing a key are compared in full."""
-    if isinstance(calib_src, (str, Path)) and isinstance(val_src, (str, Path)):
-        try:
-            if os.path.samefile(calib_src, val_src):
-                return len(val)
-        except OSError:
-            pass
-
-    def key(sample: dict) -> tuple:
-        parts = []
-        for k in sorted(sample):
-            a = np.asarray(sample[k])
-            head = a.reshape(-1)[: max(1, 4096 // max(a.itemsize, 1))]
-            parts.append((k, a.dtype.str, a.shape, head.tobytes() if a.dtype.kind != "O" else repr(head.tolist())))
-        return tuple(parts)
-
-    def equal(a: dict, b: dict) -> bool:
-        return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
-
-    by_key: dict[tuple, list[dict]] = {}
-    for x in calib:
-        by_key.setdefault(key(x), []).append(x)
-    return sum(any(equal(v, c) for c in by_key.get(key(v), ())) for v in val)
 
 
 def _labels(run: _Run, labels, val, source):

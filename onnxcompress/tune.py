@@ -221,7 +221,8 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
         return float(t[0]) if t is not None else 100.0 * float(mean_cosine(d))
     if metric == "boxes":
         try:
-            m = np.array([box_matches(r, g) for r, g in zip(ref, got)], dtype=np.float64).reshape(-1, 3).sum(0)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf boxes are dropped, not warned about
+                m = np.array([box_matches(r, g) for r, g in zip(ref, got)], dtype=np.float64).reshape(-1, 3).sum(0)
         except ValueError as exc:  # not a detector's output
             raise DataError(f"{exc} (output '{first}')") from None
         return 100.0 * 2 * m[0] / (m[1] + m[2]) if m[1] + m[2] else 100.0
@@ -330,7 +331,8 @@ def _per_sample(metric: str, ref, got, labels, first: str):
         return num_ref, num, den, True
     if metric == "boxes":
         for i, (r, g) in enumerate(zip(ref, got)):
-            matched, n_ref, n_got = box_matches(r, g)
+            with np.errstate(invalid="ignore", over="ignore"):
+                matched, n_ref, n_got = box_matches(r, g)
             den[i], num[i] = n_ref + n_got, 2 * matched
         return den.copy(), num, den, True
     if metric == "top1":
@@ -385,9 +387,11 @@ def detections(out: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         a = a.transpose(0, 2, 1)
     res = []
     for img in a:  # [4 + classes, anchors]
-        scores = img[4:]
+        scores = np.nan_to_num(img[4:], nan=-np.inf)
         cls, best = scores.argmax(0), scores.max(0)
-        keep = np.flatnonzero(best >= BOX_SCORE)
+        # a box with a non-finite coordinate or score is no detection (a candidate that computes
+        # NaN loses it)
+        keep = np.flatnonzero((best >= BOX_SCORE) & np.isfinite(best) & np.isfinite(img[:4]).all(0))
         cx, cy, w, h = img[:4, keep]
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float64)
         cls, best = cls[keep], best[keep]
@@ -404,13 +408,21 @@ def detections(out: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one x1 y1 x2 y2 box with each of ``boxes`` [k, 4] (0 where a union is empty)."""
+    """IoU of one x1 y1 x2 y2 box with each of ``boxes`` [k, 4]; boxes without area overlap
+    fully only an equal box (1), else not at all (0)."""
     x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
     x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
     area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
     union = area(box) + area(boxes) - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    same = np.all(boxes == box, axis=1).astype(inter.dtype)
+    return np.where(union > 0, np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), same)
+
+
+def _score_boxes_count(outs: list[np.ndarray]) -> list[int]:
+    """Detections per sample (:func:`detections`, all images of a sample)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return [sum(len(c) for _, c in detections(o)) for o in outs]
 
 
 def box_matches(ref: np.ndarray, got: np.ndarray) -> tuple[int, int, int]:
@@ -771,6 +783,16 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         calibration = str(st / "calibration.npz")
     if len(val) < 2:
         raise DataError("tune needs at least 2 validation samples (one half searches, the other checks)")
+    overlap = None
+    if validation is not None and calib:
+        from .data import shared_samples
+
+        n = shared_samples(calibration, validation, calib, val)
+        if n:
+            overlap = (f"{n} of the {len(val)} --validation samples are also --calibration samples: the trials "
+                       "are calibrated on rows they are scored on, and the held-out check is not on unseen data "
+                       "(give --validation from another source)")
+            say("tune: warning: " + overlap)
     half = len(val) // 2
     search, final = val[:half], val[half:]
     lab_s = lab_f = None
@@ -813,9 +835,17 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     cache = {k: v for k, v in _read_json(st / "cache.json", {}, dict).items() if isinstance(v, dict)}
     s = _Search(model, budget, base, st, search, final, lab_s, lab_f, 0.0, ref_s, ref_f, bench_data,
                 model.stat().st_size, cache=cache, data_key=data_key, say=say)
+    if overlap:
+        s.resolution.append(overlap)
     s.boot_idx = resamples(len(search))
     s.fp32_metric = measure(budget, model, ref_s, search, lab_s)
     first = next(iter(ref_s[0]), "output") if ref_s else "output"
+    if budget.metric == "boxes":
+        for half, refs in (("search", ref_s), ("held-out", ref_f)):
+            if not sum(_score_boxes_count([r[first] for r in refs])):
+                raise DataError(f"--metric boxes: the input model finds no detection (class score >= {BOX_SCORE:g}) "
+                                f"in the {half} half of the validation data: nothing to judge (give images "
+                                "with objects, or another metric)")
     for half, refs, lab in (("search", ref_s, lab_s), ("held-out", ref_f, lab_f)):
         step = answer_step(budget.metric, [r[first] for r in refs], lab, first) if refs else None
         if step is not None and step[0] > budget.max_drop:

@@ -67,10 +67,11 @@ def test_validation_on_the_calibration_data_is_called_out(digits, tmp_path):
     shutil.copy(digits["calib"], copy)
     x = np.load(digits["calib"])["input"]
     np.savez(part, input=np.concatenate([x[10:15][::-1], np.load(digits["test"])["input"][:5]]))
-    for val, expect in ((digits["calib"], True), (copy, True), (part, True), (digits["test"], False)):
+    for val, expect, mode in ((digits["calib"], True, "dynamic"), (copy, True, "dynamic"), (part, True, "dynamic"),
+                              (digits["test"], False, "dynamic"), (copy, False, None)):  # fusion fits nothing
         rep = tmp_path / "r.json"
         res = _invoke("optimize", digits["model"], "-o", tmp_path / "f.onnx", "--calibration", digits["calib"],
-                      "--validation", val, "--no-latency", "--report", rep)
+                      "--validation", val, "--no-latency", "--report", rep, *(["--quantize", mode] if mode else []))
         assert res.exit_code == 0, res.output
         notes = " ".join(json.loads(rep.read_text())["notes"])
         assert ("same data as --calibration" in notes or "5 of the 10 --validation" in notes) is expect, notes

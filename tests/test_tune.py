@@ -329,3 +329,37 @@ def test_boxes_metric_matches_detections_after_nms():
     assert answer_step("boxes", refs, None) == (10.0, 10)  # one detection of ten: 10 points
     with pytest.raises(ValueError, match="YOLO-style"):
         detections(np.zeros((1, 10), np.float32))
+    flat = raw([(50, 50, 0, 0, 0, 0.9), (90, 90, 10, 10, 1, 0.8)])  # a box without area matches itself
+    assert box_matches(flat, flat) == (2, 2, 2)
+    bad = raw([(np.nan, 50, 20, 20, 0, 0.9), (np.inf, 150, 30, 30, 1, 0.7)])  # non-finite: no detection
+    assert box_matches(ref, bad) == (0, 2, 0) and _score("boxes", [ref], [bad], None) == 0.0
+
+
+def test_boxes_without_detections_and_overlapping_data_are_called_out(tmp_path):
+    """A detector that finds nothing in the data cannot be judged by ``boxes`` (a one-line error,
+    exit 2, before any trial); calibration rows reused as validation rows are warned about."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 40])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 40])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    model = tmp_path / "det.onnx"
+    onnx.save(m, model)
+    x = np.random.default_rng(0).uniform(0, 0.2, (8, 1, 6, 40)).astype(np.float32)  # scores < 0.25
+    np.savez(tmp_path / "v.npz", x=x[:, 0])
+    res = runner.invoke(app, ["tune", str(model), "-o", str(tmp_path / "t.onnx"), "--calibration",
+                              str(tmp_path / "v.npz"), "--validation", str(tmp_path / "v.npz"),
+                              "--metric", "boxes", "--trials", "1"])
+    assert res.exit_code == 2, res.output
+    assert "finds no detection" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "t.onnx").exists()
+    from onnxcompress.tune import _prepare
+
+    said = []
+    (tmp_path / "st").mkdir()
+    s = _prepare(M, Budget(metric="top1"), str(C), str(C), tmp_path / "st", said.append)
+    assert any("also --calibration samples" in w for w in said) and any("also --calibration" in w for w in s.resolution)

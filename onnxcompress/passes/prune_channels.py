@@ -892,7 +892,7 @@ class ChannelPrunePass(CompressionPass):
         after_costs = count_costs(model, shapes1)
         unaligned = [d for d in details if d["kept"] < d["channels"] and d["channels"] % 8 == 0 and d["kept"] % 8
                      and any(r.op_type in ("Conv", "ConvTranspose") for r in _roots(model, d["roots"]))]
-        if unaligned and c.round_to < 8:
+        if unaligned:
             d = unaligned[0]
             rep.counts["conv_groups_not_multiple_of_8"] = len(unaligned)
             logger.warning("prune-channels: %d convolution group(s) keep a channel count that is not a multiple of 8 "
