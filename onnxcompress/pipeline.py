@@ -15,7 +15,6 @@ optional callback.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
