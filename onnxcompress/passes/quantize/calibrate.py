@@ -442,7 +442,9 @@ def _chunk_major(model, chunks: list[list[str]], direct: list[str], samples):
         feeds_ok = {x.name for x in sess.get_inputs()} if sess else set()
         for k, feed in enumerate(samples):
             vals = sess.run(wanted, {a: b for a, b in feed.items() if a in feeds_ok}) if wanted else []
-            got = {n: _owned(v) for n, v in zip(wanted, vals)}
+            got = {}
+            for i, n in enumerate(wanted):  # each ORT buffer released once copied (see _segments)
+                got[n], vals[i] = _owned(vals[i]), None
             if ci == 0:
                 got.update(_direct(model, direct, feed))
             yield k, got
@@ -496,16 +498,24 @@ def _segments(model, chunks: list[list[str]], direct: list[str], samples, index:
             want = {x.name for x in sess.get_inputs()}
             fed = {n: feed[n] for n in graph_inputs if n in want and n in feed}
             fed.update((n, live[n]) for n in reads[s])
-            res = dict(zip(outs[s], sess.run(outs[s], fed)))
-            got = {n: _owned(res[n]) for n in chunks[s]}
+            vals = sess.run(outs[s], fed)
+            del fed
+            got, keep, carry = {}, set(chunks[s]), set(passes_on[s])
+            for i, n in enumerate(outs[s]):
+                # one owned copy per value, ORT's buffer released right after it: the run's outputs
+                # and their copies are not all held at once
+                v, vals[i] = _owned(vals[i]), None
+                if n in keep:
+                    got[n] = v
+                if n in carry:
+                    live[n] = v
+                del v
+            del vals
             if s == 0:
                 got.update(_direct(model, direct, feed))
-            for n in passes_on[s]:
-                live[n] = _owned(res[n])
             for n in reads[s]:
                 if last_read[n] == s:
                     del live[n]
-            del res, fed
             yield k, got
             del got
             tick("recording activations", k * len(chunks) + s + 1, runs, "sample runs")

@@ -498,7 +498,13 @@ class StaticQuantizePass(CompressionPass):
             sb = s if axis is None else s.reshape([-1 if k == axis else 1 for k in range(w.ndim)])
             wq = (q * sb).astype(np.float32)
         worst = float("inf")
-        diffs = []
+        # the bias shift's running per-channel sum (float32, rows added in the order np.mean(axis=0)
+        # of all samples' rows adds them: the same value, without holding every sample's difference)
+        has_bias = len(node.inputs) > 2 and _is_const(node.inputs[2])
+        want = bool(self.config.bias_correction and has_bias)
+        ch_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+        n_ch = node.inputs[2].const_value.numpy().size if want else 0
+        acc, count = None, 0
         for rec in recorded:
             f_in, q_in, mask = [], [], []
             for i, v in enumerate(node.inputs):
@@ -514,16 +520,20 @@ class StaticQuantizePass(CompressionPass):
                     f_in.append(w); mask.append(True)
                     q_in.append(wq if i == 1 else w)
             ref, got = node_outputs(node.op_type, attrs, f_in, q_in, mask, max(opset, 13))
+            del f_in, q_in
             worst = min(worst, sqnr_db(ref, got))
-            diffs.append(ref - got)
-        has_bias = len(node.inputs) > 2 and _is_const(node.inputs[2])
-        if self.config.bias_correction and diffs and has_bias:
-            ch_axis = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
-            n_ch = node.inputs[2].const_value.numpy().size
-            rows = [np.moveaxis(x, ch_axis, -1).reshape(-1, x.shape[ch_axis]) for x in diffs
-                    if x.ndim >= 2 and x.shape[ch_axis] == n_ch]
-            if rows and sum(r.shape[0] for r in rows) >= 64:  # enough positions per channel for a stable mean
-                self._bias_shift[node] = np.concatenate(rows).mean(0).astype(np.float32)
+            if want and ref.ndim >= 2 and ref.shape[ch_axis] == n_ch:
+                d = ref - got
+                del ref, got
+                rows = np.moveaxis(d, ch_axis, -1).reshape(-1, n_ch)
+                del d
+                acc = np.add.reduce(rows if acc is None else np.concatenate([acc[None], rows]), axis=0)
+                count += rows.shape[0]
+                del rows
+            else:
+                del ref, got
+        if acc is not None and count >= 64:  # enough positions per channel for a stable mean
+            self._bias_shift[node] = (acc / count).astype(np.float32)
         return worst
 
     # -- weights -----------------------------------------------------------------------
