@@ -390,7 +390,10 @@ class WeightOnlyQuantizePass(CompressionPass):
             wq[i] = q.astype(np.float32) * scale  # exactly what Cast -> Mul computes
         opset = max(model.opset_imports.get("", 13), 13)
         worst = float("inf")
-        diffs = []
+        # the per-channel shift's running sum, rows added in the order of np.mean(axis=0) over
+        # every sample's rows (the same value, without holding each sample's difference)
+        ch = 1 if node.op_type in CONV else -1
+        acc, count, shifts = None, 0, node.op_type in CONV + ("Gemm",)
         for rec in recorded:
             f_in, q_in, mask = [], [], []
             for i, v in enumerate(node.inputs):
@@ -404,17 +407,26 @@ class WeightOnlyQuantizePass(CompressionPass):
                 else:
                     return None, None  # an input was not recorded: the caller checks the weight instead
             ref, got = node_outputs(node.op_type, attrs, f_in, q_in, mask, opset)
+            del f_in, q_in
             worst = min(worst, sqnr_db(ref, got))
-            diffs.append(ref - got)
+            if shifts and ref.ndim >= 2 and (acc is None or ref.shape[ch] == acc.shape[0]):
+                d = ref - got
+                del ref, got
+                rows = np.moveaxis(d, ch, -1).reshape(-1, d.shape[ch])
+                del d
+                acc = np.add.reduce(rows if acc is None else np.concatenate([acc[None], rows]), axis=0)
+                count += rows.shape[0]
+                del rows
+            else:
+                shifts = False  # a sample without channels: no shift (as when the rows could not stack)
+                del ref, got
         shift = None
-        if node.op_type in CONV + ("Gemm",) and diffs and all(d.ndim >= 2 for d in diffs):
-            ch = 1 if node.op_type in CONV else -1
-            rows = np.concatenate([np.moveaxis(d, ch, -1).reshape(-1, d.shape[ch]) for d in diffs])
+        if shifts and acc is not None:
             bias = node.inputs[2] if len(node.inputs) > 2 else None
-            n_out = rows.shape[1]
+            n_out = acc.shape[0]
             ok_bias = bias is None or (_const(bias) and bias.const_value.numpy().reshape(-1).size == n_out)
-            if rows.shape[0] >= 64 and ok_bias and (node.op_type != "Gemm" or bias is not None):
-                shift = rows.mean(0).astype(np.float32)  # enough positions per channel for a stable mean
+            if count >= 64 and ok_bias and (node.op_type != "Gemm" or bias is not None):
+                shift = (acc / count).astype(np.float32)  # enough positions per channel for a stable mean
         return worst, shift
 
     @staticmethod
