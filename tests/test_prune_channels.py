@@ -321,7 +321,7 @@ def test_cli_prune_modes(digits, tmp_path):
 
 
 def test_unaligned_conv_channels_are_called_out(caplog):
-    """Pruning a 16-channel convolution to 10 leaves ORT's blocked (NCHWc) kernels unaligned (on
+    """Pruning a 16-channel convolution to 7 leaves ORT's blocked (NCHWc) kernels unaligned (on
     EfficientNet-Lite0 the pruned model ran slower than the original): counted and warned, with the
     fix; --prune-round-to 8 keeps the count a multiple of 8 and says nothing."""
     import logging
@@ -330,10 +330,21 @@ def test_unaligned_conv_channels_are_called_out(caplog):
                    conv("c2", "r", "y", 16, 4)], X4, [vi("y", None)])
     for round_to, warned in ((1, True), (8, False)):
         caplog.clear()
-        p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)]), ratio=0.4, round_to=round_to)
+        p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)]), ratio=0.6, round_to=round_to)
         with caplog.at_level(logging.WARNING, logger="onnxcompress"):
             m, _ = run_passes(ir.from_proto(proto), [p], [])
         kept = m.graph.initializers["c1_W"].const_value.shape[0]
-        assert (kept % 8 != 0) is warned
+        assert kept == (7 if warned else 8)
         assert (p.report.counts.get("conv_groups_not_multiple_of_8") == 1) is warned
         assert ("--prune-round-to 8" in caplog.text) is warned
+
+
+def test_rounding_that_keeps_every_channel_says_so():
+    """--prune-round-to 16 on 16-channel groups at 0.4: the kept count rounds back to 16; the
+    report says why nothing was pruned instead of a bare "no change"."""
+    proto = build([conv("c1", "x", "a", 3, 16), helper.make_node("Relu", ["a"], ["r"], name="r1"),
+                   conv("c2", "r", "y", 16, 4)], X4, [vi("y", None)])
+    p = ChannelPrunePass(PassContext(check_samples=[feed_for(proto)]), ratio=0.4, round_to=16)
+    run_passes(ir.from_proto(proto), [p], [])
+    assert not p.report.changed
+    assert any("--prune-round-to 16 keeps every channel" in x["reason"] for x in p.report.skipped)

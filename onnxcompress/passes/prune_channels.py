@@ -870,6 +870,12 @@ class ChannelPrunePass(CompressionPass):
                           channels_removed=sum(d["channels"] - d["kept"] for d in details),
                           importance=importance, ratio=ratio, scope=c.scope, round_to=c.round_to)
         if not removed:
+            rounded = [d for d in details if d["channels"] > 1 and c.round_to > 1 and c.ratio > 0]
+            if rounded:  # say why nothing was pruned: the rounding kept every channel
+                d = max(rounded, key=lambda x: x["channels"])
+                rep.skip("", f"--prune-round-to {c.round_to} keeps every channel at ratio {c.ratio:g} (e.g. "
+                         f"'{d['roots'][0]}': {d['channels']} channels, {c.ratio:.0%} removed then rounded back to "
+                         f"{d['kept']}); nothing was pruned: raise --prune or lower --prune-round-to")
             return False
         original = snapshot(model)
         stats = apply_removal(model, dep, removed)
