@@ -41,6 +41,18 @@ def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise)
 
 
+def add_channel_rows(acc: np.ndarray | None, ref: np.ndarray, got: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
+    """``acc`` plus the column sums of ``ref - got`` laid out as rows [positions, channels] (channel
+    ``axis`` last), added row by row after ``acc`` in the order ``np.mean(axis=0)`` of every
+    sample's concatenated rows adds them, so a mean built sample by sample is the same float32
+    value without holding every sample's difference (empirical bias correction). Returns
+    ``(new sum, rows added)``."""
+    d = ref - got
+    rows = np.moveaxis(d, axis, -1).reshape(-1, d.shape[axis])
+    del d
+    return np.add.reduce(rows if acc is None else np.concatenate([acc[None], rows]), axis=0), rows.shape[0]
+
+
 def node_sqnr(op_type, attributes, float_inputs, quant_inputs, const_mask, opset) -> float:
     """SQNR in dB of one node's output, quantized inputs vs float inputs (see :func:`node_outputs`)."""
     ref, got = node_outputs(op_type, attributes, float_inputs, quant_inputs, const_mask, opset)

@@ -39,7 +39,7 @@ from ...progress import counted
 from . import calibrate, params
 from .config import StaticQuantizeConfig
 from .policy import resolve_policy
-from .sensitivity import node_outputs, sqnr_db
+from .sensitivity import add_channel_rows, node_outputs, sqnr_db
 
 COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: ops ONNX Runtime runs on quantized tensors when Q/DQ surround them
@@ -523,15 +523,9 @@ class StaticQuantizePass(CompressionPass):
             del f_in, q_in
             worst = min(worst, sqnr_db(ref, got))
             if want and ref.ndim >= 2 and ref.shape[ch_axis] == n_ch:
-                d = ref - got
-                del ref, got
-                rows = np.moveaxis(d, ch_axis, -1).reshape(-1, n_ch)
-                del d
-                acc = np.add.reduce(rows if acc is None else np.concatenate([acc[None], rows]), axis=0)
-                count += rows.shape[0]
-                del rows
-            else:
-                del ref, got
+                acc, rows = add_channel_rows(acc, ref, got, ch_axis)
+                count += rows
+            del ref, got
         if acc is not None and count >= 64:  # enough positions per channel for a stable mean
             self._bias_shift[node] = (acc / count).astype(np.float32)
         return worst

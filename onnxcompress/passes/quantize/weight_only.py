@@ -81,7 +81,7 @@ from ..base import CompressionPass
 from . import params
 from .config import QuantizeConfig
 from .policy import resolve_policy
-from .sensitivity import node_outputs, sqnr_db
+from .sensitivity import add_channel_rows, node_outputs, sqnr_db
 from .static import FLOAT, _attr
 
 CONV = ("Conv", "ConvTranspose")
@@ -410,16 +410,11 @@ class WeightOnlyQuantizePass(CompressionPass):
             del f_in, q_in
             worst = min(worst, sqnr_db(ref, got))
             if shifts and ref.ndim >= 2 and (acc is None or ref.shape[ch] == acc.shape[0]):
-                d = ref - got
-                del ref, got
-                rows = np.moveaxis(d, ch, -1).reshape(-1, d.shape[ch])
-                del d
-                acc = np.add.reduce(rows if acc is None else np.concatenate([acc[None], rows]), axis=0)
-                count += rows.shape[0]
-                del rows
+                acc, rows = add_channel_rows(acc, ref, got, ch)
+                count += rows
             else:
                 shifts = False  # a sample without channels: no shift (as when the rows could not stack)
-                del ref, got
+            del ref, got
         shift = None
         if shifts and acc is not None:
             bias = node.inputs[2] if len(node.inputs) > 2 else None
