@@ -327,16 +327,16 @@ def _can_change(model: ir.Model, p: CompressionPass) -> bool:
     return p.applicable(model, op_types(model))
 
 
-def _run_one(model: ir.Model, p: CompressionPass) -> tuple[ir.Model, ir.Model]:
+def _run_one(model: ir.Model, p: CompressionPass, can: bool | None = None) -> tuple[ir.Model, ir.Model]:
     """Run one pass; a pass that raises is reverted (a pass bug must not cost the user the run).
     A pass that reports no change but changed a value's declared type (shape inference inside a
     rewrite turning a sequence into a tensor) is checked as if it had changed the model
     (``touched_types``; ``counts["value_types_changed"]``). A pass that cannot act on the
     model (:meth:`CompressionPass.applicable`: none of the op types it needs) is not run and
-    costs no snapshot.
+    costs no snapshot (``can``: that answer, when the caller already has it).
     Returns ``(model to go on with, snapshot from before the pass)``; they are the same object
     when the pass was reverted or not run."""
-    if not _can_change(model, p):
+    if not (_can_change(model, p) if can is None else can):
         p.report.changed = False
         return model, model
     before = snapshot(model)
@@ -432,9 +432,10 @@ def run_passes_ref(model: ir.Model, passes: list[CompressionPass], samples: list
         for k, p in enumerate(batch):
             if k and len(passes) > 1:
                 tick("running", i + k, len(passes), "passes", weak=True)
-            if start is None and (samples or structural) and _can_change(model, p):
+            can = _can_change(model, p)
+            if start is None and (samples or structural) and can:
                 start = snapshot(model)
-            model, _ = _run_one(model, p)
+            model, _ = _run_one(model, p, can)
         changed = [p for p in batch if p.report.changed or p.touched_types]
         if changed and start is not None:
             if ref is None and samples:

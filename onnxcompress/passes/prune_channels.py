@@ -769,12 +769,6 @@ def activation_stats(model: ir.Model, dep: DependencyGraph, samples: list[dict[s
     return {n: sums[n] / max(count[n], 1) for n in sums}
 
 
-def _roots(model: ir.Model, names: list[str]) -> list[ir.Node]:
-    """The main-graph nodes called ``names``."""
-    want = set(names)
-    return [n for n in model.graph if n.name in want]
-
-
 def select_removed(groups: list[Group], scores: dict[int, float], *, ratio: float, ratios: dict[str, float] | None = None,
                    scope: str = "layer", round_to: int = 1, max_ratio: float = 0.9) -> tuple[set[int], list[dict]]:
     """Pick the channel classes to remove. Returns ``(removed classes, per-group details)``.
@@ -896,8 +890,9 @@ class ChannelPrunePass(CompressionPass):
             notes.append("no calibration data: no least-squares repair")
         shapes1 = concrete_shapes(model, sample)
         after_costs = count_costs(model, shapes1)
+        op_of = {n.name: n.op_type for n in model.graph}
         unaligned = [d for d in details if d["kept"] < d["channels"] and d["channels"] % 8 == 0 and d["kept"] % 8
-                     and any(r.op_type in ("Conv", "ConvTranspose") for r in _roots(model, d["roots"]))]
+                     and any(op_of.get(r) in ("Conv", "ConvTranspose") for r in d["roots"])]
         if unaligned:
             d = unaligned[0]
             rep.counts["conv_groups_not_multiple_of_8"] = len(unaligned)
