@@ -1021,7 +1021,7 @@ def validate_models(
             try:
                 outputs_cache[key] = outputs(path, prov, level)
             except Exception as exc:
-                from .validate import _first_line
+                from .validate import _first_line, fusion_named
 
                 why = _first_line(exc)
                 # a candidate that fails where the reference runs is the candidate's failure
@@ -1032,8 +1032,7 @@ def validate_models(
                                             + f"): {why}") from None
                 state["level"] = lower[0]
                 outputs_cache[(str(path), prov, lower[0])] = lower[1]
-                fusion = next((w.strip("'/ ") for w in why.replace(":", " ").split()
-                               if w.strip("'/").endswith("Fusion")), None)
+                fusion = fusion_named(why)
                 notes.append(f"ONNX Runtime's own graph optimizer breaks the reference {path.name} at "
                              f"ORT_ENABLE_{level.upper()} on {prov}" + (f" ({fusion})" if fusion else "")
                              + f": {why}. Every model was compared at ORT_ENABLE_{lower[0].upper()} on every "

@@ -265,11 +265,13 @@ def _load_data(run: _Run, model: ir.Model):
         shared = (shared_samples(d.calibration, d.validation, calib[: d.max_calibration_samples], val)
                   if d.calibration is not None and fits else 0)
         if shared:
-            run.note(("--validation is the same data as --calibration" if shared == len(val) == len(calib) else
-                      f"{'every one' if shared == len(val) else shared} of the {len(val)} --validation samples "
-                      f"{'is' if shared == len(val) else 'are'} also {'a ' if shared == len(val) else ''}"
-                      f"--calibration sample{'' if shared == len(val) else 's'}")
-                     + ": their figures are measured on rows that calibration, pruning's repair and distillation "
+            if shared == len(val) == len(calib):
+                what = "--validation is the same data as --calibration"
+            elif shared == len(val):
+                what = f"every one of the {len(val)} --validation samples is also a --calibration sample"
+            else:
+                what = f"{shared} of the {len(val)} --validation samples are also --calibration samples"
+            run.note(what + ": their figures are measured on rows that calibration, pruning's repair and distillation "
                      "were fitted to, not on held-out data; give other data, or leave --validation out to hold "
                      "out part of --calibration", warn=True)
         kind = "images" if isinstance(d.validation, (str, Path)) and Path(d.validation).is_dir() else "samples"

@@ -221,8 +221,7 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
         return float(t[0]) if t is not None else 100.0 * float(mean_cosine(d))
     if metric == "boxes":
         try:
-            with np.errstate(invalid="ignore", over="ignore"):  # inf boxes are dropped, not warned about
-                m = np.array([box_matches(r, g) for r, g in zip(ref, got)], dtype=np.float64).reshape(-1, 3).sum(0)
+            m = np.array([box_matches(r, g) for r, g in zip(ref, got)], dtype=np.float64).reshape(-1, 3).sum(0)
         except ValueError as exc:  # not a detector's output
             raise DataError(f"{exc} (output '{first}')") from None
         return 100.0 * 2 * m[0] / (m[1] + m[2]) if m[1] + m[2] else 100.0
@@ -331,8 +330,7 @@ def _per_sample(metric: str, ref, got, labels, first: str):
         return num_ref, num, den, True
     if metric == "boxes":
         for i, (r, g) in enumerate(zip(ref, got)):
-            with np.errstate(invalid="ignore", over="ignore"):
-                matched, n_ref, n_got = box_matches(r, g)
+            matched, n_ref, n_got = box_matches(r, g)
             den[i], num[i] = n_ref + n_got, 2 * matched
         return den.copy(), num, den, True
     if metric == "top1":
@@ -385,31 +383,38 @@ def detections(out: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
                          f"{list(a.shape)} ({a.dtype})")
     if a.shape[1] > a.shape[2]:
         a = a.transpose(0, 2, 1)
-    res = []
-    for img in a:  # [4 + classes, anchors]
-        scores = np.nan_to_num(img[4:], nan=-np.inf)
-        cls, best = scores.argmax(0), scores.max(0)
-        # a box with a non-finite coordinate or score is no detection (a candidate that computes
-        # NaN loses it)
-        keep = np.flatnonzero((best >= BOX_SCORE) & np.isfinite(best) & np.isfinite(img[:4]).all(0))
-        cx, cy, w, h = img[:4, keep]
-        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float64)
-        cls, best = cls[keep], best[keep]
-        kept = []
-        for c in np.unique(cls):
-            idx = np.flatnonzero(cls == c)
-            idx = idx[np.argsort(-best[idx], kind="stable")]
-            while idx.size:
-                kept.append(idx[0])
-                idx = idx[1:][_iou(boxes[idx[0]], boxes[idx[1:]]) <= BOX_NMS_IOU]
-        kept = np.array(sorted(kept), dtype=np.int64)
-        res.append((boxes[kept].reshape(-1, 4), cls[kept]))
-    return res
+    return [_image_detections(img) for img in a]
+
+
+def _image_detections(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`detections` of one image's ``[4 + classes, anchors]``."""
+    scores = np.nan_to_num(img[4:], nan=-np.inf)
+    cls, best = scores.argmax(0), scores.max(0)
+    # a box with a non-finite coordinate or score is no detection (a candidate that computes
+    # NaN loses it)
+    keep = np.flatnonzero((best >= BOX_SCORE) & np.isfinite(best) & np.isfinite(img[:4]).all(0))
+    cx, cy, w, h = img[:4, keep].astype(np.float64)  # float64: no overflow on huge finite coordinates
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    cls, best = cls[keep], best[keep]
+    kept = []
+    for c in np.unique(cls):
+        idx = np.flatnonzero(cls == c)
+        idx = idx[np.argsort(-best[idx], kind="stable")]
+        while idx.size:
+            kept.append(idx[0])
+            idx = idx[1:][_iou(boxes[idx[0]], boxes[idx[1:]]) <= BOX_NMS_IOU]
+    kept = np.array(sorted(kept), dtype=np.int64)
+    return boxes[kept].reshape(-1, 4), cls[kept]
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one x1 y1 x2 y2 box with each of ``boxes`` [k, 4]; boxes without area overlap
     fully only an equal box (1), else not at all (0)."""
+    with np.errstate(invalid="ignore", over="ignore"):  # areas of huge boxes: inf, their IoU nan -> no match
+        return _iou_values(box, boxes)
+
+
+def _iou_values(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
     x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
@@ -419,10 +424,9 @@ def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.where(union > 0, np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), same)
 
 
-def _score_boxes_count(outs: list[np.ndarray]) -> list[int]:
+def _detection_counts(outs: list[np.ndarray]) -> list[int]:
     """Detections per sample (:func:`detections`, all images of a sample)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return [sum(len(c) for _, c in detections(o)) for o in outs]
+    return [sum(len(c) for _, c in detections(o)) for o in outs]
 
 
 def box_matches(ref: np.ndarray, got: np.ndarray) -> tuple[int, int, int]:
@@ -842,7 +846,7 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     first = next(iter(ref_s[0]), "output") if ref_s else "output"
     if budget.metric == "boxes":
         for half, refs in (("search", ref_s), ("held-out", ref_f)):
-            if not sum(_score_boxes_count([r[first] for r in refs])):
+            if not sum(_detection_counts([r[first] for r in refs])):
                 raise DataError(f"--metric boxes: the input model finds no detection (class score >= {BOX_SCORE:g}) "
                                 f"in the {half} half of the validation data: nothing to judge (give images "
                                 "with objects, or another metric)")

@@ -318,6 +318,13 @@ def validate_all(original: ir.Model, model: ir.Model, val, labels, providers: li
     return out
 
 
+def fusion_named(why: str) -> str | None:
+    """The ORT graph transformer an error message names (``SimplifiedLayerNormFusion`` in
+    "... running SimplifiedLayerNormalization node. Name:'/SimplifiedLayerNormFusion/' ..."),
+    or ``None``."""
+    return next((w.strip("'/ ") for w in why.replace(":", " ").split() if w.strip("'/").endswith("Fusion")), None)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -341,7 +348,7 @@ def _lower_level(original, model, val, labels, provider: str, latency: bool, why
                                 f"model {where}: nothing written") from None
     d = jsonable(asdict(compare(original, model, val, labels=labels, provider=provider, latency=latency,
                                 level=works)))
-    fusion = next((w.strip("'/ ") for w in why.replace(":", " ").split() if w.strip("'/").endswith("Fusion")), None)
+    fusion = fusion_named(why)
     d["ort_level"] = works
     d["note"] = (f"ONNX Runtime's own graph optimizer breaks the input model at ORT_ENABLE_ALL on {provider}"
                  + (f" ({fusion})" if fusion else "") + f": {why}. Validated at ORT_ENABLE_{works.upper()} "
