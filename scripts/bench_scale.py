@@ -18,6 +18,11 @@ high-water mark to ``ru_maxrss`` (see ``_LAUNCHER``):
 fuse                   ``onnxcompress optimize MODEL -o OUT --validation VAL``  vs  ORT's
                        offline optimizer (``SessionOptions.optimized_model_filepath``,
                        ``--ort-level`` extended by default; external initializers over 2 GB)
+fuse-nodata            ``onnxcompress optimize MODEL -o OUT``, the command as typed: validated
+                       on the few small random check samples optimize generates; beside the
+                       same ORT optimizer run (one run serves both fuse rows). ``fuse`` with
+                       VAL adds 2 x ``--val-samples`` forward passes of the whole model (the
+                       input's and the result's), which ORT's optimizer never runs
 dynamic                ``... --quantize dynamic``  vs  ``quantize_dynamic`` (s8 weights,
                        ``use_external_data_format`` over 2 GB)
 static (<= --static-max) ``... --quantize static --calibration CALIB``  vs  ``quantize_static``
@@ -94,6 +99,9 @@ GENERATOR = "onnxcompress.synthetic/1"
 # (mode, onnxcompress tool, ORT tool, peak = a * model + b (GB), time <= t * ORT)
 MODES = {
     "fuse": ("onnxcompress fuse", "ORT optimizer", 1.5, 0.5, 1.5),
+    # the command as typed, no data: its validation runs the check samples that optimize generates
+    # (random, the smallest shapes), as ORT's optimizer runs none
+    "fuse-nodata": ("onnxcompress fuse (no data)", "ORT optimizer", 1.5, 0.5, 1.5),
     "dynamic": ("onnxcompress dynamic", "ORT quantize_dynamic", 1.5, 0.5, 2.0),
     "static": ("onnxcompress static", "ORT quantize_static", 2.0, 1.0, 2.0),
 }
@@ -391,8 +399,9 @@ def _worker(argv: list[str]) -> int:
         from onnxcompress.errors import OnnxCompressError
 
         mode, model, out, calib, val = rest
-        opts = OptimizeOptions(quantize=None if mode == "fuse" else mode,
-                               calibration=None if calib == "-" else calib, validation=val, latency=False,
+        opts = OptimizeOptions(quantize=None if mode.startswith("fuse") else mode,
+                               calibration=None if calib == "-" else calib,
+                               validation=None if mode == "fuse-nodata" else val, latency=False,
                                accept_degraded=True)
         try:
             optimize(model, out, opts)
@@ -465,20 +474,22 @@ class Bench:
         if self.runner == "api":
             return self.me + ["--worker", "ox-api", mode, str(model), str(out),
                               str(calib) if mode == "static" else "-", str(val)]
-        cmd = onnxcompress_cli() + ["optimize", str(model), "-o", str(out), "--validation", str(val)]
-        if mode != "fuse":
+        cmd = onnxcompress_cli() + ["optimize", str(model), "-o", str(out)]
+        if mode != "fuse-nodata":
+            cmd += ["--validation", str(val)]
+        if not mode.startswith("fuse"):
             cmd += ["--quantize", mode]
         if mode == "static":
             cmd += ["--calibration", str(calib)]
         if cli_has("--no-latency"):
             cmd.append("--no-latency")
-        if mode != "fuse" and cli_has("--accept-degraded"):  # the bench measures fidelity itself
+        if not mode.startswith("fuse") and cli_has("--accept-degraded"):  # the bench measures fidelity itself
             cmd.append("--accept-degraded")
         return cmd + (["--report", str(out.with_name("report.json"))] if cli_has("--report") else [])
 
     def ort_cmd(self, mode: str, model: Path, out: Path, calib: Path, ext: bool) -> list[str]:
         e = "1" if ext else "0"
-        if mode == "fuse":
+        if mode.startswith("fuse"):
             return self.me + ["--worker", "ort-opt", str(model), str(out), self.args.ort_level, e]
         if mode == "dynamic":
             return self.me + ["--worker", "ort-dynamic", str(model), str(out), e]
@@ -552,6 +563,8 @@ class Bench:
             ox_tool, ort_tool = MODES[mode][:2]
             for tool, cmd_of in ((ort_tool, lambda o: self.ort_cmd(mode, model, o, calib, ext)),
                                  (ox_tool, lambda o: self.ox_cmd(mode, model, o, calib, val))):
+                if any(r["tool"] == tool for r in rows):  # ORT's optimizer: one run serves both fuse rows
+                    continue
                 folder = sdir / tool.replace(" ", "_")
                 out = folder / "out.onnx"
                 rows.append(self.one(label, info, mode, tool, cmd_of(out), folder, out, ref))
