@@ -53,8 +53,9 @@ def tune(
 ):
     """Search recipes (quantization mode and settings, pruning) for a budget; write the best model.
 
-    Exit 0 when the budget is met; 3 when no trial met it (the closest model is written and the
-    failed constraint named). Every Pareto-optimal trial is saved as a recipe in OUT.tune/pareto/."""
+    Exit 0 when the budget is met; 3 when no trial met it, or when none of the feasible trials
+    holds it on the held-out validation samples the search never saw (the closest model is
+    written and the failed constraint named). Every Pareto-optimal trial is saved as a recipe in OUT.tune/pareto/."""
     from .tune import Budget, tune as run_tune
 
     _setup_logging(True)

@@ -13,7 +13,11 @@ of the validation data against the fp32 model; latency is measured interleaved w
 model (``bench``'s engine: paired rounds, median ratio with its bootstrap interval); size is the
 written file's. A trial meets ``max_drop`` only when the drop's bootstrap bound over the search
 samples does (:func:`drop_bound`: a drop within the budget only by the noise of a few samples is
-not taken). The winner is re-measured on the *held-out* half, which the search never saw.
+not taken). The winner is re-measured on the *held-out* half, which the search never saw; when
+it misses the budget there, the next feasible trials (fastest first, at most
+:data:`HELD_OUT_TRIES`) are measured there too and the first that holds is taken. If none
+does, the search's choice is written and the budget counts as not met (exit 3): a model that
+meets the budget only on the data it was chosen on has not met it.
 
 Never empty-handed: the best model that meets the budget is written; if none does, the closest
 one (least normalised violation) is written, the failed constraint named, and the exit code is 3.
@@ -964,8 +968,29 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         chosen = min(ok, key=lambda t: (t.violation, -t.speedup))
         why = "no trial met the budget: the closest one (least violation)"
     say("tune: checking the chosen model on the held-out data")
-    held = measure(s.budget, Path(chosen.path), s.ref_final, s.final_feeds, s.final_labels)
     fp32_held = measure(s.budget, s.model, s.ref_final, s.final_feeds, s.final_labels)
+    held = measure(s.budget, Path(chosen.path), s.ref_final, s.final_feeds, s.final_labels)
+    tried = [{"trial": chosen.number, "metric": held, "drop": fp32_held - held}]
+    held_failed = None
+    if feasible and not _holds(s, fp32_held - held):
+        # the search's choice misses the budget on data it never saw: the next feasible trials, in
+        # the search's order of preference, are tried there; the first that holds is taken
+        first, first_held = chosen, held
+        rest = sorted((t for t in feasible if t is not chosen), key=lambda t: (-t.speedup, t.size_bytes, -t.metric))
+        for t in rest[:HELD_OUT_TRIES]:
+            m = measure(s.budget, Path(t.path), s.ref_final, s.final_feeds, s.final_labels)
+            tried.append({"trial": t.number, "metric": m, "drop": fp32_held - m})
+            if _holds(s, fp32_held - m):
+                chosen, held = t, m
+                why = (f"trial {first.number}, the search's choice, drops {fp32_held - first_held:.3g} on the held-out "
+                       f"samples (> {s.budget.max_drop:g}); this is the fastest of the next {len(tried) - 1} feasible "
+                       "trials that holds there")
+                break
+        else:
+            chosen, held = first, first_held
+            held_failed = (f"{s.budget.metric} drop {fp32_held - held:.3g} > {s.budget.max_drop:g} on the "
+                           f"{len(s.final_feeds)} held-out samples the search never saw"
+                           + (f" (and on those of the next {len(tried) - 1} feasible trials)" if len(tried) > 1 else ""))
     save_model(load_model(chosen.path), out, protect=(s.model,))
     pareto = _pareto(s.trials)
     pdir = st / "pareto"
@@ -974,7 +999,7 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
     for t in pareto:
         write_atomic(pdir / f"trial{t.number:03d}.toml", t.recipe_toml)
     write_atomic(st / "chosen.toml", chosen.recipe_toml)
-    failed = _failed(s, chosen)
+    failed = _failed(s, chosen) + ([held_failed] if held_failed else [])
     # the chosen model may be no faster than fp32 (a size or accuracy budget, or nothing faster met it)
     lo = chosen.speedup_ci[0] if chosen.speedup_ci else chosen.speedup
     if not lo > 1.0:
@@ -988,8 +1013,8 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         "budget": s.budget.__dict__, "fp32_metric": s.fp32_metric, "chosen": chosen.number, "why": why,
         "met": not failed, "failed": failed,
         "held_out": {"metric": held, "fp32_metric": fp32_held, "drop": fp32_held - held,
-                     "within_budget": bool(fp32_held - held <= s.budget.max_drop + 1e-9),
-                     "samples": len(s.final_feeds)},
+                     "within_budget": _holds(s, fp32_held - held), "samples": len(s.final_feeds),
+                     "tried": tried},
         "resolution": s.resolution,
         "trials": [{k: v for k, v in t.__dict__.items() if k != "recipe_toml"} for t in s.trials],
         "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
@@ -999,6 +1024,17 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
     }
     write_atomic(st / "report.json", json.dumps(report, indent=1, default=str))
     return TuneResult(out, chosen, s.trials, report, met=not failed)
+
+
+#: when the search's choice misses the budget on the held-out samples, at most this many other
+#: feasible trials are measured there (:func:`_finish`)
+HELD_OUT_TRIES = 4
+
+
+def _holds(s: _Search, drop: float) -> bool:
+    """Whether a drop measured on the held-out samples is within the budget (its point value:
+    the bootstrap bound guards the search's choice, this check is a second, independent look)."""
+    return bool(drop <= s.budget.max_drop + 1e-9)
 
 
 def _speedup(m, default: float) -> tuple[float, tuple[float, float] | None]:

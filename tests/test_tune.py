@@ -363,3 +363,35 @@ def test_boxes_without_detections_and_overlapping_data_are_called_out(tmp_path):
     (tmp_path / "st").mkdir()
     s = _prepare(M, Budget(metric="top1"), str(C), str(C), tmp_path / "st", said.append)
     assert any("also --calibration samples" in w for w in said) and any("also --calibration" in w for w in s.resolution)
+
+
+def test_a_choice_that_misses_on_held_out_data_gives_way_or_fails_the_budget(tmp_path, monkeypatch):
+    """The winner is re-measured on the held-out half. Here the held-out metric of the search's
+    choice is forced 10 points under fp32 (budget: 1): the next feasible trial that holds there is
+    written; when every trial misses there, the budget is not met (exit 3 from the CLI)."""
+    import onnxcompress.tune as tmod
+
+    real, bad = tmod.measure, set()
+
+    def measure(budget, model_path, ref, feeds, labels):
+        value = real(budget, model_path, ref, feeds, labels)
+        return value - 10.0 if Path(model_path).name in bad else value
+
+    monkeypatch.setattr(tmod, "measure", measure)
+    b = Budget(metric="top1", max_drop=1.0)
+    state = tmp_path / "st"
+    first = tune(M, tmp_path / "a.onnx", b, calibration=C, validation=V, trials=3, state=state)
+    assert first.met and len([t for t in first.trials if t.feasible()]) >= 2
+    bad.add(Path(first.chosen.path).name)  # the search's choice now misses on the held-out half
+    second = tune(M, tmp_path / "b.onnx", b, calibration=C, validation=V, trials=3, state=state)
+    assert second.met and second.chosen.number != first.chosen.number
+    tried = second.report["held_out"]["tried"]
+    assert tried[0]["trial"] == first.chosen.number and tried[0]["drop"] > 1.0
+    assert tried[-1]["trial"] == second.chosen.number and second.report["held_out"]["within_budget"]
+    assert "held-out" in second.report["why"]
+    assert (tmp_path / "b.onnx").read_bytes() == Path(second.chosen.path).read_bytes()
+    bad.update(Path(t.path).name for t in first.trials if t.path)  # now every trial misses there
+    res = runner.invoke(app, ["tune", str(M), "-o", str(tmp_path / "c.onnx"), "--calibration", str(C),
+                              "--validation", str(V), "--trials", "3", "--resume", str(state), "--max-drop", "1"])
+    assert res.exit_code == 3, res.output
+    assert "budget not met" in res.output and "held-out" in res.output and (tmp_path / "c.onnx").exists()
