@@ -99,6 +99,11 @@ class _Run:
     #: the input's outputs on the validation samples per provider, reused by every validation
     #: of this run (the fallback's rounds): :func:`onnxcompress.validate.compare`
     ref_cache: dict = field(default_factory=dict)
+    #: the unoptimized session that proved ORT loads the input (:func:`_runtime_loads`), run by the
+    #: probe and then dropped: one session build of the input instead of two
+    input_session: Any = None
+    #: the model validation ran in ORT on CPU (the write's ORT load check would repeat it)
+    ort_loaded: Any = None
 
     def say(self, msg: str) -> None:
         """A stage starts: its time and peak memory go to ``report["cost"]``; the progress
@@ -310,7 +315,7 @@ def _check_runtime(run: _Run, original: ir.Model) -> bool:
     Raises:
         OnnxCompressError: ORT refuses a model without custom ops, or quantization was asked for one.
     """
-    ok, custom = _runtime_loads(original)
+    ok, custom, run.input_session = _runtime_loads(original)
     if ok:
         return True
     if any(s.spec.int8 for s in run.recipe.stages):
@@ -347,15 +352,18 @@ def _probe(run: _Run, original: ir.Model, calib, val):
     d = run.recipe.data
     given = d.calibration is not None or d.validation is not None
     check = calib[:4]
+    loaded, run.input_session = run.input_session, None
     try:
         run.probe_ref = None
         if check:
             # the per-pass checks' reference (as passes.base.reference_outputs: optimizations off);
             # without ORT's arena (runtime.make_session): with it, PP-OCRv4 det's probe left ~200 MB
             # held through every later stage
-            sess = make_session(original, optimize=False)
+            sess = loaded if loaded is not None else make_session(original, optimize=False)
+            loaded = None
             run.probe_ref = run_samples(sess, check)
             del sess
+        loaded = None
         if val:
             cpu = "CPUExecutionProvider" in resolve_providers(list(run.recipe.output.providers))[0]
             _validation_reference(run, original, val, cpu)
@@ -396,8 +404,10 @@ def _nbytes(v) -> int | None:
     return v.nbytes if isinstance(v, np.ndarray) else None
 
 
-def _runtime_loads(model: ir.Model) -> tuple[bool, str]:
-    """Whether ORT can load the input; if not because of custom-domain ops, name them.
+def _runtime_loads(model: ir.Model) -> tuple[bool, str, Any]:
+    """Whether ORT can load the input; if not because of custom-domain ops, name them. Returns
+    ``(loads, custom ops, the session)`` (unoptimized, weights read in place; ``None`` when it
+    does not load), which the probe runs.
 
     Raises:
         OnnxCompressError: ORT refuses a model that has no custom ops (its message is given).
@@ -405,14 +415,13 @@ def _runtime_loads(model: ir.Model) -> tuple[bool, str]:
     from .runtime import make_session
 
     try:
-        make_session(model, optimize=False)
-        return True, ""
+        return True, "", make_session(model, optimize=False)
     except Exception as exc:
         custom = sorted({f"{n.domain}.{n.op_type} (node '{n.name}')"
                          for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain not in _STANDARD_DOMAINS})
         if not custom:
             raise OnnxCompressError(f"ONNX Runtime cannot load the input model: {str(exc).splitlines()[0]}") from None
-        return False, "custom ops: " + ", ".join(custom[:5]) + (" ..." if len(custom) > 5 else "")
+        return False, "custom ops: " + ", ".join(custom[:5]) + (" ..." if len(custom) > 5 else ""), None
 
 
 def _note_unknown_names(run: _Run, original: ir.Model) -> None:
@@ -616,6 +625,8 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
                                           cache=run.ref_cache)
     _floor_report(run, gates, no_floor)
     _slow_int8_notes(run, validation, int8)
+    if any(v.get("provider") == "CPUExecutionProvider" for v in validation):
+        run.ort_loaded = model  # validation built an ORT session of this very model on CPU
     return passed, validation, gates, reports, model
 
 
@@ -690,11 +701,12 @@ def _fail(run: _Run, gates) -> None:
 
 
 def _write(run: _Run, model: ir.Model, original: ir.Model, runtime_ok: bool) -> None:
-    """Write atomically (checked by onnx.checker and ORT first); zlib sizes when cheap or pruned."""
+    """Write atomically (checked by onnx.checker and ORT first: the ORT load is validation's when
+    it ran this model on CPU); zlib sizes when cheap or pruned."""
     run.say(f"writing {run.out}")
     after, before = run.report["after"], run.report["before"]
     size = save_model(model, run.out, external_data=run.recipe.output.external_data, protect=tuple(run.in_files),
-                      runtime_check=runtime_ok)
+                      runtime_check=runtime_ok and run.ort_loaded is not model)
     after["file_bytes"] = size
     pruned = any(s.name.startswith("prune-") for s in run.recipe.stages)
     if run.model_files and (pruned or size + before.get("file_bytes", 0) <= ZLIB_MEASURE_BYTES):
