@@ -5,7 +5,8 @@ The nodes are ordered by the per-node int8 output SQNR the quantization passes m
 first); round ``i`` re-quantizes the pre-int8 model (a snapshot: the float weights are shared,
 not copied) with the worst ``k`` nodes kept in float, ``k`` = 1, 2, 4, ... (at most
 ``gates.max_fallback_rounds`` rounds; never every node: that would not be quantization). The
-calibration statistics are reused across rounds (``PassContext.cache``).
+calibration statistics and the per-node checks (static and weight-only) are reused across rounds
+(``PassContext.cache``).
 """
 
 from __future__ import annotations

@@ -331,3 +331,28 @@ def test_lstm_with_computed_int32_sequence_lens(tmp_path):
     assert {e["node"] for e in wo["counts"]["weight_only"]} == {"conv", "lstm"}, wo["counts"]
     feed = {"x": xs[0], "sl64": np.full(2, L, np.int64)}
     assert _rel(G.run(m, feed)["y"], G.run(onnx.load(out), feed, optimize=True)["y"]) < REL
+
+
+def test_a_rerun_of_the_stage_reuses_each_nodes_check(monkeypatch):
+    """The fallback re-runs the int8 stage with the same context: a weight-only node's one-node
+    check (SQNR, bias shift) is remembered in ``context.cache``, so the rerun records nothing
+    and writes the same bytes."""
+    import onnxcompress.passes.quantize.calibrate as cal
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((F, 1, 3, 3)).astype(np.float32)
+    m = G.model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4, group=F, name="dw")],
+                [G.vi("x", [1, F, 16, 16])], [G.vi("y", [1, F, 16, 16])], [G.init("w", w)], opset=17)
+    calib = [{"x": (rng.random((1, F, 16, 16)) * 6).astype(np.float32)} for _ in range(2)]
+    ctx = PassContext(calibration=calib)
+    calls = []
+    real = cal.observe
+    monkeypatch.setattr(cal, "observe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = []
+    for _ in range(2):
+        model = ir.from_proto(m)
+        p = WeightOnlyQuantizePass(ctx, mode="dynamic")
+        p(model)
+        assert p.report.counts["weight_only"][0]["output_sqnr_db"] > 20
+        outs.append(ir.to_proto(model).SerializeToString())
+    assert len(calls) == 1 and outs[0] == outs[1]
