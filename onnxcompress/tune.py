@@ -14,8 +14,9 @@ model (``bench``'s engine: paired rounds, median ratio with its bootstrap interv
 written file's. A trial meets ``max_drop`` only when the drop's bootstrap bound over the search
 samples does (:func:`drop_bound`: a drop within the budget only by the noise of a few samples is
 not taken). The winner is re-measured on the *held-out* half, which the search never saw; when
-it misses the budget there, the next feasible trials (fastest first, at most
-:data:`HELD_OUT_TRIES`) are measured there too and the first that holds is taken. If none
+it misses the budget there, other feasible trials (the finalists timed together first, then
+the rest; fastest first; at most :data:`HELD_OUT_TRIES`) are measured there too and the first
+that holds is taken. If none
 does, the search's choice is written and the budget counts as not met (exit 3): a model that
 meets the budget only on the data it was chosen on has not met it.
 
@@ -958,7 +959,7 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         # median are ties, and the smallest of them (then the most faithful) is chosen
         ties = [t for t in feasible if t is fastest or (t.speedup_ci is not None and t.speedup_ci[1] >= fastest.speedup)
                 or t.speedup >= 0.97 * fastest.speedup]
-        ties = _final_timing(s, ties, say)
+        ties = timed = _final_timing(s, ties, say)
         fastest = max(ties, key=lambda t: (t.speedup, -t.size_bytes, t.metric))
         ties = [t for t in ties if t is fastest or t.speedup >= 0.97 * fastest.speedup]
         chosen = min(ties, key=lambda t: (t.size_bytes, -t.metric))
@@ -967,30 +968,34 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
     else:
         chosen = min(ok, key=lambda t: (t.violation, -t.speedup))
         why = "no trial met the budget: the closest one (least violation)"
+        timed = []
     say("tune: checking the chosen model on the held-out data")
     fp32_held = measure(s.budget, s.model, s.ref_final, s.final_feeds, s.final_labels)
     held = measure(s.budget, Path(chosen.path), s.ref_final, s.final_feeds, s.final_labels)
     tried = [{"trial": chosen.number, "metric": held, "drop": fp32_held - held}]
     held_failed = None
     if feasible and not _holds(s, fp32_held - held):
-        # the search's choice misses the budget on data it never saw: the next feasible trials, in
-        # the search's order of preference, are tried there; the first that holds is taken
+        # the search's choice misses the budget on data it never saw: other feasible trials are
+        # measured there, the first that holds is taken (:func:`_held_out_order`)
         first, first_held = chosen, held
-        rest = sorted((t for t in feasible if t is not chosen), key=lambda t: (-t.speedup, t.size_bytes, -t.metric))
-        for t in rest[:HELD_OUT_TRIES]:
+        for t in _held_out_order(chosen, timed, feasible)[:HELD_OUT_TRIES]:
             m = measure(s.budget, Path(t.path), s.ref_final, s.final_feeds, s.final_labels)
             tried.append({"trial": t.number, "metric": m, "drop": fp32_held - m})
             if _holds(s, fp32_held - m):
                 chosen, held = t, m
                 why = (f"trial {first.number}, the search's choice, drops {fp32_held - first_held:.3g} on the held-out "
-                       f"samples (> {s.budget.max_drop:g}); this is the fastest of the next {len(tried) - 1} feasible "
-                       "trials that holds there")
+                       f"samples (> {s.budget.max_drop:g}); this one, the {_ordinal(len(tried) - 1)} other feasible "
+                       "trial measured there (fastest first), holds")
                 break
         else:
             chosen, held = first, first_held
             held_failed = (f"{s.budget.metric} drop {fp32_held - held:.3g} > {s.budget.max_drop:g} on the "
                            f"{len(s.final_feeds)} held-out samples the search never saw"
-                           + (f" (and on those of the next {len(tried) - 1} feasible trials)" if len(tried) > 1 else ""))
+                           + (f" (so did the {len(tried) - 1} other feasible trial(s) measured there)"
+                              if len(tried) > 1 else ""))
+    elif not _holds(s, fp32_held - held):  # no trial was feasible: the closest also misses held out
+        held_failed = (f"{s.budget.metric} drop {fp32_held - held:.3g} > {s.budget.max_drop:g} on the "
+                       f"{len(s.final_feeds)} held-out samples the search never saw")
     save_model(load_model(chosen.path), out, protect=(s.model,))
     pareto = _pareto(s.trials)
     pdir = st / "pareto"
@@ -1029,6 +1034,24 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
 #: when the search's choice misses the budget on the held-out samples, at most this many other
 #: feasible trials are measured there (:func:`_finish`)
 HELD_OUT_TRIES = 4
+
+
+def _held_out_order(chosen: Trial, timed: list[Trial], feasible: list[Trial]) -> list[Trial]:
+    """The other feasible trials in the order the held-out check tries them when ``chosen``
+    misses there: first the finalists timed together with fp32 (:func:`_final_timing`, the
+    timing the choice used), then the rest by their search timing; fastest first, then the
+    smaller; each trial once (``_final_timing`` returns copies: trials are told by number)."""
+    key = lambda t: (-t.speedup, t.size_bytes, -t.metric)  # noqa: E731
+    seen, out = {chosen.number}, []
+    for t in sorted(timed, key=key) + sorted(feasible, key=key):
+        if t.number not in seen:
+            seen.add(t.number)
+            out.append(t)
+    return out
+
+
+def _ordinal(n: int) -> str:
+    return {1: "first", 2: "second", 3: "third"}.get(n, f"{n}th")
 
 
 def _holds(s: _Search, drop: float) -> bool:

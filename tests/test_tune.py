@@ -392,6 +392,29 @@ def test_a_choice_that_misses_on_held_out_data_gives_way_or_fails_the_budget(tmp
     assert (tmp_path / "b.onnx").read_bytes() == Path(second.chosen.path).read_bytes()
     bad.update(Path(t.path).name for t in first.trials if t.path)  # now every trial misses there
     res = runner.invoke(app, ["tune", str(M), "-o", str(tmp_path / "c.onnx"), "--calibration", str(C),
-                              "--validation", str(V), "--trials", "3", "--resume", str(state), "--max-drop", "1"])
+                              "--validation", str(V), "--trials", "3", "--resume", str(state), "--max-drop", "1",
+                              "--report", str(tmp_path / "c.json")])
     assert res.exit_code == 3, res.output
-    assert "budget not met" in res.output and "held-out" in res.output and (tmp_path / "c.onnx").exists()
+    assert "budget not met" in res.output and "held-out" in res.output
+    rep = json.loads((tmp_path / "c.json").read_text())
+    assert not rep["met"] and any("held-out" in f for f in rep["failed"])
+    assert rep["chosen"] == first.chosen.number  # the search's choice is what is written
+    assert (tmp_path / "c.onnx").read_bytes() == Path(first.chosen.path).read_bytes()
+    nums = [x["trial"] for x in rep["held_out"]["tried"]]
+    assert len(nums) == len(set(nums)) <= 1 + tmod.HELD_OUT_TRIES
+
+
+def test_held_out_retries_try_each_trial_once_timed_finalists_first():
+    """``_final_timing`` returns copies: the retry order tells trials by number, tries the
+    finalists timed together first (fastest, then smaller), then the rest, never the choice."""
+    from dataclasses import replace
+
+    from onnxcompress.tune import Trial, _held_out_order
+
+    def t(n, speed, size):
+        return Trial(n, {}, speedup=speed, size_bytes=size, metric=99.0)
+
+    feasible = [t(0, 1.2, 10), t(1, 1.9, 10), t(2, 1.5, 10), t(3, 1.5, 5), t(4, 1.1, 10)]
+    timed = [replace(feasible[1], speedup=1.4), replace(feasible[2], speedup=1.6)]
+    chosen = timed[1]
+    assert [x.number for x in _held_out_order(chosen, timed, feasible)] == [1, 3, 0, 4]
