@@ -489,6 +489,7 @@ class Bench:
         self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}")
 
     def ox_cmd(self, mode: str, model: Path, out: Path, calib: Path, val: Path) -> list[str]:
+        precompile()  # both runners import the package byte-compiled
         if self.runner == "api":
             return self.me + ["--worker", "ox-api", mode, str(model), str(out),
                               str(calib) if mode == "static" else "-", str(val)]
