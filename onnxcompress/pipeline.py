@@ -152,7 +152,7 @@ def _run(run: _Run, model) -> OptimizeResult:
         run.structural = "runtime" if runtime_ok else "checker"
     _note_unknown_names(run, original)
     run.report.update(_report_head(run, original))
-    ctx = PassContext(calibration=calib, check_samples=calib[:4], holdout=val[:16],
+    ctx = PassContext(calibration=calib, check_samples=check_samples(calib), holdout=val[:16],
                       scope=Scope.of(rec.scope.exclude_nodes, rec.scope.exclude_op_types),
                       teacher=original if rec.stage("distill") is not None else None)
     work, reports, int8 = _run_stages(run, work, ctx)
@@ -308,6 +308,26 @@ def _labels(run: _Run, labels, val, source):
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training")
 
 
+#: the per-pass checks run at most this many calibration samples ...
+CHECK_SAMPLES = 4
+#: ... and, past the first, only while their inputs total at most this many bytes: each checked
+#: pass runs them unoptimized, and PP-OCRv4 det's 736 x 992 pages (8.8 MB each) made a check
+#: 0.4 s per sample; one sample already runs every node of the model
+CHECK_BYTES = 16 << 20
+
+
+def check_samples(calib: list[dict]) -> list[dict]:
+    """The calibration samples the per-pass checks run (:data:`CHECK_SAMPLES`, :data:`CHECK_BYTES`;
+    at least one when there is one)."""
+    out, total = [], 0
+    for sample in calib[:CHECK_SAMPLES]:
+        total += sum(getattr(v, "nbytes", 0) for v in sample.values())
+        if out and total > CHECK_BYTES:
+            break
+        out.append(sample)
+    return out
+
+
 def _check_runtime(run: _Run, original: ir.Model) -> bool:
     """Whether ORT loads the input. A model with custom ops it cannot load is still fused (checked
     by onnx.checker only), never quantized.
@@ -337,7 +357,7 @@ def _probe(run: _Run, original: ir.Model, calib, val):
     (which needs the model to run) asks for data. Data the user gave must run: else a one-line
     :class:`DataError` naming ONNX Runtime's complaint.
 
-    The probe runs the check samples (``calib[:4]``) and the first validation sample; the check
+    The probe runs the check samples (:func:`check_samples`) and the first validation sample; the check
     samples' outputs become the first per-pass check's reference (``run.probe_ref``). When CPU
     validates and the validation outputs total at most
     :data:`onnxcompress.validate.REF_CACHE_BYTES` (estimated from the first sample's), the
@@ -351,7 +371,7 @@ def _probe(run: _Run, original: ir.Model, calib, val):
 
     d = run.recipe.data
     given = d.calibration is not None or d.validation is not None
-    check = calib[:4]
+    check = check_samples(calib)
     loaded, run.input_session = run.input_session, None
     try:
         run.probe_ref = None

@@ -295,8 +295,10 @@ def _mse_threshold(h: _Hist, levels: int) -> float:
 #: values, about 1 GB per sample) costs a few chunks instead of all its activations at once.
 #: The process peaks at about 3x the budget over the model's own needs (ORT's other buffers,
 #: the copies, the statistics): PP-OCRv4 det static, 2-core Xeon, whole run: 256 MB -> 1.27 GB
-#: peak, 8.3 s static stage; 128 MB -> 0.85 GB, 10.6 s (chunks cut after their values, :func:`_cut`)
-RECORD_BUDGET_BYTES = 128 << 20
+#: peak, 8.3 s static stage; 128 MB -> 0.85 GB, 10.6 s (chunks cut after their values, :func:`_cut`);
+#: later, with less held elsewhere: 128 MB -> 0.95-1.04 GB whole run, 64 MB -> 0.87-0.89 GB at +1.4 s of
+#: static stage (6.3 -> 7.7 s), the same bytes written
+RECORD_BUDGET_BYTES = 64 << 20
 #: a chunk's session keeps ORT's memory arena only when it runs more samples than this
 ARENA_MIN_RUNS = 4
 #: values per chunk when their sizes cannot be inferred
