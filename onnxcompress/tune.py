@@ -16,9 +16,9 @@ samples does (:func:`drop_bound`: a drop within the budget only by the noise of 
 not taken). The winner is re-measured on the *held-out* half, which the search never saw; when
 it misses the budget there, other feasible trials (the finalists timed together first, then
 the rest; fastest first; at most :data:`HELD_OUT_TRIES`) are measured there too and the first
-that holds is taken. If none
-does, the search's choice is written and the budget counts as not met (exit 3): a model that
-meets the budget only on the data it was chosen on has not met it.
+that holds is taken. If none does, the one that misses least there is written and the budget
+counts as not met (exit 3): a model that meets the budget only on the data it was chosen on has
+not met it.
 
 Never empty-handed: the best model that meets the budget is written; if none does, the closest
 one (least normalised violation) is written, the failed constraint named, and the exit code is 3.
@@ -987,12 +987,17 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
                        f"samples (> {s.budget.max_drop:g}); this one, the {_ordinal(len(tried) - 1)} other feasible "
                        "trial measured there (fastest first), holds")
                 break
-        else:
-            chosen, held = first, first_held
+        else:  # none holds: the one closest to the budget there (ties: the search's order)
+            best = min(range(len(tried)), key=lambda i: tried[i]["drop"])
+            by_number = {t.number: t for t in [first, *timed, *feasible]}
+            chosen, held = by_number[tried[best]["trial"]], tried[best]["metric"]
             held_failed = (f"{s.budget.metric} drop {fp32_held - held:.3g} > {s.budget.max_drop:g} on the "
                            f"{len(s.final_feeds)} held-out samples the search never saw"
                            + (f" (so did the {len(tried) - 1} other feasible trial(s) measured there)"
                               if len(tried) > 1 else ""))
+            why = ("every trial measured on the held-out samples misses the budget there: the one that misses "
+                   "it least" + (" (the search's choice)" if chosen.number == first.number else
+                                  f" (the search chose trial {first.number}, drop {fp32_held - first_held:.3g} there)"))
     elif not _holds(s, fp32_held - held):  # no trial was feasible: the closest also misses held out
         held_failed = (f"{s.budget.metric} drop {fp32_held - held:.3g} > {s.budget.max_drop:g} on the "
                        f"{len(s.final_feeds)} held-out samples the search never saw")

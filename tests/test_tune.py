@@ -398,10 +398,14 @@ def test_a_choice_that_misses_on_held_out_data_gives_way_or_fails_the_budget(tmp
     assert "budget not met" in res.output and "held-out" in res.output
     rep = json.loads((tmp_path / "c.json").read_text())
     assert not rep["met"] and any("held-out" in f for f in rep["failed"])
-    assert rep["chosen"] == first.chosen.number  # the search's choice is what is written
-    assert (tmp_path / "c.onnx").read_bytes() == Path(first.chosen.path).read_bytes()
-    nums = [x["trial"] for x in rep["held_out"]["tried"]]
-    assert len(nums) == len(set(nums)) <= 1 + tmod.HELD_OUT_TRIES
+    tried = rep["held_out"]["tried"]
+    nums = [x["trial"] for x in tried]
+    assert len(nums) == len(set(nums)) <= 1 + tmod.HELD_OUT_TRIES and nums[0] == first.chosen.number
+    least = min(tried, key=lambda x: x["drop"])  # written: the one that misses least held out
+    assert rep["chosen"] == least["trial"] and rep["held_out"]["drop"] == least["drop"]
+    assert "misses it least" in rep["why"]
+    written = next(t for t in first.trials if t.number == least["trial"])
+    assert (tmp_path / "c.onnx").read_bytes() == Path(written.path).read_bytes()
 
 
 def test_held_out_retries_try_each_trial_once_timed_finalists_first():
