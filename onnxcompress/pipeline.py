@@ -684,9 +684,11 @@ def _fallback_cost_note(run: _Run, validation) -> None:
     before, after = run.report["before"].get("size_bytes"), run.report["after"].get("size_bytes")
     if before and after:
         speed += f"; size {after / before:.2f}x of fp32's"
+    static = any(s.name == "quantize-static" for s in run.recipe.stages)
     run.note(f"the fallback kept {len(fb['kept_in_float'])} of {len(fb['node_sqnr_db'])} quantized nodes in float, "
              f"holding {share:.0%} of their weights: most of int8's speed and size gain is given up{speed}. "
-             "Consider --quantize dynamic, a looser gate, or keeping fp32", warn=True)
+             f"Consider {'--quantize dynamic, ' if static else ''}a looser gate (or --accept-degraded with "
+             "the figures above), or keeping fp32", warn=True)
 
 
 def _slow_int8_notes(run: _Run, validation, int8) -> None:

@@ -110,15 +110,45 @@ class Comparison:
 _NOT_SCORES = ("embed", "hidden", "feature", "pool", "state", "token")
 
 
+#: a higher-rank float output is read as per-position class logits (a CTC recognizer exported
+#: without its softmax) when its last axis has at least this many classes ...
+LOGIT_MIN_CLASSES = 8
+#: ... and the softmax of at least this share of its rows puts at least :data:`LOGIT_TOP_PROB` on
+#: one class: a recognizer's logits are peaked (ddddocr's captcha model: 97 % of its rows at >= 0.5, 89 % at
+#: >= 0.9), hidden
+#: states and feature maps spread over their last axis
+LOGIT_DECISIVE_SHARE = 0.8
+LOGIT_TOP_PROB = 0.5
+#: ... and, rank 3 only (``[N, T, C]`` or ``[T, N, C]``), one class (the blank) is the top of at
+#: least this share of its rows
+LOGIT_BLANK_SHARE = 0.25
+
+
 def _looks_like_scores(a: np.ndarray, name: str = "") -> bool:
     """Class scores: a rank-2 float output with >1 column whose name does not say it is an
     embedding, or a higher-rank one whose last axis holds probability distributions (a CTC
-    recognizer's per-timestep softmax ``[N, T, C]``: top-1 per row is the decoded character)."""
+    recognizer's per-timestep softmax ``[N, T, C]``: top-1 per row is the decoded character) or
+    peaked per-position logits (the same recognizer without its softmax: at least
+    :data:`LOGIT_MIN_CLASSES` classes, :data:`LOGIT_DECISIVE_SHARE` of the rows' softmax at least
+    :data:`LOGIT_TOP_PROB` on one class, rank 3, one class the top of :data:`LOGIT_BLANK_SHARE` of
+    the rows)."""
     if a.dtype.kind != "f" or a.ndim < 2 or a.shape[-1] <= 1 or any(k in name.lower() for k in _NOT_SCORES):
         return False
     if a.ndim == 2:
         return True
-    return bool(a.size and np.all(a >= 0) and np.allclose(a.sum(-1, dtype=np.float64), 1.0, atol=1e-3))
+    if not a.size or not np.all(np.isfinite(a)):
+        return False
+    if np.all(a >= 0) and np.allclose(a.sum(-1, dtype=np.float64), 1.0, atol=1e-3):
+        return True
+    if a.ndim != 3 or a.shape[-1] < LOGIT_MIN_CLASSES:
+        return False
+    rows = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+    e = np.exp(rows - rows.max(-1, keepdims=True))
+    top = 1.0 / e.sum(-1)  # the largest class's softmax probability
+    if np.mean(top >= LOGIT_TOP_PROB) < LOGIT_DECISIVE_SHARE:
+        return False
+    # a recognizer's paths are mostly its blank; a feature map's peaks spread over its last axis
+    return bool(np.bincount(rows.argmax(-1)).max() >= LOGIT_BLANK_SHARE * rows.shape[0])
 
 
 def _is_index(a) -> bool:
@@ -146,6 +176,12 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
     seq_same = seq_total = 0
     cosines: list[float] = []
     scores = False
+    # whether a higher-rank output holds per-position class scores is decided once, over every
+    # reference sample's rows (peaked logits: a share of rows, which varies between samples)
+    high = [r for r in refs if isinstance(r, np.ndarray) and r.ndim >= 3]
+    high_scores = bool(high) and _looks_like_scores(
+        np.concatenate([r.reshape(-1, r.shape[-1]) for r in high])[None]
+        if len({r.shape[-1] for r in high}) == 1 and {r.ndim for r in high} == {3} else high[0], name)
     for r, c in zip(refs, cands):
         r64 = np.asarray(r, np.float64)
         c64 = np.asarray(c, np.float64)
@@ -174,7 +210,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
                 cosines.append(one)
             sig += float(np.sum(r64**2))
             noise += float(np.sum(d**2))
-        if _looks_like_scores(r, name):
+        if (high_scores if r.ndim >= 3 else _looks_like_scores(r, name)):
             scores = True
             rows_r, rows_c = r.reshape(-1, r.shape[-1]), c.reshape(-1, c.shape[-1])
             same = rows_r.argmax(-1) == rows_c.argmax(-1)
@@ -216,7 +252,11 @@ def _ctc_decode(path: np.ndarray, blank: int) -> tuple[int, ...]:
 
 def _sequences_equal(r: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Per sequence of a ``[..., T, C]`` distribution output: whether the greedy CTC decodings of
-    reference and candidate are equal (the blank: the reference's most frequent argmax class)."""
+    reference and candidate are equal (the blank: the reference's most frequent argmax class).
+    A time-major ``[T, 1, C]`` output (a recognizer exported from a ``[T, N, C]`` RNN head, one
+    image per sample) is read as one sequence of ``T``."""
+    if r.ndim == 3 and r.shape[1] == 1 and r.shape[0] > 1:
+        r, c = np.swapaxes(r, 0, 1), np.swapaxes(c, 0, 1)
     pr = r.reshape(-1, r.shape[-2], r.shape[-1]).argmax(-1)
     pc = c.reshape(-1, c.shape[-2], c.shape[-1]).argmax(-1)
     blank = int(np.bincount(pr.ravel()).argmax()) if pr.size else 0

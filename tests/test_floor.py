@@ -273,3 +273,33 @@ def test_ctc_outputs_are_judged_by_decoded_sequences():
     split = r.copy()
     split[2, 4, 2], split[2, 4, 0] = 0, 10
     assert output_metrics("probs", [softmax(r)], [softmax(split)]).sequence_agreement == 100.0
+
+
+def test_ctc_logits_and_time_major_outputs_are_judged_by_decoded_sequences():
+    """A recognizer exported without its softmax (peaked logits, ddddocr's captcha model) and in
+    time-major layout ``[T, 1, C]`` (one image per sample): the floor still reads decoded
+    sequences, one per sample, decided once over all samples' rows. Hidden states and feature
+    maps with spread-out values are not read as class scores."""
+    from onnxcompress.validate import _looks_like_scores, output_metrics
+
+    rng = np.random.default_rng(0)
+    refs, cands = [], []
+    for k in range(8):
+        r = rng.normal(0, 1, (12, 1, 20))  # time-major logits, 20 classes
+        r[:, 0, 0] += 12  # blank
+        r[3, 0, 5] += 20
+        r[8, 0, 7] += 20
+        c = r + rng.normal(0, 0.01, r.shape)
+        if k == 2:
+            c[5, 0, 9] = c[5, 0, 0] + 3  # an extra character in one of eight lines
+        refs.append(r.astype(np.float32))
+        cands.append(c.astype(np.float32))
+    m = output_metrics("387", refs, cands)
+    assert m.n_sequences == 8 and m.sequence_agreement == 87.5
+    assert m.mean_cosine > 0.99  # what the floor read before: it passed a changed line
+    row = floor(Gates(), [{"provider": "CPU", "outputs": [m.__dict__]}])[0]
+    assert row["gate"] == "floor-top1-agreement" and row["value"] == 87.5 and not row["passed"]
+    hidden = rng.normal(0, 1, (1, 64, 384)).astype(np.float32)  # a transformer's hidden states
+    assert not _looks_like_scores(hidden, "output_0")
+    boxes_and_scores = np.concatenate([rng.uniform(0, 640, (1, 4, 300)), rng.uniform(0, 1, (1, 80, 300))], 1)
+    assert not _looks_like_scores(boxes_and_scores.astype(np.float32), "output0")  # YOLO's raw head
