@@ -202,12 +202,16 @@ def measure_with_bound(budget: Budget, model_path: Path, ref_outputs, feeds, lab
     if budget.metric == "accuracy" and labels is None:
         raise DataError("--metric accuracy needs 'labels' in the validation data")
     ref = [r[first] for r in ref_outputs]
-    value = _score(budget.metric, ref, got, labels, first)
-    bound = drop_bound(budget.metric, ref, got, labels, idx, first) if idx is not None else float("nan")
+    from .validate import _batch_one
+
+    one = _batch_one(feeds)
+    value = _score(budget.metric, ref, got, labels, first, one)
+    bound = drop_bound(budget.metric, ref, got, labels, idx, first, one) if idx is not None else float("nan")
     return value, bound
 
 
-def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, first: str = "output") -> float:
+def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, first: str = "output",
+           batch_one: bool = False) -> float:
     """A built-in metric of the first output ``got`` (one array per sample) against ``ref`` (the
     fp32 model's, the same samples); ``labels``: all samples' labels, concatenated; ``first``: the
     output's name (it tells class scores from embeddings, :func:`onnxcompress.validate.output_metrics`)."""
@@ -221,7 +225,7 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
 
         from .gates import floor_top1, mean_cosine
 
-        d = asdict(output_metrics(first, ref, got))
+        d = asdict(output_metrics(first, ref, got, batch_one=batch_one))
         t = floor_top1(d)
         return float(t[0]) if t is not None else 100.0 * float(mean_cosine(d))
     if metric == "boxes":
@@ -253,7 +257,7 @@ def resamples(n: int, seed: int = 0) -> np.ndarray:
 
 
 def drop_bound(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, idx: np.ndarray,
-               first: str = "output") -> float:
+               first: str = "output", batch_one: bool = False) -> float:
     """The :data:`DROP_QUANTILE` quantile of the drop (fp32's metric minus the candidate's) over the
     bootstrap resamples ``idx`` of the samples (Efron & Tibshirani 1993, the paired percentile
     bootstrap): a drop measured on a few dozen samples is noisy, and the fastest of many trials
@@ -277,7 +281,7 @@ def drop_bound(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels
         resamples, or where the samples cannot be split (a scalar or non-tensor output).
     """
     try:
-        parts = _per_sample(metric, ref, got, labels, first)
+        parts = _per_sample(metric, ref, got, labels, first, batch_one)
     except (ValueError, TypeError, IndexError, AttributeError):
         return float("nan")
     if parts is None or not len(idx):
@@ -291,14 +295,15 @@ def drop_bound(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels
     return float(np.quantile(drops, DROP_QUANTILE)) if drops else float("nan")
 
 
-def answer_step(metric: str, ref: list, labels, first: str = "output") -> tuple[float, int] | None:
+def answer_step(metric: str, ref: list, labels, first: str = "output",
+                batch_one: bool = False) -> tuple[float, int] | None:
     """What one changed answer costs in the metric: ``(percentage points, answers counted)`` for a
     metric that counts answers (``top1``, ``accuracy``, ``task`` on class choices, decoded
     sequences or index outputs); ``None`` for a continuous one (cosines, errors, a user metric).
     With 38 decisive rows one flip is 2.6 pp: a ``--max-drop`` below that cannot tell a model with
     one flip from one with none, on the search half or the held-out half."""
     try:
-        parts = _per_sample(metric, ref, ref, labels, first)
+        parts = _per_sample(metric, ref, ref, labels, first, batch_one)
     except (ValueError, TypeError, IndexError, AttributeError):
         return None
     if parts is None or not parts[3]:
@@ -309,7 +314,7 @@ def answer_step(metric: str, ref: list, labels, first: str = "output") -> tuple[
     return (100.0 / n, n) if n > 0 else None
 
 
-def _per_sample(metric: str, ref, got, labels, first: str):
+def _per_sample(metric: str, ref, got, labels, first: str, batch_one: bool = False):
     """Per sample: (fp32's numerator, the candidate's numerator, denominator) of the metric as a
     ratio of sums, and whether it counts answers (``False``: ``task`` judged by mean cosine);
     ``None`` for a worst-sample metric."""
@@ -344,10 +349,13 @@ def _per_sample(metric: str, ref, got, labels, first: str):
             num[i] = int(np.sum(np.asarray(r).argmax(-1) == np.asarray(g).argmax(-1)))
         return den.copy(), num, den, True
     # task: the measure the whole set is judged by, per sample
-    whole = asdict(output_metrics(first, ref, got))
+    from .validate import ctc_logits_layout
+
+    layout = ctc_logits_layout(ref, first, batch_one)  # decided once, over every sample
+    whole = asdict(output_metrics(first, ref, got, ctc=layout))
     t = floor_top1(whole)
     for i, (r, g) in enumerate(zip(ref, got)):
-        m = asdict(output_metrics(first, [r], [g]))
+        m = asdict(output_metrics(first, [r], [g], ctc=layout))
         if t is None:
             den[i], num[i] = 1.0, float(mean_cosine(m))
         elif whole.get("integer"):
@@ -855,8 +863,10 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                 raise DataError(f"--metric boxes: the input model finds no detection (class score >= {BOX_SCORE:g}) "
                                 f"in the {half} half of the validation data: nothing to judge (give images "
                                 "with objects, or another metric)")
-    for half, refs, lab in (("search", ref_s, lab_s), ("held-out", ref_f, lab_f)):
-        step = answer_step(budget.metric, [r[first] for r in refs], lab, first) if refs else None
+    from .validate import _batch_one
+
+    for half, refs, lab, feeds in (("search", ref_s, lab_s, search), ("held-out", ref_f, lab_f, final)):
+        step = answer_step(budget.metric, [r[first] for r in refs], lab, first, _batch_one(feeds)) if refs else None
         if step is not None and step[0] > budget.max_drop:
             s.resolution.append(f"the {half} half has {step[1]} counted answers: one changed answer is "
                                 f"{step[0]:.3g} > --max-drop {budget.max_drop:g}, so the budget cannot tell a model "

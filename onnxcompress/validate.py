@@ -110,45 +110,78 @@ class Comparison:
 _NOT_SCORES = ("embed", "hidden", "feature", "pool", "state", "token")
 
 
-#: a higher-rank float output is read as per-position class logits (a CTC recognizer exported
-#: without its softmax) when its last axis has at least this many classes ...
-LOGIT_MIN_CLASSES = 8
-#: ... and the softmax of at least this share of its rows puts at least :data:`LOGIT_TOP_PROB` on
-#: one class: a recognizer's logits are peaked (ddddocr's captcha model: 97 % of its rows at >= 0.5, 89 % at
-#: >= 0.9), hidden
-#: states and feature maps spread over their last axis
-LOGIT_DECISIVE_SHARE = 0.8
-LOGIT_TOP_PROB = 0.5
-#: ... and, rank 3 only (``[N, T, C]`` or ``[T, N, C]``), one class (the blank) is the top of at
-#: least this share of its rows
-LOGIT_BLANK_SHARE = 0.25
-
-
 def _looks_like_scores(a: np.ndarray, name: str = "") -> bool:
     """Class scores: a rank-2 float output with >1 column whose name does not say it is an
     embedding, or a higher-rank one whose last axis holds probability distributions (a CTC
-    recognizer's per-timestep softmax ``[N, T, C]``: top-1 per row is the decoded character) or
-    peaked per-position logits (the same recognizer without its softmax: at least
-    :data:`LOGIT_MIN_CLASSES` classes, :data:`LOGIT_DECISIVE_SHARE` of the rows' softmax at least
-    :data:`LOGIT_TOP_PROB` on one class, rank 3, one class the top of :data:`LOGIT_BLANK_SHARE` of
-    the rows)."""
+    recognizer's per-timestep softmax ``[N, T, C]``: top-1 per row is the decoded character).
+    Recognizers exported without their softmax: :func:`ctc_logits_layout`."""
     if a.dtype.kind != "f" or a.ndim < 2 or a.shape[-1] <= 1 or any(k in name.lower() for k in _NOT_SCORES):
         return False
     if a.ndim == 2:
         return True
-    if not a.size or not np.all(np.isfinite(a)):
-        return False
-    if np.all(a >= 0) and np.allclose(a.sum(-1, dtype=np.float64), 1.0, atol=1e-3):
-        return True
-    if a.ndim != 3 or a.shape[-1] < LOGIT_MIN_CLASSES:
-        return False
-    rows = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
-    e = np.exp(rows - rows.max(-1, keepdims=True))
-    top = 1.0 / e.sum(-1)  # the largest class's softmax probability
-    if np.mean(top >= LOGIT_TOP_PROB) < LOGIT_DECISIVE_SHARE:
-        return False
-    # a recognizer's paths are mostly its blank; a feature map's peaks spread over its last axis
-    return bool(np.bincount(rows.argmax(-1)).max() >= LOGIT_BLANK_SHARE * rows.shape[0])
+    return bool(a.size and np.all(a >= 0) and np.allclose(a.sum(-1, dtype=np.float64), 1.0, atol=1e-3))
+
+
+#: rank-3 float outputs read as a recognizer's per-position logits (:func:`ctc_logits_layout`):
+#: at least this many classes (a character set: NER tags, segmentation classes and a detector's
+#: 4 + 80 columns are fewer or fail the other tests) ...
+LOGIT_MIN_CLASSES = 32
+#: ... at most this many positions per sequence (a detector's anchors, a segmentation's pixels
+#: are more) ...
+LOGIT_MAX_POSITIONS = 1024
+#: ... at least this share of the (finite) rows put softmax probability >= :data:`LOGIT_TOP_PROB`
+#: on one class (ddddocr's captcha model: 97 % at >= 0.5) ...
+LOGIT_DECISIVE_SHARE = 0.8
+LOGIT_TOP_PROB = 0.5
+#: ... one class, the blank, tops between these shares of the rows (a hidden state whose outlier
+#: channel tops every row is not a recognizer) ...
+LOGIT_BLANK_SHARE = (0.25, 0.98)
+#: ... and the rows' tops fall on at least this many classes (a detector's rows top on its 4 box
+#: coordinates)
+LOGIT_MIN_TOPS = 6
+#: rows per chunk of the detection's streamed softmax
+_LOGIT_CHUNK = 4096
+
+
+def ctc_logits_layout(refs: list, name: str = "", batch_one: bool = False) -> tuple[bool, int] | None:
+    """Whether a rank-3 float output of every reference sample holds a CTC recognizer's
+    per-position *logits* (exported without its softmax): ``(time_major, blank)`` or ``None``.
+
+    The tests (:data:`LOGIT_MIN_CLASSES` ... :data:`LOGIT_MIN_TOPS`) run once over all samples'
+    finite rows, streamed in float32 chunks (memory: one chunk). ``time_major``: the output is
+    ``[T, 1, C]`` while every sample's input batch is 1 (``batch_one``), so axis 0 is time.
+    ``blank``: the class that tops most rows. Names that say embedding/hidden/feature/... are
+    never read as logits."""
+    if not refs or any(k in name.lower() for k in _NOT_SCORES):
+        return None
+    if not all(isinstance(r, np.ndarray) and r.dtype.kind == "f" and r.ndim == 3 and r.size for r in refs):
+        return None
+    c = refs[0].shape[-1]
+    if c < LOGIT_MIN_CLASSES or any(r.shape[-1] != c for r in refs):
+        return None
+    time_major = batch_one and all(r.shape[1] == 1 and r.shape[0] > 1 for r in refs)
+    if any((r.shape[0] if time_major else r.shape[1]) > LOGIT_MAX_POSITIONS for r in refs):
+        return None
+    tops = np.zeros(c, np.int64)
+    decisive = rows = 0
+    for r in refs:
+        flat = r.reshape(-1, c)
+        for i in range(0, flat.shape[0], _LOGIT_CHUNK):
+            x = np.asarray(flat[i:i + _LOGIT_CHUNK], np.float32)
+            x = x[np.isfinite(x).all(-1)]
+            if not x.size:
+                continue
+            m = x.max(-1, keepdims=True)
+            top = 1.0 / np.exp(x - m).sum(-1)  # the largest class's softmax probability, in (0, 1]
+            decisive += int(np.sum(top >= LOGIT_TOP_PROB))
+            rows += x.shape[0]
+            tops += np.bincount(x.argmax(-1), minlength=c)
+    if not rows or decisive < LOGIT_DECISIVE_SHARE * rows or np.count_nonzero(tops) < LOGIT_MIN_TOPS:
+        return None
+    lo, hi = LOGIT_BLANK_SHARE
+    if not lo * rows <= tops.max() <= hi * rows:
+        return None
+    return time_major, int(tops.argmax())
 
 
 def _is_index(a) -> bool:
@@ -157,10 +190,13 @@ def _is_index(a) -> bool:
     return a.dtype.kind == "i" and a.dtype.itemsize >= 4
 
 
-def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputMetrics:
+def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray], *, batch_one: bool = False,
+                   ctc: tuple[bool, int] | None | str = "detect") -> OutputMetrics:
     """Metrics of one output over samples (see module docstring). Sequence outputs are compared
     element by element (their numbers concatenated), optional and string outputs for equality
-    (:func:`onnxcompress.util.plain_value`)."""
+    (:func:`onnxcompress.util.plain_value`). ``ctc``: :func:`ctc_logits_layout`'s answer when the
+    caller has it (for a subset of the samples it was decided on), else detected here
+    (``batch_one``: every sample's input batch is 1)."""
     if any(not isinstance(x, np.ndarray) or x.dtype.kind in "OUSV" for x in (*refs, *cands)):
         plain_r = [plain_value(r) for r in refs]
         plain_c = [plain_value(c) for c in cands]
@@ -178,10 +214,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
     scores = False
     # whether a higher-rank output holds per-position class scores is decided once, over every
     # reference sample's rows (peaked logits: a share of rows, which varies between samples)
-    high = [r for r in refs if isinstance(r, np.ndarray) and r.ndim >= 3]
-    high_scores = bool(high) and _looks_like_scores(
-        np.concatenate([r.reshape(-1, r.shape[-1]) for r in high])[None]
-        if len({r.shape[-1] for r in high}) == 1 and {r.ndim for r in high} == {3} else high[0], name)
+    logits = ctc_logits_layout(refs, name, batch_one) if ctc == "detect" else ctc
     for r, c in zip(refs, cands):
         r64 = np.asarray(r, np.float64)
         c64 = np.asarray(c, np.float64)
@@ -210,7 +243,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
                 cosines.append(one)
             sig += float(np.sum(r64**2))
             noise += float(np.sum(d**2))
-        if (high_scores if r.ndim >= 3 else _looks_like_scores(r, name)):
+        if logits is not None or _looks_like_scores(r, name):
             scores = True
             rows_r, rows_c = r.reshape(-1, r.shape[-1]), c.reshape(-1, c.shape[-1])
             same = rows_r.argmax(-1) == rows_c.argmax(-1)
@@ -220,7 +253,7 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -
             agree_d += int(np.sum(same & dec))
             total_d += int(np.sum(dec))
             if r.ndim >= 3:
-                eq = _sequences_equal(r, c)
+                eq = _sequences_equal(r, c, *(logits or (False, None)))
                 seq_same += int(np.sum(eq))
                 seq_total += eq.size
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
@@ -250,17 +283,23 @@ def _ctc_decode(path: np.ndarray, blank: int) -> tuple[int, ...]:
     return tuple(int(v) for v in out[out != blank])
 
 
-def _sequences_equal(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Per sequence of a ``[..., T, C]`` distribution output: whether the greedy CTC decodings of
-    reference and candidate are equal (the blank: the reference's most frequent argmax class).
-    A time-major ``[T, 1, C]`` output (a recognizer exported from a ``[T, N, C]`` RNN head, one
-    image per sample) is read as one sequence of ``T``."""
-    if r.ndim == 3 and r.shape[1] == 1 and r.shape[0] > 1:
+def _sequences_equal(r: np.ndarray, c: np.ndarray, time_major: bool = False, blank: int | None = None) -> np.ndarray:
+    """Per sequence of a ``[..., T, C]`` score output: whether the greedy CTC decodings of
+    reference and candidate are equal (``blank``: default the reference's most frequent argmax
+    class). ``time_major``: ``[T, 1, C]`` (:func:`ctc_logits_layout`), one sequence of ``T``."""
+    if time_major:
         r, c = np.swapaxes(r, 0, 1), np.swapaxes(c, 0, 1)
     pr = r.reshape(-1, r.shape[-2], r.shape[-1]).argmax(-1)
     pc = c.reshape(-1, c.shape[-2], c.shape[-1]).argmax(-1)
-    blank = int(np.bincount(pr.ravel()).argmax()) if pr.size else 0
+    if blank is None:
+        blank = int(np.bincount(pr.ravel()).argmax()) if pr.size else 0
     return np.array([_ctc_decode(a, blank) == _ctc_decode(b, blank) for a, b in zip(pr, pc)], bool)
+
+
+def _batch_one(samples: list[dict]) -> bool:
+    """Whether every sample's inputs all have a leading dimension of 1 (one item per sample)."""
+    return bool(samples) and all(isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == 1
+                                 for s in samples for v in s.values())
 
 
 def compare(
@@ -323,7 +362,8 @@ def compare(
         if not cands or name not in cands[0]:
             comp.outputs.append(OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None))
             continue
-        comp.outputs.append(output_metrics(name, [r[name] for r in refs], [c[name] for c in cands]))
+        comp.outputs.append(output_metrics(name, [r[name] for r in refs], [c[name] for c in cands],
+                                           batch_one=_batch_one(samples)))
     if labels is not None:
         first = ref_outputs[0]
         r = np.concatenate([x[first] for x in refs])

@@ -276,30 +276,53 @@ def test_ctc_outputs_are_judged_by_decoded_sequences():
 
 
 def test_ctc_logits_and_time_major_outputs_are_judged_by_decoded_sequences():
-    """A recognizer exported without its softmax (peaked logits, ddddocr's captcha model) and in
-    time-major layout ``[T, 1, C]`` (one image per sample): the floor still reads decoded
-    sequences, one per sample, decided once over all samples' rows. Hidden states and feature
-    maps with spread-out values are not read as class scores."""
-    from onnxcompress.validate import _looks_like_scores, output_metrics
+    """A recognizer exported without its softmax (peaked logits, ddddocr's captcha model) in
+    time-major layout ``[T, 1, C]`` with one image per sample: the floor reads decoded sequences,
+    one per sample, decided once over all samples (one row may be -inf). Outputs of other models
+    are not read as recognizer logits (detector heads both ways round, NER tags, segmentation,
+    hidden states with an outlier channel, a batch of single steps)."""
+    from onnxcompress.validate import ctc_logits_layout, output_metrics
 
     rng = np.random.default_rng(0)
     refs, cands = [], []
     for k in range(8):
-        r = rng.normal(0, 1, (12, 1, 20))  # time-major logits, 20 classes
+        r = rng.normal(0, 1, (12, 1, 40))  # time-major logits, 40 classes
         r[:, 0, 0] += 12  # blank
-        r[3, 0, 5] += 20
-        r[8, 0, 7] += 20
+        for t in (3, 6, 8):
+            r[t, 0, rng.integers(1, 40)] += 20
         c = r + rng.normal(0, 0.01, r.shape)
         if k == 2:
             c[5, 0, 9] = c[5, 0, 0] + 3  # an extra character in one of eight lines
+        if k == 4:
+            r[11, 0, 3] = c[11, 0, 3] = -np.inf
         refs.append(r.astype(np.float32))
         cands.append(c.astype(np.float32))
-    m = output_metrics("387", refs, cands)
+    m = output_metrics("387", refs, cands, batch_one=True)
     assert m.n_sequences == 8 and m.sequence_agreement == 87.5
     assert m.mean_cosine > 0.99  # what the floor read before: it passed a changed line
     row = floor(Gates(), [{"provider": "CPU", "outputs": [m.__dict__]}])[0]
     assert row["gate"] == "floor-top1-agreement" and row["value"] == 87.5 and not row["passed"]
-    hidden = rng.normal(0, 1, (1, 64, 384)).astype(np.float32)  # a transformer's hidden states
-    assert not _looks_like_scores(hidden, "output_0")
-    boxes_and_scores = np.concatenate([rng.uniform(0, 640, (1, 4, 300)), rng.uniform(0, 1, (1, 80, 300))], 1)
-    assert not _looks_like_scores(boxes_and_scores.astype(np.float32), "output0")  # YOLO's raw head
+    # without one item per sample, [N, 1, C] is N single steps, not one sequence
+    assert ctc_logits_layout(refs, "387", batch_one=False) == (False, 0)
+    assert output_metrics("387", refs, cands).n_sequences == 96
+
+    def yolo(n, rows_first):
+        a = np.concatenate([rng.uniform(0, 640, (1, 4, n)), rng.uniform(0, 1, (1, 80, n))], 1)
+        return np.swapaxes(a, 1, 2) if rows_first else a
+
+    def peaked(shape, classes_hot):
+        a = rng.normal(0, 1, shape)
+        idx = rng.integers(0, classes_hot, shape[:-1])
+        np.put_along_axis(a, idx[..., None], 15.0, -1)
+        return a
+
+    hidden = rng.normal(0, 1, (2, 64, 384))
+    hidden[..., 7] += 30  # an LLM-style outlier channel tops every row
+    others = {
+        "yolo [1, 84, N]": [yolo(300, False)], "yolo [1, N, 84]": [yolo(1200, True)],
+        "NER [1, 128, 9]": [peaked((1, 128, 9), 9)], "seg [1, 4096, 21]": [peaked((1, 4096, 21), 21)],
+        "seg [1, 2048, 150]": [peaked((1, 2048, 150), 150)], "hidden + outlier": [hidden],
+        "hidden states": [rng.normal(0, 1, (1, 64, 384))],
+    }
+    for what, outs in others.items():
+        assert ctc_logits_layout([o.astype(np.float32) for o in outs], "output0", batch_one=True) is None, what
