@@ -116,7 +116,10 @@ def _render(res) -> None:
     for w in res.report.get("resolution") or []:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     h = res.report["held_out"]
-    console.print(f"held-out check ({h['samples']} samples the search never saw): metric {h['metric']:.3f} vs fp32 "
+    seen = (f"{h['samples']} samples the search never saw" if not h.get("shared_with_calibration") else
+            f"{h['samples']} samples the search did not score; the validation data shares "
+            f"{h['shared_with_calibration']} samples with --calibration")
+    console.print(f"held-out check ({seen}): metric {h['metric']:.3f} vs fp32 "
                   f"{h['fp32_metric']:.3f} (drop {h['drop']:.3f})", highlight=False)
     if not h.get("within_budget", True):
         console.print(f"[yellow]warning:[/] on the held-out samples the drop ({h['drop']:.3f}) exceeds --max-drop "

@@ -604,6 +604,8 @@ class _Search:
     boot_idx: np.ndarray | None = None
     #: warnings that the data is too small to resolve the budget (:func:`answer_step`)
     resolution: list = field(default_factory=list)
+    #: how many --validation samples are also --calibration samples (``data.shared_samples``)
+    shared_with_calibration: int = 0
 
     def violation(self, t: Trial) -> float:
         """Sum of the budget's violations, each relative to its bound (0 when met). The drop is
@@ -800,11 +802,11 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         calibration = str(st / "calibration.npz")
     if len(val) < 2:
         raise DataError("tune needs at least 2 validation samples (one half searches, the other checks)")
-    overlap = None
+    overlap, shared = None, 0
     if validation is not None and calib:
         from .data import shared_samples
 
-        n = shared_samples(calibration, validation, calib, val)
+        n = shared = shared_samples(calibration, validation, calib, val)
         if n:
             overlap = (f"{n} of the {len(val)} --validation samples are also --calibration samples: the trials "
                        "are calibrated on rows they are scored on, and the held-out check is not on unseen data "
@@ -854,6 +856,7 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                 model.stat().st_size, cache=cache, data_key=data_key, say=say)
     if overlap:
         s.resolution.append(overlap)
+    s.shared_with_calibration = shared
     s.boot_idx = resamples(len(search))
     s.fp32_metric = measure(budget, model, ref_s, search, lab_s)
     first = next(iter(ref_s[0]), "output") if ref_s else "output"
@@ -867,7 +870,8 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
 
     for half, refs, lab, feeds in (("search", ref_s, lab_s, search), ("held-out", ref_f, lab_f, final)):
         step = answer_step(budget.metric, [r[first] for r in refs], lab, first, _batch_one(feeds)) if refs else None
-        if step is not None and step[0] > budget.max_drop:
+        # --max-drop 0 asks for no changed answer at all: that needs no warning
+        if step is not None and step[0] > budget.max_drop > 0:
             s.resolution.append(f"the {half} half has {step[1]} counted answers: one changed answer is "
                                 f"{step[0]:.3g} > --max-drop {budget.max_drop:g}, so the budget cannot tell a model "
                                 "with one changed answer from one with none there (give more --validation data)")
@@ -1034,6 +1038,7 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         "met": not failed, "failed": failed,
         "held_out": {"metric": held, "fp32_metric": fp32_held, "drop": fp32_held - held,
                      "within_budget": _holds(s, fp32_held - held), "samples": len(s.final_feeds),
+                     "shared_with_calibration": s.shared_with_calibration,
                      "tried": tried},
         "resolution": s.resolution,
         "trials": [{k: v for k, v in t.__dict__.items() if k != "recipe_toml"} for t in s.trials],

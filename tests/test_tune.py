@@ -363,6 +363,11 @@ def test_boxes_without_detections_and_overlapping_data_are_called_out(tmp_path):
     (tmp_path / "st").mkdir()
     s = _prepare(M, Budget(metric="top1"), str(C), str(C), tmp_path / "st", said.append)
     assert any("also --calibration samples" in w for w in said) and any("also --calibration" in w for w in s.resolution)
+    assert s.shared_with_calibration > 0  # the report's held_out says so; the CLI stops saying "never saw"
+    (tmp_path / "st0").mkdir()
+    zero = []
+    _prepare(M, Budget(metric="top1", max_drop=0.0), str(C), str(V), tmp_path / "st0", zero.append)
+    assert not any("cannot tell" in w for w in zero)  # --max-drop 0 asks for no changed answer: no warning
 
 
 def test_a_choice_that_misses_on_held_out_data_gives_way_or_fails_the_budget(tmp_path, monkeypatch):
