@@ -380,7 +380,6 @@ def _probe(run: _Run, original: ir.Model, calib, val):
             # without ORT's arena (runtime.make_session): with it, PP-OCRv4 det's probe left ~200 MB
             # held through every later stage
             sess = loaded if loaded is not None else make_session(original, optimize=False)
-            loaded = None
             run.probe_ref = run_samples(sess, check)
             del sess
         loaded = None

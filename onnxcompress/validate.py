@@ -139,8 +139,8 @@ LOGIT_BLANK_SHARE = (0.25, 0.98)
 #: ... and the rows' tops fall on at least this many classes (a detector's rows top on its 4 box
 #: coordinates)
 LOGIT_MIN_TOPS = 6
-#: rows per chunk of the detection's streamed softmax
-_LOGIT_CHUNK = 4096
+#: values per chunk of the detection's streamed softmax (rows of the class axis, at least one)
+_LOGIT_CHUNK = 1 << 20
 
 
 def ctc_logits_layout(refs: list, name: str = "", batch_one: bool = False) -> tuple[bool, int] | None:
@@ -159,15 +159,19 @@ def ctc_logits_layout(refs: list, name: str = "", batch_one: bool = False) -> tu
     c = refs[0].shape[-1]
     if c < LOGIT_MIN_CLASSES or any(r.shape[-1] != c for r in refs):
         return None
+    if all(_looks_like_scores(r, name) for r in refs):
+        # already distributions (a softmax), read as such: their softmax could never be peaked
+        return None
     time_major = batch_one and all(r.shape[1] == 1 and r.shape[0] > 1 for r in refs)
     if any((r.shape[0] if time_major else r.shape[1]) > LOGIT_MAX_POSITIONS for r in refs):
         return None
     tops = np.zeros(c, np.int64)
     decisive = rows = 0
+    step = max(1, _LOGIT_CHUNK // c)
     for r in refs:
         flat = r.reshape(-1, c)
-        for i in range(0, flat.shape[0], _LOGIT_CHUNK):
-            x = np.asarray(flat[i:i + _LOGIT_CHUNK], np.float32)
+        for i in range(0, flat.shape[0], step):
+            x = np.asarray(flat[i:i + step], np.float32)
             x = x[np.isfinite(x).all(-1)]
             if not x.size:
                 continue
@@ -358,12 +362,12 @@ def compare(
     if latency and samples:
         comp.latency_ms_candidate = median_latency_ms(cand_sess, samples[0])
     del cand_sess
+    one = _batch_one(samples)
     for name in ref_outputs:
         if not cands or name not in cands[0]:
             comp.outputs.append(OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None))
             continue
-        comp.outputs.append(output_metrics(name, [r[name] for r in refs], [c[name] for c in cands],
-                                           batch_one=_batch_one(samples)))
+        comp.outputs.append(output_metrics(name, [r[name] for r in refs], [c[name] for c in cands], batch_one=one))
     if labels is not None:
         first = ref_outputs[0]
         r = np.concatenate([x[first] for x in refs])
