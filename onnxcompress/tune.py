@@ -1003,7 +1003,8 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
                 break
         else:  # none holds: the one closest to the budget there (ties: the search's order)
             best = min(range(len(tried)), key=lambda i: tried[i]["drop"])
-            by_number = {t.number: t for t in [first, *timed, *feasible]}
+            # the finalists' copies carry the joint re-timing that the choice used
+            by_number = {t.number: t for t in [*feasible, *timed, first]}
             chosen, held = by_number[tried[best]["trial"]], tried[best]["metric"]
             held_failed = (f"{s.budget.metric} drop {fp32_held - held:.3g} > {s.budget.max_drop:g} on the "
                            f"{len(s.final_feeds)} held-out samples the search never saw"
