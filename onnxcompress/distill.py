@@ -2,7 +2,9 @@
 
 The teacher is any ONNX model, run once over the data by ONNX Runtime; its outputs are cached as
 memory-mapped ``.npy`` files in a state folder (the inputs too), so memory stays bounded by one
-batch whatever the data's size. The student is an ONNX model turned into a trainable
+batch whatever the data's size. Ragged data (sentences of different token lengths, in the
+``<i>__<input>`` layout of ``--calibration``) trains in groups of one shape: each batch comes from
+one group, nothing is padded. The student is an ONNX model turned into a trainable
 ``torch.nn.Module`` by `onnx2torch <https://github.com/ENOT-AutoDL/onnx2torch>`_, or a user's
 ``torch.nn.Module`` (Python API). The loss follows Hinton et al. 2015, "Distilling the Knowledge in
 a Neural Network": ``KL(softmax(t/T) || softmax(s/T))·T²`` for class scores, MSE or cosine for
@@ -30,6 +32,10 @@ Converter (onnx2torch 1.5.15, evaluated here) — where it falls short and what 
   ``Upsample``, ``GridSample``, ``Size``. They are named in one :class:`DistillError` before any
   work. An op whose converter exists only for an older opset is retried after
   ``onnx.version_converter`` brings the model to opset 17.
+* ``Flatten`` with ``axis`` equal to the rank (or 0) fails in its module (all-MiniLM-L6-v2's
+  attention-mask path); the module's ``forward`` is replaced by the operator spec's form.
+* A node with a trailing empty optional input (``Clip(x, min, "")``) fails: such inputs are
+  dropped before conversion (the same op in ONNX).
 * Dimensions baked into a ``Reshape`` constant (a fixed batch) stay fixed in the module; the
   data then has to come in that batch size.
 """
@@ -59,7 +65,7 @@ log = logging.getLogger("onnxcompress")
 
 LOSSES = ("auto", "kl", "mse", "cosine")
 OPSET = 17
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class DistillError(OnnxCompressError):
@@ -107,11 +113,8 @@ def _onnx2torch():
     stub = None
     try:
         import torchvision  # noqa: F401
-    except ImportError as exc:
-        if getattr(exc, "name", None) != "torchvision":
-            stub = _torchvision_stub()
-    except Exception:  # the CUDA-built wheel beside CPU torch: "operator torchvision::nms does not exist"
-        stub = _torchvision_stub()
+    except Exception:  # not installed, or the CUDA-built wheel beside CPU torch ("operator torchvision::nms
+        stub = _torchvision_stub()  # does not exist"): onnx2torch imports it at the top, for two ops only
     if stub is not None:
         for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[k]
@@ -150,6 +153,29 @@ def _register_type_only_versions() -> None:
             add_converter(operation_type=op, version=new)(get_converter(op, old))
         except (NotImplementedError, ValueError):  # another onnx2torch: leave it as it is
             pass
+    _fix_flatten()
+
+
+def _flatten_forward(self, x):
+    """ONNX ``Flatten`` (operator spec): ``[prod(d[:axis]), prod(d[axis:])]`` for any axis in
+    ``[-r, r]``. onnx2torch 1.5's module fails for ``axis == r`` (``[B, S]`` with axis 2, in
+    all-MiniLM-L6-v2's attention-mask path) and ``axis == 0``; this form is exported with the
+    shapes kept symbolic."""
+    import torch
+
+    axis = self.axis + x.dim() if self.axis < 0 else self.axis
+    if axis == 0:
+        return x.reshape(1, -1)
+    x = torch.flatten(x, end_dim=axis - 1)
+    return x.unsqueeze(1) if x.dim() == 1 else torch.flatten(x, start_dim=1)
+
+
+def _fix_flatten() -> None:
+    try:
+        from onnx2torch.node_converters.flatten import OnnxFlatten
+    except ImportError:  # another onnx2torch layout: leave it as it is
+        return
+    OnnxFlatten.forward = _flatten_forward
 
 
 def _torchvision_stub() -> types.ModuleType:
@@ -185,7 +211,8 @@ def unsupported_ops(model) -> list[str]:
 
 def onnx_to_torch(model) -> "Any":
     """An ``onnx.ModelProto`` as a trainable ``torch.nn.Module`` (onnx2torch, float initializers made
-    parameters). Raises :class:`DistillError` naming the ops that cannot be converted."""
+    parameters). Trailing empty optional inputs of its nodes are dropped in place (the same model).
+    Raises :class:`DistillError` naming the ops that cannot be converted."""
     import onnx
 
     torch = _torch()
@@ -204,6 +231,9 @@ def onnx_to_torch(model) -> "Any":
         if bad:
             raise DistillError(f"student: onnx2torch cannot convert op(s) {', '.join(bad)} to PyTorch (see "
                                "onnxcompress.distill for the list; distil a float model without fused ops)")
+    for node in model.graph.node:  # trailing empty optional inputs (Clip(x, min, "")): the same op in ONNX,
+        while node.input and node.input[-1] == "":  # but onnx2torch looks '' up as a constant and fails
+            node.input.pop()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -242,7 +272,14 @@ def _fixed_batch(shape) -> Optional[int]:
 def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, batch_size: int,
                    progress: Optional[Callable]) -> dict:
     """Inputs and the teacher's outputs as ``.npy`` files in ``state`` (read back memory-mapped);
-    reused when ``key`` matches the cached one."""
+    reused when ``key`` matches the cached one.
+
+    Samples are grouped by their shapes past the first axis (ragged data, such as sentences of
+    different token lengths, gives one group per length; data of one shape, one group): a batch
+    is drawn from one group, so nothing is padded and the model sees each sample as it is. The
+    returned ``meta["groups"]`` lists per group its ``rows``, ``inputs`` and ``outputs`` files and
+    ``order`` (a file of each row's index in the data's own row order, for the labels).
+    """
     meta_path = state / "cache.json"
     if meta_path.is_file():
         try:
@@ -253,32 +290,20 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
             return meta
     from .data import input_specs, load_npz
     from .model_io import load_model
-    from .runtime import make_session
+    from .runtime import is_ort_error, make_session
 
     tmodel = load_model(teacher_path)
     specs = input_specs(tmodel)
+    del tmodel
     samples, _ = load_npz(data_path, specs, what="distillation")
-    inputs = {}
     for s in specs:
-        shapes = {a.shape[1:] for a in (x[s.name] for x in samples)}
-        if len(shapes) != 1:
-            raise DataError(f"distillation data {data_path}: input '{s.name}' has samples of different shapes "
-                            f"{sorted(shapes)[:3]}; training needs one shape per input")
-        inputs[s.name] = np.concatenate([x[s.name] for x in samples], axis=0)
-    del samples
-    n = {len(v) for v in inputs.values()}
-    if len(n) != 1:
-        raise DataError(f"distillation data {data_path}: inputs have different row counts {sorted(n)}")
-    rows = n.pop()
-    files: dict[str, Any] = {"inputs": [], "outputs": []}
-    for i, (name, arr) in enumerate(inputs.items()):
-        f = f"input_{i}.npy"
-        np.save(state / f, arr)
-        files["inputs"].append({"name": name, "file": f, "dtype": str(arr.dtype), "shape": list(arr.shape)})
-    del inputs
-    ins = {d["name"]: np.load(state / d["file"], mmap_mode="r") for d in files["inputs"]}
-    from .runtime import is_ort_error
-
+        n = {len(x[s.name]) for x in samples}
+        if any(len(x[s.name]) != len(x[specs[0].name]) for x in samples):
+            raise DataError(f"distillation data {data_path}: inputs have different row counts {sorted(n)}")
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(samples):
+        by_shape.setdefault(tuple(x[s.name].shape[1:] for s in specs), []).append(i)
+    starts = np.cumsum([0] + [len(x[specs[0].name]) for x in samples])
     try:
         sess = make_session(str(teacher_path), optimize=True)
     except Exception as exc:  # ORT's refusal: an op it does not know, a broken model
@@ -288,42 +313,72 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
     out_names = [o.name for o in sess.get_outputs()]
     fixed = _fixed_batch(specs[0].shape)
     step = fixed or batch_size
-    outs = None
-    n_steps = -(-rows // step)
-    for k, start in enumerate(range(0, rows, step)):
-        stop = min(rows, start + step)
-        if fixed and stop - start != fixed:
-            break  # the teacher takes exactly `fixed` rows: the remainder is dropped
-        try:
-            res = sess.run(None, {name: np.ascontiguousarray(a[start:stop]) for name, a in ins.items()})
-        except Exception as exc:
-            if not is_ort_error(exc):
-                raise
-            raise DataError(f"ONNX Runtime cannot run the teacher on the data: {_what_node(exc)}") from None
-        if outs is None:
-            outs = []
-            for j, (name, r) in enumerate(zip(out_names, res)):
-                if r.ndim == 0 or r.shape[0] != stop - start:
-                    raise DataError(f"teacher output '{name}' has shape {list(r.shape)}: its first axis is not the "
-                                    "batch, which distillation needs")
-                f = f"teacher_{j}.npy"
-                mm = np.lib.format.open_memmap(state / f, mode="w+", dtype=r.dtype, shape=(rows,) + r.shape[1:])
-                outs.append(mm)
-                files["outputs"].append({"name": name, "file": f, "dtype": str(r.dtype), "shape": list(mm.shape)})
-        for name, mm, r in zip(out_names, outs, res):
-            if r.shape[1:] != mm.shape[1:]:
-                raise DataError(f"teacher output '{name}' changes shape between batches ({list(mm.shape[1:])} vs "
-                                f"{list(r.shape[1:])}); distillation needs fixed output shapes")
-            mm[start:stop] = r
-        if progress:
-            progress(DistillProgress("teacher", step=k + 1, steps=n_steps))
-    if fixed:
-        rows = (rows // fixed) * fixed
-    for mm in outs or ():
-        mm.flush()
-    del outs, sess
-    meta = {"key": key, "rows": rows, "inputs": files["inputs"], "outputs": files["outputs"],
-            "files": [d["file"] for d in files["inputs"] + files["outputs"]]}
+    groups: list[dict] = []
+    files: list[str] = []
+    out_ranks: Optional[list[int]] = None
+    n_steps = sum(-(-int(sum(len(samples[i][specs[0].name]) for i in idx)) // step) for idx in by_shape.values())
+    done_steps = 0
+    for g, idx in enumerate(by_shape.values()):
+        ins = {}
+        g_in = []
+        for i, s in enumerate(specs):
+            f = f"input_{i}_g{g}.npy"
+            arr = np.concatenate([samples[k][s.name] for k in idx], axis=0)
+            np.save(state / f, arr)
+            g_in.append({"name": s.name, "file": f, "dtype": str(arr.dtype), "shape": list(arr.shape)})
+            files.append(f)
+            ins[s.name] = np.load(state / f, mmap_mode="r")
+        order = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in idx]).astype(np.int64)
+        rows = len(order)
+        f_order = f"order_g{g}.npy"
+        np.save(state / f_order, order)
+        files.append(f_order)
+        outs = None
+        g_out: list[dict] = []
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            if fixed and stop - start != fixed:
+                break  # the teacher takes exactly `fixed` rows: the remainder is dropped
+            try:
+                res = sess.run(None, {name: np.ascontiguousarray(a[start:stop]) for name, a in ins.items()})
+            except Exception as exc:
+                if not is_ort_error(exc):
+                    raise
+                raise DataError(f"ONNX Runtime cannot run the teacher on the data: {_what_node(exc)}") from None
+            if outs is None:
+                outs = []
+                if out_ranks is not None and [r.ndim for r in res] != out_ranks:
+                    raise DataError("the teacher's outputs change rank between samples of different shapes; "
+                                    "distillation needs outputs of one rank")
+                out_ranks = [r.ndim for r in res]
+                for j, (name, r) in enumerate(zip(out_names, res)):
+                    if r.ndim == 0 or r.shape[0] != stop - start:
+                        raise DataError(f"teacher output '{name}' has shape {list(r.shape)}: its first axis is not "
+                                        "the batch, which distillation needs")
+                    f = f"teacher_{j}_g{g}.npy"
+                    mm = np.lib.format.open_memmap(state / f, mode="w+", dtype=r.dtype, shape=(rows,) + r.shape[1:])
+                    outs.append(mm)
+                    files.append(f)
+                    g_out.append({"name": name, "file": f, "dtype": str(r.dtype), "shape": list(mm.shape)})
+            for name, mm, r in zip(out_names, outs, res):
+                if r.shape[1:] != mm.shape[1:]:
+                    raise DataError(f"teacher output '{name}' changes shape between batches of one input shape "
+                                    f"({list(mm.shape[1:])} vs {list(r.shape[1:])}); distillation needs outputs "
+                                    "whose shape follows the inputs'")
+                mm[start:stop] = r
+            done_steps += 1
+            if progress:
+                progress(DistillProgress("teacher", step=done_steps, steps=n_steps))
+        if fixed:
+            rows = (rows // fixed) * fixed
+        for mm in outs or ():
+            mm.flush()
+        del outs, ins
+        if rows:
+            groups.append({"rows": rows, "inputs": g_in, "outputs": g_out, "order": f_order})
+    del sess, samples
+    meta = {"key": key, "rows": int(sum(g["rows"] for g in groups)), "data_rows": int(starts[-1]), "groups": groups,
+            "files": files}
     from .model_io import write_atomic
 
     write_atomic(meta_path, json.dumps(meta, indent=1))
@@ -501,41 +556,45 @@ def distill(
     rows = meta["rows"]
     if rows < 1:
         raise DataError(f"distillation data {data_p}: no rows to train on")
-    X = [np.load(state_p / d["file"], mmap_mode="r") for d in meta["inputs"]]
-    Y = [np.load(state_p / d["file"], mmap_mode="r") for d in meta["outputs"]]
-    in_names = s_in or [d["name"] for d in meta["inputs"]]
-    out_names = s_out or [d["name"] for d in meta["outputs"]]
-    if len(in_names) != len(X):
-        raise DistillError(f"student has {len(in_names)} input(s), the teacher {len(X)}; they must take the same inputs")
-    if s_in is not None and set(s_in) == {d["name"] for d in meta["inputs"]}:  # pair by name when they share them
-        order = {d["name"]: i for i, d in enumerate(meta["inputs"])}
-        X = [X[order[n]] for n in s_in]
-    y_lab = _labels(data_p, labels, rows) if labels else None
+    groups = meta["groups"]
+    first = groups[0]
+    X = [[np.load(state_p / d["file"], mmap_mode="r") for d in g["inputs"]] for g in groups]
+    Y = [[np.load(state_p / d["file"], mmap_mode="r") for d in g["outputs"]] for g in groups]
+    ORDER = [np.load(state_p / g["order"]) for g in groups]
+    in_names = s_in or [d["name"] for d in first["inputs"]]
+    out_names = s_out or [d["name"] for d in first["outputs"]]
+    if len(in_names) != len(X[0]):
+        raise DistillError(f"student has {len(in_names)} input(s), the teacher {len(X[0])}; they must take the same "
+                           "inputs")
+    if s_in is not None and set(s_in) == {d["name"] for d in first["inputs"]}:  # pair by name when they share them
+        order = {d["name"]: i for i, d in enumerate(first["inputs"])}
+        X = [[xg[order[n]] for n in s_in] for xg in X]
+    y_lab = _labels(data_p, labels, meta["data_rows"]) if labels else None
 
     # loss per output
     kinds = []
-    for d in meta["outputs"]:
+    for d in first["outputs"]:
         if loss == "auto":
             kinds.append("kl" if is_class_output(d["shape"]) else "mse")
         else:
             kinds.append(loss)
-    class_idx = next((i for i, d in enumerate(meta["outputs"]) if is_class_output(d["shape"])), None)
+    class_idx = next((i for i, d in enumerate(first["outputs"]) if is_class_output(d["shape"])), None)
     if y_lab is not None and class_idx is None:
         raise DistillError("labels given but no teacher output is class scores [batch, classes]")
     if y_lab is not None:
-        n_cls = int(meta["outputs"][class_idx]["shape"][1])
+        n_cls = int(first["outputs"][class_idx]["shape"][1])
         if y_lab.min() < 0 or y_lab.max() >= n_cls:
             raise DataError(f"labels '{labels}' in {data_p}: values {int(y_lab.min())}..{int(y_lab.max())} outside "
                             f"0..{n_cls - 1} (the class output has {n_cls} classes)")
     fns = _loss_fns(kinds, temperature)
     ce = torch.nn.functional.cross_entropy
 
-    def batch(idx):
-        xs = [torch.from_numpy(np.ascontiguousarray(x[idx])) for x in X]
-        ys = [torch.from_numpy(np.ascontiguousarray(y[idx])).float() for y in Y]
+    def batch(g, idx):
+        xs = [torch.from_numpy(np.ascontiguousarray(x[idx])) for x in X[g]]
+        ys = [torch.from_numpy(np.ascontiguousarray(y[idx])).float() for y in Y[g]]
         return xs, ys
 
-    def objective(outs, ys, idx):
+    def objective(outs, ys, g, idx):
         outs = _as_tuple(outs)
         if len(outs) < len(ys):
             raise DistillError(f"student gives {len(outs)} output(s), the teacher {len(ys)}")
@@ -545,7 +604,7 @@ def distill(
                 raise DistillError(f"student output shape {list(s.shape)} differs from the teacher's {list(t.shape)}")
             total = total + f(s.float(), t)
         if y_lab is not None:
-            total = (1 - alpha) * total + alpha * ce(outs[class_idx].float(), torch.from_numpy(y_lab[idx]))
+            total = (1 - alpha) * total + alpha * ce(outs[class_idx].float(), torch.from_numpy(y_lab[ORDER[g][idx]]))
         return total
 
     def forward(xs):
@@ -560,11 +619,31 @@ def distill(
         module.eval()
         tot = 0.0
         with torch.no_grad():
-            for start in range(0, rows, batch_size):
-                idx = np.arange(start, min(rows, start + batch_size))
-                xs, ys = batch(idx)
-                tot += float(objective(forward(xs), ys, idx)) * len(idx)
+            for g, grp in enumerate(groups):
+                for start in range(0, grp["rows"], batch_size):
+                    idx = np.arange(start, min(grp["rows"], start + batch_size))
+                    xs, ys = batch(g, idx)
+                    tot += float(objective(forward(xs), ys, g, idx)) * len(idx)
         return tot / rows
+
+    # BatchNorm cannot train on a batch of one row; other models can (a sentence length seen once)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+    def plan(epoch: int) -> list[tuple[int, np.ndarray]]:
+        """The epoch's batches: each group's rows shuffled and cut into batches, the batches of all
+        groups shuffled together (one group, as data of one shape: the earlier plain shuffle)."""
+        rng = np.random.default_rng(seed + epoch)
+        out = []
+        for g, grp in enumerate(groups):
+            perm = rng.permutation(grp["rows"])
+            for k in range(0, grp["rows"], batch_size):
+                idx = np.sort(perm[k:k + batch_size])
+                if len(idx) == 1 and grp["rows"] > 1 and has_bn:
+                    continue
+                out.append((g, idx))
+        if len(groups) > 1:
+            out = [out[i] for i in rng.permutation(len(out))]
+        return out
 
     # checkpoint and resume
     run_key = {"v": STATE_VERSION, "teacher": cache_key["teacher"], "data": cache_key["data"], "student": student_id,
@@ -594,18 +673,17 @@ def distill(
         torch.manual_seed(seed)
     if initial is None:
         initial = evaluate()
-    steps = -(-rows // batch_size)
+    steps = len(plan(1))
+    if steps == 0:
+        raise DistillError("every batch would hold one row (each input shape occurs once) and the student has "
+                           "BatchNorm, which cannot train on one row: give more samples per shape")
     for epoch in range(done + 1, epochs + 1):
         module.train()
-        perm = np.random.default_rng(seed + epoch).permutation(rows)
         run_sum, seen = 0.0, 0
-        for k in range(steps):
-            idx = np.sort(perm[k * batch_size:(k + 1) * batch_size])
-            if len(idx) == 1 and rows > 1:
-                continue  # a last batch of one row: BatchNorm cannot train on it
-            xs, ys = batch(idx)
+        for k, (g, idx) in enumerate(plan(epoch)):
+            xs, ys = batch(g, idx)
             optim.zero_grad(set_to_none=True)
-            value = objective(forward(xs), ys, idx)
+            value = objective(forward(xs), ys, g, idx)
             if not torch.isfinite(value):
                 raise DistillError(f"the loss became {value.detach().item()} in epoch {epoch}: lower the learning "
                                    "rate (lr) or the temperature")
@@ -632,9 +710,10 @@ def distill(
     if progress:
         progress(DistillProgress("export", epochs, epochs))
     module.eval()
-    n_check = min(check_samples, rows)
-    idx = np.arange(max(2, n_check) if rows >= 2 else 1)
-    xs, _ = batch(idx)
+    g0 = max(range(len(groups)), key=lambda g: groups[g]["rows"])  # the export traces the largest group's rows
+    n_check = min(check_samples, groups[g0]["rows"])
+    idx = np.arange(max(2, n_check) if groups[g0]["rows"] >= 2 else 1)
+    xs, _ = batch(g0, idx)
     proto = export_onnx(module, xs, in_names, out_names, state_p, axes)
     max_rel = compare_with_ort(module, proto, xs, in_names)
     from .model_io import save_model

@@ -131,7 +131,7 @@ def listening(stage: Callable[[], str], emit: Callable[[ProgressEvent], None] | 
         if not weak:
             owner[1] = None if complete else step
         now = time.perf_counter()
-        if complete or now - last.get(step, 0.0) >= MIN_INTERVAL_S:
+        if complete or step not in last or now - last[step] >= MIN_INTERVAL_S:  # perf_counter may start near 0
             last[step] = now
             try:
                 emit(ProgressEvent(st, step, done, total, unit))

@@ -53,6 +53,7 @@ from .options import (CALIBRATION, EXCLUDE_NODES, EXCLUDE_OP_TYPES, EXTERNAL_DAT
                       PROVIDERS, VALIDATION, AutoQuantizeConfig, OptimizeOptions)
 from .passes.distill_stage import DistillConfig
 from .passes.lowrank import LowRankConfig
+from .passes.transformer import FuseConfig
 from .passes.prune import MagnitudePruneConfig
 from .passes.prune_channels import ChannelPruneConfig
 from .passes.prune_nm import NMPruneConfig
@@ -372,7 +373,9 @@ def from_options(o: OptimizeOptions) -> Recipe:
     """
     o.check()
     notes: list[str] = []
-    stages = [Stage("fuse")] if o.fuse else []
+    # a distill stage trains the model in PyTorch, which cannot train com.microsoft.Attention: the
+    # attention is fused after distillation instead (a second fuse stage)
+    stages = [Stage("fuse", FuseConfig(attention=not o.distill))] if o.fuse else []
     if o.prune or o.prune_mode == "nm":
         if o.prune_mode == "channel":
             stages.append(Stage("prune-channels", ChannelPruneConfig(
@@ -393,6 +396,8 @@ def from_options(o: OptimizeOptions) -> Recipe:
         stages.append(Stage("low-rank", LowRankConfig(target_ratio=o.low_rank)))
     if o.distill:
         stages.append(Stage("distill", DistillConfig(epochs=o.distill)))
+        if o.fuse:
+            stages.append(Stage("fuse"))
     q = _from_flat(AutoQuantizeConfig, o)
     if o.quantize == "auto":
         stages.append(Stage("quantize-auto", q))

@@ -8,6 +8,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _cpu_target() -> str:
+    from onnxcompress.runtime import cpu_features
+
+    f = cpu_features()
+    return "vnni" if f.vnni or f.arch in ("aarch64", "arm64") else "avx2"
+
+
+#: the int8 target whose models ONNX Runtime computes on this CPU as on their target. Without VNNI
+#: (AVX2, AVX-512 without VNNI) its u8s8 kernels add neighbouring products in int16 (vpmaddubsw),
+#: which saturates on full-range 8-bit weights: a model written for ``--target vnni`` loses accuracy
+#: *here* that it keeps on a VNNI CPU. Tests of a rewrite's fidelity quantize for this target;
+#: tests of the vnni form itself check its fidelity only where ``VNNI_EXACT``.
+CPU_TARGET = _cpu_target()
+VNNI_EXACT = CPU_TARGET == "vnni"
+
+
 @pytest.fixture
 def digits():
     """The committed digits CNN and its data."""

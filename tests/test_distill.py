@@ -285,3 +285,90 @@ def test_distill_stage_order_and_names():
         n.name = f"/{n.op_type.lower()}/{n.op_type}"
     assert _restore_names(old, new) == 3  # MatMul and Add twice: the second of each finds its name taken
     assert [n.name for n in new.graph][:2] == ["/matmul", "/add"]
+
+
+def test_ragged_samples_train_in_groups_of_one_shape(tmp_path):
+    """Sentences of different lengths cannot be stacked: the rows are grouped by shape, each batch
+    comes from one group, and every group trains (no padding, nothing skipped). The teacher's
+    per-token output keeps each group's length."""
+    r = np.random.default_rng(5)
+
+    def encoder(seed, hidden, scale):
+        g = np.random.default_rng(seed)
+        inits = [numpy_helper.from_array((g.standard_normal((K, hidden)) * scale).astype(np.float32), "W1"),
+                 numpy_helper.from_array((g.standard_normal((hidden, C)) * scale).astype(np.float32), "W2"),
+                 numpy_helper.from_array(np.array([1], np.int64), "ax")]  # ReduceMean-18 axes input
+        nodes = [helper.make_node("MatMul", ["x", "W1"], ["h0"]), helper.make_node("Relu", ["h0"], ["h1"]),
+                 helper.make_node("MatMul", ["h1", "W2"], ["tokens"]),
+                 helper.make_node("ReduceMean", ["tokens", "ax"], ["pooled"], keepdims=0)]
+        g_ = helper.make_graph(nodes, "enc",
+                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", K])],
+                               [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq", C]),
+                                helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", C])],
+                               inits)
+        m = helper.make_model(g_, opset_imports=[helper.make_opsetid("", 18)])
+        m.ir_version = 8
+        return m
+
+    onnx.save(encoder(0, H, 0.6), tmp_path / "t.onnx")
+    onnx.save(encoder(1, 24, 0.3), tmp_path / "s.onnx")
+    lengths = [int(n) for n in r.integers(2, 9, 300)]
+    lengths[0] = 11  # a length seen once: a group of one row trains too (no BatchNorm here)
+    np.savez(tmp_path / "d.npz", **{f"{i}__x": r.standard_normal((1, n, K)).astype(np.float32)
+                                     for i, n in enumerate(lengths)})
+    res = D.distill(tmp_path / "t.onnx", tmp_path / "s.onnx", tmp_path / "out.onnx", tmp_path / "d.npz",
+                    epochs=15, lr=0.01, batch_size=16)
+    rep = res.report
+    assert rep["rows"] == 300
+    assert rep["initial_loss"] > 10 * rep["final_loss"], rep
+    sess = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    tokens, pooled = sess.run(None, {"x": np.zeros((3, 13, K), np.float32)})  # a length it never saw
+    assert tokens.shape == (3, 13, C) and pooled.shape == (3, C)
+
+
+def test_converter_fixes_flatten_at_the_last_axis_and_an_empty_optional_input():
+    """onnx2torch 1.5 fails on ``Flatten`` with ``axis`` = rank (all-MiniLM-L6-v2's attention-mask
+    path: ``[B, S]`` with axis 2 -> ``[B*S, 1]``) and on ``Clip(x, min, "")`` (an empty optional
+    input looked up as a constant). Both convert and compute what ONNX Runtime computes."""
+    nodes = [helper.make_node("Flatten", ["m"], ["f2"], axis=2), helper.make_node("Flatten", ["m"], ["f0"], axis=0),
+             helper.make_node("Flatten", ["m"], ["f1"], axis=-1),
+             helper.make_node("Clip", ["x", "lo", ""], ["c"])]
+    g = helper.make_graph(nodes, "f", [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["b", "s"]),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, [5])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("f2", "f0", "f1", "c")],
+                          [numpy_helper.from_array(np.array(0.5, np.float32), "lo")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    feeds = {"m": np.arange(6, dtype=np.float32).reshape(2, 3), "x": np.linspace(-1, 2, 5).astype(np.float32)}
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = D.onnx_to_torch(m)(*(torch.from_numpy(feeds[k]) for k in ("m", "x")))
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_low_rank_then_distill_on_a_transformer_fuses_attention_after_training(tmp_path):
+    """``optimize --low-rank R --distill N`` on a BERT layer with sentences of different lengths:
+    the fuse stage before distillation leaves attention unfused (PyTorch cannot train
+    com.microsoft.Attention), distillation trains on the ragged rows, and a fuse stage after it
+    fuses the attention of the trained model."""
+    from test_transformer import bert_layer, feeds
+
+    from onnxcompress import OptimizeOptions, optimize
+    from onnxcompress.recipe import from_options
+
+    plan = from_options(OptimizeOptions(low_rank=0.3, distill=3))
+    assert [s.name for s in plan.stages] == ["fuse", "low-rank", "distill", "fuse"]
+    assert plan.stages[0].config.attention is False and plan.stages[3].config.attention is True
+    assert from_options(OptimizeOptions(low_rank=0.3)).stages[0].config.attention is True
+    src = tmp_path / "bert.onnx"
+    onnx.save(bert_layer(), src)
+    np.savez(tmp_path / "c.npz", **{f"{i}__{k}": v for i, f in enumerate(feeds(48, seed=3)) for k, v in f.items()})
+    plan = from_options(OptimizeOptions(low_rank=0.5, distill=4, calibration=str(tmp_path / "c.npz"), latency=False))
+    plan.stages[1].config.min_size = 256  # the layer's 32x32 weights are under the default
+    res = optimize(src, tmp_path / "kd.onnx", recipe=plan)
+    passes = res.report["passes"]
+    assert next(p for p in passes if p["name"] == "low-rank")["counts"]["layers_factorized"] >= 2
+    kd = next(p for p in passes if p["name"] == "distill")
+    assert kd["changed"] and kd["counts"]["rows"] >= 36, kd  # the rows not held out for its own check
+    assert [p["counts"].get("attention_fused") for p in passes if p["name"] == "fuse-attention"] == [1], passes
+    assert "Attention" in [n.op_type for n in onnx.load(tmp_path / "kd.onnx").graph.node]

@@ -10,6 +10,7 @@ import pytest
 from onnx import helper
 
 import graphs as G
+from conftest import CPU_TARGET
 from onnxcompress import OptimizeOptions, optimize
 from onnxcompress.passes.base import PassContext, run_passes
 from onnxcompress.passes.quantize.equalize import CrossLayerEqualizationPass, in_ranges, out_ranges
@@ -163,7 +164,7 @@ def test_per_tensor_int8_error_drops_on_skewed_depthwise(tmp_path):
     for eq in (False, "auto"):
         r = optimize(path, tmp_path / f"q{eq}.onnx", OptimizeOptions(
             quantize="static", per_channel=False, equalize=eq, calibration=tmp_path / "c.npz",
-            validation=tmp_path / "v.npz", min_sqnr_db=None, fallback=False, latency=False, target="vnni"))
+            validation=tmp_path / "v.npz", min_sqnr_db=None, fallback=False, latency=False, target=CPU_TARGET))
         res[eq] = r.report
     cle = [p for p in res["auto"]["passes"] if p["name"] == "cross-layer-equalization"][0]
     assert cle["changed"] and cle["counts"]["decision"].startswith("kept"), cle["counts"]

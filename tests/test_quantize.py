@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 import onnx_ir as ir
 
 import graphs as G
+from conftest import CPU_TARGET, VNNI_EXACT
 from onnxcompress import OptimizeOptions, optimize
 
 REL = 0.05  # max|Δ| / max|ref| allowed after int8 on these graphs
@@ -160,7 +161,8 @@ def test_static_cnn(tmp_path, target, method):
     else:
         assert np.abs(wq).max() == 127
     x = {"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)}
-    assert _rel(G.run(m, x)["y"], G.run(q, x, optimize=True)["y"]) < REL
+    if target == "avx2" or VNNI_EXACT:  # a vnni model on a CPU without VNNI saturates (conftest.CPU_TARGET)
+        assert _rel(G.run(m, x)["y"], G.run(q, x, optimize=True)["y"]) < REL
     ops = _optimized_ops(tmp_path / "q.onnx")
     assert ops.count("QLinearConv") == 3, ops  # the runtime runs the convs in int8
     assert "Gemm" not in ops and any(o.startswith("MatMulInteger") for o in ops), ops
@@ -185,7 +187,7 @@ def test_static_silu_and_split_run_in_uint8(tmp_path):
              helper.make_node("Concat", ["c2", "c3"], ["y"], axis=1, name="cat")]
     m = G.model(nodes, [G.vi("x", [1, 3, 12, 12])], [G.vi("y", [1, 8, 12, 12])], inits, opset=13)
     xs = rng.uniform(-1, 1, (16, 1, 3, 12, 12)).astype(np.float32)
-    out = _static_int8(tmp_path, m, xs[:12], target="vnni")
+    out = _static_int8(tmp_path, m, xs[:12], target=CPU_TARGET)
     q = onnx.load(out)
     inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     prod = {o: n for n in q.graph.node for o in n.output}
@@ -215,7 +217,7 @@ def test_static_scalar_affine_runs_in_uint8(tmp_path):
              helper.make_node("Conv", ["s", "w2", "b2"], ["y"], pads=[1] * 4, name="conv2")]
     m = G.model(nodes, [G.vi("x", [1, 3, 10, 10])], [G.vi("y", [1, 6, 10, 10])], inits, opset=13)
     xs = rng.uniform(-1, 1, (16, 1, 3, 10, 10)).astype(np.float32)
-    out = _static_int8(tmp_path, m, xs[:12], target="vnni", fuse=False)
+    out = _static_int8(tmp_path, m, xs[:12], target=CPU_TARGET, fuse=False)
     ops = _optimized_ops(out)
     assert "QLinearMul" in ops and "QLinearAdd" in ops and "Mul" not in ops and "Add" not in ops, ops
     _assert_close(m, out, xs[12:])
@@ -247,7 +249,7 @@ def test_static_hardswish_and_hardsigmoid_run_in_integer(tmp_path, alpha):
              helper.make_node("Conv", ["m", "w5", "b5"], ["y"], name="conv_out")]
     m = G.model(nodes, [G.vi("x", [1, 3, 12, 12])], [G.vi("y", [1, 6, 12, 12])], inits, opset=14)
     xs = rng.uniform(-2, 2, (20, 1, 3, 12, 12)).astype(np.float32)
-    out = _static_int8(tmp_path, m, xs[:16], target="vnni", fuse=False)
+    out = _static_int8(tmp_path, m, xs[:16], target=CPU_TARGET, fuse=False)
     ops = _optimized_ops(out)
     assert not {"HardSwish", "HardSigmoid", "Mul", "Add"} & set(ops), ops
     assert ops.count("QLinearAdd") == 3 and ops.count("QLinearMul") == 3 and ops.count("QLinearConv") >= 4, ops
@@ -273,7 +275,7 @@ def test_static_output_head_concat_of_scores_and_boxes_stays_float(tmp_path):
              helper.make_node("Transpose", ["t"], ["y"], perm=[0, 3, 1, 2], name="nchw")]
     m = G.model(nodes, [G.vi("x", [1, 3, 8, 8])], [G.vi("y", [1, 8, 8, 8])], inits, opset=13)
     xs = rng.uniform(-1, 1, (20, 1, 3, 8, 8)).astype(np.float32)
-    out = _static_int8(tmp_path, m, xs[:16], target="vnni", fuse=False)
+    out = _static_int8(tmp_path, m, xs[:16], target=CPU_TARGET, fuse=False)
     for x in xs[16:]:
         ref, got = G.run(m, {"x": x})["y"], G.run(str(out), {"x": x}, optimize=True)["y"]
         assert np.abs(ref[:, 4:] - got[:, 4:]).max() < 0.02  # the scores: 1/255 steps, not 1.2
@@ -304,7 +306,8 @@ def test_static_matmul_bias_form_by_target(tmp_path, target):
         assert "Gemm" not in _optimized_ops(out2)
     else:  # our fusion stage made it a Gemm; kept Q/DQ for TensorRT
         assert "Gemm" in types and "MatMulInteger" not in types and "DequantizeLinear" in types, types
-    _assert_close(m, out, xs[8:])
+    if target != "vnni" or VNNI_EXACT:  # a vnni model on a CPU without VNNI saturates (conftest.CPU_TARGET)
+        _assert_close(m, out, xs[8:])
 
 
 def test_static_zero_and_subnormal_channels(tmp_path):
@@ -530,8 +533,8 @@ def test_sequential_bias_correction_removes_accumulated_shift(tmp_path):
 
     def shift(mode):
         out = tmp_path / f"q_{mode}.onnx"
-        res = optimize(src, out, OptimizeOptions(quantize="static", calibration=cal, target="vnni", latency=False,
-                                                 bias_correction_mode=mode, equalize="off", per_channel=False))
+        res = optimize(src, out, OptimizeOptions(quantize="static", calibration=cal, target=CPU_TARGET,
+                                                 latency=False, bias_correction_mode=mode, equalize="off", per_channel=False))
         onnx.checker.check_model(onnx.load(str(out)), full_check=True)
         d = [G.run(m, {"x": x})["r3"] - G.run(str(out), {"x": x}, optimize=True)["r3"] for x in xs[16:]]
         counts = {k: v for p in res.report["passes"] for k, v in p.get("counts", {}).items()}

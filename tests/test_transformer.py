@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphs as G
+from conftest import CPU_TARGET
 from onnxcompress import OptimizeOptions, optimize
 from onnxcompress.passes.base import PassContext, run_passes
 from onnxcompress.passes.quantize.smooth import simulated_error, smoothing_factors
@@ -216,7 +217,7 @@ def test_tiny_bert_int8(mode, tmp_path):
     np.savez(tmp_path / "calib.npz", **cal)
     out = tmp_path / f"bert.{mode}.onnx"
     res = optimize(src, out, OptimizeOptions(quantize=mode, calibration=tmp_path / "calib.npz", latency=False,
-                                             target="vnni"))
+                                             target=CPU_TARGET))
     assert res.report["written"]
     q = onnx.load(out)
     onnx.checker.check_model(q)

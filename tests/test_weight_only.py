@@ -281,7 +281,8 @@ def test_quantize_helper_layout():
     assert total > 40 and worst > 40
 
 
-@pytest.mark.skipif(not (SILERO / "model.onnx").exists(), reason="zoo_cache/silero_vad missing (scripts/fetch_zoo.py)")
+@pytest.mark.skipif(not (SILERO / "calib.npz").exists(), reason="zoo_cache/silero_vad or its data missing "
+                    "(scripts/fetch_zoo.py, then scripts/zoo_data.py, which needs espeak-ng)")
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_silero_vad_under_0_8_mb(mode, tmp_path):
     """Silero VAD (all weights inside the If on the sample rate) with default options:

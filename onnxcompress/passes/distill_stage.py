@@ -33,22 +33,15 @@ class DistillConfig:
     batch_size: int = BATCH_SIZE.field()
 
 
-def _stack(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Feed dicts -> one array per input, rows concatenated along the first axis (the ``.npz``
-    layout of ``--calibration``).
-
-    Raises:
-        ValueError: samples whose shapes differ past the first axis (they cannot be batched).
-    """
+def _rows(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Feed dicts -> the ``.npz`` arrays of ``--calibration``: one array per input with the rows
+    concatenated along the first axis when every sample has one shape past it; otherwise the
+    ragged layout (``<i>__<input>``, one feed per sample), which distillation trains on in groups
+    of one shape (sentences of different token lengths)."""
     names = list(feeds[0])
-    out = {}
-    for n in names:
-        parts = [np.asarray(f[n]) for f in feeds if n in f]
-        if any(p.ndim == 0 or p.shape[1:] != parts[0].shape[1:] for p in parts):
-            raise ValueError(f"the calibration samples of input '{n}' differ in shape past the first axis; "
-                             "distillation batches rows")
-        out[n] = np.concatenate(parts)
-    return out
+    if all(np.ndim(f[n]) > 0 and np.shape(f[n])[1:] == np.shape(feeds[0][n])[1:] for f in feeds for n in names):
+        return {n: np.concatenate([np.asarray(f[n]) for f in feeds]) for n in names}
+    return {f"{i}__{n}": np.asarray(f[n]) for i, f in enumerate(feeds) for n in names}
 
 
 class DistillPass(CompressionPass):
@@ -92,11 +85,7 @@ class DistillPass(CompressionPass):
             return False
         _torch(), _onnx2torch()  # DistillError (the stage is reverted) before any file is written
         c = self.config
-        try:
-            rows = _stack(feeds)
-        except ValueError as exc:
-            self.report.skip("", str(exc))
-            return False
+        rows = _rows(feeds)
         before = _signature(model)
 
         def progress(ev) -> None:

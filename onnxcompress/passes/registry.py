@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..params import NoConfig
 from .base import CompressionPass, PassContext
 
 
@@ -82,7 +81,7 @@ from .quantize.permute import PairPermutePass  # noqa: E402
 from .quantize.smooth import SmoothQuantPass  # noqa: E402
 from .quantize.static import StaticQuantizePass  # noqa: E402
 from .quantize.weight_only import WeightOnlyQuantizePass  # noqa: E402
-from .transformer import AttentionFusionPass  # noqa: E402
+from .transformer import AttentionFusionPass, FuseConfig  # noqa: E402
 
 
 def prepare_passes(ctx: PassContext) -> list[CompressionPass]:
@@ -94,7 +93,8 @@ def prepare_passes(ctx: PassContext) -> list[CompressionPass]:
 def _fuse(config, ctx: PassContext) -> list[CompressionPass]:
     return [InitializerInputsPass(ctx), ConstantFoldingPass(ctx), LiftConstantsPass(ctx), IdentityDropoutPass(ctx),
             ConvBiasPass(ctx), FoldBatchNormPass(ctx), ConvAffinePass(ctx), FusePadIntoConvPass(ctx),
-            HardSwishPass(ctx), AttentionFusionPass(ctx), MatMulAddToGemmPass(ctx), DeadCodePass(ctx)]
+            HardSwishPass(ctx), *([AttentionFusionPass(ctx)] if config.attention else []), MatMulAddToGemmPass(ctx),
+            DeadCodePass(ctx)]
 
 
 def _quantize(mode: str):
@@ -109,7 +109,7 @@ def _quantize(mode: str):
     return passes
 
 
-register(StageSpec("fuse", NoConfig, _fuse, "clean-up and fusion: constant folding, BatchNorm/affine/Pad folding, "
+register(StageSpec("fuse", FuseConfig, _fuse, "clean-up and fusion: constant folding, BatchNorm/affine/Pad folding, "
                    "HardSwish, attention, MatMul+Add -> Gemm, dead code (exact, each checked)",
                    describe=lambda c: "clean-up and fusion"))
 register(StageSpec("prune-magnitude", MagnitudePruneConfig, one(MagnitudePrunePass),

@@ -37,7 +37,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx import helper
 
+from dataclasses import dataclass
+
 from ..irutil import add_initializer, all_value_names, unique_name
+from ..params import Param
 from .base import CompressionPass
 from .fusion import infer_shapes
 
@@ -110,6 +113,18 @@ def _is_scores(v: ir.Value | None) -> bool:
 
 class _Fail(Exception):
     """A candidate block does not match; the message says why."""
+
+
+FUSE_ATTENTION = Param("attention", True, "Fuse BERT-style self-attention into com.microsoft.Attention. The "
+                       "planner turns it off in the fuse stage before a distill stage (PyTorch cannot train that "
+                       "op) and fuses after distillation instead.", kind="bool")
+
+
+@dataclass
+class FuseConfig:
+    """The ``fuse`` stage's one knob (its other rewrites are exact and always run)."""
+
+    attention: bool = FUSE_ATTENTION.field()
 
 
 class AttentionFusionPass(CompressionPass):
