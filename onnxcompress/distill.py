@@ -176,6 +176,8 @@ def _fix_flatten() -> None:
     except ImportError:  # another onnx2torch layout: leave it as it is
         return
     OnnxFlatten.forward = _flatten_forward
+    # its axis-1 shortcut, nn.Flatten(1), fails on a rank-1 input; the spec's form covers axis 1 too
+    OnnxFlatten.maybe_create_simple_flatten = classmethod(lambda cls, axis=1: cls(axis=axis))
 
 
 def _torchvision_stub() -> types.ModuleType:
@@ -229,11 +231,18 @@ def onnx_to_torch(model) -> "Any":
                 log.warning(f"student converted from opset {opset} to {OPSET} for onnx2torch")
                 model, bad = lowered, []
         if bad:
+            hint = ("; in a recipe, set attention = false in the fuse stage before distill (optimize --distill "
+                    "does so)") if any(b.endswith("::Attention") for b in bad) else ""
             raise DistillError(f"student: onnx2torch cannot convert op(s) {', '.join(bad)} to PyTorch (see "
-                               "onnxcompress.distill for the list; distil a float model without fused ops)")
+                               f"onnxcompress.distill for the list; distil a float model without fused ops{hint})")
     for node in model.graph.node:  # trailing empty optional inputs (Clip(x, min, "")): the same op in ONNX,
         while node.input and node.input[-1] == "":  # but onnx2torch looks '' up as a constant and fails
             node.input.pop()
+        if node.op_type == "Clip" and len(node.input) == 3 and node.input[1] == "":  # Clip(x, "", max): min -inf
+            name = "onnxcompress_clip_no_min"
+            if not any(i.name == name for i in model.graph.initializer):
+                model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(-np.inf, np.float32), name))
+            node.input[1] = name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -292,14 +301,25 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
     from .model_io import load_model
     from .runtime import is_ort_error, make_session
 
+    # a new cache: the old index goes first (an interrupted rewrite must not leave it pointing at
+    # half-written files), then the files of any earlier cache of this state folder
+    meta_path.unlink(missing_ok=True)
+    for pattern in ("input_*.npy", "teacher_*.npy", "order_*.npy"):
+        for f in state.glob(pattern):
+            f.unlink()
+
     tmodel = load_model(teacher_path)
     specs = input_specs(tmodel)
     del tmodel
     samples, _ = load_npz(data_path, specs, what="distillation")
-    for s in specs:
-        n = {len(x[s.name]) for x in samples}
-        if any(len(x[s.name]) != len(x[specs[0].name]) for x in samples):
-            raise DataError(f"distillation data {data_path}: inputs have different row counts {sorted(n)}")
+    for k, x in enumerate(samples):
+        bad = [s.name for s in specs if np.ndim(x[s.name]) == 0]
+        if bad:
+            raise DataError(f"distillation data {data_path}: input '{bad[0]}' is a scalar; distillation needs a "
+                            "first (batch) axis")
+        n = {s.name: len(x[s.name]) for s in specs}
+        if len(set(n.values())) != 1:
+            raise DataError(f"distillation data {data_path}: sample {k} has different row counts per input {n}")
     by_shape: dict[tuple, list[int]] = {}
     for i, x in enumerate(samples):
         by_shape.setdefault(tuple(x[s.name].shape[1:] for s in specs), []).append(i)
@@ -638,7 +658,7 @@ def distill(
             perm = rng.permutation(grp["rows"])
             for k in range(0, grp["rows"], batch_size):
                 idx = np.sort(perm[k:k + batch_size])
-                if len(idx) == 1 and grp["rows"] > 1 and has_bn:
+                if len(idx) == 1 and rows > 1 and has_bn:
                     continue
                 out.append((g, idx))
         if len(groups) > 1:
@@ -657,6 +677,9 @@ def distill(
             c = torch.load(ckpt, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise DistillError(f"state folder {state_p}: unreadable checkpoint ({_what_node(exc)}); remove it") from None
+        if (c.get("key") or {}).get("v") != STATE_VERSION:
+            raise DistillError(f"state folder {state_p}: its checkpoint was written by another version of "
+                               "onnxcompress; remove the folder or choose another state folder")
         if c.get("key") != json.loads(json.dumps(run_key)):
             diff = [k for k in run_key if c.get("key", {}).get(k) != json.loads(json.dumps(run_key[k]))]
             raise DistillError(f"state folder {state_p}: its checkpoint is from another run (differs in "
@@ -675,8 +698,8 @@ def distill(
         initial = evaluate()
     steps = len(plan(1))
     if steps == 0:
-        raise DistillError("every batch would hold one row (each input shape occurs once) and the student has "
-                           "BatchNorm, which cannot train on one row: give more samples per shape")
+        raise DistillError("every batch would hold one row and the student has BatchNorm, which cannot train on "
+                           "one row: raise --batch-size, or give more samples of each input shape")
     for epoch in range(done + 1, epochs + 1):
         module.train()
         run_sum, seen = 0.0, 0
@@ -714,8 +737,19 @@ def distill(
     n_check = min(check_samples, groups[g0]["rows"])
     idx = np.arange(max(2, n_check) if groups[g0]["rows"] >= 2 else 1)
     xs, _ = batch(g0, idx)
+    if axes is None and len(groups) > 1:  # a module student on ragged data: the axes that vary stay free
+        axes = {}
+        for key, names_ in (("inputs", in_names), ("outputs", out_names)):
+            for j, name in enumerate(names_):
+                shapes = [tuple(g[key][j]["shape"]) for g in groups if j < len(g[key])]
+                axes[name] = {0: "batch", **{k: f"{name}_{k}" for k in range(1, len(shapes[0]))
+                                             if len({sh[k] if k < len(sh) else None for sh in shapes}) > 1}}
     proto = export_onnx(module, xs, in_names, out_names, state_p, axes)
     max_rel = compare_with_ort(module, proto, xs, in_names)
+    if len(groups) > 1:  # and on a row of another shape than the traced one
+        g1 = next(g for g in range(len(groups)) if g != g0)
+        xs1, _ = batch(g1, np.arange(1))
+        max_rel = max(max_rel, compare_with_ort(module, proto, xs1, in_names))
     from .model_io import save_model
     import onnx_ir as ir
 

@@ -514,7 +514,10 @@ def _replan(r: Recipe, given: Mapping[str, Any], decl: Mapping[str, P.Param]) ->
     from .passes.quantize.config import EQUALIZE_MODE, SMOOTH_MODE
 
     planned = from_options(replace(to_options(r), **given))
-    flagged = {id(p) for p in decl.values()} | {id(EQUALIZE_MODE), id(SMOOTH_MODE)}  # the planner sets these
+    from .passes.transformer import FUSE_ATTENTION
+
+    flagged = ({id(p) for p in decl.values()}  # the planner sets these
+               | {id(EQUALIZE_MODE), id(SMOOTH_MODE), id(FUSE_ATTENTION)})
     if given.get("distill"):  # --distill N sets the stage's epochs
         from .distill_params import EPOCHS
 

@@ -1,12 +1,20 @@
-"""A large unlabelled English corpus, offline: sentences from the Python standard library's own
-documentation (``pydoc_data.topics``, the language reference's help topics) and from the
-docstrings of its modules (read with ``ast``; nothing is imported or run).
+"""Large unlabelled English corpora, offline (after one ``pip download``), for calibrating and
+distilling text models such as all-MiniLM-L6-v2:
 
-It is a *different source* from the zoo's MiniLM sentences (``scripts/sentences.txt``, general
-English written for this project): technical prose, so a model distilled or calibrated on it and
-validated on the zoo's sentences is judged on text it never saw, of another kind.
+* ``news``: the Lee corpus of 299 Australian news articles (Lee, Pincombe & Welsh 2005) and 200
+  movie-review sentences (Pang & Lee), both shipped as test data inside the ``gensim`` wheel on
+  PyPI; the wheel is downloaded once (``pip download --no-deps``, about 28 MB, into
+  ``--cache``) and the two files are read from the zip, nothing is installed. About 2,700
+  sentences of general English.
+* ``stdlib``: the Python standard library's own documentation (``pydoc_data.topics``) and its
+  modules' docstrings (read with ``ast``; nothing is imported or run): about 11,500 sentences of
+  technical English, always present.
 
-    python scripts/text_corpus.py --tokenizer zoo_cache/minilm/tokenizer -n 4000 -o corpus.npz
+Both are a *different source* from the zoo's MiniLM sentences (``scripts/sentences.txt``,
+written for this project), so a model calibrated or distilled on them and validated on the zoo's
+``val.npz`` is judged on text it never saw.
+
+    python scripts/text_corpus.py --source news -n 2500 -o news.npz
 
 writes ``N`` tokenized sentences in the ragged ``.npz`` layout of ``--calibration``
 (``<i>__input_ids`` / ``<i>__attention_mask`` / ``<i>__token_type_ids``, int64 ``[1, len]``),
@@ -24,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_SPLIT_NEWS = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
 
 def _sentences(text: str) -> list[str]:
@@ -38,6 +47,39 @@ def _sentences(text: str) -> list[str]:
             if 6 <= len(words) <= 40 and s[-1] in ".!?" and sum(c.isalpha() or c == " " for c in s) / len(s) > 0.92:
                 out.append(s)
     return out
+
+
+GENSIM = "gensim==4.4.0"
+DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "zoo_cache" / "_text"
+NEWS_FILES = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/pang_lee_polarity.cor")
+
+
+def news_sentences(cache: Path) -> list[str]:
+    """Unique sentences of the Lee news corpus and the Pang & Lee review sentences, from the gensim
+    wheel (downloaded into ``cache`` when missing). Raises ``RuntimeError`` when pip cannot get it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob("gensim-4.4.0-*.whl"))
+    if not wheels:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                            "-d", str(cache), GENSIM], capture_output=True, text=True)
+        wheels = sorted(cache.glob("gensim-4.4.0-*.whl"))
+        if r.returncode or not wheels:
+            raise RuntimeError(f"pip download {GENSIM} failed: {r.stderr.strip()[-300:]}")
+    out: list[str] = []
+    with zipfile.ZipFile(wheels[0]) as z:
+        lee = z.read(NEWS_FILES[0]).decode("utf-8", "replace")
+        for s in _SPLIT_NEWS.split(" ".join(lee.split())):
+            if 5 <= len(s.split()) <= 60:
+                out.append(s)
+        for line in z.read(NEWS_FILES[1]).decode("utf-8", "replace").splitlines():
+            line = line.split(" ", 1)[-1].strip() if line.startswith("__label__") else line.strip()
+            if len(line.split()) >= 5:
+                out.append(line)
+    return list(dict.fromkeys(out))
 
 
 def sentences() -> list[str]:
@@ -61,15 +103,17 @@ def sentences() -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def tokenized(tokenizer_dir: str | Path, n: int, seed: int = 0) -> tuple[list[dict], list[str]]:
-    """``n`` random sentences tokenized as the zoo's MiniLM data (``[1, len]`` int64 per input)."""
+def tokenized(tokenizer_dir: str | Path, n: int, seed: int = 0, source: str = "stdlib",
+              cache: Path | None = None) -> tuple[list[dict], list[str]]:
+    """``n`` random sentences of ``source`` tokenized as the zoo's MiniLM data (``[1, len]`` int64
+    per input)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    pool = sentences()
+    pool = news_sentences(cache or DEFAULT_CACHE) if source == "news" else sentences()
     pick = np.random.default_rng(seed).permutation(len(pool))[:n]
     texts = [pool[i] for i in sorted(pick)]
     feeds = []
@@ -84,9 +128,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / "zoo_cache/minilm/tokenizer"))
     ap.add_argument("-n", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source", choices=("news", "stdlib"), default="news")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the gensim wheel is kept")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
-    feeds, texts = tokenized(a.tokenizer, a.n, a.seed)
+    feeds, texts = tokenized(a.tokenizer, a.n, a.seed, a.source, a.cache)
     flat = {f"{i}__{k}": v for i, s in enumerate(feeds) for k, v in s.items()}
     np.savez_compressed(a.output, **flat)
     lens = [f["input_ids"].shape[1] for f in feeds]

@@ -325,17 +325,47 @@ def test_ragged_samples_train_in_groups_of_one_shape(tmp_path):
     tokens, pooled = sess.run(None, {"x": np.zeros((3, 13, K), np.float32)})  # a length it never saw
     assert tokens.shape == (3, 13, C) and pooled.shape == (3, C)
 
+    # a torch.nn.Module student (no ONNX axes to copy): the axes that vary between groups stay free
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(K, 24), torch.nn.Linear(24, C)
+
+        def forward(self, x):
+            t = self.b(torch.relu(self.a(x)))
+            return t, t.mean(1)
+
+    D.distill(tmp_path / "t.onnx", Student(), tmp_path / "mod.onnx", tmp_path / "d.npz", epochs=1, batch_size=16)
+    sess = ort.InferenceSession(str(tmp_path / "mod.onnx"), providers=["CPUExecutionProvider"])
+    for n in (2, 11, 13):
+        assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((2, n, K), np.float32)})[0].shape == (2, n, C)
+
+    # BatchNorm cannot train on one row: with it, a length seen once is left out of training
+    bn = torch.nn.Sequential(torch.nn.Linear(K, C), torch.nn.Flatten(0, 1), torch.nn.BatchNorm1d(C))
+
+    class BN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = bn
+
+        def forward(self, x):
+            t = self.net(x).reshape(x.shape[0], x.shape[1], C)
+            return t, t.mean(1)
+
+    D.distill(tmp_path / "t.onnx", BN(), tmp_path / "bn.onnx", tmp_path / "d.npz", epochs=1, batch_size=16,
+              state=tmp_path / "bn_state")
+
 
 def test_converter_fixes_flatten_at_the_last_axis_and_an_empty_optional_input():
     """onnx2torch 1.5 fails on ``Flatten`` with ``axis`` = rank (all-MiniLM-L6-v2's attention-mask
     path: ``[B, S]`` with axis 2 -> ``[B*S, 1]``) and on ``Clip(x, min, "")`` (an empty optional
     input looked up as a constant). Both convert and compute what ONNX Runtime computes."""
     nodes = [helper.make_node("Flatten", ["m"], ["f2"], axis=2), helper.make_node("Flatten", ["m"], ["f0"], axis=0),
-             helper.make_node("Flatten", ["m"], ["f1"], axis=-1),
-             helper.make_node("Clip", ["x", "lo", ""], ["c"])]
+             helper.make_node("Flatten", ["m"], ["f1"], axis=-1), helper.make_node("Flatten", ["x"], ["fx"], axis=1),
+             helper.make_node("Clip", ["x", "lo", ""], ["c"]), helper.make_node("Clip", ["x", "", "lo"], ["c2"])]
     g = helper.make_graph(nodes, "f", [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["b", "s"]),
                                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [5])],
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("f2", "f0", "f1", "c")],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("f2", "f0", "f1", "fx", "c", "c2")],
                           [numpy_helper.from_array(np.array(0.5, np.float32), "lo")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -360,6 +390,11 @@ def test_low_rank_then_distill_on_a_transformer_fuses_attention_after_training(t
     assert [s.name for s in plan.stages] == ["fuse", "low-rank", "distill", "fuse"]
     assert plan.stages[0].config.attention is False and plan.stages[3].config.attention is True
     assert from_options(OptimizeOptions(low_rank=0.3)).stages[0].config.attention is True
+    from onnxcompress.recipe import builtin, override
+
+    for r in (override(builtin("fuse"), {"distill": 3}), override(builtin("int8-dynamic"), {"distill": 3, "low_rank": 0.5})):
+        fuses = [s.config.attention for s in r.stages if s.name == "fuse"]
+        assert fuses == [False, True], r.stages  # re-planned from a recipe: the planner's setting, not the recipe's
     src = tmp_path / "bert.onnx"
     onnx.save(bert_layer(), src)
     np.savez(tmp_path / "c.npz", **{f"{i}__{k}": v for i, f in enumerate(feeds(48, seed=3)) for k, v in f.items()})
