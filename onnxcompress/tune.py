@@ -822,13 +822,12 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         lab_s, lab_f = labels[:cut], labels[cut:]
     if budget.metric == "accuracy" and labels is None:
         raise DataError("--metric accuracy needs 'labels' in the validation data")
-    from .runtime import make_session, run_samples
+    from .runtime import is_ort_error, run_reference
 
-    from .runtime import is_ort_error
-
-    try:
-        sess = make_session(str(model), optimize=False)
-        ref_s, ref_f = run_samples(sess, search), run_samples(sess, final)
+    try:  # at the level the trials are measured at (ORT's optimizations on), so that the fp32 model
+        # agrees with itself on near-tie answers; unoptimized where ORT's optimizer breaks the model
+        sess, ref = run_reference(str(model), [*search, *final])
+        ref_s, ref_f = ref[:len(search)], ref[len(search):]
     except Exception as exc:  # ORT's refusal: bad data or an op it does not know
         if not is_ort_error(exc):
             raise
