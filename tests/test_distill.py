@@ -261,6 +261,16 @@ def test_distill_stage_keeps_free_axes_keeps_a_better_model_and_obeys_the_flag(t
     res = optimize(model, tmp_path / "same.onnx", recipe=rec)
     rep = next(p for p in res.report["passes"] if p["name"] == "distill")
     assert not rep["changed"] and "did not lower the loss" in rep["skipped"][0]["reason"]
+    assert "in its first epoch at lr 1, 0.1, 0.01" in rep["skipped"][0]["reason"]  # each tenth tried
+    # a rate far too high for the pruned student: the first epoch is retried at a tenth of it until
+    # the loss goes down, and training goes on at that rate
+    rec = loads(f'[[stages]]\npass = "prune-channels"\nratio = 0.5\nrepair = false\n[[stages]]\npass = "distill"\n'
+                f'epochs = 2\nlr = 1.0\n[data]\ncalibration = "{calib}"\n[output]\nlatency = false\n')
+    res = optimize(model, tmp_path / "backoff.onnx", recipe=rec)
+    rep = next(p for p in res.report["passes"] if p["name"] == "distill")
+    assert rep["changed"] and rep["counts"]["lr_tried_first"][0] == 1.0, rep  # measured: 1, 0.1 tried; 0.01 trains
+    assert rep["counts"]["lr"] == pytest.approx(1.0 / 10 ** len(rep["counts"]["lr_tried_first"]))
+    assert rep["counts"]["epochs"] == 2 and rep["counts"]["final_loss"] < rep["counts"]["initial_loss"]
     r = override(loads('[[stages]]\npass = "distill"\nepochs = 2\nlr = 0.01\n'), {"distill": 5})
     assert r.stage("distill").config.epochs == 5 and r.stage("distill").config.lr == 0.01
 
