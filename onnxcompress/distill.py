@@ -47,6 +47,7 @@ import importlib.machinery
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -66,6 +67,8 @@ log = logging.getLogger("onnxcompress")
 LOSSES = ("auto", "kl", "mse", "cosine")
 OPSET = 17
 STATE_VERSION = 2
+#: the names of the cache files this module writes in a state folder (nothing else is ever deleted)
+_CACHE_FILE = re.compile(r"(input|teacher)_\d+(_g\d+)?\.npy|order_g\d+\.npy")
 
 
 class DistillError(OnnxCompressError):
@@ -302,11 +305,18 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
     from .runtime import is_ort_error, make_session
 
     # a new cache: the old index goes first (an interrupted rewrite must not leave it pointing at
-    # half-written files), then the files of any earlier cache of this state folder
-    meta_path.unlink(missing_ok=True)
-    for pattern in ("input_*.npy", "teacher_*.npy", "order_*.npy"):
-        for f in state.glob(pattern):
-            f.unlink()
+    # half-written files), then the files that index lists, and only names this module writes (a
+    # state folder may hold the user's own files)
+    old_files: list = []
+    if meta_path.is_file():
+        try:
+            old_files = list(json.loads(meta_path.read_text()).get("files") or [])
+        except (OSError, ValueError, AttributeError, TypeError):
+            old_files = []
+        meta_path.unlink()
+    for f in old_files:
+        if isinstance(f, str) and _CACHE_FILE.fullmatch(f):
+            (state / f).unlink(missing_ok=True)
 
     tmodel = load_model(teacher_path)
     specs = input_specs(tmodel)
@@ -696,7 +706,12 @@ def distill(
         torch.manual_seed(seed)
     if initial is None:
         initial = evaluate()
-    steps = len(plan(1))
+    if not np.isfinite(initial):
+        raise DistillError(f"the loss is {initial} before any training: the teacher's or the student's outputs on "
+                           "the data are not finite (NaN/Inf); check both models on this data")
+    first_plan = plan(1)
+    steps = len(first_plan)
+    left_out = rows - sum(len(idx) for _, idx in first_plan)  # one-row batches a BatchNorm student skips
     if steps == 0:
         raise DistillError("every batch would hold one row and the student has BatchNorm, which cannot train on "
                            "one row: raise --batch-size, or give more samples of each input shape")
@@ -760,6 +775,7 @@ def distill(
               "loss_kinds": dict(zip(out_names, kinds)), "temperature": temperature, "labels": labels,
               "alpha": alpha if labels else None, "lr": lr, "batch_size": batch_size,
               "initial_loss": initial, "final_loss": final, "epoch_losses": history,
+              "rows_not_trained_per_epoch": int(left_out),
               "loss_ratio": (initial / final) if final > 0 and initial > 0 else None,
               "export_check": {"samples": int(len(idx)), "max_rel_error": max_rel, "opset": OPSET},
               "parameters": int(sum(p.numel() for p in module.parameters())), "file_bytes": size,

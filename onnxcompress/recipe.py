@@ -395,6 +395,9 @@ def from_options(o: OptimizeOptions) -> Recipe:
     if o.low_rank:
         stages.append(Stage("low-rank", LowRankConfig(target_ratio=o.low_rank)))
     if o.distill:
+        if not (o.prune or o.prune_mode == "nm" or o.low_rank):
+            notes.append("--distill without pruning or low-rank: the model is its own teacher, so there is "
+                         "nothing to win back (the stage keeps the model)")
         stages.append(Stage("distill", DistillConfig(epochs=o.distill)))
         if o.fuse:
             stages.append(Stage("fuse"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 import sysconfig
 from pathlib import Path
@@ -132,9 +133,30 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the gensim wheel is kept")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
-    feeds, texts = tokenized(a.tokenizer, a.n, a.seed, a.source, a.cache)
+    out = Path(a.output)
+    if a.n < 1:
+        ap.error("-n must be at least 1")
+    if a.seed < 0:
+        ap.error("--seed must be 0 or more")
+    if out.suffix != ".npz" or out.is_dir():
+        ap.error(f"-o {out}: give a new file name ending in .npz")
+    if out.exists():
+        ap.error(f"-o {out}: exists; give a new file name (nothing is overwritten)")
+    if not (Path(a.tokenizer) / "tokenizer_config.json").is_file():
+        ap.error(f"--tokenizer {a.tokenizer}: no saved tokenizer there (scripts/fetch_zoo.py --only minilm makes one)")
+    try:
+        feeds, texts = tokenized(a.tokenizer, a.n, a.seed, a.source, a.cache)
+    except (RuntimeError, OSError) as exc:
+        raise SystemExit(f"text_corpus: {exc}") from None
+    if len(feeds) < a.n:
+        print(f"note: the {a.source} corpus has {len(feeds)} unique sentences; all of them are written")
     flat = {f"{i}__{k}": v for i, s in enumerate(feeds) for k, v in s.items()}
-    np.savez_compressed(a.output, **flat)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npz")  # written whole, then renamed into place
+    try:
+        np.savez_compressed(tmp, **flat)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     lens = [f["input_ids"].shape[1] for f in feeds]
     print(f"{len(feeds)} sentences, {sum(lens)} tokens (lengths {min(lens)}-{max(lens)}) -> {a.output}")
 

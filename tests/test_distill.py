@@ -417,3 +417,26 @@ def test_low_rank_then_distill_on_a_transformer_fuses_attention_after_training(t
     assert kd["changed"] and kd["counts"]["rows"] >= 36, kd  # the rows not held out for its own check
     assert [p["counts"].get("attention_fused") for p in passes if p["name"] == "fuse-attention"] == [1], passes
     assert "Attention" in [n.op_type for n in onnx.load(tmp_path / "kd.onnx").graph.node]
+
+
+def test_state_folder_keeps_the_users_files_and_nan_outputs_are_named(setup):
+    """A new teacher cache deletes only the cache files its index lists, never the user's files
+    that happen to share a prefix (hostile test: input_ids.npy, teacher_logits.npy were deleted);
+    a teacher whose outputs are NaN on the data is named as such, not blamed on the learning rate."""
+    teacher, student, data, tmp = setup
+    state = tmp / "st"
+    state.mkdir()
+    mine = ["input_ids.npy", "teacher_logits.npy", "order_2024.npy", "input_0.npy"]
+    for name in mine:
+        np.save(state / name, np.arange(3))
+    D.distill(teacher, student, tmp / "a.onnx", data, epochs=1, state=state)
+    x = np.random.default_rng(9).standard_normal((64, K)).astype(np.float32)
+    np.savez(tmp / "other.npz", x=x)
+    with pytest.raises(OnnxCompressError, match="another run"):  # a new cache for other data, then refused
+        D.distill(teacher, student, tmp / "b.onnx", tmp / "other.npz", epochs=1, state=state)
+    for name in mine:
+        np.testing.assert_array_equal(np.load(state / name), np.arange(3))
+    m = _mlp(0, extra="Log")  # log of negative scores: NaN
+    onnx.save(m, tmp / "nan.onnx")
+    with pytest.raises(OnnxCompressError, match="before any training.*not finite"):
+        D.distill(tmp / "nan.onnx", student, tmp / "c.onnx", data, epochs=1, state=tmp / "st2")

@@ -26,6 +26,8 @@ from .base import CompressionPass
 
 #: times the stage retries a first epoch that did not lower the loss, each at a tenth of the rate
 LR_BACKOFF = 2
+#: a starting loss at or below this: the model is its teacher (no lossy stage changed it)
+NOTHING_TO_WIN = 1e-9
 
 
 @dataclass
@@ -124,6 +126,10 @@ class DistillPass(CompressionPass):
                     spent += res.report["train_seconds"]
                     if res.report["final_loss"] < res.report["initial_loss"]:
                         break
+                    if abs(res.report["initial_loss"]) <= NOTHING_TO_WIN:
+                        self.report.skip("", f"the model already matches its teacher (loss "
+                                         f"{res.report['initial_loss']:.3g}): nothing to win back, the model is kept")
+                        return False
                 tried.append(lr)
                 lr /= 10
             if res is None:
@@ -140,6 +146,8 @@ class DistillPass(CompressionPass):
                 self.report.counts["lr_tried_first"] = tried
             if len(tried) <= LR_BACKOFF:
                 self.report.counts["lr"] = lr
+            if r.get("rows_not_trained_per_epoch"):
+                self.report.counts["rows_not_trained_per_epoch"] = r["rows_not_trained_per_epoch"]
             self.report.counts.update(rows=r["rows"], epochs=r["epochs"], initial_loss=round(r["initial_loss"], 6),
                                       final_loss=round(r["final_loss"], 6),
                                       loss_ratio=round(r["loss_ratio"], 3) if r["loss_ratio"] else None,
