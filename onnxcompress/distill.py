@@ -293,35 +293,32 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
     ``order`` (a file of each row's index in the data's own row order, for the labels).
     """
     meta_path = state / "cache.json"
+    old_files: list = []
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             meta = None
-        if meta and meta.get("key") == key and all((state / f).is_file() for f in meta["files"]):
-            return meta
+        if isinstance(meta, dict) and isinstance(meta.get("files"), list):
+            old_files = [f for f in meta["files"] if isinstance(f, str) and _CACHE_FILE.fullmatch(f)]
+            if meta.get("key") == key and all((state / f).is_file() for f in old_files) \
+                    and len(old_files) == len(meta["files"]):
+                return meta
+        # a new cache: the old index goes first (an interrupted rewrite must not leave it pointing
+        # at half-written files), then the files it lists, and only names this module writes (a
+        # state folder may hold the user's own files)
+        meta_path.unlink()
+    for f in old_files:
+        (state / f).unlink(missing_ok=True)
     from .data import input_specs, load_npz
     from .model_io import load_model
     from .runtime import is_ort_error, make_session
-
-    # a new cache: the old index goes first (an interrupted rewrite must not leave it pointing at
-    # half-written files), then the files that index lists, and only names this module writes (a
-    # state folder may hold the user's own files)
-    old_files: list = []
-    if meta_path.is_file():
-        try:
-            old_files = list(json.loads(meta_path.read_text()).get("files") or [])
-        except (OSError, ValueError, AttributeError, TypeError):
-            old_files = []
-        meta_path.unlink()
-    for f in old_files:
-        if isinstance(f, str) and _CACHE_FILE.fullmatch(f):
-            (state / f).unlink(missing_ok=True)
 
     tmodel = load_model(teacher_path)
     specs = input_specs(tmodel)
     del tmodel
     samples, _ = load_npz(data_path, specs, what="distillation")
+    by_shape: dict[tuple, list[int]] = {}
     for k, x in enumerate(samples):
         bad = [s.name for s in specs if np.ndim(x[s.name]) == 0]
         if bad:
@@ -330,10 +327,9 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
         n = {s.name: len(x[s.name]) for s in specs}
         if len(set(n.values())) != 1:
             raise DataError(f"distillation data {data_path}: sample {k} has different row counts per input {n}")
-    by_shape: dict[tuple, list[int]] = {}
-    for i, x in enumerate(samples):
-        by_shape.setdefault(tuple(x[s.name].shape[1:] for s in specs), []).append(i)
+        by_shape.setdefault(tuple(x[s.name].shape[1:] for s in specs), []).append(k)
     starts = np.cumsum([0] + [len(x[specs[0].name]) for x in samples])
+    sizes = np.diff(starts)
     try:
         sess = make_session(str(teacher_path), optimize=True)
     except Exception as exc:  # ORT's refusal: an op it does not know, a broken model
@@ -346,7 +342,7 @@ def _cache_teacher(teacher_path: Path, data_path: Path, state: Path, key: dict, 
     groups: list[dict] = []
     files: list[str] = []
     out_ranks: Optional[list[int]] = None
-    n_steps = sum(-(-int(sum(len(samples[i][specs[0].name]) for i in idx)) // step) for idx in by_shape.values())
+    n_steps = sum(-(-int(sizes[idx].sum()) // step) for idx in by_shape.values())
     done_steps = 0
     for g, idx in enumerate(by_shape.values()):
         ins = {}
@@ -756,9 +752,9 @@ def distill(
         axes = {}
         for key, names_ in (("inputs", in_names), ("outputs", out_names)):
             for j, name in enumerate(names_):
-                shapes = [tuple(g[key][j]["shape"]) for g in groups if j < len(g[key])]
+                shapes = [g[key][j]["shape"] for g in groups]  # one rank per input / output (checked)
                 axes[name] = {0: "batch", **{k: f"{name}_{k}" for k in range(1, len(shapes[0]))
-                                             if len({sh[k] if k < len(sh) else None for sh in shapes}) > 1}}
+                                             if len({sh[k] for sh in shapes}) > 1}}
     proto = export_onnx(module, xs, in_names, out_names, state_p, axes)
     max_rel = compare_with_ort(module, proto, xs, in_names)
     if len(groups) > 1:  # and on a row of another shape than the traced one

@@ -112,12 +112,15 @@ class DistillPass(CompressionPass):
             del rows
             # the first epoch, at lr and then at a tenth of it while it does not lower the loss (a
             # learning rate good for a CNN makes a transformer's loss rise); then the rest, resumed
+            def run(epochs: int, lr: float, resume: bool):
+                return distill(folder / "teacher.onnx", folder / "student.onnx", folder / "distilled.onnx",
+                               folder / "rows.npz", epochs=epochs, loss=c.loss, temperature=c.temperature, lr=lr,
+                               batch_size=c.batch_size, state=folder / "state", resume=resume, progress=progress)
+
             lr, tried, spent, res = c.lr, [], 0.0, None
             for _ in range(LR_BACKOFF + 1):
                 try:
-                    res = distill(folder / "teacher.onnx", folder / "student.onnx", folder / "distilled.onnx",
-                                  folder / "rows.npz", epochs=1, loss=c.loss, temperature=c.temperature, lr=lr,
-                                  batch_size=c.batch_size, state=folder / "state", resume=False, progress=progress)
+                    res = run(1, lr, resume=False)
                 except DistillError as exc:
                     if not str(exc).startswith("the loss became"):
                         raise
@@ -137,9 +140,7 @@ class DistillPass(CompressionPass):
                                  " the model before it is kept")
                 return False
             if len(tried) <= LR_BACKOFF and c.epochs > 1:
-                res = distill(folder / "teacher.onnx", folder / "student.onnx", folder / "distilled.onnx",
-                              folder / "rows.npz", epochs=c.epochs, loss=c.loss, temperature=c.temperature, lr=lr,
-                              batch_size=c.batch_size, state=folder / "state", resume=True, progress=progress)
+                res = run(c.epochs, lr, resume=True)
                 spent += res.report["train_seconds"]
             r = dict(res.report, train_seconds=round(spent, 2))
             if tried:

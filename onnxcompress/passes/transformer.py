@@ -31,13 +31,13 @@ model's outputs move by more than 1e-4 relative.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx import helper
-
-from dataclasses import dataclass
 
 from ..irutil import add_initializer, all_value_names, unique_name
 from ..params import Param
