@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,41 @@ ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 1 << 16
 #: external data files mapped at once (Python's mmap holds a descriptor each); models saved one
 #: file per tensor have their later files read into memory instead
 MAX_MAPPED_FILES = 64
+
+#: arrays whose bytes are, unchanged, a region of an input file: ``id(array)`` -> ``(weak
+#: reference, path, offset, file key)``; the writer copies those regions file to file in the
+#: kernel (:func:`_emit`) instead of from memory. An entry dies with its array.
+_SOURCES: dict[int, tuple] = {}
+
+
+def _file_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not change between reading a file and copying from it: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(arr: np.ndarray, path: str, offset: int, key: tuple) -> None:
+    """Record that ``arr`` holds the bytes of ``path`` at ``offset`` as ONNX stores them
+    (little-endian, C order); the array is made read-only, so the record stays true."""
+    if not arr.flags.c_contiguous or arr.dtype.byteorder == ">" or np.little_endian is False:
+        return
+    arr.flags.writeable = False
+    k = id(arr)
+
+    def gone(ref, k=k):
+        entry = _SOURCES.get(k)
+        if entry is not None and entry[0] is ref:
+            del _SOURCES[k]
+
+    _SOURCES[k] = (weakref.ref(arr, gone), path, offset, key)
+
+
+def file_source(buf: np.ndarray) -> tuple[str, int, tuple] | None:
+    """``(path, offset, file key)`` where the array's bytes lie in an input file, if the array is
+    one that :func:`load_model` read or mapped and is still read-only; else ``None``."""
+    entry = _SOURCES.get(id(buf))
+    if entry is None or entry[0]() is not buf or buf.flags.writeable:
+        return None
+    return entry[1], entry[2], entry[3]
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -105,6 +141,7 @@ def _map_external(model: ir.Model) -> None:
     import mmap
 
     maps: dict[str, mmap.mmap] = {}
+    keys: dict[str, tuple] = {}
 
     def value_of(t: ir.ExternalTensor, name: str) -> ir.TensorProtocol:
         dims = [int(d) for d in t.shape.numpy()]
@@ -115,6 +152,8 @@ def _map_external(model: ir.Model) -> None:
         path = os.path.realpath(t.path)
         npdt = np.dtype(t.dtype.numpy()).newbyteorder("<")
         off, count = int(t.offset or 0), int(np.prod(dims, dtype=np.int64))
+        if path not in keys:
+            keys[path] = _file_key(os.stat(path))
         if path not in maps and len(maps) < MAX_MAPPED_FILES:
             with open(path, "rb") as f:
                 maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
@@ -132,6 +171,8 @@ def _map_external(model: ir.Model) -> None:
                     raise ValueError(f"tensor '{name}': its data lies past the end of {t.location}")
             if not npdt.isnative:
                 arr = arr.astype(npdt.newbyteorder("="))
+        if npdt.isnative and path in keys:
+            _remember(arr, path, off, keys[path])
         return ir.Tensor(arr, name=name)
 
     from .irutil import subgraphs
@@ -210,16 +251,18 @@ def _load_lean(path: Path, weights: dict[str, np.ndarray] | None) -> onnx.ModelP
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise ValueError("empty file")
+        source = (os.path.realpath(path), _file_key(os.fstat(f.fileno())))
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             buf = memoryview(mm)
             try:
-                body = _lean_body(buf, size, f, weights)
+                body = _lean_body(buf, size, f, weights, source)
             finally:
                 buf.release()
     return onnx.load_model_from_string(body)
 
 
-def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray] | None) -> bytes:
+def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray] | None,
+               source: tuple[str, tuple] | None = None) -> bytes:
     """The model's bytes with the main graph's large raw initializers stripped (see :func:`_load_lean`)."""
     graph = None
     for num, wt, f0, p0, end in _fields(buf, 0, size):
@@ -233,7 +276,7 @@ def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray] | N
             body += buf[f0:end]
     pieces = []
     for num, wt, f0, p0, end in _fields(buf, graph[1], graph[2]):
-        lean = _strip_raw(buf, p0, end, f, weights) if num == 5 and wt == 2 else None
+        lean = _strip_raw(buf, p0, end, f, weights, source) if num == 5 and wt == 2 else None
         pieces.append(bytes(buf[f0:end]) if lean is None else _GRAPH_INITIALIZER + _varint(len(lean)) + lean)
     body += _MODEL_GRAPH + _varint(sum(len(x) for x in pieces))
     for piece in pieces:
@@ -241,9 +284,11 @@ def _lean_body(buf: memoryview, size: int, f, weights: dict[str, np.ndarray] | N
     return bytes(body)
 
 
-def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray] | None) -> bytes | None:
+def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray] | None,
+               source: tuple[str, tuple] | None = None) -> bytes | None:
     """A TensorProto in ``buf[start:end]`` without its ``raw_data`` field, the data read into
-    ``weights[name]``; ``None`` when it is not a plain large raw tensor of a buffer dtype."""
+    ``weights[name]``; ``None`` when it is not a plain large raw tensor of a buffer dtype.
+    ``source``: the file's ``(path, key)``, to record where the bytes came from (:func:`_remember`)."""
     name, dtype, dims, raw, other = None, None, [], None, False
     keep = []
     for num, wt, f0, p0, fend in _fields(buf, start, end):
@@ -288,7 +333,12 @@ def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray] | No
     f.seek(raw[1])
     if f.readinto(memoryview(arr).cast("B")) != nbytes:
         raise ValueError(f"initializer '{name}': file ends inside its data")
-    weights[name] = arr if npdt.isnative else arr.astype(npdt.newbyteorder("="))
+    if npdt.isnative:
+        if source is not None:
+            _remember(arr, source[0], raw[1], source[1])
+        weights[name] = arr
+    else:
+        weights[name] = arr.astype(npdt.newbyteorder("="))
     out = bytearray()
     for f0, fend in keep:
         out += buf[f0:fend]
@@ -541,11 +591,69 @@ def _le_bytes(buf: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
 
 
+def _open_unchanged(path: str, key: tuple) -> int:
+    """A read-only descriptor of ``path`` if it is still the file that was read (:func:`_file_key`), else -1."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return -1
+    try:
+        if _file_key(os.fstat(fd)) == key:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return -1
+
+
+def _emit(f, buf: np.ndarray, fds: dict[str, int]) -> None:
+    """Append one tensor's bytes to ``f`` (a binary file open for writing).
+
+    Bytes that are an unchanged region of an input file (:func:`file_source`: a weight as
+    :func:`load_model` read or mapped it, the file not modified since) are copied file to file
+    by the kernel (``os.copy_file_range``, Linux): nothing passes through this process's memory,
+    and on a filesystem that shares blocks (XFS, Btrfs) nothing is copied at all. Anything else,
+    or where the kernel or filesystem cannot, is written from memory. ``fds``: descriptors of the
+    input files opened so far (-1: not usable), closed by the caller."""
+    src = file_source(buf) if hasattr(os, "copy_file_range") else None
+    done = 0
+    if src is not None:
+        path, offset, key = src
+        if path not in fds:
+            fds[path] = _open_unchanged(path, key)
+        fd = fds[path]
+        if fd >= 0:
+            f.flush()
+            try:
+                while done < buf.nbytes:
+                    n = os.copy_file_range(fd, f.fileno(), buf.nbytes - done, offset + done)
+                    if n <= 0:  # the file ends early (changed under us): the rest from memory
+                        break
+                    done += n
+            except OSError:  # EXDEV, EOPNOTSUPP, ENOSYS...: from memory, for this file from now on
+                fds[path] = -1
+                os.close(fd)
+    if done < buf.nbytes:
+        f.write(_le_bytes(buf)[done:])
+
+
 def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, data_name: str, *,
            external_data: bool, data_path: str | os.PathLike | None = None) -> None:
     """Stream ``model`` to ``path``: its skeleton, then the large tensors one at a time — appended
     as protobuf chunks (inline) or to ``data_path`` (default ``folder/data_name``) with the
-    skeleton pointing at ``data_name``. Peak extra memory: one tensor's bytes."""
+    skeleton pointing at ``data_name``; a weight unchanged from the input file is copied from it
+    by the kernel (:func:`_emit`). Peak extra memory: one tensor's bytes."""
+    fds: dict[str, int] = {}
+    try:
+        _write_streams(model, path, folder, data_name, external_data, data_path, fds)
+    finally:
+        for fd in fds.values():
+            if fd >= 0:
+                os.close(fd)
+
+
+def _write_streams(model: ir.Model, path, folder, data_name: str, external_data: bool, data_path,
+                   fds: dict[str, int]) -> None:
     if not external_data:
         # the canonical layout (one `graph` field, every reader parses it): the skeleton's fields,
         # then the graph field whose length counts the entries streamed after its own payload
@@ -565,7 +673,7 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
             del graph
             for k, (head, buf) in enumerate(entries):
                 f.write(head)
-                f.write(_le_bytes(buf))
+                _emit(f, buf, fds)
                 tick("writing", k + 1, len(entries), "tensors")
             f.flush()
             os.fsync(f.fileno())
@@ -579,7 +687,7 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
                 f.write(b"\0" * (ALIGNMENT - pos % ALIGNMENT))
                 pos += ALIGNMENT - pos % ALIGNMENT
             offsets[v.name] = pos
-            f.write(_le_bytes(buf))
+            _emit(f, buf, fds)
             pos += buf.nbytes
         f.flush()
         os.fsync(f.fileno())

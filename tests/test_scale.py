@@ -126,6 +126,81 @@ def test_lean_load_and_streamed_write_round_trip(tmp_path, external):
         np.testing.assert_array_equal(G.run(str(out), feeds)["y"], G.run(m, feeds)["y"])
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_unchanged_weights_are_copied_from_the_input_file_byte_for_byte(tmp_path, monkeypatch, external):
+    """The writer copies a weight that is still the input file's bytes file to file
+    (``os.copy_file_range``); the result is the same bytes as writing from memory, a changed
+    weight is written from memory, and an input modified after loading is not copied from."""
+    m = G.mlp(k=256, n=128)
+    src = tmp_path / "src.onnx"
+    saved = onnx.ModelProto()
+    saved.CopyFrom(m)  # onnx.save with external data rewrites its argument
+    onnx.save(saved, src, save_as_external_data=external, location="src.onnx.data", size_threshold=1024)
+    model = model_io.load_model(src)
+    name = next(n for n, v in model.graph.initializers.items() if v.const_value.nbytes >= 4096)
+    assert model_io.file_source(model.graph.initializers[name].const_value.numpy()) is not None
+    changed = next(n for n, v in model.graph.initializers.items() if n != name and v.const_value.nbytes >= 1024)
+    v = model.graph.initializers[changed]
+    v.const_value = ir.Tensor(v.const_value.numpy() * 2, name=changed)  # a pass's rewrite: a new array
+
+    copied = []
+    real = os.copy_file_range
+
+    def spy(*args):
+        copied.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", spy, raising=False)
+    for ext in (False, True):
+        model_io.save_model(model, tmp_path / f"kernel_{ext}.onnx", external_data=ext)
+    n_kernel = len(copied)
+    monkeypatch.setattr(model_io, "file_source", lambda buf: None)
+    for ext in (False, True):
+        model_io.save_model(model, tmp_path / f"memory_{ext}.onnx", external_data=ext)
+    assert len(copied) == n_kernel and n_kernel >= 2  # the memory path never copies
+    for ext in (False, True):
+        for suffix in (".onnx", ".onnx.data") if ext else (".onnx",):
+            kernel = (tmp_path / f"kernel_{ext}{suffix}").read_bytes()
+            memory = (tmp_path / f"memory_{ext}{suffix}").read_bytes()  # (the .onnx names its .data file)
+            assert kernel == memory.replace(f"memory_{ext}".encode(), f"kernel_{ext}".encode())
+    feeds = {"x": np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)}
+    out = G.run(str(tmp_path / "kernel_False.onnx"), feeds)["y"]
+    assert not np.array_equal(out, G.run(m, feeds)["y"])  # the changed weight is in the file
+    monkeypatch.undo()
+
+    # the input changes after loading (same size, new mtime): nothing is copied from it
+    data = tmp_path / ("src.onnx.data" if external else "src.onnx")
+    before = data.read_bytes()
+    model2 = model_io.load_model(src)
+    data.write_bytes(before[::-1][::-1])
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    copied.clear()
+    monkeypatch.setattr(os, "copy_file_range", spy, raising=False)
+    model_io.save_model(model2, tmp_path / "after_change.onnx")
+    assert copied == []
+    np.testing.assert_array_equal(G.run(str(tmp_path / "after_change.onnx"), feeds)["y"], G.run(m, feeds)["y"])
+
+
+def test_sympy_is_executed_only_when_used():
+    """onnx-ir imports SymPy eagerly; onnxcompress defers it (start-up), and SymPy still works."""
+    code = textwrap.dedent("""
+        import sys
+        import onnxcompress.pipeline
+        from onnxcompress.api import OptimizeOptions, optimize
+        optimize(sys.argv[1], None, OptimizeOptions(latency=False))
+        assert type(sys.modules["sympy"]).__name__ == "_Deferred", type(sys.modules["sympy"])
+        import onnx_ir as ir
+        d = ir.SymbolicDim("N")
+        assert str(d * 2 + 1) == "2*N + 1" and str(ir.SymbolicDim("max(N, 3)")._expr) == "Max(3, N)"
+        import sympy
+        assert type(sys.modules["sympy"]).__name__ == "module" and sympy.Integer(2) + 1 == 3
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "models" / "digits_cnn.onnx")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 def test_session_reads_weights_in_place_and_reports_extra_outputs(tmp_path):
     m = G.mlp()
     onnx.save(m, tmp_path / "m.onnx")
