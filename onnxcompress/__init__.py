@@ -11,6 +11,7 @@ The names are imported on first use (PEP 562), so that ``import onnxcompress.cli
 import sys as _sys
 import threading as _threading
 import types as _types
+import weakref as _weakref
 
 __version__ = "0.2.0"
 
@@ -21,64 +22,104 @@ def _defer_sympy() -> None:
     onnx-ir (1.1) imports SymPy eagerly (``onnx_ir/_core.py``, ``onnx_ir/_symbolic_shapes.py``)
     but uses it only for arithmetic on symbolic dimensions (``SymbolicDim + 1``, parsing
     ``"N*2"``), which onnxcompress never does on its common paths. The import is 0.2-0.4 s of
-    every command's start-up (about a third of ``import onnx_ir``). Both modules are put in
-    ``sys.modules`` as :class:`_Deferred` stand-ins that execute the real module on the first
-    attribute access, so anything that does use SymPy gets the real module, unchanged.
-    (The standard library's ``importlib.util.LazyLoader`` cannot serve: an ``import sympy``
-    statement reads the module's ``__spec__``, which makes it load at once.) Nothing is done
-    when SymPy or onnx-ir is already imported or cannot be found.
+    every command's start-up (about a third of ``import onnx_ir``). A finder at the head of
+    ``sys.meta_path`` (:class:`_DeferringFinder`) hands both modules to the import system as
+    :class:`_Deferred` modules, executed on their first attribute access, so anything that does
+    use SymPy gets the real module. (The standard library's ``importlib.util.LazyLoader``
+    cannot serve: an ``import sympy`` statement reads the module's ``__spec__``, which makes it
+    load at once.) Nothing is done when SymPy or onnx-ir is already imported.
     """
-    import importlib.util
-    import os
-
     if "sympy" in _sys.modules or "onnx_ir" in _sys.modules:
         return
-    try:
-        specs = [importlib.util.find_spec("sympy"), importlib.util.find_spec("onnx_ir")]
-    except (ImportError, ValueError):
-        return
-    if None in specs or not specs[1].submodule_search_locations:
-        return
-    # the submodule's spec without importing its package (find_spec would run onnx_ir, and
-    # with it the eager import this is about)
-    path = os.path.join(list(specs[1].submodule_search_locations)[0], "_symbolic_shapes.py")
-    if not os.path.isfile(path):
-        return
-    specs[1] = importlib.util.spec_from_file_location("onnx_ir._symbolic_shapes", path)
-    for spec in specs:
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+    _sys.meta_path.insert(0, _DeferringFinder({"sympy", "onnx_ir._symbolic_shapes"}))
+
+
+class _DeferringFinder:
+    """Finds each of ``names`` once with the other finders and wraps its loader in a
+    :class:`_DeferringLoader`; leaves ``sys.meta_path`` when all were found."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = set(names)
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.names:
+            return None
+        self.names.discard(name)
+        if not self.names and self in _sys.meta_path:
+            _sys.meta_path.remove(self)
+        for finder in list(_sys.meta_path):
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _DeferringLoader(spec.loader)
+        return spec
+
+
+class _DeferringLoader:
+    """Loader whose ``exec_module`` only marks the module :class:`_Deferred`; the wrapped loader
+    executes it on first use (and directly on a reload)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.deferred = False
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec) if hasattr(self.loader, "create_module") else None
+
+    def exec_module(self, module) -> None:
+        if self.deferred or type(module) is not _types.ModuleType:  # a reload, or an unusual module type
+            self.loader.exec_module(module)
             return
-    for spec in specs:
-        module = importlib.util.module_from_spec(spec)
+        self.deferred = True
         module.__class__ = _Deferred
-        _sys.modules[spec.name] = module
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, ... of the real loader
+        return getattr(self.loader, name)
 
 
 class _Deferred(_types.ModuleType):
-    """A module in ``sys.modules`` not yet executed: the first access to an attribute other than
-    those the import system reads to find it (``__spec__``, ``__name__``, ...) executes it in
-    place (its class becomes a plain module) and returns the attribute; importing a submodule
-    reads ``__path__``, so it executes the package first. An error while executing removes it
-    from ``sys.modules`` and is raised, as a failed import would be."""
+    """A module not yet executed: the first access to an attribute other than those the import
+    system reads to find it (``__spec__``, ``__name__``, ...) executes it in place, under a lock
+    (another thread waits; the executing thread's own accesses pass through), then it becomes a
+    plain module. Importing a submodule first reads ``__path__``, so the package runs first (and
+    the import system then executes that submodule a second time; SymPy's package files only
+    re-export names, so this is harmless). An error while executing is raised, and again (as an
+    ImportError naming it) on every later access."""
 
     _IMPORT_SYSTEM = frozenset({"__spec__", "__name__", "__class__", "__dict__", "__loader__", "__package__"})
 
     def __getattribute__(self, attr):
+        get = _types.ModuleType.__getattribute__
         if attr in _Deferred._IMPORT_SYSTEM:
-            return object.__getattribute__(self, attr)
+            return get(self, attr)
         with _DEFER_LOCK:
             if type(self) is _Deferred:
-                spec = object.__getattribute__(self, "__spec__")
-                object.__setattr__(self, "__class__", _types.ModuleType)
+                state = _DEFER_STATE.get(self)
+                if state == "executing":  # the executing thread itself (it holds the lock)
+                    return get(self, attr)
+                spec = get(self, "__spec__")
+                if isinstance(state, BaseException):
+                    raise ImportError(f"module {spec.name!r} failed to execute: {state}") from state
+                _DEFER_STATE[self] = "executing"
                 try:
-                    spec.loader.exec_module(self)
-                except BaseException:
-                    _sys.modules.pop(spec.name, None)
+                    spec.loader.loader.exec_module(self)
+                except BaseException as exc:
+                    _DEFER_STATE[self] = exc
                     raise
+                del _DEFER_STATE[self]
+                object.__setattr__(self, "__class__", _types.ModuleType)
         return getattr(self, attr)
 
 
 _DEFER_LOCK = _threading.RLock()
+_DEFER_STATE: "_weakref.WeakKeyDictionary" = _weakref.WeakKeyDictionary()
+
 
 _defer_sympy()
 

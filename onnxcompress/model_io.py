@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import weakref
 from pathlib import Path
@@ -41,22 +42,33 @@ ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 1 << 16
 MAX_MAPPED_FILES = 64
 
 #: arrays whose bytes are, unchanged, a region of an input file: ``id(array)`` -> ``(weak
-#: reference, path, offset, file key)``; the writer copies those regions file to file in the
-#: kernel (:func:`_emit`) instead of from memory. An entry dies with its array.
+#: reference, path, offset, file key, data address, nbytes)``; the writer copies those regions
+#: file to file in the kernel (:func:`_emit`) instead of from memory. An entry dies with its array.
 _SOURCES: dict[int, tuple] = {}
+#: set (to anything but "" or "0") to write every weight from memory, never copying from an input file
+NO_KERNEL_COPY_ENV = "ONNXCOMPRESS_NO_KERNEL_COPY"
 
 
-def _file_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What must not change between reading a file and copying from it: device, inode, size, mtime."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def _file_key(st: os.stat_result) -> tuple[int, ...]:
+    """What must not change between reading a file and copying from it: device, inode, size,
+    mtime and ctime (a program can restore an mtime after rewriting a file, not a ctime)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _remember(arr: np.ndarray, path: str, offset: int, key: tuple) -> None:
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    """The same memory as a view whose buffer is read-only, so that no one can set
+    ``writeable`` back on (numpy allows that on an array that owns its memory)."""
+    return np.frombuffer(memoryview(arr.reshape(-1).view(np.uint8)).toreadonly(), arr.dtype).reshape(arr.shape)
+
+
+def _remember(arr: np.ndarray, path: str, offset: int, key: tuple) -> np.ndarray:
     """Record that ``arr`` holds the bytes of ``path`` at ``offset`` as ONNX stores them
-    (little-endian, C order); the array is made read-only, so the record stays true."""
-    if not arr.flags.c_contiguous or arr.dtype.byteorder == ">" or np.little_endian is False:
-        return
-    arr.flags.writeable = False
+    (little-endian, C order); returns the array to keep: read-only for good (:func:`_frozen`),
+    so the record stays true."""
+    if not arr.flags.c_contiguous or arr.dtype.byteorder == ">" or not np.little_endian:
+        return arr
+    if arr.flags.writeable or arr.base is None:
+        arr = _frozen(arr)
     k = id(arr)
 
     def gone(ref, k=k):
@@ -64,14 +76,17 @@ def _remember(arr: np.ndarray, path: str, offset: int, key: tuple) -> None:
         if entry is not None and entry[0] is ref:
             del _SOURCES[k]
 
-    _SOURCES[k] = (weakref.ref(arr, gone), path, offset, key)
+    _SOURCES[k] = (weakref.ref(arr, gone), path, offset, key, arr.ctypes.data, arr.nbytes)
+    return arr
 
 
 def file_source(buf: np.ndarray) -> tuple[str, int, tuple] | None:
     """``(path, offset, file key)`` where the array's bytes lie in an input file, if the array is
-    one that :func:`load_model` read or mapped and is still read-only; else ``None``."""
+    one that :func:`load_model` read or mapped (the same object, memory and size) and is still
+    read-only; else ``None``."""
     entry = _SOURCES.get(id(buf))
-    if entry is None or entry[0]() is not buf or buf.flags.writeable:
+    if (entry is None or entry[0]() is not buf or buf.flags.writeable or buf.ctypes.data != entry[4]
+            or buf.nbytes != entry[5]):
         return None
     return entry[1], entry[2], entry[3]
 
@@ -84,8 +99,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 
     Returns:
         The model as an ``onnx_ir.Model``. Initializers kept as external data are read-only
-        views of one memory map per data file (the files must not change during the run);
-        large inline weights are read once into arrays (:func:`_load_lean`). The resolved paths of
+        views of one memory map per data file; large inline weights are read once into
+        read-only arrays (:func:`_load_lean`). Where each weight lies in its file is recorded,
+        so that :func:`save_model` copies the unchanged ones file to file; the files must not
+        change during the run (a change is detected before copying, and the weight is then
+        written from memory). The resolved paths of
         the external data files are in ``model.meta["onnxcompress.external_files"]``.
 
     Raises:
@@ -152,27 +170,28 @@ def _map_external(model: ir.Model) -> None:
         path = os.path.realpath(t.path)
         npdt = np.dtype(t.dtype.numpy()).newbyteorder("<")
         off, count = int(t.offset or 0), int(np.prod(dims, dtype=np.int64))
-        if path not in keys:
-            keys[path] = _file_key(os.stat(path))
         if path not in maps and len(maps) < MAX_MAPPED_FILES:
             with open(path, "rb") as f:
-                maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+                keys[path] = _file_key(os.fstat(f.fileno()))
+                maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if keys[path][2] else b""
         if path in maps:
             if off + count * npdt.itemsize > len(maps[path]):
                 raise ValueError(f"tensor '{name}': its data lies past the end of {t.location}")
             arr = np.frombuffer(maps[path], npdt, count, off).reshape(dims)
             if off % npdt.itemsize or not npdt.isnative:
                 arr = arr.astype(npdt.newbyteorder("="))  # an aligned, native copy
+            key = keys[path]
         else:
             arr = np.empty(dims, npdt)
             with open(path, "rb") as f:
+                key = _file_key(os.fstat(f.fileno()))
                 f.seek(off)
                 if f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
                     raise ValueError(f"tensor '{name}': its data lies past the end of {t.location}")
             if not npdt.isnative:
                 arr = arr.astype(npdt.newbyteorder("="))
-        if npdt.isnative and path in keys:
-            _remember(arr, path, off, keys[path])
+        if npdt.isnative:
+            arr = _remember(arr, path, off, key)
         return ir.Tensor(arr, name=name)
 
     from .irutil import subgraphs
@@ -334,9 +353,7 @@ def _strip_raw(buf, start: int, end: int, f, weights: dict[str, np.ndarray] | No
     if f.readinto(memoryview(arr).cast("B")) != nbytes:
         raise ValueError(f"initializer '{name}': file ends inside its data")
     if npdt.isnative:
-        if source is not None:
-            _remember(arr, source[0], raw[1], source[1])
-        weights[name] = arr
+        weights[name] = _remember(arr, source[0], raw[1], source[1]) if source is not None else arr
     else:
         weights[name] = arr.astype(npdt.newbyteorder("="))
     out = bytearray()
@@ -592,13 +609,16 @@ def _le_bytes(buf: np.ndarray) -> memoryview:
 
 
 def _open_unchanged(path: str, key: tuple) -> int:
-    """A read-only descriptor of ``path`` if it is still the file that was read (:func:`_file_key`), else -1."""
+    """A read-only descriptor of ``path`` if it is still the regular file that was read
+    (:func:`_file_key`), else -1. Opened without following a link, blocking or taking a terminal."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, flags)
     except OSError:
         return -1
     try:
-        if _file_key(os.fstat(fd)) == key:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and _file_key(st) == key:
             return fd
     except OSError:
         pass
@@ -606,22 +626,27 @@ def _open_unchanged(path: str, key: tuple) -> int:
     return -1
 
 
-def _emit(f, buf: np.ndarray, fds: dict[str, int]) -> None:
+def _kernel_copy() -> bool:
+    return hasattr(os, "copy_file_range") and os.environ.get(NO_KERNEL_COPY_ENV, "") in ("", "0")
+
+
+def _emit(f, buf: np.ndarray, fds: dict[tuple, int] | None) -> None:
     """Append one tensor's bytes to ``f`` (a binary file open for writing).
 
     Bytes that are an unchanged region of an input file (:func:`file_source`: a weight as
     :func:`load_model` read or mapped it, the file not modified since) are copied file to file
     by the kernel (``os.copy_file_range``, Linux): nothing passes through this process's memory,
     and on a filesystem that shares blocks (XFS, Btrfs) nothing is copied at all. Anything else,
-    or where the kernel or filesystem cannot, is written from memory. ``fds``: descriptors of the
-    input files opened so far (-1: not usable), closed by the caller."""
-    src = file_source(buf) if hasattr(os, "copy_file_range") else None
+    where the kernel or filesystem cannot, with ``fds=None``, or with the environment variable
+    :data:`NO_KERNEL_COPY_ENV` set, is written from memory. ``fds``: descriptors of the input
+    files opened so far by ``(path, key)`` (-1: not usable), closed by the caller."""
+    src = file_source(buf) if fds is not None else None
     done = 0
     if src is not None:
         path, offset, key = src
-        if path not in fds:
-            fds[path] = _open_unchanged(path, key)
-        fd = fds[path]
+        if (path, key) not in fds:
+            fds[path, key] = _open_unchanged(path, key)
+        fd = fds[path, key]
         if fd >= 0:
             f.flush()
             try:
@@ -631,10 +656,14 @@ def _emit(f, buf: np.ndarray, fds: dict[str, int]) -> None:
                         break
                     done += n
             except OSError:  # EXDEV, EOPNOTSUPP, ENOSYS...: from memory, for this file from now on
-                fds[path] = -1
+                fds[path, key] = -1
                 os.close(fd)
     if done < buf.nbytes:
         f.write(_le_bytes(buf)[done:])
+
+
+class _SourceChanged(Exception):
+    """An input file copied from changed while the output was written."""
 
 
 def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, data_name: str, *,
@@ -642,10 +671,17 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
     """Stream ``model`` to ``path``: its skeleton, then the large tensors one at a time — appended
     as protobuf chunks (inline) or to ``data_path`` (default ``folder/data_name``) with the
     skeleton pointing at ``data_name``; a weight unchanged from the input file is copied from it
-    by the kernel (:func:`_emit`). Peak extra memory: one tensor's bytes."""
-    fds: dict[str, int] = {}
+    by the kernel (:func:`_emit`). Every input file copied from is checked again once all is
+    written; if one changed meanwhile, the whole output is written again from memory. Peak
+    extra memory: one tensor's bytes."""
+    fds: dict[tuple, int] = {}
     try:
-        _write_streams(model, path, folder, data_name, external_data, data_path, fds)
+        _write_streams(model, path, folder, data_name, external_data, data_path, fds if _kernel_copy() else None)
+        for (_, key), fd in fds.items():
+            if fd >= 0 and _file_key(os.fstat(fd)) != key:
+                raise _SourceChanged
+    except _SourceChanged:
+        _write_streams(model, path, folder, data_name, external_data, data_path, None)
     finally:
         for fd in fds.values():
             if fd >= 0:
@@ -653,7 +689,7 @@ def _write(model: ir.Model, path: str | os.PathLike, folder: str | os.PathLike, 
 
 
 def _write_streams(model: ir.Model, path, folder, data_name: str, external_data: bool, data_path,
-                   fds: dict[str, int]) -> None:
+                   fds: dict[tuple, int] | None) -> None:
     if not external_data:
         # the canonical layout (one `graph` field, every reader parses it): the skeleton's fields,
         # then the graph field whose length counts the entries streamed after its own payload
