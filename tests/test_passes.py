@@ -201,6 +201,29 @@ def test_conv_affine_folding():
     assert reps2[0].counts["affine_folded"] == 0 and [n.op_type for n in out2.graph.node] == ["Mul", "Add", "Conv"]
 
 
+def test_conv_affine_fold_keeps_the_conv_name_when_the_scale_comes_first():
+    """Two branches reading one input (a MobileOne block), each Conv -> Mul(scale, conv) -> Add
+    (an exported scalar affine, the constant first as PaddlePaddle writes it), folded into one
+    Conv each: every new Conv carries its own original name, found through the Mul's second input
+    (the first input alone cannot tell the siblings apart), so --exclude and the reports keep
+    using the names inspect shows."""
+    rng = np.random.default_rng(11)
+    inits, nodes = [], []
+    for k, (a, c) in {"a": (1.7, -0.4), "b": (0.6, 0.25)}.items():
+        inits += [G.init(f"w{k}", rng.standard_normal((4, 3, 1, 1)) * 0.3), G.init(f"b{k}", rng.standard_normal(4) * 0.1),
+                  G.init(f"s{k}", [a]), G.init(f"o{k}", [c])]
+        nodes += [helper.make_node("Conv", ["x", f"w{k}", f"b{k}"], [f"c{k}"], name=f"p2o.Conv.{k}"),
+                  helper.make_node("Mul", [f"s{k}", f"c{k}"], [f"m{k}"], name=f"p2o.Mul.{k}"),
+                  helper.make_node("Add", [f"m{k}", f"o{k}"], [f"y{k}"], name=f"p2o.Add.{k}")]
+    m = G.model(nodes, [G.vi("x", [1, 3, 5, 5])], [G.vi("ya", [1, 4, 5, 5]), G.vi("yb", [1, 4, 5, 5])], inits)
+    feeds = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+    out, reps = _apply(m, [ConvAffinePass(PassContext())], feeds)
+    assert reps[0].counts["affine_folded"] == 2
+    assert {n.output[0]: (n.op_type, n.name) for n in out.graph.node} == {"ya": ("Conv", "p2o.Conv.a"),
+                                                                          "yb": ("Conv", "p2o.Conv.b")}
+    _close(G.run(m, feeds), G.run(out, feeds), 1e-5)
+
+
 @pytest.mark.parametrize("opset", [12, 17])
 def test_hardswish_fusion(opset):
     """``x * Clip(x + 3, 0, 6) / 6`` (exported HardSwish) -> HardSwish (opset >= 14) or

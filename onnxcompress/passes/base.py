@@ -259,9 +259,10 @@ def keep_node_names(before: ir.Model, model: ir.Model) -> int:
     """Give nodes a rewrite created (onnxscript names them ``node_Conv_0``...) the name of the node
     they replace, so ``--exclude``, ``--prune-protect``, ``--prune-ratio`` and reports keep using
     the names ``inspect`` shows. The replaced node is a removed node of the same op type (``Gemm``
-    also a ``MatMul``): first the one up the removed chain that produced the new node's output
-    (Conv -> BatchNormalization folded into one Conv: the Conv), else the only one that read the
-    same first input.
+    also a ``MatMul``): first the nearest one up the removed nodes that produced the new node's
+    output, through any of their inputs (Conv -> BatchNormalization folded into one Conv: the
+    Conv; Conv -> Mul(scale, ·) -> Add folded: the Conv), else the only one that read the same
+    first input.
 
     Args:
         before: the model before the rewrite (a :func:`snapshot`).
@@ -280,15 +281,18 @@ def keep_node_names(before: ir.Model, model: ir.Model) -> int:
             continue
         roles = _SAME_ROLE.get(node.op_type, (node.op_type,))
         pick = None
-        cur = producer.get(node.outputs[0].name) if node.outputs else None
-        for _ in range(6):  # walk up the removed nodes that ended in this output
-            if cur is None or cur not in free:
+        # walk up the removed nodes that ended in this output, breadth first through every
+        # input a removed node produced (a Mul(scale, conv) has its constant first), 6 levels
+        level = [producer.get(node.outputs[0].name)] if node.outputs else []
+        seen: set[str] = set()
+        for _ in range(6):
+            level = [c for c in level if c is not None and c in free and c not in seen]
+            seen.update(level)
+            hits = [c for c in level if old[c][0] in roles]
+            if hits:
+                pick = hits[0]
                 break
-            if old[cur][0] in roles:
-                pick = cur
-                break
-            ins = old[cur][1]
-            cur = producer.get(ins[0]) if ins else None
+            level = [producer.get(i) for c in level for i in old[c][1] if i]
         if pick is None:
             first = node.inputs[0].name
             cands = [n for n in free if old[n][0] in roles and old[n][1][:1] == [first]]
