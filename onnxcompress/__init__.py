@@ -17,7 +17,7 @@ __version__ = "0.2.0"
 
 
 def _defer_sympy() -> None:
-    """Let onnx-ir import SymPy on first use instead of at import.
+    """Let onnx-ir import SymPy on first use instead of at import (the command line only).
 
     onnx-ir (1.1) imports SymPy eagerly (``onnx_ir/_core.py``, ``onnx_ir/_symbolic_shapes.py``)
     but uses it only for arithmetic on symbolic dimensions (``SymbolicDim + 1``, parsing
@@ -28,6 +28,11 @@ def _defer_sympy() -> None:
     use SymPy gets the real module. (The standard library's ``importlib.util.LazyLoader``
     cannot serve: an ``import sympy`` statement reads the module's ``__spec__``, which makes it
     load at once.) Nothing is done when SymPy or onnx-ir is already imported.
+
+    Called when the command line's module (:mod:`onnxcompress.cli`) is imported, before a command
+    imports onnx-ir, not on ``import onnxcompress``: a library user's threads could import a SymPy submodule while
+    another executes SymPy (the stand-in's lock and the import system's module locks would
+    deadlock), or ``importlib.reload`` it; the command's own threads never touch SymPy.
     """
     if "sympy" in _sys.modules or "onnx_ir" in _sys.modules:
         return
@@ -119,9 +124,6 @@ class _Deferred(_types.ModuleType):
 
 _DEFER_LOCK = _threading.RLock()
 _DEFER_STATE: "_weakref.WeakKeyDictionary" = _weakref.WeakKeyDictionary()
-
-
-_defer_sympy()
 
 #: public name -> the module that defines it
 _PUBLIC = {

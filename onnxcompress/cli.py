@@ -12,8 +12,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from . import __version__
-from .cli_common import one_line_errors, _fmt_bytes, _state, app, out_console
+from . import __version__, _defer_sympy
+
+# before a command's module imports onnx-ir (click resolves the command, importing it, before this
+# group's callback runs): onnx-ir's eager SymPy import is 0.2-0.4 s of every command's start-up
+_defer_sympy()
+
+from .cli_common import one_line_errors, _fmt_bytes, _state, app, out_console  # noqa: E402
 
 
 @app.callback()

@@ -20,6 +20,7 @@ import contextlib
 import os
 import stat
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -61,14 +62,23 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
     return np.frombuffer(memoryview(arr.reshape(-1).view(np.uint8)).toreadonly(), arr.dtype).reshape(arr.shape)
 
 
+#: a file modified less than this long (ns) before it is read is never copied from: a rewrite in
+#: the same tick of a coarse file clock (a kernel before 6.13 stamps files at its timer tick;
+#: some filesystems at whole seconds) would keep its size, mtime and ctime
+SETTLED_NS = 2_000_000_000
+
+
 def _remember(arr: np.ndarray, path: str, offset: int, key: tuple) -> np.ndarray:
     """Record that ``arr`` holds the bytes of ``path`` at ``offset`` as ONNX stores them
-    (little-endian, C order); returns the array to keep: read-only for good (:func:`_frozen`),
-    so the record stays true."""
+    (little-endian, C order), unless the file was modified less than :data:`SETTLED_NS` ago
+    (or in the future: a skewed clock); returns the array to keep: read-only for good
+    (:func:`_frozen`), so the record stays true."""
     if not arr.flags.c_contiguous or arr.dtype.byteorder == ">" or not np.little_endian:
         return arr
     if arr.flags.writeable or arr.base is None:
         arr = _frozen(arr)
+    if max(key[3], key[4]) > time.time_ns() - SETTLED_NS:
+        return arr
     k = id(arr)
 
     def gone(ref, k=k):
@@ -101,10 +111,14 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         The model as an ``onnx_ir.Model``. Initializers kept as external data are read-only
         views of one memory map per data file; large inline weights are read once into
         read-only arrays (:func:`_load_lean`). Where each weight lies in its file is recorded,
-        so that :func:`save_model` copies the unchanged ones file to file; the files must not
-        change during the run (a change is detected before copying, and the weight is then
-        written from memory). The resolved paths of
-        the external data files are in ``model.meta["onnxcompress.external_files"]``.
+        so that :func:`save_model` copies the unchanged ones file to file. The files must not
+        change during the run: a change to a file read into memory is detected before copying
+        (the weight is then written from memory), but external data is memory-mapped, so a
+        change shows in the run's weights themselves, and a file truncated under the map ends
+        the process (SIGBUS). The resolved paths of
+        the external data files are in ``model.meta["onnxcompress.external_files"]``, the model's
+        own in ``model.meta["onnxcompress.path"]`` (``api.optimize`` given the model refuses to
+        write over either).
 
     Raises:
         ModelLoadError: the path is missing, is a directory or not a regular file, is not a
@@ -142,6 +156,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as exc:
         raise ModelLoadError(f"{p}: cannot convert to onnx-ir ({type(exc).__name__}: {exc})") from None
     model.meta["onnxcompress.external_files"] = files
+    model.meta["onnxcompress.path"] = p.resolve()
     return model
 
 

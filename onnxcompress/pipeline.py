@@ -91,6 +91,9 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     model_files: list = field(default_factory=list)  # the input model and its external data
+    #: files an in-memory input (``onnx_ir.Model`` from ``load_model``) was read from and may still
+    #: read (memory-mapped weights): protected like the input files
+    source_files: list = field(default_factory=list)
     in_files: list = field(default_factory=list)  # those and the data files: never overwritten
     #: how passes are checked when no inputs run: "runtime" (checker + ORT load) or "checker"
     structural: str | None = None
@@ -188,7 +191,7 @@ def _check_paths(run: _Run) -> None:
             check_input_file(f, "data file")
         except PathError as exc:
             raise DataError(str(exc)) from None
-    run.in_files = [*run.model_files, *_data_files(run.recipe)]
+    run.in_files = [*run.model_files, *run.source_files, *_data_files(run.recipe)]
     if run.out is not None:
         check_output_path(run.out, tuple(run.in_files), run.recipe.output.external_data)
 
@@ -211,6 +214,8 @@ def _load_input(run: _Run, model) -> ir.Model:
     elif isinstance(model, ir.Model):
         run.say("loading model")
         original = model
+        src = model.meta.get("onnxcompress.path")
+        run.source_files = [*([src] if src else []), *model.meta.get("onnxcompress.external_files", [])]
     else:
         raise OnnxCompressError(f"model must be a path, an onnx.ModelProto or an onnx_ir.Model, "
                                 f"got {type(model).__name__}")

@@ -198,3 +198,26 @@ def test_symlinked_outputs_are_refused(work):
         res = _run(*args)
         assert res.exit_code == 2 and "symbolic link" in res.output, (flag, res.output)
         assert link.is_symlink() and not target.exists()
+
+
+def test_api_given_a_loaded_model_never_writes_over_the_files_it_was_read_from(work):
+    """``optimize(load_model(p), out)``: the model was read from ``p`` and its external data is
+    memory-mapped from ``p.data``; writing over either would destroy the input (the mapped weights
+    change under the run, the model on disk points into a new layout)."""
+    import onnx
+
+    from onnxcompress.model_io import load_model
+
+    m = onnx.load(work / "digits_cnn.onnx")
+    onnx.save(m, work / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=64)
+    before = _digest(work)
+    for target in ("ext.onnx", "ext.onnx.data"):
+        model = load_model(work / "ext.onnx")
+        with pytest.raises(OnnxCompressError, match="input"):
+            optimize(model, work / target, OptimizeOptions(latency=False))
+    model = load_model(work / "ext.onnx")
+    with pytest.raises(OnnxCompressError, match="input"):  # its .data would land on the input's
+        optimize(model, work / "ext.onnx", OptimizeOptions(latency=False, external_data=True))
+    assert _digest(work) == before
+    optimize(load_model(work / "ext.onnx"), work / "new.onnx", OptimizeOptions(latency=False))
+    assert (work / "new.onnx").is_file() and _digest(work)["ext.onnx.data"] == before["ext.onnx.data"]
