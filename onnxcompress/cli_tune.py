@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .cli_common import one_line_errors, _check_out_paths, _setup_logging, _write_reports, app, console, out_console
 from .errors import OnnxCompressError
+from .tune_params import SENSITIVITY_NODES
 
 
 def _seconds(text: Optional[str]) -> Optional[float]:
@@ -41,6 +42,8 @@ def tune(
     min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="fp32 latency / model latency at least this."),
     max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="The written model at most this many MB."),
     trials: int = typer.Option(30, "--trials", min=1, help="Most trials (resumed ones count)."),
+    sensitivity_nodes: int = typer.Option(SENSITIVITY_NODES.default, "--sensitivity-nodes", min=0,
+                                          help=SENSITIVITY_NODES.help),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop starting trials after this long "
                                               "(90s, 20m, 1h)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="State folder of an earlier run to continue "
@@ -65,11 +68,11 @@ def tune(
         budget = Budget(metric, max_drop, min_speedup, max_size_mb)
         seconds = _seconds(time_budget)
         if quiet:
-            res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
+            res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials, sensitivity_nodes=sensitivity_nodes,
                            time_budget_s=seconds, state=resume)
         else:
             with console.status("tuning") as status:
-                res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
+                res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials, sensitivity_nodes=sensitivity_nodes,
                                time_budget_s=seconds, state=resume, progress=lambda s: status.update(escape(s)))
     _write_reports(res.report, report, html)
     if not quiet:
@@ -111,8 +114,11 @@ def _render(res) -> None:
     out_console.print(t)
     sens = res.report.get("sensitivity") or []
     if sens:
-        console.print("most int8-sensitive nodes (int8 output SQNR): " + ", ".join(
-            f"{escape(x['node'])} {x['int8_sqnr_db']:.1f} dB" for x in sens[:5]), highlight=False)
+        console.print("most int8-sensitive nodes, in keep_float's order (metric gain kept in float alone; "
+                      "int8 output SQNR): " + ", ".join(
+                          f"{escape(x['node'])} (" + (f"{x['metric_gain_in_float']:+.3g}, "
+                                                     if x.get("metric_gain_in_float") is not None else "")
+                          + f"{x['int8_sqnr_db']:.1f} dB)" for x in sens[:5]), highlight=False)
     for w in res.report.get("resolution") or []:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     h = res.report["held_out"]

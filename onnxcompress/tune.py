@@ -45,6 +45,7 @@ from .errors import DataError, GateFailedError, OnnxCompressError
 from .model_io import write_atomic
 from .options import EQUALIZE, PRUNE, PRUNE_MODE, QUANTIZE, SMOOTH_QUANT, OptimizeOptions
 from .params import Param
+from .tune_params import SENSITIVITY_NODES, SENSITIVITY_TIME_SHARE
 from .passes.prune_channels import ROUND_TO
 from .passes.quantize.config import BIAS_CORRECTION, CALIBRATION_METHOD, PER_CHANNEL
 
@@ -596,7 +597,8 @@ class _Search:
     trials: list[Trial] = field(default_factory=list)
     data_key: str = ""
     say: Callable[[str], None] = lambda s: None
-    #: (node, int8 output SQNR dB), most sensitive first (measured once, before the search)
+    #: (node, int8 output SQNR dB, metric gain with only it in float or None), in keep_float's
+    #: order (measured once, before the search: :func:`_sensitivity`)
     sensitivity: list = field(default_factory=list)
     #: the finalists' joint timing (:func:`_final_timing`): trial number, speed-up, interval
     final_timing: list = field(default_factory=list)
@@ -623,7 +625,7 @@ class _Search:
         from .bench import benchmark
         from .recipe import from_options
 
-        opts = _options(chosen, self.base, [n for n, _ in self.sensitivity])
+        opts = _options(chosen, self.base, [x[0] for x in self.sensitivity])
         t = Trial(number, {k: v for k, v in chosen.items()})
         if t.options.get("keep_float"):  # what the trial really kept (at most the ranked nodes), for its label
             t.options["keep_float"] = min(int(t.options["keep_float"]), len(self.sensitivity))
@@ -661,7 +663,8 @@ class _Search:
 
 def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=None, validation=None,
          trials: int = 30, time_budget_s: float | None = None, state: str | Path | None = None,
-         seed: int = 0, progress: Callable[[str], None] | None = None) -> TuneResult:
+         seed: int = 0, progress: Callable[[str], None] | None = None,
+         sensitivity_nodes: int = SENSITIVITY_NODES.default) -> TuneResult:
     """Search recipes for ``budget`` and write the best model found (see the module docstring).
 
     Args:
@@ -674,6 +677,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         trials: the most trials (cached ones count); ``time_budget_s`` stops earlier.
         state: folder for the Optuna study, the trial models and the cache (default
             ``<output>.tune``); passing the same folder again resumes.
+        sensitivity_nodes: :data:`SENSITIVITY_NODES`.
 
     Returns:
         :class:`TuneResult`; ``met`` is False when no trial met the budget (the closest was written).
@@ -703,7 +707,9 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     except OSError as exc:
         raise OnnxCompressError(f"{st}: cannot create the tune state folder ({exc.strerror or exc})") from None
     try:
-        s = _prepare(Path(model), budget, calibration, validation, st, say)
+        if not (isinstance(sensitivity_nodes, int) and sensitivity_nodes >= 0):
+            raise OnnxCompressError(f"--sensitivity-nodes must be an integer >= 0, got {sensitivity_nodes!r}")
+        s = _prepare(Path(model), budget, calibration, validation, st, say, sensitivity_nodes, time_budget_s)
     except BaseException:
         if created:  # made by this call and holding nothing worth resuming
             shutil.rmtree(st, ignore_errors=True)
@@ -775,7 +781,8 @@ def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
     return seeds
 
 
-def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say) -> _Search:
+def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say,
+             sensitivity_nodes: int = SENSITIVITY_NODES.default, time_budget_s: float | None = None) -> _Search:
     """Data splits, the fp32 reference outputs and metric, the timing data."""
     from .model_io import load_model
     from .pipeline import _samples
@@ -875,7 +882,7 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                                 f"{step[0]:.3g} > --max-drop {budget.max_drop:g}, so the budget cannot tell a model "
                                 "with one changed answer from one with none there (give more --validation data)")
             say("tune: warning: " + s.resolution[-1])
-    s.sensitivity = _sensitivity(s, say)
+    s.sensitivity = _sensitivity(s, say, sensitivity_nodes, time_budget_s)
     return s
 
 
@@ -902,26 +909,68 @@ def _check_labels(labels, refs: list[dict]) -> None:
                         f"(the first output '{first}' has {classes} classes)")
 
 
-def _sensitivity(s: _Search, say) -> list[tuple[str, float]]:
-    """Per node, the int8 output SQNR (dB) one quantization measures (static with calibration
-    data, else dynamic); lowest first. It orders the fallback sets the search tries
-    (``keep_float``). Cached in the state folder."""
+def _sensitivity(s: _Search, say, measured: int = SENSITIVITY_NODES.default,
+                 time_budget_s: float | None = None) -> list[tuple[str, float, float | None]]:
+    """The order in which ``keep_float`` keeps nodes in float: ``(node, int8 output SQNR dB,
+    metric gain)`` per int8 node.
+
+    One static int8 run gives each node's one-node output SQNR (:mod:`onnxcompress.passes.quantize
+    .sensitivity`). Then the ``measured`` lowest-SQNR nodes are each kept in float alone (static
+    int8 of every other node, ``exclude_nodes``) and the result scored with the budget's metric on
+    the search half: its *gain* over the all-int8 model is what keeping that node in float buys
+    for this task — the issue's per-layer sensitivity, measured where it is used (SQNR is one
+    node's output, not the task's answer). That stops once it has taken
+    :data:`SENSITIVITY_TIME_SHARE` of ``time_budget_s``. The nodes whose gain is positive come
+    first (largest first; equal gains: lower SQNR first), then every other node by SQNR, lowest
+    first. Cached in the state folder (``sensitivity.json``); an older cache without gains is
+    used as it is. ``[]`` when static int8 cannot run."""
     from .api import optimize
 
     f = s.state / "sensitivity.json"
     known = _read_json(f, [], list)
-    if known and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
-                     and isinstance(x[1], (int, float)) for x in known):
-        return [(n, float(v)) for n, v in known]
+    if known and all(isinstance(x, list) and len(x) in (2, 3) and isinstance(x[0], str)
+                     and isinstance(x[1], (int, float)) and (len(x) == 2 or x[2] is None or isinstance(x[2], (int, float)))
+                     for x in known):
+        return [(x[0], float(x[1]), None if len(x) == 2 or x[2] is None else float(x[2])) for x in known]
     say("tune: per-node int8 sensitivity")
+    t0 = time.perf_counter()
+    folder = s.state / "sensitivity"
+    folder.mkdir(exist_ok=True)
+    static = replace(s.base, quantize="static")
     try:
-        res = optimize(s.model, None, replace(s.base, quantize="static"))
+        res = optimize(s.model, folder / "all.onnx", static)
     except OnnxCompressError:
         return []
     sq: dict[str, float] = {}
     for p in res.report.get("passes", []):
         sq.update({k: float(v) for k, v in (p.get("counts", {}).get("node_sqnr_db") or {}).items()})
-    out = sorted(sq.items(), key=lambda kv: kv[1])
+    del res
+    by_sqnr = sorted(sq, key=lambda n: sq[n])
+    gains: dict[str, float] = {}
+    if measured and by_sqnr:
+        try:
+            base = measure(s.budget, folder / "all.onnx", s.ref_search, s.search_feeds, s.search_labels)
+        except (OnnxCompressError, DataError):
+            base = float("nan")
+        for n in by_sqnr[:measured] if math.isfinite(base) else []:
+            if time_budget_s is not None and time.perf_counter() - t0 > SENSITIVITY_TIME_SHARE * time_budget_s:
+                say(f"tune: sensitivity stopped after {len(gains)} node(s): "
+                    f"{SENSITIVITY_TIME_SHARE:.0%} of --time-budget spent")
+                break
+            try:
+                optimize(s.model, folder / "one.onnx", replace(static, exclude_nodes=(n,)))
+                got = measure(s.budget, folder / "one.onnx", s.ref_search, s.search_feeds, s.search_labels)
+            except (OnnxCompressError, DataError):
+                continue
+            if math.isfinite(got):
+                gains[n] = got - base
+    shutil.rmtree(folder, ignore_errors=True)
+    first = sorted((n for n in gains if gains[n] > 0), key=lambda n: (-gains[n], sq[n]))
+    order = first + [n for n in by_sqnr if n not in first]
+    out = [(n, sq[n], gains.get(n)) for n in order]
+    if first:
+        say("tune: kept in float alone, these raise the metric most: " + ", ".join(
+            f"{n} (+{gains[n]:.3g})" for n in first[:5]))
     write_atomic(f, json.dumps(out))
     return out
 
@@ -1044,7 +1093,8 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         "trials": [{k: v for k, v in t.__dict__.items() if k != "recipe_toml"} for t in s.trials],
         "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
         "fp32_size_bytes": s.fp32_size, "final_timing": s.final_timing,
-        "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2)} for n, v in s.sensitivity],
+        "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2),
+                         "metric_gain_in_float": None if g is None else round(g, 4)} for n, v, g in s.sensitivity],
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     write_atomic(st / "report.json", json.dumps(report, indent=1, default=str))

@@ -427,3 +427,33 @@ def test_held_out_retries_try_each_trial_once_timed_finalists_first():
     timed = [replace(feasible[1], speedup=1.4), replace(feasible[2], speedup=1.6)]
     chosen = timed[1]
     assert [x.number for x in _held_out_order(chosen, timed, feasible)] == [1, 3, 0, 4]
+
+
+def test_sensitivity_is_measured_with_the_metric_and_orders_keep_float(tmp_path):
+    """Before the search each of the lowest-SQNR nodes is kept in float alone and scored with the
+    budget's metric: those whose float version raises the metric come first (largest gain first),
+    then the rest by SQNR; the report and the cache carry both figures, and a trial's keep_float
+    keeps the first of that order in float."""
+    st = tmp_path / "st"
+    res = tune(M, tmp_path / "s.onnx", Budget(metric="cosine", max_drop=5.0), calibration=C, validation=V,
+               trials=1, state=st, sensitivity_nodes=3)
+    sens = res.report["sensitivity"]
+    assert len(sens) >= 4  # the digits CNN's int8 nodes
+    measured = [x for x in sens if x["metric_gain_in_float"] is not None]
+    assert 1 <= len(measured) <= 3
+    by_sqnr = sorted(sens, key=lambda x: x["int8_sqnr_db"])
+    assert {x["node"] for x in measured} <= {x["node"] for x in by_sqnr[:3]}
+    up = [x for x in sens if (x["metric_gain_in_float"] or 0) > 0]
+    assert sens[:len(up)] == up  # the gains first ...
+    assert [x["metric_gain_in_float"] for x in up] == sorted((x["metric_gain_in_float"] for x in up), reverse=True)
+    rest = sens[len(up):]
+    assert [x["int8_sqnr_db"] for x in rest] == sorted(x["int8_sqnr_db"] for x in rest)  # ... then SQNR
+    cached = json.loads((st / "sensitivity.json").read_text())
+    assert [c[0] for c in cached] == [x["node"] for x in sens] and all(len(c) == 3 for c in cached)
+    assert not (st / "sensitivity").exists()  # the measuring models are removed
+    # a cache from before the gains ([node, sqnr]) is read as it is
+    (st / "sensitivity.json").write_text(json.dumps([[c[0], c[1]] for c in cached]))
+    again = tune(M, tmp_path / "s2.onnx", Budget(metric="cosine", max_drop=5.0), calibration=C, validation=V,
+                 trials=1, state=st, sensitivity_nodes=3)
+    assert [x["node"] for x in again.report["sensitivity"]] == [c[0] for c in cached]
+    assert all(x["metric_gain_in_float"] is None for x in again.report["sensitivity"])
