@@ -512,7 +512,7 @@ def render_optimize_html(report: dict) -> str:
 
 def _tune_plots(rep: dict) -> list[dict]:
     """The trials as speed-up vs metric drop (marker area: size; the budget's bounds dashed; the
-    Pareto set outlined, the chosen trial starred), and the per-node sensitivity (worst first)."""
+    Pareto set outlined, the chosen trial starred), and the per-node sensitivity (keep_float's order)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 

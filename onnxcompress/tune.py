@@ -34,6 +34,7 @@ import importlib
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,8 +63,9 @@ class Axis:
     when: dict[str, tuple] = field(default_factory=dict)
 
 
-KEEP_FLOAT = Param("keep_float", 0, "How many of the most int8-sensitive nodes (lowest int8 output SQNR, "
-                   "measured once before the search) stay in float.", kind="int", low=0, search=(0, 1, 2, 4, 8))
+KEEP_FLOAT = Param("keep_float", 0, "How many of the most int8-sensitive nodes stay in float (measured once "
+                   "before the search: the metric gained with one node in float, then the int8 output SQNR; "
+                   "see --sensitivity-nodes).", kind="int", low=0, search=(0, 1, 2, 4, 8))
 
 #: the search space, each axis a declared parameter (values from ``Param.search``)
 SPACE: tuple[Axis, ...] = (
@@ -690,6 +692,8 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     except ImportError:
         raise OnnxCompressError("tune needs Optuna: pip install 'onnxcompress[tune]'") from None
     budget.check()
+    if isinstance(sensitivity_nodes, bool) or not isinstance(sensitivity_nodes, int) or sensitivity_nodes < 0:
+        raise OnnxCompressError(f"--sensitivity-nodes must be an integer >= 0, got {sensitivity_nodes!r}")
     say = progress or (lambda s: None)
     out = Path(output)
     if not out.name:
@@ -707,9 +711,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     except OSError as exc:
         raise OnnxCompressError(f"{st}: cannot create the tune state folder ({exc.strerror or exc})") from None
     try:
-        if not (isinstance(sensitivity_nodes, int) and sensitivity_nodes >= 0):
-            raise OnnxCompressError(f"--sensitivity-nodes must be an integer >= 0, got {sensitivity_nodes!r}")
-        s = _prepare(Path(model), budget, calibration, validation, st, say, sensitivity_nodes, time_budget_s)
+        s = _prepare(Path(model), budget, calibration, validation, st, say, sensitivity_nodes, time_budget_s, trials)
     except BaseException:
         if created:  # made by this call and holding nothing worth resuming
             shutil.rmtree(st, ignore_errors=True)
@@ -782,7 +784,8 @@ def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
 
 
 def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say,
-             sensitivity_nodes: int = SENSITIVITY_NODES.default, time_budget_s: float | None = None) -> _Search:
+             sensitivity_nodes: int = SENSITIVITY_NODES.default, time_budget_s: float | None = None,
+             trials: int | None = None) -> _Search:
     """Data splits, the fp32 reference outputs and metric, the timing data."""
     from .model_io import load_model
     from .pipeline import _samples
@@ -882,7 +885,7 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                                 f"{step[0]:.3g} > --max-drop {budget.max_drop:g}, so the budget cannot tell a model "
                                 "with one changed answer from one with none there (give more --validation data)")
             say("tune: warning: " + s.resolution[-1])
-    s.sensitivity = _sensitivity(s, say, sensitivity_nodes, time_budget_s)
+    s.sensitivity = _sensitivity(s, say, sensitivity_nodes, time_budget_s, trials)
     return s
 
 
@@ -909,8 +912,13 @@ def _check_labels(labels, refs: list[dict]) -> None:
                         f"(the first output '{first}' has {classes} classes)")
 
 
-def _sensitivity(s: _Search, say, measured: int = SENSITIVITY_NODES.default,
-                 time_budget_s: float | None = None) -> list[tuple[str, float, float | None]]:
+#: a measured node goes ahead of the SQNR order only when keeping it in float wins back at least this
+#: share of the all-int8 model's drop from fp32 (a continuous metric's noise is not a gain)
+MIN_GAIN_SHARE = 0.05
+
+
+def _sensitivity(s: _Search, say, measured: int = SENSITIVITY_NODES.default, time_budget_s: float | None = None,
+                 trials: int | None = None) -> list[tuple[str, float, float | None]]:
     """The order in which ``keep_float`` keeps nodes in float: ``(node, int8 output SQNR dB,
     metric gain)`` per int8 node.
 
@@ -919,59 +927,78 @@ def _sensitivity(s: _Search, say, measured: int = SENSITIVITY_NODES.default,
     int8 of every other node, ``exclude_nodes``) and the result scored with the budget's metric on
     the search half: its *gain* over the all-int8 model is what keeping that node in float buys
     for this task — the issue's per-layer sensitivity, measured where it is used (SQNR is one
-    node's output, not the task's answer). That stops once it has taken
-    :data:`SENSITIVITY_TIME_SHARE` of ``time_budget_s``. The nodes whose gain is positive come
-    first (largest first; equal gains: lower SQNR first), then every other node by SQNR, lowest
-    first. Cached in the state folder (``sensitivity.json``); an older cache without gains is
-    used as it is. ``[]`` when static int8 cannot run."""
+    node's output, not the task's answer). A node is not started when the time spent plus one
+    node's cost (the all-int8 run's) would pass :data:`SENSITIVITY_TIME_SHARE` of
+    ``time_budget_s`` (this time comes before the search's own budget), and nothing is measured
+    when ``trials`` leaves no trial after the seed recipes (which keep no node in float). Nodes
+    whose gain is at least :data:`MIN_GAIN_SHARE` of the all-int8 drop (and positive) come first,
+    largest first (equal gains: lower SQNR first), then every other node by SQNR, lowest first.
+
+    Cached in the state folder (``sensitivity.json``) with a key of the model, the data, the
+    budget and ``measured``: a resumed run with the same ones reuses it (the same order for the
+    same ``keep_float``); anything else measures again. The measured models live in a private
+    temporary folder of the state folder, removed whatever happens. ``[]`` when static int8
+    cannot run."""
     from .api import optimize
 
     f = s.state / "sensitivity.json"
-    known = _read_json(f, [], list)
-    if known and all(isinstance(x, list) and len(x) in (2, 3) and isinstance(x[0], str)
-                     and isinstance(x[1], (int, float)) and (len(x) == 2 or x[2] is None or isinstance(x[2], (int, float)))
-                     for x in known):
-        return [(x[0], float(x[1]), None if len(x) == 2 or x[2] is None else float(x[2])) for x in known]
+    key = _key(s.data_key, {"sensitivity_nodes": measured})
+    known = _read_json(f, {}, dict)
+    nodes = known.get("nodes") if known.get("key") == key else None
+    if isinstance(nodes, list) and nodes and all(
+            isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and isinstance(x[1], (int, float))
+            and (x[2] is None or isinstance(x[2], (int, float))) for x in nodes):
+        say(f"tune: per-node sensitivity from {f} (measured before, same model, data and budget)")
+        return [(x[0], float(x[1]), None if x[2] is None else float(x[2])) for x in nodes]
     say("tune: per-node int8 sensitivity")
     t0 = time.perf_counter()
-    folder = s.state / "sensitivity"
-    folder.mkdir(exist_ok=True)
-    static = replace(s.base, quantize="static")
+    folder = Path(tempfile.mkdtemp(prefix=".sensitivity-", dir=s.state))
     try:
-        res = optimize(s.model, folder / "all.onnx", static)
-    except OnnxCompressError:
-        return []
-    sq: dict[str, float] = {}
-    for p in res.report.get("passes", []):
-        sq.update({k: float(v) for k, v in (p.get("counts", {}).get("node_sqnr_db") or {}).items()})
-    del res
-    by_sqnr = sorted(sq, key=lambda n: sq[n])
-    gains: dict[str, float] = {}
-    if measured and by_sqnr:
+        static = replace(s.base, quantize="static")
         try:
-            base = measure(s.budget, folder / "all.onnx", s.ref_search, s.search_feeds, s.search_labels)
-        except (OnnxCompressError, DataError):
-            base = float("nan")
+            res = optimize(s.model, folder / "all.onnx", static)
+        except OnnxCompressError:
+            return []
+        sq: dict[str, float] = {}
+        for p in res.report.get("passes", []):
+            sq.update({k: float(v) for k, v in (p.get("counts", {}).get("node_sqnr_db") or {}).items()})
+        del res
+        by_sqnr = sorted(sq, key=lambda n: sq[n])
+        gains: dict[str, float] = {}
+        if trials is not None and trials <= len(_seeds(s.budget, s.base.calibration is not None)):
+            measured = 0  # every trial is a seed recipe, none keeps a node in float
+        base = float("nan")
+        if measured and by_sqnr:
+            try:
+                base = measure(s.budget, folder / "all.onnx", s.ref_search, s.search_feeds, s.search_labels)
+            except OnnxCompressError as exc:
+                say(f"tune: sensitivity not measured: the all-int8 model cannot be scored ({str(exc).splitlines()[0]})")
+            if not math.isfinite(base):
+                say("tune: sensitivity not measured: the all-int8 model's metric is not finite")
+        one_cost = time.perf_counter() - t0
         for n in by_sqnr[:measured] if math.isfinite(base) else []:
-            if time_budget_s is not None and time.perf_counter() - t0 > SENSITIVITY_TIME_SHARE * time_budget_s:
-                say(f"tune: sensitivity stopped after {len(gains)} node(s): "
-                    f"{SENSITIVITY_TIME_SHARE:.0%} of --time-budget spent")
+            spent = time.perf_counter() - t0
+            if time_budget_s is not None and spent + one_cost > SENSITIVITY_TIME_SHARE * time_budget_s:
+                say(f"tune: sensitivity stopped after {len(gains)} node(s): one more would pass "
+                    f"{SENSITIVITY_TIME_SHARE:.0%} of --time-budget")
                 break
             try:
                 optimize(s.model, folder / "one.onnx", replace(static, exclude_nodes=(n,)))
                 got = measure(s.budget, folder / "one.onnx", s.ref_search, s.search_feeds, s.search_labels)
-            except (OnnxCompressError, DataError):
+            except OnnxCompressError:
                 continue
             if math.isfinite(got):
                 gains[n] = got - base
-    shutil.rmtree(folder, ignore_errors=True)
-    first = sorted((n for n in gains if gains[n] > 0), key=lambda n: (-gains[n], sq[n]))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    least = MIN_GAIN_SHARE * max(s.fp32_metric - base, 0.0) if math.isfinite(base) else 0.0
+    first = sorted((n for n in gains if gains[n] > 0 and gains[n] >= least), key=lambda n: (-gains[n], sq[n]))
     order = first + [n for n in by_sqnr if n not in first]
     out = [(n, sq[n], gains.get(n)) for n in order]
     if first:
         say("tune: kept in float alone, these raise the metric most: " + ", ".join(
             f"{n} (+{gains[n]:.3g})" for n in first[:5]))
-    write_atomic(f, json.dumps(out))
+    write_atomic(f, json.dumps({"key": key, "nodes": out}))
     return out
 
 
@@ -1094,7 +1121,7 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         "pareto": [t.number for t in pareto], "pareto_recipes": str(pdir), "chosen_recipe": str(st / "chosen.toml"),
         "fp32_size_bytes": s.fp32_size, "final_timing": s.final_timing,
         "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2),
-                         "metric_gain_in_float": None if g is None else round(g, 4)} for n, v, g in s.sensitivity],
+                         "metric_gain_in_float": None if g is None else float(f"{g:.4g}")} for n, v, g in s.sensitivity],
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     write_atomic(st / "report.json", json.dumps(report, indent=1, default=str))

@@ -8,8 +8,9 @@ from .params import Param
 
 SENSITIVITY_NODES = Param("sensitivity_nodes", 8, "How many of the nodes with the lowest int8 output SQNR tune "
                           "measures with the budget's metric before the search, each kept in float alone in "
-                          "static int8 (one optimize and one scoring each, at most 15 % of --time-budget); "
-                          "those whose metric that raises go first in keep_float's order. 0: SQNR order only.",
+                          "static int8 (one optimize and one scoring each, up to 15 % of --time-budget, before the "
+                          "search); those whose metric that raises go first in keep_float's order. 0: SQNR order "
+                          "only.",
                           kind="int", low=0)
 #: share of ``--time-budget`` the measured sensitivity may take
 SENSITIVITY_TIME_SHARE = 0.15
