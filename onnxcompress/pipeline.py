@@ -622,6 +622,12 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
     for v in validation:
         if v.get("note"):
             run.note(v["note"], warn=True)
+    bad = next((v for v in validation if v.get("nonfinite_reference")), None)
+    if bad is not None:
+        names = ", ".join(f"'{k}' on {n} of {bad['n_samples']}" for k, n in bad["nonfinite_reference"].items())
+        run.note(f"the input model's outputs are not finite (NaN or inf) on some validation samples ({names}, "
+                 f"{bad['provider'].replace('ExecutionProvider', '')}): there the figures compare only where both "
+                 "models are finite, and equal NaNs count as agreement", warn=True)
     no_floor = _floor_applies(run, int8) if providers else "nothing was validated"
     if int8 is not None and not providers and runtime_ok:
         run.note("the quantized model was not validated (no requested provider is available): no gate and no "

@@ -98,6 +98,10 @@ class Comparison:
     latency_ms_candidate: float | None = None
     #: ORT graph optimization level the reference ran at (:func:`onnxcompress.runtime.reference_session`)
     reference_level: str | None = None
+    #: per float output of the reference: on how many samples it holds a NaN or an infinity (only
+    #: outputs with any); equal non-finite values in the same places count as agreement, so the
+    #: figures there say little
+    nonfinite_reference: dict[str, int] = field(default_factory=dict)
 
     def worst(self, attr: str, lowest: bool) -> float | None:
         vals = [getattr(o, attr) for o in self.outputs if getattr(o, attr) is not None
@@ -352,6 +356,11 @@ def compare(
             cache[provider] = (ref_outputs, refs, ref_level)
     comp = Comparison(provider=provider, n_samples=len(samples))
     comp.reference_level = ref_level
+    for name in ref_outputs:
+        bad = sum(1 for r in refs if isinstance(r.get(name), np.ndarray) and r[name].dtype.kind == "f"
+                  and not np.isfinite(r[name]).all())
+        if bad:
+            comp.nonfinite_reference[name] = bad
     if latency and samples:
         ref_opt = make_session(reference, optimize=level, provider=provider)
         comp.latency_ms_reference = median_latency_ms(ref_opt, samples[0])

@@ -221,3 +221,26 @@ def test_api_given_a_loaded_model_never_writes_over_the_files_it_was_read_from(w
     assert _digest(work) == before
     optimize(load_model(work / "ext.onnx"), work / "new.onnx", OptimizeOptions(latency=False))
     assert (work / "new.onnx").is_file() and _digest(work)["ext.onnx.data"] == before["ext.onnx.data"]
+
+
+def test_input_model_with_non_finite_outputs_on_the_validation_data_is_called_out(work):
+    """Sqrt of negative values: the input model's own answers are NaN on some samples; the result
+    compares equal there (NaN with NaN), which the report must not pass off as fidelity."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Sqrt", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), work / "sqrt.onnx")
+    rng = np.random.default_rng(0)
+    xs = [np.abs(rng.standard_normal((1, 4))).astype(np.float32) for _ in range(4)]
+    xs[1][0, 2] = -1.0
+    np.savez(work / "val.npz", **{f"{i}__x": x for i, x in enumerate(xs)})
+    res = optimize(work / "sqrt.onnx", work / "o.onnx", OptimizeOptions(validation=str(work / "val.npz"), latency=False))
+    assert res.report["validation"][0]["nonfinite_reference"] == {"y": 1}
+    assert any("not finite" in n and "'y' on 1 of 4" in n for n in res.report["notes"]), res.report["notes"]
+    np.savez(work / "clean.npz", **{f"{i}__x": np.abs(x) for i, x in enumerate(xs)})
+    clean = optimize(work / "sqrt.onnx", None, OptimizeOptions(validation=str(work / "clean.npz"), latency=False))
+    assert not clean.report["validation"][0]["nonfinite_reference"]
+    assert not any("not finite" in n for n in clean.report["notes"])
