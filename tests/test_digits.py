@@ -96,8 +96,9 @@ def test_fallback_keeps_worst_nodes_in_float_until_the_gate_holds(digits, tmp_pa
 
 def test_fallback_rounds_reuse_the_per_node_checks_and_write_the_same_model(digits, tmp_path, monkeypatch):
     """The rounds re-quantize the same pre-int8 model on the same recordings: each node's one-node
-    SQNR (and bias shift) is computed once, in the first quantization, and the written model is
-    the one the rounds would write with every check recomputed."""
+    SQNR (and bias shift) is computed once per set of activation ranges (the first quantization's,
+    and the min/max round's), and the written model is the one the rounds would write with every
+    check recomputed."""
     from onnxcompress.passes.quantize import static as static_mod
 
     opts = OptimizeOptions(quantize="static", calibration=digits["calib"], validation=digits["test"], latency=False)
@@ -109,7 +110,11 @@ def test_fallback_rounds_reuse_the_per_node_checks_and_write_the_same_model(digi
                         lambda self, node, *a: calls.append(node.name) or orig(self, node, *a))
     res = optimize(digits["model"], tmp_path / "b.onnx", opts)
     assert len(res.report["fallback"]["rounds"]) >= 1
-    assert len(calls) == len(set(calls)), calls  # never twice for one node
+    # once per node with auto's ranges, and once more in the min/max round (other ranges, another
+    # figure); the node rounds reuse the first: never a third time
+    from collections import Counter
+
+    assert max(Counter(calls).values()) <= 2, calls
     monkeypatch.setattr(static_mod.StaticQuantizePass, "_node_sqnr_cached",
                         lambda self, node, *a: orig(self, node, *a))  # no memo: every round recomputes
     again = optimize(digits["model"], tmp_path / "c.onnx", opts)

@@ -654,3 +654,47 @@ def test_pair_permute_renumbers_channels_exactly_and_helps_pair_safe_weights():
     model, reps = run_passes(ir.from_proto(m2), [PairPermutePass(PassContext(), target="avx2")], feeds)
     w_new = {i.name: numpy_helper.to_array(i) for i in ir.to_proto(model).graph.initializer}["w_out"]
     assert np.array_equal(w_new, w_out.astype(np.float32))
+
+
+def test_floor_fallback_tries_min_max_ranges_before_giving_up_nodes(tmp_path, monkeypatch):
+    """With ``--calibration-method auto`` (the default) a model that misses its gates is first
+    re-quantized with plain min/max ranges, from the same calibration statistics (the data is not
+    run again); when that holds, no node gives up int8. Clipped ranges are simulated (half of each
+    tensor's span for ``auto`` and ``percentile``), the way clipped ranges lose answers on data
+    from another source than the calibration rows; a method the user chose is kept (no min/max
+    round: the node rounds run)."""
+    from onnxcompress.errors import GateFailedError
+    from onnxcompress.passes.quantize import calibrate
+
+    real_range = calibrate.TensorStats.range
+
+    asked = []
+
+    def clipped(self, method, percentile=99.99):
+        asked.append(method)
+        lo, hi = real_range(self, method, percentile)
+        return (lo * 0.5, hi * 0.5) if method in ("auto", "percentile") else (lo, hi)
+
+    observed = []
+    real_observe = calibrate.observe
+
+    def counting(*args, **kw):
+        observed.append(kw.get("method"))
+        return real_observe(*args, **kw)
+
+    monkeypatch.setattr(calibrate.TensorStats, "range", clipped)
+    monkeypatch.setattr(calibrate, "observe", counting)
+    m = "models/digits_cnn.onnx"
+    base = dict(quantize="static", calibration="models/digits_calib.npz", validation="models/digits_test.npz",
+                latency=False, target=CPU_TARGET, min_cosine=0.99)
+    res = optimize(m, tmp_path / "q.onnx", OptimizeOptions(**base))
+    fb = res.report["fallback"]
+    assert fb["rounds"][0]["calibration_method"] == "minmax" and fb["rounds"][0]["passed"], fb["rounds"]
+    assert fb["passed"] and fb["kept_in_float"] == [] and len(fb["rounds"]) == 1
+    assert observed == ["auto"]  # the min/max round reads the statistics auto gathered
+    assert any("min/max activation ranges" in n for n in res.report["notes"])
+    assert (tmp_path / "q.onnx").is_file()
+    asked.clear()
+    with pytest.raises(GateFailedError):  # the node rounds do not reach 0.99 either
+        optimize(m, None, OptimizeOptions(**base, calibration_method="percentile"))
+    assert "percentile" in asked and "minmax" not in asked

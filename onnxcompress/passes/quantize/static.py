@@ -443,7 +443,9 @@ class StaticQuantizePass(CompressionPass):
         calibration data again.
         """
         cache = self.context.cache
-        if cache is not None and cache.get("method") == method and all(n in cache["stats"] for n in names):
+        # statistics gathered for ``auto`` hold every method's (its histograms and min/max): the
+        # fallback's min/max round reads its ranges from them without running the data again
+        if cache is not None and cache.get("method") in (method, "auto") and all(n in cache["stats"] for n in names):
             # the recorded samples as they are (mappings that open one memory map per lookup): a
             # dict of every value would map them all at once and keep each page read resident
             return {n: cache["stats"][n] for n in names}, cache["recorded"]
