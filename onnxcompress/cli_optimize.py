@@ -167,8 +167,12 @@ def _render(rep: dict) -> None:
     out_console.print(p)
     fb = rep.get("fallback")
     if fb:
-        console.print(f"fallback: {len(fb['kept_in_float'])} node(s) kept in float after {len(fb['rounds'])} round(s): "
-                      + ", ".join(fb["kept_in_float"][:8]) + (" ..." if len(fb["kept_in_float"]) > 8 else ""), highlight=False)
+        mm = [r for r in fb["rounds"] if r.get("calibration_method") == "minmax"]
+        tried = (" (min/max activation ranges tried first: " + ("they held" if mm[0]["passed"] else "not enough") + ")"
+                 if mm else "")
+        kept = fb["kept_in_float"]
+        console.print(f"fallback: {len(kept)} node(s) kept in float after {len(fb['rounds'])} round(s){tried}"
+                      + (": " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else "") if kept else ""), highlight=False)
     for g in rep.get("gates", []):
         mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
         value, limit = _gate_value(g["value"], g["limit"])

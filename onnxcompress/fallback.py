@@ -1,9 +1,11 @@
 """Sensitive-node fallback: when a gate is missed after int8, keep the least int8-friendly nodes
 in float until every gate holds.
 
-When the activation ranges were chosen by ``auto`` (the default), the first round re-quantizes
-with plain min/max ranges instead (the calibration statistics hold both): clipped ranges that
-fit the calibration rows best can lose answers on data from another source. Then the nodes are
+When the activation ranges were chosen by ``auto`` (the default) and it clipped some tensor, a
+first round re-quantizes with plain min/max ranges instead (the calibration statistics hold
+both): clipped ranges that fit the calibration rows best can lose answers on data from another
+source. It holds only when the gates pass and the per-node check keeps no more nodes in float
+than before (wider ranges lower a node's one-node SQNR); it is not one of the node rounds. Then the nodes are
 ordered by the per-node int8 output SQNR the quantization passes measured (worst
 first); round ``i`` re-quantizes the pre-int8 model (a snapshot: the float weights are shared,
 not copied) with the worst ``k`` nodes kept in float, ``k`` = 1, 2, 4, ... (at most
@@ -55,22 +57,37 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
     logger.setLevel(logging.ERROR)  # the rounds' skip messages are summarized in the report
     try:
         cfg = int8.stage.config
-        if getattr(cfg, "calibration_method", None) == "auto" and g.max_fallback_rounds > 0:
+        if getattr(cfg, "calibration_method", None) == "auto" and g.max_fallback_rounds > 0 \
+                and _auto_clips(int8.ctx, getattr(cfg, "percentile", 99.99)):
             # auto's ranges clip where clipping lowers the calibration rows' expected error; on
             # data from another source the unclipped ones can keep more answers (a HardSwish
-            # classifier: 95.8 -> 97.5 % top-1): tried first, as one round, before any node
-            # gives up int8 (the calibration statistics are reused, not gathered again)
+            # classifier: 95.8 -> 97.5 % top-1): tried first, before any node gives up int8 (the
+            # calibration statistics are reused, not gathered again); not one of the node rounds
             run.say("fallback: min/max activation ranges")
-            model, reports = run_passes(int8.start.clone(),
-                                        int8.stage.spec.passes(replace(cfg, calibration_method="minmax"), int8.ctx), [])
-            validation = validate_all(original, model, val, labels, providers, latency=False, cache=run.ref_cache)
-            gates, passed = judge(validation)
-            rounds.append({"calibration_method": "minmax", "kept_in_float": [], "passed": passed,
-                           "gates": {gate_label(x): x["value"] for x in gates}})
-            if passed:
+            mm_model, mm_reports = run_passes(int8.start.clone(),
+                                              int8.stage.spec.passes(replace(cfg, calibration_method="minmax"),
+                                                                     int8.ctx), [])
+            mm_sqnr: dict[str, float] = {}
+            for r in mm_reports:
+                mm_sqnr.update(r.counts.get("node_sqnr_db") or {})
+            # wider ranges lower a node's one-node SQNR: a node the per-node check now keeps in
+            # float would be a fallback in disguise, so such a round does not count as held
+            lost = sorted(n for n in order if mm_sqnr.get(n, floor) < floor)
+            mm_val = validate_all(original, mm_model, val, labels, providers, latency=False, cache=run.ref_cache)
+            mm_gates, mm_passed = judge(mm_val)
+            rounds.append({"calibration_method": "minmax", "kept_in_float": [], "passed": mm_passed and not lost,
+                           "gates": {gate_label(x): x["value"] for x in mm_gates},
+                           **({"float_by_the_node_check": lost} if lost else {})})
+            # the round's result stands unless a node round follows (the last round is returned)
+            model, reports, validation, gates = mm_model, mm_reports, mm_val, mm_gates
+            if mm_passed and not lost:
+                passed = True
+                sqnr = mm_sqnr
                 run.note("fallback: with min/max activation ranges instead of auto's clipped ones the gates hold; "
                          "no node kept in float")
-        while not passed and 0 < k <= most and len(rounds) < g.max_fallback_rounds:
+        node_rounds = 0
+        while not passed and 0 < k <= most and node_rounds < g.max_fallback_rounds:
+            node_rounds += 1
             excluded = tuple(order[:k])
             run.say(f"fallback: {len(excluded)} node(s) kept in float")
             ctx = replace(int8.ctx, keep_float=excluded)
@@ -86,13 +103,27 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
         logger.setLevel(level)
     if not passed:
         run.note(f"fallback: the gates still fail with {len(rounds[-1]['kept_in_float']) if rounds else 0} "
-                 f"of {len(order)} quantized nodes kept in float")
+                 f"of {len(order)} quantized nodes kept in float"
+                 + (" (min/max activation ranges were tried too)" if any("calibration_method" in r for r in rounds) else ""))
     kept = rounds[-1]["kept_in_float"] if rounds else []
     run.report["fallback"] = {"rounds": rounds, "kept_in_float": kept, "passed": passed, "node_sqnr_db": dict(sqnr),
                               "float_weight_share": _weight_share(int8.start, kept, order)}
     if not rounds:
         return None
     return model, reports, validation, gates, passed
+
+
+def _auto_clips(ctx, percentile: float) -> bool:
+    """Whether ``auto`` chose a range other than min/max for some tensor (from the calibration
+    statistics in the stage's cache); ``True`` when they are not there to tell."""
+    cache = getattr(ctx, "cache", None)
+    stats = cache.get("stats") if isinstance(cache, dict) and cache.get("method") == "auto" else None
+    if not stats:
+        return True
+    try:
+        return any(st.range("auto", percentile) != st.range("minmax", percentile) for st in stats.values())
+    except ValueError:  # a tensor never observed
+        return True
 
 
 def _weight_share(model, kept, quantized) -> float | None:

@@ -698,3 +698,19 @@ def test_floor_fallback_tries_min_max_ranges_before_giving_up_nodes(tmp_path, mo
     with pytest.raises(GateFailedError):  # the node rounds do not reach 0.99 either
         optimize(m, None, OptimizeOptions(**base, calibration_method="percentile"))
     assert "percentile" in asked and "minmax" not in asked
+
+
+def test_the_min_max_round_is_not_one_of_the_node_rounds():
+    """``max_fallback_rounds`` bounds the rounds that keep nodes in float: the min/max round
+    comes on top (with 1, a model whose gate min/max misses still gets its one node round)."""
+    from onnxcompress.errors import GateFailedError
+
+    base = dict(quantize="static", calibration="models/digits_calib.npz", validation="models/digits_test.npz",
+                latency=False, target=CPU_TARGET)
+    plain = optimize("models/digits_cnn.onnx", None, OptimizeOptions(**base))
+    cos = plain.report["validation"][0]["outputs"][0]["cosine"]
+    with pytest.raises(GateFailedError) as e:  # a gate a quarter of the way from int8 to fp32
+        optimize("models/digits_cnn.onnx", None, OptimizeOptions(**base, min_cosine=1 - (1 - cos) / 4,
+                                                                  max_fallback_rounds=1))
+    rounds = e.value.report["fallback"]["rounds"]
+    assert [r.get("calibration_method") for r in rounds] == ["minmax", None] and len(rounds[1]["kept_in_float"]) == 1
