@@ -4,8 +4,9 @@ in float until every gate holds.
 When the activation ranges were chosen by ``auto`` (the default) and it clipped some tensor, a
 first round re-quantizes with plain min/max ranges instead (the calibration statistics hold
 both): clipped ranges that fit the calibration rows best can lose answers on data from another
-source. It holds only when the gates pass and the per-node check keeps no more nodes in float
-than before (wider ranges lower a node's one-node SQNR); it is not one of the node rounds. Then the nodes are
+source. Wider ranges lower a node's one-node SQNR, so the per-node check may keep a few more
+nodes in float there: they are that round's nodes in float (report, weight share, note). It is
+not one of the node rounds. Then the nodes are
 ordered by the per-node int8 output SQNR the quantization passes measured (worst
 first); round ``i`` re-quantizes the pre-int8 model (a snapshot: the float weights are shared,
 not copied) with the worst ``k`` nodes kept in float, ``k`` = 1, 2, 4, ... (at most
@@ -70,21 +71,21 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             mm_sqnr: dict[str, float] = {}
             for r in mm_reports:
                 mm_sqnr.update(r.counts.get("node_sqnr_db") or {})
-            # wider ranges lower a node's one-node SQNR: a node the per-node check now keeps in
-            # float would be a fallback in disguise, so such a round does not count as held
+            # wider ranges lower a node's one-node SQNR: nodes the per-node check keeps in float
+            # at these ranges (and not at auto's) are this round's nodes in float, reported as such
             lost = sorted(n for n in order if mm_sqnr.get(n, floor) < floor)
             mm_val = validate_all(original, mm_model, val, labels, providers, latency=False, cache=run.ref_cache)
             mm_gates, mm_passed = judge(mm_val)
-            rounds.append({"calibration_method": "minmax", "kept_in_float": [], "passed": mm_passed and not lost,
-                           "gates": {gate_label(x): x["value"] for x in mm_gates},
-                           **({"float_by_the_node_check": lost} if lost else {})})
+            rounds.append({"calibration_method": "minmax", "kept_in_float": lost, "passed": mm_passed,
+                           "gates": {gate_label(x): x["value"] for x in mm_gates}})
             # the round's result stands unless a node round follows (the last round is returned)
-            model, reports, validation, gates = mm_model, mm_reports, mm_val, mm_gates
-            if mm_passed and not lost:
-                passed = True
+            model, reports, validation, gates, passed = mm_model, mm_reports, mm_val, mm_gates, mm_passed
+            if passed:
                 sqnr = mm_sqnr
                 run.note("fallback: with min/max activation ranges instead of auto's clipped ones the gates hold; "
-                         "no node kept in float")
+                         + (f"{len(lost)} node(s) the per-node SQNR check keeps in float at these wider ranges "
+                            f"({', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''})" if lost
+                            else "no node kept in float"))
         node_rounds = 0
         while not passed and 0 < k <= most and node_rounds < g.max_fallback_rounds:
             node_rounds += 1
