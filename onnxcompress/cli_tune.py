@@ -68,12 +68,13 @@ def tune(
         budget = Budget(metric, max_drop, min_speedup, max_size_mb)
         seconds = _seconds(time_budget)
         if quiet:
-            res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials, sensitivity_nodes=sensitivity_nodes,
-                           time_budget_s=seconds, state=resume)
+            res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
+                           sensitivity_nodes=sensitivity_nodes, time_budget_s=seconds, state=resume)
         else:
             with console.status("tuning") as status:
-                res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials, sensitivity_nodes=sensitivity_nodes,
-                               time_budget_s=seconds, state=resume, progress=lambda s: status.update(escape(s)))
+                res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
+                               sensitivity_nodes=sensitivity_nodes, time_budget_s=seconds, state=resume,
+                               progress=lambda s: status.update(escape(s)))
     _write_reports(res.report, report, html)
     if not quiet:
         _render(res)

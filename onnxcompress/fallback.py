@@ -44,10 +44,21 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
         that the last round kept in float.
     """
     g = run.recipe.gates
-    sqnr: dict[str, float] = {}  # every int8 node: integer pass, QAttention, weight-only
-    for r in int8.reports:
-        sqnr.update(r.counts.get("node_sqnr_db") or {})
-    min_sqnr = getattr(int8.stage.config, "min_sqnr_db", None)
+    def node_sqnr(reports) -> dict[str, float]:  # every int8 node: integer pass, QAttention, weight-only
+        out: dict[str, float] = {}
+        for r in reports:
+            out.update(r.counts.get("node_sqnr_db") or {})
+        return out
+
+    def attempt(cfg, ctx):
+        """One round: the pre-int8 model re-quantized with ``cfg`` / ``ctx``, validated and judged."""
+        m, reps = run_passes(int8.start.clone(), int8.stage.spec.passes(cfg, ctx), [])
+        v = validate_all(original, m, val, labels, providers, latency=False, cache=run.ref_cache)
+        return (m, reps, v, *judge(v))
+
+    cfg = int8.stage.config
+    sqnr = node_sqnr(int8.reports)
+    min_sqnr = getattr(cfg, "min_sqnr_db", None)
     floor = min_sqnr if min_sqnr is not None else -float("inf")
     order = sorted((n for n in sqnr if sqnr[n] >= floor), key=lambda n: sqnr[n])  # nodes now in int8
     most = len(order) - 1  # keeping every node in float is not quantization: then the gate fails
@@ -57,7 +68,6 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
     level = logger.level
     logger.setLevel(logging.ERROR)  # the rounds' skip messages are summarized in the report
     try:
-        cfg = int8.stage.config
         if getattr(cfg, "calibration_method", None) == "auto" and g.max_fallback_rounds > 0 \
                 and _auto_clips(int8.ctx, getattr(cfg, "percentile", 99.99)):
             # auto's ranges clip where clipping lowers the calibration rows' expected error; on
@@ -65,21 +75,14 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             # classifier: 95.8 -> 97.5 % top-1): tried first, before any node gives up int8 (the
             # calibration statistics are reused, not gathered again); not one of the node rounds
             run.say("fallback: min/max activation ranges")
-            mm_model, mm_reports = run_passes(int8.start.clone(),
-                                              int8.stage.spec.passes(replace(cfg, calibration_method="minmax"),
-                                                                     int8.ctx), [])
-            mm_sqnr: dict[str, float] = {}
-            for r in mm_reports:
-                mm_sqnr.update(r.counts.get("node_sqnr_db") or {})
+            # the round's result stands unless a node round follows (the last round is returned)
+            model, reports, validation, gates, passed = attempt(replace(cfg, calibration_method="minmax"), int8.ctx)
+            mm_sqnr = node_sqnr(reports)
             # wider ranges lower a node's one-node SQNR: nodes the per-node check keeps in float
             # at these ranges (and not at auto's) are this round's nodes in float, reported as such
             lost = sorted(n for n in order if mm_sqnr.get(n, floor) < floor)
-            mm_val = validate_all(original, mm_model, val, labels, providers, latency=False, cache=run.ref_cache)
-            mm_gates, mm_passed = judge(mm_val)
-            rounds.append({"calibration_method": "minmax", "kept_in_float": lost, "passed": mm_passed,
-                           "gates": {gate_label(x): x["value"] for x in mm_gates}})
-            # the round's result stands unless a node round follows (the last round is returned)
-            model, reports, validation, gates, passed = mm_model, mm_reports, mm_val, mm_gates, mm_passed
+            rounds.append({"calibration_method": "minmax", "kept_in_float": lost, "passed": passed,
+                           "gates": {gate_label(x): x["value"] for x in gates}})
             if passed:
                 sqnr = mm_sqnr
                 run.note("fallback: with min/max activation ranges instead of auto's clipped ones the gates hold; "
@@ -91,10 +94,7 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             node_rounds += 1
             excluded = tuple(order[:k])
             run.say(f"fallback: {len(excluded)} node(s) kept in float")
-            ctx = replace(int8.ctx, keep_float=excluded)
-            model, reports = run_passes(int8.start.clone(), int8.stage.spec.passes(int8.stage.config, ctx), [])
-            validation = validate_all(original, model, val, labels, providers, latency=False, cache=run.ref_cache)
-            gates, passed = judge(validation)
+            model, reports, validation, gates, passed = attempt(cfg, replace(int8.ctx, keep_float=excluded))
             rounds.append({"kept_in_float": list(excluded), "passed": passed,
                            "gates": {gate_label(x): x["value"] for x in gates}})
             if k == most:
@@ -105,7 +105,8 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
     if not passed:
         run.note(f"fallback: the gates still fail with {len(rounds[-1]['kept_in_float']) if rounds else 0} "
                  f"of {len(order)} quantized nodes kept in float"
-                 + (" (min/max activation ranges were tried too)" if any("calibration_method" in r for r in rounds) else ""))
+                 + (" (min/max activation ranges were tried too)"
+                    if any("calibration_method" in r for r in rounds) else ""))
     kept = rounds[-1]["kept_in_float"] if rounds else []
     run.report["fallback"] = {"rounds": rounds, "kept_in_float": kept, "passed": passed, "node_sqnr_db": dict(sqnr),
                               "float_weight_share": _weight_share(int8.start, kept, order)}

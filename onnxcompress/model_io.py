@@ -282,10 +282,11 @@ def _load_lean(path: Path, weights: dict[str, np.ndarray] | None) -> onnx.ModelP
     import mmap
 
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        size = st.st_size
         if size == 0:
             raise ValueError("empty file")
-        source = (os.path.realpath(path), _file_key(os.fstat(f.fileno())))
+        source = (os.path.realpath(path), _file_key(st))
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             buf = memoryview(mm)
             try:

@@ -692,8 +692,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     except ImportError:
         raise OnnxCompressError("tune needs Optuna: pip install 'onnxcompress[tune]'") from None
     budget.check()
-    if isinstance(sensitivity_nodes, bool) or not isinstance(sensitivity_nodes, int) or sensitivity_nodes < 0:
-        raise OnnxCompressError(f"--sensitivity-nodes must be an integer >= 0, got {sensitivity_nodes!r}")
+    sensitivity_nodes = SENSITIVITY_NODES.check(sensitivity_nodes, "--sensitivity-nodes")
     say = progress or (lambda s: None)
     out = Path(output)
     if not out.name:

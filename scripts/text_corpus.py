@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
+import io
 import re
 import sysconfig
 from pathlib import Path
 
 import numpy as np
+
+from onnxcompress.model_io import write_atomic
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _SPLIT_NEWS = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
@@ -151,12 +153,9 @@ def main() -> None:
     if len(feeds) < a.n:
         print(f"note: the {a.source} corpus has {len(feeds)} unique sentences; all of them are written")
     flat = {f"{i}__{k}": v for i, s in enumerate(feeds) for k, v in s.items()}
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.npz")  # written whole, then renamed into place
-    try:
-        np.savez_compressed(tmp, **flat)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **flat)
+    write_atomic(out, buf.getvalue())  # a private temporary file renamed into place
     lens = [f["input_ids"].shape[1] for f in feeds]
     print(f"{len(feeds)} sentences, {sum(lens)} tokens (lengths {min(lens)}-{max(lens)}) -> {a.output}")
 
