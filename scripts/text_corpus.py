@@ -144,6 +144,8 @@ def main() -> None:
         ap.error(f"-o {out}: give a new file name ending in .npz")
     if out.exists():
         ap.error(f"-o {out}: exists; give a new file name (nothing is overwritten)")
+    if not out.parent.is_dir():
+        ap.error(f"-o {out}: the folder {out.parent} does not exist")
     if not (Path(a.tokenizer) / "tokenizer_config.json").is_file():
         ap.error(f"--tokenizer {a.tokenizer}: no saved tokenizer there (scripts/fetch_zoo.py --only minilm makes one)")
     try:
@@ -155,7 +157,10 @@ def main() -> None:
     flat = {f"{i}__{k}": v for i, s in enumerate(feeds) for k, v in s.items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, **flat)
-    write_atomic(out, buf.getvalue())  # a private temporary file renamed into place
+    try:
+        write_atomic(out, buf.getvalue())  # a private temporary file renamed into place
+    except OSError as exc:
+        raise SystemExit(f"text_corpus: cannot write {out} ({exc.strerror or exc})") from None
     lens = [f["input_ids"].shape[1] for f in feeds]
     print(f"{len(feeds)} sentences, {sum(lens)} tokens (lengths {min(lens)}-{max(lens)}) -> {a.output}")
 
