@@ -8,9 +8,14 @@ source. Wider ranges lower a node's one-node SQNR, so the per-node check may kee
 nodes in float there: they are that round's nodes in float (report, weight share, note). It is
 not one of the node rounds. Then the nodes are
 ordered by the per-node int8 output SQNR the quantization passes measured (worst
-first); round ``i`` re-quantizes the pre-int8 model (a snapshot: the float weights are shared,
-not copied) with the worst ``k`` nodes kept in float, ``k`` = 1, 2, 4, ... (at most
-``gates.max_fallback_rounds`` rounds; never every node: that would not be quantization). The
+first); a round re-quantizes the pre-int8 model (a snapshot: the float weights are shared,
+not copied) with the worst ``k`` nodes kept in float. ``k`` takes the sizes 1, 2, 4, ...
+(``gates.max_fallback_rounds`` of them at most; never every node: that would not be
+quantization), in this order: the smallest (one or two sensitive nodes are the usual repair),
+then the largest; when the largest fails too the fallback stops there (keeping more nodes in
+float loses fewer answers, up to noise, so the sizes between would fail as well: two rounds
+instead of six on a model that static int8 cannot keep, such as PP-OCRv4 rec under the floor),
+else the smallest passing size is found by bisection between them. The
 calibration statistics and the per-node checks (static and weight-only) are reused across rounds
 (``PassContext.cache``).
 """
@@ -38,8 +43,8 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
         judge: ``validation -> (gate rows, passed)`` (the user's gates and the default floor).
 
     Returns:
-        ``(model, reports, validation, gates, passed)`` of the last round (the first int8 model
-        when no round could run). ``run.report["fallback"]`` records every round and
+        ``(model, reports, validation, gates, passed)`` of the chosen round: the smallest that
+        passed, else the largest tried (``None`` when no round could run). ``run.report["fallback"]`` records every round and
         ``float_weight_share``: the share of the quantized nodes' constant inputs (bytes, fp32)
         that the last round kept in float.
     """
@@ -63,6 +68,7 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
     order = sorted((n for n in sqnr if sqnr[n] >= floor), key=lambda n: sqnr[n])  # nodes now in int8
     most = len(order) - 1  # keeping every node in float is not quantization: then the gate fails
     rounds, k = [], 1
+    chosen_round = -1  # the round whose model is returned: the last, or the smallest that passed
     model = validation = gates = None
     reports, passed = int8.reports, False
     level = logger.level
@@ -89,25 +95,49 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
                          + (f"{len(lost)} node(s) the per-node SQNR check keeps in float at these wider ranges "
                             f"({', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''})" if lost
                             else "no node kept in float"))
-        node_rounds = 0
-        while not passed and 0 < k <= most and node_rounds < g.max_fallback_rounds:
-            node_rounds += 1
-            excluded = tuple(order[:k])
-            run.say(f"fallback: {len(excluded)} node(s) kept in float")
-            model, reports, validation, gates, passed = attempt(cfg, replace(int8.ctx, keep_float=excluded))
-            rounds.append({"kept_in_float": list(excluded), "passed": passed,
-                           "gates": {gate_label(x): x["value"] for x in gates}})
+        # the sizes the rounds may take: 1, 2, 4, ... nodes in float, at most max_fallback_rounds
+        sizes: list[int] = []
+        while 0 < k <= most and len(sizes) < g.max_fallback_rounds:
+            sizes.append(k)
             if k == most:
                 break
             k = min(2 * k, most)
+
+        def node_round(i: int):
+            excluded = tuple(order[:sizes[i]])
+            run.say(f"fallback: {len(excluded)} node(s) kept in float")
+            res = attempt(cfg, replace(int8.ctx, keep_float=excluded))
+            rounds.append({"kept_in_float": list(excluded), "passed": res[4],
+                           "gates": {gate_label(x): x["value"] for x in res[3]}})
+            return res
+
+        if not passed and sizes:
+            # the fewest nodes first (the usual repair: one or two nodes); then the most: when even
+            # they fail, the sizes between would too (more float, fewer answers lost: monotone up to
+            # noise), so the fallback gives up after two rounds instead of trying every size; when
+            # they pass, the smallest passing size is found by bisection among the sizes between
+            res = node_round(0)
+            chosen_round = len(rounds) - 1
+            if not res[4] and len(sizes) > 1:
+                res = node_round(len(sizes) - 1)
+                chosen_round = len(rounds) - 1
+                lo, hi = 1, len(sizes) - 1  # sizes[hi] passes (while res passes)
+                while res[4] and lo < hi:
+                    mid = (lo + hi) // 2
+                    res_mid = node_round(mid)
+                    if res_mid[4]:
+                        hi, res, chosen_round = mid, res_mid, len(rounds) - 1
+                    else:
+                        lo = mid + 1
+            model, reports, validation, gates, passed = res
     finally:
         logger.setLevel(level)
     if not passed:
-        run.note(f"fallback: the gates still fail with {len(rounds[-1]['kept_in_float']) if rounds else 0} "
+        run.note(f"fallback: the gates still fail with {len(rounds[chosen_round]['kept_in_float']) if rounds else 0} "
                  f"of {len(order)} quantized nodes kept in float"
                  + (" (min/max activation ranges were tried too)"
                     if any("calibration_method" in r for r in rounds) else ""))
-    kept = rounds[-1]["kept_in_float"] if rounds else []
+    kept = rounds[chosen_round]["kept_in_float"] if rounds else []
     run.report["fallback"] = {"rounds": rounds, "kept_in_float": kept, "passed": passed, "node_sqnr_db": dict(sqnr),
                               "float_weight_share": _weight_share(int8.start, kept, order)}
     if not rounds:

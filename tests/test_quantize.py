@@ -714,3 +714,50 @@ def test_the_min_max_round_is_not_one_of_the_node_rounds():
                                                                   max_fallback_rounds=1))
     rounds = e.value.report["fallback"]["rounds"]
     assert [r.get("calibration_method") for r in rounds] == ["minmax", None] and len(rounds[1]["kept_in_float"]) == 1
+
+
+@pytest.mark.parametrize("needed, tried, chosen", [
+    (1, [1], 1),           # the usual repair: the first round passes
+    (2, [1, 4, 2], 2),     # the largest passes: bisection finds the smallest passing size
+    (None, [1, 4], 4),     # even the largest fails: the fallback stops after two rounds
+])
+def test_fallback_tries_the_fewest_then_the_most_then_bisects(monkeypatch, needed, tried, chosen):
+    """The node rounds try 1 node in float, then the most they may (here 4 of the digits CNN's 5
+    quantized nodes), then bisect; a model whose gates fail with the most in float too costs two
+    rounds, not one per size. The gate is simulated from how many nodes a round keeps in float
+    (``needed``: how many the gate needs; ``None``: never enough)."""
+    from onnxcompress import fallback, pipeline
+    from onnxcompress.errors import GateFailedError
+
+    real_validate, real_judge = fallback.validate_all, pipeline._judge
+
+    def validate(original, m, *a, **kw):
+        v = real_validate(original, m, *a, **kw)
+        float_nodes = sum(1 for n in m.graph if n.op_type in ("Conv", "Gemm", "MatMul")
+                          and n.inputs[1].producer() is None)  # its weight read as float, not through DQ
+        return [{**x, "_float_nodes": float_nodes} for x in v]
+
+    def judge(run, validation, floor_on):
+        if "_float_nodes" not in validation[0]:
+            rows, _ = real_judge(run, validation, floor_on)
+            return [{**r, "passed": False} for r in rows] or [{"gate": "sim", "provider": "cpu", "value": 0,
+                                                                "limit": 1, "passed": False}], False
+        ok = needed is not None and validation[0]["_float_nodes"] >= needed
+        return [{"gate": "sim", "provider": "cpu", "value": validation[0]["_float_nodes"], "limit": needed or 5,
+                 "passed": ok}], ok
+
+    monkeypatch.setattr(fallback, "validate_all", validate)
+    monkeypatch.setattr(pipeline, "_judge", judge)
+    opts = OptimizeOptions(quantize="static", calibration="models/digits_calib.npz",
+                           validation="models/digits_test.npz", latency=False, target=CPU_TARGET,
+                           calibration_method="minmax", min_sqnr_db=0.0, min_cosine=0.999)
+    if needed is None:
+        with pytest.raises(GateFailedError) as e:
+            optimize("models/digits_cnn.onnx", None, opts)
+        fb = e.value.report["fallback"]
+    else:
+        fb = optimize("models/digits_cnn.onnx", None, opts).report["fallback"]
+    assert len(fb["node_sqnr_db"]) == 5, fb["node_sqnr_db"]
+    assert [len(r["kept_in_float"]) for r in fb["rounds"]] == tried
+    assert len(fb["kept_in_float"]) == chosen and fb["passed"] == (needed is not None), fb["rounds"]
+    assert fb["kept_in_float"] == sorted(fb["node_sqnr_db"], key=fb["node_sqnr_db"].get)[:chosen]
