@@ -11,11 +11,11 @@ ordered by the per-node int8 output SQNR the quantization passes measured (worst
 first); a round re-quantizes the pre-int8 model (a snapshot: the float weights are shared,
 not copied) with the worst ``k`` nodes kept in float. ``k`` takes the sizes 1, 2, 4, ...
 (``gates.max_fallback_rounds`` of them at most; never every node: that would not be
-quantization), in this order: the smallest (one or two sensitive nodes are the usual repair),
-then the largest; when the largest fails too the fallback stops there (keeping more nodes in
-float loses fewer answers, up to noise, so the sizes between would fail as well: two rounds
-instead of six on a model that static int8 cannot keep, such as PP-OCRv4 rec under the floor),
-else the smallest passing size is found by bisection between them. The
+quantization), in this order: 1, then 2 (one or two sensitive nodes are the usual repair), then
+the largest; when the largest fails too the fallback stops there (keeping more nodes in float
+loses fewer answers, up to noise, so the sizes between would fail as well: three rounds instead
+of six on a model that static int8 cannot keep, such as PP-OCRv4 rec under the floor), else the
+smallest passing size between is found by bisection. The
 calibration statistics and the per-node checks (static and weight-only) are reused across rounds
 (``PassContext.cache``).
 """
@@ -30,6 +30,10 @@ from .passes.base import run_passes
 from .validate import validate_all
 
 logger = logging.getLogger("onnxcompress")
+
+#: the node rounds try this many of the smallest sizes (1, 2 nodes in float) one after the other
+#: before the largest (see the module docstring)
+FIRST_SIZES = 2
 
 
 def sensitive_fallback(run, original, int8, val, labels, providers, judge):
@@ -112,16 +116,20 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             return res
 
         if not passed and sizes:
-            # the fewest nodes first (the usual repair: one or two nodes); then the most: when even
-            # they fail, the sizes between would too (more float, fewer answers lost: monotone up to
-            # noise), so the fallback gives up after two rounds instead of trying every size; when
-            # they pass, the smallest passing size is found by bisection among the sizes between
-            res = node_round(0)
-            chosen_round = len(rounds) - 1
-            if not res[4] and len(sizes) > 1:
+            # the fewest nodes first, one size after the other (one or two sensitive nodes are the
+            # usual repair); then the most: when even they fail, the sizes between would too (more
+            # float, fewer answers lost: monotone up to noise), so the fallback stops there instead
+            # of trying every size; when they pass, bisection finds the smallest passing size
+            res = None
+            for i in range(min(FIRST_SIZES, len(sizes))):
+                res = node_round(i)
+                chosen_round = len(rounds) - 1
+                if res[4]:
+                    break
+            if not res[4] and len(sizes) > FIRST_SIZES:
                 res = node_round(len(sizes) - 1)
                 chosen_round = len(rounds) - 1
-                lo, hi = 1, len(sizes) - 1  # sizes[hi] passes (while res passes)
+                lo, hi = FIRST_SIZES, len(sizes) - 1  # sizes[hi] passes (while res passes)
                 while res[4] and lo < hi:
                     mid = (lo + hi) // 2
                     res_mid = node_round(mid)

@@ -716,16 +716,20 @@ def test_the_min_max_round_is_not_one_of_the_node_rounds():
     assert [r.get("calibration_method") for r in rounds] == ["minmax", None] and len(rounds[1]["kept_in_float"]) == 1
 
 
-@pytest.mark.parametrize("needed, tried, chosen", [
-    (1, [1], 1),           # the usual repair: the first round passes
-    (2, [1, 4, 2], 2),     # the largest passes: bisection finds the smallest passing size
-    (None, [1, 4], 4),     # even the largest fails: the fallback stops after two rounds
+@pytest.mark.parametrize("first, needed, tried, chosen", [
+    (2, 1, [1], 1),              # the usual repair: the first round passes
+    (2, 2, [1, 2], 2),           # the second size, tried before the largest
+    (2, 3, [1, 2, 4], 4),        # the largest passes (nothing between 2 and 4 to bisect)
+    (2, None, [1, 2, 4], 4),     # even the largest fails: the fallback stops there
+    (1, 2, [1, 4, 2], 2),        # with one first size: the largest, then bisection finds 2
+    (1, None, [1, 4], 4),
 ])
-def test_fallback_tries_the_fewest_then_the_most_then_bisects(monkeypatch, needed, tried, chosen):
-    """The node rounds try 1 node in float, then the most they may (here 4 of the digits CNN's 5
-    quantized nodes), then bisect; a model whose gates fail with the most in float too costs two
-    rounds, not one per size. The gate is simulated from how many nodes a round keeps in float
-    (``needed``: how many the gate needs; ``None``: never enough)."""
+def test_fallback_tries_the_fewest_then_the_most_then_bisects(monkeypatch, first, needed, tried, chosen):
+    """The node rounds try 1 and 2 nodes in float (``FIRST_SIZES``), then the most they may (here
+    4 of the digits CNN's 5 quantized nodes), then bisect between; a model whose gates fail with
+    the most in float too stops there, not after one round per size. The gate is simulated from
+    how many nodes a round keeps in float (``needed``: how many the gate needs; ``None``: never
+    enough)."""
     from onnxcompress import fallback, pipeline
     from onnxcompress.errors import GateFailedError
 
@@ -748,6 +752,7 @@ def test_fallback_tries_the_fewest_then_the_most_then_bisects(monkeypatch, neede
 
     monkeypatch.setattr(fallback, "validate_all", validate)
     monkeypatch.setattr(pipeline, "_judge", judge)
+    monkeypatch.setattr(fallback, "FIRST_SIZES", first)
     opts = OptimizeOptions(quantize="static", calibration="models/digits_calib.npz",
                            validation="models/digits_test.npz", latency=False, target=CPU_TARGET,
                            calibration_method="minmax", min_sqnr_db=0.0, min_cosine=0.999)
