@@ -98,21 +98,23 @@ def main(argv=None) -> int:
                 except (OSError, ValueError, KeyError):
                     pass
                 row = {"model": name, "mode": mode, "ort_s": ort["seconds"], "ort_peak_bytes": ort["peak_rss_bytes"],
-                       "ort_rc": ort["rc"], "ox_s": ox["seconds"], "ox_peak_bytes": ox["peak_rss_bytes"],
+                       "ort_rc": ort["rc"], "ort_stderr": ort["stderr_last"] if ort["rc"] else None, "ox_s": ox["seconds"], "ox_peak_bytes": ox["peak_rss_bytes"],
                        "ox_rc": ox["rc"], "ox_stderr": ox["stderr_last"], "slowest": slowest}
                 row["ratio"] = round(ox["seconds"] / ort["seconds"], 2) if ort["rc"] == 0 and ort["seconds"] else None
                 row["meets"] = (row["ratio"] is not None and row["ratio"] <= TIME_RATIO,
                                 (ox["peak_rss_bytes"] or 0) <= PEAK_BYTES)
                 rows.append(row)
                 console.print(f"{name} {mode}: onnxcompress {ox['seconds']:.1f} s (exit {ox['rc']}), "
-                              f"ORT {ort['seconds']:.1f} s (exit {ort['rc']})", highlight=False)
+                              f"ORT {ort['seconds']:.1f} s (exit {ort['rc']})"
+                              + (f": {ort['stderr_last']}" if ort["rc"] and ort["stderr_last"] else ""), highlight=False)
     t = Table(title=f"tool cost on the zoo — {machine['cpu']}, {machine['cpus']} CPUs")
     for c in ("model", "mode", "onnxcompress s", "ORT s", "× ORT", "peak GB ox / ORT", "exit ox", "targets",
               "slowest stages (onnxcompress)"):
         t.add_column(c)
     for r in rows:
         pk = lambda b: "-" if b is None else f"{b / GB:.2f}"  # noqa: E731
-        t.add_row(r["model"], r["mode"], f"{r['ox_s']:.1f}", f"{r['ort_s']:.1f}" if r["ort_rc"] == 0 else "failed",
+        t.add_row(r["model"], r["mode"], f"{r['ox_s']:.1f}", f"{r['ort_s']:.1f}" if r["ort_rc"] == 0 else
+                  "failed" + (f": {r['ort_stderr'][:60]}" if r.get("ort_stderr") else ""),
                   "-" if r["ratio"] is None else f"{r['ratio']:.2f}", f"{pk(r['ox_peak_bytes'])} / {pk(r['ort_peak_bytes'])}",
                   str(r["ox_rc"]), f"time {'✔' if r['meets'][0] else '✘'} mem {'✔' if r['meets'][1] else '✘'}",
                   r["slowest"] or "-")
