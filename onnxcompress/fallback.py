@@ -47,10 +47,11 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
         judge: ``validation -> (gate rows, passed)`` (the user's gates and the default floor).
 
     Returns:
-        ``(model, reports, validation, gates, passed)`` of the chosen round: the smallest that
-        passed, else the largest tried (``None`` when no round could run). ``run.report["fallback"]`` records every round and
-        ``float_weight_share``: the share of the quantized nodes' constant inputs (bytes, fp32)
-        that the last round kept in float.
+        ``(model, reports, validation, gates, passed)`` of the chosen round: the node round with
+        the fewest nodes in float that passed, else the last node round (the largest size tried),
+        else the min/max round; ``None`` when no round could run. ``run.report["fallback"]``
+        records every round in the order tried, and ``float_weight_share``: the share of the
+        quantized nodes' constant inputs (bytes, fp32) that the chosen round kept in float.
     """
     g = run.recipe.gates
     def node_sqnr(reports) -> dict[str, float]:  # every int8 node: integer pass, QAttention, weight-only
@@ -85,7 +86,7 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             # classifier: 95.8 -> 97.5 % top-1): tried first, before any node gives up int8 (the
             # calibration statistics are reused, not gathered again); not one of the node rounds
             run.say("fallback: min/max activation ranges")
-            # the round's result stands unless a node round follows (the last round is returned)
+            # the round's result stands unless a node round follows (chosen_round: -1, this one)
             model, reports, validation, gates, passed = attempt(replace(cfg, calibration_method="minmax"), int8.ctx)
             mm_sqnr = node_sqnr(reports)
             # wider ranges lower a node's one-node SQNR: nodes the per-node check keeps in float
@@ -126,10 +127,10 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
                 chosen_round = len(rounds) - 1
                 if res[4]:
                     break
-            if not res[4] and len(sizes) > FIRST_SIZES:
+            if (res is None or not res[4]) and len(sizes) > FIRST_SIZES:
                 res = node_round(len(sizes) - 1)
                 chosen_round = len(rounds) - 1
-                lo, hi = FIRST_SIZES, len(sizes) - 1  # sizes[hi] passes (while res passes)
+                lo, hi = max(FIRST_SIZES, 0), len(sizes) - 1  # sizes[hi] passes (while res passes)
                 while res[4] and lo < hi:
                     mid = (lo + hi) // 2
                     res_mid = node_round(mid)

@@ -723,6 +723,8 @@ def test_the_min_max_round_is_not_one_of_the_node_rounds():
     (2, None, [1, 2, 4], 4),     # even the largest fails: the fallback stops there
     (1, 2, [1, 4, 2], 2),        # with one first size: the largest, then bisection finds 2
     (1, None, [1, 4], 4),
+    (1, 3, [1, 4, 2], 4),        # bisection's last round fails: the passing round before it is returned
+    (0, 2, [4, 2, 1], 2),        # no first sizes: the largest, then bisection down to 1 (which fails)
 ])
 def test_fallback_tries_the_fewest_then_the_most_then_bisects(monkeypatch, first, needed, tried, chosen):
     """The node rounds try 1 and 2 nodes in float (``FIRST_SIZES``), then the most they may (here
@@ -761,8 +763,11 @@ def test_fallback_tries_the_fewest_then_the_most_then_bisects(monkeypatch, first
             optimize("models/digits_cnn.onnx", None, opts)
         fb = e.value.report["fallback"]
     else:
-        fb = optimize("models/digits_cnn.onnx", None, opts).report["fallback"]
+        res = optimize("models/digits_cnn.onnx", None, opts)
+        fb = res.report["fallback"]
     assert len(fb["node_sqnr_db"]) == 5, fb["node_sqnr_db"]
     assert [len(r["kept_in_float"]) for r in fb["rounds"]] == tried
     assert len(fb["kept_in_float"]) == chosen and fb["passed"] == (needed is not None), fb["rounds"]
     assert fb["kept_in_float"] == sorted(fb["node_sqnr_db"], key=fb["node_sqnr_db"].get)[:chosen]
+    if needed is not None:  # the returned model's validation and gates are the chosen round's
+        assert res.report["gates"][0]["value"] == chosen, res.report["gates"]
