@@ -130,7 +130,7 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             if (res is None or not res[4]) and len(sizes) > FIRST_SIZES:
                 res = node_round(len(sizes) - 1)
                 chosen_round = len(rounds) - 1
-                lo, hi = max(FIRST_SIZES, 0), len(sizes) - 1  # sizes[hi] passes (while res passes)
+                lo, hi = FIRST_SIZES, len(sizes) - 1  # sizes[hi] passes (while res passes)
                 while res[4] and lo < hi:
                     mid = (lo + hi) // 2
                     res_mid = node_round(mid)
