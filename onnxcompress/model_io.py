@@ -11,7 +11,10 @@ written like any other, and the tool holds one copy of the weights.
 
 Outputs are written to a temporary file in the target folder and renamed into place only
 after ``onnx.checker`` (at the written model's own opset and IR version) and an ONNX Runtime
-session have accepted them, so a failed run leaves no partial output.
+session have accepted them, so a failed run leaves no partial output. A model with external
+data is two renames (data, then model); an earlier model at the destination is moved away
+before its data file is replaced (:func:`_park`), so the old model is never found beside the
+new data.
 """
 
 from __future__ import annotations
@@ -558,7 +561,7 @@ def save_model(
         check_model(model, runtime=runtime_check)
     if external_data is None:
         external_data = inline >= PROTOBUF_LIMIT
-    tmp_model = tmp_data = None
+    tmp_model = tmp_data = parked = None
     data_name = dest.name + ".data"
     try:
         fd, tmp_model = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=folder)
@@ -569,7 +572,14 @@ def save_model(
         _write(model, tmp_model, folder, data_name, external_data=external_data, data_path=tmp_data)
         if tmp_data:
             _default_mode(tmp_data)
-            os.replace(tmp_data, folder / data_name)
+            parked = _park(dest, folder)
+            try:
+                os.replace(tmp_data, folder / data_name)
+            except OSError:
+                if parked:  # the old data file is untouched: the old pair goes back as it was
+                    os.replace(parked, dest)
+                    parked = None
+                raise
             tmp_data = None
         _default_mode(tmp_model)
         os.replace(tmp_model, dest)
@@ -577,7 +587,7 @@ def save_model(
     except OSError as exc:
         raise ModelWriteError(f"{dest}: cannot write ({exc.strerror or exc})") from None
     finally:
-        for t in (tmp_model, tmp_data):
+        for t in (tmp_model, tmp_data, parked):
             if t:
                 with contextlib.suppress(OSError):
                     os.unlink(t)
@@ -585,6 +595,26 @@ def save_model(
     if external_data:
         size += (folder / data_name).stat().st_size
     return size
+
+
+def _park(dest: Path, folder: Path) -> str | None:
+    """Move an existing ``dest`` (an earlier output) to a hidden temporary name in ``folder``
+    before its external data file is replaced, so that no reader ever finds the old model beside
+    the new data (their offsets would not match: a model that loads with wrong weights) and a
+    run killed between the two renames leaves no model rather than a wrong one. Returns the
+    temporary name (the caller removes it once the new model is in place), or ``None`` when
+    ``dest`` does not exist."""
+    if not os.path.lexists(dest):
+        return None
+    fd, parked = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".old", dir=folder)
+    os.close(fd)
+    try:
+        os.replace(dest, parked)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(parked)
+        raise
+    return parked
 
 
 def _varint(n: int) -> bytes:

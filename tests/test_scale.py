@@ -24,7 +24,7 @@ from onnx import helper
 import graphs as G
 from onnxcompress import model_io
 from onnxcompress.api import OptimizeOptions, optimize
-from onnxcompress.errors import ModelLoadError
+from onnxcompress.errors import ModelLoadError, ModelWriteError
 from onnxcompress.passes.base import CompressionPass, PassContext, run_passes, snapshot
 from onnxcompress.passes.fusion import FoldBatchNormPass
 from onnxcompress.runtime import make_session
@@ -125,6 +125,47 @@ def test_lean_load_and_streamed_write_round_trip(tmp_path, external):
         onnx.checker.check_model(str(out), full_check=True)
         feeds = {"x": np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)}
         np.testing.assert_array_equal(G.run(str(out), feeds)["y"], G.run(m, feeds)["y"])
+
+
+def test_rewriting_an_external_data_output_never_pairs_the_old_model_with_the_new_data(tmp_path, monkeypatch):
+    """``OUT`` and ``OUT.data`` are two renames: the old ``OUT`` is moved away before ``OUT.data``
+    is replaced, so no reader (and no run killed between the renames) finds the old model beside
+    the new data; when replacing the data fails, the old pair is put back byte for byte."""
+    import onnxcompress.model_io as mio
+
+    out, data = tmp_path / "out.onnx", tmp_path / "out.onnx.data"
+    old = ir.from_proto(G.mlp(k=64, n=32))
+    model_io.save_model(old, out, external_data=True)
+    old_bytes = (out.read_bytes(), data.read_bytes())
+    new = ir.from_proto(G.mlp(k=64, n=32))
+    real_replace = mio.os.replace
+    seen = []
+
+    def watch(src, dst):
+        if Path(dst) == data:
+            seen.append(os.path.lexists(out))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", watch)
+    model_io.save_model(new, out, external_data=True)
+    assert seen == [False], "the old model was still in place when its data file was replaced"
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}
+    np.testing.assert_allclose(G.run(str(out), feeds)["y"], G.run(ir.to_proto(new), feeds)["y"], rtol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+
+    new_bytes = (out.read_bytes(), data.read_bytes())
+
+    def fail(src, dst):
+        if Path(dst) == data:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", fail)
+    with pytest.raises(ModelWriteError, match="No space left"):
+        model_io.save_model(old, out, external_data=True)
+    assert (out.read_bytes(), data.read_bytes()) == new_bytes  # the pair before the failed write
+    assert new_bytes != old_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
 
 
 @pytest.mark.parametrize("external", [False, True])
