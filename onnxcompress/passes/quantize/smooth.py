@@ -59,6 +59,16 @@ SIM_ROWS = SIM_TOTAL_ROWS // SIM_SAMPLES
 #: (an FFN's 4*D columns made this the slowest step of dynamic int8 on large transformers)
 SIM_COLS = 256
 S_MIN, S_MAX = 1e-4, 1e4
+#: every factor is at least this quantile of the channels' factors (the median): a channel that
+#: is quiet on the calibration data is never amplified beyond the typical channel. Smoothing
+#: lifts quiet channels up to the top of the activation's int8 range; where deployment data is
+#: louder there than calibration was, an amplified channel clips. Measured (all-MiniLM-L6-v2,
+#: static, validated on the zoo's sentences): calibrated on Python documentation text, mean /
+#: worst sentence-embedding cosine 0.99705 / 0.987 without the floor, 0.99833 / 0.996 with it;
+#: on news text 0.99813 / 0.995 -> 0.99831 / 0.996; on the zoo's own sentences unchanged
+#: (0.99842 -> 0.99847). A synthetic probe whose validation rows are loud in channels the
+#: calibration rows left quiet lost 40 % of its answers without it.
+S_FLOOR_QUANTILE = 0.5
 
 
 def _consumers(model: ir.Model, excl_nodes: set, excl_ops: set) -> dict[str, list[ir.Node]]:
@@ -172,7 +182,9 @@ def sample_columns(x: np.ndarray, w: np.ndarray, n: int = SIM_COLS) -> tuple[np.
 def smoothing_factors(xs: list[np.ndarray], ws: list[np.ndarray], alpha: float,
                       absmax: np.ndarray | None = None, absmax_w: np.ndarray | None = None) -> np.ndarray:
     """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (SmoothQuant eq. 4), clipped to [1e-4, 1e4];
-    channels that are all zero in X or W get 1. ``absmax`` [D]: ``max|X_j|`` when already
+    channels that are all zero in X or W get 1; then every factor is raised to at least the
+    median factor (:data:`S_FLOOR_QUANTILE`: quiet channels are not amplified beyond the typical
+    channel, so louder deployment data keeps headroom). ``absmax`` [D]: ``max|X_j|`` when already
     known (streamed over more samples than ``xs``); ``absmax_w`` [D]: ``max|W_j|`` over every
     column of every consumer when ``ws`` are column subsamples. Returns float32 [D]."""
     if absmax is None:
@@ -182,6 +194,8 @@ def smoothing_factors(xs: list[np.ndarray], ws: list[np.ndarray], alpha: float,
     ok = (ax > 0) & (aw > 0)
     s = np.ones_like(ax)
     s[ok] = ax[ok] ** alpha / aw[ok] ** (1.0 - alpha)
+    if ok.any():
+        s = np.maximum(s, np.quantile(s[ok], S_FLOOR_QUANTILE))
     return np.clip(s, S_MIN, S_MAX).astype(np.float32)
 
 
