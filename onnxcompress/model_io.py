@@ -12,9 +12,8 @@ written like any other, and the tool holds one copy of the weights.
 Outputs are written to a temporary file in the target folder and renamed into place only
 after ``onnx.checker`` (at the written model's own opset and IR version) and an ONNX Runtime
 session have accepted them, so a failed run leaves no partial output. A model with external
-data is two renames (data, then model); an earlier model at the destination is moved away
-before its data file is replaced (:func:`_park`), so the old model is never found beside the
-new data.
+data is several renames (:func:`_swap_pair`): the earlier pair is moved away first and put
+back if anything fails, so the old model is never found beside the new data.
 """
 
 from __future__ import annotations
@@ -561,7 +560,7 @@ def save_model(
         check_model(model, runtime=runtime_check)
     if external_data is None:
         external_data = inline >= PROTOBUF_LIMIT
-    tmp_model = tmp_data = parked = None
+    tmp_model = tmp_data = None
     data_name = dest.name + ".data"
     try:
         fd, tmp_model = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=folder)
@@ -570,24 +569,18 @@ def save_model(
             fd, tmp_data = tempfile.mkstemp(prefix="." + data_name + ".", suffix=".tmp", dir=folder)
             os.close(fd)
         _write(model, tmp_model, folder, data_name, external_data=external_data, data_path=tmp_data)
+        _default_mode(tmp_model)
         if tmp_data:
             _default_mode(tmp_data)
-            parked = _park(dest, folder)
-            try:
-                os.replace(tmp_data, folder / data_name)
-            except OSError:
-                if parked:  # the old data file is untouched: the old pair goes back as it was
-                    os.replace(parked, dest)
-                    parked = None
-                raise
+            _swap_pair(dest, tmp_model, folder / data_name, tmp_data, folder)
             tmp_data = None
-        _default_mode(tmp_model)
-        os.replace(tmp_model, dest)
+        else:
+            os.replace(tmp_model, dest)
         tmp_model = None
     except OSError as exc:
         raise ModelWriteError(f"{dest}: cannot write ({exc.strerror or exc})") from None
     finally:
-        for t in (tmp_model, tmp_data, parked):
+        for t in (tmp_model, tmp_data):
             if t:
                 with contextlib.suppress(OSError):
                     os.unlink(t)
@@ -597,24 +590,67 @@ def save_model(
     return size
 
 
-def _park(dest: Path, folder: Path) -> str | None:
-    """Move an existing ``dest`` (an earlier output) to a hidden temporary name in ``folder``
-    before its external data file is replaced, so that no reader ever finds the old model beside
-    the new data (their offsets would not match: a model that loads with wrong weights) and a
-    run killed between the two renames leaves no model rather than a wrong one. Returns the
-    temporary name (the caller removes it once the new model is in place), or ``None`` when
-    ``dest`` does not exist."""
-    if not os.path.lexists(dest):
+def _hide(path: Path, folder: Path) -> str | None:
+    """Rename an existing ``path`` to a fresh hidden name in ``folder`` (returned); ``None`` when
+    ``path`` does not exist."""
+    if not os.path.lexists(path):
         return None
-    fd, parked = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".old", dir=folder)
+    fd, hidden = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".old", dir=folder)
     os.close(fd)
     try:
-        os.replace(dest, parked)
-    except OSError:
+        os.replace(path, hidden)
+    except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(parked)
+            os.unlink(hidden)
         raise
-    return parked
+    return hidden
+
+
+def _swap_pair(dest: Path, new_model: str, data: Path, new_data: str, folder: Path) -> None:
+    """Put a model and its external data file in place as one step as far as renames allow.
+
+    Order: an earlier ``dest`` and ``data`` are moved to hidden names, then the new data and
+    the new model are renamed in, then the hidden ones are removed. So whoever opens ``dest``
+    during the switch finds no model rather than the old model beside the new data (whose
+    offsets would not match: wrong weights that load), and a run killed in between leaves no
+    model at ``dest`` (plus hidden ``.old`` / ``.tmp`` files), never a mismatched pair. Any
+    failure (an ``OSError``, Ctrl-C) before the end undoes the renames done so far, so the
+    earlier pair is back as it was; if undoing fails too, the error names where the earlier
+    files are kept. (A reader that had read ``dest`` *before* the switch and opens ``data``
+    after it still gets the new data: only a data file name unique to each write would close
+    that.)
+
+    Raises:
+        OSError: a rename failed (after the undo).
+    """
+    done: list[tuple[str, str]] = []  # (from, to) renames, undone in reverse on failure
+    hidden: list[str] = []
+    try:
+        for path in (dest, data):
+            h = _hide(path, folder)
+            if h is not None:
+                hidden.append(h)
+                done.append((str(path), h))
+        os.replace(new_data, data)
+        done.append((new_data, str(data)))
+        os.replace(new_model, dest)
+        done.append((new_model, str(dest)))
+    except BaseException as exc:
+        failed = None
+        for src, dst in reversed(done):
+            try:
+                os.replace(dst, src)
+            except OSError as undo:
+                failed = failed or undo
+        kept = [h for h in hidden if os.path.lexists(h)]  # earlier files not back in place
+        if failed is not None and kept:
+            raise OSError(failed.errno, f"{getattr(exc, 'strerror', None) or exc}; putting the earlier files back "
+                                        f"failed too ({failed.strerror or failed}): they are kept as "
+                                        f"{', '.join(kept)}") from exc
+        raise
+    for h in hidden:
+        with contextlib.suppress(OSError):
+            os.unlink(h)
 
 
 def _varint(n: int) -> bytes:

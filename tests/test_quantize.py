@@ -379,30 +379,34 @@ def test_outlier_activation_kept_in_float(tmp_path):
         assert _rel(G.run(m, x)["y"], G.run(onnx.load(out), x, optimize=True)["y"]) < REL
 
 
-def test_smoothquant_holds_when_deployment_is_louder_than_calibration(tmp_path):
-    """Calibration rows leave half the channels quiet (x0.02), validation rows do not (the
-    calibration-narrower-than-deployment case of issue 18). SmoothQuant's factors come from the
-    calibration maxima; without a floor on them the quiet channels were amplified to the top of
-    the int8 range and clipped at deployment (88 % of the answers kept, fewer than without
-    SmoothQuant). With every factor at least the median one (``smooth.S_FLOOR_QUANTILE``),
-    static int8 keeps >= 97 % and at least as many as without SmoothQuant."""
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("quiet", [0.25, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_smoothquant_holds_when_deployment_is_louder_than_calibration(tmp_path, quiet, seed):
+    """Calibration rows leave a share ``quiet`` of the channels quiet (x0.02), validation rows do
+    not (the calibration-narrower-than-deployment case of issue 18). SmoothQuant's factors come
+    from the calibration maxima; without a floor on them the quiet channels were amplified to
+    the top of the int8 range and clipped at deployment (output SQNR 15-21 dB, mostly below no
+    SmoothQuant at all). With every factor at least the median one (``smooth.S_FLOOR_QUANTILE``,
+    which covers fewer than half quiet channels), static int8 is over 21 dB and at least as good
+    as without SmoothQuant."""
+    rng = np.random.default_rng(seed)
     d, n = 64, 10
     w = (rng.standard_normal((d, n)) * 0.3).astype(np.float32)
     m = G.model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [G.vi("x", [8, d])],
                 [G.vi("y", [8, n])], [G.init("w", w)])
     src = tmp_path / "m.onnx"
     onnx.save(m, src)
+    k = d - int(round(quiet * d))
 
-    def rows(count, quiet):
+    def rows(count, scale):
         x = rng.standard_normal((count, 8, d)).astype(np.float32)
         x[..., 0] *= 30  # an outlier channel: what SmoothQuant is for
-        x[..., d // 2:] *= quiet
+        x[..., k:] *= scale
         return x
 
-    cal, val = rows(16, 0.02), rows(16, 1.0)
-    ref = np.concatenate([G.run(m, {"x": v})["y"] for v in val]).argmax(-1)
-    kept = {}
+    cal, val = rows(16, 0.02), rows(64, 1.0)
+    ref = np.concatenate([G.run(m, {"x": v})["y"] for v in val])
+    sqnr = {}
     for sq in (True, False):
         out = tmp_path / f"q{sq}.onnx"
         res = optimize(src, out, OptimizeOptions(quantize="static", calibration=_calib(tmp_path, "x", cal),
@@ -410,9 +414,12 @@ def test_smoothquant_holds_when_deployment_is_louder_than_calibration(tmp_path):
         if sq:
             assert next(p for p in res.report["passes"] if p["name"] == "smooth-quant")["changed"]
         q = onnx.load(out)
-        got = np.concatenate([G.run(q, {"x": v}, optimize=True)["y"] for v in val]).argmax(-1)
-        kept[sq] = float((got == ref).mean())
-    assert kept[True] >= 0.97 and kept[True] >= kept[False], kept
+        got = np.concatenate([G.run(q, {"x": v}, optimize=True)["y"] for v in val])
+        sqnr[sq] = 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
+    # the old factors gave 15.0-20.6 dB on these six cases, the floored ones 21.9-39.4 dB; without
+    # SmoothQuant the node is sometimes kept in float (exact: inf), else 20.9-23.2 dB
+    assert sqnr[True] >= 21.0, sqnr
+    assert sqnr[True] >= sqnr[False] - 0.5 or not np.isfinite(sqnr[False]), sqnr
 
 
 def test_static_from_image_folder(tmp_path):

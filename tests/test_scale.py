@@ -128,44 +128,62 @@ def test_lean_load_and_streamed_write_round_trip(tmp_path, external):
 
 
 def test_rewriting_an_external_data_output_never_pairs_the_old_model_with_the_new_data(tmp_path, monkeypatch):
-    """``OUT`` and ``OUT.data`` are two renames: the old ``OUT`` is moved away before ``OUT.data``
-    is replaced, so no reader (and no run killed between the renames) finds the old model beside
-    the new data; when replacing the data fails, the old pair is put back byte for byte."""
+    """``OUT`` and ``OUT.data`` are several renames (``model_io._swap_pair``): the earlier pair is
+    moved away before either new file is renamed in, so nobody (and no run killed in between)
+    finds the old model beside the new data; a failure at any rename (or Ctrl-C) puts the earlier
+    pair back byte for byte and leaves no temporary file."""
     import onnxcompress.model_io as mio
 
     out, data = tmp_path / "out.onnx", tmp_path / "out.onnx.data"
-    old = ir.from_proto(G.mlp(k=64, n=32))
-    model_io.save_model(old, out, external_data=True)
-    old_bytes = (out.read_bytes(), data.read_bytes())
+    first = ir.from_proto(G.mlp(k=64, n=32))
+    model_io.save_model(first, out, external_data=True)
     new = ir.from_proto(G.mlp(k=64, n=32))
     real_replace = mio.os.replace
     seen = []
 
     def watch(src, dst):
-        if Path(dst) == data:
-            seen.append(os.path.lexists(out))
+        if Path(dst) in (data, out) and not str(src).endswith(".old"):
+            seen.append((Path(dst).name, os.path.lexists(out), os.path.lexists(data)))
         return real_replace(src, dst)
 
     monkeypatch.setattr(mio.os, "replace", watch)
     model_io.save_model(new, out, external_data=True)
-    assert seen == [False], "the old model was still in place when its data file was replaced"
+    # the new data went in with neither earlier file in place, the model after it
+    assert seen == [("out.onnx.data", False, False), ("out.onnx", False, True)], seen
     feeds = {"x": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}
     np.testing.assert_allclose(G.run(str(out), feeds)["y"], G.run(ir.to_proto(new), feeds)["y"], rtol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    before = (out.read_bytes(), data.read_bytes())
 
-    new_bytes = (out.read_bytes(), data.read_bytes())
+    for step, exc in [(0, OSError(28, "No space left on device")), (1, OSError(28, "No space left on device")),
+                      (2, OSError(5, "Input/output error")), (3, OSError(5, "Input/output error")),
+                      (2, KeyboardInterrupt())]:
+        calls = []
 
-    def fail(src, dst):
-        if Path(dst) == data:
-            raise OSError(28, "No space left on device")
+        def fail(src, dst, step=step, exc=exc, calls=calls):
+            calls.append(dst)
+            if len(calls) == step + 1:  # renames: hide OUT, hide OUT.data, data in, model in
+                raise exc
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(mio.os, "replace", fail)
+        with pytest.raises(ModelWriteError if isinstance(exc, OSError) else KeyboardInterrupt):
+            model_io.save_model(first, out, external_data=True)
+        assert (out.read_bytes(), data.read_bytes()) == before, step  # the earlier pair, as it was
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"], step
+
+    def undo_fails(src, dst, calls=[]):
+        calls.append(dst)
+        if len(calls) in (4, 7):  # the model rename fails, then putting the earlier model back too
+            raise OSError(5, "Input/output error")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(mio.os, "replace", fail)
-    with pytest.raises(ModelWriteError, match="No space left"):
-        model_io.save_model(old, out, external_data=True)
-    assert (out.read_bytes(), data.read_bytes()) == new_bytes  # the pair before the failed write
-    assert new_bytes != old_bytes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    monkeypatch.setattr(mio.os, "replace", undo_fails)
+    with pytest.raises(ModelWriteError, match="kept as .*out.onnx.*old"):
+        model_io.save_model(first, out, external_data=True)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.onnx.") and p.name.endswith(".old")
+            and not p.name.startswith(".out.onnx.data.")]
+    assert len(kept) == 1 and kept[0].read_bytes() == before[0]  # the earlier model is not deleted
 
 
 @pytest.mark.parametrize("external", [False, True])
