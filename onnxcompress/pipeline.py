@@ -653,19 +653,20 @@ def _validate_and_gate(run: _Run, original, model, reports, int8, val, labels, r
             if passed and latency:
                 validation = validate_all(original, model, val, labels, providers, latency=True,
                                           cache=run.ref_cache)
-    _floor_report(run, gates, no_floor)
+    _floor_report(run, gates, no_floor, validation)
     _slow_int8_notes(run, validation, int8)
     if any(v.get("provider") == "CPUExecutionProvider" for v in validation):
         run.ort_loaded = model  # validation built an ORT session of this very model on CPU
     return passed, validation, gates, reports, model
 
 
-def _floor_report(run: _Run, gates, no_floor: str | None) -> None:
+def _floor_report(run: _Run, gates, no_floor: str | None, validation=()) -> None:
     """``report["floor"]``: whether the default floor judged the model, and its verdict; a loud
     note when a degraded model is written on request."""
     r = run.recipe.gates
     if no_floor is not None:
         run.report["floor"] = {"applied": False, "why": no_floor}
+        _unjudged_loss_note(run, validation)
         return
     rows = [g for g in gates if g.get("floor")]
     ok = all(g["passed"] for g in rows)
@@ -676,6 +677,31 @@ def _floor_report(run: _Run, gates, no_floor: str | None) -> None:
                            for g in rows if not g["passed"])
         run.note(f"DEGRADED: the quantized model misses the default fidelity floor ({missed}); written as "
                  "quantized (no fallback for the floor) because --accept-degraded was given", warn=True)
+
+
+def _unjudged_loss_note(run: _Run, validation) -> None:
+    """Warn when no gate and no floor judged a model that changes the answers by design (pruning,
+    low-rank, distillation) and it misses what the default floor asks of int8 on the validation
+    data: it is still written (the user asked for a lossy rewrite), but not silently.
+    ``report["floor"]["would_miss"]`` lists the figures."""
+    r = run.recipe
+    if r.gates.any or not validation or not any(s.spec.lossy for s in r.stages):
+        return
+    missed = [g for g in floor_rows(r.gates, validation) if not g["passed"]]
+    if not missed:
+        return
+    run.report["floor"]["would_miss"] = missed
+    lossy = ", ".join(s.name for s in r.stages if s.spec.lossy)
+    def fig(g):
+        pct = g["gate"] == "floor-top1-agreement"
+        unit = " %" if pct else ""
+        return (f"{'top-1 agreement' if pct else 'mean cosine'} {g['value']:.4g}{unit} on "
+                f"{', '.join(g.get('outputs') or ['?'])} (the floor asks {g['limit']:.4g}{unit})")
+
+    figs = "; ".join(fig(g) for g in missed)
+    run.note(f"no gate judged this model ({lossy} changes the answers by design) and it keeps less than the "
+             f"default floor asks of int8: {figs}; it is written as asked; set --min-top1-agreement or --min-cosine "
+             "to refuse such a model", warn=True)
 
 
 def _fallback_cost_note(run: _Run, validation) -> None:

@@ -91,6 +91,24 @@ def test_the_floor_steps_aside(narrow, tmp_path):
     assert not res.report["floor"]["applied"] and "prune-magnitude" in res.report["floor"]["why"]
 
 
+def test_a_pruned_model_that_loses_answers_is_written_loudly(narrow, tmp_path):
+    """No gate and no floor judge a pruned model (pruning changes the answers by design); when it
+    keeps less than the floor asks of int8 it is still written, with a warning that names the
+    figure and the flags that would refuse it (a newcomer's run wrote a 56 % model in silence)."""
+    m, _, val = narrow
+    res = optimize(m, tmp_path / "p.onnx", OptimizeOptions(validation=val, prune=0.9, prune_mode="channel"))
+    assert (tmp_path / "p.onnx").exists() and not res.report["floor"]["applied"]
+    miss = res.report["floor"]["would_miss"]
+    assert miss and miss[0]["gate"] == "floor-top1-agreement" and miss[0]["value"] < 97
+    note = next(n for n in res.report["notes"] if n.startswith("no gate judged this model"))
+    assert "prune-channels" in note and "top-1 agreement" in note and "--min-top1-agreement" in note
+    # a gate of the user's judges instead: no such warning
+    res = optimize(m, tmp_path / "q.onnx", OptimizeOptions(validation=val, prune=0.9, prune_mode="channel",
+                                                             min_top1_agreement=1.5))
+    assert "would_miss" not in res.report["floor"]
+    assert not any(n.startswith("no gate judged this model") for n in res.report["notes"])
+
+
 def test_the_floor_judges_other_outputs_by_mean_cosine():
     """Class scores by top-1 agreement over the decisive rows (one flip tolerated), index outputs
     by equality, other float outputs (an embedding, a map — and a rank-2 output with too few
