@@ -247,7 +247,18 @@ class StageBars:
         # keeps one line per stage
         narrow = con.width < 110
         desc_w = 28 if narrow else 44
-        cols = [SpinnerColumn(finished_text="[green]✓[/]"),
+        class StatusColumn(SpinnerColumn):
+            """The spinner; once a stage is done a green check, or a yellow cross when the stage
+            did not do what it set out to (a reverted pass, a fallback round that missed the gates)."""
+
+            def render(self, task):
+                if task.finished and task.fields.get("outcome"):
+                    from rich.text import Text
+
+                    return Text("✗", style="yellow")
+                return super().render(task)
+
+        cols = [StatusColumn(finished_text="[green]✓[/]"),
                 TextColumn("{task.description}", table_column=Column(max_width=desc_w, no_wrap=True,
                                                                      overflow="ellipsis"))]
         if not narrow:
@@ -281,10 +292,10 @@ class StageBars:
         if ev.done is None:
             self._close(ev.closed)
             if not ev.final:
-                self._task = self._bars.add_task(escape(ev.stage), total=None, count="", cost="")
+                self._task = self._bars.add_task(escape(ev.stage), total=None, count="", cost="", outcome="")
             return
         if self._task is None:
-            self._task = self._bars.add_task(escape(ev.stage), total=None, count="", cost="")
+            self._task = self._bars.add_task(escape(ev.stage), total=None, count="", cost="", outcome="")
         count = f"{ev.done}/{ev.total}" if ev.total is not None else f"{ev.done}"
         done = ev.total is not None and ev.done >= ev.total
         # while it runs: what it counts; once a step is complete only the numbers stay
@@ -297,8 +308,11 @@ class StageBars:
         t = self._bars.tasks[self._task]
         cost = (f"{closed['seconds']:.1f} s, {closed['peak_rss_mb']:.0f} MiB peak" if closed else
                 f"{t.elapsed or 0:.1f} s")
+        outcome = (closed or {}).get("outcome")
+        if outcome:
+            cost = f"{outcome}; {cost}"
         done = t.total or 1
-        self._bars.update(self._task, total=done, completed=done, cost=cost)
+        self._bars.update(self._task, total=done, completed=done, cost=cost, outcome=outcome or "")
         self._bars.stop_task(self._task)
         self._task = None
 

@@ -146,7 +146,9 @@ def _render(rep: dict) -> None:
             t.add_row(f"accuracy {prov}", f"{v['accuracy_reference']:.2f} %", f"{v['accuracy_candidate']:.2f} %",
                       f"{v['accuracy_candidate'] - v['accuracy_reference']:+.2f} pp")
         for o in v["outputs"]:
-            desc = f"rel {float(o['max_rel_err']):.3g}, cos {float(o['cosine']):.5f}, SQNR {float(o['sqnr_db']):.1f} dB"
+            cos = (f"cos mean {float(o['mean_cosine']):.5f} / worst {float(o['cosine']):.5f}"
+                   if o.get("mean_cosine") is not None and v["n_samples"] > 1 else f"cos {float(o['cosine']):.5f}")
+            desc = f"max rel err {float(o['max_rel_err']):.3g}, {cos}, SQNR {float(o['sqnr_db']):.1f} dB"
             if o.get("sequence_agreement") is not None:
                 desc += f", sequences {o['sequence_agreement']:.1f} % of {o['n_sequences']}"
             if o.get("top1_agreement") is not None:

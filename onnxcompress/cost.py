@@ -56,6 +56,7 @@ class StageMeter:
     def __init__(self) -> None:
         self.stages: list[dict] = []
         self._name: str | None = None
+        self._outcome: str | None = None
         self._t0 = 0.0
         self._peak = 0.0
         self._lock = threading.Lock()
@@ -81,13 +82,21 @@ class StageMeter:
             self._peak = _rss_mib() or 0.0
         return closed
 
+    def mark(self, outcome: str) -> None:
+        """Say how the running stage ended when it did not do what it set out to (``"reverted"``,
+        ``"gates missed"``): its record gets ``"outcome"``, and a progress display shows it."""
+        self._outcome = outcome
+
     def _close(self) -> dict | None:
         if self._name is None:
             return None
         with self._lock:
             peak = max(self._peak, _rss_mib() or 0.0) if self.exact else peak_rss_mib()
-        self.stages.append({"stage": self._name, "seconds": round(time.perf_counter() - self._t0, 3),
-                            "peak_rss_mb": round(peak, 1)})
+        rec = {"stage": self._name, "seconds": round(time.perf_counter() - self._t0, 3), "peak_rss_mb": round(peak, 1)}
+        if self._outcome:
+            rec["outcome"] = self._outcome
+        self._outcome = None
+        self.stages.append(rec)
         self._name = None
         return self.stages[-1]
 

@@ -94,6 +94,8 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             lost = sorted(n for n in order if mm_sqnr.get(n, floor) < floor)
             rounds.append({"calibration_method": "minmax", "kept_in_float": lost, "passed": passed,
                            "gates": {gate_label(x): x["value"] for x in gates}})
+            if not passed:
+                run.meter.mark("gates missed")
             if passed:
                 sqnr = mm_sqnr
                 run.note("fallback: with min/max activation ranges instead of auto's clipped ones the gates hold; "
@@ -114,6 +116,8 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             res = attempt(cfg, replace(int8.ctx, keep_float=excluded))
             rounds.append({"kept_in_float": list(excluded), "passed": res[4],
                            "gates": {gate_label(x): x["value"] for x in res[3]}})
+            if not res[4]:
+                run.meter.mark("gates missed")
             return res
 
         if not passed and sizes:
@@ -147,7 +151,8 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
                  + (" (min/max activation ranges were tried too)"
                     if any("calibration_method" in r for r in rounds) else ""))
     kept = rounds[chosen_round]["kept_in_float"] if rounds else []
-    run.report["fallback"] = {"rounds": rounds, "kept_in_float": kept, "passed": passed, "node_sqnr_db": dict(sqnr),
+    run.report["fallback"] = {"rounds": rounds, "kept_in_float": kept, "passed": passed, "int8_nodes": len(order),
+                              "node_sqnr_db": dict(sqnr),
                               "float_weight_share": _weight_share(int8.start, kept, order)}
     if not rounds:
         return None

@@ -267,6 +267,13 @@ def _load_data(run: _Run, model: ir.Model):
             calib = random_samples(specs, 16)
         for x in w:
             run.note(str(x.message), warn=static)  # calibrating on noise deserves more than a note
+        free = [(sp.name, list(sp.shape), list(calib[0][sp.name].shape)) for sp in specs
+                if calib and sp.name in calib[0] and any(not isinstance(d, int) or d < 0 for d in (sp.shape or ()))]
+        if free:
+            run.note("random inputs at the smallest shape: " + "; ".join(
+                f"'{n}' {shape} -> {used}" for n, shape, used in free) + " (every free dimension 1): the latency "
+                "and fidelity figures describe that shape; give --calibration or --validation data of the real "
+                "shape", warn=True)
     if d.validation is not None:
         val, vextras = _samples(d.validation, specs, d.image, "validation")
         labels = _labels(run, vextras.get("labels"), val, d.validation)
@@ -541,6 +548,8 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
         if not spec.checked:
             ref0 = None
         reports += [x for x in reps if not spec.quiet or x.changed or x.reverted]
+        if reps and all(x.reverted for x in reps):
+            run.meter.mark("reverted")
         if spec.int8:
             if reps[0].reverted:
                 raise OnnxCompressError(f"{st.name} failed on this model ({reps[0].reverted}); nothing written "
@@ -721,10 +730,12 @@ def _fallback_cost_note(run: _Run, validation) -> None:
     if before and after:
         speed += f"; size {after / before:.2f}x of fp32's"
     static = any(s.name == "quantize-static" for s in run.recipe.stages)
-    run.note(f"the fallback kept {len(fb['kept_in_float'])} of {len(fb['node_sqnr_db'])} quantized nodes in float, "
+    # --accept-degraded answers the default floor only: with gates of the user's it has no effect
+    looser = "a looser gate" if run.recipe.gates.any else "a looser gate (or --accept-degraded with the figures above)"
+    n = fb.get("int8_nodes", len(fb["node_sqnr_db"]))
+    run.note(f"the fallback kept {len(fb['kept_in_float'])} of {n} quantized nodes in float, "
              f"holding {share:.0%} of their weights: most of int8's speed and size gain is given up{speed}. "
-             f"Consider {'--quantize dynamic, ' if static else ''}a looser gate (or --accept-degraded with "
-             "the figures above), or keeping fp32", warn=True)
+             f"Consider {'--quantize dynamic, ' if static else ''}{looser}, or keeping fp32", warn=True)
 
 
 def _slow_int8_notes(run: _Run, validation, int8) -> None:

@@ -264,7 +264,11 @@ def test_a_fallback_that_gives_up_the_speed_says_so(tmp_path):
         rep = exc.report
     assert rep["fallback"]["kept_in_float"][0] == "big"
     assert rep["fallback"]["float_weight_share"] > 0.9
-    assert any(n.startswith("the fallback kept") and "given up" in n and "size" in n for n in rep["notes"])
+    note = next(n for n in rep["notes"] if n.startswith("the fallback kept"))
+    assert "given up" in note and "size" in note
+    # the count is of the nodes that were int8 when the fallback began; with a gate of the user's,
+    # --accept-degraded (which answers the default floor only) is not suggested
+    assert f"of {rep['fallback']['int8_nodes']} quantized nodes" in note and "--accept-degraded" not in note
 
 
 def test_ctc_outputs_are_judged_by_decoded_sequences():

@@ -89,6 +89,33 @@ def test_cli_prints_one_line_per_stage(digits, tmp_path):
     assert any(l.startswith("✓ writing") for l in lines), res.output
 
 
+def test_stages_that_did_not_do_their_job_are_marked(digits, tmp_path, monkeypatch):
+    """A fallback round that misses the gates and a stage whose passes were all reverted end with a
+    yellow cross and their outcome, not the check mark of a stage that did its job (a newcomer read
+    "✓ distillation" beside "distillation failed and was reverted"); the report's cost says so too."""
+    from onnxcompress.passes import distill_stage
+
+    def no_torch(self, model):
+        raise RuntimeError("distillation needs PyTorch (simulated)")
+
+    monkeypatch.setattr(distill_stage.DistillPass, "apply", no_torch)
+    res = CliRunner().invoke(app, ["optimize", str(digits["model"]), "-o", str(tmp_path / "q.onnx"), "--quantize",
+                                   "static", "--calibration", str(digits["calib"]), "--min-cosine", "0.99999999",
+                                   "--prune", "0.5", "--prune-mode", "channel", "--distill", "1",
+                                   "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 3, res.output
+    lines = res.output.splitlines()
+    assert any(l.startswith("✗ fallback") and "gates missed" in l for l in lines), res.output
+    assert any(l.startswith("✗ distillation") and "reverted" in l for l in lines), res.output
+    assert any(l.startswith("✓ clean-up and fusion") for l in lines), res.output
+    import json
+
+    stages = json.loads((tmp_path / "r.json").read_text())["cost"]["stages"]
+    assert {s.get("outcome") for s in stages if s["stage"].startswith("fallback")} == {"gates missed"}
+    assert next(s for s in stages if s["stage"].startswith("distillation"))["outcome"] == "reverted"
+    assert "outcome" not in next(s for s in stages if s["stage"].startswith("loading"))
+
+
 def test_a_failing_callback_is_the_callers_error_not_a_pass_failure(digits):
     """The callback runs inside passes now: its exception surfaces as itself, after the pass,
     not as 'quantize-static failed on this model'."""
