@@ -34,6 +34,7 @@ from .errors import GateFailedError, ModelWriteError, OnnxCompressError
 from .model_io import check_output_path, external_data_files, load_model, save_model
 from .recipe import Recipe, _copy, quantize_stages
 from .pipeline import OptimizeResult, _load_data, _Run, run
+from .cost import peak_rss_mib
 from .progress import ProgressEvent
 from .runtime import cpu_features
 from .util import compressed_size, jsonable
@@ -123,6 +124,7 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
         auto["chosen"], auto["why"] = chosen, why
         report = _write_chosen(inp, out, recipe, cands, chosen, summary, auto, protect, say)
         report["seconds"] = round(time.perf_counter() - t0, 2)
+        report["cost"] = _total_cost(cands, report["seconds"])
         return OptimizeResult(out, report, True, recipe=recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,6 +254,24 @@ def _write_chosen(inp, out: Path, recipe: Recipe, cands, chosen, summary, auto, 
                                f"({summary[chosen]['latency_ms']} vs {auto['fp32_latency_ms']} ms): consider fp32")
     report["written"] = True
     return report
+
+
+def _total_cost(cands, seconds: float) -> dict:
+    """The whole auto run's cost: every candidate's stages (named by mode; a candidate's write to
+    its private folder named as such), then choosing (timing) and writing the chosen model, so
+    that the stages add up to the run's ``seconds``."""
+    stages, peak = [], 0.0
+    for mode, c in cands.items():
+        cost = (c.get("report") or {}).get("cost") or {}
+        for st in cost.get("stages", []):
+            name = f"writing the {mode} candidate" if st["stage"].startswith("writing ") else st["stage"]
+            stages.append({**st, "stage": f"auto ({mode}): {name}"})
+        peak = max(peak, float(cost.get("peak_rss_mb") or 0.0))
+    rest = seconds - sum(st["seconds"] for st in stages)
+    stages.append({"stage": "auto: timing the candidates, writing the chosen one", "seconds": round(max(rest, 0.0), 3),
+                   "peak_rss_mb": round(max(peak_rss_mib(), peak), 1)})
+    return {"stages": stages, "peak_rss_mb": round(max(st["peak_rss_mb"] for st in stages), 1),
+            "peak_per_stage": all((c.get("report") or {}).get("cost", {}).get("peak_per_stage") for c in cands.values())}
 
 
 def _prefixed(msg: str, prefix: str) -> str:

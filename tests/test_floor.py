@@ -240,6 +240,12 @@ def test_auto_takes_static_where_it_is_faster_and_keeps_the_answers(tmp_path):
     else:
         assert "within 5%" in auto["why"]
     assert res.report["floor"]["applied"] and res.report["floor"]["passed"]
+    # the cost covers the whole run: both candidates' stages, named by mode, then the choice and the
+    # write; no candidate's private path (a newcomer saw only the chosen mode's stages, 2.5 of 15 s)
+    stages = res.report["cost"]["stages"]
+    assert {st["stage"].split(")")[0] for st in stages[:-1]} == {"auto (dynamic", "auto (static"}
+    assert not any(".onnxcompress-auto" in st["stage"] for st in stages)
+    assert sum(st["seconds"] for st in stages) == pytest.approx(res.report["seconds"], abs=0.05)
 
 
 def test_a_fallback_that_gives_up_the_speed_says_so(tmp_path):
