@@ -138,8 +138,8 @@ def _render_group(g) -> None:
     first = escape(g.models[0].label)
     prov = g.provider.replace("ExecutionProvider", "")
     t = Table(title=f"{prov}, batch {g.batch}: latency over {g.rounds} timed runs per model, interleaved in blocks (ratio vs {first})")
-    for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s",
-                f"latency ratio vs {first} [95 % CI] (lower is faster)", "speed-up"):
+    for col in ("model", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s (from mean)",
+                f"median latency ratio vs {first} [95 % CI] (lower is faster)", "speed-up (median)"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for m in g.models:
         lat = m.latency
@@ -147,7 +147,7 @@ def _render_group(g) -> None:
         t.add_row(escape(m.label), f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}", f"{lat.mean_ms:.3f}",
                   _ratio(m.throughput, ".1f"),
                   # the bootstrap interval is not symmetric around the ratio: print its ends
-                  (f"{m.latency_ratio:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{m.latency_ratio:.3f}")
+                  (f"{m.latency_ratio:.3f} [{lo:.4g}, {hi:.4g}]" if lo is not None else f"{m.latency_ratio:.3f}")
                   if m.latency_ratio else "-", f"{1 / m.latency_ratio:.2f}x" if m.latency_ratio else "-")
     out_console.print(t)
     r = Table(title=f"{prov}, batch {g.batch}: size and memory (ratio vs {first})")
