@@ -458,7 +458,7 @@ def test_sensitivity_is_measured_with_the_metric_and_orders_keep_float(tmp_path)
 
     # the gain, measured independently: the all-int8 model and the one with that node in float
     val, _ = load_npz(V, input_specs(load_model(M)), what="validation")
-    search = val[:len(val) // 2]
+    search = val[0::2]  # tune's search half: the even samples
     _, ref = run_reference(str(M), search)
     base = OptimizeOptions(calibration=str(C), validation=None, latency=False, fallback=False,
                            accept_degraded=True, quantize="static")
