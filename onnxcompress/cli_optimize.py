@@ -179,7 +179,11 @@ def _render(rep: dict) -> None:
         mark = "[green]pass[/]" if g["passed"] else "[red]FAIL[/]"
         value, limit = _gate_value(g["value"], g["limit"])
         name = g["gate"] + (f" ({', '.join(g['outputs'])})" if g.get("outputs") else "")
-        console.print(f"gate {escape(name)} on {g['provider']}: {value} (limit {limit}) {mark}", highlight=False)
+        why = ""
+        floor = rep.get("recipe", {}).get("gates", {}).get("floor_top1_agreement", 97.0)
+        if g["gate"] == "floor-top1-agreement" and g["limit"] < floor - 1e-9:
+            why = f", the floor's {floor:g} % lowered so that one changed answer among few decisive rows is tolerated"
+        console.print(f"gate {escape(name)} on {g['provider']}: {value} (limit {limit}{why}) {mark}", highlight=False)
     for n in rep.get("notes", []):
         if n not in _warned:
             console.print(f"[dim]note:[/] {escape(n)}", highlight=False)

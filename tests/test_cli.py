@@ -538,3 +538,34 @@ def test_short_help_and_python_dash_m(tmp_path):
         assert r.exit_code == 0 and "Usage:" in r.output, (args, r.output)
     r = subprocess.run([sys.executable, "-m", "onnxcompress", "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == __import__("onnxcompress").__version__
+
+
+def test_a_lowered_floor_limit_says_why(tmp_path, small):
+    """The floor tolerates one changed answer among few decisive rows (31 rows: limit 96.77 %, not
+    97): the gate line says so instead of printing an unexplained limit."""
+    from onnxcompress import cli_common, cli_optimize
+
+    res = _invoke("optimize", small, "-o", tmp_path / "q.onnx", "--quantize", "dynamic", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    rep["gates"] = [{"gate": "floor-top1-agreement", "provider": "CPUExecutionProvider", "value": 100.0,
+                     "limit": 96.7742, "passed": True, "floor": True, "outputs": ["logits"]}]
+    from rich.console import Console
+
+    rec = Console(record=True, width=200)
+    old = (cli_common.console, cli_optimize.console, cli_optimize.out_console)
+    cli_optimize.console = cli_optimize.out_console = rec
+    try:
+        cli_optimize._render(rep)
+    finally:
+        cli_common.console, cli_optimize.console, cli_optimize.out_console = old
+    line = next(l for l in rec.export_text().splitlines() if l.startswith("gate floor-top1-agreement"))
+    assert "limit 96.77" in line and "97 % lowered" in line and "one changed answer" in line
+    rep["gates"][0]["limit"] = 97.0
+    rec = Console(record=True, width=200)
+    cli_optimize.console = cli_optimize.out_console = rec
+    try:
+        cli_optimize._render(rep)
+    finally:
+        cli_common.console, cli_optimize.console, cli_optimize.out_console = old
+    assert "lowered" not in rec.export_text()
