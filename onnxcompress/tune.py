@@ -221,8 +221,9 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
     from .validate import output_metrics
 
     if metric == "accuracy":
-        pred = np.concatenate(got).argmax(-1).ravel()
-        return float(100.0 * np.mean(pred == np.asarray(labels)[: pred.size]))
+        # each sample's class scores as rows (label_rows): [C] is one row, [N, T, C] N·T rows
+        pred = np.concatenate([np.asarray(g).reshape(-1, np.shape(g)[-1]) for g in got]).argmax(-1)
+        return float(100.0 * np.mean(pred == np.asarray(labels).ravel()[: pred.size]))
     if metric == "task":
         from dataclasses import asdict
 
@@ -826,16 +827,6 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     # file had every row fp32 gets wrong in its first half: 97.3 % searched, 100 % held out)
     search, final = val[0::2], val[1::2]
     lab_s = lab_f = None
-    if labels is not None:
-        labels = np.asarray(labels)
-        rows = [int(next(iter(f.values())).shape[0]) for f in val]
-        starts = np.cumsum([0, *rows])
-        if labels.ndim >= 1 and labels.shape[0] == starts[-1]:
-            pick = [np.arange(starts[i], starts[i + 1]) for i in range(len(val))]
-            lab_s = labels[np.concatenate(pick[0::2])] if pick[0::2] else labels[:0]
-            lab_f = labels[np.concatenate(pick[1::2])] if pick[1::2] else labels[:0]
-        else:  # a wrong count: _check_labels names it before any use
-            lab_s = lab_f = labels
     if budget.metric == "accuracy" and labels is None:
         raise DataError("--metric accuracy needs 'labels' in the validation data")
     from .runtime import is_ort_error, run_reference
@@ -852,7 +843,16 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         raise DataError(f"ONNX Runtime cannot run the input model on the validation data: {_first_line(exc)}") from None
     del sess
     if budget.metric == "accuracy":
-        _check_labels(labels, [*ref_s, *ref_f])
+        # one label per row of the first output (what _check_labels counts and _score scores), in the
+        # file's sample order; each half takes its samples' rows
+        _check_labels(labels, ref)
+        labels = np.asarray(labels).ravel()
+        rows = [label_rows(r[next(iter(r))]) for r in ref]  # ref: search samples first, then held out
+        order = [*range(0, len(val), 2), *range(1, len(val), 2)]  # ref's samples as indices of val
+        starts = np.cumsum([0, *(rows[order.index(i)] for i in range(len(val)))])
+        pick = {i: np.arange(starts[i], starts[i + 1]) for i in range(len(val))}
+        lab_s = labels[np.concatenate([pick[i] for i in range(0, len(val), 2)])]
+        lab_f = labels[np.concatenate([pick[i] for i in range(1, len(val), 2)])] if len(val) > 1 else labels[:0]
     bench_data = st / "timing.npz"
     import io
 
@@ -895,6 +895,13 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     return s
 
 
+def label_rows(out) -> int:
+    """Rows of class scores in one sample's first output: its leading axes flattened
+    (``[N, C]``: N; ``[N, T, C]``: N·T; ``[C]``: 1) — one label each for ``--metric accuracy``."""
+    o = np.asarray(out)
+    return int(o.reshape(-1, o.shape[-1]).shape[0]) if o.ndim > 1 else 1
+
+
 def _check_labels(labels, refs: list[dict]) -> None:
     """``--metric accuracy``'s labels: 1-D integer class indices, one per row of the first output,
     each a valid index of its last axis.
@@ -909,7 +916,7 @@ def _check_labels(labels, refs: list[dict]) -> None:
     outs = [np.asarray(r[first]) for r in refs]
     if any(o.ndim < 1 for o in outs):
         raise DataError(f"--metric accuracy: the first output '{first}' is a scalar, not class scores")
-    rows = sum(int(o.reshape(-1, o.shape[-1]).shape[0]) if o.ndim > 1 else 1 for o in outs)
+    rows = sum(label_rows(o) for o in outs)
     classes = int(outs[0].shape[-1])
     if lab.shape[0] != rows:
         raise DataError(f"--metric accuracy: {lab.shape[0]} labels for {rows} rows of the first output '{first}'")

@@ -483,3 +483,35 @@ def test_sensitivity_is_measured_with_the_metric_and_orders_keep_float(tmp_path)
                 sensitivity_nodes=0)
     assert all(x["metric_gain_in_float"] is None for x in none.report["sensitivity"])
     assert [x["node"] for x in none.report["sensitivity"]] == [x["node"] for x in by_sqnr]
+
+
+def test_accuracy_labels_follow_the_rows_of_the_first_output(tmp_path):
+    """--metric accuracy takes one label per row of the first output's class scores: per token for
+    ``[1, T, C]`` outputs of ragged samples, one per sample for a ``[C]`` output. With labels equal
+    to fp32's own answers, fp32 scores 100 % on both halves (a hostile tester saw 30 % and 0 %: the
+    labels were split by input rows and the [C] scores flattened into one row)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxcompress.tune import _score, label_rows
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 5)).astype(np.float32)
+    for name, xshape, yshape, feeds in (
+            ("tok", [1, "T", 8], [1, "T", 5], [rng.standard_normal((1, t, 8)).astype(np.float32) for t in (3, 5, 2, 6, 4, 3)]),
+            ("vec", [8], [5], [rng.standard_normal(8).astype(np.float32) for _ in range(6)])):
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], name,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, yshape)],
+                              [onnx.numpy_helper.from_array(w, "w")])
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        labels = np.concatenate([np.atleast_2d(x @ w).reshape(-1, 5).argmax(-1) for x in feeds])
+        np.savez(tmp_path / f"{name}.npz", labels=labels, **{f"{i}__x": x for i, x in enumerate(feeds)})
+        res = tune(path, tmp_path / f"{name}_out.onnx", Budget(metric="accuracy", max_drop=50.0),
+                   validation=str(tmp_path / f"{name}.npz"), trials=1, sensitivity_nodes=0)
+        held = res.report["held_out"]
+        assert held["fp32_metric"] == 100.0, (name, held)
+    assert label_rows(np.zeros((2, 7, 5))) == 14 and label_rows(np.zeros(5)) == 1
+    assert _score("accuracy", [], [np.eye(5)[2], np.eye(5)[4]], np.array([2, 4])) == 100.0

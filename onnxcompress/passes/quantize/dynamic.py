@@ -165,7 +165,8 @@ class DynamicQuantizePass(CompressionPass):
         """Worst output SQNR (dB) over the recorded samples of ``x @ w`` against
         ``DQ(Q(x)) @ (q * scale)``, computed as ``(DQ(Q(x)) @ q) * scale`` (per-column scales
         factor out of the product: no dequantized copy of the weight)."""
-        sb = np.float32(scale) if axis is None else scale.reshape(1, -1).astype(np.float32)
+        # per-column scales broadcast over the last axis ([N]: a rank-1 input gives a rank-1 product)
+        sb = np.float32(scale) if axis is None else scale.reshape(-1).astype(np.float32)
         qf = q.astype(np.float32)
         worst = float("inf")
         for rec in recorded:
