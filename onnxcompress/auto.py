@@ -165,8 +165,9 @@ def _run_candidates(inp: Path, recipe: Recipe, modes, tmp: Path, say) -> dict[st
 
 def _none_passed(cands, auto, out: Path, t0: float) -> None:
     report = next((c["report"] for c in cands.values() if c["report"]), {})
-    report = {**report, "output": str(out), "auto": jsonable(auto), "written": False,
-              "seconds": round(time.perf_counter() - t0, 2)}
+    seconds = round(time.perf_counter() - t0, 2)
+    report = {**report, "output": str(out), "auto": jsonable(auto), "written": False, "seconds": seconds,
+              "cost": _total_cost(cands, seconds)}
     err = GateFailedError("--quantize auto: no mode passed: " + "; ".join(
         f"{m}: {c.get('error', 'failed')}" for m, c in cands.items()) + f" -- {out} not written")
     err.report = report  # type: ignore[attr-defined]
@@ -268,7 +269,7 @@ def _total_cost(cands, seconds: float) -> dict:
             stages.append({**st, "stage": f"auto ({mode}): {name}"})
         peak = max(peak, float(cost.get("peak_rss_mb") or 0.0))
     rest = seconds - sum(st["seconds"] for st in stages)
-    stages.append({"stage": "auto: timing the candidates, writing the chosen one", "seconds": round(max(rest, 0.0), 3),
+    stages.append({"stage": "auto: choosing (timing the candidates) and writing", "seconds": round(max(rest, 0.0), 3),
                    "peak_rss_mb": round(max(peak_rss_mib(), peak), 1)})
     return {"stages": stages, "peak_rss_mb": round(max(st["peak_rss_mb"] for st in stages), 1),
             "peak_per_stage": all((c.get("report") or {}).get("cost", {}).get("peak_per_stage") for c in cands.values())}

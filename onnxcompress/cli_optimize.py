@@ -182,7 +182,10 @@ def _render(rep: dict) -> None:
         why = ""
         floor = rep.get("recipe", {}).get("gates", {}).get("floor_top1_agreement", 97.0)
         if g["gate"] == "floor-top1-agreement" and g["limit"] < floor - 1e-9:
-            why = f", the floor's {floor:g} % lowered so that one changed answer among few decisive rows is tolerated"
+            from .gates import FLOOR_MIN_TOLERATED
+
+            why = (f", the floor's {floor:g} % lowered for few decisive rows or sequences: one changed answer "
+                   f"tolerated, never below {FLOOR_MIN_TOLERATED:g} %")
         console.print(f"gate {escape(name)} on {g['provider']}: {value} (limit {limit}{why}) {mark}", highlight=False)
     for n in rep.get("notes", []):
         if n not in _warned:

@@ -145,7 +145,11 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             model, reports, validation, gates, passed = res
     finally:
         logger.setLevel(level)
-    if not passed:
+    if not passed and not order:
+        run.note("fallback: no node could be kept in float: the quantization measured no per-node int8 SQNR to "
+                 "order the nodes by (--min-node-sqnr 0 turns that check off)"
+                 + (" (min/max activation ranges were tried)" if rounds else ""))
+    elif not passed:
         run.note(f"fallback: the gates still fail with {len(rounds[chosen_round]['kept_in_float']) if rounds else 0} "
                  f"of {len(order)} quantized nodes kept in float"
                  + (" (min/max activation ranges were tried too)"

@@ -107,6 +107,9 @@ class _Run:
     input_session: Any = None
     #: the model validation ran in ORT on CPU (the write's ORT load check would repeat it)
     ort_loaded: Any = None
+    #: lossy stages (pruning, low-rank, distillation) that changed the model, in order: the default
+    #: floor (int8 against the input) does not judge a model they changed
+    lossy_changed: list = field(default_factory=list)
 
     def say(self, msg: str) -> None:
         """A stage starts: its time and peak memory go to ``report["cost"]``; the progress
@@ -267,9 +270,9 @@ def _load_data(run: _Run, model: ir.Model):
             calib = random_samples(specs, 16)
         for x in w:
             run.note(str(x.message), warn=static)  # calibrating on noise deserves more than a note
-        free = [(sp.name, list(sp.shape), list(calib[0][sp.name].shape)) for sp in specs
+        free = [(sp.name, ["?" if d is None else d for d in sp.shape], list(calib[0][sp.name].shape)) for sp in specs
                 if calib and sp.name in calib[0] and any(not isinstance(d, int) or d < 0 for d in (sp.shape or ()))]
-        if free:
+        if free and d.validation is None:  # with --validation the figures come from that data
             run.note("random inputs at the smallest shape: " + "; ".join(
                 f"'{n}' {shape} -> {used}" for n, shape, used in free) + " (every free dimension 1): the latency "
                 "and fidelity figures describe that shape; give --calibration or --validation data of the real "
@@ -550,6 +553,8 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
         reports += [x for x in reps if not spec.quiet or x.changed or x.reverted]
         if reps and all(x.reverted for x in reps):
             run.meter.mark("reverted")
+        if spec.lossy and any(x.changed and not x.reverted for x in reps):
+            run.lossy_changed.append(st.name)
         if spec.int8:
             if reps[0].reverted:
                 raise OnnxCompressError(f"{st.name} failed on this model ({reps[0].reverted}); nothing written "
@@ -591,7 +596,7 @@ def _floor_applies(run: _Run, int8) -> str | None:
         return "no int8 stage"
     if r.gates.any:
         return "your gates judge the model"
-    lossy = [s.name for s in r.stages if s.spec.lossy]
+    lossy = run.lossy_changed  # a lossy stage that left the model as it was changes no answer
     if lossy:
         return (f"{lossy[0]} changes the answers by design (the floor judges int8 against the input); "
                 "set a gate to judge the result")
@@ -694,23 +699,26 @@ def _unjudged_loss_note(run: _Run, validation) -> None:
     data: it is still written (the user asked for a lossy rewrite), but not silently.
     ``report["floor"]["would_miss"]`` lists the figures."""
     r = run.recipe
-    if r.gates.any or not validation or not any(s.spec.lossy for s in r.stages):
+    if r.gates.any or not validation or not run.lossy_changed:
         return
+    if r.data.calibration is None and r.data.validation is None:
+        return  # random inputs cannot tell a kept answer from a lost one (as for the floor itself)
     missed = [g for g in floor_rows(r.gates, validation) if not g["passed"]]
     if not missed:
         return
     run.report["floor"]["would_miss"] = missed
-    lossy = ", ".join(s.name for s in r.stages if s.spec.lossy)
+    lossy = ", ".join(run.lossy_changed)
     def fig(g):
         pct = g["gate"] == "floor-top1-agreement"
         unit = " %" if pct else ""
-        return (f"{'top-1 agreement' if pct else 'mean cosine'} {g['value']:.4g}{unit} on "
+        value = f"{g['value']:.4g}{unit}" if pct or g["value"] >= -1 + 1e-9 else "not comparable (NaN where fp32 is not)"
+        return (f"{'top-1 agreement' if pct else 'mean cosine'} {value} on "
                 f"{', '.join(g.get('outputs') or ['?'])} (the floor asks {g['limit']:.4g}{unit})")
 
     figs = "; ".join(fig(g) for g in missed)
     run.note(f"no gate judged this model ({lossy} changes the answers by design) and it keeps less than the "
-             f"default floor asks of int8: {figs}; it is written as asked; set --min-top1-agreement or --min-cosine "
-             "to refuse such a model", warn=True)
+             f"default floor asks of int8: {figs}; it is written as asked; set a gate (--min-top1-agreement, "
+             "--min-mean-cosine) to refuse such a model", warn=True)
 
 
 def _fallback_cost_note(run: _Run, validation) -> None:
@@ -756,6 +764,8 @@ def _fail(run: _Run, gates) -> None:
     run.report["written"] = False
     run.report["seconds"] = round(time.perf_counter() - run.t0, 2)
     run.report["cost"] = _cost(run.meter)
+    if run.progress and run.report["cost"]["stages"]:  # the last stage ends with its outcome, not "stopped"
+        run.progress(ProgressEvent("done", closed=run.report["cost"]["stages"][-1], final=True))
     where = f"{run.out} not written" if run.out is not None else "no model returned"
     missed = [g for g in gates if not g["passed"]]
     msg = "; ".join(g.get("why") or f"{gate_label(g)} {g['value']:.6g} misses {g['limit']:.10g} on {g['provider']}"

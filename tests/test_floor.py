@@ -89,6 +89,13 @@ def test_the_floor_steps_aside(narrow, tmp_path):
     # pruning changes the answers by design: the floor (int8 against the input) would judge the pruning
     res = optimize(m, tmp_path / "d.onnx", OptimizeOptions(quantize="static", calibration=val, prune=0.5))
     assert not res.report["floor"]["applied"] and "prune-magnitude" in res.report["floor"]["why"]
+    # ... but a lossy stage that changed nothing (low-rank: every weight under its min_size) lifts
+    # nothing: the floor judges the int8 model (a hostile tester got a 49 % model written this way)
+    with pytest.raises(GateFailedError) as e:
+        optimize(m, tmp_path / "e.onnx", OptimizeOptions(quantize="static", calibration=calib, validation=val,
+                                                         low_rank=0.3))
+    assert e.value.report["floor"]["applied"]
+    assert next(p for p in e.value.report["passes"] if p["name"] == "low-rank")["changed"] is False
 
 
 def test_a_pruned_model_that_loses_answers_is_written_loudly(narrow, tmp_path):
@@ -354,3 +361,43 @@ def test_ctc_logits_and_time_major_outputs_are_judged_by_decoded_sequences():
     }
     for what, outs in others.items():
         assert ctc_logits_layout([o.astype(np.float32) for o in outs], "output0", batch_one=True) is None, what
+
+
+def test_random_inputs_name_the_shape_they_use(tmp_path):
+    """Without data, free dimensions become 1 and the figures describe that shape: a note says
+    which (a newcomer's text recognizer ran 1x1 images and read 1.93x faster); with --validation
+    the figures come from that data and nothing is said."""
+    m = model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["N", 3, "H", None])], [vi("y", ["N", 3, "H", None])], [])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    res = optimize(tmp_path / "m.onnx", tmp_path / "o.onnx", OptimizeOptions(latency=False))
+    note = next(n for n in res.report["notes"] if n.startswith("random inputs at the smallest shape"))
+    assert "'x' ['N', 3, 'H', '?'] -> [1, 3, 1, 1]" in note
+    np.savez(tmp_path / "v.npz", x=np.ones((2, 1, 3, 4, 5), np.float32))
+    res = optimize(tmp_path / "m.onnx", tmp_path / "p.onnx", OptimizeOptions(latency=False, validation=tmp_path / "v.npz"))
+    assert not any(n.startswith("random inputs at the smallest shape") for n in res.report["notes"])
+
+
+def test_auto_that_writes_nothing_still_reports_the_whole_cost(narrow, tmp_path):
+    """No candidate passes: the refusal's report counts both candidates' stages (a hostile tester
+    saw only the first candidate's, half of the run)."""
+    m, calib, val = narrow
+    with pytest.raises(GateFailedError) as e:
+        optimize(m, tmp_path / "o.onnx", OptimizeOptions(quantize="auto", calibration=calib, validation=val,
+                                                         min_cosine=0.9999999, fallback=False))
+    rep = e.value.report
+    stages = rep["cost"]["stages"]
+    assert {st["stage"].split(")")[0] for st in stages[:-1]} == {"auto (dynamic", "auto (static"}
+    assert sum(st["seconds"] for st in stages) == pytest.approx(rep["seconds"], abs=0.05)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_fallback_with_nothing_to_order_says_so(narrow, tmp_path):
+    """With the per-node SQNR check off (--min-node-sqnr 0) the fallback has no order to keep nodes
+    in float by: it says so instead of "0 of 0 quantized nodes"."""
+    m, calib, val = narrow
+    with pytest.raises(GateFailedError) as e:
+        optimize(m, tmp_path / "o.onnx", OptimizeOptions(quantize="static", calibration=calib, validation=val,
+                                                         min_cosine=0.9999999, min_sqnr_db=None))
+    notes = e.value.report["notes"]
+    assert any("no node could be kept in float" in n for n in notes), notes
+    assert not any("of 0 quantized nodes" in n for n in notes), notes

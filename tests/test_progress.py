@@ -108,6 +108,7 @@ def test_stages_that_did_not_do_their_job_are_marked(digits, tmp_path, monkeypat
     assert any(l.startswith("✗ fallback") and "gates missed" in l for l in lines), res.output
     assert any(l.startswith("✗ distillation") and "reverted" in l for l in lines), res.output
     assert any(l.startswith("✓ clean-up and fusion") for l in lines), res.output
+    assert "(stopped)" not in res.output  # the refused run's last round ends with its outcome too
     import json
 
     stages = json.loads((tmp_path / "r.json").read_text())["cost"]["stages"]
