@@ -555,6 +555,10 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
             run.meter.mark("reverted")
         if spec.lossy and any(x.changed and not x.reverted for x in reps):
             run.lossy_changed.append(st.name)
+        for x in reps:  # what a pass says about its own choices (a fallback it took, a budget it overshot)
+            for n in (x.counts.get("notes") or []) if not x.reverted else []:
+                if isinstance(n, str):
+                    run.note(f"{x.name}: {n}")
         if spec.int8:
             if reps[0].reverted:
                 raise OnnxCompressError(f"{st.name} failed on this model ({reps[0].reverted}); nothing written "

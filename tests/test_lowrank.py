@@ -89,6 +89,28 @@ def test_budget_is_respected():
         assert got.shape == (8, 96) and np.isfinite(got).all()
 
 
+def test_an_overshot_budget_is_said():
+    """Three layers: a 1 % budget cannot be met finely (a layer's first step saves at least
+    min_saving of it), and the report says how much more was removed and why."""
+    m = _chain(dims=(128, 256, 128, 96))
+    out, rep, _ = _apply(m, _feeds(8, (8, 128)), target_ratio=0.01, round_to=8, min_size=1)
+    assert rep.counts["macs_removed_pct"] > 6
+    assert any("more than the 1% asked" in n and "min_saving" in n for n in rep.counts["notes"]), rep.counts["notes"]
+
+
+def test_pass_notes_reach_the_run_notes(tmp_path):
+    """What a pass says about its own choices (low-rank overshooting its budget) is one of the run's
+    notes, so the terminal shows it (it stayed in the pass's counts before)."""
+    from onnxcompress import OptimizeOptions, optimize
+
+    m = _chain(dims=(128, 256, 128, 96))
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.stack([f["x"] for f in _feeds(8, (8, 128))]))
+    res = optimize(tmp_path / "m.onnx", tmp_path / "o.onnx", OptimizeOptions(low_rank=0.01, calibration=tmp_path / "c.npz",
+                                                                           latency=False))
+    assert any(n.startswith("low-rank: removed") and "more than the 1% asked" in n for n in res.report["notes"])
+
+
 def test_energy_threshold():
     m = _chain(dims=(96, 128, 96, 64))
     calib = _feeds(8, (8, 96))
