@@ -125,6 +125,7 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
         report = _write_chosen(inp, out, recipe, cands, chosen, summary, auto, protect, say)
         report["seconds"] = round(time.perf_counter() - t0, 2)
         report["cost"] = _total_cost(cands, report["seconds"])
+        say(ProgressEvent("done", closed=report["cost"]["stages"][-1], final=True))  # the whole run is over
         return OptimizeResult(out, report, True, recipe=recipe)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,7 +152,8 @@ def _run_candidates(inp: Path, recipe: Recipe, modes, tmp: Path, say) -> dict[st
         say(f"auto: trying --quantize {mode}")
         path = tmp / f"{mode}.onnx"
         try:
-            res = run(inp, path, candidate(recipe, mode), progress=lambda m, mode=mode: say(_prefixed(m, f"auto ({mode}): ")))
+            res = run(inp, path, candidate(recipe, mode),
+                      progress=lambda m, mode=mode, path=path: say(_prefixed(_unprivate(m, path, mode), f"auto ({mode}): ")))
             cands[mode] = {"path": path, "report": res.report, "passed": True}
         except GateFailedError as exc:
             cands[mode] = {"report": getattr(exc, "report", {}), "passed": False,
@@ -273,6 +275,17 @@ def _total_cost(cands, seconds: float) -> dict:
                    "peak_rss_mb": round(max(peak_rss_mib(), peak), 1)})
     return {"stages": stages, "peak_rss_mb": round(max(st["peak_rss_mb"] for st in stages), 1),
             "peak_per_stage": all((c.get("report") or {}).get("cost", {}).get("peak_per_stage") for c in cands.values())}
+
+
+def _unprivate(msg: str, path: Path, mode: str) -> str:
+    """A candidate's progress message with its private output path named as the candidate."""
+    stage = msg.stage if isinstance(msg, ProgressEvent) else str(msg)
+    if str(path) not in stage:
+        return msg
+    stage = stage.replace(f"writing {path}", f"writing the {mode} candidate").replace(str(path), f"the {mode} candidate")
+    if isinstance(msg, ProgressEvent):
+        return ProgressEvent(stage, msg.step, msg.done, msg.total, msg.unit, msg.closed, msg.final)
+    return stage
 
 
 def _prefixed(msg: str, prefix: str) -> str:

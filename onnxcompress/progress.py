@@ -35,7 +35,9 @@ class ProgressEvent(str):
         unit: what a unit is (``"sample runs"``, ``"nodes"``, ``"tensors"``).
         closed: at a stage start, the cost of the stage just finished (``{"stage", "seconds",
             "peak_rss_mb"}``, as in ``report["cost"]``), else ``None``.
-        final: the run is over (``closed`` is its last stage; no stage starts).
+        final: the run is over (``closed`` is its last stage; no stage starts). Under
+            ``--quantize auto`` each candidate's run ends with its own final event, its stage
+            prefixed ``auto (<mode>): ``; the whole run ends with an unprefixed ``"done"``.
     """
 
     stage: str

@@ -401,3 +401,16 @@ def test_a_fallback_with_nothing_to_order_says_so(narrow, tmp_path):
     notes = e.value.report["notes"]
     assert any("no node could be kept in float" in n for n in notes), notes
     assert not any("of 0 quantized nodes" in n for n in notes), notes
+
+
+def test_auto_progress_names_no_private_path_and_ends_once(narrow, tmp_path):
+    """Through the Python API, --quantize auto's progress names each candidate's write as such (not
+    its private folder) and the whole run ends with one unprefixed final "done"."""
+    m, calib, val = narrow
+    events = []
+    optimize(m, tmp_path / "o.onnx", OptimizeOptions(quantize="auto", calibration=val, validation=val),
+             progress=events.append)
+    assert not any(".onnxcompress-auto" in str(e) for e in events)
+    assert any(str(e).startswith("auto (dynamic): writing the dynamic candidate") for e in events)
+    last = events[-1]
+    assert str(last) == "done" and last.final and last.closed
