@@ -332,15 +332,15 @@ def _per_sample(metric: str, ref, got, labels, first: str, batch_one: bool = Fal
         return None
     den = np.zeros(n)
     num_ref, num = np.zeros(n), np.zeros(n)
-    if metric == "accuracy":
-        rows = [int(np.asarray(r).shape[0]) for r in ref]
-        lab = np.asarray(labels)
+    if metric == "accuracy":  # one label per row of class scores (label_rows), as _score counts them
+        rows = [label_rows(r) for r in ref]
+        lab = np.asarray(labels).ravel()
         cut = np.cumsum([0, *rows])
         for i, (r, g) in enumerate(zip(ref, got)):
             y = lab[cut[i]:cut[i + 1]]
             den[i] = len(y)
-            num_ref[i] = np.sum(np.asarray(r).argmax(-1).ravel()[: len(y)] == y)
-            num[i] = np.sum(np.asarray(g).argmax(-1).ravel()[: len(y)] == y)
+            num_ref[i] = np.sum(np.asarray(r).reshape(-1, np.shape(r)[-1]).argmax(-1)[: len(y)] == y)
+            num[i] = np.sum(np.asarray(g).reshape(-1, np.shape(g)[-1]).argmax(-1)[: len(y)] == y)
         return num_ref, num, den, True
     if metric == "boxes":
         for i, (r, g) in enumerate(zip(ref, got)):

@@ -509,9 +509,12 @@ def test_accuracy_labels_follow_the_rows_of_the_first_output(tmp_path):
         onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
         labels = np.concatenate([np.atleast_2d(x @ w).reshape(-1, 5).argmax(-1) for x in feeds])
         np.savez(tmp_path / f"{name}.npz", labels=labels, **{f"{i}__x": x for i, x in enumerate(feeds)})
-        res = tune(path, tmp_path / f"{name}_out.onnx", Budget(metric="accuracy", max_drop=50.0),
+        res = tune(path, tmp_path / f"{name}_out.onnx", Budget(metric="accuracy", max_drop=1.0),
                    validation=str(tmp_path / f"{name}.npz"), trials=1, sensitivity_nodes=0)
         held = res.report["held_out"]
         assert held["fp32_metric"] == 100.0, (name, held)
+        if name == "tok":  # the resolution warning counts the 14 held-out tokens, not the 3 samples
+            assert any("held-out half has 14 counted answers" in r for r in res.report["resolution"]), \
+                res.report["resolution"]
     assert label_rows(np.zeros((2, 7, 5))) == 14 and label_rows(np.zeros(5)) == 1
     assert _score("accuracy", [], [np.eye(5)[2], np.eye(5)[4]], np.array([2, 4])) == 100.0
