@@ -119,12 +119,13 @@ def optimize_auto(model, output, recipe: Recipe, say: Callable[[str], None]):
         auto: dict[str, Any] = {"candidates": summary, "chosen": None, "fidelity": "worst-output cosine",
                                 "criterion": criterion(recipe)}
         if not ok:
-            _none_passed(cands, auto, out, t0)
+            _none_passed(cands, auto, out, t0, say)
         chosen, why = _choose(inp, recipe, modes, ok, summary, auto, tmp, say)
         auto["chosen"], auto["why"] = chosen, why
+        tw = time.perf_counter()
         report = _write_chosen(inp, out, recipe, cands, chosen, summary, auto, protect, say)
         report["seconds"] = round(time.perf_counter() - t0, 2)
-        report["cost"] = _total_cost(cands, report["seconds"])
+        report["cost"] = _total_cost(cands, report["seconds"], (f"writing {out}", time.perf_counter() - tw))
         say(ProgressEvent("done", closed=report["cost"]["stages"][-1], final=True))  # the whole run is over
         return OptimizeResult(out, report, True, recipe=recipe)
     finally:
@@ -165,11 +166,12 @@ def _run_candidates(inp: Path, recipe: Recipe, modes, tmp: Path, say) -> dict[st
     return cands
 
 
-def _none_passed(cands, auto, out: Path, t0: float) -> None:
+def _none_passed(cands, auto, out: Path, t0: float, say) -> None:
     report = next((c["report"] for c in cands.values() if c["report"]), {})
     seconds = round(time.perf_counter() - t0, 2)
     report = {**report, "output": str(out), "auto": jsonable(auto), "written": False, "seconds": seconds,
               "cost": _total_cost(cands, seconds)}
+    say(ProgressEvent("done", closed=None, final=True))  # the whole run is over (each candidate closed its own)
     err = GateFailedError("--quantize auto: no mode passed: " + "; ".join(
         f"{m}: {c.get('error', 'failed')}" for m, c in cands.items()) + f" -- {out} not written")
     err.report = report  # type: ignore[attr-defined]
@@ -259,10 +261,11 @@ def _write_chosen(inp, out: Path, recipe: Recipe, cands, chosen, summary, auto, 
     return report
 
 
-def _total_cost(cands, seconds: float) -> dict:
+def _total_cost(cands, seconds: float, write: tuple[str, float] | None = None) -> dict:
     """The whole auto run's cost: every candidate's stages (named by mode; a candidate's write to
-    its private folder named as such), then choosing (timing) and writing the chosen model, so
-    that the stages add up to the run's ``seconds``."""
+    its private folder named as such), then choosing (timing the candidates) and ``write``
+    (``(stage name, seconds)`` of writing the chosen model), so that the stages add up to the
+    run's ``seconds``."""
     stages, peak = [], 0.0
     for mode, c in cands.items():
         cost = (c.get("report") or {}).get("cost") or {}
@@ -270,9 +273,12 @@ def _total_cost(cands, seconds: float) -> dict:
             name = f"writing the {mode} candidate" if st["stage"].startswith("writing ") else st["stage"]
             stages.append({**st, "stage": f"auto ({mode}): {name}"})
         peak = max(peak, float(cost.get("peak_rss_mb") or 0.0))
-    rest = seconds - sum(st["seconds"] for st in stages)
-    stages.append({"stage": "auto: choosing (timing the candidates) and writing", "seconds": round(max(rest, 0.0), 3),
-                   "peak_rss_mb": round(max(peak_rss_mib(), peak), 1)})
+    rest = seconds - sum(st["seconds"] for st in stages) - (write[1] if write else 0.0)
+    now = round(max(peak_rss_mib(), peak), 1)
+    stages.append({"stage": "auto: choosing (timing the candidates)", "seconds": round(max(rest, 0.0), 3),
+                   "peak_rss_mb": now})
+    if write:
+        stages.append({"stage": write[0], "seconds": round(write[1], 3), "peak_rss_mb": now})
     return {"stages": stages, "peak_rss_mb": round(max(st["peak_rss_mb"] for st in stages), 1),
             "peak_per_stage": all((c.get("report") or {}).get("cost", {}).get("peak_per_stage") for c in cands.values())}
 
@@ -280,12 +286,16 @@ def _total_cost(cands, seconds: float) -> dict:
 def _unprivate(msg: str, path: Path, mode: str) -> str:
     """A candidate's progress message with its private output path named as the candidate."""
     stage = msg.stage if isinstance(msg, ProgressEvent) else str(msg)
-    if str(path) not in stage:
+    closed = (msg.closed or {}).get("stage", "") if isinstance(msg, ProgressEvent) else ""
+    if str(path) not in stage and str(path) not in closed:
         return msg
-    stage = stage.replace(f"writing {path}", f"writing the {mode} candidate").replace(str(path), f"the {mode} candidate")
+    def named(text: str) -> str:
+        return text.replace(f"writing {path}", f"writing the {mode} candidate").replace(str(path), f"the {mode} candidate")
+
     if isinstance(msg, ProgressEvent):
-        return ProgressEvent(stage, msg.step, msg.done, msg.total, msg.unit, msg.closed, msg.final)
-    return stage
+        closed = {**msg.closed, "stage": named(msg.closed["stage"])} if msg.closed and "stage" in msg.closed else msg.closed
+        return ProgressEvent(named(msg.stage), msg.step, msg.done, msg.total, msg.unit, closed, msg.final)
+    return named(stage)
 
 
 def _prefixed(msg: str, prefix: str) -> str:

@@ -145,9 +145,11 @@ def sensitive_fallback(run, original, int8, val, labels, providers, judge):
             model, reports, validation, gates, passed = res
     finally:
         logger.setLevel(level)
-    if not passed and not order:
-        run.note("fallback: no node could be kept in float: the quantization measured no per-node int8 SQNR to "
-                 "order the nodes by (--min-node-sqnr 0 turns that check off)"
+    if not passed and len(order) <= 1:
+        why = ("the quantization measured no per-node int8 SQNR to order the nodes by"
+               + (" (--min-node-sqnr 0 turns that check off)" if min_sqnr is None else "") if not order else
+               "only one node is int8, and keeping it in float would leave no int8 model")
+        run.note("fallback: no node could be kept in float: " + why
                  + (" (min/max activation ranges were tried)" if rounds else ""))
     elif not passed:
         run.note(f"fallback: the gates still fail with {len(rounds[chosen_round]['kept_in_float']) if rounds else 0} "

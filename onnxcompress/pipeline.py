@@ -715,7 +715,7 @@ def _unjudged_loss_note(run: _Run, validation) -> None:
     def fig(g):
         pct = g["gate"] == "floor-top1-agreement"
         unit = " %" if pct else ""
-        value = f"{g['value']:.4g}{unit}" if pct or g["value"] >= -1 + 1e-9 else "not comparable (NaN where fp32 is not)"
+        value = f"{g['value']:.4g}{unit}" if pct or g["value"] >= -1 + 1e-9 else "not comparable (non-finite or missing values on one side)"
         return (f"{'top-1 agreement' if pct else 'mean cosine'} {value} on "
                 f"{', '.join(g.get('outputs') or ['?'])} (the floor asks {g['limit']:.4g}{unit})")
 

@@ -848,8 +848,8 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         _check_labels(labels, ref)
         labels = np.asarray(labels).ravel()
         rows = [label_rows(r[next(iter(r))]) for r in ref]  # ref: search samples first, then held out
-        order = [*range(0, len(val), 2), *range(1, len(val), 2)]  # ref's samples as indices of val
-        starts = np.cumsum([0, *(rows[order.index(i)] for i in range(len(val)))])
+        where = {i: p for p, i in enumerate([*range(0, len(val), 2), *range(1, len(val), 2)])}  # val index -> ref
+        starts = np.cumsum([0, *(rows[where[i]] for i in range(len(val)))])
         pick = {i: np.arange(starts[i], starts[i + 1]) for i in range(len(val))}
         lab_s = labels[np.concatenate([pick[i] for i in range(0, len(val), 2)])]
         lab_f = labels[np.concatenate([pick[i] for i in range(1, len(val), 2)])] if len(val) > 1 else labels[:0]

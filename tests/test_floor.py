@@ -96,6 +96,13 @@ def test_the_floor_steps_aside(narrow, tmp_path):
                                                          low_rank=0.3))
     assert e.value.report["floor"]["applied"]
     assert next(p for p in e.value.report["passes"] if p["name"] == "low-rank")["changed"] is False
+    # so does pruning that zeroes no weight (a ratio too small for one weight of any tensor)
+    with pytest.raises(GateFailedError) as e:
+        optimize(m, tmp_path / "f.onnx", OptimizeOptions(quantize="static", calibration=calib, validation=val,
+                                                         prune=0.0001))
+    assert e.value.report["floor"]["applied"]
+    prune = next(p for p in e.value.report["passes"] if p["name"] == "prune-magnitude")
+    assert prune["changed"] is False and prune["counts"]["weights_zeroed"] == 0
 
 
 def test_a_pruned_model_that_loses_answers_is_written_loudly(narrow, tmp_path):
@@ -250,7 +257,8 @@ def test_auto_takes_static_where_it_is_faster_and_keeps_the_answers(tmp_path):
     # the cost covers the whole run: both candidates' stages, named by mode, then the choice and the
     # write; no candidate's private path (a newcomer saw only the chosen mode's stages, 2.5 of 15 s)
     stages = res.report["cost"]["stages"]
-    assert {st["stage"].split(")")[0] for st in stages[:-1]} == {"auto (dynamic", "auto (static"}
+    assert {st["stage"].split(")")[0] for st in stages[:-2]} == {"auto (dynamic", "auto (static"}
+    assert [st["stage"] for st in stages[-2:]] == ["auto: choosing (timing the candidates)", f"writing {tmp_path / 'o.onnx'}"]
     assert not any(".onnxcompress-auto" in st["stage"] for st in stages)
     assert sum(st["seconds"] for st in stages) == pytest.approx(res.report["seconds"], abs=0.05)
 
@@ -410,7 +418,27 @@ def test_auto_progress_names_no_private_path_and_ends_once(narrow, tmp_path):
     events = []
     optimize(m, tmp_path / "o.onnx", OptimizeOptions(quantize="auto", calibration=val, validation=val),
              progress=events.append)
-    assert not any(".onnxcompress-auto" in str(e) for e in events)
+    assert not any(".onnxcompress-auto" in str(e) or ".onnxcompress-auto" in str(getattr(e, "closed", "") or "")
+                   for e in events)
     assert any(str(e).startswith("auto (dynamic): writing the dynamic candidate") for e in events)
     last = events[-1]
-    assert str(last) == "done" and last.final and last.closed
+    # one unprefixed final event, closing the stage started just before it (the write)
+    assert str(last) == "done" and last.final and last.closed["stage"] == f"writing {tmp_path / 'o.onnx'}"
+    assert str(events[-2]) == f"writing {tmp_path / 'o.onnx'}"
+    assert [str(e) for e in events if getattr(e, "final", False) and not str(e).startswith("auto (")] == ["done"]
+
+
+def test_a_fallback_with_one_int8_node_says_why_it_cannot_help(tmp_path):
+    """One quantized node: keeping it in float would leave no int8 model, so the fallback has no node
+    round; it says so instead of "0 of 1 quantized nodes kept in float"."""
+    rng = np.random.default_rng(0)
+    m = model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", ["N", 32])], [vi("y", ["N", 8])],
+              [init("w", rng.normal(0, 0.3, (32, 8)))])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.normal(0, 1, (64, 32)).astype(np.float32))
+    with pytest.raises(GateFailedError) as e:
+        optimize(tmp_path / "m.onnx", tmp_path / "o.onnx", OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz",
+                                                                         min_cosine=0.99999999))
+    notes = e.value.report["notes"]
+    assert any("only one node is int8" in n for n in notes), notes
+    assert not any("of 1 quantized nodes" in n for n in notes), notes

@@ -432,7 +432,7 @@ class LowRankPass(CompressionPass):
             if share + 1e-9 < c.target_ratio:
                 notes.append(f"budget not reachable: at most {share:.1%} of the factorizable MACs can be removed "
                              f"with min_saving={c.min_saving:g} (asked {c.target_ratio:.0%})")
-            elif share > c.target_ratio + 0.05:
+            elif share > max(c.target_ratio + 0.02, 1.5 * c.target_ratio):
                 notes.append(f"removed {share:.1%} of the factorizable MACs, more than the {c.target_ratio:.0%} asked: "
                              "a layer's first step goes from dense to its largest rank that saves at least "
                              f"min_saving={c.min_saving:g} of it (round_to={c.round_to}), and these layers are few")
