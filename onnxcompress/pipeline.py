@@ -712,10 +712,13 @@ def _unjudged_loss_note(run: _Run, validation) -> None:
         return
     run.report["floor"]["would_miss"] = missed
     lossy = ", ".join(run.lossy_changed)
+
     def fig(g):
         pct = g["gate"] == "floor-top1-agreement"
         unit = " %" if pct else ""
-        value = f"{g['value']:.4g}{unit}" if pct or g["value"] >= -1 + 1e-9 else "not comparable (non-finite or missing values on one side)"
+        # -1 is validation's mark for an output it could not compare (non-finite or missing values)
+        value = (f"{g['value']:.4g}{unit}" if pct or g["value"] >= -1 + 1e-9
+                 else "not comparable (non-finite or missing values on one side)")
         return (f"{'top-1 agreement' if pct else 'mean cosine'} {value} on "
                 f"{', '.join(g.get('outputs') or ['?'])} (the floor asks {g['limit']:.4g}{unit})")
 
