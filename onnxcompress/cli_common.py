@@ -126,6 +126,8 @@ _warned: set[str] = set()  # messages already printed as warnings: not repeated 
 class _RichWarnings(logging.Handler):
     def emit(self, record):  # warnings naming skipped nodes, reverted passes
         msg = record.getMessage()
+        if msg in _warned:  # said once per command (--quantize auto runs the pipeline per candidate)
+            return
         _warned.add(msg)
         console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
 

@@ -569,3 +569,13 @@ def test_a_lowered_floor_limit_says_why(tmp_path, small):
     finally:
         cli_common.console, cli_optimize.console, cli_optimize.out_console = old
     assert "lowered" not in rec.export_text()
+
+
+def test_a_warning_is_printed_once_per_command(tmp_path, digits):
+    """--quantize auto runs the pipeline once per candidate: a warning both runs raise (here channel
+    pruning's) is printed once."""
+    res = _invoke("optimize", digits["model"], "-o", tmp_path / "q.onnx", "--quantize", "auto", "--calibration",
+                  digits["calib"], "--prune", "0.3", "--prune-mode", "channel")
+    lines = [l for l in res.output.splitlines() if l.startswith("warning:")]
+    assert any("prune-channels" in l for l in lines), res.output
+    assert len(lines) == len(set(lines)), res.output
