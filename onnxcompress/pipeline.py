@@ -270,8 +270,9 @@ def _load_data(run: _Run, model: ir.Model):
             calib = random_samples(specs, 16)
         for x in w:
             run.note(str(x.message), warn=static)  # calibrating on noise deserves more than a note
-        free = [(sp.name, ["?" if d is None else d for d in sp.shape], list(calib[0][sp.name].shape)) for sp in specs
-                if calib and sp.name in calib[0] and any(not isinstance(d, int) or d < 0 for d in (sp.shape or ()))]
+        free = [(sp.name, ["?" if dim is None else dim for dim in sp.shape], list(calib[0][sp.name].shape))
+                for sp in specs if calib and sp.name in calib[0]
+                and any(not isinstance(dim, int) or dim < 0 for dim in (sp.shape or ()))]
         if free and d.validation is None:  # with --validation the figures come from that data
             run.note("random inputs at the smallest shape: " + "; ".join(
                 f"'{n}' {shape} -> {used}" for n, shape, used in free) + " (every free dimension 1): the latency "
@@ -556,7 +557,9 @@ def _run_stages(run: _Run, model: ir.Model, ctx: PassContext):
         if spec.lossy and any(x.changed and not x.reverted for x in reps):
             run.lossy_changed.append(st.name)
         for x in reps:  # what a pass says about its own choices (a fallback it took, a budget it overshot)
-            for n in (x.counts.get("notes") or []) if not x.reverted else []:
+            if x.reverted:
+                continue
+            for n in x.counts.get("notes") or []:
                 if isinstance(n, str):
                     run.note(f"{x.name}: {n}")
         if spec.int8:

@@ -221,8 +221,7 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
     from .validate import output_metrics
 
     if metric == "accuracy":
-        # each sample's class scores as rows (label_rows): [C] is one row, [N, T, C] N·T rows
-        pred = np.concatenate([np.asarray(g).reshape(-1, np.shape(g)[-1]) for g in got]).argmax(-1)
+        pred = np.concatenate([class_rows(g) for g in got]).argmax(-1)
         return float(100.0 * np.mean(pred == np.asarray(labels).ravel()[: pred.size]))
     if metric == "task":
         from dataclasses import asdict
@@ -339,8 +338,8 @@ def _per_sample(metric: str, ref, got, labels, first: str, batch_one: bool = Fal
         for i, (r, g) in enumerate(zip(ref, got)):
             y = lab[cut[i]:cut[i + 1]]
             den[i] = len(y)
-            num_ref[i] = np.sum(np.asarray(r).reshape(-1, np.shape(r)[-1]).argmax(-1)[: len(y)] == y)
-            num[i] = np.sum(np.asarray(g).reshape(-1, np.shape(g)[-1]).argmax(-1)[: len(y)] == y)
+            num_ref[i] = np.sum(class_rows(r).argmax(-1)[: len(y)] == y)
+            num[i] = np.sum(class_rows(g).argmax(-1)[: len(y)] == y)
         return num_ref, num, den, True
     if metric == "boxes":
         for i, (r, g) in enumerate(zip(ref, got)):
@@ -846,13 +845,12 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         # one label per row of the first output (what _check_labels counts and _score scores), in the
         # file's sample order; each half takes its samples' rows
         _check_labels(labels, ref)
-        labels = np.asarray(labels).ravel()
-        rows = [label_rows(r[next(iter(r))]) for r in ref]  # ref: search samples first, then held out
-        where = {i: p for p, i in enumerate([*range(0, len(val), 2), *range(1, len(val), 2)])}  # val index -> ref
-        starts = np.cumsum([0, *(rows[where[i]] for i in range(len(val)))])
-        pick = {i: np.arange(starts[i], starts[i + 1]) for i in range(len(val))}
-        lab_s = labels[np.concatenate([pick[i] for i in range(0, len(val), 2)])]
-        lab_f = labels[np.concatenate([pick[i] for i in range(1, len(val), 2)])] if len(val) > 1 else labels[:0]
+        rows = [0] * len(val)
+        for r, i in zip(ref, [*range(0, len(val), 2), *range(1, len(val), 2)]):  # ref: search, then held out
+            rows[i] = label_rows(r[next(iter(r))])
+        chunks = np.split(np.asarray(labels).ravel(), np.cumsum(rows)[:-1])  # each sample's labels, file order
+        lab_s = np.concatenate(chunks[0::2])
+        lab_f = np.concatenate(chunks[1::2]) if len(val) > 1 else chunks[0][:0]
     bench_data = st / "timing.npz"
     import io
 
@@ -895,11 +893,16 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     return s
 
 
-def label_rows(out) -> int:
-    """Rows of class scores in one sample's first output: its leading axes flattened
-    (``[N, C]``: N; ``[N, T, C]``: N·T; ``[C]``: 1) — one label each for ``--metric accuracy``."""
+def class_rows(out) -> np.ndarray:
+    """One sample's class scores as rows ``[rows, C]``: its leading axes flattened (``[N, C]``: N
+    rows; ``[N, T, C]``: N·T; ``[C]``: 1) — one label each for ``--metric accuracy``."""
     o = np.asarray(out)
-    return int(o.reshape(-1, o.shape[-1]).shape[0]) if o.ndim > 1 else 1
+    return o.reshape(-1, o.shape[-1])
+
+
+def label_rows(out) -> int:
+    """How many labels one sample's class scores take (:func:`class_rows`)."""
+    return int(class_rows(out).shape[0])
 
 
 def _check_labels(labels, refs: list[dict]) -> None:

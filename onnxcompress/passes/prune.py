@@ -91,9 +91,9 @@ class MagnitudePrunePass(CompressionPass):
                     idx = np.argpartition(np.abs(arr).ravel(), k - 1)[:k]
                     mask.ravel()[idx] = True
             newly = int(np.count_nonzero(arr[mask]))  # weights this pass really zeroes (not already 0)
-            per_tensor[name] = round(float(np.mean((arr == 0) | mask)), 4)
+            arr[mask] = 0  # arr is a copy: the model keeps its tensor unless a weight changed
+            per_tensor[name] = round(float(np.mean(arr == 0)), 4)
             if newly:
-                arr[mask] = 0
                 v.const_value = ir.tensor(arr, name=name)
                 zeroed += newly
             total += arr.size
