@@ -424,14 +424,15 @@ def _validation_reference(run: _Run, original: ir.Model, val: list[dict], cpu: b
     (``runtime.run_reference``: ORT_ENABLE_ALL, no pre-packing, no arena; unoptimized where ORT's
     optimizer breaks the input at run time), so the input is not run again there."""
     from .runtime import run_reference, run_samples
-    from .validate import REF_CACHE_BYTES
+    from .validate import REF_CACHE_BYTES, session_charset
 
     sess, first = run_reference(original, val[:1])
     sizes = [_nbytes(v) for o in first for v in o.values()]
     per = None if None in sizes else sum(sizes)
     if cpu and per is not None and per * len(val) <= REF_CACHE_BYTES:
         outs = first + run_samples(sess, val[1:])
-        run.ref_cache["CPUExecutionProvider"] = ([o.name for o in sess.get_outputs()], outs, sess.onnxcompress_level)
+        run.ref_cache["CPUExecutionProvider"] = ([o.name for o in sess.get_outputs()], outs, sess.onnxcompress_level,
+                                                 session_charset(sess))
 
 
 def _nbytes(v) -> int | None:

@@ -201,6 +201,9 @@ def measure_with_bound(budget: Budget, model_path: Path, ref_outputs, feeds, lab
     outs = run_samples(sess, feeds)
     first = sess.get_outputs()[0].name
     got = [o[first] for o in outs]
+    from .validate import session_charset
+
+    charset = session_charset(sess)  # the input's metadata, kept by every rewrite
     del outs, sess
     if budget.metric == "accuracy" and labels is None:
         raise DataError("--metric accuracy needs 'labels' in the validation data")
@@ -208,16 +211,18 @@ def measure_with_bound(budget: Budget, model_path: Path, ref_outputs, feeds, lab
     from .validate import _batch_one
 
     one = _batch_one(feeds)
-    value = _score(budget.metric, ref, got, labels, first, one)
-    bound = drop_bound(budget.metric, ref, got, labels, idx, first, one) if idx is not None else float("nan")
+    value = _score(budget.metric, ref, got, labels, first, one, charset)
+    bound = (drop_bound(budget.metric, ref, got, labels, idx, first, one, charset) if idx is not None
+             else float("nan"))
     return value, bound
 
 
 def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, first: str = "output",
-           batch_one: bool = False) -> float:
+           batch_one: bool = False, charset: tuple[str, ...] | None = None) -> float:
     """A built-in metric of the first output ``got`` (one array per sample) against ``ref`` (the
     fp32 model's, the same samples); ``labels``: all samples' labels, concatenated; ``first``: the
-    output's name (it tells class scores from embeddings, :func:`onnxcompress.validate.output_metrics`)."""
+    output's name (it tells class scores from embeddings, :func:`onnxcompress.validate.output_metrics`);
+    ``charset``: the model's characters (a recognizer's lines compared without edge whitespace)."""
     from .validate import output_metrics
 
     if metric == "accuracy":
@@ -228,7 +233,7 @@ def _score(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, fi
 
         from .gates import floor_top1, mean_cosine
 
-        d = asdict(output_metrics(first, ref, got, batch_one=batch_one))
+        d = asdict(output_metrics(first, ref, got, batch_one=batch_one, charset=charset))
         t = floor_top1(d)
         return float(t[0]) if t is not None else 100.0 * float(mean_cosine(d))
     if metric == "boxes":
@@ -260,7 +265,7 @@ def resamples(n: int, seed: int = 0) -> np.ndarray:
 
 
 def drop_bound(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels, idx: np.ndarray,
-               first: str = "output", batch_one: bool = False) -> float:
+               first: str = "output", batch_one: bool = False, charset: tuple[str, ...] | None = None) -> float:
     """The :data:`DROP_QUANTILE` quantile of the drop (fp32's metric minus the candidate's) over the
     bootstrap resamples ``idx`` of the samples (Efron & Tibshirani 1993, the paired percentile
     bootstrap): a drop measured on a few dozen samples is noisy, and the fastest of many trials
@@ -284,7 +289,7 @@ def drop_bound(metric: str, ref: list[np.ndarray], got: list[np.ndarray], labels
         resamples, or where the samples cannot be split (a scalar or non-tensor output).
     """
     try:
-        parts = _per_sample(metric, ref, got, labels, first, batch_one)
+        parts = _per_sample(metric, ref, got, labels, first, batch_one, charset)
     except (ValueError, TypeError, IndexError, AttributeError):
         return float("nan")
     if parts is None or not len(idx):
@@ -317,7 +322,8 @@ def answer_step(metric: str, ref: list, labels, first: str = "output",
     return (100.0 / n, n) if n > 0 else None
 
 
-def _per_sample(metric: str, ref, got, labels, first: str, batch_one: bool = False):
+def _per_sample(metric: str, ref, got, labels, first: str, batch_one: bool = False,
+                charset: tuple[str, ...] | None = None):
     """Per sample: (fp32's numerator, the candidate's numerator, denominator) of the metric as a
     ratio of sums, and whether it counts answers (``False``: ``task`` judged by mean cosine);
     ``None`` for a worst-sample metric."""
@@ -355,10 +361,10 @@ def _per_sample(metric: str, ref, got, labels, first: str, batch_one: bool = Fal
     from .validate import ctc_logits_layout
 
     layout = ctc_logits_layout(ref, first, batch_one)  # decided once, over every sample
-    whole = asdict(output_metrics(first, ref, got, ctc=layout))
+    whole = asdict(output_metrics(first, ref, got, ctc=layout, charset=charset))
     t = floor_top1(whole)
     for i, (r, g) in enumerate(zip(ref, got)):
-        m = asdict(output_metrics(first, [r], [g], ctc=layout))
+        m = asdict(output_metrics(first, [r], [g], ctc=layout, charset=charset))
         if t is None:
             den[i], num[i] = 1.0, float(mean_cosine(m))
         elif whole.get("integer"):

@@ -59,7 +59,9 @@ class OutputMetrics:
     top1_agreement_rows: float | None = None
     #: for such a higher-rank distribution output: the % of sequences (``[..., T, C]`` rows over
     #: the leading axes) whose greedy CTC decoding (argmax per position, repeats collapsed, the
-    #: blank — the reference's most frequent class — dropped) is equal: text lines kept
+    #: blank — the reference's most frequent class — dropped) is equal: text lines kept. When the
+    #: model names its characters (:func:`text_charset`), whitespace at either end of a line is
+    #: not part of the text (a recognizer's padded region reads as blank or space by chance)
     sequence_agreement: float | None = None
     n_sequences: int | None = None
     #: an output whose shape differs between the models on some sample (data-dependent shapes:
@@ -192,6 +194,50 @@ def ctc_logits_layout(refs: list, name: str = "", batch_one: bool = False) -> tu
     return time_major, int(tops.argmax())
 
 
+#: the metadata key under which PaddleOCR's recognizers (paddle2onnx exports, RapidOCR's models)
+#: list their characters, one per line
+CHARSET_KEY = "character"
+
+
+def text_charset(meta) -> tuple[str, ...] | None:
+    """A CTC recognizer's characters from its ONNX metadata (``{key: value}``, as
+    ``onnx_ir.Model.metadata_props`` or ONNX Runtime's ``custom_metadata_map``), or ``None``.
+
+    PaddleOCR's exports store them one per line under :data:`CHARSET_KEY`; its CTC classes are
+    the blank (class 0), then character ``i`` as class ``i + 1``, then, when the model was trained
+    with ``use_space_char``, a space as the last class (PaddleOCR ``CTCLabelDecode``). Anything
+    else (no key, not text, an empty list) is ``None``: the sequences are then compared as they
+    decode."""
+    try:
+        value = dict(meta or {}).get(CHARSET_KEY)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(value, str) or not value:
+        return None
+    chars = tuple(value.splitlines())
+    return chars or None
+
+
+def space_classes(charset: tuple[str, ...] | None, n_classes: int) -> frozenset[int]:
+    """Classes of an ``n_classes``-way CTC output that decode to whitespace, in PaddleOCR's
+    layout (:func:`text_charset`): blank + characters (+ a trailing space). Empty when the count
+    fits neither layout (then the characters do not describe this output)."""
+    if not charset or n_classes not in (len(charset) + 1, len(charset) + 2):
+        return frozenset()
+    ws = {i + 1 for i, ch in enumerate(charset) if ch.isspace() or ch == ""}
+    if n_classes == len(charset) + 2:
+        ws.add(len(charset) + 1)
+    return frozenset(ws)
+
+
+def session_charset(sess) -> tuple[str, ...] | None:
+    """:func:`text_charset` of an ONNX Runtime session's model (``None`` where it has none)."""
+    try:
+        return text_charset(sess.get_modelmeta().custom_metadata_map)
+    except Exception:  # noqa: BLE001 - metadata is optional; a session without it compares plainly
+        return None
+
+
 def _is_index(a) -> bool:
     """int32 / int64 output: indices (class, TopK, NMS), compared by equality."""
     a = np.asarray(a)
@@ -199,12 +245,14 @@ def _is_index(a) -> bool:
 
 
 def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray], *, batch_one: bool = False,
-                   ctc: tuple[bool, int] | None | str = "detect") -> OutputMetrics:
+                   ctc: tuple[bool, int] | None | str = "detect",
+                   charset: tuple[str, ...] | None = None) -> OutputMetrics:
     """Metrics of one output over samples (see module docstring). Sequence outputs are compared
     element by element (their numbers concatenated), optional and string outputs for equality
     (:func:`onnxcompress.util.plain_value`). ``ctc``: :func:`ctc_logits_layout`'s answer when the
     caller has it (for a subset of the samples it was decided on), else detected here
-    (``batch_one``: every sample's input batch is 1)."""
+    (``batch_one``: every sample's input batch is 1). ``charset``: the reference model's characters
+    (:func:`text_charset`): decoded sequences are then compared without whitespace at their ends."""
     if any(not isinstance(x, np.ndarray) or x.dtype.kind in "OUSV" for x in (*refs, *cands)):
         plain_r = [plain_value(r) for r in refs]
         plain_c = [plain_value(c) for c in cands]
@@ -261,7 +309,8 @@ def output_metrics(name: str, refs: list[np.ndarray], cands: list[np.ndarray], *
             agree_d += int(np.sum(same & dec))
             total_d += int(np.sum(dec))
             if r.ndim >= 3:
-                eq = _sequences_equal(r, c, *(logits or (False, None)))
+                eq = _sequences_equal(r, c, *(logits or (False, None)),
+                                      strip=space_classes(charset, r.shape[-1]))
                 seq_same += int(np.sum(eq))
                 seq_total += eq.size
     sqnr = float("inf") if noise == 0 else (10 * np.log10(sig / noise) if sig > 0 else -float("inf"))
@@ -291,17 +340,32 @@ def _ctc_decode(path: np.ndarray, blank: int) -> tuple[int, ...]:
     return tuple(int(v) for v in out[out != blank])
 
 
-def _sequences_equal(r: np.ndarray, c: np.ndarray, time_major: bool = False, blank: int | None = None) -> np.ndarray:
+def _sequences_equal(r: np.ndarray, c: np.ndarray, time_major: bool = False, blank: int | None = None,
+                     strip: frozenset[int] = frozenset()) -> np.ndarray:
     """Per sequence of a ``[..., T, C]`` score output: whether the greedy CTC decodings of
     reference and candidate are equal (``blank``: default the reference's most frequent argmax
-    class). ``time_major``: ``[T, 1, C]`` (:func:`ctc_logits_layout`), one sequence of ``T``."""
+    class). ``time_major``: ``[T, 1, C]`` (:func:`ctc_logits_layout`), one sequence of ``T``.
+    ``strip``: classes dropped from both ends of each decoding first (whitespace, :func:`space_classes`)."""
     if time_major:
         r, c = np.swapaxes(r, 0, 1), np.swapaxes(c, 0, 1)
     pr = r.reshape(-1, r.shape[-2], r.shape[-1]).argmax(-1)
     pc = c.reshape(-1, c.shape[-2], c.shape[-1]).argmax(-1)
     if blank is None:
         blank = int(np.bincount(pr.ravel()).argmax()) if pr.size else 0
-    return np.array([_ctc_decode(a, blank) == _ctc_decode(b, blank) for a, b in zip(pr, pc)], bool)
+    return np.array([_strip(_ctc_decode(a, blank), strip) == _strip(_ctc_decode(b, blank), strip)
+                     for a, b in zip(pr, pc)], bool)
+
+
+def _strip(seq: tuple[int, ...], classes: frozenset[int]) -> tuple[int, ...]:
+    """``seq`` without members of ``classes`` at either end (``str.strip`` for class indices)."""
+    if not classes:
+        return seq
+    i, j = 0, len(seq)
+    while i < j and seq[i] in classes:
+        i += 1
+    while j > i and seq[j - 1] in classes:
+        j -= 1
+    return seq[i:j]
 
 
 def _batch_one(samples: list[dict]) -> bool:
@@ -334,7 +398,7 @@ def compare(
             (``all``, ``extended``, ``basic``, ``disable``; :data:`onnxcompress.runtime.LEVELS`).
         cache: a dict the caller keeps while ``reference`` and ``samples`` stay the same (the
             fallback's rounds): the reference's outputs per provider, ``(output names, outputs per
-            sample, ORT level)``, are kept there (when they total at most :data:`REF_CACHE_BYTES`)
+            sample, ORT level, its characters)``, are kept there (when they total at most :data:`REF_CACHE_BYTES`)
             and reused instead of running it again.
 
     One ORT session exists at a time (reference, then the reference optimized for the latency
@@ -344,16 +408,17 @@ def compare(
     """
     ref_level = None
     if cache is not None and provider in cache:
-        ref_outputs, refs, ref_level = cache[provider]
+        ref_outputs, refs, ref_level, charset = cache[provider]
     else:
         ref_sess, refs = run_reference(reference, samples, level=level, provider=provider,
                                        step=f"input model on {provider.replace('ExecutionProvider', '')}")
         ref_outputs = [o.name for o in ref_sess.get_outputs()]
         ref_level = ref_sess.onnxcompress_level
+        charset = session_charset(ref_sess)
         del ref_sess
         if cache is not None and all(isinstance(v, np.ndarray) for r in refs for v in r.values()) \
                 and sum(v.nbytes for r in refs for v in r.values()) <= REF_CACHE_BYTES:
-            cache[provider] = (ref_outputs, refs, ref_level)
+            cache[provider] = (ref_outputs, refs, ref_level, charset)
     comp = Comparison(provider=provider, n_samples=len(samples))
     comp.reference_level = ref_level
     for name in ref_outputs:
@@ -376,7 +441,8 @@ def compare(
         if not cands or name not in cands[0]:
             comp.outputs.append(OutputMetrics(name, float("inf"), float("inf"), -1.0, -float("inf"), None))
             continue
-        comp.outputs.append(output_metrics(name, [r[name] for r in refs], [c[name] for c in cands], batch_one=one))
+        comp.outputs.append(output_metrics(name, [r[name] for r in refs], [c[name] for c in cands], batch_one=one,
+                                           charset=charset))
     if labels is not None:
         first = ref_outputs[0]
         r = np.concatenate([x[first] for x in refs])
