@@ -865,7 +865,8 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     write_atomic(bench_data, buf.getvalue())
     data_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
                                                for f in [*calib, *val] for k, a in f.items())],
-                    budget.__dict__, {"drop_bound": [BOOTSTRAP, DROP_QUANTILE]}, {"split": "interleaved"})
+                    budget.__dict__, {"drop_bound": [BOOTSTRAP, DROP_QUANTILE]}, {"split": "interleaved"},
+                    {"ctc_text": "edge whitespace not compared"})
     # the budget judges each trial on its metric: the default floor (a fixed task criterion) must not
     # refuse a trial that the budget would accept
     base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False,

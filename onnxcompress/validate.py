@@ -214,7 +214,15 @@ def text_charset(meta) -> tuple[str, ...] | None:
         return None
     if not isinstance(value, str) or not value:
         return None
-    chars = tuple(value.splitlines())
+    # PaddleOCR reads its dictionary line by line ("\n", a "\r" before it trimmed); a character
+    # that str.splitlines() would also split on (\x85, \u2028, ...) makes the two counts differ:
+    # then the list does not say which class is which, and nothing is stripped
+    lines = value.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    chars = tuple(line[:-1] if line.endswith("\r") else line for line in lines)
+    if len(chars) != len(value.splitlines()):
+        return None
     return chars or None
 
 
@@ -345,13 +353,16 @@ def _sequences_equal(r: np.ndarray, c: np.ndarray, time_major: bool = False, bla
     """Per sequence of a ``[..., T, C]`` score output: whether the greedy CTC decodings of
     reference and candidate are equal (``blank``: default the reference's most frequent argmax
     class). ``time_major``: ``[T, 1, C]`` (:func:`ctc_logits_layout`), one sequence of ``T``.
-    ``strip``: classes dropped from both ends of each decoding first (whitespace, :func:`space_classes`)."""
+    ``strip``: classes dropped from both ends of each decoding first (whitespace, :func:`space_classes`),
+    only where the blank is class 0 (the layout those classes were read in)."""
     if time_major:
         r, c = np.swapaxes(r, 0, 1), np.swapaxes(c, 0, 1)
     pr = r.reshape(-1, r.shape[-2], r.shape[-1]).argmax(-1)
     pc = c.reshape(-1, c.shape[-2], c.shape[-1]).argmax(-1)
     if blank is None:
         blank = int(np.bincount(pr.ravel()).argmax()) if pr.size else 0
+    if blank != 0:
+        strip = frozenset()  # not PaddleOCR's layout (blank first): the characters do not name these classes
     return np.array([_strip(_ctc_decode(a, blank), strip) == _strip(_ctc_decode(b, blank), strip)
                      for a, b in zip(pr, pc)], bool)
 

@@ -344,6 +344,19 @@ def test_a_recognizer_that_names_its_characters_is_judged_by_its_text(tmp_path):
     assert m.sequence_agreement == 75.0 and m.n_sequences == 4
     assert output_metrics("probs", [r], [c], ctc=(False, 0)).sequence_agreement == 25.0
     assert output_metrics("probs", [r], [c], ctc=(False, 0), charset=chars + ("d", "e")).sequence_agreement == 25.0
+    # the blank last (not PaddleOCR's layout): the classes are not the ones the list names
+    # ("a", " ", "b", "c" as classes 0-3, blank 4): the candidate's extra "b" (class 2) at the end is
+    # text, though class 2 is the list's space in PaddleOCR's layout
+    ref = np.full((1, t, n), -4.0, np.float32)
+    ref[..., 4] = 4.0
+    ref[0, 1, 0] = ref[0, 3, 3] = 9.0  # "ac"
+    extra_b = ref.copy()
+    extra_b[0, 6, 2] = 12.0
+    m = output_metrics("probs", [ref], [extra_b], ctc=(False, 4), charset=("a", " ", "b", "c"))
+    assert m.sequence_agreement == 0.0
+    # a character that str.splitlines() would also split on: the count cannot be trusted
+    assert text_charset({"character": "a\nb\x85c\n"}) is None
+    assert text_charset({"character": "a\r\n \r\nb\n"}) == ("a", " ", "b")
 
     # end to end: the charset comes from the reference model's metadata, through ONNX Runtime
     def recognizer(path, bias, meta):
