@@ -217,6 +217,10 @@ class OutputCheck:
     """Share of elements outside ``atol + rtol * |ref|`` (%)."""
     passed: bool
     failed: list[str] = field(default_factory=list)
+    #: a recognizer's per-position class scores (rank >= 3): % of decoded sequences (text lines)
+    #: equal, and how many (:attr:`onnxcompress.validate.OutputMetrics.sequence_agreement`)
+    sequence_agreement: float | None = None
+    n_sequences: int | None = None
 
 
 @dataclass
@@ -1004,14 +1008,16 @@ def validate_models(
                 warnings.simplefilter("ignore", UserWarning)
                 samples += random_samples(ref_specs, n=1, seed=i, shapes=shapes)
         notes.append(f"no --data: {n_samples} random inputs; give real inputs for a meaningful verdict")
-    outputs_cache: dict[tuple[str, str, str], tuple[list[str], list[dict]]] = {}
+    outputs_cache: dict[tuple[str, str, str], tuple[list[str], list[dict], tuple[str, ...] | None]] = {}
     # the one ORT level every model runs at on every provider: ORT_ENABLE_ALL (as deployed), lowered
     # only where ONNX Runtime's own optimizer breaks the REFERENCE there (then everything runs lower)
     state = {"level": "all"}
 
     def outputs(path: Path, prov: str, level: str):
+        from .validate import session_charset
+
         sess = make_session(str(path), optimize=level, provider=prov, threads=threads, quiet=True)
-        return [o.name for o in sess.get_outputs()], run_samples(sess, samples)
+        return [o.name for o in sess.get_outputs()], run_samples(sess, samples), session_charset(sess)
 
     def run(path: Path, prov: str):
         level = state["level"]
@@ -1097,7 +1103,7 @@ def _lower_level(path: Path, prov: str, level: str, outputs, exc: BaseException)
 
 def _check(kind, ref_p, cand_p, prov, ref_prov, run_pair, atol, rtol, gate_allclose, min_cosine, min_top1,
            n) -> ValidationCheck:
-    (ref_names, refs), (_, cands) = run_pair(ref_p, ref_prov, cand_p, prov)
+    (ref_names, refs, charset), (_, cands, _) = run_pair(ref_p, ref_prov, cand_p, prov)
     outs = []
     for name in ref_names:
         if name not in cands[0]:
@@ -1106,7 +1112,7 @@ def _check(kind, ref_p, cand_p, prov, ref_prov, run_pair, atol, rtol, gate_allcl
             continue
         r = [x[name] for x in refs]
         c = [x[name] for x in cands]
-        m = output_metrics(name, r, c)
+        m = output_metrics(name, r, c, charset=charset)
         close, bad, total = True, 0, 0
         for rv, cv in zip(r, c):
             rv64, cv64 = np.asarray(rv), np.asarray(cv)
@@ -1126,7 +1132,8 @@ def _check(kind, ref_p, cand_p, prov, ref_prov, run_pair, atol, rtol, gate_allcl
         # index outputs: equality (--min-top1); the verdict is the gate engine's (gates.py)
         failed += output_failures(OutputGates(min_cosine=min_cosine, min_top1_agreement=min_top1), m)
         outs.append(OutputCheck(m.name, m.max_abs_err, m.max_rel_err, m.cosine, m.sqnr_db, m.top1_agreement,
-                                close, 100.0 * bad / total if total else 0.0, not failed, failed))
+                                close, 100.0 * bad / total if total else 0.0, not failed, failed,
+                                m.sequence_agreement, m.n_sequences))
     return ValidationCheck(kind=kind, reference=str(ref_p), candidate=str(cand_p), provider=prov,
                            reference_provider=ref_prov, n_samples=n, outputs=outs, passed=all(o.passed for o in outs))
 

@@ -228,7 +228,8 @@ def validate(
             for o in c.outputs:
                 t.add_row(o.name, "yes" if o.allclose else "no", f"{o.mismatch_pct:.3g}", f"{o.max_abs_err:.3g}",
                           f"{o.max_rel_err:.3g}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}",
-                          f"{o.top1_agreement:.2f}" if o.top1_agreement is not None else "-",
+                          f"{o.top1_agreement:.2f}" if o.top1_agreement is not None else
+                          (f"lines {o.sequence_agreement:.2f}" if o.sequence_agreement is not None else "-"),
                           "[green]pass[/]" if o.passed else "[red]FAIL[/]")
             out_console.print(t)
             for o in c.outputs:

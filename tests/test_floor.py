@@ -375,6 +375,14 @@ def test_a_recognizer_that_names_its_characters_is_judged_by_its_text(tmp_path):
     assert compare(ref, cand, xs, latency=False).outputs[0].sequence_agreement == 100.0
     plain = recognizer(tmp_path / "p.onnx", bias, False)
     assert compare(plain, cand, xs, latency=False).outputs[0].sequence_agreement == 0.0
+    # `onnxcompress validate` reports the same lines
+    from onnxcompress.bench import validate_models
+
+    np.savez(tmp_path / "v.npz", x=r[:2])
+    out = validate_models(ref, cand, data=tmp_path / "v.npz").checks[0].outputs[0]
+    assert (out.sequence_agreement, out.n_sequences) == (100.0, 2)
+    out = validate_models(plain, cand, data=tmp_path / "v.npz").checks[0].outputs[0]
+    assert out.sequence_agreement == 0.0
 
 
 def test_ctc_logits_and_time_major_outputs_are_judged_by_decoded_sequences():
