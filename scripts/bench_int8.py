@@ -80,7 +80,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 MODELS = ["efficientnet_lite0", "ppocr_det", "ppocr_rec", "ppocr_cls", "yolov8n", "silero_vad", "minilm"]
 #: models with a validation set from another source than their calibration (scripts/zoo_other.py)
-OTHER_SET = ["ppocr_rec", "ppocr_cls", "minilm"]
+OTHER_SET = ["ppocr_rec", "ppocr_cls", "minilm", "ppocr_det"]
 THREADS = 2
 #: at most this many timed runs of one variant in a row per turn (see :func:`latency`)
 BLOCK = MAX_BLOCK
@@ -329,14 +329,19 @@ def val_pages() -> tuple[list[np.ndarray], list[list[str]]]:
 class OcrPipeline:
     """rapidocr-onnxruntime (det -> cls -> rec) on the val pages with one model swapped."""
 
-    def __init__(self, cache: Path):
+    def __init__(self, cache: Path, other: bool = False):
         from rapidocr_onnxruntime import RapidOCR  # noqa: F401 (fail early if missing)
 
         self.cache = cache
-        self.pages, self.gts = val_pages()
-        want = json.loads((cache / "ppocr_det" / "data.json").read_text())["val_page_texts"]
-        if self.gts != want:
-            raise RuntimeError("regenerated val pages differ from ppocr_det/data.json")
+        if other:  # scripts/zoo_other.py's pages, another source
+            from zoo_other import other_pages
+
+            self.pages, self.gts = other_pages(cache)
+        else:
+            self.pages, self.gts = val_pages()
+            want = json.loads((cache / "ppocr_det" / "data.json").read_text())["val_page_texts"]
+            if self.gts != want:
+                raise RuntimeError("regenerated val pages differ from ppocr_det/data.json")
         self.keys = cache / "ppocr_rec" / "keys.txt"
         self.ref = self.read()
 
@@ -462,7 +467,9 @@ def latency(paths: dict[str, Path], feed: dict, rounds: int, budget_s: float, bl
 
 
 def make_task(name: str, d: Path, val: list[dict], cache: Path, pipe_holder: dict, info: dict | None = None) -> Task:
-    if info is not None:  # another source's set (scripts/zoo_other.py): no page pipeline (its pages are the zoo's)
+    if info is not None:  # another source's set (scripts/zoo_other.py): rec without the zoo's page pipeline
+        if name == "ppocr_det":
+            return OcrDet(name, d, val, OcrPipeline(cache, other=True))
         if name == "ppocr_rec":
             return OcrRec(name, d, val, None, info)
         return {"ppocr_cls": OrtCls, "minilm": MiniLM}[name](name, d, val, info)

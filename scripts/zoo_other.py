@@ -11,11 +11,14 @@ data, ``zoo_cache/<model>/other/val.npz`` and ``other/data.json`` (texts, labels
   rendered in the **Liberation** fonts (Sans, Serif, Mono, Sans Narrow; Debian's
   ``fonts-liberation``) instead of DejaVu, preprocessed as RapidOCR does;
 * ``ppocr_cls``: the same kind of lines (another 60), about a quarter rotated 180 degrees;
-* ``minilm``: 80 news sentences, tokenized as the zoo's MiniLM data.
+* ``minilm``: 80 news sentences, tokenized as the zoo's MiniLM data;
+* ``ppocr_det``: 8 pages of news lines in the Liberation fonts (``other/pages.npz`` keeps the
+  RGB pages for the rapidocr pipeline, ``other/val.npz`` the det inputs).
 
 Models calibrated on the zoo's ``calib.npz`` and validated on these are judged on data that
 no step of the tool or of its tuning has seen. ``python scripts/bench_int8.py --val-set other``
-reads them (the rapidocr page pipeline, built from the zoo's own pages, is not run then).
+reads them (det is judged by the rapidocr pipeline on these pages; rec's page pipeline, on the
+zoo's pages, is not run then).
 
 Run after ``scripts/fetch_zoo.py`` and ``scripts/zoo_data.py``::
 
@@ -39,9 +42,9 @@ import text_corpus as tc  # noqa: E402
 import zoo_data as zd  # noqa: E402
 
 LIBERATION = Path("/usr/share/fonts/truetype/liberation")
-MODELS = ["ppocr_rec", "ppocr_cls", "minilm"]
+MODELS = ["ppocr_rec", "ppocr_cls", "minilm", "ppocr_det"]
 SEED = 20261207
-N_LINES, N_SENTENCES = 60, 80
+N_LINES, N_SENTENCES, N_PAGES = 60, 80, 8
 
 
 def _liberation() -> list[str]:
@@ -51,14 +54,26 @@ def _liberation() -> list[str]:
     return fonts
 
 
-def _render_lines(rng, texts: list[str]) -> list[np.ndarray]:
-    """``zoo_data.render_line`` with the Liberation fonts in place of DejaVu."""
+def _liberated(fn, *args):
+    """``fn(*args)`` (a zoo_data renderer) with the Liberation fonts in place of DejaVu."""
     old = zd.FONT_DIR, zd.FONTS
     zd.FONT_DIR, zd.FONTS = LIBERATION, _liberation()
     try:
-        return [zd.render_line(rng, t) for t in texts]
+        return fn(*args)
     finally:
         zd.FONT_DIR, zd.FONTS = old
+
+
+def _render_lines(rng, texts: list[str]) -> list[np.ndarray]:
+    return [_liberated(zd.render_line, rng, t) for t in texts]
+
+
+def other_pages(cache: Path) -> tuple[list[np.ndarray], list[list[str]]]:
+    """The ppocr_det other-source pages (RGB uint8) and their lines, as :func:`build` wrote them."""
+    d = cache / "ppocr_det" / "other"
+    z = np.load(d / "pages.npz")
+    pages = [z[f"{i}__rgb"] for i in range(len(z.files))]
+    return pages, json.loads((d / "data.json").read_text())["val_page_texts"]
 
 
 def build(name: str, cache: Path, news: list[str]) -> dict:
@@ -88,6 +103,23 @@ def build(name: str, cache: Path, news: list[str]) -> dict:
         zd.save_fixed(out / "val.npz", {"x": np.stack(xs)})
         info = {"texts": {"val": texts}, "val_labels_deg": labels, "format": "fixed: x [N,3,48,192] float32"}
         src["render"] = "as ppocr_rec's other set; about 25 % rotated 180 deg"
+    elif name == "ppocr_det":
+        pool = zd.make_lines(rng, news, 200)
+        samples, pages, page_texts = [], [], []
+        for i in range(N_PAGES):
+            k = int(rng.integers(8, 20))
+            start = int(rng.integers(0, len(pool) - k))
+            lines = [pool[start + j] + " " + pool[(start + j + 100) % len(pool)] if rng.random() < 0.5
+                     else pool[start + j] for j in range(k)]
+            rgb, gt = _liberated(zd.render_page, rng, lines, zd.PAGE_SIZES[i % len(zd.PAGE_SIZES)])
+            samples.append({"x": zd.det_pre(np.ascontiguousarray(rgb[..., ::-1]))})
+            pages.append({"rgb": rgb})
+            page_texts.append([t for t, _ in gt])
+        zd.save_ragged(out / "val.npz", samples)
+        zd.save_ragged(out / "pages.npz", pages)
+        texts = [t for p in page_texts for t in p]
+        info = {"val_page_texts": page_texts, "format": "ragged: <i>__x [1,3,H,W] float32; pages.npz: <i>__rgb"}
+        src["render"] = "zoo_data.render_page in Liberation TTF (zoo: DejaVu), news lines"
     else:
         feeds, texts = tc.tokenized(d / "tokenizer", N_SENTENCES, seed=SEED, source="news", cache=cache / "_text")
         zd.save_ragged(out / "val.npz", feeds)
@@ -105,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     news = tc.news_sentences(args.cache / "_text")
     for name in args.only or MODELS:
         info = build(name, args.cache, news)
-        print(f"{name}: {info['val']} samples -> {args.cache / name / 'other' / 'val.npz'}")
+        print(f"{name}: {info['val']} lines -> {args.cache / name / 'other' / 'val.npz'}")
     return 0
 
 
