@@ -248,6 +248,9 @@ class ValidationResult:
     machine: dict
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ``--layers``: :class:`onnxcompress.validate.LayerMetrics` per shared intermediate tensor,
+    #: in the reference's graph order (empty without it)
+    layers: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = _jsonable(asdict(self))
@@ -947,6 +950,7 @@ def validate_models(
     cross_provider: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    layers: bool = False,
 ) -> ValidationResult:
     """Compare ``candidate`` with ``reference`` on the same inputs, per provider and output.
 
@@ -969,6 +973,9 @@ def validate_models(
             message in ``result.skipped``.
         cross_provider: also compare each model on CPU with itself on every other
             chosen provider (skipped with a message when there is none).
+        layers: also compare every intermediate tensor both models compute under one name, on
+            the CPU (:func:`onnxcompress.validate.layerwise`: at most its ``LAYERWISE_SAMPLES``
+            samples, optimizations off), in ``result.layers``; it does not change the verdict.
 
     Returns:
         A :class:`ValidationResult` whose ``passed`` is the verdict.
@@ -1080,8 +1087,27 @@ def validate_models(
               "providers_requested": list(providers), "atol": atol, "rtol": rtol, "allclose_gated": gate_allclose,
               "min_cosine": min_cosine, "min_top1": min_top1, "cross_provider": cross_provider,
               "data": str(data) if data else None, "n_samples": len(samples), "ort_level": state["level"]}
+    found: list = []
+    if layers and cand_p is not None:
+        from .model_io import load_model
+        from .validate import LAYERWISE_SAMPLES, layerwise
+
+        prog(f"comparing layers ({min(len(samples), LAYERWISE_SAMPLES)} samples)", 0, 1)
+        try:
+            found = layerwise(load_model(ref_p), load_model(cand_p), samples)
+        except Exception as exc:  # noqa: BLE001 - ORT refusing the unoptimized graphs: said, not fatal
+            from .runtime import is_ort_error
+            from .validate import _first_line
+
+            if not is_ort_error(exc):
+                raise
+            notes.append(f"--layers: ONNX Runtime could not run the models with their intermediate tensors as "
+                         f"outputs ({_first_line(exc)}); no layer comparison")
+        if not found and not any(n.startswith("--layers") for n in notes):
+            notes.append("--layers: the models share no intermediate tensor name: nothing to compare layer by layer")
+        config["layers_samples"] = min(len(samples), LAYERWISE_SAMPLES)
     return ValidationResult(passed=all(c.passed for c in checks), checks=checks, config=config,
-                            machine=machine_info(), skipped=skipped, notes=notes)
+                            machine=machine_info(), skipped=skipped, notes=notes, layers=found)
 
 
 def _lower_level(path: Path, prov: str, level: str, outputs, exc: BaseException):

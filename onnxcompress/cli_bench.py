@@ -190,6 +190,7 @@ def validate(
     min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Gate: minimum cosine similarity per output."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", "--min-top1-agreement", help="Gate: minimum top-1 agreement in % (99 for 99 %)."),
     cross_provider: bool = typer.Option(False, "--cross-provider", help="Also compare each model on CPU vs the other providers."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Also compare every intermediate tensor both models compute (same name) and list the N that add the most error (all in --report); does not change the verdict."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the comparison as JSON."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report (needs matplotlib, jinja2)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the verdict."),
@@ -204,6 +205,10 @@ def validate(
     _check_out_paths(report=report, html=html, inputs={"reference": reference, "candidate": candidate, "--data": data})
     if samples < 1:
         _fail(OnnxCompressError(f"--samples must be >= 1, got {samples}"))
+    if layers is not None and layers < 1:
+        _fail(OnnxCompressError(f"--layers must be >= 1 (how many tensors to list), got {layers}"))
+    if layers and candidate is None:
+        _fail(OnnxCompressError("--layers compares a CANDIDATE with the reference: give one"))
     if html:
         from .report_html import _require
 
@@ -211,7 +216,7 @@ def validate(
     with _progress(quiet) as prog:
         result = _call(validate_models, reference, candidate, data=data, shapes=shapes or None, n_samples=samples,
                        providers=_providers(providers), atol=atol, rtol=rtol, min_cosine=min_cosine,
-                       min_top1=min_top1, cross_provider=cross_provider, progress=prog)
+                       min_top1=min_top1, cross_provider=cross_provider, progress=prog, layers=bool(layers))
     rep = result.to_dict()
     _call(_outputs, rep, report, html)
     if not quiet:
@@ -235,6 +240,8 @@ def validate(
             for o in c.outputs:
                 if not o.passed:
                     console.print(f"  {escape(o.name)}: {escape('; '.join(o.failed))}", highlight=False)
+        if result.layers:
+            _print_layers(result.layers, layers, result.config.get("layers_samples"))
         for n in result.notes:
             console.print(f"[dim]note:[/] {escape(n)}", highlight=False)
     if result.passed:
@@ -245,3 +252,27 @@ def validate(
         console.print(f"[red]FAIL[/]: {escape(failed[0])}" + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""),
                       highlight=False)
         raise typer.Exit(1)
+
+
+def _print_layers(rows, n: int, n_samples) -> None:
+    """The ``n`` tensors whose step lowers the SQNR most (``drop_db``), in graph order, and the
+    last shared tensor."""
+    import math
+
+    from .validate import LAYER_SQNR_CAP_DB
+
+    ranked = sorted((r for r in rows if r.drop_db is not None and r.drop_db < 0), key=lambda r: r.drop_db)[:n]
+    keep = {id(r) for r in ranked}
+    t = Table(title=f"where the candidate departs: the {len(ranked)} of {len(rows)} shared tensors that add the "
+                    f"most error (n={n_samples}, optimizations off)")
+    for col in ("#", "tensor", "op", "SQNR dB", "step dB", "worst cos"):
+        t.add_column(col, justify="left" if col in ("tensor", "op") else "right")
+    for i, r in enumerate(rows):
+        if id(r) in keep:
+            t.add_row(str(i), r.name, r.op_type, "inf" if math.isinf(r.sqnr_db) else f"{r.sqnr_db:.1f}",
+                      f"{r.drop_db:+.1f}", f"{r.cosine:.4f}")
+    out_console.print(t)
+    last = rows[-1]
+    console.print(f"  last shared tensor {escape(last.name)} ({last.op_type}): SQNR {last.sqnr_db:.1f} dB; "
+                  f"'step dB': its SQNR minus its inputs' worst (both capped at {LAYER_SQNR_CAP_DB:g} dB)",
+                  highlight=False)

@@ -217,6 +217,51 @@ def test_validate_gates_api(tmp_path, digits):
         validate_models(digits["model"], broken, data=digits["test"], min_top1=0.99)
 
 
+def test_validate_layers_shows_where_int8_departs(tmp_path, digits):
+    """--layers compares every intermediate tensor the two models compute under one name (a
+    static int8 model keeps its float tensors' names) and lists those that add the most error;
+    the verdict is the outputs'. An identical copy departs nowhere; a copy with one layer's
+    weights changed departs at that layer first."""
+    from onnxcompress import OptimizeOptions, optimize
+
+    q = tmp_path / "q.onnx"
+    optimize(digits["model"], q, OptimizeOptions(quantize="static", calibration=digits["calib"], latency=False))
+    res = _invoke("validate", digits["model"], q, "--data", digits["test"], "--min-top1", 90, "--layers", 3,
+                  "--report", tmp_path / "v.json")
+    assert res.exit_code == 0, res.output
+    assert "where the candidate departs" in res.output and "step dB" in res.output
+    rep = json.loads((tmp_path / "v.json").read_text())
+    rows = rep["layers"]
+    ref_names = [o for n in onnx.load(str(digits["model"])).graph.node for o in n.output]
+    assert len(rows) >= 3 and [r["name"] for r in rows] == [n for n in ref_names if n in {r["name"] for r in rows}]
+    assert all(isinstance(r["sqnr_db"], float) and 0 < r["sqnr_db"] < 80 for r in rows), rows
+    assert any(r["drop_db"] is not None and r["drop_db"] < 0 for r in rows)
+    assert rep["config"]["layers_samples"] == 8
+
+    # an identical copy: every tensor equal
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(digits["model"], copy)
+    same = validate_models(digits["model"], copy, data=digits["test"], layers=True).layers
+    assert same and all(r.sqnr_db == float("inf") for r in same)
+    # one layer's weights changed: the first departure is that layer's output
+    m = onnx.load(str(digits["model"]))
+    conv = [n for n in m.graph.node if n.op_type == "Conv"][1]
+    w = next(i for i in m.graph.initializer if i.name == conv.input[1])
+    arr = numpy_helper.to_array(w).copy()
+    arr[0] *= 1.5
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    onnx.save(m, str(tmp_path / "one.onnx"))
+    rows = validate_models(digits["model"], tmp_path / "one.onnx", data=digits["test"], layers=True).layers
+    first = next(r for r in rows if r.sqnr_db != float("inf"))
+    assert (first.name, first.op_type) == (conv.output[0], "Conv")
+    assert min((r for r in rows if r.drop_db is not None), key=lambda r: r.drop_db).name == conv.output[0]
+
+    # refused plainly: no candidate, a count below 1
+    assert _invoke("validate", digits["model"], "--layers", 3).exit_code == 2
+    bad = _invoke("validate", digits["model"], copy, "--layers", 0)
+    assert bad.exit_code == 2 and "--layers" in bad.output and "Traceback" not in bad.output
+
+
 def test_validate_inputs_must_match(tmp_path, digits):
     other = _mlp(tmp_path / "mlp.onnx")
     res = _invoke("validate", digits["model"], other)
