@@ -593,6 +593,59 @@ def test_sequential_bias_correction_removes_accumulated_shift(tmp_path):
         OptimizeOptions(quantize="static", bias_correction_mode="global").check()
 
 
+def test_sequential_bias_correction_in_one_pass_equals_a_model_per_node(tmp_path, monkeypatch):
+    """The segment-by-segment pass (each corrected node run again with its new bias before
+    anything downstream reads it) writes the same int32 biases, step for step, as correcting one
+    node at a time on a model run again from the start (the way graphs with subgraphs still
+    take): a skip connection carried over several segments, a bias's DequantizeLinear that must
+    not be carried from before its correction, and a Gemm head."""
+    import onnx_ir as ir
+
+    import onnxcompress.passes.quantize.calibrate as cal
+
+    rng = np.random.default_rng(31)
+    c = 6
+    inits = [G.init(f"w{i}", (rng.standard_normal((c, c, 3, 3)) * 0.3 + (0.2 if i % 2 else 0)).astype(np.float32))
+             for i in range(4)]
+    inits += [G.init(f"b{i}", rng.standard_normal(c) * 0.2) for i in range(4)]
+    inits += [G.init("wg", rng.standard_normal((c * 8 * 8, 5)) * 0.1), G.init("bg", rng.standard_normal(5) * 0.1)]
+    conv = lambda i, x, y: helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [y], pads=[1] * 4, name=f"conv{i}")  # noqa: E731
+    nodes = [conv(0, "x", "c0"), helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             conv(1, "r0", "c1"), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             conv(2, "r1", "c2"), helper.make_node("Add", ["c2", "r0"], ["s"], name="skip"),
+             conv(3, "s", "c3"), helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("Flatten", ["r3"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="head")]
+    m = G.model(nodes, [G.vi("x", [1, c, 8, 8])], [G.vi("y", [1, 5])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    np.savez(tmp_path / "c.npz", x=(rng.uniform(0, 1, (12, 1, c, 8, 8)) + 0.2).astype(np.float32))
+
+    def biases(name):
+        out = tmp_path / f"{name}.onnx"
+        res = optimize(src, out, OptimizeOptions(quantize="static", calibration=tmp_path / "c.npz", target="generic",
+                                                 latency=False, bias_correction_mode="sequential"))
+        counts = next(p for p in res.report["passes"] if p["name"] == "quantize-static")["counts"]
+        q = ir.load(str(out))
+        return ({k: v.const_value.numpy().copy() for k, v in q.graph.initializers.items()
+                 if v.const_value is not None and v.const_value.dtype == ir.DataType.INT32}, counts)
+
+    one_pass, counts = biases("segments")
+    assert counts["bias_correction_nodes"] >= 4
+    before, after = counts["bias_correction_residual"]
+    assert after < 1e-2 * before
+
+    def refuse(*a, **k):
+        raise cal.NotSegmentable("forced: one model per node")
+
+    monkeypatch.setattr(cal, "sequential_shift", refuse)
+    per_node, counts_old = biases("per_node")
+    assert one_pass.keys() == per_node.keys() and len(one_pass) >= 4
+    for k in one_pass:
+        np.testing.assert_array_equal(one_pass[k], per_node[k], err_msg=k)
+    assert counts_old["bias_correction_residual"] == counts["bias_correction_residual"]
+
+
 def test_already_quantized_nodes_are_left_alone(tmp_path):
     """A MatMul whose weight comes out of DequantizeLinear is already int8: never re-quantized."""
     rng = np.random.default_rng(13)

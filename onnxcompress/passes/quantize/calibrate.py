@@ -524,6 +524,107 @@ def _segments(model, chunks: list[list[str]], direct: list[str], samples, index:
     del sessions
 
 
+class NotSegmentable(ValueError):
+    """The graph cannot be cut into sessions that hand values on (:func:`sequential_shift`)."""
+
+
+def sequential_shift(model, targets: dict[str, int], samples: list[dict[str, np.ndarray]], correct) -> None:
+    """Run ``samples`` through ``model`` segment by segment so that each target is measured with
+    every upstream target already corrected, for the cost of about two forward passes.
+
+    The main graph (graph order, which must be topological) is cut at each target's producer:
+    segment ``s`` runs from target ``s - 1``'s producer to target ``s``'s, over every sample
+    before the next segment starts (segment-major). After it, ``correct(t, mean)`` gets target
+    ``t``'s per-channel mean over every sample and position (float64 ``[C]``, channel axis
+    ``targets[t]``) and may change ``t``'s producer (its bias). The next segment's session is
+    built after that and runs the producer again with the change, from its inputs as carried
+    over, so everything downstream reads what the corrected model computes — exactly, not a
+    float shift added to the old value (whose last-bit differences flip int8 roundings
+    downstream). This equals correcting the targets one at a time on models run again from the
+    start, which cost one cut model per target.
+
+    Args:
+        model: an ``onnx_ir.Model`` (not modified here; ``correct`` may change its tensors).
+        targets: name -> channel axis, names of main-graph node outputs (float tensors).
+        samples: feed dicts.
+
+    Memory: the values carried between segments for every sample (a skip connection's
+    activation times the number of samples), besides one segment's run.
+
+    Raises:
+        NotSegmentable: the graph has subgraphs or non-tensor values, which cannot be handed
+            from one session to the next.
+    """
+    from ...progress import tick
+    from ...runtime import make_session
+
+    nodes = list(model.graph)
+    if not all(_segmentable(node) for node in nodes):
+        raise NotSegmentable("a graph with subgraphs or non-tensor values cannot be run segment by segment")
+    index = {v.name: i for i, node in enumerate(nodes) for v in node.outputs}
+    order = sorted((t for t in targets if t in index), key=index.__getitem__)
+    if not order or not samples:
+        return
+    ends = list(dict.fromkeys(index[t] for t in order))
+    starts = [0] + ends[:-1]  # each segment runs the previous target's producer again
+    n_seg = len(ends)
+
+    def owner(i: int) -> int:
+        """The segment whose value of node ``i``'s outputs later segments read: the last one
+        that runs node ``i`` (a target's producer: the run after its correction)."""
+        return next((s for s, e in enumerate(ends) if i < e), n_seg - 1)
+
+    # values computed from constants alone (a bias's DequantizeLinear) are computed again in each
+    # segment that reads them, never carried: a carried one would keep the bias before its correction
+    const = set()
+    for node in nodes:
+        if all(v is None or v.const_value is not None or v.name in const for v in node.inputs):
+            const.update(v.name for v in node.outputs)
+    seg_of = {n: owner(i) for n, i in index.items() if i <= ends[-1]}
+    reads, last_read = [], {}
+    for s, (a, b) in enumerate(zip(starts, ends)):
+        mine_idx = range(a, b + 1)
+        r = list(dict.fromkeys(v.name for i in mine_idx for v in nodes[i].inputs
+                               if v is not None and v.name in seg_of and v.name not in const and index[v.name] < a))
+        reads.append(r)
+        for n in r:
+            last_read[n] = max(last_read.get(n, s), s)
+    graph_inputs = [v.name for v in model.graph.inputs]
+    live: list[dict[str, np.ndarray]] = [{} for _ in samples]
+    for s in range(n_seg):
+        mine = [t for t in order if index[t] == ends[s]]
+        carry = [n for n in last_read if seg_of[n] == s and last_read[n] > s]
+        outs = list(dict.fromkeys([*mine, *carry]))
+        sess = make_session(_segment(model, reads[s], outs, live[0]), optimize=False, arena=len(samples) > ARENA_MIN_RUNS)
+        want = {x.name for x in sess.get_inputs()}
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for k, feed in enumerate(samples):
+            fed = {n: feed[n] for n in graph_inputs if n in want and n in feed}
+            fed.update((n, live[k][n]) for n in reads[s] if n in want)
+            vals = sess.run(outs, fed)
+            del fed
+            for i, n in enumerate(outs):
+                v, vals[i] = _owned(vals[i]), None
+                if n in mine and isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim >= 2:
+                    rows = np.moveaxis(v, targets[n], -1).reshape(-1, v.shape[targets[n]]).astype(np.float64)
+                    if n not in sums or sums[n].shape == rows.shape[1:]:
+                        sums[n] = sums.get(n, 0.0) + rows.sum(0)
+                        counts[n] = counts.get(n, 0) + rows.shape[0]
+                if n in carry:
+                    live[k][n] = v
+                del v
+            del vals
+            for n in reads[s]:
+                if last_read[n] == s:
+                    live[k].pop(n, None)
+            tick("bias correction", s * len(samples) + k + 1, n_seg * len(samples), "segment runs")
+        del sess
+        for t in mine:
+            if counts.get(t):
+                correct(t, sums[t] / counts[t])
+
+
 def _segment(model, reads: list[str], outs: list[str], values: dict[str, np.ndarray]):
     """A copy of ``model`` (tensors shared) computing ``outs`` from the graph inputs and the
     earlier values ``reads`` (new graph inputs, typed from ``values``); the nodes before and

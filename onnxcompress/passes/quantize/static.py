@@ -658,7 +658,7 @@ class StaticQuantizePass(CompressionPass):
 
         The per-node correction (:meth:`_node_sqnr`) sees float inputs, so the shift that
         accumulates through many int8 layers stays. Here, node by node in graph order, the Q/DQ
-        model cut after the node runs on calibration samples (ONNX semantics of Q/DQ, ORT
+        model runs on calibration samples up to the node (ONNX semantics of Q/DQ, ORT
         optimizations off) and its bias moves by (float mean - int8 mean) per output channel
         (in int32 steps of the bias scale), so every node is corrected with its upstream already corrected
         (empirical bias correction, Nagel et al. 2019, "Data-Free Quantization", sec. 4.2,
@@ -666,13 +666,15 @@ class StaticQuantizePass(CompressionPass):
         rec: relative residual 0.09 -> 4.6 -> 105 in three rounds), and so did two nodes at a
         time (0.13 -> 0.45): BatchNorm-folded layers amplify an upstream shift.
 
-        Cost: one cut model per node, about ``len(nodes) / 2`` full runs of
-        :data:`SEQ_BIAS_SAMPLES` samples (PP-OCRv4 rec, 38 nodes: +10 s).
+        Cost: about two forward passes of :data:`SEQ_BIAS_SAMPLES` samples, segment by segment,
+        each corrected node run again with its new bias before later segments read it
+        (:func:`~onnxcompress.passes.quantize.calibrate.sequential_shift`: the same biases as
+        one model per node run from the start), plus two runs for the residuals; memory: the
+        values carried between segments for those samples. Until 0.2 a cut model per node ran
+        from the start (PicoDet layout: 459 s); a graph with subgraphs still takes that way.
         Reported as ``bias_correction_nodes`` and ``bias_correction_residual`` (sum over nodes of
         mean squared shift / mean squared output, on those samples, before and after).
         """
-        import onnx_ir.passes.common as common
-
         order = [n for n in model.graph if n in self._qbias and n.outputs[0].name in float_means]
         if not order:
             return
@@ -686,31 +688,45 @@ class StaticQuantizePass(CompressionPass):
                     tot += float(np.mean((f - q) ** 2) / (np.mean(f * f) + 1e-12))
             return float(f"{tot:.3g}")
 
-        def cut_model(names):
-            """A copy of ``model`` computing only ``names`` (and what they need)."""
-            m = snapshot(model)
-            vals = {v.name: v for node in m.graph for v in node.outputs}
-            m.graph.outputs.clear()
-            m.graph.outputs.extend(vals[n] for n in names)
-            common.RemoveUnusedNodesPass()(m)
-            return m
-
         all_names = {n.outputs[0].name: targets[n.outputs[0].name] for n in order}
         before = residual(calibrate.channel_means(model, all_names, sub))
-        for node in counted(order, "bias correction", "nodes"):
-            name = node.outputs[0].name
-            q = calibrate.channel_means(cut_model([name]), {name: targets[name]}, sub).get(name)
-            f = float_means[name]
+        node_of = {n.outputs[0].name: n for n in order}
+
+        def shift(name, q):
+            """Move ``name``'s producer's int32 bias by the whole steps nearest to the float
+            model's mean minus ``q`` (the int8 mean)."""
+            node, f = node_of[name], float_means[name]
             qb_v, bs = self._qbias[node]
-            if q is None or q.shape != f.shape or bs.size != f.size:
-                continue
+            if q.shape != f.shape or bs.size != f.size:
+                return None
             old = qb_v.const_value.numpy().astype(np.int64)
             step = np.round((f - q) / bs.astype(np.float64).reshape(-1)).astype(np.int64)
             new = np.clip(old + step.reshape(old.shape), -(2**31) + 1, 2**31 - 1).astype(np.int32)
             qb_v.const_value = ir.tensor(new, name=qb_v.name)
+
+        try:
+            calibrate.sequential_shift(model, all_names, sub, shift)
+        except calibrate.NotSegmentable:  # subgraphs: one cut model per node, each run from the start
+            for node in counted(order, "bias correction", "nodes"):
+                name = node.outputs[0].name
+                q = calibrate.channel_means(_cut_after(model, name), {name: targets[name]}, sub).get(name)
+                if q is not None:
+                    shift(name, q)
         after = residual(calibrate.channel_means(model, all_names, sub))
         self.report.counts.update(bias_correction_nodes=len(order),
                                   bias_correction_residual=[round(before, 6), after])
+
+
+def _cut_after(model: ir.Model, name: str) -> ir.Model:
+    """A copy of ``model`` (tensors shared) computing only the value ``name`` and what it needs."""
+    import onnx_ir.passes.common as common
+
+    m = snapshot(model)
+    vals = {v.name: v for node in m.graph for v in node.outputs}
+    m.graph.outputs.clear()
+    m.graph.outputs.append(vals[name])
+    common.RemoveUnusedNodesPass()(m)
+    return m
 
 
 def integer_matmul(name: str, xq: ir.Value, xz: ir.Value, wq: ir.Value, wz: ir.Value, scale: ir.Value,
