@@ -1104,7 +1104,8 @@ def validate_models(
             notes.append(f"--layers: ONNX Runtime could not run the models with their intermediate tensors as "
                          f"outputs ({_first_line(exc)}); no layer comparison")
         if not found and not any(n.startswith("--layers") for n in notes):
-            notes.append("--layers: the models share no intermediate tensor name: nothing to compare layer by layer")
+            notes.append("--layers: the models share no float32 intermediate tensor (same name, computed by a node "
+                         "in both; float16 ones are not compared): nothing to compare layer by layer")
         config["layers_samples"] = min(len(samples), LAYERWISE_SAMPLES)
     return ValidationResult(passed=all(c.passed for c in checks), checks=checks, config=config,
                             machine=machine_info(), skipped=skipped, notes=notes, layers=found)

@@ -257,8 +257,6 @@ def validate(
 def _print_layers(rows, n: int, n_samples) -> None:
     """The ``n`` tensors whose step lowers the SQNR most (``drop_db``), in graph order, and the
     last shared tensor."""
-    import math
-
     from .validate import LAYER_SQNR_CAP_DB
 
     ranked = sorted((r for r in rows if r.drop_db is not None and r.drop_db < 0), key=lambda r: r.drop_db)[:n]
@@ -269,7 +267,7 @@ def _print_layers(rows, n: int, n_samples) -> None:
         t.add_column(col, justify="left" if col in ("tensor", "op") else "right")
     for i, r in enumerate(rows):
         if id(r) in keep:
-            t.add_row(str(i), r.name, r.op_type, "inf" if math.isinf(r.sqnr_db) else f"{r.sqnr_db:.1f}",
+            t.add_row(str(i), r.name, r.op_type, f"{r.sqnr_db:.1f}",
                       f"{r.drop_db:+.1f}", f"{r.cosine:.4f}")
     out_console.print(t)
     last = rows[-1]

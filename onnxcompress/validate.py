@@ -617,10 +617,15 @@ def layerwise(reference: "ir.Model", candidate: "ir.Model", samples: list[dict],
                     sig[n] = float("nan")
                     continue
                 a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-                ok = np.isfinite(a64) & np.isfinite(b64)
-                a64, b64 = a64[ok], b64[ok]
+                fa, fb = np.isfinite(a64), np.isfinite(b64)
+                # equal non-finite values (masked scores) match; one side non-finite is unbounded error
+                broken = bool(np.any(fa != fb)) or not np.array_equal(a64[~fa], b64[~fb], equal_nan=True)
+                a64, b64 = a64[fa & fb], b64[fa & fb]
                 sig[n] = sig.get(n, 0.0) + float(a64 @ a64)
-                noise[n] = noise.get(n, 0.0) + float(np.sum((a64 - b64) ** 2))
+                noise[n] = noise.get(n, 0.0) + (float("inf") if broken else float(np.sum((a64 - b64) ** 2)))
+                if broken:
+                    cos[n] = -1.0
+                    continue
                 na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
                 one = float(a64 @ b64 / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
                 cos[n] = min(cos.get(n, 1.0), one)
@@ -631,11 +636,12 @@ def layerwise(reference: "ir.Model", candidate: "ir.Model", samples: list[dict],
         s, e = sig.get(n), noise.get(n)
         if s is None or e is None or not np.isfinite(s):
             continue  # not produced on these samples, or of another shape in the candidate
-        db = float("inf") if e == 0 else (10 * np.log10(s / e) if s > 0 else -float("inf"))
+        db = float("inf") if e == 0 else (10 * np.log10(s / e) if s > 0 and np.isfinite(e) else -float("inf"))
         node = producer[n]
         feeds = [known[k] for k in _compared_inputs(node, known)]
         cap = LAYER_SQNR_CAP_DB
         drop = float(min(db, cap) - min(min(feeds), cap)) if feeds and not np.isnan(db) else None
+        drop = None if drop is not None and np.isnan(drop) else drop  # -inf on both sides: no step to tell
         rows[n] = LayerMetrics(n, node.op_type, node.name or "", float(db), cos[n], drop)
         known[n] = float(db)
     return list(rows.values())

@@ -255,6 +255,13 @@ def test_validate_layers_shows_where_int8_departs(tmp_path, digits):
     first = next(r for r in rows if r.sqnr_db != float("inf"))
     assert (first.name, first.op_type) == (conv.output[0], "Conv")
     assert min((r for r in rows if r.drop_db is not None), key=lambda r: r.drop_db).name == conv.output[0]
+    # a NaN the reference does not have is the worst departure there is, not a position left out
+    arr[0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    onnx.save(m, str(tmp_path / "nan.onnx"))
+    rows = validate_models(digits["model"], tmp_path / "nan.onnx", data=digits["test"], layers=True).layers
+    first = next(r for r in rows if r.sqnr_db != float("inf"))
+    assert (first.name, first.sqnr_db, first.cosine) == (conv.output[0], -float("inf"), -1.0)
 
     # refused plainly: no candidate, a count below 1
     assert _invoke("validate", digits["model"], "--layers", 3).exit_code == 2

@@ -542,6 +542,8 @@ def sequential_shift(model, targets: dict[str, int], samples: list[dict[str, np.
     float shift added to the old value (whose last-bit differences flip int8 roundings
     downstream). This equals correcting the targets one at a time on models run again from the
     start, which cost one cut model per target.
+    (Targets that one node produces together are all measured before ``correct`` sees any of
+    them; the static pass's targets are each a Conv/ConvTranspose/Gemm's only output.)
 
     Args:
         model: an ``onnx_ir.Model`` (not modified here; ``correct`` may change its tensors).
@@ -580,10 +582,20 @@ def sequential_shift(model, targets: dict[str, int], samples: list[dict[str, np.
     for node in nodes:
         if all(v is None or v.const_value is not None or v.name in const for v in node.inputs):
             const.update(v.name for v in node.outputs)
+    # only what leads to a target runs (a detector's head outputs between levels are not carried)
+    pos = {id(node): i for i, node in enumerate(nodes)}
+    needed, stack = set(), [nodes[e] for e in ends]
+    while stack:
+        node = stack.pop()
+        if pos[id(node)] in needed:
+            continue
+        needed.add(pos[id(node)])
+        stack += [v.producer() for v in node.inputs
+                  if v is not None and v.producer() is not None and id(v.producer()) in pos]
     seg_of = {n: owner(i) for n, i in index.items() if i <= ends[-1]}
     reads, last_read = [], {}
     for s, (a, b) in enumerate(zip(starts, ends)):
-        mine_idx = range(a, b + 1)
+        mine_idx = [i for i in range(a, b + 1) if i in needed]
         r = list(dict.fromkeys(v.name for i in mine_idx for v in nodes[i].inputs
                                if v is not None and v.name in seg_of and v.name not in const and index[v.name] < a))
         reads.append(r)
