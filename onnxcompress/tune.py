@@ -48,7 +48,7 @@ from .options import EQUALIZE, PRUNE, PRUNE_MODE, QUANTIZE, SMOOTH_QUANT, Optimi
 from .params import Param
 from .tune_params import SENSITIVITY_NODES, SENSITIVITY_TIME_SHARE
 from .passes.prune_channels import ROUND_TO
-from .passes.quantize.config import BIAS_CORRECTION, CALIBRATION_METHOD, PER_CHANNEL
+from .passes.quantize.config import BIAS_CORRECTION, BIAS_CORRECTION_MODE, CALIBRATION_METHOD, PER_CHANNEL
 
 METRICS = ("top1", "task", "accuracy", "boxes", "cosine", "max_rel_error")
 
@@ -73,6 +73,8 @@ SPACE: tuple[Axis, ...] = (
     Axis("per_channel", PER_CHANNEL, {"quantize": ("dynamic", "static")}),
     Axis("calibration_method", CALIBRATION_METHOD, {"quantize": ("static",)}),
     Axis("bias_correction", BIAS_CORRECTION, {"quantize": ("static",)}),
+    # sequential: one segmented pass (about two forward passes of 16 samples), cheap enough to search
+    Axis("bias_correction_mode", BIAS_CORRECTION_MODE, {"quantize": ("static",), "bias_correction": (True,)}),
     Axis("equalize", EQUALIZE, {"quantize": ("static",)}),
     Axis("smooth_quant", SMOOTH_QUANT, {"quantize": ("dynamic", "static")}),
     Axis("keep_float", KEEP_FLOAT, {"quantize": ("dynamic", "static")}),
@@ -777,7 +779,7 @@ def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
             d["smooth_quant"] = str(SMOOTH_QUANT.default)
         if mode == "static":
             d.update(calibration_method=str(CALIBRATION_METHOD.default), bias_correction=str(BIAS_CORRECTION.default),
-                     equalize=str(EQUALIZE.default))
+                     bias_correction_mode=str(BIAS_CORRECTION_MODE.default), equalize=str(EQUALIZE.default))
         return d
 
     seeds = [defaults("dynamic")] + ([defaults("static")] if calibrated else [])

@@ -518,3 +518,20 @@ def test_accuracy_labels_follow_the_rows_of_the_first_output(tmp_path):
                 res.report["resolution"]
     assert label_rows(np.zeros((2, 7, 5))) == 14 and label_rows(np.zeros(5)) == 1
     assert _score("accuracy", [], [np.eye(5)[2], np.eye(5)[4]], np.array([2, 4])) == 100.0
+
+
+def test_sequential_bias_correction_is_searched_only_where_it_applies():
+    """The search may pick the bias correction's mode (now one segmented pass: cheap enough to
+    search) for static int8 with the correction on, and never sets it otherwise."""
+    import optuna
+
+    from onnxcompress.tune import _suggest
+
+    def pick(**params):
+        return _suggest(optuna.trial.FixedTrial({"prune_mode": "none", "per_channel": "True", "keep_float": "0",
+                                                 "smooth_quant": "True", **params}), calibrated=True)
+
+    static = dict(quantize="static", calibration_method="auto", equalize="auto")
+    assert pick(**static, bias_correction="True", bias_correction_mode="sequential")["bias_correction_mode"] == "sequential"
+    assert "bias_correction_mode" not in pick(**static, bias_correction="False")
+    assert "bias_correction_mode" not in pick(quantize="dynamic")
