@@ -561,7 +561,7 @@ LAYERWISE_BUDGET = 128 << 20
 
 def layerwise(reference: "ir.Model", candidate: "ir.Model", samples: list[dict], *,
               max_samples: int = LAYERWISE_SAMPLES, budget: int = LAYERWISE_BUDGET) -> list[LayerMetrics]:
-    """Where the candidate departs from the reference: every float tensor that a node of both
+    """Where the candidate departs from the reference: every float32 tensor that a node of both
     graphs produces under one name, compared on the first ``max_samples`` samples, in the
     reference's graph order (the layerwise comparison of Polygraphy's ``--mark all`` and ONNX
     Runtime's ``qdq_loss_debug``). A Q/DQ model keeps the names of the float tensors it

@@ -23,6 +23,7 @@ ranges) 1.29x on EfficientNet-Lite0 (``scripts/bench_calibration.py`` measures i
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -475,9 +476,9 @@ def _segments(model, chunks: list[list[str]], direct: list[str], samples, index:
     names = [n for ch in chunks for n in ch]
     chunks = [[] for _ in ends]
     for n in names:
-        chunks[next(s for s, e in enumerate(ends) if index[n] <= e)].append(n)
+        chunks[bisect.bisect_left(ends, index[n])].append(n)
     starts = [0] + [e + 1 for e in ends[:-1]]
-    seg_of = {n: next(s for s, e in enumerate(ends) if i <= e) for n, i in index.items() if i <= ends[-1]}
+    seg_of = {n: bisect.bisect_left(ends, i) for n, i in index.items() if i <= ends[-1]}  # ends sorted
     reads: list[list[str]] = []  # earlier segments' values each segment reads
     last_read: dict[str, int] = {}
     for s, (a, b) in enumerate(zip(starts, ends)):
@@ -574,7 +575,7 @@ def sequential_shift(model, targets: dict[str, int], samples: list[dict[str, np.
     def owner(i: int) -> int:
         """The segment whose value of node ``i``'s outputs later segments read: the last one
         that runs node ``i`` (a target's producer: the run after its correction)."""
-        return next((s for s, e in enumerate(ends) if i < e), n_seg - 1)
+        return min(bisect.bisect_right(ends, i), n_seg - 1)  # the first segment ending after i
 
     # values computed from constants alone (a bias's DequantizeLinear) are computed again in each
     # segment that reads them, never carried: a carried one would keep the bias before its correction

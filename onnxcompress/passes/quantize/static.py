@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..base import CompressionPass, snapshot
+from ..base import CompressionPass
 from ...irutil import add_initializer, all_value_names, attr as _attr, replace_node, unique_name
 from ...progress import counted
 from . import calibrate, params
@@ -709,24 +709,12 @@ class StaticQuantizePass(CompressionPass):
         except calibrate.NotSegmentable:  # subgraphs: one cut model per node, each run from the start
             for node in counted(order, "bias correction", "nodes"):
                 name = node.outputs[0].name
-                q = calibrate.channel_means(_cut_after(model, name), {name: targets[name]}, sub).get(name)
+                q = calibrate.channel_means(calibrate._cut(model, [name]), {name: targets[name]}, sub).get(name)
                 if q is not None:
                     shift(name, q)
         after = residual(calibrate.channel_means(model, all_names, sub))
         self.report.counts.update(bias_correction_nodes=len(order),
                                   bias_correction_residual=[round(before, 6), after])
-
-
-def _cut_after(model: ir.Model, name: str) -> ir.Model:
-    """A copy of ``model`` (tensors shared) computing only the value ``name`` and what it needs."""
-    import onnx_ir.passes.common as common
-
-    m = snapshot(model)
-    vals = {v.name: v for node in m.graph for v in node.outputs}
-    m.graph.outputs.clear()
-    m.graph.outputs.append(vals[name])
-    common.RemoveUnusedNodesPass()(m)
-    return m
 
 
 def integer_matmul(name: str, xq: ir.Value, xz: ir.Value, wq: ir.Value, wz: ir.Value, scale: ir.Value,
