@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .cli_common import one_line_errors, _check_out_paths, _setup_logging, _write_reports, app, console, out_console
 from .errors import OnnxCompressError
-from .tune_params import SENSITIVITY_NODES
+from .tune_params import SENSITIVITY_GROUPS, SENSITIVITY_NODES
 
 
 def _seconds(text: Optional[str]) -> Optional[float]:
@@ -44,6 +44,12 @@ def tune(
     trials: int = typer.Option(30, "--trials", min=1, help="Most trials (resumed ones count)."),
     sensitivity_nodes: int = typer.Option(SENSITIVITY_NODES.default, "--sensitivity-nodes", min=0,
                                           help=SENSITIVITY_NODES.help),
+    sensitivity_groups: int = typer.Option(SENSITIVITY_GROUPS.default, "--sensitivity-groups", min=0,
+                                           help=SENSITIVITY_GROUPS.help),
+    target: Optional[str] = typer.Option(None, "--target", help="Int8 target of every trial (optimize's --target "
+                                         "values). Default: searched between this CPU's own target and generic "
+                                         "(saturation-free weights that compute alike on every x86 CPU), where "
+                                         "the two differ."),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop starting trials after this long "
                                               "(90s, 20m, 1h)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="State folder of an earlier run to continue "
@@ -69,11 +75,13 @@ def tune(
         seconds = _seconds(time_budget)
         if quiet:
             res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
-                           sensitivity_nodes=sensitivity_nodes, time_budget_s=seconds, state=resume)
+                           sensitivity_nodes=sensitivity_nodes, sensitivity_groups=sensitivity_groups, target=target,
+                           time_budget_s=seconds, state=resume)
         else:
             with console.status("tuning") as status:
                 res = run_tune(model, output, budget, calibration=calibration, validation=validation, trials=trials,
-                               sensitivity_nodes=sensitivity_nodes, time_budget_s=seconds, state=resume,
+                               sensitivity_nodes=sensitivity_nodes, sensitivity_groups=sensitivity_groups,
+                               target=target, time_budget_s=seconds, state=resume,
                                progress=lambda s: status.update(escape(s)))
     _write_reports(res.report, report, html)
     if not quiet:
@@ -120,6 +128,12 @@ def _render(res) -> None:
                           f"{escape(x['node'])} (" + (f"{x['metric_gain_in_float']:+.3g}, "
                                                      if x.get("metric_gain_in_float") is not None else "")
                           + f"{x['int8_sqnr_db']:.1f} dB)" for x in sens[:5]), highlight=False)
+    groups = [g for g in res.report.get("prune_sensitivity") or [] if g.get("drop") is not None]
+    if groups:
+        console.print(f"most pruning-sensitive channel groups, in prune_spare's order (metric drop pruned alone at "
+                      f"{res.report.get('prune_probe_ratio', 0.5):.0%}; share of the MACs): " + ", ".join(
+                          f"{escape(g['group'])} ({g['drop']:+.3g}, {g['macs_share']:.0%})" for g in groups[:5]),
+                      highlight=False)
     for w in res.report.get("resolution") or []:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     h = res.report["held_out"]

@@ -46,9 +46,11 @@ from .errors import DataError, GateFailedError, OnnxCompressError
 from .model_io import write_atomic
 from .options import EQUALIZE, PRUNE, PRUNE_MODE, QUANTIZE, SMOOTH_QUANT, OptimizeOptions
 from .params import Param
-from .tune_params import SENSITIVITY_NODES, SENSITIVITY_TIME_SHARE
+from .tune_params import (PRUNE_PROBE_RATIO, PRUNE_SENSITIVITY_TIME_SHARE, SENSITIVITY_GROUPS, SENSITIVITY_NODES,
+                          SENSITIVITY_TIME_SHARE)
 from .passes.prune_channels import ROUND_TO
-from .passes.quantize.config import BIAS_CORRECTION, BIAS_CORRECTION_MODE, CALIBRATION_METHOD, PER_CHANNEL
+from .passes.quantize.config import (BIAS_CORRECTION, BIAS_CORRECTION_MODE, CALIBRATION_METHOD, PER_CHANNEL,
+                                     TARGET)
 
 METRICS = ("top1", "task", "accuracy", "boxes", "cosine", "max_rel_error")
 
@@ -67,7 +69,13 @@ KEEP_FLOAT = Param("keep_float", 0, "How many of the most int8-sensitive nodes s
                    "before the search: the metric gained with one node in float, then the int8 output SQNR; "
                    "see --sensitivity-nodes).", kind="int", low=0, search=(0, 1, 2, 4, 8))
 
-#: the search space, each axis a declared parameter (values from ``Param.search``)
+PRUNE_SPARE = Param("prune_spare", 0, "How many of the most pruning-sensitive channel groups channel pruning leaves "
+                    "whole (measured once before the search: the metric drop with only that group pruned at 50 %; "
+                    "see --sensitivity-groups); every other group loses --prune of its channels.", kind="int", low=0,
+                    search=(0, 1, 2, 4))
+
+#: the search space, each axis a declared parameter (values from ``Param.search``; ``target``'s
+#: from this CPU, :func:`search_targets`)
 SPACE: tuple[Axis, ...] = (
     Axis("quantize", QUANTIZE),
     Axis("per_channel", PER_CHANNEL, {"quantize": ("dynamic", "static")}),
@@ -78,10 +86,32 @@ SPACE: tuple[Axis, ...] = (
     Axis("equalize", EQUALIZE, {"quantize": ("static",)}),
     Axis("smooth_quant", SMOOTH_QUANT, {"quantize": ("dynamic", "static")}),
     Axis("keep_float", KEEP_FLOAT, {"quantize": ("dynamic", "static")}),
+    Axis("target", TARGET, {"quantize": ("dynamic", "static")}),
     Axis("prune_mode", PRUNE_MODE),
     Axis("prune", PRUNE, {"prune_mode": ("unstructured", "channel")}),
     Axis("prune_round_to", ROUND_TO, {"prune_mode": ("channel",)}),
+    Axis("prune_spare", PRUNE_SPARE, {"prune_mode": ("channel",)}),
 )
+
+
+def search_targets(fixed: str | None = None) -> tuple[str, ...]:
+    """The int8 targets the search tries on this machine: ``fixed`` alone when the user names one;
+    else this CPU's own target (:func:`onnxcompress.runtime.cpu_features`) and ``generic`` (the
+    saturation-free weights, whose integer results are the same on every x86 CPU, so the model
+    measured here is the model any CPU runs), when the two differ in policy. Targets whose int8
+    results on this CPU differ from those on their own hardware (``vnni`` on an AVX2-only CPU:
+    its pair sums saturate here) or that are not this machine (``cuda``, ``tensorrt``, ``arm64``
+    on x86) are not searched: the trial's metric and latency would not be the target's."""
+    from .passes.quantize.policy import resolve_policy
+    from .runtime import cpu_features
+
+    if fixed is not None:
+        return (fixed,)
+    host = cpu_features().int8_target
+    out = [host]
+    if resolve_policy("generic") != replace(resolve_policy(host), target="generic"):
+        out.append("generic")
+    return tuple(out)
 
 
 @dataclass
@@ -174,9 +204,10 @@ def measure(budget: Budget, model_path: Path, ref_outputs, feeds, labels) -> flo
 
 
 def measure_with_bound(budget: Budget, model_path: Path, ref_outputs, feeds, labels,
-                       idx: np.ndarray | None = None) -> tuple[float, float]:
+                       idx: np.ndarray | None = None, got_out: list | None = None) -> tuple[float, float]:
     """:func:`measure` and, with bootstrap resamples ``idx`` of the samples, :func:`drop_bound`
-    (``nan`` without ``idx`` or for a user metric, which is a whole-set figure).
+    (``nan`` without ``idx`` or for a user metric, which is a whole-set figure). ``got_out``: a
+    list that receives the model's first output per sample (built-in metrics only).
 
     Raises:
         OnnxCompressError: a user metric that fails or returns no finite number.
@@ -210,6 +241,8 @@ def measure_with_bound(budget: Budget, model_path: Path, ref_outputs, feeds, lab
     if budget.metric == "accuracy" and labels is None:
         raise DataError("--metric accuracy needs 'labels' in the validation data")
     ref = [r[first] for r in ref_outputs]
+    if got_out is not None:
+        got_out.extend(got)
     from .validate import _batch_one
 
     one = _batch_one(feeds)
@@ -477,14 +510,19 @@ def box_matches(ref: np.ndarray, got: np.ndarray) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- the search
 
 
-def _suggest(trial, calibrated: bool) -> dict[str, Any]:
-    """Flat options for one Optuna trial, from :data:`SPACE` (conditional axes skipped)."""
+def _suggest(trial, calibrated: bool, targets: tuple[str, ...] = ("auto",)) -> dict[str, Any]:
+    """Flat options for one Optuna trial, from :data:`SPACE` (conditional axes skipped; ``target``
+    among ``targets``, :func:`search_targets`, and not suggested when there is one)."""
     chosen: dict[str, Any] = {}
     for ax in SPACE:
         if any(chosen.get(k) not in allowed for k, allowed in ax.when.items()):
             continue
         p = ax.param
-        if ax.field == "prune_mode":
+        if ax.field == "target":
+            if len(targets) < 2:
+                continue
+            values = targets
+        elif ax.field == "prune_mode":
             values = ("none", *p.search)
         elif ax.field == "quantize":
             values = tuple("none" if v is None else v for v in p.search)
@@ -506,12 +544,17 @@ def _suggest(trial, calibrated: bool) -> dict[str, Any]:
     return chosen
 
 
-def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str] = ()) -> OptimizeOptions:
-    """Flat options of a trial; ``keep_float`` k becomes the k most sensitive nodes excluded."""
+def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str] = (),
+             spare: list[str] = ()) -> OptimizeOptions:
+    """Flat options of a trial; ``keep_float`` k becomes the k most sensitive nodes excluded;
+    ``prune_spare`` k the k most pruning-sensitive groups (named by a root layer each) at ratio 0."""
     chosen = dict(chosen)
     k = int(chosen.pop("keep_float", 0) or 0)
     if k:
         chosen["exclude_nodes"] = tuple(sensitive[:k])
+    k = int(chosen.pop("prune_spare", 0) or 0)
+    if k and chosen.get("prune_mode") == "channel":
+        chosen["prune_ratios"] = {**(base.prune_ratios or {}), **{root: 0.0 for root in spare[:k]}}
     return replace(base, **chosen)
 
 
@@ -618,6 +661,16 @@ class _Search:
     resolution: list = field(default_factory=list)
     #: how many --validation samples are also --calibration samples (``data.shared_samples``)
     shared_with_calibration: int = 0
+    #: channel-pruning groups, most sensitive first (:func:`_prune_sensitivity`): dicts with
+    #: ``group`` (a root layer's name), ``layers``, ``channels``, ``macs_share`` and ``drop`` (the
+    #: metric's drop with only this group pruned at :data:`PRUNE_PROBE_RATIO`; None: not measured)
+    prune_sensitivity: list = field(default_factory=list)
+    #: the int8 targets searched (:func:`search_targets`)
+    targets: tuple = ("auto",)
+
+    def spare_order(self) -> list[str]:
+        """The groups ``prune_spare`` leaves whole, in its order: the measured ones, most sensitive first."""
+        return [g["group"] for g in self.prune_sensitivity if g.get("drop") is not None]
 
     def violation(self, t: Trial) -> float:
         """Sum of the budget's violations, each relative to its bound (0 when met). The drop is
@@ -635,10 +688,12 @@ class _Search:
         from .bench import benchmark
         from .recipe import from_options
 
-        opts = _options(chosen, self.base, [x[0] for x in self.sensitivity])
+        opts = _options(chosen, self.base, [x[0] for x in self.sensitivity], self.spare_order())
         t = Trial(number, {k: v for k, v in chosen.items()})
         if t.options.get("keep_float"):  # what the trial really kept (at most the ranked nodes), for its label
             t.options["keep_float"] = min(int(t.options["keep_float"]), len(self.sensitivity))
+        if t.options.get("prune_spare"):  # likewise: at most the measured groups
+            t.options["prune_spare"] = min(int(t.options["prune_spare"]), len(self.spare_order()))
         t0 = time.perf_counter()
         try:
             rec = from_options(opts)
@@ -674,7 +729,8 @@ class _Search:
 def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=None, validation=None,
          trials: int = 30, time_budget_s: float | None = None, state: str | Path | None = None,
          seed: int = 0, progress: Callable[[str], None] | None = None,
-         sensitivity_nodes: int = SENSITIVITY_NODES.default) -> TuneResult:
+         sensitivity_nodes: int = SENSITIVITY_NODES.default, sensitivity_groups: int = SENSITIVITY_GROUPS.default,
+         target: str | None = None) -> TuneResult:
     """Search recipes for ``budget`` and write the best model found (see the module docstring).
 
     Args:
@@ -688,6 +744,9 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         state: folder for the Optuna study, the trial models and the cache (default
             ``<output>.tune``); passing the same folder again resumes.
         sensitivity_nodes: :data:`SENSITIVITY_NODES`.
+        sensitivity_groups: :data:`SENSITIVITY_GROUPS`.
+        target: the int8 target (``--target``'s values); ``None``: searched among this CPU's own
+            target and ``generic`` (:func:`search_targets`).
 
     Returns:
         :class:`TuneResult`; ``met`` is False when no trial met the budget (the closest was written).
@@ -701,6 +760,9 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         raise OnnxCompressError("tune needs Optuna: pip install 'onnxcompress[tune]'") from None
     budget.check()
     sensitivity_nodes = SENSITIVITY_NODES.check(sensitivity_nodes, "--sensitivity-nodes")
+    sensitivity_groups = SENSITIVITY_GROUPS.check(sensitivity_groups, "--sensitivity-groups")
+    if target is not None:
+        target = TARGET.check(target, "--target")
     say = progress or (lambda s: None)
     out = Path(output)
     if not out.name:
@@ -718,7 +780,8 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     except OSError as exc:
         raise OnnxCompressError(f"{st}: cannot create the tune state folder ({exc.strerror or exc})") from None
     try:
-        s = _prepare(Path(model), budget, calibration, validation, st, say, sensitivity_nodes, time_budget_s, trials)
+        s = _prepare(Path(model), budget, calibration, validation, st, say, sensitivity_nodes, time_budget_s, trials,
+                     sensitivity_groups, search_targets(target))
     except BaseException:
         if created:  # made by this call and holding nothing worth resuming
             shutil.rmtree(st, ignore_errors=True)
@@ -742,7 +805,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         raise OnnxCompressError(f"{st / 'study.db'}: not a tune study Optuna can open "
                                 f"({str(exc).splitlines()[0][:200]}); remove it or use another --resume folder") from None
     if not study.trials:
-        for seed_params in _seeds(budget, s.base.calibration is not None):
+        for seed_params in _seeds(budget, s.base.calibration is not None, s.targets):
             study.enqueue_trial(seed_params, skip_if_exists=True)
     t_start = time.perf_counter()
     done = [ft for ft in study.trials if ft.state == optuna.trial.TrialState.COMPLETE]
@@ -753,7 +816,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
             break
         ot = study.ask()
-        chosen = _suggest(ot, s.base.calibration is not None)
+        chosen = _suggest(ot, s.base.calibration is not None, s.targets)
         say(f"trial {ot.number + 1}/{trials}: {_describe(chosen)}" + _best_so_far(s.trials))
         t = s.evaluate(ot.number, chosen)
         s.trials.append(t)
@@ -768,13 +831,16 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     return _finish(s, out, st, say, t_start)
 
 
-def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
+def _seeds(budget: Budget, calibrated: bool, targets: tuple[str, ...] = ("auto",)) -> list[dict[str, Any]]:
     """The first trials: the fixed recipes a user would try (``int8-dynamic``, ``int8-static``, all
-    settings at their declared defaults), so the search starts from — and can only improve on —
-    them; with a size budget, also channel pruning + int8 (what a size goal needs beyond int8)."""
+    settings at their declared defaults, the target this CPU's), so the search starts from — and can
+    only improve on — them; with a size budget, also channel pruning + int8 (what a size goal needs
+    beyond int8)."""
     def defaults(mode: str) -> dict[str, Any]:
         d = {"quantize": mode, "per_channel": str(PER_CHANNEL.default), "keep_float": str(KEEP_FLOAT.default),
              "prune_mode": "none"}
+        if len(targets) > 1:
+            d["target"] = targets[0]
         if calibrated:
             d["smooth_quant"] = str(SMOOTH_QUANT.default)
         if mode == "static":
@@ -786,20 +852,24 @@ def _seeds(budget: Budget, calibrated: bool) -> list[dict[str, Any]]:
     if budget.max_size_mb is not None:
         mode = "static" if calibrated else "dynamic"
         for ratio in (0.5, 0.3):
-            seeds.append({**defaults(mode), "prune_mode": "channel", "prune": ratio, "prune_round_to": "1"})
+            seeds.append({**defaults(mode), "prune_mode": "channel", "prune": ratio, "prune_round_to": "1",
+                          "prune_spare": "0"})
     return seeds
 
 
 def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say,
              sensitivity_nodes: int = SENSITIVITY_NODES.default, time_budget_s: float | None = None,
-             trials: int | None = None) -> _Search:
-    """Data splits, the fp32 reference outputs and metric, the timing data."""
+             trials: int | None = None, sensitivity_groups: int = SENSITIVITY_GROUPS.default,
+             targets: tuple[str, ...] | None = None) -> _Search:
+    """Data splits, the fp32 reference outputs and metric, the timing data (``targets``: the int8
+    targets searched, default :func:`search_targets`)."""
     from .model_io import load_model
     from .pipeline import _samples
     from .recipe import Recipe
     from .data import input_specs
 
     say("tune: reading the model and the data")
+    targets = search_targets() if targets is None else tuple(targets)
     specs = input_specs(load_model(model))
     if calibration is None and validation is None:
         raise DataError("tune needs data: --calibration (and, better, --validation from another source)")
@@ -868,11 +938,13 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     data_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
                                                for f in [*calib, *val] for k, a in f.items())],
                     budget.__dict__, {"drop_bound": [BOOTSTRAP, DROP_QUANTILE]}, {"split": "interleaved"},
-                    {"ctc_text": "edge whitespace not compared"})
+                    {"ctc_text": "edge whitespace not compared"},
+                    # the trials' timings and int8 results are this CPU's; the target axis's values too
+                    {"targets": list(targets), "prune_spare": "by measured group sensitivity"})
     # the budget judges each trial on its metric: the default floor (a fixed task criterion) must not
     # refuse a trial that the budget would accept
     base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False,
-                           accept_degraded=True)
+                           accept_degraded=True, target=targets[0] if len(targets) == 1 else "auto")
     cache = {k: v for k, v in _read_json(st / "cache.json", {}, dict).items() if isinstance(v, dict)}
     s = _Search(model, budget, base, st, search, final, lab_s, lab_f, 0.0, ref_s, ref_f, bench_data,
                 model.stat().st_size, cache=cache, data_key=data_key, say=say)
@@ -898,7 +970,9 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                                 f"{step[0]:.3g} > --max-drop {budget.max_drop:g}, so the budget cannot tell a model "
                                 "with one changed answer from one with none there (give more --validation data)")
             say("tune: warning: " + s.resolution[-1])
+    s.targets = targets
     s.sensitivity = _sensitivity(s, say, sensitivity_nodes, time_budget_s, trials)
+    s.prune_sensitivity = _prune_sensitivity(s, say, sensitivity_groups, time_budget_s, trials)
     return s
 
 
@@ -1027,12 +1101,120 @@ def _sensitivity(s: _Search, say, measured: int = SENSITIVITY_NODES.default, tim
     return out
 
 
+def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.default,
+                       time_budget_s: float | None = None, trials: int | None = None) -> list[dict[str, Any]]:
+    """Channel-pruning sensitivity per dependency group, most sensitive first: the order in which
+    ``prune_spare`` leaves groups whole (the issue's per-group pruning ratios: 0 for the spared,
+    the trial's ``prune`` for the rest).
+
+    One channel-pruning run at :data:`PRUNE_PROBE_RATIO` (no int8) lists the groups the pass
+    would prune, with their layers' MACs (``groups_detail``). Then the ``measured`` groups with
+    the most MACs (where pruning saves the most time) are each pruned alone at that ratio — every
+    other group at ratio 0 through ``prune_ratios``, least-squares repair as in the trials — and
+    scored with the budget's metric on the search half: ``drop`` = fp32's metric minus that.
+    A group is not started when the time spent plus one group's cost (the probe's) would pass
+    :data:`PRUNE_SENSITIVITY_TIME_SHARE` of ``time_budget_s``; nothing is measured when ``trials``
+    leaves no trial after the seed recipes. Measured groups come first, largest drop first; equal
+    drops (a coarse metric: one changed answer or none) by the mean cosine of the first output
+    to fp32's, lowest first (``cosine``; None for a user metric), then more MACs first; then the
+    unmeasured groups by MACs, ``drop`` None.
+
+    Cached in ``prune_sensitivity.json`` under a key of the model, data, budget and ``measured``
+    (a resumed run reuses it). ``[]`` when channel pruning cannot run or prunes nothing.
+    Measured models live in a private temporary folder of the state folder, removed whatever
+    happens."""
+    from .api import optimize
+
+    f = s.state / "prune_sensitivity.json"
+    key = _key(s.data_key, {"sensitivity_groups": measured, "probe": PRUNE_PROBE_RATIO})
+    known = _read_json(f, {}, dict)
+    groups = known.get("groups") if known.get("key") == key else None
+    if isinstance(groups, list) and all(
+            isinstance(g, dict) and isinstance(g.get("group"), str) and isinstance(g.get("macs_share"), (int, float))
+            and (g.get("drop") is None or isinstance(g.get("drop"), (int, float))) for g in groups):
+        say(f"tune: per-group pruning sensitivity from {f} (measured before, same model, data and budget)")
+        return groups
+    if measured == 0 or (trials is not None and trials <= len(_seeds(s.budget, s.base.calibration is not None))):
+        return []
+    say("tune: per-group channel-pruning sensitivity")
+    t0 = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix=".prune-sensitivity-", dir=s.state))
+    probe = replace(s.base, quantize=None, prune_mode="channel", prune=PRUNE_PROBE_RATIO)
+    out: list[dict[str, Any]] = []
+    try:
+        try:
+            res = optimize(s.model, folder / "all.onnx", probe)
+        except OnnxCompressError as exc:
+            say(f"tune: pruning sensitivity not measured: channel pruning fails ({str(exc).splitlines()[0]})")
+            return []
+        details = next((p.get("counts", {}).get("groups_detail") for p in res.report.get("passes", [])
+                        if p.get("name") == "prune-channels"), None) or []
+        del res
+        pruned = [d for d in details if d.get("roots") and d["kept"] < d["channels"]]
+        total = sum(int(d.get("macs", 0)) for d in details) or 1
+        pruned.sort(key=lambda d: -int(d.get("macs", 0)))
+        one_cost = time.perf_counter() - t0
+        drops: dict[str, float] = {}
+        cosines: dict[str, float] = {}
+        first = next(iter(s.ref_search[0]), None) if s.ref_search else None
+        for d in pruned[:measured]:
+            spent = time.perf_counter() - t0
+            if time_budget_s is not None and spent + one_cost > PRUNE_SENSITIVITY_TIME_SHARE * time_budget_s:
+                say(f"tune: pruning sensitivity stopped after {len(drops)} group(s): one more would pass "
+                    f"{PRUNE_SENSITIVITY_TIME_SHARE:.0%} of --time-budget")
+                break
+            others = {o["roots"][0]: 0.0 for o in pruned if o is not d}
+            try:
+                optimize(s.model, folder / "one.onnx", replace(probe, prune_ratios=others))
+                outs: list = []
+                got = measure_with_bound(s.budget, folder / "one.onnx", s.ref_search, s.search_feeds,
+                                         s.search_labels, got_out=outs)[0]
+            except OnnxCompressError:
+                continue
+            if math.isfinite(got):
+                drops[d["roots"][0]] = s.fp32_metric - got
+                if outs and first is not None:  # the tie-break of a coarse metric (one answer = many groups' 0)
+                    cosines[d["roots"][0]] = _mean_cosine([r[first] for r in s.ref_search], outs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    for d in pruned:
+        g = d["roots"][0]
+        out.append({"group": g, "layers": len(d["roots"]), "channels": int(d["channels"]),
+                    "macs_share": round(int(d.get("macs", 0)) / total, 4),
+                    "drop": None if g not in drops else float(f"{drops[g]:.4g}"),
+                    "cosine": None if g not in cosines else float(f"{cosines[g]:.6f}")})
+    out.sort(key=lambda g: (g["drop"] is None, -(g["drop"] or 0.0), g["cosine"] if g["cosine"] is not None else 1.0,
+                            -g["macs_share"]))
+    if drops:
+        say("tune: pruned alone at {:.0%}, these groups lose the most: ".format(PRUNE_PROBE_RATIO) + ", ".join(
+            f"{g['group']} ({g['drop']:+.3g})" for g in out[:5] if g["drop"] is not None))
+    write_atomic(f, json.dumps({"key": key, "groups": out}))
+    return out
+
+
+def _mean_cosine(ref: list, got: list) -> float:
+    """Mean cosine similarity of two models' outputs over samples (each flattened; 1.0 for two
+    all-zero outputs, 0.0 when one of them is all zero or not finite)."""
+    out = []
+    for r, g in zip(ref, got):
+        a, b = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
+        if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
+            out.append(0.0)
+            continue
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        out.append(1.0 if na == nb == 0 else (float(a @ b) / (na * nb) if na and nb else 0.0))
+    return float(np.mean(out)) if out else 1.0
+
+
 def _describe(chosen: dict[str, Any]) -> str:
     parts = [f"{chosen.get('quantize') or 'fp32'}"]
     if chosen.get("keep_float"):
         parts[0] += f" ({chosen['keep_float']} in float)"
+    if chosen.get("quantize") and chosen.get("target") not in (None, "auto"):
+        parts[0] += f" [{chosen['target']}]"
     if chosen.get("prune_mode"):
-        parts.append(f"{chosen['prune_mode']} prune" + (f" {chosen['prune']:.2f}" if chosen.get("prune") else ""))
+        parts.append(f"{chosen['prune_mode']} prune" + (f" {chosen['prune']:.2f}" if chosen.get("prune") else "")
+                     + (f" ({chosen['prune_spare']} group(s) whole)" if chosen.get("prune_spare") else ""))
     return ", ".join(parts)
 
 
@@ -1147,6 +1329,8 @@ def _finish(s: _Search, out: Path, st: Path, say, t_start: float) -> TuneResult:
         "fp32_size_bytes": s.fp32_size, "final_timing": s.final_timing,
         "sensitivity": [{"node": n, "int8_sqnr_db": round(v, 2),
                          "metric_gain_in_float": None if g is None else float(f"{g:.4g}")} for n, v, g in s.sensitivity],
+        "prune_sensitivity": s.prune_sensitivity, "prune_probe_ratio": PRUNE_PROBE_RATIO,
+        "targets_searched": list(s.targets),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     write_atomic(st / "report.json", json.dumps(report, indent=1, default=str))

@@ -34,9 +34,10 @@ def test_feasible_budget_writes_a_model_its_recipe_reproduces(tmp_path, screensh
     assert rep["met"] and len(rep["trials"]) == 4 and rep["held_out"]["samples"] > 0
     assert rep["kind"] == "tune" and rep["seconds"] > 0
     page = (tmp_path / "r.html").read_text()
-    # the verdict, every trial's row, the trials plot and the sensitivity chart
+    # the verdict, every trial's row, the trials plot and the two sensitivity charts (int8 nodes, pruning groups)
     assert "Budget met" in page and f"Chosen: trial {rep['chosen']}" in page
-    assert page.count("<tr class=") == 4 and page.count("data:image/png;base64,") == 2
+    assert page.count("<tr class=") == 4 and page.count("data:image/png;base64,") == 3
+    assert "Per-group pruning sensitivity" in page and rep["prune_sensitivity"]
     screenshot(tmp_path / "r.html")
     assert list(Path(rep["pareto_recipes"]).glob("*.toml"))
     again = tmp_path / "again.onnx"
@@ -535,3 +536,110 @@ def test_sequential_bias_correction_is_searched_only_where_it_applies():
     assert pick(**static, bias_correction="True", bias_correction_mode="sequential")["bias_correction_mode"] == "sequential"
     assert "bias_correction_mode" not in pick(**static, bias_correction="False")
     assert "bias_correction_mode" not in pick(quantize="dynamic")
+
+
+def test_pruning_sensitivity_is_measured_per_group_and_orders_prune_spare(tmp_path):
+    """Before the search the channel-pruning groups with the most MACs are each pruned alone at 50 %
+    and scored with the budget's metric: the drop is what an independent optimize with only that
+    group pruned measures; the most sensitive group comes first, and a trial's prune_spare = 1
+    leaves it whole while the other groups lose their channels. The cache is reused for the same
+    model, data and budget; --sensitivity-groups 0 measures nothing."""
+    from dataclasses import replace
+
+    import onnx
+
+    from onnxcompress.api import OptimizeOptions, optimize
+    from onnxcompress.data import input_specs, load_npz
+    from onnxcompress.model_io import load_model
+    from onnxcompress.runtime import run_reference
+    from onnxcompress.tune import _options, measure
+
+    st = tmp_path / "st"
+    b = Budget(metric="cosine", max_drop=5.0)
+    res = tune(M, tmp_path / "p.onnx", b, calibration=C, validation=V, trials=3, state=st, sensitivity_nodes=0,
+               sensitivity_groups=2)
+    groups = res.report["prune_sensitivity"]
+    measured = [g for g in groups if g["drop"] is not None]
+    assert len(groups) >= 3 and len(measured) == 2  # the digits CNN's prunable groups; the 2 largest measured
+    assert groups[:2] == measured  # measured first, most sensitive first
+    assert measured[0]["drop"] >= measured[1]["drop"]
+    unmeasured = [g for g in groups if g["drop"] is None]
+    assert min(g["macs_share"] for g in measured) >= max(g["macs_share"] for g in unmeasured)
+    assert abs(sum(g["macs_share"] for g in groups) - 1.0) < 0.2  # the pruned groups hold most MACs
+
+    # the drop, measured independently: only that group pruned at 50 %
+    val, _ = load_npz(V, input_specs(load_model(M)), what="validation")
+    search = val[0::2]
+    _, ref = run_reference(str(M), search)
+    base = OptimizeOptions(calibration=str(C), validation=None, latency=False, fallback=False,
+                           accept_degraded=True, prune_mode="channel", prune=0.5)
+    g0 = measured[0]["group"]
+    others = {g["group"]: 0.0 for g in groups if g["group"] != g0}
+    optimize(M, tmp_path / "one.onnx", replace(base, prune_ratios=others))
+    fp32 = measure(b, M, ref, search, None)
+    got = measure(b, tmp_path / "one.onnx", ref, search, None)
+    assert measured[0]["drop"] == pytest.approx(fp32 - got, rel=1e-3, abs=1e-6)
+
+    # prune_spare = 1 leaves the most sensitive group whole and prunes the others
+    def out_channels(path):
+        m = onnx.load(path)
+        w = {i.name: i.dims for i in m.graph.initializer}
+        return {n.name: w[n.input[1]][0] for n in m.graph.node if n.op_type == "Conv" and n.input[1] in w}
+
+    full = out_channels(M)
+    spared = _options({"prune_mode": "channel", "prune": 0.5, "prune_spare": 1}, base, (), [g0])
+    assert spared.prune_ratios == {g0: 0.0}
+    optimize(M, tmp_path / "spared.onnx", spared)
+    after = out_channels(tmp_path / "spared.onnx")
+    convs = [g["group"] for g in groups if g["group"] in full]
+    assert convs and any(after[c] < full[c] for c in convs if c != g0)
+    if g0 in full:
+        assert after[g0] == full[g0]
+
+    assert not list(st.glob(".prune-sensitivity-*"))  # the measuring models are removed
+    again = tune(M, tmp_path / "p2.onnx", b, calibration=C, validation=V, trials=3, state=st, sensitivity_nodes=0,
+                 sensitivity_groups=2)
+    assert again.report["prune_sensitivity"] == groups  # resumed: from the cache
+    none = tune(M, tmp_path / "p3.onnx", b, calibration=C, validation=V, trials=3, state=tmp_path / "st0",
+                sensitivity_nodes=0, sensitivity_groups=0)
+    assert none.report["prune_sensitivity"] == []
+
+
+def test_the_int8_target_is_searched_where_this_cpu_tells_the_targets_apart(tmp_path, monkeypatch):
+    """tune searches --target between this CPU's own target and generic (saturation-free weights,
+    the same integer results on every x86 CPU) where their policies differ; on an AVX2-only CPU
+    there is nothing to choose (vnni's weights would saturate there, so it is never tried). A
+    given --target fixes it: no trial searches it and every trial uses it."""
+    import optuna
+
+    import onnxcompress.tune as T
+    from onnxcompress.runtime import CpuFeatures
+
+    def cpu(avx512, vnni):
+        return CpuFeatures(arch="x86_64", avx2=True, avx512=avx512, vnni=vnni, flags=frozenset())
+
+    monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(True, True))
+    assert T.search_targets() == ("vnni", "generic")
+    monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(True, False))
+    assert T.search_targets() == ("avx512",)  # avx512's policy is generic's: nothing to choose
+    monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(False, False))
+    assert T.search_targets() == ("avx2",)
+    assert T.search_targets("avx512") == ("avx512",)
+
+    fixed = {"prune_mode": "none", "per_channel": "True", "keep_float": "0", "smooth_quant": "True",
+             "quantize": "dynamic"}
+    two = T._suggest(optuna.trial.FixedTrial({**fixed, "target": "generic"}), True, ("vnni", "generic"))
+    assert two["target"] == "generic"
+    assert "target" not in T._suggest(optuna.trial.FixedTrial(fixed), True, ("avx2",))
+    assert "target" not in T._suggest(optuna.trial.FixedTrial({**fixed, "quantize": "none"}), True,
+                                      ("vnni", "generic"))
+    assert all(s["target"] == "vnni" for s in T._seeds(Budget(), True, ("vnni", "generic")))
+
+    monkeypatch.undo()
+    res = tune(M, tmp_path / "g.onnx", Budget(metric="top1", max_drop=5.0), calibration=C, validation=V, trials=2,
+               sensitivity_nodes=0, target="generic")
+    assert res.report["targets_searched"] == ["generic"]
+    assert all("target" not in t.options for t in res.trials)
+    assert all('target = "generic"' in (t.recipe_toml or "") for t in res.trials if t.options.get("quantize"))
+    with pytest.raises(Exception, match="--target"):
+        tune(M, tmp_path / "x.onnx", Budget(), calibration=C, validation=V, trials=1, target="z80")

@@ -652,29 +652,33 @@ def apply_removal(model: ir.Model, dep: DependencyGraph, removed: set[int]) -> d
 # ---------------------------------------------------------------------------------------
 # Costs
 
+def node_macs(node: ir.Node, shapes: dict[str, tuple]) -> int:
+    """Multiply-accumulates per sample of one Conv/ConvTranspose/Gemm/MatMul at the actual shapes
+    (0 for other ops or unknown shapes)."""
+    if node.op_type not in ROOT_OPS or len(node.inputs) < 2:
+        return 0
+    w = node.inputs[1]
+    wshape = tuple(w.const_value.shape) if w is not None and w.const_value is not None else shapes.get(w.name if w else "")
+    oshape = shapes.get(node.outputs[0].name)
+    if wshape is None or oshape is None or any(d is None for d in oshape) or any(d is None for d in wshape):
+        return 0
+    oshape = [int(d) for d in oshape]
+    if node.op_type == "Conv":
+        return int(np.prod(oshape)) * int(np.prod(wshape[1:]))
+    if node.op_type == "ConvTranspose":
+        ishape = shapes.get(node.inputs[0].name)
+        if ishape and all(d is not None for d in ishape):
+            return int(np.prod(ishape)) * int(np.prod(wshape[1:]))
+        return 0
+    k = wshape[1] if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) else wshape[0]
+    return int(np.prod(oshape)) * int(k)
+
+
 def count_costs(model: ir.Model, shapes: dict[str, tuple]) -> dict[str, int]:
     """Parameters (float initializers) and MACs of Conv/ConvTranspose/Gemm/MatMul (per sample, actual shapes)."""
     params = sum(int(np.prod(v.const_value.shape)) for v in model.graph.initializers.values()
                  if v.const_value is not None and v.const_value.dtype.is_floating_point())
-    macs = 0
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type not in ROOT_OPS or len(node.inputs) < 2:
-            continue
-        w = node.inputs[1]
-        wshape = tuple(w.const_value.shape) if w is not None and w.const_value is not None else shapes.get(w.name if w else "")
-        oshape = shapes.get(node.outputs[0].name)
-        if wshape is None or oshape is None or any(d is None for d in oshape) or any(d is None for d in wshape):
-            continue
-        oshape = [int(d) for d in oshape]
-        if node.op_type == "Conv":
-            macs += int(np.prod(oshape)) * int(np.prod(wshape[1:]))
-        elif node.op_type == "ConvTranspose":
-            ishape = shapes.get(node.inputs[0].name)
-            if ishape and all(d is not None for d in ishape):
-                macs += int(np.prod(ishape)) * int(np.prod(wshape[1:]))
-        else:
-            k = wshape[1] if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) else wshape[0]
-            macs += int(np.prod(oshape)) * int(k)
+    macs = sum(node_macs(node, shapes) for node in ir.traversal.RecursiveGraphIterator(model.graph))
     return {"params": int(params), "macs": int(macs)}
 
 
@@ -858,6 +862,9 @@ class ChannelPrunePass(CompressionPass):
         removed, details = select_removed(groups, scores, ratio=ratio, ratios=c.ratios or None, scope=c.scope,
                                           round_to=c.round_to, max_ratio=c.max_ratio)
         before = count_costs(model, shapes0)
+        root_macs = {n.name: node_macs(n, shapes0) for n in model.graph if n.op_type in ROOT_OPS}
+        for d in details:  # each group's own layers' MACs (what pruning it saves, before its consumers')
+            d["macs"] = int(sum(root_macs.get(r, 0) for r in d["roots"]))
         rep.counts.update(groups=len(groups), groups_blocked=sum(1 for g in groups if g.blocked),
                           groups_pruned=sum(1 for d in details if d["kept"] < d["channels"]),
                           channels_total=sum(d["channels"] for d in details),
