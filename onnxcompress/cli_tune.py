@@ -57,7 +57,8 @@ def tune(
     report: Optional[Path] = typer.Option(None, "--report", help="Write the tune report as JSON."),
     html: Optional[Path] = typer.Option(None, "--html", help="Write the tune report as one self-contained HTML page: "
                                         "the trials (speed-up vs metric drop, the Pareto set, the chosen one), the "
-                                        "trial table and the per-node sensitivity (needs the report extra)."),
+                                        "trial table, the per-node int8 sensitivity and the per-group pruning "
+                                        "sensitivity (needs the report extra)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
 ):
     """Search recipes (quantization mode and settings, pruning) for a budget; write the best model.

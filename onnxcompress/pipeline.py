@@ -156,7 +156,7 @@ def _run(run: _Run, model) -> OptimizeResult:
         calib, val = _probe(run, original, calib, val)
     if not calib:  # nothing to run the checks on: structural checks instead
         run.structural = "runtime" if runtime_ok else "checker"
-    _note_unknown_names(run, original)
+    _note_unknown_names(run, work)  # after NameFix: the names a recipe may give (tune's, a report's) exist
     run.report.update(_report_head(run, original))
     ctx = PassContext(calibration=calib, check_samples=check_samples(calib), holdout=val[:16],
                       scope=Scope.of(rec.scope.exclude_nodes, rec.scope.exclude_op_types),

@@ -95,19 +95,22 @@ SPACE: tuple[Axis, ...] = (
 
 
 def search_targets(fixed: str | None = None) -> tuple[str, ...]:
-    """The int8 targets the search tries on this machine: ``fixed`` alone when the user names one;
-    else this CPU's own target (:func:`onnxcompress.runtime.cpu_features`) and ``generic`` (the
-    saturation-free weights, whose integer results are the same on every x86 CPU, so the model
-    measured here is the model any CPU runs), when the two differ in policy. Targets whose int8
-    results on this CPU differ from those on their own hardware (``vnni`` on an AVX2-only CPU:
-    its pair sums saturate here) or that are not this machine (``cuda``, ``tensorrt``, ``arm64``
-    on x86) are not searched: the trial's metric and latency would not be the target's."""
+    """The int8 targets the search tries on this machine: ``fixed`` alone when the user names one
+    (``auto``: this CPU's); else this CPU's own target (:func:`onnxcompress.runtime.cpu_features`,
+    read from ``/proc/cpuinfo``: ``generic`` where that is missing) and ``generic`` (saturation-free
+    weights: on x86 their integer results are the same on every CPU, so the model measured here is
+    the model any x86 CPU runs), when the two differ in policy: ``vnni`` and ``generic`` on a VNNI
+    CPU, ``arm64`` and ``generic`` on ARM, one target on an AVX2 or AVX-512 CPU without VNNI.
+    Targets whose int8 results on this CPU differ from those on their own hardware (``vnni`` on an
+    AVX2-only CPU: its pair sums saturate here) or that are not this machine (``cuda``,
+    ``tensorrt``, ``arm64`` on x86) are not searched: a trial's metric and latency would not be the
+    target's (:func:`target_warning` says so when the user fixes one)."""
     from .passes.quantize.policy import resolve_policy
     from .runtime import cpu_features
 
-    if fixed is not None:
-        return (fixed,)
     host = cpu_features().int8_target
+    if fixed is not None:
+        return (host if fixed == "auto" else fixed,)
     out = [host]
     if resolve_policy("generic") != replace(resolve_policy(host), target="generic"):
         out.append("generic")
@@ -510,12 +513,30 @@ def box_matches(ref: np.ndarray, got: np.ndarray) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- the search
 
 
-def _suggest(trial, calibrated: bool, targets: tuple[str, ...] = ("auto",)) -> dict[str, Any]:
+def target_warning(target: str) -> str | None:
+    """A warning when a fixed ``--target`` is not what this CPU computes: the trials' metric and
+    latency are measured here (``None`` when they are the target's)."""
+    from .passes.quantize.policy import resolve_policy
+    from .runtime import cpu_features
+
+    host = cpu_features().int8_target
+    if target in ("auto", host, "generic"):
+        return None
+    if target in ("cuda", "tensorrt", "arm64") or resolve_policy(target) != replace(resolve_policy(host), target=target):
+        return (f"--target {target} is not this CPU ({host}): the trials' metric and speed are measured here, "
+                f"on the CPU execution provider, and may not be what {target} computes")
+    return None
+
+
+def _suggest(trial, calibrated: bool, targets: tuple[str, ...] = ("auto",), spare: bool = True) -> dict[str, Any]:
     """Flat options for one Optuna trial, from :data:`SPACE` (conditional axes skipped; ``target``
-    among ``targets``, :func:`search_targets`, and not suggested when there is one)."""
+    among ``targets``, :func:`search_targets`, and not suggested when there is one; ``prune_spare``
+    only when ``spare``: some group's pruning sensitivity was measured)."""
     chosen: dict[str, Any] = {}
     for ax in SPACE:
         if any(chosen.get(k) not in allowed for k, allowed in ax.when.items()):
+            continue
+        if ax.field == "prune_spare" and not spare:
             continue
         p = ax.param
         if ax.field == "target":
@@ -559,7 +580,8 @@ def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str]
 
 
 #: what the state folder holds (checked before any work: regular files or new, none an input)
-STATE_FILES = ("study.db", "cache.json", "sensitivity.json", "timing.npz", "report.json", "chosen.toml")
+STATE_FILES = ("study.db", "cache.json", "sensitivity.json", "prune_sensitivity.json", "timing.npz", "report.json",
+               "chosen.toml")
 STATE_DIRS = ("trials", "pareto")
 
 
@@ -648,7 +670,10 @@ class _Search:
     fp32_size: int
     cache: dict[str, dict] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
+    #: the study's and the trial cache's key: model, data, budget, the targets searched
     data_key: str = ""
+    #: the same without the targets (what fp32 measurements depend on)
+    base_key: str = ""
     say: Callable[[str], None] = lambda s: None
     #: (node, int8 output SQNR dB, metric gain with only it in float or None), in keep_float's
     #: order (measured once, before the search: :func:`_sensitivity`)
@@ -763,6 +788,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     sensitivity_groups = SENSITIVITY_GROUPS.check(sensitivity_groups, "--sensitivity-groups")
     if target is not None:
         target = TARGET.check(target, "--target")
+    warning = target_warning(target) if target is not None else None
     say = progress or (lambda s: None)
     out = Path(output)
     if not out.name:
@@ -786,9 +812,20 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         if created:  # made by this call and holding nothing worth resuming
             shutil.rmtree(st, ignore_errors=True)
         raise
+    if warning:
+        say("tune: warning: " + warning)
+        s.resolution.append(warning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = "tune-" + s.data_key[:16]
     storage = f"sqlite:///{(st / 'study.db').resolve()}"
+    try:
+        others = [x.study_name for x in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                  if x.study_name != study_name]
+    except Exception:  # a corrupt or foreign study.db: create_study below says so
+        others = []
+    if others:
+        say(f"tune: {st / 'study.db'} holds {len(others)} study(ies) of other settings (model, data, budget, or the "
+            "targets searched): a new one starts beside them")
 
     def constraints(ft):
         return [ft.user_attrs.get("violation", 1.0)]
@@ -816,12 +853,12 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
             break
         ot = study.ask()
-        chosen = _suggest(ot, s.base.calibration is not None, s.targets)
+        chosen = _suggest(ot, s.base.calibration is not None, s.targets, bool(s.spare_order()))
         say(f"trial {ot.number + 1}/{trials}: {_describe(chosen)}" + _best_so_far(s.trials))
         t = s.evaluate(ot.number, chosen)
         s.trials.append(t)
         ot.set_user_attr("violation", t.violation if t.error is None else 1e9)
-        ot.set_user_attr("options", json.dumps(chosen, default=str))
+        ot.set_user_attr("options", json.dumps(t.options, default=str))  # as evaluated (clipped counts)
         ot.set_user_attr("result", json.dumps({k: v for k, v in t.__dict__.items()
                                                if k not in ("number", "options")}, default=str))
         if t.error is not None:
@@ -935,19 +972,19 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     buf = io.BytesIO()
     np.savez(buf, **{f"{i}__{n}": a for i, f in enumerate(search[:8]) for n, a in f.items()})
     write_atomic(bench_data, buf.getvalue())
-    data_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
+    base_key = _key(_file_hash(model), [sorted((k, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
                                                for f in [*calib, *val] for k, a in f.items())],
                     budget.__dict__, {"drop_bound": [BOOTSTRAP, DROP_QUANTILE]}, {"split": "interleaved"},
-                    {"ctc_text": "edge whitespace not compared"},
-                    # the trials' timings and int8 results are this CPU's; the target axis's values too
-                    {"targets": list(targets), "prune_spare": "by measured group sensitivity"})
+                    {"ctc_text": "edge whitespace not compared"})
+    # the trials' int8 results and the target axis's values are this CPU's
+    data_key = _key(base_key, {"targets": list(targets), "prune_spare": "by measured group sensitivity"})
     # the budget judges each trial on its metric: the default floor (a fixed task criterion) must not
     # refuse a trial that the budget would accept
     base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False,
                            accept_degraded=True, target=targets[0] if len(targets) == 1 else "auto")
     cache = {k: v for k, v in _read_json(st / "cache.json", {}, dict).items() if isinstance(v, dict)}
     s = _Search(model, budget, base, st, search, final, lab_s, lab_f, 0.0, ref_s, ref_f, bench_data,
-                model.stat().st_size, cache=cache, data_key=data_key, say=say)
+                model.stat().st_size, cache=cache, data_key=data_key, say=say, base_key=base_key)
     if overlap:
         s.resolution.append(overlap)
     s.shared_with_calibration = shared
@@ -1112,23 +1149,31 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
     the most MACs (where pruning saves the most time) are each pruned alone at that ratio — every
     other group at ratio 0 through ``prune_ratios``, least-squares repair as in the trials — and
     scored with the budget's metric on the search half: ``drop`` = fp32's metric minus that.
-    A group is not started when the time spent plus one group's cost (the probe's) would pass
-    :data:`PRUNE_SENSITIVITY_TIME_SHARE` of ``time_budget_s``; nothing is measured when ``trials``
-    leaves no trial after the seed recipes. Measured groups come first, largest drop first; equal
+    A group is not started when the time spent (the probe's included) plus one group's cost (the
+    last group's optimize and scoring; before the first, the probe's) would pass
+    :data:`PRUNE_SENSITIVITY_TIME_SHARE` of ``time_budget_s``. This time, like the int8
+    sensitivity's, comes before the search's own budget. Nothing is measured when ``trials``
+    leaves no trial after the seed recipes. A group that cannot be pruned or scored is skipped
+    with a line; the rest are still measured. Measured groups come first, largest drop first; equal
     drops (a coarse metric: one changed answer or none) by the mean cosine of the first output
     to fp32's, lowest first (``cosine``; None for a user metric), then more MACs first; then the
     unmeasured groups by MACs, ``drop`` None.
 
     Cached in ``prune_sensitivity.json`` under a key of the model, data, budget and ``measured``
-    (a resumed run reuses it). ``[]`` when channel pruning cannot run or prunes nothing.
+    (not the int8 targets: the measurement is fp32); a resumed run reuses it when it was complete
+    (every group asked for measured), else it measures again. ``[]`` when channel pruning cannot
+    run or prunes nothing. ``macs_share``: the group's own layers' share of the whole model's
+    Conv/ConvTranspose/Gemm/MatMul MACs.
     Measured models live in a private temporary folder of the state folder, removed whatever
     happens."""
     from .api import optimize
 
     f = s.state / "prune_sensitivity.json"
-    key = _key(s.data_key, {"sensitivity_groups": measured, "probe": PRUNE_PROBE_RATIO})
+    # fp32 pruning: the int8 targets do not enter (s.base_key: model, data, budget)
+    key = _key(s.base_key, {"sensitivity_groups": measured, "probe": PRUNE_PROBE_RATIO})
     known = _read_json(f, {}, dict)
-    groups = known.get("groups") if known.get("key") == key else None
+    # a measurement cut short (time, failed groups) is measured again, not kept for the state's life
+    groups = known.get("groups") if known.get("key") == key and known.get("complete") is True else None
     if isinstance(groups, list) and all(
             isinstance(g, dict) and isinstance(g.get("group"), str) and isinstance(g.get("macs_share"), (int, float))
             and (g.get("drop") is None or isinstance(g.get("drop"), (int, float))) for g in groups):
@@ -1144,37 +1189,50 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
     try:
         try:
             res = optimize(s.model, folder / "all.onnx", probe)
-        except OnnxCompressError as exc:
-            say(f"tune: pruning sensitivity not measured: channel pruning fails ({str(exc).splitlines()[0]})")
+        except Exception as exc:  # optional: any failure (ORT's too) leaves the search without it
+            say(f"tune: pruning sensitivity not measured: channel pruning fails ({_first(exc)})")
             return []
-        details = next((p.get("counts", {}).get("groups_detail") for p in res.report.get("passes", [])
-                        if p.get("name") == "prune-channels"), None) or []
+        counts = next((p.get("counts", {}) for p in res.report.get("passes", [])
+                       if p.get("name") == "prune-channels"), {})
+        details = counts.get("groups_detail") or []
         del res
         pruned = [d for d in details if d.get("roots") and d["kept"] < d["channels"]]
-        total = sum(int(d.get("macs", 0)) for d in details) or 1
+        # the share of the whole model's MACs (Conv/ConvTranspose/Gemm/MatMul) in each group's own layers
+        total = int(counts.get("macs_before") or 0) or sum(int(d.get("macs", 0)) for d in details) or 1
         pruned.sort(key=lambda d: -int(d.get("macs", 0)))
-        one_cost = time.perf_counter() - t0
         drops: dict[str, float] = {}
         cosines: dict[str, float] = {}
         first = next(iter(s.ref_search[0]), None) if s.ref_search else None
-        for d in pruned[:measured]:
+        todo = pruned[:measured]
+        one_cost = time.perf_counter() - t0  # the probe's; after the first group, a group's own cost
+        complete = True
+        for i, d in enumerate(todo):
             spent = time.perf_counter() - t0
             if time_budget_s is not None and spent + one_cost > PRUNE_SENSITIVITY_TIME_SHARE * time_budget_s:
-                say(f"tune: pruning sensitivity stopped after {len(drops)} group(s): one more would pass "
+                say(f"tune: pruning sensitivity stopped after {i} group(s): one more would pass "
                     f"{PRUNE_SENSITIVITY_TIME_SHARE:.0%} of --time-budget")
+                complete = False
                 break
             others = {o["roots"][0]: 0.0 for o in pruned if o is not d}
+            g0 = time.perf_counter()
             try:
                 optimize(s.model, folder / "one.onnx", replace(probe, prune_ratios=others))
                 outs: list = []
                 got = measure_with_bound(s.budget, folder / "one.onnx", s.ref_search, s.search_feeds,
                                          s.search_labels, got_out=outs)[0]
-            except OnnxCompressError:
+            except Exception as exc:  # one group that cannot be pruned or scored: the others still are
+                say(f"tune: group '{d['roots'][0]}' not measured ({_first(exc)})")
+                complete = False
                 continue
+            finally:
+                one_cost = time.perf_counter() - g0  # optimize and scoring: what the next group costs
             if math.isfinite(got):
                 drops[d["roots"][0]] = s.fp32_metric - got
-                if outs and first is not None:  # the tie-break of a coarse metric (one answer = many groups' 0)
-                    cosines[d["roots"][0]] = _mean_cosine([r[first] for r in s.ref_search], outs)
+                c = _mean_cosine([r[first] for r in s.ref_search], outs) if outs and first is not None else float("nan")
+                if math.isfinite(c):  # the tie-break of a coarse metric (one answer = many groups' 0)
+                    cosines[d["roots"][0]] = c
+            else:
+                complete = False
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     for d in pruned:
@@ -1188,16 +1246,26 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
     if drops:
         say("tune: pruned alone at {:.0%}, these groups lose the most: ".format(PRUNE_PROBE_RATIO) + ", ".join(
             f"{g['group']} ({g['drop']:+.3g})" for g in out[:5] if g["drop"] is not None))
-    write_atomic(f, json.dumps({"key": key, "groups": out}))
+    write_atomic(f, json.dumps({"key": key, "groups": out, "complete": complete}))
     return out
+
+
+def _first(exc: BaseException) -> str:
+    """An exception as one short line."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return text or type(exc).__name__
 
 
 def _mean_cosine(ref: list, got: list) -> float:
     """Mean cosine similarity of two models' outputs over samples (each flattened; 1.0 for two
-    all-zero outputs, 0.0 when one of them is all zero or not finite)."""
+    all-zero outputs, 0.0 when one of them is all zero or not finite; ``nan`` for outputs that are
+    not numbers: strings, sequences of maps)."""
     out = []
     for r, g in zip(ref, got):
-        a, b = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
+        try:
+            a, b = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
+        except (TypeError, ValueError):  # strings, ZipMap dicts, ragged lists: no cosine
+            return float("nan")
         if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
             out.append(0.0)
             continue

@@ -543,16 +543,15 @@ def test_pruning_sensitivity_is_measured_per_group_and_orders_prune_spare(tmp_pa
     and scored with the budget's metric: the drop is what an independent optimize with only that
     group pruned measures; the most sensitive group comes first, and a trial's prune_spare = 1
     leaves it whole while the other groups lose their channels. The cache is reused for the same
-    model, data and budget; --sensitivity-groups 0 measures nothing."""
+    model, data and budget; --sensitivity-groups 0 measures nothing and spares nothing."""
     from dataclasses import replace
 
-    import onnx
-
+    import onnxcompress.tune as T
     from onnxcompress.api import OptimizeOptions, optimize
     from onnxcompress.data import input_specs, load_npz
     from onnxcompress.model_io import load_model
     from onnxcompress.runtime import run_reference
-    from onnxcompress.tune import _options, measure
+    from onnxcompress.tune import measure
 
     st = tmp_path / "st"
     b = Budget(metric="cosine", max_drop=5.0)
@@ -562,10 +561,12 @@ def test_pruning_sensitivity_is_measured_per_group_and_orders_prune_spare(tmp_pa
     measured = [g for g in groups if g["drop"] is not None]
     assert len(groups) >= 3 and len(measured) == 2  # the digits CNN's prunable groups; the 2 largest measured
     assert groups[:2] == measured  # measured first, most sensitive first
-    assert measured[0]["drop"] >= measured[1]["drop"]
+    assert measured[0]["drop"] > measured[1]["drop"] or (measured[0]["drop"] == measured[1]["drop"]
+                                                          and measured[0]["cosine"] <= measured[1]["cosine"])
     unmeasured = [g for g in groups if g["drop"] is None]
     assert min(g["macs_share"] for g in measured) >= max(g["macs_share"] for g in unmeasured)
-    assert abs(sum(g["macs_share"] for g in groups) - 1.0) < 0.2  # the pruned groups hold most MACs
+    # shares of the whole model's MACs: the digits CNN's pruned groups hold all but its last Gemm's
+    assert 0.9 < sum(g["macs_share"] for g in groups) <= 1.0
 
     # the drop, measured independently: only that group pruned at 50 %
     val, _ = load_npz(V, input_specs(load_model(M)), what="validation")
@@ -580,51 +581,53 @@ def test_pruning_sensitivity_is_measured_per_group_and_orders_prune_spare(tmp_pa
     got = measure(b, tmp_path / "one.onnx", ref, search, None)
     assert measured[0]["drop"] == pytest.approx(fp32 - got, rel=1e-3, abs=1e-6)
 
-    # prune_spare = 1 leaves the most sensitive group whole and prunes the others
-    def out_channels(path):
-        m = onnx.load(path)
-        w = {i.name: i.dims for i in m.graph.initializer}
-        return {n.name: w[n.input[1]][0] for n in m.graph.node if n.op_type == "Conv" and n.input[1] in w}
-
-    full = out_channels(M)
-    spared = _options({"prune_mode": "channel", "prune": 0.5, "prune_spare": 1}, base, (), [g0])
-    assert spared.prune_ratios == {g0: 0.0}
-    optimize(M, tmp_path / "spared.onnx", spared)
-    after = out_channels(tmp_path / "spared.onnx")
-    convs = [g["group"] for g in groups if g["group"] in full]
-    assert convs and any(after[c] < full[c] for c in convs if c != g0)
-    if g0 in full:
-        assert after[g0] == full[g0]
+    # a trial's prune_spare = 1 (through the search's own evaluate) leaves the most sensitive group
+    # whole, prunes the others, and its recipe says so
+    msgs = []
+    s = T._prepare(M, b, C, V, st, msgs.append, sensitivity_nodes=0, trials=3, sensitivity_groups=2)
+    assert any("pruning sensitivity from" in m for m in msgs)  # resumed from the cache, not measured again
+    assert s.prune_sensitivity == groups and s.spare_order()[0] == g0
+    t = s.evaluate(99, {"quantize": None, "prune_mode": "channel", "prune": 0.5, "prune_round_to": 1,
+                        "prune_spare": 4})
+    assert t.error is None and t.options["prune_spare"] == 2  # at most the measured groups
+    assert g0 in t.recipe_toml and "ratios" in t.recipe_toml
+    spared = optimize(M, tmp_path / "spared.onnx", T._options(t.options, s.base, (), s.spare_order()))
+    detail = {d["roots"][0]: d for p in spared.report["passes"] if p["name"] == "prune-channels"
+              for d in p["counts"]["groups_detail"]}
+    assert detail[g0]["kept"] == detail[g0]["channels"]
+    assert any(d["kept"] < d["channels"] for r, d in detail.items() if r not in s.spare_order())
 
     assert not list(st.glob(".prune-sensitivity-*"))  # the measuring models are removed
-    again = tune(M, tmp_path / "p2.onnx", b, calibration=C, validation=V, trials=3, state=st, sensitivity_nodes=0,
-                 sensitivity_groups=2)
-    assert again.report["prune_sensitivity"] == groups  # resumed: from the cache
     none = tune(M, tmp_path / "p3.onnx", b, calibration=C, validation=V, trials=3, state=tmp_path / "st0",
                 sensitivity_nodes=0, sensitivity_groups=0)
     assert none.report["prune_sensitivity"] == []
+    assert all("prune_spare" not in t.options for t in none.trials)  # nothing to spare: not searched
 
 
 def test_the_int8_target_is_searched_where_this_cpu_tells_the_targets_apart(tmp_path, monkeypatch):
     """tune searches --target between this CPU's own target and generic (saturation-free weights,
     the same integer results on every x86 CPU) where their policies differ; on an AVX2-only CPU
     there is nothing to choose (vnni's weights would saturate there, so it is never tried). A
-    given --target fixes it: no trial searches it and every trial uses it."""
+    given --target fixes it: no trial searches it and every trial uses it; one that is not this
+    CPU is said to be measured here."""
     import optuna
 
     import onnxcompress.tune as T
+    from onnxcompress.errors import OnnxCompressError
     from onnxcompress.runtime import CpuFeatures
 
-    def cpu(avx512, vnni):
-        return CpuFeatures(arch="x86_64", avx2=True, avx512=avx512, vnni=vnni, flags=frozenset())
+    def cpu(avx512, vnni, arch="x86_64"):
+        return CpuFeatures(arch=arch, avx2=True, avx512=avx512, vnni=vnni, flags=frozenset())
 
-    monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(True, True))
-    assert T.search_targets() == ("vnni", "generic")
     monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(True, False))
     assert T.search_targets() == ("avx512",)  # avx512's policy is generic's: nothing to choose
+    monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(False, False, "aarch64"))
+    assert T.search_targets() == ("arm64", "generic")
     monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(False, False))
-    assert T.search_targets() == ("avx2",)
+    assert T.search_targets() == ("avx2",) and T.search_targets("auto") == ("avx2",)
     assert T.search_targets("avx512") == ("avx512",)
+    assert T.target_warning("avx512") is None  # the same integer results as this AVX2 CPU
+    assert "not this CPU" in T.target_warning("vnni")
 
     fixed = {"prune_mode": "none", "per_channel": "True", "keep_float": "0", "smooth_quant": "True",
              "quantize": "dynamic"}
@@ -633,13 +636,21 @@ def test_the_int8_target_is_searched_where_this_cpu_tells_the_targets_apart(tmp_
     assert "target" not in T._suggest(optuna.trial.FixedTrial(fixed), True, ("avx2",))
     assert "target" not in T._suggest(optuna.trial.FixedTrial({**fixed, "quantize": "none"}), True,
                                       ("vnni", "generic"))
-    assert all(s["target"] == "vnni" for s in T._seeds(Budget(), True, ("vnni", "generic")))
 
+    # a VNNI CPU: both targets searched, the seed recipes at this CPU's
+    monkeypatch.setattr("onnxcompress.runtime.cpu_features", lambda: cpu(True, True))
+    assert T.search_targets() == ("vnni", "generic")
+    res = tune(M, tmp_path / "v.onnx", Budget(metric="top1", max_drop=5.0), calibration=C, validation=V, trials=2,
+               sensitivity_nodes=0)
+    assert res.report["targets_searched"] == ["vnni", "generic"]
+    assert [t.options.get("target") for t in res.trials] == ["vnni", "vnni"]
+    assert all('target = "vnni"' in t.recipe_toml for t in res.trials)
     monkeypatch.undo()
+
     res = tune(M, tmp_path / "g.onnx", Budget(metric="top1", max_drop=5.0), calibration=C, validation=V, trials=2,
                sensitivity_nodes=0, target="generic")
     assert res.report["targets_searched"] == ["generic"]
     assert all("target" not in t.options for t in res.trials)
     assert all('target = "generic"' in (t.recipe_toml or "") for t in res.trials if t.options.get("quantize"))
-    with pytest.raises(Exception, match="--target"):
+    with pytest.raises(OnnxCompressError, match="--target"):
         tune(M, tmp_path / "x.onnx", Budget(), calibration=C, validation=V, trials=1, target="z80")
