@@ -131,7 +131,7 @@ def _render(res) -> None:
                           + f"{x['int8_sqnr_db']:.1f} dB)" for x in sens[:5]), highlight=False)
     groups = [g for g in res.report.get("prune_sensitivity") or [] if g.get("drop") is not None]
     if groups:
-        console.print(f"most pruning-sensitive channel groups, in prune_spare's order (metric drop pruned alone at "
+        console.print(f"most pruning-sensitive channel groups, in prune_groups' order (metric drop pruned alone at "
                       f"{res.report.get('prune_probe_ratio', 0.5):.0%}; share of the MACs): " + ", ".join(
                           f"{escape(g['group'])} ({g['drop']:+.3g}, {g['macs_share']:.0%})" for g in groups[:5]),
                       highlight=False)

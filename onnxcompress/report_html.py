@@ -606,15 +606,16 @@ def _tune_plots(rep: dict) -> list[dict]:
         ax.set_xlim(min(0.0, min(vals)), (top or 1.0) * 2.2)
         ax.axvline(0.0, color="#888", linewidth=0.8)
         ax.set_xlabel(f"{rep['budget']['metric']} drop with only this group pruned at {probe:.0%}; top: the first "
-                      "left whole by 'prune_spare'")
+                      "left whole by prune_groups = spare-K")
         ax.grid(axis="x", alpha=0.3)
-        ax.set_title("Per-group channel-pruning sensitivity (prune_spare's order)", fontsize=10)
+        ax.set_title("Per-group channel-pruning sensitivity (prune_groups' order)", fontsize=10)
         fig.tight_layout()
         plots.append({"title": "prune_sensitivity", "png": _png(fig),
                       "caption": f"The dependency groups with the most MACs, each pruned alone at {probe:.0%} of its "
                                  "channels (least-squares repair included) and scored on the search half. Most "
                                  "sensitive first (equal drops: the lower output cosine first); a trial with "
-                                 "prune_spare = k leaves the first k whole and prunes the rest at its ratio"
+                                 "prune_groups = spare-K leaves the first K whole and prunes the rest at its "
+                                 "ratio; least-K prunes only the last K measured"
                                  + (f" ({len(groups) - len(shown)} more not shown)." if len(groups) > len(shown)
                                     else ".")})
     return plots

@@ -69,10 +69,13 @@ KEEP_FLOAT = Param("keep_float", 0, "How many of the most int8-sensitive nodes s
                    "before the search: the metric gained with one node in float, then the int8 output SQNR; "
                    "see --sensitivity-nodes).", kind="int", low=0, search=(0, 1, 2, 4, 8))
 
-PRUNE_SPARE = Param("prune_spare", 0, "How many of the most pruning-sensitive channel groups channel pruning leaves "
-                    "whole (measured once before the search: the metric drop with only that group pruned at 50 %; "
-                    "see --sensitivity-groups); every other group loses --prune of its channels.", kind="int", low=0,
-                    search=(0, 1, 2, 4))
+#: ``prune_groups``'s values: every group; all but the K most pruning-sensitive; only the K least
+PRUNE_GROUP_CHOICES = ("all", "spare-1", "spare-2", "spare-4", "least-2", "least-4", "least-8", "least-16")
+PRUNE_GROUPS = Param("prune_groups", "all", "Which channel groups a channel-pruning trial prunes, by the pruning "
+                     "sensitivity measured before the search (see --sensitivity-groups): all (every group loses "
+                     "--prune of its channels), spare-K (all but the K most sensitive measured groups) or least-K "
+                     "(only the K least sensitive measured groups; every other group whole).", kind="str",
+                     choices=PRUNE_GROUP_CHOICES, search=PRUNE_GROUP_CHOICES)
 
 #: the search space, each axis a declared parameter (values from ``Param.search``; ``target``'s
 #: from this CPU, :func:`search_targets`)
@@ -90,7 +93,7 @@ SPACE: tuple[Axis, ...] = (
     Axis("prune_mode", PRUNE_MODE),
     Axis("prune", PRUNE, {"prune_mode": ("unstructured", "channel")}),
     Axis("prune_round_to", ROUND_TO, {"prune_mode": ("channel",)}),
-    Axis("prune_spare", PRUNE_SPARE, {"prune_mode": ("channel",)}),
+    Axis("prune_groups", PRUNE_GROUPS, {"prune_mode": ("channel",)}),
 )
 
 
@@ -528,15 +531,15 @@ def target_warning(target: str) -> str | None:
     return None
 
 
-def _suggest(trial, calibrated: bool, targets: tuple[str, ...] = ("auto",), spare: bool = True) -> dict[str, Any]:
+def _suggest(trial, calibrated: bool, targets: tuple[str, ...] = ("auto",), ranked: bool = True) -> dict[str, Any]:
     """Flat options for one Optuna trial, from :data:`SPACE` (conditional axes skipped; ``target``
-    among ``targets``, :func:`search_targets`, and not suggested when there is one; ``prune_spare``
-    only when ``spare``: some group's pruning sensitivity was measured)."""
+    among ``targets``, :func:`search_targets`, and not suggested when there is one;
+    ``prune_groups`` only when ``ranked``: some group's pruning sensitivity was measured)."""
     chosen: dict[str, Any] = {}
     for ax in SPACE:
         if any(chosen.get(k) not in allowed for k, allowed in ax.when.items()):
             continue
-        if ax.field == "prune_spare" and not spare:
+        if ax.field == "prune_groups" and not ranked:
             continue
         p = ax.param
         if ax.field == "target":
@@ -565,17 +568,44 @@ def _suggest(trial, calibrated: bool, targets: tuple[str, ...] = ("auto",), spar
     return chosen
 
 
+def prune_groups_ratios(choice: str, ranked: list[str], groups: list[str]) -> dict[str, float]:
+    """``prune_groups``'s per-group ratios (``--prune-ratio GROUP=0``, the groups left whole), each
+    group named by a root layer. ``ranked``: the measured groups, most pruning-sensitive first;
+    ``groups``: every group channel pruning would prune. ``all``: none; ``spare-K``: the K first of
+    ``ranked``; ``least-K``: every group but the K last of ``ranked``.
+
+    Raises:
+        OnnxCompressError: a choice that is not one of :data:`PRUNE_GROUP_CHOICES`.
+    """
+    if choice == "all":
+        return {}
+    kind, _, k = choice.partition("-")
+    if kind not in ("spare", "least") or not k.isdigit():
+        raise OnnxCompressError(f"prune_groups: expected one of {', '.join(PRUNE_GROUP_CHOICES)}, got {choice!r}")
+    k = int(k)
+    if kind == "spare":
+        return {g: 0.0 for g in ranked[:k]}
+    keep = set(ranked[-k:]) if k else set()
+    return {g: 0.0 for g in groups if g not in keep}
+
+
+def effective_prune_groups(choice: str, n_ranked: int) -> str:
+    """``choice`` with its K cut to the measured groups (``least-16`` of 6 measured: ``least-6``)."""
+    kind, _, k = choice.partition("-")
+    return choice if kind not in ("spare", "least") or not k.isdigit() else f"{kind}-{min(int(k), n_ranked)}"
+
+
 def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str] = (),
-             spare: list[str] = ()) -> OptimizeOptions:
+             ranked: list[str] = (), groups: list[str] = ()) -> OptimizeOptions:
     """Flat options of a trial; ``keep_float`` k becomes the k most sensitive nodes excluded;
-    ``prune_spare`` k the k most pruning-sensitive groups (named by a root layer each) at ratio 0."""
+    ``prune_groups`` the groups channel pruning leaves whole (:func:`prune_groups_ratios`)."""
     chosen = dict(chosen)
     k = int(chosen.pop("keep_float", 0) or 0)
     if k:
         chosen["exclude_nodes"] = tuple(sensitive[:k])
-    k = int(chosen.pop("prune_spare", 0) or 0)
-    if k and chosen.get("prune_mode") == "channel":
-        chosen["prune_ratios"] = {**(base.prune_ratios or {}), **{root: 0.0 for root in spare[:k]}}
+    which = chosen.pop("prune_groups", "all") or "all"
+    if which != "all" and chosen.get("prune_mode") == "channel":
+        chosen["prune_ratios"] = {**(base.prune_ratios or {}), **prune_groups_ratios(which, list(ranked), list(groups))}
     return replace(base, **chosen)
 
 
@@ -693,9 +723,13 @@ class _Search:
     #: the int8 targets searched (:func:`search_targets`)
     targets: tuple = ("auto",)
 
-    def spare_order(self) -> list[str]:
-        """The groups ``prune_spare`` leaves whole, in its order: the measured ones, most sensitive first."""
+    def ranked_groups(self) -> list[str]:
+        """The measured channel-pruning groups, most sensitive first (``prune_groups``'s order)."""
         return [g["group"] for g in self.prune_sensitivity if g.get("drop") is not None]
+
+    def pruned_groups(self) -> list[str]:
+        """Every group channel pruning prunes (measured or not)."""
+        return [g["group"] for g in self.prune_sensitivity]
 
     def violation(self, t: Trial) -> float:
         """Sum of the budget's violations, each relative to its bound (0 when met). The drop is
@@ -713,12 +747,13 @@ class _Search:
         from .bench import benchmark
         from .recipe import from_options
 
-        opts = _options(chosen, self.base, [x[0] for x in self.sensitivity], self.spare_order())
+        opts = _options(chosen, self.base, [x[0] for x in self.sensitivity], self.ranked_groups(),
+                        self.pruned_groups())
         t = Trial(number, {k: v for k, v in chosen.items()})
         if t.options.get("keep_float"):  # what the trial really kept (at most the ranked nodes), for its label
             t.options["keep_float"] = min(int(t.options["keep_float"]), len(self.sensitivity))
-        if t.options.get("prune_spare"):  # likewise: at most the measured groups
-            t.options["prune_spare"] = min(int(t.options["prune_spare"]), len(self.spare_order()))
+        if t.options.get("prune_groups"):  # likewise: at most the measured groups
+            t.options["prune_groups"] = effective_prune_groups(str(t.options["prune_groups"]), len(self.ranked_groups()))
         t0 = time.perf_counter()
         try:
             rec = from_options(opts)
@@ -853,7 +888,7 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
             break
         ot = study.ask()
-        chosen = _suggest(ot, s.base.calibration is not None, s.targets, bool(s.spare_order()))
+        chosen = _suggest(ot, s.base.calibration is not None, s.targets, bool(s.ranked_groups()))
         say(f"trial {ot.number + 1}/{trials}: {_describe(chosen)}" + _best_so_far(s.trials))
         t = s.evaluate(ot.number, chosen)
         s.trials.append(t)
@@ -890,7 +925,7 @@ def _seeds(budget: Budget, calibrated: bool, targets: tuple[str, ...] = ("auto",
         mode = "static" if calibrated else "dynamic"
         for ratio in (0.5, 0.3):
             seeds.append({**defaults(mode), "prune_mode": "channel", "prune": ratio, "prune_round_to": "1",
-                          "prune_spare": "0"})
+                          "prune_groups": "all"})
     return seeds
 
 
@@ -977,7 +1012,7 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                     budget.__dict__, {"drop_bound": [BOOTSTRAP, DROP_QUANTILE]}, {"split": "interleaved"},
                     {"ctc_text": "edge whitespace not compared"})
     # the trials' int8 results and the target axis's values are this CPU's
-    data_key = _key(base_key, {"targets": list(targets), "prune_spare": "by measured group sensitivity"})
+    data_key = _key(base_key, {"targets": list(targets), "prune_groups": list(PRUNE_GROUP_CHOICES)})
     # the budget judges each trial on its metric: the default floor (a fixed task criterion) must not
     # refuse a trial that the budget would accept
     base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False,
@@ -1141,8 +1176,8 @@ def _sensitivity(s: _Search, say, measured: int = SENSITIVITY_NODES.default, tim
 def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.default,
                        time_budget_s: float | None = None, trials: int | None = None) -> list[dict[str, Any]]:
     """Channel-pruning sensitivity per dependency group, most sensitive first: the order in which
-    ``prune_spare`` leaves groups whole (the issue's per-group pruning ratios: 0 for the spared,
-    the trial's ``prune`` for the rest).
+    ``prune_groups`` picks the groups a channel-pruning trial prunes (the issue's per-group pruning
+    ratios: 0 for the groups left whole, the trial's ``prune`` for the rest).
 
     One channel-pruning run at :data:`PRUNE_PROBE_RATIO` (no int8) lists the groups the pass
     would prune, with their layers' MACs (``groups_detail``). Then the ``measured`` groups with
@@ -1282,7 +1317,7 @@ def _describe(chosen: dict[str, Any]) -> str:
         parts[0] += f" [{chosen['target']}]"
     if chosen.get("prune_mode"):
         parts.append(f"{chosen['prune_mode']} prune" + (f" {chosen['prune']:.2f}" if chosen.get("prune") else "")
-                     + (f" ({chosen['prune_spare']} group(s) whole)" if chosen.get("prune_spare") else ""))
+                     + (f" ({chosen['prune_groups']})" if chosen.get("prune_groups") not in (None, "all") else ""))
     return ", ".join(parts)
 
 

@@ -14,12 +14,13 @@ SENSITIVITY_NODES = Param("sensitivity_nodes", 8, "How many of the nodes with th
                           kind="int", low=0)
 #: share of ``--time-budget`` the measured sensitivity may take
 SENSITIVITY_TIME_SHARE = 0.15
-SENSITIVITY_GROUPS = Param("sensitivity_groups", 6, "How many channel-pruning dependency groups tune measures before "
-                           "the search, the largest by MACs first: each pruned alone at 50 % (least-squares repair "
-                           "included) and scored with the budget's metric (up to 10 % of --time-budget). The most "
-                           "sensitive come first in prune_spare's order: the groups channel pruning leaves whole. "
-                           "0: no group is spared.", kind="int", low=0)
+SENSITIVITY_GROUPS = Param("sensitivity_groups", 16, "How many channel-pruning dependency groups tune measures "
+                           "before the search, the largest by MACs first: each pruned alone at 50 % (least-squares "
+                           "repair included) and scored with the budget's metric (up to 15 % of --time-budget, before "
+                           "the search). Their order, most sensitive first, picks the groups a channel-pruning trial "
+                           "prunes (prune_groups: all, spare-K, least-K). 0: every group is pruned alike.",
+                           kind="int", low=0)
 #: share of ``--time-budget`` the measured pruning sensitivity may take
-PRUNE_SENSITIVITY_TIME_SHARE = 0.10
+PRUNE_SENSITIVITY_TIME_SHARE = 0.15
 #: the share of its channels a group loses when its pruning sensitivity is measured
 PRUNE_PROBE_RATIO = 0.5

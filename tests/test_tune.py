@@ -538,12 +538,13 @@ def test_sequential_bias_correction_is_searched_only_where_it_applies():
     assert "bias_correction_mode" not in pick(quantize="dynamic")
 
 
-def test_pruning_sensitivity_is_measured_per_group_and_orders_prune_spare(tmp_path):
+def test_pruning_sensitivity_is_measured_per_group_and_picks_the_groups_pruned(tmp_path):
     """Before the search the channel-pruning groups with the most MACs are each pruned alone at 50 %
     and scored with the budget's metric: the drop is what an independent optimize with only that
-    group pruned measures; the most sensitive group comes first, and a trial's prune_spare = 1
-    leaves it whole while the other groups lose their channels. The cache is reused for the same
-    model, data and budget; --sensitivity-groups 0 measures nothing and spares nothing."""
+    group pruned measures; the most sensitive group comes first. A trial's prune_groups = spare-1
+    leaves it whole while the other groups lose their channels; least-1 prunes only the least
+    sensitive measured group. The cache is reused for the same model, data and budget;
+    --sensitivity-groups 0 measures nothing and prunes every group alike."""
     from dataclasses import replace
 
     import onnxcompress.tune as T
@@ -574,34 +575,42 @@ def test_pruning_sensitivity_is_measured_per_group_and_orders_prune_spare(tmp_pa
     _, ref = run_reference(str(M), search)
     base = OptimizeOptions(calibration=str(C), validation=None, latency=False, fallback=False,
                            accept_degraded=True, prune_mode="channel", prune=0.5)
-    g0 = measured[0]["group"]
+    g0, g1 = measured[0]["group"], measured[1]["group"]
     others = {g["group"]: 0.0 for g in groups if g["group"] != g0}
     optimize(M, tmp_path / "one.onnx", replace(base, prune_ratios=others))
     fp32 = measure(b, M, ref, search, None)
     got = measure(b, tmp_path / "one.onnx", ref, search, None)
     assert measured[0]["drop"] == pytest.approx(fp32 - got, rel=1e-3, abs=1e-6)
 
-    # a trial's prune_spare = 1 (through the search's own evaluate) leaves the most sensitive group
-    # whole, prunes the others, and its recipe says so
+    # trials (through the search's own evaluate): spare-4 is cut to the 2 measured groups and leaves
+    # them whole; least-1 prunes only the least sensitive; the recipe names the groups left whole
     msgs = []
     s = T._prepare(M, b, C, V, st, msgs.append, sensitivity_nodes=0, trials=3, sensitivity_groups=2)
     assert any("pruning sensitivity from" in m for m in msgs)  # resumed from the cache, not measured again
-    assert s.prune_sensitivity == groups and s.spare_order()[0] == g0
-    t = s.evaluate(99, {"quantize": None, "prune_mode": "channel", "prune": 0.5, "prune_round_to": 1,
-                        "prune_spare": 4})
-    assert t.error is None and t.options["prune_spare"] == 2  # at most the measured groups
-    assert g0 in t.recipe_toml and "ratios" in t.recipe_toml
-    spared = optimize(M, tmp_path / "spared.onnx", T._options(t.options, s.base, (), s.spare_order()))
-    detail = {d["roots"][0]: d for p in spared.report["passes"] if p["name"] == "prune-channels"
-              for d in p["counts"]["groups_detail"]}
-    assert detail[g0]["kept"] == detail[g0]["channels"]
-    assert any(d["kept"] < d["channels"] for r, d in detail.items() if r not in s.spare_order())
+    assert s.prune_sensitivity == groups and s.ranked_groups() == [g0, g1]
+
+    def kept(options):
+        res = optimize(M, tmp_path / "k.onnx", T._options(options, s.base, (), s.ranked_groups(), s.pruned_groups()))
+        return {d["roots"][0]: d["kept"] < d["channels"] for p in res.report["passes"] if p["name"] == "prune-channels"
+                for d in p["counts"]["groups_detail"]}
+
+    trial = {"quantize": None, "prune_mode": "channel", "prune": 0.5, "prune_round_to": 1}
+    t = s.evaluate(99, {**trial, "prune_groups": "spare-4"})
+    assert t.error is None and t.options["prune_groups"] == "spare-2"  # at most the measured groups
+    assert g0 in t.recipe_toml and g1 in t.recipe_toml and "ratios" in t.recipe_toml
+    pruned = kept(t.options)
+    assert not pruned[g0] and not pruned[g1] and any(pruned[g] for g in s.pruned_groups() if g not in (g0, g1))
+    pruned = kept({**trial, "prune_groups": "least-1"})
+    assert [g for g, p in pruned.items() if p] == [g1]
+    assert T.prune_groups_ratios("all", [g0, g1], s.pruned_groups()) == {}
+    with pytest.raises(T.OnnxCompressError, match="prune_groups"):
+        T.prune_groups_ratios("most-3", [g0], [g0])
 
     assert not list(st.glob(".prune-sensitivity-*"))  # the measuring models are removed
     none = tune(M, tmp_path / "p3.onnx", b, calibration=C, validation=V, trials=3, state=tmp_path / "st0",
                 sensitivity_nodes=0, sensitivity_groups=0)
     assert none.report["prune_sensitivity"] == []
-    assert all("prune_spare" not in t.options for t in none.trials)  # nothing to spare: not searched
+    assert all("prune_groups" not in t.options for t in none.trials)  # nothing measured: not searched
 
 
 def test_the_int8_target_is_searched_where_this_cpu_tells_the_targets_apart(tmp_path, monkeypatch):
