@@ -118,7 +118,7 @@ def _render(res) -> None:
         mark = "chosen" if res.chosen is not None and x.number == res.chosen.number else ("" if x.feasible() else
                                                                                           "over budget")
         drop = "-" if x.error else f"{x.drop:.2f}" + (f" ({x.drop_bound:.2f})" if x.drop_bound == x.drop_bound else "")
-        t.add_row(str(x.number), _describe(x.options), drop,
+        t.add_row(str(x.number), escape(_describe(x.options)), drop,
                   "-" if x.error else f"{x.speedup:.2f}x", f"{x.size_bytes / 1e6:.3f} MB" if x.size_bytes else "-",
                   f"{x.seconds:.1f}", escape(x.error[:60]) if x.error else mark)
     out_console.print(t)
