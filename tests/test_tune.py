@@ -680,5 +680,6 @@ def test_groups_the_sensitivity_finds_tolerant_are_seeded_pruned():
     assert seeds[-1]["prune_round_to"] == "8" and seeds[-1]["prune"] == 0.3 and seeds[-1]["target"] == "vnni"
     assert seeds[-1]["prune_groups"] in PRUNE_GROUP_CHOICES
     assert _seeds(Budget(max_drop=1.0), False, ("avx2",), sens)[-1]["quantize"] == "dynamic"
-    assert len(_seeds(Budget(max_drop=0.4), True, ("vnni",), sens)) == 2  # only 1 group within 0.1: no seed
+    one = [{"group": "a", "drop": 3.0}, {"group": "e", "drop": 0.0}, {"group": "f", "drop": None}]
+    assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), one)) == 2  # only 1 tolerant group: no seed
     assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), [])) == 2
