@@ -908,10 +908,11 @@ def _seeds(budget: Budget, calibrated: bool, targets: tuple[str, ...] = ("auto",
     """The first trials: the fixed recipes a user would try (``int8-dynamic``, ``int8-static``, all
     settings at their declared defaults, the target this CPU's), so the search starts from — and can
     only improve on — them; with a size budget, also channel pruning + int8 (what a size goal needs
-    beyond int8); when the measured pruning sensitivity (:func:`_prune_sensitivity`) finds at least
-    2 groups that lose at most a quarter of ``max_drop`` pruned alone at 50 %, also int8 with those
-    groups (``least-K``, the largest K of :data:`PRUNE_GROUP_CHOICES` that they fill) pruned at 30 %,
-    kept channels rounded to 8 (what the CPU's blocked convolution kernels want)."""
+    beyond int8); when the measured pruning sensitivity (:func:`_prune_sensitivity`) allows, also
+    int8 with the K least sensitive groups pruned at the probe's ratio (``least-K``, the largest K
+    of :data:`PRUNE_GROUP_CHOICES` whose drops measured alone, negative ones as 0, add up to at most
+    half of ``max_drop``: drops of separate groups roughly add, and the other half is int8's), kept
+    channels rounded to 8 (what the CPU's blocked convolution kernels want)."""
     def defaults(mode: str) -> dict[str, Any]:
         d = {"quantize": mode, "per_channel": str(PER_CHANNEL.default), "keep_float": str(KEEP_FLOAT.default),
              "prune_mode": "none"}
@@ -930,16 +931,13 @@ def _seeds(budget: Budget, calibrated: bool, targets: tuple[str, ...] = ("auto",
         for ratio in (0.5, 0.3):
             seeds.append({**defaults(mode), "prune_mode": "channel", "prune": ratio, "prune_round_to": "1",
                           "prune_groups": "all"})
-    tolerant = sum(1 for g in prune_sensitivity if g.get("drop") is not None and g["drop"] <= budget.max_drop / 4)
-    least = [c for c in PRUNE_GROUP_CHOICES if c.startswith("least-") and int(c.split("-")[1]) <= tolerant]
+    drops = sorted(max(0.0, float(g["drop"])) for g in prune_sensitivity if g.get("drop") is not None)
+    least = [c for c in PRUNE_GROUP_CHOICES if c.startswith("least-") and int(c.split("-")[1]) <= len(drops)
+             and sum(drops[:int(c.split("-")[1])]) <= budget.max_drop / 2]
     if least:
         seeds.append({**defaults("static" if calibrated else "dynamic"), "prune_mode": "channel",
-                      "prune": TOLERANT_SEED_RATIO, "prune_round_to": "8", "prune_groups": least[-1]})
+                      "prune": PRUNE_PROBE_RATIO, "prune_round_to": "8", "prune_groups": least[-1]})
     return seeds
-
-
-#: the pruning ratio of the seed trial that prunes the groups the sensitivity found tolerant (:func:`_seeds`)
-TOLERANT_SEED_RATIO = 0.3
 
 
 def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say,

@@ -666,20 +666,20 @@ def test_the_int8_target_is_searched_where_this_cpu_tells_the_targets_apart(tmp_
 
 
 def test_groups_the_sensitivity_finds_tolerant_are_seeded_pruned():
-    """When at least 2 measured groups lose at most a quarter of --max-drop pruned alone, the search
-    starts with int8 plus those groups pruned (least-K, the largest K they fill; 30 %, rounded to 8
-    channels); otherwise no such seed."""
-    from onnxcompress.tune import PRUNE_GROUP_CHOICES, _seeds
+    """The search starts with int8 plus the K least pruning-sensitive measured groups pruned at the
+    probe's ratio (least-K, the largest K whose drops measured alone add up to at most half of
+    --max-drop; rounded to 8 channels); no such seed when not even 2 fit."""
+    from onnxcompress.tune import PRUNE_GROUP_CHOICES, PRUNE_PROBE_RATIO, _seeds
 
     sens = [{"group": "a", "drop": 3.0}, {"group": "b", "drop": 0.3}, {"group": "c", "drop": 0.2},
             {"group": "d", "drop": -0.1}, {"group": "e", "drop": 0.0}, {"group": "f", "drop": None}]
     seeds = _seeds(Budget(max_drop=1.0), True, ("vnni", "generic"), sens)
-    # c, d and e lose at most 0.25 (b's 0.3 is more): least-2; with --max-drop 1.2 b is in too: least-4
-    assert len(seeds) == 3 and seeds[-1]["prune_groups"] == "least-2" and seeds[-1]["quantize"] == "static"
-    assert _seeds(Budget(max_drop=1.2), True, ("vnni",), sens)[-1]["prune_groups"] == "least-4"
-    assert seeds[-1]["prune_round_to"] == "8" and seeds[-1]["prune"] == 0.3 and seeds[-1]["target"] == "vnni"
-    assert seeds[-1]["prune_groups"] in PRUNE_GROUP_CHOICES
+    # the 4 least: d (0 counted), e, c, b add up to 0.5 = half of 1.0: least-4
+    assert len(seeds) == 3 and seeds[-1]["prune_groups"] == "least-4" and seeds[-1]["quantize"] == "static"
+    assert seeds[-1]["prune_round_to"] == "8" and seeds[-1]["prune"] == PRUNE_PROBE_RATIO
+    assert seeds[-1]["target"] == "vnni" and seeds[-1]["prune_groups"] in PRUNE_GROUP_CHOICES
+    assert _seeds(Budget(max_drop=0.8), True, ("vnni",), sens)[-1]["prune_groups"] == "least-2"  # 0.5 > 0.4
     assert _seeds(Budget(max_drop=1.0), False, ("avx2",), sens)[-1]["quantize"] == "dynamic"
-    one = [{"group": "a", "drop": 3.0}, {"group": "e", "drop": 0.0}, {"group": "f", "drop": None}]
-    assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), one)) == 2  # only 1 tolerant group: no seed
+    one = [{"group": "a", "drop": 3.0}, {"group": "e", "drop": 0.6}, {"group": "f", "drop": None}]
+    assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), one)) == 2  # 3.6 > 0.5: no seed
     assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), [])) == 2
