@@ -71,6 +71,10 @@ def tune(
     _setup_logging(True)
     inputs = {"input model": model, "calibration data": calibration, "validation data": validation}
     _check_out_paths(report=report, html=html, inputs=inputs, outputs={"-o": output})
+    if not output.name or output.name in (".", ".."):
+        from .cli_common import _fail
+
+        _fail(OnnxCompressError(f"-o: give an output file path, got {str(output)!r}"))
     with one_line_errors(), _resume_hint(resume if resume is not None else output.with_name(output.name + ".tune")):
         budget = Budget(metric, max_drop, min_speedup, max_size_mb)
         seconds = _seconds(time_budget)

@@ -197,8 +197,11 @@ def _user_metric(spec: str) -> Callable:
         raise OnnxCompressError(f"--metric {spec}: write python:module:function")
     try:
         return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as exc:
-        raise OnnxCompressError(f"--metric {spec}: cannot import it ({exc})") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # the user's module: a SyntaxError, an error or SystemExit at import
+        raise OnnxCompressError(f"--metric {spec}: cannot import it ({type(exc).__name__}: "
+                                f"{_first(exc)})") from None
 
 
 def measure(budget: Budget, model_path: Path, ref_outputs, feeds, labels) -> float:
@@ -226,6 +229,8 @@ def measure_with_bound(budget: Budget, model_path: Path, ref_outputs, feeds, lab
         fn = _user_metric(budget.metric)
         try:
             value = fn(sess, feeds)
+        except KeyboardInterrupt:  # the user's Ctrl-C: stop (the CLI says how to resume), never a failed trial
+            raise
         except BaseException as exc:  # the user's code: SystemExit and all, one line
             raise OnnxCompressError(f"--metric {budget.metric} raised {type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
@@ -722,6 +727,9 @@ class _Search:
     prune_sensitivity: list = field(default_factory=list)
     #: the int8 targets searched (:func:`search_targets`)
     targets: tuple = ("auto",)
+    #: the model's node names as the pipeline gives them (NameFix: unnamed nodes named), to check
+    #: cached group names against
+    node_names: frozenset = frozenset()
 
     def ranked_groups(self) -> list[str]:
         """The measured channel-pruning groups, most sensitive first (``prune_groups``'s order)."""
@@ -821,8 +829,12 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     budget.check()
     sensitivity_nodes = SENSITIVITY_NODES.check(sensitivity_nodes, "--sensitivity-nodes")
     sensitivity_groups = SENSITIVITY_GROUPS.check(sensitivity_groups, "--sensitivity-groups")
+    if time_budget_s is not None and not (time_budget_s > 0 and math.isfinite(time_budget_s)):
+        raise OnnxCompressError(f"--time-budget must be more than 0 seconds, got {time_budget_s:g}")
     if target is not None:
-        target = TARGET.check(target, "--target")
+        if not isinstance(target, str) or target not in TARGET.choices:
+            shown = repr(target) if len(repr(target)) <= 40 else repr(target)[:37] + "..."
+            raise OnnxCompressError(f"--target must be one of {', '.join(TARGET.choices)}, got {shown}")
     warning = target_warning(target) if target is not None else None
     say = progress or (lambda s: None)
     out = Path(output)
@@ -859,8 +871,9 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     except Exception:  # a corrupt or foreign study.db: create_study below says so
         others = []
     if others:
-        say(f"tune: {st / 'study.db'} holds {len(others)} study(ies) of other settings (model, data, budget, or the "
-            "targets searched): a new one starts beside them")
+        s.resolution.append(f"{st / 'study.db'} holds {len(others)} study(ies) of other settings (model, data, budget "
+                            "or the targets searched): this run started a new one beside them, not resumed one")
+        say("tune: " + s.resolution[-1])
 
     def constraints(ft):
         return [ft.user_attrs.get("violation", 1.0)]
@@ -869,7 +882,10 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
 
     with warnings.catch_warnings():  # constraints_func: deprecated in Optuna 5, supported until 7
         warnings.simplefilter("ignore", FutureWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, n_startup_trials=min(8, trials))
+        # the seed moves on with the trials the study already holds: a resumed search draws new candidates,
+        # not the random ones it drew before (each a cached repeat that uses up --trials)
+        sampler = optuna.samplers.TPESampler(seed=seed + _stored_trials(storage, study_name),
+                                             constraints_func=constraints, n_startup_trials=min(8, trials))
     try:
         study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                     directions=["maximize", "maximize", "minimize"], sampler=sampler)
@@ -901,6 +917,17 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
         else:
             study.tell(ot, [t.metric, t.speedup if t.speedup == t.speedup else 0.0, t.size_bytes])
     return _finish(s, out, st, say, t_start)
+
+
+def _stored_trials(storage: str, study_name: str) -> int:
+    """How many trials the study ``study_name`` in ``storage`` holds (0: none, or no such study)."""
+    import optuna
+
+    try:
+        return sum(x.n_trials for x in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                   if x.study_name == study_name)
+    except Exception:  # a corrupt or foreign study.db: create_study says so
+        return 0
 
 
 def _seeds(budget: Budget, calibrated: bool, targets: tuple[str, ...] = ("auto",),
@@ -935,8 +962,15 @@ def _seeds(budget: Budget, calibrated: bool, targets: tuple[str, ...] = ("auto",
     least = [c for c in PRUNE_GROUP_CHOICES if c.startswith("least-") and int(c.split("-")[1]) <= len(drops)
              and sum(drops[:int(c.split("-")[1])]) <= budget.max_drop / 2]
     if least:
+        k = int(least[-1].split("-")[1])
+        measured = [g for g in prune_sensitivity if g.get("drop") is not None]
+        # rounded to 8 only where that still removes channels at the probe's ratio (small groups: 1)
+        def rounded_away(n: int) -> bool:  # rounding the kept channels up to 8 keeps all n
+            return math.ceil((n - math.floor(PRUNE_PROBE_RATIO * n)) / 8) * 8 >= n
+
+        small = any(rounded_away(int(g.get("channels", 0))) for g in measured[-k:])
         seeds.append({**defaults("static" if calibrated else "dynamic"), "prune_mode": "channel",
-                      "prune": PRUNE_PROBE_RATIO, "prune_round_to": "8", "prune_groups": least[-1]})
+                      "prune": PRUNE_PROBE_RATIO, "prune_round_to": "1" if small else "8", "prune_groups": least[-1]})
     return seeds
 
 
@@ -953,7 +987,13 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
 
     say("tune: reading the model and the data")
     targets = search_targets() if targets is None else tuple(targets)
-    specs = input_specs(load_model(model))
+    loaded = load_model(model)
+    specs = input_specs(loaded)
+    import onnx_ir as ir
+
+    ir.passes.common.NameFixPass()(loaded)  # the names every optimize run gives (recipes name nodes so)
+    node_names = frozenset(n.name for n in ir.traversal.RecursiveGraphIterator(loaded.graph) if n.name)
+    del loaded
     if calibration is None and validation is None:
         raise DataError("tune needs data: --calibration (and, better, --validation from another source)")
     calib, _ = _samples(calibration, specs, Recipe().data.image, "calibration") if calibration is not None else ([], {})
@@ -969,7 +1009,7 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
         buf = io.BytesIO()
         np.savez(buf, **{f"{i}__{n}": a for i, f in enumerate(calib) for n, a in f.items()})
         write_atomic(st / "calibration.npz", buf.getvalue())
-        calibration = str(st / "calibration.npz")
+        calibration = str((st / "calibration.npz").resolve())
     if len(val) < 2:
         raise DataError("tune needs at least 2 validation samples (one half searches, the other checks)")
     overlap, shared = None, 0
@@ -1002,6 +1042,8 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
 
         raise DataError(f"ONNX Runtime cannot run the input model on the validation data: {_first_line(exc)}") from None
     del sess
+    if budget.metric == "top1" and ref:
+        _check_class_scores(ref[0])
     if budget.metric == "accuracy":
         # one label per row of the first output (what _check_labels counts and _score scores), in the
         # file's sample order; each half takes its samples' rows
@@ -1026,6 +1068,8 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
     data_key = _key(base_key, {"targets": list(targets), "prune_groups": list(PRUNE_GROUP_CHOICES)})
     # the budget judges each trial on its metric: the default floor (a fixed task criterion) must not
     # refuse a trial that the budget would accept
+    if isinstance(calibration, (str, Path)):  # recipes read data paths relative to the recipe file
+        calibration = str(Path(calibration).resolve())
     base = OptimizeOptions(calibration=calibration, validation=None, latency=False, fallback=False,
                            accept_degraded=True, target=targets[0] if len(targets) == 1 else "auto")
     cache = {k: v for k, v in _read_json(st / "cache.json", {}, dict).items() if isinstance(v, dict)}
@@ -1054,9 +1098,26 @@ def _prepare(model: Path, budget: Budget, calibration, validation, st: Path, say
                                 "with one changed answer from one with none there (give more --validation data)")
             say("tune: warning: " + s.resolution[-1])
     s.targets = targets
+    s.node_names = node_names
     s.sensitivity = _sensitivity(s, say, sensitivity_nodes, time_budget_s, trials)
     s.prune_sensitivity = _prune_sensitivity(s, say, sensitivity_groups, time_budget_s, trials)
     return s
+
+
+def _check_class_scores(first_ref: dict) -> None:
+    """``--metric top1`` compares the argmax of the first output's last axis: refuse an output where
+    that is no class (labels, strings, one score per row), which would read 100 % whatever changes.
+
+    Raises:
+        DataError: one line naming the output and the metric to use instead.
+    """
+    name = next(iter(first_ref))
+    o = np.asarray(first_ref[name]) if not isinstance(first_ref[name], (list, dict)) else None
+    if o is None or o.dtype.kind != "f" or o.ndim == 0 or o.shape[-1] < 2:
+        what = (f"{o.dtype} of shape {list(o.shape)}" if o is not None else type(first_ref[name]).__name__)
+        raise DataError(f"--metric top1 needs class scores (float, last axis >= 2 classes); the first output "
+                        f"'{name}' is {what}: use --metric task (equal labels for index outputs, else mean "
+                        "cosine) or cosine")
 
 
 def class_rows(out) -> np.ndarray:
@@ -1220,9 +1281,7 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
     known = _read_json(f, {}, dict)
     # a measurement cut short (time, failed groups) is measured again, not kept for the state's life
     groups = known.get("groups") if known.get("key") == key and known.get("complete") is True else None
-    if isinstance(groups, list) and all(
-            isinstance(g, dict) and isinstance(g.get("group"), str) and isinstance(g.get("macs_share"), (int, float))
-            and (g.get("drop") is None or isinstance(g.get("drop"), (int, float))) for g in groups):
+    if isinstance(groups, list) and all(_valid_group(g, s.node_names) for g in groups):
         say(f"tune: per-group pruning sensitivity from {f} (measured before, same model, data and budget)")
         return groups
     if measured == 0 or (trials is not None and trials <= len(_seeds(s.budget, s.base.calibration is not None))):
@@ -1236,13 +1295,19 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
         try:
             res = optimize(s.model, folder / "all.onnx", probe)
         except Exception as exc:  # optional: any failure (ORT's too) leaves the search without it
-            say(f"tune: pruning sensitivity not measured: channel pruning fails ({_first(exc)})")
+            s.resolution.append(f"per-group pruning sensitivity not measured: channel pruning fails ({_first(exc)}); "
+                                "channel-pruning trials prune every group alike")
+            say("tune: " + s.resolution[-1])
             return []
         counts = next((p.get("counts", {}) for p in res.report.get("passes", [])
                        if p.get("name") == "prune-channels"), {})
         details = counts.get("groups_detail") or []
         del res
         pruned = [d for d in details if d.get("roots") and d["kept"] < d["channels"]]
+        if not pruned:
+            s.resolution.append("per-group pruning sensitivity: channel pruning finds no group to prune in this model "
+                                "(every group blocked or of one channel)")
+            say("tune: " + s.resolution[-1])
         # the share of the whole model's MACs (Conv/ConvTranspose/Gemm/MatMul) in each group's own layers
         total = int(counts.get("macs_before") or 0) or sum(int(d.get("macs", 0)) for d in details) or 1
         pruned.sort(key=lambda d: -int(d.get("macs", 0)))
@@ -1255,8 +1320,10 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
         for i, d in enumerate(todo):
             spent = time.perf_counter() - t0
             if time_budget_s is not None and spent + one_cost > PRUNE_SENSITIVITY_TIME_SHARE * time_budget_s:
-                say(f"tune: pruning sensitivity stopped after {i} group(s): one more would pass "
-                    f"{PRUNE_SENSITIVITY_TIME_SHARE:.0%} of --time-budget")
+                s.resolution.append(f"per-group pruning sensitivity stopped after {i} of {len(todo)} group(s): one more "
+                                    f"would pass {PRUNE_SENSITIVITY_TIME_SHARE:.0%} of --time-budget (a longer "
+                                    "budget measures more)")
+                say("tune: " + s.resolution[-1])
                 complete = False
                 break
             others = {o["roots"][0]: 0.0 for o in pruned if o is not d}
@@ -1267,7 +1334,9 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
                 got = measure_with_bound(s.budget, folder / "one.onnx", s.ref_search, s.search_feeds,
                                          s.search_labels, got_out=outs)[0]
             except Exception as exc:  # one group that cannot be pruned or scored: the others still are
-                say(f"tune: group '{d['roots'][0]}' not measured ({_first(exc)})")
+                s.resolution.append(f"per-group pruning sensitivity: group '{d['roots'][0]}' not measured "
+                                    f"({_first(exc)})")
+                say("tune: " + s.resolution[-1])
                 complete = False
                 continue
             finally:
@@ -1296,6 +1365,19 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
     return out
 
 
+def _valid_group(g: Any, names: frozenset) -> bool:
+    """Whether a cached ``prune_sensitivity.json`` entry is one :func:`_prune_sensitivity` writes:
+    every key with a finite value of its type, the group a node of the model (``names``: the node
+    names the pipeline gives, empty: not checked). Anything else is measured again."""
+    def num(v, optional=False):
+        return (optional and v is None) or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            and math.isfinite(v))
+
+    return (isinstance(g, dict) and isinstance(g.get("group"), str) and (not names or g["group"] in names)
+            and isinstance(g.get("layers"), int) and isinstance(g.get("channels"), int)
+            and num(g.get("macs_share")) and num(g.get("drop"), True) and num(g.get("cosine"), True))
+
+
 def _first(exc: BaseException) -> str:
     """An exception as one short line."""
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
@@ -1308,10 +1390,9 @@ def _mean_cosine(ref: list, got: list) -> float:
     not numbers: strings, sequences of maps)."""
     out = []
     for r, g in zip(ref, got):
-        try:
-            a, b = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
-        except (TypeError, ValueError):  # strings, ZipMap dicts, ragged lists: no cosine
-            return float("nan")
+        if not (isinstance(r, np.ndarray) and isinstance(g, np.ndarray) and r.dtype.kind == "f" == g.dtype.kind):
+            return float("nan")  # labels, strings, ZipMap dicts: no cosine
+        a, b = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
         if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
             out.append(0.0)
             continue

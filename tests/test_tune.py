@@ -683,3 +683,85 @@ def test_groups_the_sensitivity_finds_tolerant_are_seeded_pruned():
     one = [{"group": "a", "drop": 3.0}, {"group": "e", "drop": 0.6}, {"group": "f", "drop": None}]
     assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), one)) == 2  # 3.6 > 0.5: no seed
     assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), [])) == 2
+
+
+def test_hostile_tester_findings_on_tune(tmp_path, monkeypatch):
+    """A hostile tester's reproducers: --metric top1 on a label output (always 100 % before) is
+    refused; a resumed search draws new candidates (it replayed its random trials); the chosen
+    recipe reproduces the model from another folder with relative data paths; a user metric's
+    Ctrl-C stops tune and is not cached as a failed trial; -o . and --time-budget 0 are one-line
+    errors; a crafted prune_sensitivity.json naming groups the model lacks is measured again."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    import onnxcompress.tune as T
+    from onnxcompress.errors import DataError, OnnxCompressError
+
+    # top1 on labels
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["s"]),
+                           helper.make_node("ArgMax", ["s"], ["label"], axis=1, keepdims=0)], "lab",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
+                          [onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32), "w")])
+    lab = tmp_path / "lab.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), lab)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32))
+    with pytest.raises(DataError, match="top1 needs class scores.*'label' is int64"):
+        tune(lab, tmp_path / "l.onnx", Budget(metric="top1"), validation=str(tmp_path / "x.npz"), trials=1)
+
+    # a resumed search: new candidates, not the first run's random ones again
+    st = tmp_path / "st"
+    kw = dict(calibration=C, validation=V, state=st, sensitivity_nodes=0, sensitivity_groups=0)
+    first = tune(M, tmp_path / "a.onnx", Budget(max_drop=5.0), trials=4, **kw)
+    again = tune(M, tmp_path / "a.onnx", Budget(max_drop=5.0), trials=6, **kw)
+    old = {t.recipe_toml for t in first.trials}
+    assert any(t.recipe_toml not in old for t in again.trials[4:]), [t.options for t in again.trials]
+
+    # relative data paths: the chosen recipe reproduces the model from another working folder
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    for f in (M, C, V):
+        (work / f.name).write_bytes(f.read_bytes())
+    monkeypatch.chdir(work)
+    res = runner.invoke(app, ["tune", M.name, "-o", "out/t.onnx", "--calibration", C.name, "--validation", V.name,
+                              "--trials", "2", "-q", "--sensitivity-nodes", "0", "--sensitivity-groups", "0"])
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path)
+    r2 = runner.invoke(app, ["optimize", str(work / M.name), "-o", str(tmp_path / "again.onnx"), "--recipe",
+                             str(work / "out" / "t.onnx.tune" / "chosen.toml"), "-q"])
+    assert r2.exit_code == 0, r2.output
+    assert (tmp_path / "again.onnx").read_bytes() == (work / "out" / "t.onnx").read_bytes()
+
+    # a user metric's Ctrl-C
+    (tmp_path / "ctrlc.py").write_text("def f(sess, feeds):\n    raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    st2 = tmp_path / "st2"
+    with pytest.raises(KeyboardInterrupt):
+        tune(M, tmp_path / "c.onnx", Budget(metric="python:ctrlc:f", max_drop=100.0), calibration=C, validation=V,
+             trials=2, state=st2, sensitivity_nodes=0, sensitivity_groups=0)
+    assert not any(v.get("error") for v in json.loads((st2 / "cache.json").read_text() or "{}").values()) \
+        if (st2 / "cache.json").exists() else True
+    (tmp_path / "badimport.py").write_text("def f(:\n")
+    with pytest.raises(OnnxCompressError, match="cannot import it.*SyntaxError"):
+        tune(M, tmp_path / "b.onnx", Budget(metric="python:badimport:f"), calibration=C, validation=V, trials=1)
+
+    # one-line errors
+    for args in (["-o", "."], ["-o", "x.onnx", "--time-budget", "0"]):
+        r = runner.invoke(app, ["tune", str(M), "--calibration", str(C), "--trials", "1", *args])
+        assert r.exit_code == 2 and "Traceback" not in r.output and "internal error" not in r.output, r.output
+    with pytest.raises(OnnxCompressError, match="^--target must be one of"):
+        tune(M, tmp_path / "x.onnx", Budget(), calibration=C, validation=V, trials=1, target="x" * 5000)
+
+    # a cached sensitivity naming groups the model lacks (the key copied from a real one) is measured again
+    st3 = tmp_path / "st3"
+    real = tune(M, tmp_path / "p.onnx", Budget(metric="cosine", max_drop=5.0), calibration=C, validation=V, trials=3,
+                state=st3, sensitivity_nodes=0, sensitivity_groups=2)
+    cached = json.loads((st3 / "prune_sensitivity.json").read_text())
+    cached["groups"] = [{**g, "group": "ghost" + str(i)} for i, g in enumerate(cached["groups"])]
+    (st3 / "prune_sensitivity.json").write_text(json.dumps(cached))
+    msgs = []
+    s = T._prepare(M, Budget(metric="cosine", max_drop=5.0), C, V, st3, msgs.append, sensitivity_nodes=0, trials=3,
+                   sensitivity_groups=2)
+    assert not any("pruning sensitivity from" in m for m in msgs)
+    assert [g["group"] for g in s.prune_sensitivity] == [g["group"] for g in real.report["prune_sensitivity"]]
