@@ -208,7 +208,8 @@ def test_calibration_only_splits_it_and_bad_budgets_are_one_line_errors(tmp_path
     assert res.exit_code == 0, res.output
     assert out.is_file() and (tmp_path / "c.onnx.tune" / "calibration.npz").is_file()
     for args, needle in ((["--min-speedup", "inf"], "finite number > 0"),
-                         (["--time-budget", "0s"], "ran out before the first trial")):
+                         (["--time-budget", "0s"], "must be more than 0 seconds"),
+                         (["--time-budget", "0.001s"], "ran out before the first trial")):
         res = runner.invoke(app, ["tune", str(M), "-o", str(tmp_path / "x.onnx"), "--calibration", str(C),
                                   "--validation", str(V), "--trials", "2", *args])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
@@ -673,12 +674,15 @@ def test_groups_the_sensitivity_finds_tolerant_are_seeded_pruned():
 
     sens = [{"group": "a", "drop": 3.0}, {"group": "b", "drop": 0.3}, {"group": "c", "drop": 0.2},
             {"group": "d", "drop": -0.1}, {"group": "e", "drop": 0.0}, {"group": "f", "drop": None}]
+    sens = [{**g, "channels": 64} for g in sens]
     seeds = _seeds(Budget(max_drop=1.0), True, ("vnni", "generic"), sens)
     # the 4 least: d (0 counted), e, c, b add up to 0.5 = half of 1.0: least-4
     assert len(seeds) == 3 and seeds[-1]["prune_groups"] == "least-4" and seeds[-1]["quantize"] == "static"
     assert seeds[-1]["prune_round_to"] == "8" and seeds[-1]["prune"] == PRUNE_PROBE_RATIO
     assert seeds[-1]["target"] == "vnni" and seeds[-1]["prune_groups"] in PRUNE_GROUP_CHOICES
     assert _seeds(Budget(max_drop=0.8), True, ("vnni",), sens)[-1]["prune_groups"] == "least-2"  # 0.5 > 0.4
+    # groups of 6 channels: rounding 3 kept channels up to 8 would keep all 6, so no rounding
+    assert _seeds(Budget(max_drop=1.0), True, ("vnni",), [{**g, "channels": 6} for g in sens])[-1]["prune_round_to"] == "1"
     assert _seeds(Budget(max_drop=1.0), False, ("avx2",), sens)[-1]["quantize"] == "dynamic"
     one = [{"group": "a", "drop": 3.0}, {"group": "e", "drop": 0.6}, {"group": "f", "drop": None}]
     assert len(_seeds(Budget(max_drop=1.0), True, ("vnni",), one)) == 2  # 3.6 > 0.5: no seed
