@@ -141,6 +141,10 @@ def _render(res) -> None:
                       highlight=False)
     for w in res.report.get("resolution") or []:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    targets = res.report.get("targets_searched") or []
+    if targets:
+        console.print("int8 target: " + (escape(targets[0]) + " (fixed)" if len(targets) == 1 else
+                                         " or ".join(map(escape, targets)) + " (searched)"), highlight=False)
     h = res.report["held_out"]
     seen = (f"{h['samples']} samples the search never saw" if not h.get("shared_with_calibration") else
             f"{h['samples']} samples the search did not score; the validation data shares "

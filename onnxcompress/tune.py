@@ -840,6 +840,8 @@ def tune(model: str | Path, output: str | Path, budget: Budget, *, calibration=N
     out = Path(output)
     if not out.name:
         raise OnnxCompressError("-o: give an output file path")
+    if not out.parent.is_dir():  # said against -o, not against the state folder beside it
+        raise OnnxCompressError(f"-o {out}: its folder {out.parent} does not exist")
     st = Path(state) if state is not None else out.with_name(out.name + ".tune")
     from .model_io import check_output_path
 

@@ -751,9 +751,10 @@ def test_hostile_tester_findings_on_tune(tmp_path, monkeypatch):
         tune(M, tmp_path / "b.onnx", Budget(metric="python:badimport:f"), calibration=C, validation=V, trials=1)
 
     # one-line errors
-    for args in (["-o", "."], ["-o", "x.onnx", "--time-budget", "0"]):
+    for args in (["-o", "."], ["-o", "x.onnx", "--time-budget", "0"], ["-o", str(tmp_path / "missing" / "o.onnx")]):
         r = runner.invoke(app, ["tune", str(M), "--calibration", str(C), "--trials", "1", *args])
         assert r.exit_code == 2 and "Traceback" not in r.output and "internal error" not in r.output, r.output
+        assert "missing" not in args[1] or "-o " in r.output and "does not exist" in r.output, r.output
     with pytest.raises(OnnxCompressError, match="^--target must be one of"):
         tune(M, tmp_path / "x.onnx", Budget(), calibration=C, validation=V, trials=1, target="x" * 5000)
 
