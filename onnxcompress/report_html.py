@@ -564,22 +564,14 @@ def _tune_plots(rep: dict) -> list[dict]:
     sens = [x for x in allsens if _finite(x.get("int8_sqnr_db"))]
     if sens:
         shown = sens[:30]
-        fig = Figure(figsize=(8.5, 0.9 + 0.24 * len(shown)))
-        ax = fig.add_subplot(1, 1, 1)
-        ys = list(range(len(shown)))[::-1]
         vals = [x["int8_sqnr_db"] for x in shown]
-        ax.barh(ys, vals, color="#1f77b4", height=0.7)
-        ax.set_yticks(ys, [_label(x["node"]) for x in shown], fontsize=7)
-        for y, v, x in zip(ys, vals, shown):
-            gain = x.get("metric_gain_in_float")
-            ax.annotate(f"{v:.1f}" + (f"  (metric {gain:+.3g} in float)" if gain is not None else ""), (v, y),
-                        textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
-        ax.set_xlim(min(0, min(vals)), max(vals) * 1.35 or 1)
-        ax.set_xlabel("one-node output SQNR in int8 (dB); top: the first kept in float by 'keep_float'")
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_title("Per-node int8 sensitivity (keep_float's order)", fontsize=10)
-        fig.tight_layout()
-        plots.append({"title": "sensitivity", "png": _png(fig),
+        notes = [f"{v:.1f}" + (f"  (metric {x['metric_gain_in_float']:+.3g} in float)"
+                               if x.get("metric_gain_in_float") is not None else "") for v, x in zip(vals, shown)]
+        png = _ranked_bars([x["node"] for x in shown], vals, notes, vals, "#1f77b4",
+                           (min(0, min(vals)), max(vals) * 1.35 or 1),
+                           "one-node output SQNR in int8 (dB); top: the first kept in float by 'keep_float'",
+                           "Per-node int8 sensitivity (keep_float's order)")
+        plots.append({"title": "sensitivity", "png": png,
                       "caption": "Each node's output SQNR with only that node in int8, on calibration data, and "
                                  "for the lowest ones the budget's metric gained when only that node stays in "
                                  "float (search half). Nodes whose float version raises the metric come first, "
@@ -592,25 +584,15 @@ def _tune_plots(rep: dict) -> list[dict]:
     if groups:
         shown = groups[:30]
         probe = rep.get("prune_probe_ratio", 0.5)
-        fig = Figure(figsize=(8.5, 0.9 + 0.24 * len(shown)))
-        ax = fig.add_subplot(1, 1, 1)
-        ys = list(range(len(shown)))[::-1]
         vals = [g["drop"] for g in shown]
-        ax.barh(ys, vals, color="#ff7f0e", height=0.7)
-        ax.set_yticks(ys, [_label(g["group"]) for g in shown], fontsize=7)
-        for y, v, g in zip(ys, vals, shown):
-            ax.annotate(f"{v:+.3g}  ({g['macs_share']:.0%} of the MACs, {g['channels']} channels"
-                        + (f", cosine {g['cosine']:.4f}" if _finite(g.get("cosine")) else "") + ")", (max(v, 0), y),
-                        textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
-        top = max(max(vals), 0.0)
-        ax.set_xlim(min(0.0, min(vals)), (top or 1.0) * 2.2)
-        ax.axvline(0.0, color="#888", linewidth=0.8)
-        ax.set_xlabel(f"{rep['budget']['metric']} drop with only this group pruned at {probe:.0%}; top: the first "
-                      "left whole by prune_groups = spare-K")
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_title("Per-group channel-pruning sensitivity (prune_groups' order)", fontsize=10)
-        fig.tight_layout()
-        plots.append({"title": "prune_sensitivity", "png": _png(fig),
+        notes = [f"{v:+.3g}  ({g['macs_share']:.0%} of the MACs, {g['channels']} channels"
+                 + (f", cosine {g['cosine']:.4f}" if _finite(g.get("cosine")) else "") + ")" for v, g in zip(vals, shown)]
+        png = _ranked_bars([g["group"] for g in shown], vals, notes, [max(v, 0) for v in vals], "#ff7f0e",
+                           (min(0.0, min(vals)), (max(max(vals), 0.0) or 1.0) * 2.2),
+                           f"{rep['budget']['metric']} drop with only this group pruned at {probe:.0%}; top: the first "
+                           "left whole by prune_groups = spare-K",
+                           "Per-group channel-pruning sensitivity (prune_groups' order)", zero_line=True)
+        plots.append({"title": "prune_sensitivity", "png": png,
                       "caption": f"The dependency groups with the most MACs, each pruned alone at {probe:.0%} of its "
                                  "channels (least-squares repair included) and scored on the search half. Most "
                                  "sensitive first (equal drops: the lower output cosine first); a trial with "
@@ -619,6 +601,29 @@ def _tune_plots(rep: dict) -> list[dict]:
                                  + (f" ({len(groups) - len(shown)} more not shown)." if len(groups) > len(shown)
                                     else ".")})
     return plots
+
+
+def _ranked_bars(names: list[str], vals: list[float], notes: list[str], at: list[float], color: str,
+                 xlim: tuple[float, float], xlabel: str, title: str, zero_line: bool = False) -> str:
+    """One horizontal bar per name, the first on top, each annotated with its note at ``at``
+    (x, data units); the chart as a base64 PNG (the tune page's per-node and per-group charts)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.5, 0.9 + 0.24 * len(vals)))
+    ax = fig.add_subplot(1, 1, 1)
+    ys = list(range(len(vals)))[::-1]
+    ax.barh(ys, vals, color=color, height=0.7)
+    ax.set_yticks(ys, [_label(n) for n in names], fontsize=7)
+    for y, x, note in zip(ys, at, notes):
+        ax.annotate(note, (x, y), textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
+    ax.set_xlim(*xlim)
+    if zero_line:
+        ax.axvline(0.0, color="#888", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
 
 
 def _label(name: str) -> str:

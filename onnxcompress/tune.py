@@ -102,22 +102,26 @@ def search_targets(fixed: str | None = None) -> tuple[str, ...]:
     (``auto``: this CPU's); else this CPU's own target (:func:`onnxcompress.runtime.cpu_features`,
     read from ``/proc/cpuinfo``: ``generic`` where that is missing) and ``generic`` (saturation-free
     weights: on x86 their integer results are the same on every CPU, so the model measured here is
-    the model any x86 CPU runs), when the two differ in policy: ``vnni`` and ``generic`` on a VNNI
-    CPU, ``arm64`` and ``generic`` on ARM, one target on an AVX2 or AVX-512 CPU without VNNI.
+    the model any x86 CPU runs), when the two differ in policy (:func:`_computes_like`): ``vnni``
+    and ``generic`` on a VNNI CPU, ``arm64`` and ``generic`` on ARM, one target on an AVX2 or
+    AVX-512 CPU without VNNI.
     Targets whose int8 results on this CPU differ from those on their own hardware (``vnni`` on an
     AVX2-only CPU: its pair sums saturate here) or that are not this machine (``cuda``,
     ``tensorrt``, ``arm64`` on x86) are not searched: a trial's metric and latency would not be the
     target's (:func:`target_warning` says so when the user fixes one)."""
-    from .passes.quantize.policy import resolve_policy
     from .runtime import cpu_features
 
     host = cpu_features().int8_target
     if fixed is not None:
         return (host if fixed == "auto" else fixed,)
-    out = [host]
-    if resolve_policy("generic") != replace(resolve_policy(host), target="generic"):
-        out.append("generic")
-    return tuple(out)
+    return (host,) if _computes_like("generic", host) else (host, "generic")
+
+
+def _computes_like(target: str, host: str) -> bool:
+    """Whether ``target``'s int8 policy is ``host``'s (the same decisions, so the same model)."""
+    from .passes.quantize.policy import resolve_policy
+
+    return resolve_policy(target) == replace(resolve_policy(host), target=target)
 
 
 @dataclass
@@ -524,13 +528,12 @@ def box_matches(ref: np.ndarray, got: np.ndarray) -> tuple[int, int, int]:
 def target_warning(target: str) -> str | None:
     """A warning when a fixed ``--target`` is not what this CPU computes: the trials' metric and
     latency are measured here (``None`` when they are the target's)."""
-    from .passes.quantize.policy import resolve_policy
     from .runtime import cpu_features
 
     host = cpu_features().int8_target
     if target in ("auto", host, "generic"):
         return None
-    if target in ("cuda", "tensorrt", "arm64") or resolve_policy(target) != replace(resolve_policy(host), target=target):
+    if target in ("cuda", "tensorrt", "arm64") or not _computes_like(target, host):
         return (f"--target {target} is not this CPU ({host}): the trials' metric and speed are measured here, "
                 f"on the CPU execution provider, and may not be what {target} computes")
     return None
@@ -584,20 +587,26 @@ def prune_groups_ratios(choice: str, ranked: list[str], groups: list[str]) -> di
     """
     if choice == "all":
         return {}
-    kind, _, k = choice.partition("-")
-    if kind not in ("spare", "least") or not k.isdigit():
+    parsed = _prune_groups_k(choice)
+    if parsed is None:
         raise OnnxCompressError(f"prune_groups: expected one of {', '.join(PRUNE_GROUP_CHOICES)}, got {choice!r}")
-    k = int(k)
+    kind, k = parsed
     if kind == "spare":
         return {g: 0.0 for g in ranked[:k]}
     keep = set(ranked[-k:]) if k else set()
     return {g: 0.0 for g in groups if g not in keep}
 
 
+def _prune_groups_k(choice: str) -> tuple[str, int] | None:
+    """``spare-K`` / ``least-K`` as ``(kind, K)``; ``None`` for anything else (``all`` included)."""
+    kind, _, k = choice.partition("-")
+    return (kind, int(k)) if kind in ("spare", "least") and k.isdigit() else None
+
+
 def effective_prune_groups(choice: str, n_ranked: int) -> str:
     """``choice`` with its K cut to the measured groups (``least-16`` of 6 measured: ``least-6``)."""
-    kind, _, k = choice.partition("-")
-    return choice if kind not in ("spare", "least") or not k.isdigit() else f"{kind}-{min(int(k), n_ranked)}"
+    parsed = _prune_groups_k(choice)
+    return choice if parsed is None else f"{parsed[0]}-{min(parsed[1], n_ranked)}"
 
 
 def _options(chosen: dict[str, Any], base: OptimizeOptions, sensitive: list[str] = (),
@@ -1345,7 +1354,8 @@ def _prune_sensitivity(s: _Search, say, measured: int = SENSITIVITY_GROUPS.defau
                 one_cost = time.perf_counter() - g0  # optimize and scoring: what the next group costs
             if math.isfinite(got):
                 drops[d["roots"][0]] = s.fp32_metric - got
-                c = _mean_cosine([r[first] for r in s.ref_search], outs) if outs and first is not None else float("nan")
+                c = (_mean_cosine(first, [r[first] for r in s.ref_search], outs) if outs and first is not None
+                     else float("nan"))
                 if math.isfinite(c):  # the tie-break of a coarse metric (one answer = many groups' 0)
                     cosines[d["roots"][0]] = c
             else:
@@ -1381,26 +1391,22 @@ def _valid_group(g: Any, names: frozenset) -> bool:
 
 
 def _first(exc: BaseException) -> str:
-    """An exception as one short line."""
-    text = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return text or type(exc).__name__
+    """An exception as one short line (:func:`onnxcompress.validate._first_line`, at most 200 characters)."""
+    from .validate import _first_line
+
+    return _first_line(exc)[:200]
 
 
-def _mean_cosine(ref: list, got: list) -> float:
-    """Mean cosine similarity of two models' outputs over samples (each flattened; 1.0 for two
-    all-zero outputs, 0.0 when one of them is all zero or not finite; ``nan`` for outputs that are
-    not numbers: strings, sequences of maps)."""
-    out = []
-    for r, g in zip(ref, got):
-        if not (isinstance(r, np.ndarray) and isinstance(g, np.ndarray) and r.dtype.kind == "f" == g.dtype.kind):
-            return float("nan")  # labels, strings, ZipMap dicts: no cosine
-        a, b = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
-        if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
-            out.append(0.0)
-            continue
-        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-        out.append(1.0 if na == nb == 0 else (float(a @ b) / (na * nb) if na and nb else 0.0))
-    return float(np.mean(out)) if out else 1.0
+def _mean_cosine(name: str, ref: list, got: list) -> float:
+    """The mean cosine over samples of two models' output ``name`` as validation and the floor
+    measure it (:func:`onnxcompress.validate.output_metrics`, :func:`onnxcompress.gates.mean_cosine`);
+    ``nan`` for outputs that are not float arrays (labels, strings, ZipMap dicts: no cosine)."""
+    if not all(isinstance(x, np.ndarray) and x.dtype.kind == "f" for x in (*ref, *got)):
+        return float("nan")
+    from .gates import mean_cosine
+    from .validate import output_metrics
+
+    return float(mean_cosine(output_metrics(name, ref, got, ctc=None)))
 
 
 def _describe(chosen: dict[str, Any]) -> str:
